@@ -29,14 +29,19 @@ class ResBlock(nn.Module):
             GroupNorm32(cout), nn.SiLU(), nn.Dropout(p=0.0), nn.Conv2d(cout, cout, 3, padding=1)
         )
         self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        # (2, 1, Cout, 1, 1) constant (1 + scale, shift) for a fixed timestep; see UNetModelSwin.fold_timestep
+        self.register_buffer("folded", None, persistent=False)
 
-    def scale_shift(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1 + scale, shift), each (B, Cout, 1, 1), from the time embedding (B, emb_dim)."""
+    def scale_shift(self, emb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + scale, shift), each (B, Cout, 1, 1), from the time embedding (B, emb_dim) or the folded constant."""
+        if self.folded is not None:
+            return self.folded[0], self.folded[1]
+        assert emb is not None, "time embedding required (timestep not folded)"
         e = self.emb_layers(emb).to(torch.float32)[:, :, None, None]
         scale, shift = e[:, : self.out_channels], e[:, self.out_channels :]
         return 1 + scale, shift
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         h = self.in_layers(x)
         one_plus_scale, shift = self.scale_shift(emb)
         h = self.out_layers[0](h) * one_plus_scale.to(h.dtype) + shift.to(h.dtype)
@@ -142,8 +147,8 @@ class UNetModelSwin(nn.Module):
         """(B,) int steps -> (B, 4 * model_channels) embedding."""
         return self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels))
 
-    def forward_with_embedding(self, x: torch.Tensor, emb: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        """Forward with a precomputed time embedding (export bakes it as a constant)."""
+    def forward_with_embedding(self, x: torch.Tensor, emb: torch.Tensor | None, lq: torch.Tensor) -> torch.Tensor:
+        """Forward with a precomputed time embedding (``None`` after :meth:`fold_timestep`)."""
         h = torch.cat([x, lq.to(x.dtype)], dim=1)
         hs = []
         for block in self.input_blocks:
@@ -172,7 +177,26 @@ class UNetModelSwin(nn.Module):
             if isinstance(m, WindowAttention):
                 m.unfreeze()
 
+    @torch.no_grad()
+    def fold_timestep(self, t: int) -> None:
+        """Bake a fixed timestep: every ResBlock's (1 + scale, shift) becomes a constant buffer.
+
+        Afterwards call ``forward_with_embedding(x, None, lq)``. Used by the export graphs of the one-step
+        student (t = T - 1); undone by :meth:`unfold_timestep` (and by ``train()``).
+        """
+        emb = self.time_embedding(torch.tensor([t], dtype=torch.int64, device=next(self.parameters()).device))
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                m.folded = None
+                m.folded = torch.stack(m.scale_shift(emb)).detach().clone()
+
+    def unfold_timestep(self) -> None:
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                m.folded = None
+
     def train(self, mode: bool = True) -> UNetModelSwin:
         if mode:
             self.unfreeze_attention_bias()
+            self.unfold_timestep()
         return super().train(mode)
