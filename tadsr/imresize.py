@@ -31,7 +31,7 @@ import numpy as np
 
 from tadsr.errors import InputError
 
-__all__ = ["cubic", "resize_weights", "imresize"]
+__all__ = ["cubic", "imresize", "resize_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def resize_weights(in_size: int, out_size: int, scale: float, *, antialiasing: b
     width = _KERNEL_WIDTH / scale if stretch else _KERNEL_WIDTH
     u = (np.arange(out_size, dtype=np.float64) + 0.5) / scale - 0.5  # 0-based input coordinate of each output
     left = np.floor(u - width / 2.0).astype(np.int64)
-    taps = int(math.ceil(width)) + 2
+    taps = math.ceil(width) + 2
     idx = left[:, None] + np.arange(taps, dtype=np.int64)[None, :]  # (out, taps) input indices, maybe outside
     dist = u[:, None] - idx
     w = scale * cubic(scale * dist) if stretch else cubic(dist)
