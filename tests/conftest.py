@@ -1,0 +1,43 @@
+"""Shared test setup: slow-test opt-in, golden data location, thread limits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("TADSR_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="run full-size (slow) tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow") or os.environ.get("TADSR_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="full-size test: opt in with --runslow (or TADSR_RUN_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def load_golden(tag: str) -> dict[str, np.ndarray]:
+    path = GOLDEN_DIR / f"resshift_{tag}.npz"
+    if not path.exists():
+        pytest.skip(f"golden file {path} not found (set TADSR_GOLDEN_DIR to the shared/golden folder)")
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    import tadsr
+
+    return tadsr.load_models(preset="tiny", init="random")
