@@ -57,6 +57,13 @@ def _read(path: Path) -> object:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise CheckpointError(
+            f"cannot read {path}: not a PyTorch checkpoint (expected a torch.save zip file or a pickle, "
+            f"file starts with {magic!r}); accepted formats are .pth/.pt/.ckpt and .safetensors"
+        )
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
