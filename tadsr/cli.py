@@ -1,0 +1,170 @@
+"""``tadsr`` command line: a thin layer that parses arguments and calls one library function per verb.
+
+Exit codes: 0 success, 1 failure (e.g. some images failed, parity below its floor), 2 usage / input errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tadsr.errors import TadsrError
+
+log = logging.getLogger("tadsr")
+
+DEFAULT_PRESET = "tiny"
+
+
+def add_model_args(p: argparse.ArgumentParser, *, teacher: bool = True, default_preset: str | None = None) -> None:
+    """--student/--teacher/--autoencoder checkpoints or --preset [--init random]."""
+    g = p.add_argument_group("model")
+    g.add_argument("--student", type=Path, help="one-step student checkpoint (.pth/.safetensors; TAD-SR, SinSR)")
+    if teacher:
+        g.add_argument("--teacher", type=Path, help="multi-step teacher checkpoint (ResShift v1/v3)")
+    g.add_argument("--autoencoder", type=Path, help="VQ-f4 autoencoder checkpoint (autoencoder_vq_f4.pth)")
+    g.add_argument("--preset", default=default_preset or DEFAULT_PRESET, help="model preset (default: %(default)s)")
+    g.add_argument("--init", choices=["random"], help="deterministic random weights (latency work and tests only)")
+
+
+def load_models_from_args(args: argparse.Namespace):  # noqa: ANN201 - returns tadsr.Models
+    from tadsr.pipeline import load_models
+
+    return load_models(
+        student=args.student,
+        teacher=getattr(args, "teacher", None),
+        autoencoder=args.autoencoder,
+        preset=args.preset,
+        init=args.init,
+    )
+
+
+# -- upscale --------------------------------------------------------------------------------------------------
+def _add_upscale(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "upscale",
+        help="super-resolve images x4 (PyTorch reference, or an exported artifact with --artifact)",
+        description="Upscale a file or every image of a folder; writes 8-bit PNG files.",
+    )
+    p.add_argument("input", type=Path, help="image file or folder (jpg, png, webp, bmp, tif)")
+    p.add_argument("output", type=Path, help="output PNG file, or folder (for a folder input)")
+    add_model_args(p)
+    p.add_argument("--steps", type=int, help="run the multi-step teacher with this many steps (15: v1, 4: v3)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    p.add_argument("--tile", type=int, default=128, help="LR tile side, a multiple of 64 (default: %(default)s)")
+    p.add_argument("--overlap", type=int, default=16, help="LR overlap between tiles in pixels (default: %(default)s)")
+    p.set_defaults(func=_run_upscale)
+
+
+def _reference_runner(args: argparse.Namespace) -> tuple[Callable, Callable[[int], tuple[int, ...]], int]:
+    import numpy as np
+    import torch
+
+    from tadsr.pipeline import OneStepPipeline, TeacherPipeline
+
+    models = load_models_from_args(args)
+    c = models.preset.vq.embed_dim
+    if args.steps is not None:
+        pipe_t = TeacherPipeline(models, steps=args.steps)
+        steps = pipe_t.schedule.num_steps
+
+        def run(lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
+            b, _, t, _ = lr.shape
+            noises = torch.from_numpy(noise).reshape(b, steps, c, t, t).transpose(0, 1)
+            return pipe_t(torch.from_numpy(lr), noises=noises.contiguous()).numpy()
+
+        return run, lambda t: (steps * c, t, t), models.preset.scale
+
+    pipe = OneStepPipeline(models)
+
+    def run1(lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        return pipe(torch.from_numpy(lr), noise=torch.from_numpy(noise)).numpy()
+
+    return run1, lambda t: (c, t, t), models.preset.scale
+
+
+def _run_upscale(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tadsr.errors import InputError
+    from tadsr.runtime.imageio import from_model, list_images, read_image, to_model, upscale_alpha, write_png
+    from tadsr.runtime.tiling import upscale_tiled
+
+    if args.tile <= 0 or args.tile % 64:
+        raise InputError(f"--tile must be a positive multiple of 64, got {args.tile}")
+    if not 0 <= args.overlap < args.tile:
+        raise InputError(f"--overlap must be in [0, tile), got {args.overlap}")
+    files = list_images(args.input)
+    folder_mode = args.input.is_dir()
+    if folder_mode:
+        if args.output.exists() and not args.output.is_dir():
+            raise InputError(f"input is a folder, so the output must be a folder; {args.output} is a file")
+        args.output.mkdir(parents=True, exist_ok=True)
+    run, noise_shape, scale = _reference_runner(args)
+    failures = 0
+    progress = sys.stderr.isatty()
+    for path in tqdm(files, desc="images", disable=not progress or len(files) < 2):
+        out = args.output / f"{path.stem}.png" if folder_mode or args.output.is_dir() else args.output
+        t0 = time.perf_counter()
+        try:
+            img = read_image(path)
+            # the reference takes any multiple of 64: never pad a small image up to a larger tile
+            tile = min(args.tile, -(-max(img.rgb.shape[:2]) // 64) * 64)
+            sr = upscale_tiled(
+                to_model(img.rgb), run, tile=tile, scale=scale, overlap=args.overlap, seed=args.seed,
+                noise_shape_fn=noise_shape, progress=progress,
+            )
+            alpha = upscale_alpha(img.alpha, scale) if img.alpha is not None else None
+            write_png(out, from_model(sr), alpha=alpha)
+        except InputError as e:
+            if not folder_mode:
+                raise
+            failures += 1
+            log.error("skipped %s: %s", path, e)
+            continue
+        h, w = img.rgb.shape[:2]
+        log.info("%s (%dx%d) -> %s (%dx%d) in %.1f s", path.name, w, h, out, scale * w, scale * h,
+                 time.perf_counter() - t0)
+    if failures:
+        log.error("%d of %d images failed", failures, len(files))
+        return 1
+    return 0
+
+
+# -- main -----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tadsr", description="One-step diffusion SR (TAD-SR) for phones.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_upscale(sub)
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Verbs implemented in the subpackages (export, quantize, parity, bench)."""
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except TadsrError as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

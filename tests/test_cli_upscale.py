@@ -1,0 +1,72 @@
+"""``tadsr upscale`` with the PyTorch reference on real photos (tiny preset, random weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tadsr.cli import main
+
+PHOTO = Path(__file__).resolve().parents[1] / "quantize" / "calib"
+
+
+def _photo() -> Image.Image:
+    files = sorted(PHOTO.glob("*.png"))
+    assert files, f"shipped calibration photos missing in {PHOTO}"
+    return Image.open(files[0]).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("in")
+    src = _photo()
+    src.crop((0, 0, 97, 61)).save(d / "odd.png")
+    src.crop((10, 10, 60, 47)).convert("L").save(d / "grey.jpg", quality=95)
+    rgba = src.crop((0, 0, 40, 40)).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((40, 40)))
+    rgba.save(d / "rgba.png")
+    g16 = (np.asarray(src.crop((0, 0, 33, 21)).convert("L")).astype(np.uint16) * 257)
+    Image.fromarray(g16).save(d / "grey16.png")
+    assert Image.open(d / "grey16.png").mode == "I;16"
+    return d
+
+
+def test_upscale_folder(inputs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rc = main(["-q", "upscale", str(inputs), str(out), "--preset", "tiny", "--init", "random", "--tile", "64"])
+    assert rc == 0
+    expect = {"odd.png": (388, 244), "grey.png": (200, 148), "rgba.png": (160, 160), "grey16.png": (132, 84)}
+    for name, size in expect.items():
+        im = Image.open(out / name)
+        assert im.size == size, name
+        assert im.mode == ("RGBA" if name == "rgba.png" else "RGB")
+        arr = np.asarray(im)
+        assert arr.dtype == np.uint8 and arr.std() > 1.0  # not blank
+    alpha = np.asarray(Image.open(out / "rgba.png"))[..., 3]
+    assert alpha[0].mean() < 30 < 220 < alpha[-1].mean()  # the vertical gradient alpha is kept, upscaled
+
+
+def test_upscale_teacher_file(inputs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.png"
+    rc = main(["-q", "upscale", str(inputs / "grey16.png"), str(out), "--preset", "tiny", "--init", "random",
+               "--steps", "4", "--tile", "64"])
+    assert rc == 0 and Image.open(out).size == (132, 84)
+
+
+def test_upscale_bad_inputs(tmp_path: Path) -> None:
+    (tmp_path / "note.png").write_text("not an image")
+    assert main(["-q", "upscale", str(tmp_path / "note.png"), str(tmp_path / "o.png"), "--preset", "tiny",
+                 "--init", "random"]) == 2
+    assert main(["-q", "upscale", str(tmp_path / "missing"), str(tmp_path / "o"), "--preset", "tiny"]) == 2
+    assert main(["-q", "upscale", str(tmp_path / "note.png"), str(tmp_path / "o.png"), "--tile", "96"]) == 2
+    # folder with one broken image: the good one is still written, exit code 1
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "bad.png").write_bytes(b"\x89PNG broken")
+    _photo().crop((0, 0, 30, 30)).save(d / "good.png")
+    assert main(["-q", "upscale", str(d), str(tmp_path / "mo"), "--preset", "tiny", "--init", "random",
+                 "--tile", "64"]) == 1
+    assert (tmp_path / "mo" / "good.png").exists() and not (tmp_path / "mo" / "bad.png").exists()
