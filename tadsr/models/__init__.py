@@ -1,0 +1,1 @@
+"""Networks written from the spec: Swin-UNet denoiser and VQ-f4 autoencoder (upstream key names)."""
