@@ -1,18 +1,59 @@
 """Artifact folders: what a backend exporter returns, the manifest, and atomic writing.
 
 An artifact is a folder ``<out>/<graph>-<format>-<precision>-t<tile>/`` holding the model file(s) and a
-``manifest.json`` that describes them (see :func:`build_manifest`). It is built in a hidden temp folder
-next to its final place and renamed into place only after parity passed (:func:`staged_artifact`).
+``manifest.json`` (see :func:`build_manifest`). It is built in a hidden temp folder next to its final place
+(:func:`staged_artifact`) and renamed into place by :meth:`Staging.commit` only after parity passed; on any
+failure the temp folder is removed and nothing appears under the final name. An existing artifact of the
+same name is replaced only by a successful commit.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import functools
+import json
+import logging
+import os
+import platform
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
-__all__ = ["BackendResult", "FORMATS"]
+from tadsr.errors import ExportError
+from tadsr.runtime.runner import MANIFEST_NAME, SCHEMA_VERSION, sha256_path
+
+__all__ = [
+    "BackendResult",
+    "FORMATS",
+    "PRECISIONS",
+    "Staging",
+    "artifact_name",
+    "build_manifest",
+    "write_manifest",
+    "staged_artifact",
+    "tool_versions",
+    "file_entries",
+]
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "coreml", "executorch")
+PRECISIONS = ("fp32", "fp16")
+_DISTRIBUTIONS = {
+    "torch": "torch",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "onnxsim": "onnxsim",
+    "onnxscript": "onnxscript",
+    "coremltools": "coremltools",
+    "executorch": "executorch",
+    "tadsr": "tadsr-mobile",
+}
 
 
 @dataclass
@@ -37,3 +78,147 @@ class BackendResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@functools.cache
+def _versions() -> tuple[tuple[str, str | None], ...]:
+    out: list[tuple[str, str | None]] = []
+    for key, dist in _DISTRIBUTIONS.items():
+        try:
+            out.append((key, metadata.version(dist)))
+        except metadata.PackageNotFoundError:
+            out.append((key, None))
+    out.append(("python", platform.python_version()))
+    return tuple(out)
+
+
+def tool_versions() -> dict[str, str | None]:
+    """Installed versions of the export toolchain (``None`` when a package is not installed); no imports."""
+    return dict(_versions())
+
+
+def artifact_name(graph: str, fmt: str, precision: str, tile: int) -> str:
+    """``<graph>-<format>-<precision>-t<tile>``, e.g. ``pipeline-onnx-fp32-t64``."""
+    return f"{graph}-{fmt}-{precision}-t{tile}"
+
+
+def file_entries(folder: Path, files: Sequence[str]) -> list[dict[str, Any]]:
+    """``[{"name", "sha256", "bytes"}]`` for model files (or folders) inside ``folder``.
+
+    Raises:
+        ExportError: a listed file does not exist (the backend's result is wrong).
+    """
+    entries = []
+    for name in files:
+        path = Path(folder) / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.exists():
+            raise ExportError(f"backend result lists {name!r}, which is not a file inside {folder}")
+        digest, size = sha256_path(path)
+        entries.append({"name": Path(name).as_posix(), "sha256": digest, "bytes": size})
+    return entries
+
+
+def build_manifest(
+    *,
+    folder: Path,
+    graph_spec: Mapping[str, Any],
+    backend: BackendResult,
+    preset: Mapping[str, Any],
+    sources: Mapping[str, Any],
+    parity: Sequence[Mapping[str, Any]] = (),
+    parity_passed: bool | None = None,
+    parent: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest of the artifact whose files are in ``folder`` (hashes computed now).
+
+    Keys: ``schema``, ``graph`` (GraphSpec dict), ``format``, ``precision``, ``files``, ``preset``, ``sources``
+    (checkpoint paths and sha256), ``tool_versions``, ``parity`` (hop results), ``parity_passed``,
+    ``backend_info`` (``BackendResult.info`` plus its ``warnings``), ``parent``, ``created`` (UTC ISO time).
+    """
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "graph": dict(graph_spec),
+        "format": backend.format,
+        "precision": backend.precision,
+        "files": file_entries(folder, backend.files),
+        "preset": dict(preset),
+        "sources": dict(sources),
+        "tool_versions": tool_versions(),
+        "parity": [dict(h) for h in parity],
+        "parity_passed": parity_passed,
+        "backend_info": {**backend.info, "warnings": list(backend.warnings)},
+        "parent": parent,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if extra:
+        manifest.update(extra)
+    # JSON-normalised (tuples -> lists, Paths -> str), so the dict in memory equals the file
+    return json.loads(json.dumps(manifest, allow_nan=False, default=_json_default))
+
+
+def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
+    """Write ``folder/manifest.json`` (replaced atomically, UTF-8, sorted keys, strict JSON: no NaN/inf)."""
+    path = Path(folder) / MANIFEST_NAME
+    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
+    tmp = path.with_name(f".{MANIFEST_NAME}.{secrets.token_hex(4)}")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+@dataclass
+class Staging:
+    """A temp folder that becomes ``final`` on :meth:`commit`."""
+
+    path: Path
+    final: Path
+    committed: bool = False
+
+    def commit(self) -> Path:
+        """Move the staged folder to its final name, replacing an existing one only now."""
+        final = self.final
+        if final.exists() or final.is_symlink():
+            old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
+            os.rename(final, old)
+            try:
+                os.rename(self.path, final)
+            except OSError:
+                os.rename(old, final)
+                raise
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        else:
+            os.rename(self.path, final)
+        self.committed = True
+        logger.debug("committed %s", final)
+        return final
+
+
+@contextmanager
+def staged_artifact(out_dir: Path, name: str) -> Iterator[Staging]:
+    """Context manager yielding a :class:`Staging` in ``out_dir``; an uncommitted temp folder is removed on exit.
+
+    The temp folder is ``out_dir/.<name>.tmp-XXXX`` (same file system, so the final rename is atomic).
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir / f".{name}.tmp-{secrets.token_hex(6)}"
+    tmp.mkdir()  # default permissions (mkdtemp's 0700 would survive the rename)
+    stage = Staging(tmp, out_dir / name)
+    try:
+        yield stage
+    finally:
+        if not stage.committed and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,412 @@
+"""Parity as a chain of named hops, each with its metric and floor (``tadsr/numerics.json``).
+
+Hops, for one graph on the same cases:
+
+1. ``"reference torch -> export-ready torch"``: the reference :class:`~tadsr.pipeline.OneStepPipeline`
+   stage(s) the graph replaces, vs the export-ready graph module (polyphase bicubic, folded timestep, baked
+   masks...). Always judged by the fp32 floors.
+2. ``"export-ready torch -> <format> runtime"``: the graph module vs the artifact run through
+   :func:`tadsr.runtime.runner.load_runner`. Judged by the artifact's precision floors.
+3. ``"reference torch -> <format> runtime"``: end to end, what a user gets vs the reference. Same floors.
+
+Cases: one seeded case (``spec.example_inputs(seed)``, uniform in each input's range, else N(0, 1)) and
+``n_real`` real LR patches: the shipped calibration set (:mod:`tadsr.quantize.calibration_data`) when it has
+patches of the tile size, else built-in photos from ``skimage.data`` (downscaled by MATLAB bicubic, centre
+crop). Component graphs get the inputs the reference pipeline produces on those patches: the encoder the
+LR, the denoiser ``x_t = z_y + kappa sqrt(eta_T) noise`` and the LR, the decoder the reference ``x0``.
+
+Metrics per output: max abs, mean abs and PSNR (images over their [-1, 1] range, i.e. 2; latents over the
+reference's peak-to-peak range), worst case over the cases of one kind (largest max abs, largest mean abs,
+smallest PSNR).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tadsr.errors import ConfigError, InputError, ParityError
+from tadsr.metrics import error_stats
+from tadsr.pipeline import DEFAULT_SEED, Models, OneStepPipeline, make_noise
+
+__all__ = [
+    "HOP_REFERENCE",
+    "runtime_hop",
+    "end_to_end_hop",
+    "Floor",
+    "ParityCase",
+    "HopResult",
+    "ParityReport",
+    "load_floors",
+    "make_cases",
+    "compare",
+    "real_lr_patches",
+    "ReferenceRuns",
+    "reference_runs",
+    "run_cases",
+]
+
+logger = logging.getLogger(__name__)
+
+HOP_REFERENCE = "reference torch -> export-ready torch"
+_PSNR_JSON_INF = 999.0
+
+
+def runtime_hop(fmt: str) -> str:
+    """Name of the hop export-ready torch -> ``fmt`` runtime."""
+    return f"export-ready torch -> {fmt} runtime"
+
+
+def end_to_end_hop(fmt: str) -> str:
+    """Name of the hop reference torch -> ``fmt`` runtime."""
+    return f"reference torch -> {fmt} runtime"
+
+
+# ------------------------------------------------------------------------------------------------- floors
+
+
+@dataclass(frozen=True)
+class Floor:
+    """Acceptance bounds of one output: ``max_abs <= max_abs`` and ``psnr >= psnr`` (None: not gated)."""
+
+    max_abs: float | None
+    psnr: float | None
+    why: str
+    source: str = ""
+
+    def accepts(self, max_abs: float, psnr: float) -> bool:
+        ok_abs = self.max_abs is None or max_abs <= self.max_abs
+        ok_psnr = self.psnr is None or psnr >= self.psnr
+        return bool(ok_abs and ok_psnr)
+
+
+def _numerics_path() -> Path:
+    # wheel: .../tadsr/export/parity.py -> .../tadsr/numerics.json; editable: <repo>/export -> <repo>/tadsr
+    here = Path(__file__).resolve().parents[1]
+    for cand in (here / "numerics.json", here / "tadsr" / "numerics.json"):
+        if cand.is_file():
+            return cand
+    return here / "tadsr" / "numerics.json"
+
+
+@cache
+def _numerics() -> dict[str, Any]:
+    path = _numerics_path()
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"parity floors table {path} is missing or unreadable ({e}); reinstall tadsr-mobile") from e
+
+
+def load_floors(precision: str, graph: str, preset: str | None = None) -> dict[str, Floor]:
+    """Floors per output name of ``graph`` at ``precision`` (preset-specific entries override the defaults).
+
+    Raises:
+        ConfigError: no floors for this precision or graph in ``tadsr/numerics.json``.
+    """
+    table = _numerics()
+    floors = table["floors"]
+    if precision not in floors:
+        raise ConfigError(f"no parity floors for precision {precision!r} in numerics.json (have {sorted(floors)})")
+    if graph not in floors[precision]:
+        raise ConfigError(f"no parity floors for graph {graph!r} at {precision} in numerics.json")
+    entry = dict(floors[precision][graph])
+    source = f"floors.{precision}.{graph}"
+    override = table.get("preset_overrides", {}).get(preset or "", {}).get(precision, {}).get(graph)
+    if override:
+        entry.update(override)
+        source = f"preset_overrides.{preset}.{precision}.{graph}"
+    out: dict[str, Floor] = {}
+    for name, f in entry.items():
+        if isinstance(f, dict):
+            out[name] = Floor(f.get("max_abs"), f.get("psnr"), f.get("why", ""), source)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """One set of graph inputs with the reference pipeline's outputs for them.
+
+    Attributes:
+        name: ``"seeded-<seed>"`` or ``"real-<i>"``.
+        kind: ``"seeded"`` or ``"real"``.
+        inputs: graph input name -> float32 array of the spec's shape.
+        reference: graph output name -> float32 array computed by the reference pipeline.
+    """
+
+    name: str
+    kind: str
+    inputs: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray]
+
+
+def _builtin_lr(tile: int, scale: int, n: int) -> tuple[np.ndarray, str]:
+    import skimage.data
+
+    from tadsr.imresize import imresize
+
+    names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+    out = []
+    for name in (names * (n // len(names) + 1))[:n]:
+        img = np.asarray(getattr(skimage.data, name)(), dtype=np.float64)[..., :3] / 255.0
+        if min(img.shape[:2]) >= tile * scale:
+            img = imresize(img, 1.0 / scale)
+        h, w = img.shape[:2]
+        if min(h, w) < tile:
+            img = np.pad(img, ((0, max(0, tile - h)), (0, max(0, tile - w)), (0, 0)), mode="reflect")
+            h, w = img.shape[:2]
+        y, x = (h - tile) // 2, (w - tile) // 2
+        crop = np.round(np.clip(img[y : y + tile, x : x + tile], 0, 1) * 255) / 255
+        out.append(np.moveaxis(crop, -1, 0).astype(np.float32) * 2 - 1)
+    return np.stack(out), f"skimage.data photos {list((names * n)[:n])}, MATLAB bicubic /{scale}, centre {tile} crop"
+
+
+def real_lr_patches(tile: int, scale: int, n: int) -> tuple[np.ndarray, str]:
+    """``n`` real LR patches ``(n, 3, tile, tile)`` float32 in [-1, 1] and a description of where they came from."""
+    if n <= 0:
+        return np.zeros((0, 3, tile, tile), np.float32), "none"
+    try:
+        from tadsr.quantize.calibration_data import default_calibration_dir, sample_patches
+    except ImportError:
+        return _builtin_lr(tile, scale, n)
+    try:
+        ps = sample_patches(default_calibration_dir(), num_patches=n, tile=tile, scale=scale, seed=0)
+    except InputError as e:
+        logger.debug("calibration set unusable for tile %d (%s); using built-in photos", tile, e)
+        return _builtin_lr(tile, scale, n)
+    return ps.lr.astype(np.float32), f"shipped calibration set, {n} patches, content hash {ps.content_hash[:16]}"
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ReferenceRuns:
+    """The reference pipeline's stages on real LR patches, batch-first float32 arrays (index = patch).
+
+    Attributes:
+        lr: ``(n, 3, t, t)`` in [-1, 1].
+        noise: ``(n, C, t, t)`` prior noise (``make_noise(.., DEFAULT_SEED + i)``).
+        z_y, x_t, x0: ``(n, C, t, t)`` encoder latent, noisy latent, denoised latent.
+        sr: ``(n, 3, s t, s t)`` in [-1, 1].
+        source: where the patches came from.
+    """
+
+    lr: np.ndarray
+    noise: np.ndarray
+    z_y: np.ndarray
+    x_t: np.ndarray
+    x0: np.ndarray
+    sr: np.ndarray
+    source: str
+
+    def case(self, graph: str, i: int) -> ParityCase:
+        """Inputs and reference outputs of ``graph`` for patch ``i``."""
+        one = {k: getattr(self, k)[i : i + 1] for k in ("lr", "noise", "z_y", "x_t", "x0", "sr")}
+        ins, outs = {
+            "encoder": (("lr",), {"z_y": "z_y"}),
+            "denoiser": (("x_t", "lr"), {"x0": "x0"}),
+            "decoder": (("x0",), {"sr": "sr"}),
+            "pipeline": (("lr", "noise"), {"sr": "sr"}),
+        }[graph]
+        return ParityCase(f"real-{i}", "real", {k: one[k] for k in ins}, {k: one[v] for k, v in outs.items()})
+
+
+@torch.no_grad()
+def reference_runs(models: Models, tile: int, n_real: int = 3) -> ReferenceRuns:
+    """Run the reference :class:`OneStepPipeline` stage by stage on ``n_real`` real LR patches of ``tile``."""
+    pipe = OneStepPipeline(models)
+    lrs, source = real_lr_patches(tile, models.preset.scale, n_real)
+    latent = (1, models.preset.vq.embed_dim, tile, tile)
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in ("lr", "noise", "z_y", "x_t", "x0", "sr")}
+    for i, lr_np in enumerate(lrs):
+        lr, hw = pipe.prepare(torch.from_numpy(lr_np)[None])
+        noise = make_noise(latent, DEFAULT_SEED + i)
+        z_y = pipe.encode(lr)
+        x0 = pipe.denoise(z_y, noise, lr)
+        vals = {"lr": lr, "noise": noise, "z_y": z_y, "x_t": pipe.schedule.prior_sample(z_y, noise), "x0": x0,
+                "sr": pipe.decode(x0, hw)}  # fmt: skip
+        for k, v in vals.items():
+            rows[k].append(_np(v)[0])
+    s = models.preset.scale
+    shapes = {"lr": (3, tile, tile), "sr": (3, s * tile, s * tile)}
+    arrays = {k: np.stack(v) if v else np.zeros((0, *shapes.get(k, latent[1:])), np.float32) for k, v in rows.items()}
+    return ReferenceRuns(**arrays, source=source)
+
+
+def _seeded_reference(pipe: OneStepPipeline, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference stage(s) on arbitrary graph inputs."""
+    if graph == "encoder":
+        return {"z_y": pipe.encode(pipe.prepare(inputs["lr"])[0])}
+    if graph == "denoiser":  # prior_sample(x_t, 0) == x_t exactly, so this is student(x_t / s, T-1, lr)
+        x_t = inputs["x_t"]
+        return {"x0": pipe.denoise(x_t, torch.zeros_like(x_t), pipe.prepare(inputs["lr"])[0])}
+    if graph == "decoder":
+        x0 = inputs["x0"]
+        return {"sr": pipe.decode(x0, tuple(x0.shape[-2:]))}
+    return {"sr": pipe(inputs["lr"], noise=inputs["noise"])}
+
+
+@torch.no_grad()
+def make_cases(
+    models: Models, spec: Any, *, runs: ReferenceRuns | None = None, n_real: int = 3, seed: int = 0
+) -> tuple[list[ParityCase], str]:
+    """Parity cases for graph ``spec.name``: one seeded case and one case per real patch.
+
+    Args:
+        models: the loaded networks (the reference pipeline is built from them).
+        spec: the graph's ``GraphSpec``.
+        runs: reference runs on real patches to reuse (from :func:`reference_runs`, same tile); computed
+            with ``n_real`` patches when None.
+        n_real: number of real LR patches when ``runs`` is None.
+        seed: seed of the example inputs.
+
+    Returns:
+        The cases and a description of the real patches' source.
+    """
+    pipe = OneStepPipeline(models)
+    ex = dict(zip((s.name for s in spec.inputs), spec.example_inputs(seed), strict=True))
+    ref = _seeded_reference(pipe, spec.name, ex)
+    cases = [ParityCase(f"seeded-{seed}", "seeded", {k: _np(v) for k, v in ex.items()},
+                        {k: _np(v) for k, v in ref.items()})]  # fmt: skip
+    if runs is None:
+        runs = reference_runs(models, spec.tile, n_real)
+    if runs.lr.shape[-1] != spec.tile:
+        raise ConfigError(f"reference runs are for tile {runs.lr.shape[-1]}, the graph has tile {spec.tile}")
+    cases += [runs.case(spec.name, i) for i in range(len(runs.lr))]
+    return cases, runs.source
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class HopResult:
+    """Worst-case agreement of one output over the cases of one kind, for one hop.
+
+    Attributes:
+        hop: hop name.
+        inputs: ``"seeded"`` or ``"real"``.
+        output: output name.
+        n: number of cases.
+        max_abs, mean_abs, psnr: worst case over the cases (PSNR in dB; inf when identical).
+        data_range: PSNR peak used (2 for images; latents: the reference's peak-to-peak, smallest over cases).
+        floor: the bounds applied.
+        passed: whether the bounds hold.
+        worst_case: name of the case with the lowest PSNR.
+    """
+
+    hop: str
+    inputs: str
+    output: str
+    n: int
+    max_abs: float
+    mean_abs: float
+    psnr: float
+    data_range: float
+    floor: Floor
+    passed: bool
+    worst_case: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["psnr"] = _PSNR_JSON_INF if math.isinf(self.psnr) else round(self.psnr, 3)
+        d["floor"] = {"max_abs": self.floor.max_abs, "psnr": self.floor.psnr, "source": self.floor.source}
+        return d
+
+    def describe(self) -> str:
+        fl = []
+        if self.floor.max_abs is not None:
+            fl.append(f"max abs <= {self.floor.max_abs:g}")
+        if self.floor.psnr is not None:
+            fl.append(f"PSNR >= {self.floor.psnr:g} dB")
+        psnr = "inf" if math.isinf(self.psnr) else f"{self.psnr:.1f}"
+        return (f"'{self.hop}' on {self.inputs} inputs, output '{self.output}': max abs {self.max_abs:.3g}, "
+                f"mean abs {self.mean_abs:.3g}, PSNR {psnr} dB (floor: {', '.join(fl) or 'none'}; "
+                f"worst case {self.worst_case})")  # fmt: skip
+
+
+def compare(
+    hop: str,
+    outputs: Sequence[Mapping[str, np.ndarray]],
+    references: Sequence[Mapping[str, np.ndarray]],
+    cases: Sequence[ParityCase],
+    floors: Mapping[str, Floor],
+    value_ranges: Mapping[str, tuple[float, float] | None],
+) -> list[HopResult]:
+    """Aggregate per-case error statistics into one :class:`HopResult` per (input kind, output)."""
+    results = []
+    for kind in dict.fromkeys(c.kind for c in cases):
+        idx = [i for i, c in enumerate(cases) if c.kind == kind]
+        for name, floor in floors.items():
+            stats = []
+            for i in idx:
+                vr = value_ranges.get(name)
+                dr = (vr[1] - vr[0]) if vr is not None else None
+                stats.append((error_stats(outputs[i][name], references[i][name], dr), cases[i].name))
+            worst = min(stats, key=lambda s: s[0].psnr)
+            max_abs = max(s.max_abs for s, _ in stats)
+            mean_abs = max(s.mean_abs for s, _ in stats)
+            psnr = worst[0].psnr
+            results.append(HopResult(hop, kind, name, len(idx), max_abs, mean_abs, psnr,
+                                     min(s.data_range for s, _ in stats), floor,
+                                     floor.accepts(max_abs, psnr), worst[1]))  # fmt: skip
+    return results
+
+
+@dataclass
+class ParityReport:
+    """All hop results of one artifact (or of the torch-only hop), plus where the real inputs came from."""
+
+    graph: str
+    hops: list[HopResult] = field(default_factory=list)
+    real_source: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(h.passed for h in self.hops)
+
+    def failures(self) -> list[HopResult]:
+        return [h for h in self.hops if not h.passed]
+
+    def worst(self) -> HopResult | None:
+        """The first failing hop result, else the one with the lowest PSNR."""
+        if not self.hops:
+            return None
+        fails = self.failures()
+        return fails[0] if fails else min(self.hops, key=lambda h: h.psnr)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [h.to_dict() for h in self.hops]
+
+    def raise_if_failed(self, where: str = "") -> None:
+        """Raise :class:`ParityError` naming the first failing hop and its numbers."""
+        fails = self.failures()
+        if not fails:
+            return
+        f = fails[0]
+        more = f" (and {len(fails) - 1} more failing hop results)" if len(fails) > 1 else ""
+        raise ParityError(
+            f"parity failed for {where or self.graph}: {f.describe()}{more}. Nothing was written; rerun with "
+            "--no-parity-gate (parity_gate=False) to keep the artifact with the failure recorded in its manifest",
+            hop=f.hop,
+            stats={**f.to_dict(), "graph": self.graph},
+        )
+
+
+def run_cases(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], cases: Sequence[ParityCase]) -> list:
+    """``run(case.inputs)`` for every case (copies of the inputs, so a runner cannot alter them)."""
+    return [run({k: v.copy() for k, v in c.inputs.items()}) for c in cases]

@@ -1,0 +1,63 @@
+"""ONNX Runtime backend for :func:`tadsr.runtime.runner.load_runner` (numpy in, numpy out)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tadsr.errors import BackendUnavailableError, InputError
+
+__all__ = ["OnnxRunner"]
+
+logger = logging.getLogger(__name__)
+
+
+class OnnxRunner:
+    """An ``onnxruntime.InferenceSession`` over the artifact's first file.
+
+    Args:
+        artifact_dir: artifact folder (files already verified by ``load_runner``).
+        manifest: its manifest.
+        providers: ORT execution providers (default ``["CPUExecutionProvider"]``).
+        threads: intra-op threads (default: ORT's choice, all cores).
+        backend: accepted for the loader contract ("onnx").
+    """
+
+    backend = "onnx"
+
+    def __init__(
+        self,
+        artifact_dir: Path,
+        manifest: dict[str, Any],
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from e
+        path = Path(artifact_dir) / manifest["files"][0]["name"]
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types; all mean "not loadable here"
+            raise InputError(f"ONNX Runtime cannot load {path}: {e}") from e
+        want = [d["name"] for d in manifest["graph"]["inputs"]]
+        got = [i.name for i in self.session.get_inputs()]
+        if got != want:
+            raise InputError(f"{path} has inputs {got}, but its manifest says {want}; re-export the artifact")
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session once; returns ``{output name: array}``."""
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))

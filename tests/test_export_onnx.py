@@ -1,0 +1,240 @@
+"""ONNX export: every graph of the tiny preset through export_model, ORT vs torch, file properties, helpers.
+
+The four real exports happen once (module fixture, ~30-60 s on 2 shared cores); the helper tests use a toy
+module or hand-built ONNX models and take milliseconds to a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from tadsr.errors import ConfigError
+from tadsr.export import onnx as onnx_export
+from tadsr.export.api import export_model
+from tadsr.export.graphs import GRAPH_NAMES, GraphSpec, TensorSpec, make_graphs
+from tadsr.export.onnx import export_onnx, unshare_initializers
+from tadsr.export.parity import HOP_REFERENCE, end_to_end_hop, real_lr_patches, runtime_hop
+from tadsr.metrics import psnr
+from tadsr.pipeline import OneStepPipeline, load_models, make_noise
+from tadsr.runtime.runner import load_runner
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(single_thread):
+    return load_models(preset="tiny", init="random")
+
+
+@pytest.fixture(scope="module")
+def exported(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx-artifacts")
+    # without the onnxscript optimizer (a third of the export time; the default path is covered by the toy
+    # tests here and the encoder export in test_artifact.py)
+    results = export_model(models, graphs=("pipeline", "components"), tile=64, out_dir=out, n_real=1,
+                           backend_options={"onnx": {"optimize": False}})  # fmt: skip
+    return {r.graph: r for r in results}
+
+
+@pytest.fixture(scope="module")
+def runners(exported):
+    return {name: load_runner(r.path) for name, r in exported.items()}
+
+
+@pytest.fixture(scope="module")
+def graphs(models):
+    return make_graphs(models, 64)
+
+
+def test_every_graph_is_exported_with_passing_parity(exported):
+    assert sorted(exported) == sorted(GRAPH_NAMES)
+    for name, r in exported.items():
+        assert r.passed, r.parity.failures()
+        assert r.path.name == f"{name}-onnx-fp32-t64"
+        assert [f.name for f in r.files] == [f"{name}.onnx"]
+        assert sorted(p.name for p in r.path.iterdir()) == sorted([f"{name}.onnx", "manifest.json"])
+    leftovers = [p.name for p in next(iter(exported.values())).path.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("name", GRAPH_NAMES)
+def test_ort_matches_torch_graph(runners, graphs, name):
+    graph, spec = graphs[name]
+    inputs = spec.example_inputs(seed=7)  # not the seed parity used
+    with torch.no_grad():
+        want = graph(*inputs).numpy()
+    got = runners[name].run({s.name: x.numpy() for s, x in zip(spec.inputs, inputs, strict=True)})[spec.outputs[0].name]
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_pipeline_psnr_vs_reference_pipeline(runners, models):
+    lr = real_lr_patches(64, 4, 2)[0][1:2]  # a real patch parity did not use
+    noise = make_noise((1, 3, 64, 64), seed=99)
+    ref = OneStepPipeline(models)(torch.from_numpy(lr), noise=noise).numpy()
+    got = runners["pipeline"].run({"lr": lr, "noise": noise.numpy()})["sr"]
+    assert psnr(got, ref, data_range=2.0) >= 80.0
+
+
+def test_recorded_parity_hops(exported):
+    for name, r in exported.items():
+        hops = r.manifest["parity"]
+        assert {h["hop"] for h in hops} == {HOP_REFERENCE, runtime_hop("onnx"), end_to_end_hop("onnx")}
+        assert {h["inputs"] for h in hops} == {"seeded", "real"}
+        assert all(h["passed"] for h in hops)
+        for h in hops:
+            if name in ("encoder", "denoiser"):
+                assert h["max_abs"] <= 1e-4 and h["floor"]["max_abs"] == 1e-4
+            else:
+                assert h["psnr"] >= 80.0 and h["floor"]["psnr"] == 80
+
+
+def test_onnx_file_properties(exported, graphs):
+    for name, r in exported.items():
+        spec = graphs[name][1]
+        m = onnx.load(str(r.files[0]))
+        onnx.checker.check_model(m, full_check=True)
+        assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 18
+
+        def io(values):
+            return [(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values]
+
+        assert io(m.graph.input) == [(s.name, s.shape) for s in spec.inputs]
+        assert io(m.graph.output) == [(s.name, s.shape) for s in spec.outputs]
+        props = {p.key: p.value for p in m.metadata_props}
+        assert props["tadsr.graph"] == name and props["tadsr.tile"] == "64" and props["tadsr.preset"] == "tiny"
+        assert json.loads(props["tadsr.constants"]) == json.loads(json.dumps(spec.constants))
+        assert json.loads(props["tadsr.sources"])["student"]["path"] == "random-fill"
+        assert "torch" in json.loads(props["tadsr.tool_versions"])
+        assert unshare_initializers(m) == 0  # every consumer already has its own initializer
+        info = r.manifest["backend_info"]
+        assert info["opset"] == 18 and info["external_data"] is False and info["simplified"] is True
+
+
+# ------------------------------------------------------------------------------------------- helpers (fast)
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x)) + x
+
+
+_TOY_SPEC = GraphSpec(name="toy", tile=8, scale=1, inputs=(TensorSpec("x", (1, 3, 8, 8)),),
+                      outputs=(TensorSpec("y", (1, 3, 8, 8)),))  # fmt: skip
+
+
+def _toy() -> nn.Module:
+    torch.manual_seed(0)
+    return _Toy().eval().requires_grad_(False)
+
+
+def _ort(model: onnx.ModelProto | str, feeds: dict) -> list[np.ndarray]:
+    src = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_export_onnx_toy_single_file(tmp_path, single_thread):
+    res = export_onnx(_toy(), _TOY_SPEC, tmp_path, metadata={"preset": "toy-preset", "sources": {"a": 1}})
+    assert res.files == ["toy.onnx"] and res.format == "onnx" and res.precision == "fp32"
+    assert res.info["simplified"] is True and res.warnings == []
+    x = _TOY_SPEC.example_inputs()[0]
+    got = _ort(str(tmp_path / "toy.onnx"), {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, _toy()(x).numpy(), atol=1e-5)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "toy.onnx")).metadata_props}
+    assert props["tadsr.preset"] == "toy-preset" and json.loads(props["tadsr.sources"]) == {"a": 1}
+
+
+def test_export_onnx_external_data_and_fp16(tmp_path, single_thread):
+    (tmp_path / "ext").mkdir()
+    res = export_onnx(_toy(), _TOY_SPEC, tmp_path / "ext", external_data_threshold=0)
+    assert res.files == ["toy.onnx", "toy.onnx.data"] and res.info["external_data"] is True
+    x = _TOY_SPEC.example_inputs()[0].numpy()
+    want = _toy()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_ort(str(tmp_path / "ext" / "toy.onnx"), {"x": x})[0], want, atol=1e-5)
+    (tmp_path / "half").mkdir()
+    half = export_onnx(_toy(), _TOY_SPEC, tmp_path / "half", precision="fp16")
+    m = onnx.load(str(tmp_path / "half" / half.files[0]))
+    assert m.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # float32 I/O kept
+    assert any(t.data_type == TensorProto.FLOAT16 for t in m.graph.initializer)
+    got = _ort(m, {"x": x})[0]
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 2e-2
+
+
+def test_export_onnx_rejects_bad_options(tmp_path):
+    with pytest.raises(ConfigError, match="opset"):
+        export_onnx(_toy(), _TOY_SPEC, tmp_path, opset=17)
+    with pytest.raises(ConfigError, match="precision"):
+        export_onnx(_toy(), _TOY_SPEC, tmp_path, precision="int8")
+
+
+def test_simplify_failure_keeps_plain_model(tmp_path, monkeypatch, single_thread):
+    import onnxsim
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated onnxsim crash")
+
+    monkeypatch.setattr(onnxsim, "simplify", boom)
+    res = export_onnx(_toy(), _TOY_SPEC, tmp_path)
+    assert res.info["simplified"] is False and "simulated onnxsim crash" in res.info["simplify_note"]
+    assert len(res.warnings) == 1 and "not simplified" in res.warnings[0]
+    onnx.checker.check_model(str(tmp_path / "toy.onnx"))
+
+
+def _shared_model() -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(2, 2), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"]),
+        helper.make_node("MatMul", ["a", "w"], ["b"]),
+        helper.make_node("Add", ["w", "w"], ["c"]),
+        helper.make_node("Add", ["b", "c"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])], [w])  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_unshare_initializers():
+    m = _shared_model()
+    x = {"x": np.ones((2, 2), np.float32)}
+    before = _ort(m, x)[0]
+    assert unshare_initializers(m) == 3
+    names = [i for n in m.graph.node for i in n.input if i not in ("x", "a", "b", "c")]
+    assert len(names) == len(set(names)) == 4
+    onnx.checker.check_model(m)
+    np.testing.assert_array_equal(_ort(m, x)[0], before)
+    assert unshare_initializers(m) == 0
+
+
+def test_simplify_that_changes_outputs_is_rejected(monkeypatch):
+    import onnxsim
+
+    plain = _shared_model()
+
+    def wrong(model, **kwargs):
+        bad = onnx.ModelProto()
+        bad.CopyFrom(model)
+        bad.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((2, 2), np.float32), "w"))
+        return bad, True
+
+    monkeypatch.setattr(onnxsim, "simplify", wrong)
+    kept, simplified, note = onnx_export._simplify(plain, {"x": np.ones((2, 2), np.float32)})
+    assert kept is plain and simplified is False and "changed outputs" in note
