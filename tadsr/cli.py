@@ -52,6 +52,11 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", type=Path, help="image file or folder (jpg, png, webp, bmp, tif)")
     p.add_argument("output", type=Path, help="output PNG file, or folder (for a folder input)")
     add_model_args(p)
+    g = p.add_argument_group("exported artifact (instead of the PyTorch reference)")
+    g.add_argument("--artifact", type=Path, help="artifact folder (fused pipeline) or a folder of artifacts")
+    g.add_argument("--format", dest="fmt", choices=["onnx", "executorch", "coreml"], help="pick artifacts by format")
+    g.add_argument("--precision", help="pick artifacts by precision (fp32, fp16, int8)")
+    g.add_argument("--backend", help="runner backend override, e.g. coreml-sim")
     p.add_argument("--steps", type=int, help="run the multi-step teacher with this many steps (15: v1, 4: v3)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--tile", type=int, default=128, help="LR tile side, a multiple of 64 (default: %(default)s)")
@@ -103,7 +108,18 @@ def _run_upscale(args: argparse.Namespace) -> int:
         if args.output.exists() and not args.output.is_dir():
             raise InputError(f"input is a folder, so the output must be a folder; {args.output} is a file")
         args.output.mkdir(parents=True, exist_ok=True)
-    run, noise_shape, scale = _reference_runner(args)
+    fixed_tile = None
+    if args.artifact is not None:
+        from tadsr.runtime.pipeline import MobileSRPipeline
+
+        if args.steps is not None or args.student or args.autoencoder or args.init:
+            raise InputError("--artifact runs an exported file: drop --steps/--student/--autoencoder/--init")
+        mobile = MobileSRPipeline.from_path(args.artifact, fmt=args.fmt, precision=args.precision, backend=args.backend)
+        log.info("running %s", mobile.description)
+        run, scale, fixed_tile = mobile.run_tiles, mobile.scale, mobile.tile
+        noise_shape = lambda t: tuple(mobile.noise_shape)  # noqa: E731
+    else:
+        run, noise_shape, scale = _reference_runner(args)
     failures = 0
     progress = sys.stderr.isatty()
     for path in tqdm(files, desc="images", disable=not progress or len(files) < 2):
@@ -112,9 +128,9 @@ def _run_upscale(args: argparse.Namespace) -> int:
         try:
             img = read_image(path)
             # the reference takes any multiple of 64: never pad a small image up to a larger tile
-            tile = min(args.tile, -(-max(img.rgb.shape[:2]) // 64) * 64)
+            tile = fixed_tile or min(args.tile, -(-max(img.rgb.shape[:2]) // 64) * 64)
             sr = upscale_tiled(
-                to_model(img.rgb), run, tile=tile, scale=scale, overlap=args.overlap, seed=args.seed,
+                to_model(img.rgb), run, tile=tile, scale=scale, overlap=min(args.overlap, tile - 1), seed=args.seed,
                 noise_shape_fn=noise_shape, progress=progress,
             )
             alpha = upscale_alpha(img.alpha, scale) if img.alpha is not None else None

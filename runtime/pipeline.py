@@ -1,0 +1,153 @@
+"""Whole-image upscaling with exported artifacts: the fused ``pipeline`` graph or the three component graphs.
+
+:class:`MobileSRPipeline` turns runners (one fused graph, or encoder -> denoiser -> decoder) into the
+``run_tiles(lr_tiles, noise)`` function of :mod:`tadsr.runtime.tiling` and upscales images of any size.
+The prior sample between encoder and denoiser (``x_t = z_y + s * noise``) uses the constant recorded in the
+artifact's manifest, so the host needs no model code. numpy only (plus the backend runtimes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tadsr.errors import ConfigError, InputError
+from tadsr.runtime.runner import MANIFEST_NAME, load_runner
+from tadsr.runtime.tiling import upscale_tiled
+
+__all__ = ["MobileSRPipeline", "find_artifacts"]
+
+log = logging.getLogger(__name__)
+COMPONENTS = ("encoder", "denoiser", "decoder")
+
+
+def _manifest(d: Path) -> dict[str, Any] | None:
+    p = d / MANIFEST_NAME
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{p} is not a readable manifest: {e}") from e
+
+
+def find_artifacts(
+    path: Path, *, fmt: str | None = None, precision: str | None = None, tile: int | None = None
+) -> dict[str, Path]:
+    """Pick the artifact folder(s) to run from ``path``.
+
+    ``path`` is an artifact folder (a fused ``pipeline`` graph), or a folder of artifacts (an export or
+    quantize output). In the latter case a matching ``pipeline`` artifact is preferred, else the three
+    component artifacts of the same format / precision / tile.
+
+    Returns:
+        ``{"pipeline": dir}`` or ``{"encoder": dir, "denoiser": dir, "decoder": dir}``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"artifact folder {path} does not exist")
+    own = _manifest(path)
+    if own is not None:
+        graph = own.get("graph", {}).get("name")
+        if graph != "pipeline":
+            raise InputError(
+                f"{path} holds only the {graph!r} graph; pass the fused 'pipeline' artifact, or the parent folder "
+                f"that holds the encoder, denoiser and decoder artifacts"
+            )
+        return {"pipeline": path}
+    found: dict[tuple[str, str, int], dict[str, Path]] = {}
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        m = _manifest(sub)
+        if m is None:
+            continue
+        key = (str(m.get("format")), str(m.get("precision")), int(m.get("graph", {}).get("tile", 0)))
+        if (fmt and key[0] != fmt) or (precision and key[1] != precision) or (tile and key[2] != tile):
+            continue
+        found.setdefault(key, {})[m["graph"]["name"]] = sub
+    full = {k: v for k, v in found.items() if "pipeline" in v or all(c in v for c in COMPONENTS)}
+    if not full:
+        what = ", ".join(f"{g}-{k[0]}-{k[1]}-t{k[2]}" for k, v in found.items() for g in v) or "none"
+        raise InputError(
+            f"no runnable artifact set in {path} (format={fmt or 'any'}, precision={precision or 'any'}): "
+            f"need a 'pipeline' artifact or all of encoder/denoiser/decoder; found: {what}"
+        )
+    if len(full) > 1:
+        choices = ", ".join(f"{k[0]}/{k[1]}/t{k[2]}" for k in full)
+        raise InputError(f"several artifact sets in {path} ({choices}); choose with --format/--precision/--tile")
+    (key, graphs), = full.items()
+    return {"pipeline": graphs["pipeline"]} if "pipeline" in graphs else {c: graphs[c] for c in COMPONENTS}
+
+
+class MobileSRPipeline:
+    """Upscale images with exported artifacts.
+
+    Args:
+        artifacts: ``{"pipeline": dir}`` or the three component dirs (see :func:`find_artifacts`).
+        backend: runner backend override (e.g. ``"coreml-sim"``).
+        **runner_opts: passed to :func:`tadsr.runtime.runner.load_runner` (e.g. ``threads=2``).
+    """
+
+    def __init__(self, artifacts: dict[str, Path], *, backend: str | None = None, **runner_opts: Any) -> None:
+        self.runners = {g: load_runner(d, backend=backend, **runner_opts) for g, d in artifacts.items()}
+        first = next(iter(self.runners.values())).spec
+        self.tile = first.tile
+        self.scale = first.scale
+        self.fused = "pipeline" in self.runners
+        for g, r in self.runners.items():
+            if r.spec.tile != self.tile:
+                raise ConfigError(f"artifacts have different tiles: {g} {r.spec.tile} vs {self.tile}")
+        if self.fused:
+            noise = next(t for t in self.runners["pipeline"].spec.inputs if t.name == "noise")
+            self.noise_shape = noise.shape[1:]
+            self.noise_scale = None
+        else:
+            xt = next(t for t in self.runners["denoiser"].spec.inputs if t.name == "x_t")
+            self.noise_shape = xt.shape[1:]
+            consts = self.runners["denoiser"].spec.constants
+            if "prior_noise_scale" not in consts:
+                raise ConfigError("denoiser manifest lacks the 'prior_noise_scale' constant (re-export it)")
+            self.noise_scale = np.float32(consts["prior_noise_scale"])
+        self.batch = min(int(r.spec.inputs[0].shape[0]) for r in self.runners.values())
+
+    @classmethod
+    def from_path(
+        cls, path: Path, *, fmt: str | None = None, precision: str | None = None, tile: int | None = None,
+        backend: str | None = None, **runner_opts: Any,
+    ) -> MobileSRPipeline:
+        return cls(find_artifacts(path, fmt=fmt, precision=precision, tile=tile), backend=backend, **runner_opts)
+
+    @property
+    def description(self) -> str:
+        r = next(iter(self.runners.values())).spec
+        kind = "pipeline" if self.fused else "encoder+denoiser+decoder"
+        return f"{kind} {r.format}/{r.precision} tile {self.tile}"
+
+    def run_tiles(self, lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """(B,3,t,t) LR tiles + (B,C,t,t) noise -> (B,3,st,st) SR tiles, one graph call per tile."""
+        outs = []
+        for i in range(lr.shape[0]):
+            lr_i = np.ascontiguousarray(lr[i : i + 1], dtype=np.float32)
+            n_i = np.ascontiguousarray(noise[i : i + 1], dtype=np.float32)
+            if self.fused:
+                out = self.runners["pipeline"].run({"lr": lr_i, "noise": n_i})["sr"]
+            else:
+                z_y = self.runners["encoder"].run({"lr": lr_i})["z_y"]
+                x_t = (z_y + self.noise_scale * n_i).astype(np.float32)
+                x0 = self.runners["denoiser"].run({"x_t": x_t, "lr": lr_i})["x0"]
+                out = self.runners["decoder"].run({"x0": x0})["sr"]
+            outs.append(out)
+        return np.concatenate(outs, axis=0)
+
+    def upscale(
+        self, lr: np.ndarray, *, seed: int = 0, overlap: int = 16, blend: str = "feather", progress: bool = False
+    ) -> np.ndarray:
+        """(1,3,H,W) LR in [-1,1] of any size -> (1,3,sH,sW) SR in [-1,1] (tiled, host-side noise)."""
+        return upscale_tiled(
+            lr, self.run_tiles, tile=self.tile, scale=self.scale, overlap=min(overlap, self.tile - 1), seed=seed,
+            noise_shape_fn=lambda t: tuple(self.noise_shape), batch=1, blend=blend, progress=progress,
+        )
+
