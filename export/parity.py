@@ -256,7 +256,7 @@ def _seeded_reference(pipe: OneStepPipeline, graph: str, inputs: dict[str, torch
         return {"x0": pipe.denoise(x_t, torch.zeros_like(x_t), pipe.prepare(inputs["lr"])[0])}
     if graph == "decoder":
         x0 = inputs["x0"]
-        return {"sr": pipe.decode(x0, tuple(x0.shape[-2:]))}
+        return {"sr": pipe.decode(x0, (int(x0.shape[-2]), int(x0.shape[-1])))}
     return {"sr": pipe(inputs["lr"], noise=inputs["noise"])}
 
 
