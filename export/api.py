@@ -255,8 +255,8 @@ def _export_graph(
     refs = [c.reference for c in cases]
     ranges = {s.name: s.value_range for s in spec.outputs}
     hop1 = compare(HOP_REFERENCE, eager, refs, cases, load_floors("fp32", name, models.preset.name), ranges)
-    logger.info("parity %s: %s (%d cases, %.1fs)", name, "; ".join(_short(h) for h in hop1), len(cases),
-                time.perf_counter() - t0)  # fmt: skip
+    logger.info("parity %s, %s: %s (%d cases, %.1fs)", name, HOP_REFERENCE, ", ".join(_short(h) for h in hop1),
+                len(cases), time.perf_counter() - t0)  # fmt: skip
     out = []
     for fmt, exporter in exporters.items():
         for prec in precs:
@@ -306,7 +306,10 @@ def _export_one(
         logger.warning("%s written WITHOUT passing parity (gate off): %s", name, report.failures()[0].describe())
     files = [final / f["name"] for f in manifest["files"]]
     size = sum(f["bytes"] for f in manifest["files"])
-    summary = "; ".join(_short(h) for h in report.hops[len(hop1) :])
+    by_hop: dict[str, list[str]] = {}
+    for h in report.hops[len(hop1) :]:
+        by_hop.setdefault(h.hop, []).append(_short(h))
+    summary = "; ".join(f"{hop}: {', '.join(parts)}" for hop, parts in by_hop.items())
     logger.info("wrote %s (%.1f MB) in %.1fs: %s", final, size / 1e6, t_total, summary)
     return ExportResult(path=final, graph=spec.name, format=fmt, precision=prec, tile=spec.tile, files=files,
                         bytes=size, parity=report, passed=report.passed, backend=backend, manifest=manifest,

@@ -133,7 +133,7 @@ class Runner(Protocol):
 
 
 def sha256_path(path: Path) -> tuple[str, int]:
-    """sha256 hex and size in bytes of a file, or of a folder (e.g. ``.mlpackage``).
+    r"""sha256 hex and size in bytes of a file, or of a folder (e.g. ``.mlpackage``).
 
     A folder's digest is the sha256 of the lines ``<relative posix path>\\0<file sha256>\\n`` over its files in
     sorted order, so renaming, adding, removing or changing any file inside changes it.

@@ -26,17 +26,16 @@ from tadsr.export.artifact import BackendResult
 from tadsr.export.cli import add_export_parser, format_summary, run_export
 from tadsr.export.graphs import make_graphs
 from tadsr.export.parity import HOP_REFERENCE, end_to_end_hop, runtime_hop
-from tadsr.pipeline import load_models
 from tadsr.runtime.runner import load_runner, read_manifest
 
 NAME = "encoder-onnx-fp32-t64"
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(tiny_models):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield load_models(preset="tiny", init="random")
+    yield tiny_models
     torch.set_num_threads(n)
 
 
