@@ -41,3 +41,23 @@ def tiny_models():
     import tadsr
 
     return tadsr.load_models(preset="tiny", init="random")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_artifacts(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny-preset ONNX fp32 artifacts (pipeline + encoder/denoiser/decoder), exported once per session."""
+    from tadsr.export.api import export_model
+
+    out = tmp_path_factory.mktemp("tiny_onnx")
+    export_model(tiny_models, formats=("onnx",), graphs=("pipeline", "components"), tile=64, out_dir=out, n_real=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_executorch_pipeline(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny-preset ExecuTorch (XNNPACK) fp32 pipeline artifact, exported once per session."""
+    from tadsr.export.api import export_model
+
+    out = tmp_path_factory.mktemp("tiny_et")
+    (res,) = export_model(tiny_models, formats=("executorch",), graphs=("pipeline",), tile=64, out_dir=out, n_real=1)
+    return res.path
