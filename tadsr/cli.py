@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Verbs implemented in the subpackages (export, quantize, parity, bench)."""
-    return []
+    from tadsr.export.cli import add_export_parser
+
+    return [add_export_parser]
 
 
 def main(argv: list[str] | None = None) -> int:
