@@ -1,6 +1,7 @@
 """Artifact folders: manifest content, runner checks, atomic writing, parity gate, bad input, CLI.
 
-One real ONNX export of the tiny encoder (module fixture). The other tests swap the backend exporter for one
+One real ONNX export of the tiny encoder (shared with the session fixture ``tiny_onnx_artifacts`` of
+tests/conftest.py when it exists, else exported here). The other tests swap the backend exporter for one
 that copies that real file (optionally with a corrupted weight, to force a genuine parity failure), so they
 run the real staging, manifest, runner and parity code in a second or two each.
 """
@@ -11,6 +12,7 @@ import argparse
 import datetime as dt
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +41,24 @@ def models(tiny_models):
     torch.set_num_threads(n)
 
 
+@dataclass
+class _Artifact:
+    path: Path
+    manifest: dict
+    files: list[Path]
+    bytes: int
+
+
 @pytest.fixture(scope="module")
-def artifact(models, tmp_path_factory):
+def artifact(request, models, tmp_path_factory):
+    """A real tiny encoder ONNX artifact (default export options, 1 real parity patch), copied to a temp folder."""
     out = tmp_path_factory.mktemp("artifacts")
-    (result,) = api.export_model(models, graphs=("encoder",), out_dir=out, n_real=1)
-    return result
+    try:  # reuse the session export of tests/conftest.py when it exists
+        shutil.copytree(Path(request.getfixturevalue("tiny_onnx_artifacts")) / NAME, out / NAME)
+    except pytest.FixtureLookupError:
+        api.export_model(models, graphs=("encoder",), out_dir=out, n_real=1)
+    m = read_manifest(out / NAME)
+    return _Artifact(out / NAME, m, [out / NAME / f["name"] for f in m["files"]], sum(f["bytes"] for f in m["files"]))
 
 
 def _fake_exporter(src: Path, *, corrupt: bool = False, crash: bool = False):

@@ -23,7 +23,7 @@ from tadsr.export import onnx as onnx_export
 from tadsr.export.api import export_model
 from tadsr.export.graphs import GRAPH_NAMES, GraphSpec, TensorSpec, make_graphs
 from tadsr.export.onnx import export_onnx, unshare_initializers
-from tadsr.export.parity import HOP_REFERENCE, end_to_end_hop, real_lr_patches, runtime_hop
+from tadsr.export.parity import HOP_REFERENCE, end_to_end_hop, load_floors, real_lr_patches, runtime_hop
 from tadsr.metrics import psnr
 from tadsr.pipeline import OneStepPipeline, make_noise
 from tadsr.runtime.runner import load_runner, read_manifest
@@ -101,11 +101,13 @@ def test_recorded_parity_hops(exported):
         assert {h["hop"] for h in hops} == {HOP_REFERENCE, runtime_hop("onnx"), end_to_end_hop("onnx")}
         assert {h["inputs"] for h in hops} == {"seeded", "real"}
         assert all(h["passed"] for h in hops)
+        (floor,) = load_floors("fp32", name, "tiny").values()
         for h in hops:
+            assert h["floor"]["max_abs"] == floor.max_abs and h["floor"]["psnr"] == floor.psnr
             if name in ("encoder", "denoiser"):
-                assert h["max_abs"] <= 1e-4 and h["floor"]["max_abs"] == 1e-4
+                assert h["max_abs"] <= 1e-4  # ORT agrees far better than the cross-backend floor
             else:
-                assert h["psnr"] >= 80.0 and h["floor"]["psnr"] == 80
+                assert h["psnr"] >= 80.0
 
 
 def test_onnx_file_properties(exported, graphs):
