@@ -30,6 +30,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from tadsr.config import Preset
 from tadsr.errors import ConfigError, ExportError, InputError
 from tadsr.export.artifact import (
     FORMATS,
@@ -58,7 +59,7 @@ from tadsr.pipeline import Models
 from tadsr.runtime.runner import load_runner
 from tadsr.runtime.torch_runner import TorchRunner
 
-__all__ = ["ExportResult", "export_model", "resolve_graphs", "get_exporter"]
+__all__ = ["ExportResult", "ExportRequest", "export_model", "check_request", "resolve_graphs", "get_exporter"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,47 @@ def resolve_graphs(graphs: Sequence[str]) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class ExportRequest:
+    """A validated request: normalised names and the imported exporter functions."""
+
+    formats: list[str]
+    graphs: list[str]
+    precisions: list[str]
+    exporters: dict[str, Exporter]
+
+
+def check_request(
+    preset: Preset,
+    *,
+    formats: Sequence[str],
+    graphs: Sequence[str],
+    tile: int,
+    precisions: Sequence[str],
+    out_dir: Path | None = None,
+) -> ExportRequest:
+    """Validate an export request without loading models (the CLI calls this before the slow load).
+
+    Checks the format, graph and precision names, the tile, that each backend module imports, that parity
+    floors exist, and (if ``out_dir`` is given) that the output folder can be created and written; folders
+    created by that probe are removed again.
+
+    Raises:
+        ConfigError, ExportError, InputError: as :func:`export_model`.
+    """
+    fmts = _names(formats, FORMATS, "format")
+    precs = _names(precisions, PRECISIONS, "precision")
+    names = resolve_graphs(graphs)
+    check_tile(tile, preset.pad_multiple)
+    exporters = {f: get_exporter(f) for f in fmts}
+    for prec in precs:
+        for n in names:
+            load_floors(prec, n, preset.name)
+    if out_dir is not None:
+        _remove_empty(_prepare_out_dir(Path(out_dir)))
+    return ExportRequest(fmts, names, precs, exporters)
+
+
 def _names(values: Sequence[str] | str, allowed: Sequence[str], what: str) -> list[str]:
     values = [values] if isinstance(values, str) else list(values)
     bad = [v for v in values if v not in allowed]
@@ -217,14 +259,8 @@ def export_model(
         ExportError: a backend module is missing, or a backend failed.
         ParityError: a hop below its floor with ``parity_gate`` on.
     """
-    fmts = _names(formats, FORMATS, "format")
-    precs = _names(precisions, PRECISIONS, "precision")
-    names = resolve_graphs(graphs)
-    check_tile(tile, models.preset.pad_multiple)
-    exporters = {f: get_exporter(f) for f in fmts}
-    for prec in precs:
-        for n in names:
-            load_floors(prec, n, models.preset.name)
+    req = check_request(models.preset, formats=formats, graphs=graphs, tile=tile, precisions=precisions)
+    fmts, names, precs, exporters = req.formats, req.graphs, req.precisions, req.exporters
     created = _prepare_out_dir(Path(out_dir))
     results: list[ExportResult] = []
     try:

@@ -84,10 +84,14 @@ def run_export(args: argparse.Namespace) -> int:
     Raises:
         TadsrError: bad arguments, checkpoints, output folder, missing backend, or a parity failure (gate on).
     """
-    from tadsr.export.api import export_model
+    from tadsr.config import get_preset
+    from tadsr.export.api import check_request, export_model
 
     if args.parity_patches < 0:
         raise ConfigError(f"--parity-patches must be >= 0, got {args.parity_patches}")
+    # fail on bad arguments before loading models (minutes at official size)
+    check_request(get_preset(args.preset), formats=args.formats, graphs=args.graphs, tile=args.tile,
+                  precisions=args.precisions, out_dir=args.out)  # fmt: skip
     progress = sys.stderr.isatty() if args.progress is None else bool(args.progress)
     backend_options: dict[str, dict[str, Any]] = {}
     if args.opset is not None:

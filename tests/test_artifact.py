@@ -273,3 +273,17 @@ def test_cli_swapped_checkpoints_surface_load_error(models, tmp_path):
     with pytest.raises(CheckpointError):
         run_export(args)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [(["--format", "tflite"], ConfigError), (["--tile", "96"], ConfigError), (["--graphs", "unet"], ConfigError)],
+)
+def test_cli_checks_arguments_before_loading_models(monkeypatch, tmp_path, argv, error):
+    monkeypatch.setattr("tadsr.pipeline.load_models", lambda *a, **k: pytest.fail("models loaded before checks"))
+    with pytest.raises(error):
+        run_export(_parse(["--preset", "tiny", "--init", "random", "--out", str(tmp_path / "out"), *argv]))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(InputError):
+        run_export(_parse(["--preset", "tiny", "--init", "random", "--out", str(tmp_path / "file.txt" / "o")]))
+    assert _listing(tmp_path) == ["file.txt"]
