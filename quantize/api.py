@@ -1,0 +1,558 @@
+"""``quantize_artifact``: an fp32 artifact -> INT8 artifact folder(s), calibrated, searched, checked by parity.
+
+For one fp32 artifact folder (``<graph>-<format>-fp32-t<tile>/``)::
+
+    read its manifest (graph, format, tile, preset, sources)      # never re-derives shapes
+    load_models(recorded sources / preset) -> make_graph            # the torch graph, for capture and PT2E
+    calibration set: sample_patches(calib) -> reference pipeline    # each graph's real inputs
+    held-out set: other images, seed + 1                            # recipe floor and parity
+    per format:
+      onnx        OnnxPTQ (pre-process, calibrate once) -> recipe -> QDQ INT8 .onnx
+      executorch  PT2EQuant("xnnpack") -> recipe -> convert -> XNNPACK .pte
+      coreml      PT2EQuant("coreml") -> recipe -> convert -> W8A8 .mlpackage (int8),
+                  and linear_quantize_weights(fp32 package) -> W8 .mlpackage (w8)
+    staged folder: model file(s), recipe.json, manifest.json (calibration, held-out, recipe, parity, parent)
+    parity on held-out patches: fp32 artifact -> INT8 artifact and reference torch -> INT8 artifact, both
+    gated by the int8 floors of tadsr/numerics.json; PT2E artifacts add fake-quant torch -> runtime (in
+    quantization steps of the output scale, not gated)
+    rename to <out>/<graph>-<format>-int8-t<tile> (or -w8-)
+
+Recipe: from ``recipe`` (a ``recipe.json``) when given, else searched (:mod:`tadsr.quantize.sensitivity`):
+everything quantized first; if the worst held-out patch is below ``target_psnr`` (default
+:data:`~tadsr.quantize.sensitivity.DEFAULT_TARGET_PSNR`), the most sensitive blocks stay float until it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tadsr.config import Preset
+from tadsr.errors import ConfigError, InputError
+from tadsr.export.artifact import BackendResult, artifact_name, build_manifest, staged_artifact, write_manifest
+from tadsr.export.graphs import make_graph
+from tadsr.export.parity import Floor, ParityReport, compare, load_floors, run_cases
+from tadsr.pipeline import Models, load_models
+from tadsr.quantize.calibration import (
+    CalibrationSet,
+    load_calibration,
+    load_holdout,
+    sample_calibration,
+    sample_holdout,
+)
+from tadsr.quantize.sensitivity import (
+    DEFAULT_TARGET_PSNR,
+    RECIPE_NAME,
+    BackendRecipe,
+    Recipe,
+    SearchResult,
+    find_float_units,
+    load_recipe,
+    worst_psnr,
+)
+from tadsr.runtime.runner import read_manifest, sha256_path, verify_files
+
+__all__ = ["METHODS", "FORMATS", "quantize_artifact", "rebuild_models"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("minmax", "entropy", "percentile")
+FORMATS = ("onnx", "executorch", "coreml")
+_INFO = Floor(None, None, "informational: INT8 runtime vs the fake-quantized torch graph it was lowered from")
+
+
+# ----------------------------------------------------------------------------------------------- parent
+
+
+@dataclass
+class _Parent:
+    path: Path
+    manifest: dict[str, Any]
+    graph: str
+    fmt: str
+    tile: int
+    model_file: Path
+
+
+def _read_parent(artifact_dir: Path) -> _Parent:
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    verify_files(artifact_dir, manifest)
+    if manifest["precision"] != "fp32":
+        raise InputError(f"{artifact_dir} is a {manifest['precision']} artifact; INT8 is made from the fp32 artifact "
+                         "(tadsr export --precision fp32)")  # fmt: skip
+    if manifest["format"] not in FORMATS:
+        raise InputError(f"{artifact_dir}: format {manifest['format']!r} cannot be quantized ({', '.join(FORMATS)})")
+    missing = [k for k in ("preset", "sources") if not manifest.get(k)]
+    if missing:
+        raise InputError(f"{artifact_dir}/manifest.json lacks {missing}, needed to rebuild the graph; re-export it")
+    g = manifest["graph"]
+    return _Parent(artifact_dir, manifest, str(g["name"]), str(manifest["format"]), int(g["tile"]),
+                   artifact_dir / manifest["files"][0]["name"])  # fmt: skip
+
+
+def rebuild_models(manifest: Mapping[str, Any]) -> Models:
+    """The networks an artifact was exported from, as its manifest records them (preset + sources).
+
+    Sources: a checkpoint path (its sha256 must still match), ``bundled:<file>`` (the shipped weights, sha256
+    checked) or ``random-fill`` (the deterministic fill rule).
+
+    Raises:
+        InputError: a checkpoint moved, changed, or was an in-memory state dict.
+    """
+    preset = Preset.from_dict(dict(manifest["preset"]))
+    sources = manifest["sources"]
+    ckpts: dict[str, Path | None] = {"student": None, "autoencoder": None}
+    init = None
+    for part in ckpts:
+        src = sources.get(part) or {}
+        path = str(src.get("path", ""))
+        if path == "random-fill":
+            init = "random"
+        elif path.startswith("bundled:"):
+            continue
+        elif not path or path.startswith("<"):
+            raise InputError(f"the artifact's {part} weights came from {path or 'nowhere'!r}, which cannot be "
+                             "reloaded; re-export it from checkpoint files")  # fmt: skip
+        else:
+            p = Path(path)
+            if not p.is_file():
+                raise InputError(f"the {part} checkpoint {p} recorded in the manifest is missing; restore it")
+            ckpts[part] = p
+    models = load_models(student=ckpts["student"], autoencoder=ckpts["autoencoder"], preset=preset, init=init)
+    for part in ckpts:
+        want = (sources.get(part) or {}).get("sha256", "")
+        got = models.sources.get(part, {}).get("sha256", "")
+        if want and got != want:
+            raise InputError(
+                f"the {part} weights ({models.sources[part]['path']}) no longer match the artifact "
+                f"(sha256 {got[:12]}..., manifest {want[:12]}...); re-export the fp32 artifact"
+            )
+    return models
+
+
+def _check_interface(spec: Any, manifest: Mapping[str, Any], where: Path) -> None:
+    def io(items: Sequence[Any]) -> list[tuple[str, tuple[int, ...]]]:
+        return [(str(t["name"]), tuple(int(x) for x in t["shape"])) for t in items]
+
+    mine, theirs = spec.to_dict(), manifest["graph"]
+    if io(mine["inputs"]) != io(theirs["inputs"]) or io(mine["outputs"]) != io(theirs["outputs"]):
+        raise InputError(f"{where}: the rebuilt {spec.name} graph's interface {io(mine['inputs'])} -> "
+                         f"{io(mine['outputs'])} differs from the manifest's; re-export the fp32 artifact")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- context
+
+
+@dataclass
+class _Ctx:
+    parent: _Parent
+    models: Models
+    graph: torch.nn.Module
+    spec: Any
+    calib: CalibrationSet
+    hold: CalibrationSet
+    method: str
+    target: float
+    recipe: Recipe | None
+    sens_patches: int
+    threads: int | None
+    progress: bool
+    gate: bool
+    out_dir: Path
+    parent_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    parent_engine: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def ranges(self) -> dict[str, tuple[float, float] | None]:
+        return {o.name: o.value_range for o in self.spec.outputs}
+
+    def entry(self, backend: str) -> BackendRecipe | None:
+        if self.recipe is None:
+            return None
+        e = self.recipe.get(self.name, backend)
+        if e is None:
+            have = {g: sorted(b) for g, b in self.recipe.graphs.items()}
+            raise ConfigError(f"the recipe has no entry for graph {self.name!r}, backend {backend!r} (it has {have})")
+        return e
+
+
+def _runner(path: Path, fmt: str, threads: int | None) -> tuple[Callable[[dict[str, np.ndarray]], dict], str]:
+    """``run`` of an artifact through :func:`load_runner` and the engine's name (Core ML: the simulator off macOS)."""
+    from tadsr.runtime.runner import load_runner
+
+    opts: dict[str, Any] = {"threads": threads} if threads is not None and fmt != "coreml" else {}
+    r = load_runner(path, **opts)
+    return r.run, r.backend
+
+
+def _steps(hops: list[dict[str, Any]], scales: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Add ``output_scale`` and ``max_abs_steps`` (max abs error in quantization steps) where a scale is known."""
+    for h in hops:
+        s = scales.get(h["output"])
+        if s:
+            h["output_scale"] = s
+            h["max_abs_steps"] = round(h["max_abs"] / s, 3)
+    return hops
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _write(
+    ctx: _Ctx, backend_key: str, precision: str, entry: BackendRecipe, build: Callable[[Path], BackendResult],
+    fake_quant: Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]] | None,
+) -> Path:  # fmt: skip
+    p, spec = ctx.parent, ctx.spec
+    name = artifact_name(spec.name, p.fmt, precision, spec.tile)
+    t0 = time.perf_counter()
+    with staged_artifact(ctx.out_dir, name) as stage:
+        backend = build(stage.path)
+        Recipe(graphs={spec.name: {backend_key: entry}}, notes=_recipe_notes(ctx)).save(stage.path / RECIPE_NAME)
+        common = dict(folder=stage.path, graph_spec=p.manifest["graph"], backend=backend, preset=p.manifest["preset"],
+                      sources=p.manifest["sources"], parent=str(p.path.resolve()))  # fmt: skip
+        extra = _extra(ctx, backend_key, entry, backend)
+        write_manifest(stage.path, build_manifest(**common, extra=extra))
+        run, engine = _runner(stage.path, p.fmt, ctx.threads)
+        cases = ctx.hold.cases(spec.name)
+        outs = run_cases(run, cases)
+        floors = load_floors("int8", spec.name, ctx.models.preset.name)
+        report = ParityReport(spec.name, [], ctx.hold.runs.source)
+        report.hops += compare(f"fp32 {p.fmt} ({ctx.parent_engine}) -> {precision} {p.fmt} ({engine})", outs,
+                               ctx.parent_outputs, cases, floors, ctx.ranges)  # fmt: skip
+        report.hops += compare(f"reference torch -> {precision} {p.fmt} ({engine})", outs,
+                               [c.reference for c in cases], cases, floors, ctx.ranges)  # fmt: skip
+        hops = report.to_list()
+        if fake_quant is not None:
+            fq = fake_quant([c.inputs for c in cases])
+            info_floors = {k: _INFO for k in floors}
+            hops += [h.to_dict() for h in compare(f"fake-quant torch -> {precision} {p.fmt} ({engine})", outs, fq,
+                                                  cases, info_floors, ctx.ranges)]  # fmt: skip
+        hops = _steps(hops, backend.info.get("output_scales", {}))
+        extra["quantization"]["fidelity"] = _fidelity(report)
+        extra["parity_inputs"] = {"heldout": ctx.hold.runs.source, "cases": [c.name for c in cases]}
+        extra["parity_gate"] = ctx.gate
+        manifest = build_manifest(**common, parity=hops, parity_passed=report.passed, extra=extra)
+        if ctx.gate:
+            report.raise_if_failed(name)
+        write_manifest(stage.path, manifest)
+        final = stage.commit()
+    size = sum(f["bytes"] for f in manifest["files"])
+    parent_size = sum(f["bytes"] for f in p.manifest["files"])
+    worst = report.worst()
+    logger.info("wrote %s (%.2f MB, %.2fx the fp32 artifact) in %.1fs: %s", final, size / 1e6, size / parent_size,
+                time.perf_counter() - t0, worst.describe() if worst else "no parity")  # fmt: skip
+    if not report.passed:
+        logger.warning("%s written WITHOUT passing parity (gate off): %s", name, report.failures()[0].describe())
+    return final
+
+
+def _fidelity(report: ParityReport) -> dict[str, Any]:
+    return {h.output: {"psnr": round(h.psnr, 3) if not math.isinf(h.psnr) else 999.0, "max_abs": h.max_abs,
+                       "n": h.n} for h in report.hops[:1]}  # fmt: skip
+
+
+def _recipe_notes(ctx: _Ctx) -> dict[str, Any]:
+    return {
+        "graph": ctx.name,
+        "preset": ctx.models.preset.name,
+        "tile": ctx.spec.tile,
+        "psnr": "worst held-out patch, INT8 vs fp32, dB (images over [-1, 1]; latents over the fp32 range)",
+        "calibration_hash": ctx.calib.info["content_hash"],
+        "reuse": "tadsr quantize ARTIFACT --recipe recipe.json",
+    }
+
+
+def _extra(ctx: _Ctx, backend_key: str, entry: BackendRecipe, backend: BackendResult) -> dict[str, Any]:
+    p = ctx.parent
+    parent_bytes = sum(f["bytes"] for f in p.manifest["files"])
+    return {
+        "calibration": ctx.calib.info,
+        "heldout": ctx.hold.info,
+        "recipe": {"backend": backend_key, **entry.to_dict()},
+        "quantization": {
+            "backend": backend_key,
+            "method": entry.method,
+            "target_psnr": entry.target_psnr,
+            "recipe_psnr": entry.psnr,
+            "int8_fraction": entry.int8_fraction,
+            "float_units": entry.float_units,
+            "parent_bytes": parent_bytes,
+        },
+        "parent_manifest": {
+            "path": str(p.path.resolve()),
+            "sha256": sha256_path(p.path / "manifest.json")[0],
+            "files": p.manifest["files"],
+        },  # fmt: skip
+    }
+
+
+# ----------------------------------------------------------------------------------------------- backends
+
+
+def _entry_units(entry: BackendRecipe, known: Mapping[str, Any], pinned: Mapping[str, str]) -> list[str]:
+    unknown = [u for u in entry.float_units if u not in known and u not in pinned]
+    if unknown:
+        raise ConfigError(
+            f"the recipe keeps blocks float that this graph does not have: {unknown[:5]} "
+            f"(blocks here: {sorted(known)[:8]}...); was it made for another preset or graph?"
+        )
+    return list(entry.float_units)
+
+
+def _search(ctx: _Ctx, run: Callable, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],
+            fp32_run: Callable[[Sequence[Mapping[str, np.ndarray]]], list]) -> tuple[SearchResult, list]:  # fmt: skip
+    sens = ctx.calib.feeds(ctx.name)[: max(1, ctx.sens_patches)]
+    hold = [c.inputs for c in ctx.hold.cases(ctx.name)]
+    return find_float_units(run, units, list(pinned), sens_feeds=sens, sens_refs=fp32_run(sens), hold_feeds=hold,
+                            hold_refs=ctx.parent_outputs, ranges=ctx.ranges, target=ctx.target,
+                            progress=ctx.progress)  # fmt: skip
+
+
+def _onnx(ctx: _Ctx, work: Path) -> list[Path]:
+    from tadsr.quantize.onnx_ptq import DEFAULT_OP_TYPES, SCHEME, OnnxPTQ, quantize_onnx
+
+    given = ctx.entry("onnx")
+    method = given.method if given else ctx.method
+    ptq = OnnxPTQ(ctx.parent.model_file, work / "onnx", ctx.calib.feeds(ctx.name), method=method,
+                  op_types=given.op_types if given else DEFAULT_OP_TYPES, threads=ctx.threads)  # fmt: skip
+    hold = [c.inputs for c in ctx.hold.cases(ctx.name)]
+    if given:
+        units = _entry_units(given, ptq.units(), ptq.pinned_units())
+        extra_nodes = [n for n in given.float_nodes if n not in ptq.float_nodes(units)]
+        psnr = worst_psnr(ptq.run_variant(frozenset(units), hold, extra_nodes), ctx.parent_outputs, ctx.ranges)
+        result, sens, source = SearchResult(units, psnr, True, list(given.search)), given.sensitivity, "file"
+    else:
+        extra_nodes = []
+        result, ranking = _search(ctx, ptq.run_variant, ptq.units(), ptq.pinned_units(),
+                                  lambda feeds: ptq.run(ctx.parent.model_file, feeds))  # fmt: skip
+        sens, source = [r.to_dict() for r in ranking], "auto" if ranking else "all"
+    floats = ptq.float_nodes(result.excluded, extra_nodes)
+    entry = BackendRecipe(op_types=list(ptq.op_types), float_units=result.excluded, float_nodes=floats,
+                          pinned=ptq.pinned_units(), method=method, scheme=SCHEME,
+                          target_psnr=None if given else ctx.target, psnr=result.psnr,
+                          int8_fraction=ptq.int8_fraction(floats), source=source, sensitivity=sens,
+                          search=result.trace)  # fmt: skip
+    meta = {"calibration": {k: ctx.calib.info[k] for k in ("content_hash", "num_patches", "seed")},
+            "float_units": entry.float_units, "method": method}  # fmt: skip
+
+    def build(folder: Path) -> BackendResult:
+        return quantize_onnx(ptq, entry, ctx.parent.model_file, folder, name=ctx.name, metadata=meta)
+
+    return [_write(ctx, "onnx", "int8", entry, build, None)]
+
+
+def _pt2e(ctx: _Ctx, backend_key: str, rewrites: str) -> tuple[Any, BackendRecipe, Any]:
+    """Search (or take) the recipe and return the PT2E-converted graph for it."""
+    from tadsr.quantize.executorch_ptq import DEFAULT_PT2E_OP_TYPES, SCHEME, PT2EQuant
+
+    given = ctx.entry(backend_key)
+    method = given.method if given else ctx.method
+    example = ctx.spec.example_inputs()
+    pq = PT2EQuant(ctx.graph, example, output_names=[o.name for o in ctx.spec.outputs], rewrites=rewrites,
+                   op_types=given.op_types if given else DEFAULT_PT2E_OP_TYPES, method=method)  # fmt: skip
+    calib = ctx.calib.feeds(ctx.name)
+    hold = [c.inputs for c in ctx.hold.cases(ctx.name)]
+    out_names = [o.name for o in ctx.spec.outputs]
+
+    def eager(gm: torch.nn.Module) -> Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]]:
+        def run(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+            outs = []
+            with torch.no_grad():
+                for f in feeds:
+                    y = gm(*(torch.from_numpy(np.ascontiguousarray(v)) for v in f.values()))
+                    ys = y if isinstance(y, (tuple, list)) else (y,)
+                    outs.append({k: t.numpy() for k, t in zip(out_names, ys, strict=True)})
+            return outs
+
+        return run
+
+    sens: list[dict[str, Any]] = []
+    if given:
+        units, source, trace = _entry_units(given, pq.units(), pq.pinned), "file", list(given.search)
+        sens = list(given.sensitivity)
+    else:
+        converted = pq.convert(sorted(pq.pinned), calib, progress=ctx.progress)
+        first = worst_psnr(eager(converted)(hold), ctx.parent_outputs, ctx.ranges)
+        trace = [{"float_units": len(pq.pinned), "added": None, "psnr": round(first, 3)}]
+        units, source = sorted(pq.pinned), "all"
+        if first < ctx.target and pq.units():
+            sim = pq.simulator(calib, progress=ctx.progress)
+            result, ranking = _search(ctx, lambda fu, feeds: sim.run(fu, feeds), pq.units(), pq.pinned,
+                                      eager(pq.exported))  # fmt: skip
+            units, source, trace = result.excluded, "auto", trace + result.trace
+            sens = [r.to_dict() for r in ranking]
+    if source != "all":
+        converted = pq.convert(units, calib, progress=ctx.progress)
+    psnr = worst_psnr(eager(converted)(hold), ctx.parent_outputs, ctx.ranges)
+    entry = BackendRecipe(op_types=list(pq.op_types), float_units=list(units), pinned=dict(pq.pinned), method=method,
+                          scheme=SCHEME, target_psnr=None if given else ctx.target, psnr=psnr,
+                          int8_fraction=pq.int8_fraction(units), source=source, sensitivity=sens,
+                          search=trace)  # fmt: skip
+    if not given and psnr < ctx.target:
+        logger.warning("%s/%s: the converted graph reaches %.2f dB on held-out patches, below the %.1f dB target "
+                       "the search met in simulation", ctx.name, backend_key, psnr, ctx.target)  # fmt: skip
+    return converted, entry, (eager(converted), pq.rewrites, example)
+
+
+def _executorch(ctx: _Ctx) -> list[Path]:
+    from tadsr.quantize.executorch_ptq import quantize_executorch
+
+    converted, entry, (fq, rewrites, example) = _pt2e(ctx, "executorch", "xnnpack")
+    out_names = [o.name for o in ctx.spec.outputs]
+    info = {"rewrites": rewrites, "int8_fraction": entry.int8_fraction}
+
+    def build(folder: Path) -> BackendResult:
+        return quantize_executorch(converted, example, folder, name=ctx.name, output_names=out_names, info=info)
+
+    return [_write(ctx, "executorch", "int8", entry, build, fq)]
+
+
+def _coreml(ctx: _Ctx) -> list[Path]:
+    from tadsr.quantize.coreml_ptq import W8_SCHEME, coreml_w8, coreml_w8a8
+    from tadsr.quantize.executorch_ptq import output_scales
+
+    converted, entry, (fq, rewrites, example) = _pt2e(ctx, "coreml", "coreml")
+    in_names = [i.name for i in ctx.spec.inputs]
+    out_names = [o.name for o in ctx.spec.outputs]
+    meta = {"graph": ctx.name, "calibration_hash": ctx.calib.info["content_hash"], "float_units": entry.float_units}
+
+    def build_w8a8(folder: Path) -> BackendResult:
+        res = coreml_w8a8(converted, example, folder, name=ctx.name, input_names=in_names, output_names=out_names,
+                          metadata=meta, info={"rewrites": rewrites, "int8_fraction": entry.int8_fraction,
+                                               "output_scales": output_scales(converted, out_names)})  # fmt: skip
+        _validate(folder / res.files[0], ctx.spec)
+        return res
+
+    paths = [_write(ctx, "coreml", "int8", entry, build_w8a8, fq)]
+    w8_entry = BackendRecipe(op_types=["conv", "linear", "matmul (constant weights)"], method="none (data-free)",
+                             scheme=W8_SCHEME, source="all")  # fmt: skip
+
+    def build_w8(folder: Path) -> BackendResult:
+        res = coreml_w8(ctx.parent.model_file, folder, name=ctx.name, metadata={"graph": ctx.name})
+        _validate(folder / res.files[0], ctx.spec)
+        return res
+
+    paths.append(_write(ctx, "coreml-w8", "w8", w8_entry, build_w8, None))
+    return paths
+
+
+def _validate(package: Path, spec: Any) -> None:
+    from tadsr.export.coreml import validate_package
+
+    validate_package(package, spec)
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+def quantize_artifact(
+    artifact_dir: Path,
+    *,
+    calib: Path | None = None,
+    num_patches: int | None = None,
+    seed: int = 0,
+    method: str = "minmax",
+    target_psnr: float | None = None,
+    recipe: Path | Recipe | None = None,
+    out_dir: Path,
+    holdout: Path | None = None,
+    holdout_patches: int = 16,
+    sensitivity_patches: int = 4,
+    parity_gate: bool = True,
+    threads: int | None = None,
+    progress: bool = False,
+) -> list[Path]:
+    """Make the INT8 artifact(s) of an fp32 artifact folder.
+
+    Args:
+        artifact_dir: an fp32 artifact folder written by ``tadsr export`` (ONNX, ExecuTorch or Core ML).
+        calib: calibration image folder (DIV2K layout detected), None = the shipped 48-patch set.
+        num_patches: calibration patches; None = 64, or every distinct patch of a smaller source (at least 32).
+        seed: patch sampling and noise seed (held-out patches use ``seed + 1`` and other images).
+        method: calibration method, ``minmax``, ``entropy`` or ``percentile``.
+        target_psnr: fidelity floor of the recipe search (PSNR vs fp32 on the worst held-out patch, dB);
+            None = :data:`~tadsr.quantize.sensitivity.DEFAULT_TARGET_PSNR`. Ignored with ``recipe``.
+        recipe: a ``recipe.json`` (path, INT8 artifact folder, or :class:`Recipe`) to reuse instead of searching.
+        out_dir: parent folder of the new artifact folders (created if needed).
+        holdout: held-out image folder; None = the photo set's validation images (never calibration images).
+        holdout_patches: number of held-out patches (recipe floor and parity).
+        sensitivity_patches: calibration patches used by the per-block sensitivity sweep.
+        parity_gate: raise ParityError below the int8 floors of ``tadsr/numerics.json`` (nothing written).
+        threads: runtime threads for ORT / ExecuTorch sessions (None: the runtime's default).
+        progress: progress bars.
+
+    Returns:
+        The new artifact folders: ``<graph>-<format>-int8-t<tile>`` (and ``<graph>-coreml-w8-t<tile>``, the
+        weight-only package, for a Core ML parent).
+
+    Raises:
+        InputError: bad artifact folder, calibration / held-out folder, or output folder.
+        ConfigError: unknown method, bad target, recipe without an entry for this graph and backend.
+        ExportError: a quantizer or converter failed.
+        ParityError: below the int8 floors with ``parity_gate``.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
+    target = DEFAULT_TARGET_PSNR if target_psnr is None else float(target_psnr)
+    if not 0 < target < 200:
+        raise ConfigError(f"target PSNR must be in (0, 200) dB, got {target_psnr!r}")
+    for n, v in (("holdout_patches", holdout_patches), ("sensitivity_patches", sensitivity_patches)):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{n} must be a positive integer, got {v!r}")
+    t0 = time.perf_counter()
+    parent = _read_parent(artifact_dir)
+    rec = recipe if isinstance(recipe, Recipe) or recipe is None else load_recipe(Path(recipe))
+    out_dir = _prepare_out_dir(Path(out_dir))
+    scale = int(parent.manifest["graph"]["scale"])
+    calib_patches = sample_calibration(calib, num_patches=num_patches, tile=parent.tile, scale=scale, seed=seed,
+                                       progress=progress)  # fmt: skip
+    hold_patches = sample_holdout(holdout, num_patches=holdout_patches, tile=parent.tile, scale=scale, seed=seed,
+                                  calibration=calib_patches[0])  # fmt: skip
+    models = rebuild_models(parent.manifest)
+    graph, spec = make_graph(models, parent.graph, parent.tile)
+    _check_interface(spec, parent.manifest, parent.path)
+    calib_set = load_calibration(models, patches=calib_patches, progress=progress)
+    hold = load_holdout(models, patches=hold_patches, progress=progress)
+    ctx = _Ctx(parent, models, graph, spec, calib_set, hold, method, target, rec, sensitivity_patches, threads,
+               progress, parity_gate, out_dir)  # fmt: skip
+    run, ctx.parent_engine = _runner(parent.path, parent.fmt, threads)
+    ctx.parent_outputs = run_cases(run, hold.cases(spec.name))
+    work = Path(tempfile.mkdtemp(prefix=f".tadsr-quantize-{secrets.token_hex(3)}-", dir=out_dir))
+    try:
+        if parent.fmt == "onnx":
+            paths = _onnx(ctx, work)
+        elif parent.fmt == "executorch":
+            paths = _executorch(ctx)
+        else:
+            paths = _coreml(ctx)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    logger.info("quantized %s in %.1fs -> %s", parent.path.name, time.perf_counter() - t0, [p.name for p in paths])
+    return paths
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".tadsr-write-test-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to the output folder {out_dir}: {e.strerror or e}; choose another --out") from e
+    return out_dir

@@ -1,0 +1,373 @@
+"""Calibration and held-out data for INT8: the inputs each graph really sees, captured from the fp32 reference.
+
+Each graph is calibrated on what it receives inside the reference :class:`~tadsr.pipeline.OneStepPipeline`
+when that pipeline runs on real LR patches (:func:`tadsr.quantize.calibration_data.sample_patches`):
+
+=========  =====================================================================
+graph      calibration inputs (per patch ``i``)
+=========  =====================================================================
+encoder    ``lr``: the LR patch in [-1, 1]
+denoiser   ``x_t = z_y + kappa sqrt(eta_T) noise_i`` and ``lr``
+decoder    ``x0``: the reference denoiser's output
+pipeline   ``lr`` and ``noise_i``
+=========  =====================================================================
+
+``noise_i`` is ``make_noise(latent, noise_seed(seed, i))``: the same folder, patch count and seed always give
+bit-identical inputs. Never random tensors.
+
+Held-out data (:func:`load_holdout`) is what recipes and parity are judged on: patches from *other images*
+than the calibration set (by default the validation photos of the photo set, which the shipped calibration
+set never saw) with another seed; :func:`load_holdout` refuses patches identical to calibration patches.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tadsr.errors import InputError
+from tadsr.export.parity import ParityCase, ReferenceRuns
+from tadsr.pipeline import Models, OneStepPipeline, make_noise
+from tadsr.quantize.calibration_data import (
+    ImageFolder,
+    ImagePair,
+    PatchSet,
+    default_calibration_dir,
+    sample_patches,
+)
+
+__all__ = [
+    "DEFAULT_NUM_PATCHES",
+    "MIN_PATCHES",
+    "DEFAULT_HOLDOUT_PATCHES",
+    "GRAPH_IO",
+    "CalibrationSet",
+    "noise_seed",
+    "capture",
+    "sample_calibration",
+    "sample_holdout",
+    "load_calibration",
+    "load_holdout",
+    "default_holdout_source",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NUM_PATCHES = 64
+MIN_PATCHES = 32  # house style: calibrate on at least 32 real LR crops
+DEFAULT_HOLDOUT_PATCHES = 16
+HOLDOUT_SEED_OFFSET = 1  # held-out patches use seed + 1 (and other images)
+HOLDOUT_MIN_STD = 0.04  # same flat-patch rejection as the shipped calibration set
+_CAPTURE_BATCH = 8
+
+# graph -> (input names, output names), as in tadsr.export.graphs
+GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "encoder": (("lr",), ("z_y",)),
+    "denoiser": (("x_t", "lr"), ("x0",)),
+    "decoder": (("x0",), ("sr",)),
+    "pipeline": (("lr", "noise"), ("sr",)),
+}
+_OUTPUT_SOURCE = {"z_y": "z_y", "x0": "x0", "sr": "sr"}
+# skimage sample photos that are not in the photo set's train split (grass is in its val split); used for
+# held-out patches when the repository's data/photos/val is not available (installed wheel)
+_SKIMAGE_HOLDOUT = ("grass.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "retina.jpg")
+
+
+def noise_seed(seed: int, index: int) -> int:
+    """Seed of the prior noise of patch ``index`` in a set sampled with ``seed`` (distinct for index < 1e6)."""
+    return 1_000_003 * int(seed) + int(index)
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Reference-pipeline stages on a set of real LR patches, and where the patches came from.
+
+    Attributes:
+        runs: batch-first float32 arrays ``lr``, ``noise``, ``z_y``, ``x_t``, ``x0``, ``sr`` (index = patch).
+        info: JSON-ready description for manifests: ``source`` (folder), ``shipped`` (bool), ``content_hash``,
+            ``num_patches``, ``seed``, ``tile``, ``scale``, ``files`` (relative paths used), ``noise``.
+        patches: the sampled patches (with HR, origins).
+    """
+
+    runs: ReferenceRuns
+    info: dict[str, Any]
+    patches: PatchSet = field(repr=False)
+
+    def __len__(self) -> int:
+        """Number of patches."""
+        return int(self.runs.lr.shape[0])
+
+    def feeds(self, graph: str) -> list[dict[str, np.ndarray]]:
+        """The inputs of ``graph`` per patch: ``[{input name: (1, ...) float32 array}]``."""
+        names = _io(graph)[0]
+        return [{n: np.ascontiguousarray(getattr(self.runs, n)[i : i + 1]) for n in names} for i in range(len(self))]
+
+    def iter_feeds(self, graph: str) -> Iterator[dict[str, np.ndarray]]:
+        """Like :meth:`feeds`, one patch at a time."""
+        yield from self.feeds(graph)
+
+    def references(self, graph: str) -> list[dict[str, np.ndarray]]:
+        """The reference pipeline's outputs for ``graph`` per patch: ``[{output name: (1, ...) array}]``."""
+        outs = _io(graph)[1]
+        return [{o: getattr(self.runs, _OUTPUT_SOURCE[o])[i : i + 1] for o in outs} for i in range(len(self))]
+
+    def cases(self, graph: str) -> list[ParityCase]:
+        """Parity cases (kind ``"real"``) for :func:`tadsr.export.parity.compare`."""
+        return [self.runs.case(graph, i) for i in range(len(self))]
+
+
+def _io(graph: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if graph not in GRAPH_IO:
+        raise InputError(f"unknown graph {graph!r}; expected one of {', '.join(GRAPH_IO)}")
+    return GRAPH_IO[graph]
+
+
+@torch.no_grad()
+def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", progress: bool = False) -> ReferenceRuns:
+    """Run the fp32 reference pipeline stage by stage on LR patches and keep every graph's inputs.
+
+    Args:
+        models: the loaded networks.
+        lr: ``(N, 3, t, t)`` float32 LR patches in [-1, 1] (``t`` a multiple of 64: no padding happens).
+        seed: noise seed; patch ``i`` gets ``make_noise(.., noise_seed(seed, i))``.
+        source: description stored in the result.
+        progress: tqdm bar over batches.
+
+    Returns:
+        :class:`~tadsr.export.parity.ReferenceRuns` with ``lr, noise, z_y, x_t, x0, sr``.
+    """
+    pipe = OneStepPipeline(models)
+    n, _, t, _ = lr.shape
+    if t % models.preset.pad_multiple:
+        raise InputError(f"tile {t} is not a multiple of {models.preset.pad_multiple}")
+    latent = (1, models.preset.vq.embed_dim, t, t)
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in ("lr", "noise", "z_y", "x_t", "x0", "sr")}
+    starts = range(0, n, _CAPTURE_BATCH)
+    for s in tqdm(starts, desc="capture", unit="batch", disable=not progress):
+        x = torch.from_numpy(np.ascontiguousarray(lr[s : s + _CAPTURE_BATCH], dtype=np.float32))
+        noise = torch.cat([make_noise(latent, noise_seed(seed, i)) for i in range(s, s + x.shape[0])])
+        lr_p, hw = pipe.prepare(x)
+        z_y = pipe.encode(lr_p)
+        x0 = pipe.denoise(z_y, noise, lr_p)
+        vals = {"lr": lr_p, "noise": noise, "z_y": z_y, "x_t": pipe.schedule.prior_sample(z_y, noise), "x0": x0,
+                "sr": pipe.decode(x0, hw)}  # fmt: skip
+        for k, v in vals.items():
+            rows[k].append(v.detach().cpu().numpy().astype(np.float32))
+    arrays = {k: np.concatenate(v) for k, v in rows.items()}
+    return ReferenceRuns(**arrays, source=source)
+
+
+def _distinct(patches: PatchSet) -> int:
+    return len({(str(o.path), o.y, o.x) for o in patches.origins})
+
+
+def _describe(patches: PatchSet, root: Path, shipped: bool, seed: int, tile: int) -> dict[str, Any]:
+    files = sorted({_relpath(o.path, root) for o in patches.origins})
+    return {
+        "source": "shipped" if shipped else str(root),
+        "shipped": shipped,
+        "content_hash": patches.content_hash,
+        "num_patches": len(patches),
+        "seed": seed,
+        "tile": tile,
+        "scale": patches.scale,
+        "lr_source": patches.lr_source,
+        "min_std": patches.params.get("min_std"),
+        "num_files": len(files),
+        "files": files,
+        "noise": "make_noise(latent, 1000003 * seed + i) per patch i",
+    }
+
+
+def _relpath(p: Path, root: Path) -> str:
+    try:
+        return Path(p).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(p).name
+
+
+def sample_calibration(
+    source: Path | None = None,
+    *,
+    num_patches: int | None = None,
+    tile: int = 64,
+    scale: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[PatchSet, dict[str, Any]]:
+    """Sample the calibration patches (no model needed, so bad folders fail fast).
+
+    Args:
+        source: image folder (DIV2K layout detected) or None for the shipped set
+            (:func:`~tadsr.quantize.calibration_data.default_calibration_dir`).
+        num_patches: number of distinct patches; None = 64, or every distinct patch of a smaller source
+            (the shipped set holds 48 at tile 64), but at least 32.
+        tile: LR patch side (the graph's tile).
+        scale: SR factor.
+        seed: sampling seed.
+        progress: progress bar.
+
+    Returns:
+        The patches and their description for manifests.
+
+    Raises:
+        InputError: empty / missing / unreadable folder, images smaller than an HR patch, or fewer distinct
+            patches than requested (the message says how many the folder can give).
+    """
+    shipped = source is None
+    root = default_calibration_dir() if shipped else Path(source)  # type: ignore[arg-type]
+    want = DEFAULT_NUM_PATCHES if num_patches is None else num_patches
+    patches = sample_patches(root, num_patches=want, tile=tile, scale=scale, seed=seed, progress=progress)
+    distinct = _distinct(patches)
+    if distinct < want and num_patches is None and distinct >= MIN_PATCHES:
+        logger.info("%s holds %d distinct %dx%d patches; calibrating on all of them", root, distinct, tile, tile)
+        patches = sample_patches(root, num_patches=distinct, tile=tile, scale=scale, seed=seed)
+        distinct, want = _distinct(patches), distinct
+    if distinct < want:
+        n_images = len({o.path for o in patches.origins})
+        raise InputError(
+            f"the calibration folder {root} gives only {distinct} distinct {tile * scale}x{tile * scale} HR patches "
+            f"from {n_images} usable images, fewer than the {want} requested"
+            f"{'' if num_patches is not None else f' (at least {MIN_PATCHES} are needed)'}; add images or "
+            "larger images, or lower --num-patches"
+        )
+    if want < MIN_PATCHES:
+        logger.warning("calibrating on %d patches; at least %d real patches are recommended", want, MIN_PATCHES)
+    return patches, _describe(patches, root, shipped, seed, tile)
+
+
+def load_calibration(
+    models: Models,
+    source: Path | None = None,
+    *,
+    num_patches: int | None = None,
+    tile: int = 64,
+    seed: int = 0,
+    patches: tuple[PatchSet, dict[str, Any]] | None = None,
+    progress: bool = False,
+) -> CalibrationSet:
+    """Sample calibration patches (:func:`sample_calibration`) and capture every graph's inputs.
+
+    Args:
+        models: the fp32 networks whose reference pipeline produces the graph inputs.
+        source, num_patches, tile, seed: see :func:`sample_calibration`; seed also seeds the noise.
+        patches: already sampled patches and description (then ``source``/``num_patches`` are unused).
+        progress: progress bars.
+
+    Raises:
+        InputError: see :func:`sample_calibration`.
+    """
+    t0 = time.perf_counter()
+    if patches is None:
+        patches = sample_calibration(source, num_patches=num_patches, tile=tile, scale=models.preset.scale, seed=seed,
+                                     progress=progress)  # fmt: skip
+    ps, info = patches
+    runs = capture(models, ps.lr, seed=info["seed"], source=f"calibration {info['source']}", progress=progress)
+    logger.info("calibration: %d patches from %s (hash %s), graph inputs captured in %.1fs", len(ps),
+                info["source"], ps.content_hash[:12], time.perf_counter() - t0)  # fmt: skip
+    return CalibrationSet(runs=runs, info=info, patches=ps)
+
+
+def default_holdout_source() -> ImageFolder | Path:
+    """Images never used by the shipped calibration set.
+
+    The photo set's validation split (``data/photos/val`` of a source checkout) when present, else the
+    scikit-image sample photos that are not in its train split.
+
+    Raises:
+        InputError: neither is available.
+    """
+    repo_val = Path(__file__).resolve().parents[1] / "data" / "photos" / "val"
+    if repo_val.is_dir() and any(repo_val.iterdir()):
+        return repo_val
+    try:
+        import skimage
+    except ImportError as e:
+        raise InputError("no held-out images: pass a folder with --holdout DIR (scikit-image is not installed "
+                         "and the source checkout's data/photos/val is absent)") from e  # fmt: skip
+    data = Path(skimage.__file__).resolve().parent / "data"
+    files = [data / f for f in _SKIMAGE_HOLDOUT if (data / f).is_file()]
+    if not files:
+        raise InputError(f"no held-out images found in {data}; pass a folder with --holdout DIR")
+    return ImageFolder(root=data, layout="folder", images=tuple(ImagePair(p) for p in files))
+
+
+def sample_holdout(
+    source: Path | None = None,
+    *,
+    num_patches: int = DEFAULT_HOLDOUT_PATCHES,
+    tile: int = 64,
+    scale: int = 4,
+    seed: int = 0,
+    calibration: PatchSet | None = None,
+    progress: bool = False,
+) -> tuple[PatchSet, dict[str, Any]]:
+    """Held-out patches: other images (:func:`default_holdout_source`), seed ``seed + 1``.
+
+    Raises:
+        InputError: unusable folder, or a held-out patch identical to a calibration patch.
+    """
+    src = default_holdout_source() if source is None else Path(source)
+    hseed = seed + HOLDOUT_SEED_OFFSET
+    patches = sample_patches(src, num_patches=num_patches, tile=tile, scale=scale, seed=hseed,
+                             min_std=HOLDOUT_MIN_STD, progress=progress)  # fmt: skip
+    if calibration is not None:
+        calib_keys = {(_file_key(o.path), o.y, o.x) for o in calibration.origins}
+        same = [o for o in patches.origins if (_file_key(o.path), o.y, o.x) in calib_keys]
+        same_lr = any(np.array_equal(a, b) for a in patches.lr for b in calibration.lr)
+        if same or same_lr:
+            raise InputError(f"{len(same) or 'some'} held-out patches are also calibration patches; pass a "
+                             "held-out folder with other images (--holdout DIR)")  # fmt: skip
+    root = src.root if isinstance(src, ImageFolder) else src
+    info = _describe(patches, root, False, hseed, tile)
+    info["source"] = str(root)
+    return patches, info
+
+
+def load_holdout(
+    models: Models,
+    source: Path | None = None,
+    *,
+    num_patches: int = DEFAULT_HOLDOUT_PATCHES,
+    tile: int = 64,
+    seed: int = 0,
+    calibration: CalibrationSet | None = None,
+    patches: tuple[PatchSet, dict[str, Any]] | None = None,
+    progress: bool = False,
+) -> CalibrationSet:
+    """Held-out patches (:func:`sample_holdout`) with every graph's reference inputs and outputs.
+
+    Args:
+        models: the fp32 networks.
+        source, num_patches, tile: see :func:`sample_holdout`.
+        seed: the calibration seed; held-out patches use ``seed + 1`` for positions and noise.
+        calibration: the calibration set; a held-out patch identical to one of its patches is an error.
+        patches: already sampled held-out patches and description.
+        progress: progress bars.
+
+    Raises:
+        InputError: unusable folder, or overlap with the calibration patches.
+    """
+    if patches is None:
+        calib = calibration.patches if calibration else None
+        patches = sample_holdout(source, num_patches=num_patches, tile=tile, scale=models.preset.scale, seed=seed,
+                                 calibration=calib, progress=progress)  # fmt: skip
+    ps, info = patches
+    runs = capture(models, ps.lr, seed=info["seed"], source=f"held-out {info['source']}", progress=progress)
+    return CalibrationSet(runs=runs, info=info, patches=ps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_key(p: Path) -> str:
+    """sha256 of a file's bytes: the same image under two paths is the same image."""
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()

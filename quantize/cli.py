@@ -1,0 +1,111 @@
+"""``tadsr quantize``: the thin CLI layer over :func:`tadsr.quantize.api.quantize_artifact`.
+
+The main CLI (``tadsr/cli.py``) registers the subcommand with :func:`add_quantize_parser` and dispatches to
+:func:`run_quantize`; it configures logging and turns :class:`~tadsr.errors.TadsrError` (bad folders, empty or
+unreadable calibration images, too few images, images smaller than a patch, bad recipes) into exit status 2.
+This module prints only the final summary table (to stdout).
+
+Examples::
+
+    tadsr quantize out/pipeline-onnx-fp32-t64 --out out/
+    tadsr quantize out/encoder-executorch-fp32-t64 --calib DIV2K/ --num-patches 64 --seed 0 --out out/
+    tadsr quantize out/decoder-onnx-fp32-t64 --recipe out/decoder-onnx-int8-t64/recipe.json --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_quantize_parser", "run_quantize", "format_summary"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``quantize`` subcommand to ``subparsers``; sets ``func=run_quantize``."""
+    from tadsr.quantize.api import METHODS
+    from tadsr.quantize.sensitivity import DEFAULT_TARGET_PSNR
+
+    p = subparsers.add_parser(
+        "quantize",
+        help="INT8 post-training quantization of an fp32 artifact, calibrated on real image patches",
+        description="Make <out>/<graph>-<format>-int8-t<tile>/ (and <graph>-coreml-w8-t<tile>/ for Core ML) from "
+        "an fp32 artifact folder: calibration on real LR patches pushed through the reference pipeline, an "
+        "automatic float/INT8 recipe (recipe.json) meeting a PSNR floor on held-out patches, parity vs the fp32 "
+        "artifact. Exit status 2 on bad input (folders, images, recipe), 1 if written with failing parity.",
+    )
+    p.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR", help="fp32 artifact folder from tadsr export")
+    p.add_argument("--calib", type=Path, help="calibration image folder (DIV2K layout detected; default: the "
+                   "shipped 48-patch set)")  # fmt: skip
+    p.add_argument("--num-patches", type=int, help="calibration patches (default: 64, or all 48 of the shipped set)")
+    p.add_argument("--seed", type=int, default=0, help="patch and noise seed (default: %(default)s)")
+    p.add_argument("--method", choices=METHODS, default="minmax", help="calibration method (default: %(default)s)")
+    p.add_argument(
+        "--target-psnr",
+        type=float,
+        metavar="DB",
+        help=f"recipe floor: PSNR vs fp32 on the worst held-out patch (default: {DEFAULT_TARGET_PSNR:g})",
+    )
+    p.add_argument("--recipe", type=Path, metavar="FILE", help="reuse a recipe.json instead of searching")
+    p.add_argument("--holdout", type=Path, metavar="DIR", help="held-out image folder (default: the photo set's "
+                   "validation images)")  # fmt: skip
+    p.add_argument("--holdout-patches", type=int, default=16, help="held-out patches (default: %(default)s)")
+    p.add_argument("--sensitivity-patches", type=int, default=4,
+                   help="calibration patches per block in the sensitivity sweep (default: %(default)s)")  # fmt: skip
+    p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's choice)")
+    p.add_argument("--no-parity-gate", dest="parity_gate", action="store_false",
+                   help="write the artifact even when parity fails (recorded in the manifest)")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="folder for the INT8 artifact folders")
+    p.set_defaults(func=run_quantize)
+    return p
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """Run ``tadsr quantize``; returns 0, or 1 when an artifact was written with failing parity."""
+    from tadsr.quantize.api import quantize_artifact
+
+    paths = quantize_artifact(
+        args.artifact,
+        calib=args.calib,
+        num_patches=args.num_patches,
+        seed=args.seed,
+        method=args.method,
+        target_psnr=args.target_psnr,
+        recipe=args.recipe,
+        out_dir=args.out,
+        holdout=args.holdout,
+        holdout_patches=args.holdout_patches,
+        sensitivity_patches=args.sensitivity_patches,
+        parity_gate=args.parity_gate,
+        threads=args.threads,
+        progress=sys.stderr.isatty(),
+    )
+    manifests = [json.loads((p / "manifest.json").read_text()) for p in paths]
+    print(format_summary(paths, manifests))
+    return 0 if all(m.get("parity_passed") for m in manifests) else 1
+
+
+def _db(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.1f}"
+
+
+def format_summary(paths: Sequence[Path], manifests: Sequence[dict[str, Any]]) -> str:
+    """One line per artifact: size vs fp32, INT8 share of weights, PSNR vs fp32, float blocks, parity."""
+    rows = [("artifact", "MB", "x fp32", "int8 w", "PSNR dB", "float blocks", "parity")]
+    for p, m in zip(paths, manifests, strict=True):
+        q = m.get("quantization", {})
+        size = sum(f["bytes"] for f in m["files"])
+        fid = next(iter(q.get("fidelity", {}).values()), {})
+        frac = q.get("int8_fraction")
+        rows.append((p.name, f"{size / 1e6:.2f}", f"{size / max(q.get('parent_bytes', 0), 1):.2f}",
+                     "-" if frac is None else f"{100 * frac:.0f}%", _db(fid.get("psnr")),
+                     str(len(q.get("float_units") or [])), "ok" if m.get("parity_passed") else "FAIL"))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

@@ -1,0 +1,416 @@
+"""PT2E INT8 (XNNPACKQuantizer) for ExecuTorch, shared with Core ML W8A8: prepare, calibrate, convert, lower.
+
+:class:`PT2EQuant` holds one graph after the backend's rewrites (:func:`tadsr.export.rewrites.apply_rewrites`,
+the same set the fp32 export applies) and ``torch.export``:
+
+* :meth:`PT2EQuant.simulator` prepares it once with every candidate layer annotated, calibrates once, and
+  returns a :class:`FakeQuantSim` that replays the calibrated observers as fake quantizers with any set of
+  blocks switched to float: the sensitivity sweep and the recipe search cost one forward pass per variant.
+* :meth:`PT2EQuant.convert` is the real thing for a recipe: ``XNNPACKQuantizer`` with
+  ``set_operator_type(<overload>, config)`` for the quantized op types (conv2d, conv_transpose2d, linear;
+  XNNPACK's quantizer has no matmul pattern, so attention stays float) and ``set_module_name(block, None)``
+  for float blocks, ``prepare_pt2e``, calibration on every patch, ``convert_pt2e``.
+
+:func:`quantize_executorch` lowers a converted graph with ``to_edge_transform_and_lower`` and the
+``XnnpackPartitioner`` and writes ``<graph>.pte``.
+
+Scheme: weights int8 symmetric per output channel ([-127, 127]), activations int8 asymmetric per tensor.
+Calibration methods: ``minmax`` (MinMaxObserver), ``entropy`` (HistogramObserver, the XNNPACK default: the
+range that minimises the L2 quantization error of the histogram), ``percentile`` (99.999th percentile of
+each tail of the histogram).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tadsr.errors import ConfigError, ExportError
+from tadsr.export.artifact import BackendResult
+from tadsr.quantize.sensitivity import unit_of
+
+__all__ = ["PT2E_OP_TYPES", "PT2EQuant", "FakeQuantSim", "quantize_executorch"]
+
+logger = logging.getLogger(__name__)
+
+SCHEME = "weights int8 symmetric per-channel, activations int8 asymmetric per-tensor (PT2E, XNNPACKQuantizer)"
+PERCENTILE = 99.999
+# recipe op type -> aten overloads (XNNPACKQuantizer matches the overload, not the packet)
+PT2E_OP_TYPES: dict[str, tuple[Any, ...]] = {
+    "conv2d": (torch.ops.aten.conv2d.default,),
+    "conv_transpose2d": (torch.ops.aten.conv_transpose2d.input,),
+    "linear": (torch.ops.aten.linear.default,),
+}
+DEFAULT_PT2E_OP_TYPES = ("conv2d", "conv_transpose2d", "linear")
+_ANNOTATABLE = {o for ops in PT2E_OP_TYPES.values() for o in ops}
+
+
+def _percentile_observer() -> type:
+    from torchao.quantization.pt2e.observer import HistogramObserver
+
+    class PercentileObserver(HistogramObserver):
+        """HistogramObserver whose range is the [100 - p, p] percentile interval of the histogram."""
+
+        @torch.jit.export
+        def calculate_qparams(self):  # type: ignore[no-untyped-def]
+            hist = self.histogram.double()
+            if hist.sum() == 0 or self.min_val.numel() == 0:
+                return super().calculate_qparams()
+            cdf = torch.cumsum(hist, 0) / hist.sum()
+            edges = torch.linspace(float(self.min_val), float(self.max_val), hist.numel() + 1, dtype=torch.float64)
+            q = PERCENTILE / 100.0
+            lo = edges[int(torch.searchsorted(cdf, torch.tensor(1.0 - q, dtype=torch.float64)))]
+            hi = edges[min(int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64))) + 1, hist.numel())]
+            return self._calculate_qparams(lo.float().reshape(1), hi.float().reshape(1))
+
+    return PercentileObserver
+
+
+def quant_config(method: str) -> Any:
+    """XNNPACK symmetric per-channel config with the activation observer of ``method``."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+    from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver
+
+    observers = {"minmax": MinMaxObserver, "entropy": HistogramObserver, "percentile": _percentile_observer()}
+    if method not in observers:
+        raise ConfigError(f"unknown calibration method {method!r}; choose from {', '.join(observers)}")
+    base = get_symmetric_quantization_config(is_per_channel=True)
+    act = replace(base.input_activation, observer_or_fake_quant_ctr=observers[method].with_args(eps=2**-12))
+    return replace(base, input_activation=act, output_activation=act)
+
+
+def _module_path(node: torch.fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path[len("L['self'].") :] if path.startswith("L['self'].") else path
+
+
+def _inside(path: str | None, units: Sequence[str]) -> bool:
+    return path is not None and any(path == u or path.startswith(u + ".") for u in units)
+
+
+def _is_candidate(node: torch.fx.Node, targets: set[Any]) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def _pinned(gm: torch.fx.GraphModule, targets: set[Any], output_names: Sequence[str]) -> dict[str, str]:
+    """Blocks whose layer output reaches the VQ argmin or an ``x0`` graph output without another candidate."""
+    starts: list[tuple[torch.fx.Node, str]] = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (torch.ops.aten.argmin.default,):
+            starts.append((n, "feeds the VQ codebook search (argmin)"))
+        if n.op == "output":
+            outs = n.args[0] if isinstance(n.args[0], (tuple, list)) else (n.args[0],)
+            for name, o in zip(output_names, outs, strict=False):
+                if name == "x0" and isinstance(o, torch.fx.Node):
+                    starts.append((o, "produces the latent x0 that the decoder's VQ codebook search reads"))
+    pinned: dict[str, str] = {}
+    for start, why in starts:
+        stack, seen = [start], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if _is_candidate(n, targets) and (path := _module_path(n)):
+                pinned[unit_of(path)] = why
+                continue
+            stack += [a for a in n.all_input_nodes if a.op not in ("placeholder", "get_attr")]
+    return pinned
+
+
+class PT2EQuant:
+    """One graph, rewritten and exported once, ready for PT2E quantization.
+
+    Args:
+        graph: export graph (eval, no grad) from :func:`tadsr.export.graphs.make_graph`.
+        example: example inputs of the spec's shapes.
+        output_names: the graph's output names (to pin the layer producing ``x0``).
+        rewrites: rewrite set of :data:`tadsr.export.rewrites.BACKEND_REWRITES` (``"xnnpack"``, ``"coreml"``).
+        op_types: quantized op types, keys of :data:`PT2E_OP_TYPES`.
+        method: calibration method.
+    """
+
+    def __init__(
+        self,
+        graph: nn.Module,
+        example: Sequence[torch.Tensor],
+        *,
+        output_names: Sequence[str],
+        rewrites: str = "xnnpack",
+        op_types: Sequence[str] = DEFAULT_PT2E_OP_TYPES,
+        method: str = "minmax",
+    ) -> None:
+        from tadsr.export.rewrites import apply_rewrites
+
+        unknown = [o for o in op_types if o not in PT2E_OP_TYPES]
+        if unknown:
+            raise ConfigError(f"unknown PT2E op types {unknown}; choose from {', '.join(PT2E_OP_TYPES)}")
+        self.op_types = list(op_types)
+        self.output_names = list(output_names)
+        self.targets = {o for t in op_types for o in PT2E_OP_TYPES[t]}
+        self.method = method
+        self.config = quant_config(method)
+        self.example = tuple(example)
+        t0 = time.perf_counter()
+        rewritten, report = apply_rewrites(graph, self.example, rewrites)
+        self.rewrites = {"set": rewrites, "applied": report.to_dict()}
+        try:
+            with torch.no_grad():
+                self.exported = torch.export.export(rewritten, self.example, strict=False).module()
+        except Exception as e:  # torch.export raises many types; name the step
+            raise ExportError(f"torch.export of the rewritten graph failed: {e}") from e
+        self.layers: dict[str, tuple[str, int]] = {}  # node name -> (module path, weight params)
+        for n in self.exported.graph.nodes:
+            if _is_candidate(n, self.targets) and (path := _module_path(n)):
+                w = n.args[1] if len(n.args) > 1 else None
+                params = (
+                    int(np.prod(_attr(self.exported, w).shape))
+                    if isinstance(w, torch.fx.Node) and w.op == "get_attr"
+                    else 0
+                )
+                self.layers[n.name] = (path, params)
+        self.pinned = _pinned(self.exported, self.targets, output_names)
+        logger.info("pt2e: %d candidate layers in %d blocks (%d pinned float), rewrites %s, %.1fs", len(self.layers),
+                    len(self.units()), len(self.pinned), report.to_dict(), time.perf_counter() - t0)  # fmt: skip
+
+    def units(self) -> dict[str, tuple[int, int]]:
+        """Unit -> (layers, weight params), pinned units excluded."""
+        out: dict[str, list[int]] = {}
+        for path, params in self.layers.values():
+            u = unit_of(path)
+            if u not in self.pinned:
+                acc = out.setdefault(u, [0, 0])
+                acc[0] += 1
+                acc[1] += params
+        return {u: (a[0], a[1]) for u, a in out.items()}
+
+    def int8_fraction(self, float_units: Sequence[str]) -> float:
+        floats = set(float_units) | set(self.pinned)
+        total = sum(p for _, p in self.layers.values())
+        kept = sum(p for path, p in self.layers.values() if unit_of(path) in floats)
+        return round(1.0 - kept / total, 4) if total else 0.0
+
+    def quantizer(self, float_units: Sequence[str]) -> Any:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+        q = XNNPACKQuantizer()
+        for t in self.op_types:
+            for overload in PT2E_OP_TYPES[t]:
+                q.set_operator_type(overload, self.config)
+        floats = tuple(sorted(set(float_units) | set(self.pinned)))
+        # set_module_name(name, None) is refused by this XNNPACKQuantizer ("not supported yet"); its public
+        # filter function has the same effect: nodes inside a float block are not annotated
+        q.set_filter_function(lambda n: not _inside(_module_path(n), floats))
+        return q
+
+    def _prepare(self, float_units: Sequence[str]) -> torch.fx.GraphModule:
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+        return prepare_pt2e(copy.deepcopy(self.exported), self.quantizer(float_units))
+
+    @staticmethod
+    def _calibrate(prepared: torch.fx.GraphModule, feeds: Sequence[Mapping[str, np.ndarray]], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        with torch.no_grad():
+            for f in tqdm(feeds, desc="calibrate", unit="patch", disable=not progress):
+                prepared(*(torch.from_numpy(np.ascontiguousarray(v)) for v in f.values()))
+
+    def convert(self, float_units: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], *,
+                progress: bool = False) -> torch.fx.GraphModule:  # fmt: skip
+        """Prepare with ``float_units`` (and pinned blocks) float, calibrate on ``feeds``, convert."""
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        t0 = time.perf_counter()
+        prepared = self._prepare(float_units)
+        self._calibrate(prepared, feeds, progress)
+        converted = convert_pt2e(prepared)
+        logger.info("pt2e convert (%s, %d float blocks) on %d patches: %.1fs", self.method, len(float_units),
+                    len(feeds), time.perf_counter() - t0)  # fmt: skip
+        return converted
+
+    def simulator(self, feeds: Sequence[Mapping[str, np.ndarray]], *, progress: bool = False) -> FakeQuantSim:
+        """Prepare with every candidate annotated, calibrate once, and wrap as a :class:`FakeQuantSim`."""
+        t0 = time.perf_counter()
+        prepared = self._prepare([])
+        self._calibrate(prepared, feeds, progress)
+        sim = FakeQuantSim(prepared, self.targets, self.output_names)
+        logger.info("pt2e simulator: %d observers calibrated on %d patches in %.1fs", len(sim.owners), len(feeds),
+                    time.perf_counter() - t0)  # fmt: skip
+        return sim
+
+
+def _attr(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _FakeQuant(nn.Module):
+    """A calibrated observer replayed as quantize-dequantize (identity when disabled)."""
+
+    def __init__(self, obs: nn.Module) -> None:
+        super().__init__()
+        scale, zp = obs.calculate_qparams()
+        self.register_buffer("scale", scale.detach().float().reshape(-1))
+        self.register_buffer("zero_point", zp.detach().to(torch.int32).reshape(-1))
+        self.qmin, self.qmax = int(obs.quant_min), int(obs.quant_max)
+        self.per_channel = obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+        self.axis = int(getattr(obs, "ch_axis", 0))
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.qmin,
+                                                          self.qmax)  # fmt: skip
+        return torch.fake_quantize_per_tensor_affine(x, float(self.scale[0]), int(self.zero_point[0]), self.qmin,
+                                                     self.qmax)  # fmt: skip
+
+
+class FakeQuantSim:
+    """A calibrated PT2E-prepared graph whose observers act as fake quantizers, switchable per block.
+
+    An observer is active when any quantized layer next to it (its producer for an output observer, its
+    consumers for an input or weight observer) belongs to a block that is not float: what ``prepare_pt2e``
+    with ``set_module_name(block, None)`` would have annotated.
+    """
+
+    def __init__(self, prepared: torch.fx.GraphModule, targets: set[Any], output_names: Sequence[str]) -> None:
+        self.gm = prepared
+        self.output_names = list(output_names)
+        self.owners: dict[str, set[str]] = {}
+        for n in prepared.graph.nodes:
+            if n.op != "call_module" or not _is_observer(getattr(prepared, str(n.target))):
+                continue
+            near = [_upstream_candidate(prepared, n.args[0], targets)] + list(n.users)
+            units = {unit_of(p) for m in near if isinstance(m, torch.fx.Node) and _is_candidate(m, targets)
+                     and (p := _module_path(m))}  # fmt: skip
+            self.owners[str(n.target)] = units
+        for name in self.owners:  # after the walk above, which recognises observers by type
+            setattr(prepared, name, _FakeQuant(getattr(prepared, name)))
+
+    def run(
+        self, float_units: frozenset[str], feeds: Sequence[Mapping[str, np.ndarray]]
+    ) -> list[dict[str, np.ndarray]]:
+        """Outputs ``{name: array}`` per feed with ``float_units`` float."""
+        for name, units in self.owners.items():
+            getattr(self.gm, name).enabled = bool(units - float_units) if units else True
+        outs = []
+        with torch.no_grad():
+            for f in feeds:
+                y = self.gm(*(torch.from_numpy(np.ascontiguousarray(v)) for v in f.values()))
+                ys = y if isinstance(y, (tuple, list)) else (y,)
+                outs.append({k: t.numpy() for k, t in zip(self.output_names, ys, strict=True)})
+        return outs
+
+
+def _upstream_candidate(gm: torch.fx.GraphModule, node: Any, targets: set[Any]) -> torch.fx.Node | None:
+    """The quantized layer whose output annotation reaches ``node`` through shared-spec ops, if any.
+
+    ``propagate_annotation`` lets reshape / permute / slice / mean ... share their input's observer, so an
+    observer after such a chain exists exactly when the layer at its start is quantized.
+    """
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import _is_share_obs_or_fq_op
+
+    while isinstance(node, torch.fx.Node):
+        if node.op == "call_module" and _is_observer(getattr(gm, str(node.target), None)):
+            node = node.args[0]
+        elif _is_candidate(node, targets):
+            return node
+        elif node.op == "call_function" and _is_share_obs_or_fq_op(node.target) and node.args:
+            node = node.args[0]
+        else:
+            return None
+    return None
+
+
+def _is_observer(m: Any) -> bool:
+    from torchao.quantization.pt2e.observer import ObserverBase
+
+    return isinstance(m, ObserverBase)
+
+
+def output_scales(converted: torch.fx.GraphModule, output_names: Sequence[str]) -> dict[str, float]:
+    """Output name -> scale of the ``dequantize_per_tensor`` that produces it, where one does."""
+    out_node = next(n for n in converted.graph.nodes if n.op == "output")
+    outs = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else (out_node.args[0],)
+    scales = {}
+    for name, n in zip(output_names, outs, strict=False):
+        if isinstance(n, torch.fx.Node) and n.op == "call_function" and "dequantize_per_tensor" in str(n.target):
+            s = n.args[1]
+            scales[name] = float(_attr(converted, s)) if isinstance(s, torch.fx.Node) else float(s)
+    return scales
+
+
+def quantize_executorch(
+    converted: torch.fx.GraphModule,
+    example: Sequence[torch.Tensor],
+    out_dir: Path,
+    *,
+    name: str,
+    output_names: Sequence[str],
+    info: Mapping[str, Any] | None = None,
+) -> BackendResult:
+    """Lower a PT2E-converted graph to XNNPACK and write ``out_dir/<name>.pte``.
+
+    Args:
+        converted: output of :meth:`PT2EQuant.convert`.
+        example: example inputs (the spec's shapes).
+        out_dir: existing folder (the staged artifact).
+        name: file stem (the graph name).
+        output_names: graph output names (for the output scales).
+        info: extra facts for ``BackendResult.info`` (recipe summary, rewrites).
+
+    Raises:
+        ExportError: export, lowering or serialization failed.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(converted, tuple(example), strict=False)
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        outside = Counter(str(n.target) for n in edge.exported_program().graph.nodes
+                          if n.op == "call_function" and "executorch_call_delegate" not in str(n.target)
+                          and "getitem" not in str(n.target))  # fmt: skip
+        delegates = sum(1 for n in edge.exported_program().graph.nodes if "executorch_call_delegate" in str(n.target))
+        et = edge.to_executorch()
+    except Exception as e:  # exir raises many types; name the step and keep the cause
+        raise ExportError(f"ExecuTorch lowering of the INT8 {name} graph failed: {e}") from e
+    path = Path(out_dir) / f"{name}.pte"
+    path.write_bytes(et.buffer)
+    result_info = {
+        "quantizer": "torchao PT2E + executorch XNNPACKQuantizer",
+        "scheme": SCHEME,
+        "partitioner": "XnnpackPartitioner",
+        "delegates": delegates,
+        "ops_outside_delegates": dict(sorted(outside.items())),
+        "output_scales": output_scales(converted, output_names),
+        "lower_s": round(time.perf_counter() - t0, 3),
+        **dict(info or {}),
+    }
+    warnings = []
+    if outside:
+        warnings.append(f"{name}: {sum(outside.values())} ops run outside XNNPACK (portable kernels): "
+                        f"{dict(outside.most_common(5))}")  # fmt: skip
+    logger.info("executorch int8 %s: %d delegates, %d ops outside, %.2f MB, %.1fs", name, delegates,
+                sum(outside.values()), path.stat().st_size / 1e6, time.perf_counter() - t0)  # fmt: skip
+    return BackendResult(files=[path.name], format="executorch", precision="int8", info=result_info, warnings=warnings)

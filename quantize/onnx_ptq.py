@@ -1,0 +1,393 @@
+"""ONNX Runtime static INT8 (QDQ) from an fp32 ONNX artifact, calibrated on captured graph inputs.
+
+Steps (:class:`OnnxPTQ`):
+
+1. ``quant_pre_process`` (symbolic shape inference + ORT basic optimizations, ``all_tensors_to_one_file``),
+   then :func:`tadsr.export.onnx.unshare_initializers` again: the optimizer re-merges identical constants and
+   ``quantize_static`` rejects initializers shared between nodes.
+2. Calibration once: ``quantize_static`` with a ``calibration_cache_path`` collects the tensor ranges of every
+   candidate node (``minmax``, ``entropy`` or ``percentile``) on the calibration feeds. Every later variant
+   (sensitivity sweep, recipe search, the final file) reuses those ranges, so a variant costs a quantization
+   pass, not a calibration.
+3. ``quantize_static`` in QDQ format: weights INT8 symmetric per output channel, activations UINT8 asymmetric
+   per tensor (ORT's recommended U8S8 CPU scheme, which its kernels fuse into QLinearConv / QGemm /
+   QLinearMatMul), only the recipe's op types (default ``Conv``, ``Gemm``, ``MatMul``: element-wise ops cost
+   9-15 dB each for no speed-up), with the recipe's float nodes in ``nodes_to_exclude``.
+
+Node names: each candidate node is labelled with the module path of its weight (``...attn.qkv.bias`` ->
+``...attn.qkv``); weight-less MatMuls (attention) take the label of the nearest labelled producer upstream.
+:func:`tadsr.quantize.sensitivity.unit_of` maps labels to blocks.
+
+Always float (``pinned``): the layer whose output reaches the VQ codebook search (``ArgMin``) or the
+denoiser's ``x0`` output through non-quantized ops, so that the nearest-code search sees an fp32 latent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from tadsr.errors import ConfigError, ExportError
+from tadsr.export.artifact import BackendResult
+from tadsr.export.onnx import unshare_initializers
+from tadsr.quantize.sensitivity import BackendRecipe, unit_of
+
+__all__ = ["METHODS", "DEFAULT_OP_TYPES", "OnnxPTQ", "quantize_onnx"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_OP_TYPES = ("Conv", "Gemm", "MatMul")
+SCHEME = "weights int8 symmetric per-channel, activations uint8 asymmetric per-tensor (QDQ)"
+PROTOBUF_LIMIT = 2**31 - 1
+# ops a float latent passes through unchanged in kind on its way to the VQ argmin / the x0 output
+_PASS_THROUGH = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Einsum", "Pow",
+                 "ReduceSum", "Sub", "Add", "Mul", "Div", "Neg", "Slice", "Concat", "Clip", "Expand"}  # fmt: skip
+
+
+def _method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    table = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    if name not in table:
+        raise ConfigError(f"unknown calibration method {name!r}; choose from {', '.join(METHODS)}")
+    return table[name]
+
+
+class _Feeds:
+    """``CalibrationDataReader`` over a list of feed dicts (ORT's reader protocol: ``get_next``)."""
+
+    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
+        self._feeds = list(feeds)
+        self._it = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return dict(x) if (x := next(self._it, None)) is not None else None
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    big = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT - (1 << 24)
+    if big:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)  # fmt: skip
+    else:
+        onnx.save_model(model, path)
+
+
+def _module_of(name: str) -> str | None:
+    base = name.split("__u")[0]
+    for suffix in (".weight", ".bias"):
+        if base.endswith(suffix) and len(base) > len(suffix):
+            return base[: -len(suffix)]
+    return None
+
+
+def label_nodes(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> module path: from a ``<module>.weight`` / ``.bias`` initializer input, else inherited.
+
+    Nodes without a weight of their own take the label of their first labelled producer (topological order),
+    so attention MatMuls get the label of the projection that feeds them.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    producer: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    for node in model.graph.node:
+        own = next((m for i in node.input if i in inits and (m := _module_of(i))), None)
+        if own is None:
+            own = next((labels[producer[i]] for i in node.input if i in producer and producer[i] in labels), None)
+        if own is not None:
+            labels[node.name] = own
+        for o in node.output:
+            producer[o] = node.name
+    return labels
+
+
+def pinned_nodes(model: onnx.ModelProto, candidates: Sequence[str]) -> dict[str, str]:
+    """Candidate nodes whose output reaches the VQ argmin, or a graph output named ``x0``, through float ops."""
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    cand = set(candidates)
+    starts = [(i, "feeds the VQ codebook search (ArgMin)") for n in model.graph.node if n.op_type == "ArgMin"
+              for i in n.input]  # fmt: skip
+    starts += [(o.name, "produces the latent x0 that the decoder's VQ codebook search reads")
+               for o in model.graph.output if o.name == "x0"]  # fmt: skip
+    pinned: dict[str, str] = {}
+    for tensor, why in starts:
+        stack, seen = [tensor], set()
+        while stack:
+            t = stack.pop()
+            node = by_output.get(t)
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.name in cand:
+                pinned[node.name] = why
+            elif node.op_type in _PASS_THROUGH or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                stack += [i for i in node.input if i in by_output]
+    return pinned
+
+
+@dataclass
+class _Candidate:
+    name: str
+    op_type: str
+    module: str
+    unit: str
+    params: int
+
+
+class OnnxPTQ:
+    """Pre-processed fp32 model, calibrated once; builds QDQ INT8 variants with some units kept float.
+
+    Args:
+        fp32_path: the fp32 ``.onnx`` file (self-contained or with its ``.data`` beside it).
+        work_dir: scratch folder (pre-processed model, calibration cache, variants).
+        calib_feeds: calibration inputs, one dict per patch.
+        method: ``minmax``, ``entropy`` or ``percentile``.
+        op_types: ONNX op types to quantize.
+        threads: ORT intra-op threads for evaluation sessions (None: ORT default).
+    """
+
+    def __init__(
+        self,
+        fp32_path: Path,
+        work_dir: Path,
+        calib_feeds: Sequence[Mapping[str, np.ndarray]],
+        *,
+        method: str = "minmax",
+        op_types: Sequence[str] = DEFAULT_OP_TYPES,
+        threads: int | None = None,
+    ) -> None:
+        from onnxruntime.quantization import quant_pre_process
+
+        self.method = method
+        self._calib_method = _method(method)
+        self.op_types = list(op_types)
+        self.threads = threads
+        self.work = Path(work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        self.pre_path = self.work / "preprocessed.onnx"
+        try:
+            quant_pre_process(str(fp32_path), str(self.pre_path), all_tensors_to_one_file=True)
+        except Exception as e:  # ORT/onnx raise many types; name the step
+            raise ExportError(f"onnxruntime quant_pre_process failed on {fp32_path}: {e}") from e
+        model = onnx.load(str(self.pre_path))
+        _name_nodes(model)
+        unshared = unshare_initializers(model)
+        _save(model, self.pre_path)
+        labels = label_nodes(model)
+        inits = {t.name: t for t in model.graph.initializer}
+        self.candidates: dict[str, _Candidate] = {}
+        for n in model.graph.node:
+            if n.op_type in self.op_types and n.name in labels:
+                params = sum(int(np.prod(inits[i].dims)) for i in n.input[1:2] if i in inits)
+                self.candidates[n.name] = _Candidate(n.name, n.op_type, labels[n.name], unit_of(labels[n.name]), params)
+        self.pinned = pinned_nodes(model, list(self.candidates))
+        self.output_names = [o.name for o in model.graph.output]
+        self.calib_cache = self.work / f"ranges-{method}.json"
+        logger.info("onnx pre-process: %d candidate nodes in %d blocks (%d pinned float), %d initializers "
+                    "unshared, %.1fs", len(self.candidates), len(self.units()), len(self.pinned), unshared,
+                    time.perf_counter() - t0)  # fmt: skip
+        t1 = time.perf_counter()
+        self._quantize(self.work / "calibrated.onnx", [], _Feeds(calib_feeds))
+        logger.info("onnx calibration (%s) on %d patches: %.1fs", method, len(calib_feeds), time.perf_counter() - t1)
+
+    # ------------------------------------------------------------------------------------------ structure
+    def units(self) -> dict[str, tuple[int, int]]:
+        """Unit -> (number of candidate nodes, weight parameters), pinned units excluded."""
+        pinned_units = {self.candidates[n].unit for n in self.pinned}
+        out: dict[str, list[int]] = {}
+        for c in self.candidates.values():
+            if c.unit not in pinned_units:
+                acc = out.setdefault(c.unit, [0, 0])
+                acc[0] += 1
+                acc[1] += c.params
+        return {u: (a[0], a[1]) for u, a in out.items()}
+
+    def pinned_units(self) -> dict[str, str]:
+        return {self.candidates[n].unit: why for n, why in self.pinned.items()}
+
+    def float_nodes(self, float_units: Sequence[str], extra_nodes: Sequence[str] = ()) -> list[str]:
+        """Candidate node names kept float for these units (plus pinned and extra nodes), in graph order."""
+        units = set(float_units) | set(self.pinned_units())
+        unknown = [n for n in extra_nodes if n not in self.candidates]
+        if unknown:
+            raise ConfigError(f"recipe lists float nodes that are not quantizable nodes of this graph: {unknown[:5]}")
+        return [n for n, c in self.candidates.items() if c.unit in units or n in self.pinned or n in extra_nodes]
+
+    def int8_fraction(self, float_nodes: Sequence[str]) -> float:
+        total = sum(c.params for c in self.candidates.values())
+        kept = sum(self.candidates[n].params for n in float_nodes)
+        return round(1.0 - kept / total, 4) if total else 0.0
+
+    # ------------------------------------------------------------------------------------------ building
+    def _quantize(self, out: Path, exclude: Sequence[str], reader: _Feeds | None) -> Path:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        try:
+            quantize_static(
+                str(self.pre_path), str(out), reader, quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=self.op_types, per_channel=True, reduce_range=False,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+                calibrate_method=self._calib_method, calibration_cache_path=str(self.calib_cache),
+                use_external_data_format=_is_big(self.pre_path),
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            )  # fmt: skip
+        except Exception as e:  # quantize_static raises ValueError/RuntimeError/onnx errors
+            raise ExportError(f"onnxruntime quantize_static failed: {e}") from e
+        return out
+
+    def build(self, float_units: Sequence[str], out: Path, *, extra_nodes: Sequence[str] = ()) -> Path:
+        """Write the INT8 model with ``float_units`` (and pinned / ``extra_nodes``) float to ``out``."""
+        return self._quantize(Path(out), self.float_nodes(float_units, extra_nodes), None)
+
+    def session(self, path: Path) -> Any:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads is not None:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def run(self, path: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        sess = self.session(path)
+        return [dict(zip(self.output_names, sess.run(self.output_names, dict(f)), strict=True)) for f in feeds]
+
+    def run_variant(self, float_units: frozenset[str], feeds: Sequence[Mapping[str, np.ndarray]],
+                    extra_nodes: Sequence[str] = ()) -> list[dict[str, np.ndarray]]:  # fmt: skip
+        """Outputs on ``feeds`` of the INT8 model with ``float_units`` float (built in the work folder)."""
+        path = self.build(sorted(float_units), self.work / "variant.onnx", extra_nodes=extra_nodes)
+        try:
+            return self.run(path, feeds)
+        finally:
+            for p in (path, path.with_name(path.name + ".data")):
+                p.unlink(missing_ok=True)
+
+
+def _is_big(path: Path) -> bool:
+    return Path(str(path) + ".data").exists() or Path(path).stat().st_size > PROTOBUF_LIMIT
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give unnamed or duplicate-named nodes unique names (nodes_to_exclude works by name)."""
+    seen: set[str] = set()
+    for k, n in enumerate(model.graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.op_type}_tadsr_{k}"
+        seen.add(n.name)
+
+
+def output_scales(model: onnx.ModelProto) -> dict[str, float]:
+    """Graph output -> scale of the DequantizeLinear producing it (outputs computed in float are absent)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for o in model.graph.output:
+        node = by_output.get(o.name)
+        if node is not None and node.op_type == "DequantizeLinear" and node.input[1] in inits:
+            scale = onnx.numpy_helper.to_array(inits[node.input[1]])
+            if scale.size == 1:
+                out[o.name] = float(scale.reshape(()))
+    return out
+
+
+def weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of initializers by element type name (``FLOAT``, ``INT8``, ...)."""
+    acc: Counter[str] = Counter()
+    for t in model.graph.initializer:
+        acc[onnx.TensorProto.DataType.Name(t.data_type)] += len(t.raw_data) or t.ByteSize()
+    return dict(sorted(acc.items()))
+
+
+def _set_metadata(model: onnx.ModelProto, fp32: onnx.ModelProto, extra: Mapping[str, Any]) -> None:
+    props = {p.key: p.value for p in fp32.metadata_props}
+    props["tadsr.precision"] = "int8"
+    for k, v in extra.items():
+        props[f"tadsr.{k}"] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    del model.metadata_props[:]
+    for k in sorted(props):
+        model.metadata_props.add(key=k, value=props[k])
+    model.producer_name = "tadsr-mobile"
+    model.doc_string = (fp32.doc_string or "").replace("fp32", "int8 (QDQ)")
+
+
+def quantize_onnx(
+    ptq: OnnxPTQ,
+    recipe: BackendRecipe,
+    fp32_path: Path,
+    out_dir: Path,
+    *,
+    name: str,
+    metadata: Mapping[str, Any] | None = None,
+) -> BackendResult:
+    """Write ``out_dir/<name>.onnx``: the calibrated QDQ INT8 model with the recipe's float units.
+
+    Args:
+        ptq: the calibrated :class:`OnnxPTQ`.
+        recipe: float units / nodes to keep (its ``op_types`` and ``method`` must match ``ptq``'s).
+        fp32_path: the fp32 model (metadata is copied from it).
+        out_dir: existing folder (the staged artifact).
+        name: file stem (the graph name).
+        metadata: extra ``tadsr.*`` metadata (calibration hash, recipe summary); must be deterministic.
+
+    Returns:
+        BackendResult (format ``onnx``, precision ``int8``) with node counts, bytes by dtype and output scales.
+    """
+    if list(recipe.op_types) != ptq.op_types or recipe.method != ptq.method:
+        raise ConfigError(f"recipe ({recipe.op_types}, {recipe.method}) does not match the calibrated "
+                          f"quantizer ({ptq.op_types}, {ptq.method})")  # fmt: skip
+    t0 = time.perf_counter()
+    tmp = ptq.build(recipe.float_units, ptq.work / "final.onnx", extra_nodes=recipe.float_nodes)
+    model = onnx.load(str(tmp))
+    _set_metadata(model, onnx.load(str(fp32_path), load_external_data=False), dict(metadata or {}))
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the quantized {name} model does not pass the ONNX checker: {e}") from e
+    path = Path(out_dir) / f"{name}.onnx"
+    _save(model, path)
+    files = [path.name] + ([f"{path.name}.data"] if Path(f"{path}.data").exists() else [])
+    floats = ptq.float_nodes(recipe.float_units, recipe.float_nodes)
+    ops = Counter(n.op_type for n in model.graph.node)
+    info = {
+        "quantizer": "onnxruntime.quantization.quantize_static (QDQ)",
+        "scheme": SCHEME,
+        "method": ptq.method,
+        "op_types": ptq.op_types,
+        "quantized_nodes": len(ptq.candidates) - len(floats),
+        "float_nodes": floats,
+        "int8_fraction": ptq.int8_fraction(floats),
+        "initializer_bytes": weight_bytes(model),
+        "output_scales": output_scales(model),
+        "op_types_after": dict(sorted(ops.items())),
+        "quantize_s": round(time.perf_counter() - t0, 3),
+    }
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    logger.info("onnx int8 %s: %d of %d candidate nodes quantized, %.2f MB, sha256 %s", name,
+                info["quantized_nodes"], len(ptq.candidates), path.stat().st_size / 1e6, digest[:12])  # fmt: skip
+    return BackendResult(files=files, format="onnx", precision="int8", info=info)
+
+
+def cleanup(ptq: OnnxPTQ) -> None:
+    """Remove the work folder."""
+    shutil.rmtree(ptq.work, ignore_errors=True)

@@ -1,0 +1,316 @@
+"""INT8 quantization on the tiny preset (random fill): ONNX per graph, determinism, ExecuTorch, Core ML, errors.
+
+Every quantization here is calibrated on 4 real patches of the shipped set (the library warns below 32) and
+judged on 2 held-out patches, with a 1-patch sensitivity sweep: the machinery is the production path, only the
+sample sizes are small. The fp32 artifacts come from the session fixture ``tiny_onnx_artifacts`` when
+tests/conftest.py has it, else from a module export here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tadsr.errors import ConfigError, InputError
+from tadsr.export.graphs import GRAPH_NAMES
+from tadsr.export.parity import load_floors
+from tadsr.quantize import cli as qcli
+from tadsr.quantize.api import quantize_artifact
+from tadsr.quantize.calibration import noise_seed, sample_calibration
+from tadsr.quantize.sensitivity import (
+    DEFAULT_TARGET_PSNR,
+    RECIPE_NAME,
+    BackendRecipe,
+    Recipe,
+    load_recipe,
+    search_exclusions,
+    unit_of,
+)
+from tadsr.runtime.runner import load_runner, read_manifest
+
+SMALL = {"num_patches": 4, "holdout_patches": 2, "sensitivity_patches": 1, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(request, single_thread, tiny_models, tmp_path_factory):
+    """graph -> fp32 ONNX artifact folder (tile 64)."""
+    try:
+        out = Path(request.getfixturevalue("tiny_onnx_artifacts"))
+    except pytest.FixtureLookupError:
+        from tadsr.export.api import export_model
+
+        out = tmp_path_factory.mktemp("fp32-onnx")
+        export_model(tiny_models, graphs=("pipeline", "components"), tile=64, out_dir=out, n_real=1,
+                     backend_options={"onnx": {"optimize": False}})  # fmt: skip
+    return {name: out / f"{name}-onnx-fp32-t64" for name in GRAPH_NAMES}
+
+
+@pytest.fixture(scope="module")
+def int8_onnx(fp32_onnx, tmp_path_factory):
+    """graph -> INT8 artifact folder, made on first use."""
+    out = tmp_path_factory.mktemp("int8-onnx")
+    made: dict[str, Path] = {}
+
+    def get(graph: str) -> Path:
+        if graph not in made:
+            (made[graph],) = quantize_artifact(fp32_onnx[graph], out_dir=out, **SMALL)
+        return made[graph]
+
+    return get
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _scales(path: Path) -> dict[str, np.ndarray]:
+    m = onnx.load(str(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith("_scale")}
+
+
+# ------------------------------------------------------------------------------------------------- ONNX
+
+
+@pytest.mark.parametrize("graph", GRAPH_NAMES)
+def test_onnx_int8_graph(graph, fp32_onnx, int8_onnx):
+    art = int8_onnx(graph)
+    assert art.name == f"{graph}-onnx-int8-t64"
+    m = read_manifest(art)
+    parent = read_manifest(fp32_onnx[graph])
+    q = m["quantization"]
+    # provenance: calibration set, recipe and parent are recorded
+    assert m["precision"] == "int8" and m["parent"] == str(fp32_onnx[graph].resolve())
+    assert m["calibration"]["num_patches"] == 4 and m["calibration"]["seed"] == 0
+    assert len(m["calibration"]["content_hash"]) == 64 and m["calibration"]["shipped"]
+    assert m["heldout"]["seed"] == 1 and not set(m["heldout"]["files"]) & set(m["calibration"]["files"])
+    recipe = load_recipe(art / RECIPE_NAME).get(graph, "onnx")
+    assert recipe is not None and recipe.float_units == q["float_units"]
+    # fidelity: the recipe met its floor on held-out patches, and parity (numerics.json int8 floors) passed
+    fid = next(iter(q["fidelity"].values()))
+    print(f"{graph}: INT8 vs fp32 {fid['psnr']:.2f} dB (held-out worst), int8 weights {q['int8_fraction']:.0%}, "
+          f"float blocks {q['float_units']}")  # fmt: skip
+    assert recipe.psnr is not None and recipe.psnr >= DEFAULT_TARGET_PSNR
+    assert fid["psnr"] >= DEFAULT_TARGET_PSNR - 1e-6
+    assert m["parity_passed"] and all(h["passed"] for h in m["parity"])
+    floor = next(iter(load_floors("int8", graph, "tiny").values())).psnr
+    assert fid["psnr"] >= floor
+    # size: INT8 weights are 1/4 of fp32; float blocks and non-weight constants (Swin masks) keep fp32 size
+    size = sum(f["bytes"] for f in m["files"])
+    fp32 = sum(f["bytes"] for f in parent["files"])
+    frac = q["int8_fraction"]
+    assert size <= (0.27 * frac + (1 - frac) + 0.05) * fp32, (size / fp32, frac)
+    if frac >= 0.95:
+        assert size <= 0.3 * fp32, size / fp32
+    # the artifact runs through the standard runner
+    runner = load_runner(art)
+    out = runner.run({t.name: np.zeros(t.shape, np.float32) for t in runner.spec.inputs})
+    assert all(np.isfinite(v).all() for v in out.values())
+
+
+def test_onnx_int8_deterministic(fp32_onnx, int8_onnx, tmp_path):
+    """Same folder + seed: identical scales and identical file hash."""
+    first = int8_onnx("encoder")
+    (again,) = quantize_artifact(fp32_onnx["encoder"], out_dir=tmp_path, **SMALL)
+    a, b = first / "encoder.onnx", again / "encoder.onnx"
+    sa, sb = _scales(a), _scales(b)
+    assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
+    assert _sha(a) == _sha(b)
+    assert read_manifest(first)["calibration"]["content_hash"] == read_manifest(again)["calibration"]["content_hash"]
+
+
+def test_onnx_recipe_reuse(fp32_onnx, int8_onnx, tmp_path):
+    """--recipe skips the search and reproduces the float blocks (and, same calibration, the same file)."""
+    first = int8_onnx("decoder")
+    (again,) = quantize_artifact(fp32_onnx["decoder"], out_dir=tmp_path, recipe=first / RECIPE_NAME, **SMALL)
+    r1 = load_recipe(first).get("decoder", "onnx")
+    r2 = load_recipe(again).get("decoder", "onnx")
+    assert r2.source == "file" and r2.float_units == r1.float_units and r2.target_psnr is None
+    assert _sha(first / "decoder.onnx") == _sha(again / "decoder.onnx")
+    with pytest.raises(ConfigError, match="no entry for graph 'encoder'"):
+        quantize_artifact(fp32_onnx["encoder"], out_dir=tmp_path, recipe=first / RECIPE_NAME, **SMALL)
+
+
+# ------------------------------------------------------------------------------------------- ExecuTorch / Core ML
+
+
+@pytest.fixture(scope="module")
+def fp32_encoder(single_thread, tiny_models, tmp_path_factory):
+    """encoder fp32 artifacts for ExecuTorch and Core ML."""
+    from tadsr.export.api import export_model
+
+    out = tmp_path_factory.mktemp("fp32-et-coreml")
+    res = export_model(tiny_models, formats=("executorch", "coreml"), graphs=("encoder",), tile=64, out_dir=out,
+                       n_real=1)  # fmt: skip
+    return {r.format: r.path for r in res}
+
+
+def test_executorch_int8_lowers_and_runs(fp32_encoder, tmp_path):
+    (art,) = quantize_artifact(fp32_encoder["executorch"], out_dir=tmp_path, **SMALL)
+    m = read_manifest(art)
+    assert art.name == "encoder-executorch-int8-t64" and m["format"] == "executorch"
+    assert m["backend_info"]["delegates"] >= 1 and m["parity_passed"]
+    hops = {h["hop"].split(" (")[0]: h for h in m["parity"]}
+    fq = next(h for k, h in hops.items() if k.startswith("fake-quant"))
+    assert "max_abs_steps" in fq  # runtime vs fake-quant torch, in quantization steps of the output scale
+    size, fp32 = m["files"][0]["bytes"], read_manifest(fp32_encoder["executorch"])["files"][0]["bytes"]
+    assert size <= 0.35 * fp32, size / fp32
+    out = load_runner(art).run({"lr": np.zeros((1, 3, 64, 64), np.float32)})
+    assert np.isfinite(out["z_y"]).all()
+
+
+def test_coreml_w8a8_and_w8(fp32_encoder, tmp_path):
+    import coremltools as ct
+
+    w8a8, w8 = quantize_artifact(fp32_encoder["coreml"], out_dir=tmp_path, **SMALL)
+    assert (w8a8.name, w8.name) == ("encoder-coreml-int8-t64", "encoder-coreml-w8-t64")
+    for art, want in ((w8a8, ("quantize", "dequantize", "constexpr_affine_dequantize")), (w8, ())):
+        m = read_manifest(art)
+        pkg = art / m["files"][0]["name"]
+        spec = ct.utils.load_spec(str(pkg))  # the spec loads (no Core ML runtime needed)
+        assert spec.WhichOneof("Type") == "mlProgram"
+        ops = m["backend_info"]["mil_ops"]
+        assert all(ops.get(o, 0) > 0 for o in want), ops
+        assert m["parity_passed"], m["parity"]
+        fid = next(iter(m["quantization"]["fidelity"].values()))
+        print(f"{art.name}: {fid['psnr']:.2f} dB vs fp32 (coreml-sim), {m['files'][0]['bytes'] / 1e6:.2f} MB")
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def _fake_artifact(folder: Path) -> Path:
+    """A valid-looking fp32 encoder artifact: enough for the checks that run before any model work."""
+    from tadsr.config import get_preset
+    from tadsr.export.artifact import BackendResult, build_manifest, write_manifest
+
+    folder.mkdir()
+    (folder / "encoder.onnx").write_bytes(b"not used")
+    lr = {"name": "lr", "shape": [1, 3, 64, 64], "dtype": "float32", "value_range": [-1, 1], "description": ""}
+    z = {"name": "z_y", "shape": [1, 3, 64, 64], "dtype": "float32", "value_range": None, "description": ""}
+    spec = {"name": "encoder", "tile": 64, "scale": 4, "inputs": [lr], "outputs": [z], "constants": {}}
+    sources = {p: {"path": "random-fill", "sha256": ""} for p in ("student", "autoencoder")}
+    backend = BackendResult(files=["encoder.onnx"], format="onnx", precision="fp32")
+    write_manifest(folder, build_manifest(folder=folder, graph_spec=spec, backend=backend,
+                                          preset=get_preset("tiny").to_dict(), sources=sources))  # fmt: skip
+    return folder
+
+
+def _png(path: Path, size: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(size)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def _calib_cases(tmp: Path) -> dict[str, tuple[Path, str]]:
+    empty = tmp / "empty"
+    empty.mkdir()
+    broken = tmp / "broken"
+    broken.mkdir()
+    _png(broken / "a.png", 300)
+    (broken / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    few = tmp / "few"
+    few.mkdir()
+    _png(few / "only.png", 256)  # exactly one 256 px HR patch
+    small = tmp / "small"
+    small.mkdir()
+    _png(small / "tiny.png", 100)
+    return {
+        "empty": (empty, "no images"),
+        "unreadable": (broken, "bad image files"),
+        "too few": (few, "only 1 distinct"),
+        "too small": (small, "smaller than the 256x256 HR patch"),
+        "missing": (tmp / "nope", "does not exist"),
+    }
+
+
+def test_calibration_folder_errors(tmp_path):
+    art = _fake_artifact(tmp_path / "encoder-onnx-fp32-t64")
+    for name, (folder, msg) in _calib_cases(tmp_path).items():
+        with pytest.raises(InputError, match=msg):
+            quantize_artifact(art, calib=folder, num_patches=4, out_dir=tmp_path / "out")
+        assert not list((tmp_path / "out").glob("encoder-*")), name
+
+
+def test_cli_exit_code_2(tmp_path, monkeypatch, capsys):
+    import tadsr.cli as main_cli
+
+    registered = main_cli._extra_commands()
+    if qcli.add_quantize_parser not in registered:  # until tadsr/cli.py registers the verb
+        monkeypatch.setattr(main_cli, "_extra_commands", lambda: [*registered, qcli.add_quantize_parser])
+    art = _fake_artifact(tmp_path / "encoder-onnx-fp32-t64")
+    cases = _calib_cases(tmp_path)
+    for folder, _ in (cases["empty"], cases["too small"], cases["too few"]):
+        argv = ["quantize", str(art), "--calib", str(folder), "--num-patches", "4", "--out", str(tmp_path / "o")]
+        assert main_cli.main(argv) == 2
+    assert main_cli.main(["quantize", str(tmp_path / "no-artifact"), "--out", str(tmp_path / "o")]) == 2
+    bad = tmp_path / "bad-recipe.json"
+    bad.write_text("{}")
+    assert main_cli.main(["quantize", str(art), "--recipe", str(bad), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_default_calibration_count_and_hash():
+    """Shipped set: the default takes all 48 distinct patches (not 64 with repeats); same seed, same hash."""
+    a, info = sample_calibration(None, tile=64, seed=0)
+    b, _ = sample_calibration(None, tile=64, seed=0)
+    assert len(a) == 48 and info["num_patches"] == 48 and len(set(info["files"])) == 48
+    assert a.content_hash == b.content_hash and np.array_equal(a.lr, b.lr)
+    assert noise_seed(0, 5) != noise_seed(1, 5) and noise_seed(0, 5) == noise_seed(0, 5)
+
+
+# ------------------------------------------------------------------------------------------ recipe helpers
+
+
+def test_unit_of():
+    assert unit_of("unet.input_blocks.1.0.in_layers.2") == "unet.input_blocks.1.0"
+    assert unit_of("unet.input_blocks.1.1.blocks.0.attn.qkv") == "unet.input_blocks.1.1.blocks.0"
+    assert unit_of("denoiser.unet.input_blocks.1.1.patch_embed.proj") == "denoiser.unet.input_blocks.1.1"
+    assert unit_of("encoder.mid.attn_1.q") == "encoder.mid.attn_1"
+    assert unit_of("decoder.up.2.upsample.conv") == "decoder.up.2"
+    assert unit_of("quant_conv") == "quant_conv"
+
+
+def test_search_exclusions_smallest_passing_prefix():
+    gains = {"a": 6.0, "b": 3.0, "c": 1.0, "d": 0.5, "e": 0.1}
+    calls = []
+
+    def evaluate(floats: frozenset[str]) -> float:
+        calls.append(floats)
+        return 20.0 + sum(gains[u] for u in floats)
+
+    res = search_exclusions(evaluate, list(gains), 29.5)
+    assert res.met and res.excluded == ["a", "b", "c"] and res.psnr == 30.0
+    assert len(calls) == 5  # 0, 1, 2, 4 float blocks, then bisection (3)
+    none = search_exclusions(evaluate, list(gains), 40.0)
+    assert not none.met and none.excluded == list(gains)
+    pinned = search_exclusions(evaluate, ["b", "c"], 26.0, initial=["a"])
+    assert pinned.excluded == ["a"] and pinned.met
+
+
+def test_recipe_round_trip_and_errors(tmp_path):
+    r = Recipe()
+    r.set("encoder", "onnx", BackendRecipe(op_types=["Conv"], float_units=["encoder.conv_in"], psnr=31.25))
+    path = r.save(tmp_path / "r.json")
+    back = load_recipe(path)
+    assert back.get("encoder", "onnx").float_units == ["encoder.conv_in"] and back.get("encoder", "coreml") is None
+    data = json.loads(path.read_text())
+    data["graphs"]["encoder"]["onnx"]["bogus"] = 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load_recipe(path)
+    with pytest.raises(InputError, match="does not exist"):
+        load_recipe(tmp_path / "missing.json")
