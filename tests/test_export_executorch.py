@@ -1,0 +1,130 @@
+"""ExecuTorch export (XNNPACK): the tiny denoiser lowers to one partition with nothing outside, and the .pte run by
+the ExecuTorch runtime matches the torch graph; the fused pipeline keeps only the int64 VQ lookup outside.
+
+Costs: lowering the tiny denoiser takes ~80 s of CPU (ExecuTorch's passes, not the model); the pipeline uses the
+session fixture ``tiny_executorch_pipeline`` of tests/conftest.py, shared with tests/test_runtime.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tadsr.errors import ConfigError, InputError, InputSpecError
+from tadsr.export.executorch import export_executorch
+from tadsr.export.graphs import make_graphs
+from tadsr.runtime.executorch_runner import ExecuTorchRunner
+from tadsr.runtime.runner import load_runner, read_manifest
+
+pytest.importorskip("executorch")
+
+# Achieved with tadsr.export.rewrites (upstream-shaped graph: 123 partitions, 400+ ops outside).
+DENOISER_MAX_PARTITIONS = 1
+PIPELINE_MAX_PARTITIONS = 2  # encoder + denoiser + VQ distances | argmin, view, embedding | decoder
+VQ_LOOKUP_OPS = {"argmin.default", "view_copy.default", "embedding.default"}
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def denoiser(tiny_models):
+    return make_graphs(tiny_models, 64, ("denoiser",))["denoiser"]
+
+
+@pytest.fixture(scope="module")
+def denoiser_pte(denoiser, tmp_path_factory):
+    g, spec = denoiser
+    out = tmp_path_factory.mktemp("et-denoiser")
+    return out, export_executorch(g, spec, out)
+
+
+def _feeds(spec, seed):
+    return {s.name: x.numpy() for s, x in zip(spec.inputs, spec.example_inputs(seed), strict=True)}
+
+
+def test_denoiser_is_one_xnnpack_partition(denoiser_pte):
+    out, res = denoiser_pte
+    info = res.info
+    assert res.files == ["denoiser.pte"] and res.format == "executorch" and res.precision == "fp32"
+    assert [p.name for p in out.iterdir()] == ["denoiser.pte"]  # written atomically, no temp file left
+    assert info["partitions"] <= DENOISER_MAX_PARTITIONS
+    assert info["ops_outside"] == {} and info["n_ops_outside"] == 0 and res.warnings == []
+    assert info["delegated_ops"] == sum(info["delegated_ops_per_partition"]) > 1000
+    assert info["rewrites"]["bake_window_attention"] == 18 and info["rewrites"]["decompose_group_norm"] == 65
+    assert info["rewrite_max_abs"] < 1e-5
+    assert info["bytes"] == (out / "denoiser.pte").stat().st_size
+
+
+def test_denoiser_runtime_matches_torch(denoiser, denoiser_pte):
+    g, spec = denoiser
+    out, res = denoiser_pte
+    runner = ExecuTorchRunner(out / res.files[0], spec.to_dict())
+    for seed in (0, 11):
+        with torch.no_grad():
+            ref = g(*spec.example_inputs(seed)).numpy()
+        got = runner.run(_feeds(spec, seed))["x0"]
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        assert np.abs(got - ref).max() < ATOL, seed
+
+
+def test_runner_checks_inputs(denoiser, denoiser_pte):
+    _, spec = denoiser
+    out, res = denoiser_pte
+    runner = ExecuTorchRunner(out / res.files[0], spec.to_dict(), threads=1)
+    feeds = _feeds(spec, 0)
+    with pytest.raises(InputSpecError, match="missing"):
+        runner.run({"x_t": feeds["x_t"]})
+    with pytest.raises(InputSpecError, match="shape"):
+        runner.run({**feeds, "lr": np.zeros((1, 3, 32, 32), np.float32)})
+    with pytest.raises(InputSpecError, match="dtype"):
+        runner.run({**feeds, "lr": feeds["lr"].astype(np.float64)})
+    with pytest.raises(InputError, match="does not exist"):
+        ExecuTorchRunner(out / "nope.pte", spec.to_dict())
+    with pytest.raises(InputError, match="GraphSpec"):
+        ExecuTorchRunner(out / res.files[0], {"name": "denoiser"})
+
+
+def test_pipeline_artifact(tiny_models, tiny_executorch_pipeline):
+    manifest = read_manifest(tiny_executorch_pipeline)
+    info = manifest["backend_info"]
+    assert manifest["format"] == "executorch" and manifest["parity_passed"]
+    assert info["partitions"] <= PIPELINE_MAX_PARTITIONS
+    assert set(info["ops_outside"]) <= VQ_LOOKUP_OPS
+    g, spec = make_graphs(tiny_models, 64, ("pipeline",))["pipeline"]
+    runner = load_runner(tiny_executorch_pipeline)
+    assert runner.backend == "executorch"
+    with torch.no_grad():
+        ref = g(*spec.example_inputs(3)).numpy()
+    assert np.abs(runner.run(_feeds(spec, 3))["sr"] - ref).max() < ATOL
+
+
+def test_bad_arguments(denoiser, tmp_path):
+    g, spec = denoiser
+    with pytest.raises(ConfigError, match="fp16"):
+        export_executorch(g, spec, tmp_path, precision="fp16")
+    with pytest.raises(ConfigError, match="backend"):
+        export_executorch(g, spec, tmp_path, backend="vulkan")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_official_denoiser_partitions(tmp_path):
+    """Full-size UNet (random weights, tile 64): still one partition (several minutes of CPU)."""
+    import tadsr
+
+    models = tadsr.load_models(preset="official-x4", init="random")
+    g, spec = make_graphs(models, 64, ("denoiser",))["denoiser"]
+    res = export_executorch(g, spec, tmp_path)
+    assert res.info["partitions"] <= DENOISER_MAX_PARTITIONS and res.info["n_ops_outside"] == 0
+    with torch.no_grad():
+        ref = g(*spec.example_inputs(0)).numpy()
+    got = ExecuTorchRunner(tmp_path / res.files[0], spec.to_dict()).run(_feeds(spec, 0))["x0"]
+    assert np.abs(got - ref).max() < 1e-3
