@@ -1,0 +1,733 @@
+"""Benchmark harness: fidelity and latency of every system that can upscale, under one set of conditions.
+
+:func:`run_bench` measures, in one run and on the same data, tile, overlap, noise seed and thread count:
+
+* ``bicubic``: MATLAB-style bicubic x4 (:func:`tadsr.imresize.imresize`), the floor;
+* ``torch-student``: the PyTorch reference one-step student (fp32), stage by stage;
+* ``torch-teacher-T<steps>``: the multi-step teacher, with the same prior noise (``noises[0]`` of every tile equals
+  the student's noise, because :func:`tadsr.runtime.tiling.tile_noise` draws the teacher's ``(T*C, t, t)`` noise
+  from the same generator and the student's ``(C, t, t)`` noise is its first ``C`` channels);
+* every artifact set given (ONNX Runtime / ExecuTorch, fp32 / fp16 / INT8; fused ``pipeline`` graphs end to end
+  only, component sets per runner). Core ML is listed with its size and "needs macOS" off macOS; with
+  ``coreml_sim`` it is also run through the numpy simulator, labelled as such (its times are not latencies).
+
+Per system:
+
+* **latency** on one LR tile (the first image's top-left tile): ``warmup`` untimed passes, then ``repeats`` timed
+  passes; median, p90, min and mean in ms, end to end (``e2e``) and per stage (``encoder``, ``denoiser``,
+  ``decoder``), all from the same passes. The teacher's ``denoiser`` is the whole sampling loop
+  (``e2e - encoder - decoder``);
+* **fidelity** on whole images through the tiler: PSNR and SSIM on the Y channel (BT.601) and on RGB, with a
+  ``scale``-pixel border crop (BasicSR's convention), on the 8-bit-rounded output; ``parity`` (PSNR, max abs)
+  of the float output against the PyTorch student on the same tiles and noise;
+* **peak RSS**: ``memory="subprocess"`` runs each system once more in a fresh process (load, two passes over one
+  tile) that measures itself: its peak while running (Linux ``VmHWM`` reset after loading) and over its whole life
+  (imports and loading included); ``"inprocess"`` resets ``VmHWM`` before loading a system in this process and
+  reports the peak and its rise over the RSS before loading (other systems' memory included);
+* **size**: model files on disk (artifacts) or fp32 parameters in memory (PyTorch).
+
+The report (JSON first, then Markdown, plots and an image grid) is written by :mod:`tadsr.bench_report`.
+Timings carry their conditions: machine, load average before and after, library versions, threads per backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from tadsr.bench_systems import (
+    STAGES,
+    ArtifactSet,
+    ArtifactSystem,
+    Bicubic,
+    InProcessMemory,
+    System,
+    TorchSystem,
+    find_artifact_sets,
+    maxrss_bytes,
+    measure_latency,
+    probe_memory,
+    runner_options,
+    timing_stats,
+)
+from tadsr.errors import ConfigError, InputError, TadsrError
+from tadsr.imresize import imresize
+from tadsr.metrics import crop_border, error_stats, psnr, rgb_to_y, ssim
+from tadsr.runtime.imageio import from_model, read_image, to_model
+from tadsr.runtime.tiling import pad_for_tiles, tile_noise
+
+__all__ = [
+    "BenchConfig",
+    "BenchImage",
+    "SystemResult",
+    "BenchResult",
+    "ArtifactSet",
+    "run_bench",
+    "load_images",
+    "find_artifact_sets",
+    "timing_stats",
+    "compute_ratios",
+    "machine_info",
+    "library_versions",
+    "MEMORY_MODES",
+    "STAGES",
+]
+
+logger = logging.getLogger(__name__)
+
+MEMORY_MODES = ("subprocess", "inprocess", "off")
+REPORT_SCHEMA = "tadsr-bench/1"
+_VERSIONS = {
+    "tadsr-mobile": "tadsr-mobile",
+    "torch": "torch",
+    "numpy": "numpy",
+    "onnxruntime": "onnxruntime",
+    "onnx": "onnx",
+    "executorch": "executorch",
+    "coremltools": "coremltools",
+    "pillow": "pillow",
+    "matplotlib": "matplotlib",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """What to benchmark and under which conditions.
+
+    Attributes:
+        out_dir: report folder (created; files replaced atomically).
+        data: folder (or file) of HR images; None for latency only (a seeded random LR tile).
+        lr_dir: LR partners of the HR images (``{stem}x{scale}.*`` or ``{stem}.*``); default: MATLAB bicubic.
+        artifacts: artifact folders, or folders of artifacts (every runnable set inside is benchmarked).
+        preset, student, teacher, autoencoder, init: the PyTorch reference (as :func:`tadsr.pipeline.load_models`);
+            ``preset=None`` takes the artifacts' preset.
+        teacher_steps: teacher sampling steps (0: no teacher).
+        threads: torch threads, ONNX Runtime intra-op threads and the ExecuTorch thread pool (None: defaults).
+        repeats: timed passes per system (>= 5 for numbers worth reporting); warmup: untimed passes before them.
+        seed: noise seed of the tiler (every system gets the same noise per tile).
+        tile: LR tile side (None: the artifacts' tile, else 64); overlap: LR overlap between tiles.
+        memory: ``"subprocess"``, ``"inprocess"`` or ``"off"`` (see the module docstring).
+        coreml_sim: also run Core ML artifacts through the numpy simulator (labelled; not a latency).
+        max_images: use at most this many images; hr_crop: centre-crop HR images to at most this side.
+        grid_crop: side (HR pixels) of the crops in the image grid.
+    """
+
+    out_dir: Path
+    data: Path | None = None
+    lr_dir: Path | None = None
+    artifacts: tuple[Path, ...] = ()
+    preset: str | None = None
+    student: Path | None = None
+    teacher: Path | None = None
+    autoencoder: Path | None = None
+    init: str | None = None
+    teacher_steps: int = 15
+    threads: int | None = None
+    repeats: int = 5
+    warmup: int = 1
+    seed: int = 0
+    tile: int | None = None
+    overlap: int = 16
+    memory: str = "subprocess"
+    coreml_sim: bool = False
+    max_images: int | None = None
+    hr_crop: int | None = None
+    grid_crop: int = 128
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.warmup < 0:
+            raise ConfigError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
+        if self.teacher_steps < 0 or self.seed < 0 or self.overlap < 0:
+            raise ConfigError("teacher steps, seed and overlap must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.memory not in MEMORY_MODES:
+            raise ConfigError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ConfigError("max_images must be >= 1")
+        if self.hr_crop is not None and self.hr_crop < 16:
+            raise ConfigError("hr_crop must be >= 16 HR pixels")
+
+    def model_source(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "student": _str(self.student),
+            "teacher": _str(self.teacher),
+            "autoencoder": _str(self.autoencoder),
+            "init": self.init,
+        }
+
+
+@dataclass(frozen=True)
+class BenchImage:
+    """One evaluation image: ``lr`` (1, 3, h, w) float32 in [-1, 1]; ``hr`` (s*h, s*w, 3) float32 in [0, 1]."""
+
+    name: str
+    lr: np.ndarray
+    hr: np.ndarray
+
+
+@dataclass
+class SystemResult:
+    """Everything measured for one system (JSON-ready through :meth:`to_dict`)."""
+
+    name: str
+    kind: str  # bicubic | torch | artifact
+    format: str
+    precision: str
+    layout: str  # floor | reference | fused | components
+    status: str = "ok"  # ok | needs macOS | unavailable | skipped
+    note: str = ""
+    simulator: bool = False
+    paths: list[str] = field(default_factory=list)
+    size_bytes: int | None = None
+    size_kind: str = ""
+    threads: dict[str, Any] = field(default_factory=dict)
+    load_s: float | None = None
+    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    fidelity: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BenchResult:
+    """The benchmark: ``report`` (the JSON document), the per-system results and the files written."""
+
+    report: dict[str, Any]
+    systems: list[SystemResult]
+    files: dict[str, Path]
+
+    @property
+    def ok(self) -> bool:
+        """No requested system failed (``needs macOS`` is not a failure)."""
+        return not any(s.status == "unavailable" for s in self.systems)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+def _str(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
+def _round8(rgb: np.ndarray) -> np.ndarray:
+    return (np.round(np.clip(rgb, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
+
+
+def _center_crop(img: np.ndarray, side: int, multiple: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    ch, cw = min(h, side) // multiple * multiple, min(w, side) // multiple * multiple
+    y, x = (h - ch) // 2 // multiple * multiple, (w - cw) // 2 // multiple * multiple
+    return img[y : y + ch, x : x + cw]
+
+
+def load_images(
+    data: Path, *, lr_dir: Path | None = None, scale: int = 4, max_images: int | None = None, hr_crop: int | None = None
+) -> tuple[list[BenchImage], dict[str, Any]]:
+    """Read HR images (and LR partners, or make LR with MATLAB bicubic) for the benchmark.
+
+    HR images are cropped to multiples of ``scale`` (top-left kept, as BasicSR's ``mod_crop``), optionally centre-
+    cropped to ``hr_crop``. Without ``lr_dir``, LR = ``imresize(HR, 1/scale)`` rounded to 8 bits (as MATLAB does
+    on uint8 images and as DIV2K's LR files are). A DIV2K layout (``DIV2K_valid_HR`` + ``..._LR_bicubic/X4``)
+    is paired automatically.
+
+    Returns:
+        The images and a JSON-ready description (source, LR source, names and sizes).
+
+    Raises:
+        InputError: no images, unreadable files, or an LR partner whose size is not HR / scale.
+    """
+    from tadsr.quantize.calibration_data import find_images
+
+    data = Path(data)
+    if data.is_file():
+        pairs = [(data, None)]
+    else:
+        folder = find_images(data, scale=scale, lr_dir=lr_dir)
+        pairs = [(p.hr, p.lr) for p in folder.images]
+    pairs = pairs[:max_images] if max_images else pairs
+    images: list[BenchImage] = []
+    for hr_path, lr_path in pairs:
+        hr = read_image(hr_path).rgb
+        h, w = hr.shape[0] // scale * scale, hr.shape[1] // scale * scale
+        if lr_path is not None:
+            lr = read_image(lr_path).rgb
+            if lr.shape[:2] != (hr.shape[0] // scale, hr.shape[1] // scale):
+                raise InputError(
+                    f"LR {lr_path} is {lr.shape[1]}x{lr.shape[0]}, HR {hr_path} is {hr.shape[1]}x"
+                    f"{hr.shape[0]}: the LR must be the HR / {scale} (rounded down)"
+                )
+            if hr_crop:
+                lh, lw = min(lr.shape[0], hr_crop // scale), min(lr.shape[1], hr_crop // scale)
+                y, x = (lr.shape[0] - lh) // 2, (lr.shape[1] - lw) // 2
+                lr = lr[y : y + lh, x : x + lw]
+                hr = hr[y * scale : (y + lh) * scale, x * scale : (x + lw) * scale]
+            hr = hr[: lr.shape[0] * scale, : lr.shape[1] * scale]
+        else:
+            hr = hr[:h, :w]
+            hr = _center_crop(hr, hr_crop, scale) if hr_crop else hr
+            lr = _round8(imresize(hr.astype(np.float64), 1.0 / scale))
+        if min(hr.shape[:2]) < 2 * scale + 11:
+            raise InputError(
+                f"{hr_path} is {hr.shape[1]}x{hr.shape[0]} HR px after cropping: too small for SSIM "
+                f"(11x11 window) after the {scale}px border crop; use images of at least {2 * scale + 11} px"
+            )
+        images.append(BenchImage(hr_path.stem, to_model(lr), np.ascontiguousarray(hr, dtype=np.float32)))
+    if not images:
+        raise InputError(f"no images in {data}")
+    info = {
+        "source": str(data),
+        "lr_source": "files" if lr_dir or any(lr for _, lr in pairs) else "matlab-bicubic",
+        "hr_crop": hr_crop,
+        "images": [{"name": im.name, "hr_size": [im.hr.shape[1], im.hr.shape[0]]} for im in images],
+    }
+    return images, info
+
+
+def _finite(x: float) -> float:
+    return 999.0 if math.isinf(x) else round(float(x), 4)
+
+
+def _fidelity(sr: np.ndarray, hr: np.ndarray, ref: np.ndarray | None, border: int) -> dict[str, float]:
+    """Metrics of one SR output (1,3,H,W) in [-1,1] against the HR (H,W,3) in [0,1] and the reference output."""
+    out = _round8(from_model(sr))
+    a, b = crop_border(out, border), crop_border(hr, border)
+    ya, yb = rgb_to_y(a), rgb_to_y(b)
+    m = {"psnr_y": psnr(ya, yb, 1.0), "ssim_y": ssim(ya, yb, 1.0), "psnr_rgb": psnr(a, b, 1.0), "ssim_rgb": ssim(a, b)}
+    if ref is not None:
+        st = error_stats(sr, ref, data_range=2.0)
+        m.update(parity_psnr=st.psnr, parity_max_abs=st.max_abs)
+    return {k: _finite(v) for k, v in m.items()}
+
+
+# ------------------------------------------------------------------------------------------------- conditions
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, logical cores (and those this process may use), OS, Python, load average."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "cpu": _cpu_model(),
+        "arch": platform.machine(),
+        "cores_logical": os.cpu_count(),
+        "cores_usable": affinity,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries a benchmark depends on (None: not installed); imports nothing."""
+    out: dict[str, str | None] = {}
+    for key, dist in _VERSIONS.items():
+        try:
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- run_bench
+
+
+def _probe_spec(system: System, cfg: BenchConfig, preset: Any) -> dict[str, Any] | None:
+    base = {"tile": None, "threads": cfg.threads, "seed": cfg.seed}
+    if isinstance(system, Bicubic):
+        return {**base, "kind": "bicubic"}
+    if isinstance(system, ArtifactSystem):
+        return {
+            **base,
+            "kind": "artifact",
+            "dirs": {k: str(v) for k, v in system.aset.dirs.items()},
+            "backend": system.backend,
+            "format": system.aset.format,
+        }
+    if isinstance(system, TorchSystem):
+        return {
+            **base,
+            "kind": "torch",
+            "steps": system.steps,
+            "model": {**cfg.model_source(), "preset": preset.to_dict()},
+        }
+    return None
+
+
+def _resolve(cfg: BenchConfig, sets: Sequence[ArtifactSet]) -> tuple[str, int]:
+    """The preset (given, else the artifacts' one) and the tile (the artifacts' one, else given, else 64)."""
+    presets = {s.preset for s in sets} - {None}
+    preset = cfg.preset or (presets.pop() if len(presets) == 1 else None)
+    if preset is None:
+        raise ConfigError(
+            f"cannot tell the reference model's preset: pass --preset (the artifacts name {sorted(presets) or 'none'})"
+        )
+    tiles = {s.tile for s in sets}
+    if len(tiles) > 1:
+        raise ConfigError(
+            f"the artifacts have different tiles {sorted(tiles)}; benchmark one tile at a time "
+            "(every system must see the same tiles)"
+        )
+    tile = tiles.pop() if tiles else (cfg.tile or 64)
+    if cfg.tile is not None and cfg.tile != tile:
+        raise ConfigError(f"--tile {cfg.tile} differs from the artifacts' tile {tile}")
+    if tile <= 0 or tile % 64:
+        raise ConfigError(f"tile must be a positive multiple of 64, got {tile}")
+    return preset, tile
+
+
+def _prepare_out(out_dir: Path) -> None:
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(out_dir) / f".tadsr-bench-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write the report to {out_dir}: {e.strerror or e}; choose another --out") from e
+
+
+def _same_weights(manifest: Mapping[str, Any], sources: Mapping[str, Any]) -> bool | None:
+    """Whether an artifact was made from the reference's student and autoencoder (None: cannot tell)."""
+    theirs = manifest.get("sources") or {}
+    verdict: bool | None = None
+    for part in ("student", "autoencoder"):
+        a, b = theirs.get(part), sources.get(part)
+        if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+            continue
+        key = "path" if "random-fill" in (a.get("path"), b.get("path")) else "sha256"
+        if not a.get(key) or not b.get(key):
+            continue
+        verdict = (verdict is not False) and a.get(key) == b.get(key)
+    return verdict
+
+
+def _nbytes(*nets: Any) -> int:
+    return sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
+
+
+def _torch_record(name: str, note: str, **kw: Any) -> SystemResult:
+    return SystemResult(name=name, kind="torch", format="torch", precision="fp32", layout="reference", note=note, **kw)
+
+
+def _systems(cfg: BenchConfig, models: Any, sets: Sequence[ArtifactSet]) -> list[tuple[System | None, SystemResult]]:
+    """Systems to run (None for listed-only ones) with their result records, in measuring order."""
+    threads = {"torch": cfg.threads or "default"}
+    floor = SystemResult(name="bicubic", kind="bicubic", format="numpy", precision="fp64", layout="floor",
+                         note="MATLAB-style bicubic x4 (tadsr.imresize), whole image", size_bytes=0,
+                         size_kind="no model", threads={"numpy": "BLAS default"})  # fmt: skip
+    out: list[tuple[System | None, SystemResult]] = [(Bicubic(), floor)]
+    student = _torch_record("torch-student", "PyTorch reference one-step student (eager)", threads=threads,
+                            size_bytes=_nbytes(models.student, models.autoencoder),
+                            size_kind="fp32 parameters (student + autoencoder)")  # fmt: skip
+    out.append((TorchSystem(models, None), student))
+    if cfg.teacher_steps:
+        name = f"torch-teacher-T{cfg.teacher_steps}"
+        if models.teacher is None:
+            note = "no teacher weights: pass --teacher CKPT (or a preset with a bundled teacher)"
+            out.append((None, _torch_record(name, note, status="skipped")))
+        else:
+            models.preset.teacher_schedule(cfg.teacher_steps)  # ConfigError now rather than mid-run
+            rec = _torch_record(name, f"PyTorch teacher, {cfg.teacher_steps} steps, same prior noise", threads=threads,
+                                size_bytes=_nbytes(models.teacher, models.autoencoder),
+                                size_kind="fp32 parameters (teacher + autoencoder)")  # fmt: skip
+            out.append((TorchSystem(models, cfg.teacher_steps), rec))
+    for s in sets:
+        rec = {"kind": "artifact", "format": s.format, "precision": s.precision, "layout": s.layout,
+               "paths": [str(d) for d in s.dirs.values()], "size_bytes": s.size_bytes,
+               "size_kind": "files on disk"}  # fmt: skip
+        same = _same_weights(next(iter(s.manifests.values())), models.sources)
+        note = "" if same is not False else "exported from other weights than the reference: parity is not a check"
+        opts, th = runner_options(s.format, cfg.threads)
+        if s.format == "coreml" and sys.platform != "darwin":
+            out.append((None, SystemResult(name=s.name, **rec, status="needs macOS", note=note)))
+            if cfg.coreml_sim:
+                sim = ArtifactSystem(s, "coreml-sim", {})
+                note = "numpy simulator of the Core ML program: fidelity is real, times are NOT latencies"
+                out.append((sim, SystemResult(name=sim.name, **rec, simulator=True, threads=th, note=note)))
+            continue
+        out.append((ArtifactSystem(s, None, opts), SystemResult(name=s.name, **rec, threads=th, note=note)))
+    return out
+
+
+def _crop_box(hr: np.ndarray, side: int) -> tuple[int, int, int, int]:
+    h, w = hr.shape[:2]
+    ch, cw = min(h, side), min(w, side)
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def _measure(
+    system: System,
+    res: SystemResult,
+    cfg: BenchConfig,
+    images: Sequence[BenchImage],
+    tile_in: tuple[np.ndarray, int],
+    refs: dict[str, np.ndarray],
+    crops: dict[str, list[np.ndarray]],
+    progress: bool,
+) -> None:
+    with InProcessMemory() if cfg.memory == "inprocess" else contextlib.nullcontext() as mem:
+        t0 = time.perf_counter()
+        try:
+            system.load()
+        except (TadsrError, ImportError) as e:
+            res.status, res.note = "unavailable", f"{type(e).__name__}: {e}"
+            logger.warning("%s: not benchmarked: %s", res.name, res.note)
+            return
+        res.load_s = round(time.perf_counter() - t0, 3)
+        lr_tile, tile = tile_in
+        per_image = []
+        for im in tqdm(images, desc=res.name, unit="img", disable=not progress, leave=False):
+            sr = system.upscale(im.lr, tile=tile, overlap=cfg.overlap, seed=cfg.seed)
+            if res.name == "torch-student":
+                refs[im.name] = sr
+            per_image.append({"image": im.name, **_fidelity(sr, im.hr, refs.get(im.name), system.scale)})
+            y, x, h, w = _crop_box(im.hr, cfg.grid_crop)
+            crops.setdefault(res.name, []).append(_round8(from_model(sr))[y : y + h, x : x + w])
+        if per_image:
+            keys = [k for k in per_image[0] if k != "image"]
+            mean = {k: round(float(np.mean([p[k] for p in per_image])), 4) for k in keys}
+            res.fidelity = {"mean": mean, "images": per_image}
+        noise = tile_noise(cfg.seed, 0, 0, system.noise_shape(tile))[None]
+        res.latency = measure_latency(system, lr_tile, noise, warmup=cfg.warmup, repeats=cfg.repeats)
+        system.close()
+    if mem is not None:
+        res.memory = mem.result
+    e2e = res.latency["e2e"]
+    logger.info(
+        "%s: e2e %.1f ms median (p90 %.1f) per %dpx tile%s",
+        res.name,
+        e2e["median_ms"],
+        e2e["p90_ms"],
+        tile,
+        f", PSNR-Y {res.fidelity['mean']['psnr_y']:.2f} dB" if res.fidelity else "",
+    )
+
+
+def _latency_tile(images: Sequence[BenchImage], tile: int, seed: int) -> tuple[np.ndarray, str]:
+    if not images:
+        rng = np.random.default_rng(seed)
+        return rng.uniform(-1.0, 1.0, (1, 3, tile, tile)).astype(np.float32), "seeded uniform random LR tile"
+    padded = pad_for_tiles(images[0].lr, tile)
+    return np.ascontiguousarray(padded[:, :, :tile, :tile]), f"top-left LR tile of {images[0].name} (reflect-padded)"
+
+
+def _warnings(cfg: BenchConfig, machine: Mapping[str, Any], results: Sequence[SystemResult], models: Any) -> list[str]:
+    w = []
+    if cfg.repeats < 5:
+        w.append(f"only {cfg.repeats} timed runs per system (< 5): smoke numbers, not numbers to report")
+    load, cores = (machine.get("load_avg_start") or [0])[0], machine.get("cores_usable") or machine["cores_logical"]
+    if cores and load > 0.75 * cores:
+        w.append(f"machine busy at the start (load {load} on {cores} usable cores): latencies are inflated and noisy")
+    if any("random-fill" in str(v.get("path", "")) for v in models.sources.values()):
+        w.append("random weights (init random): fidelity numbers say nothing about quality; latency only")
+    w += [f"{r.name}: {r.status}: {r.note}" for r in results if r.status not in ("ok", "needs macOS")]
+    w += [f"{r.name}: {r.note}" for r in results if r.status == "ok" and "other weights" in r.note]
+    return w
+
+
+def run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) -> BenchResult:
+    """Benchmark the reference, the teacher, bicubic and the artifacts; write the report into ``cfg.out_dir``.
+
+    Args:
+        cfg: the benchmark configuration.
+        models: already loaded :class:`tadsr.pipeline.Models` equal to what ``cfg``'s model fields load (saves
+            loading them again; subprocess memory probes still load from ``cfg``).
+        progress: tqdm bars over systems and images.
+
+    Returns:
+        :class:`BenchResult` (JSON document, per-system results, written files).
+
+    Raises:
+        ConfigError: inconsistent tiles / presets, no weights, unknown teacher schedule.
+        InputError: missing or unreadable data / artifacts, unwritable ``out_dir``.
+    """
+    import torch
+
+    from tadsr.bench_report import write_report
+    from tadsr.pipeline import load_models
+
+    t_start = time.perf_counter()
+    machine = machine_info()
+    sets = find_artifact_sets(cfg.artifacts)
+    preset, tile = _resolve(cfg, sets)
+    _prepare_out(cfg.out_dir)
+    if models is None:
+        models = load_models(
+            student=cfg.student, teacher=cfg.teacher, autoencoder=cfg.autoencoder, preset=preset, init=cfg.init
+        )
+    if models.preset.name != preset:
+        raise ConfigError(f"the reference model is preset {models.preset.name!r} but the artifacts are {preset!r}")
+    images, data_info = ([], None)
+    if cfg.data is not None:
+        images, data_info = load_images(
+            cfg.data, lr_dir=cfg.lr_dir, scale=models.preset.scale, max_images=cfg.max_images, hr_crop=cfg.hr_crop
+        )
+    lr_tile, tile_source = _latency_tile(images, tile, cfg.seed)
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch_threads = torch.get_num_threads()
+    refs: dict[str, np.ndarray] = {}
+    crops: dict[str, list[np.ndarray]] = {}
+    plan = _systems(cfg, models, sets)
+    try:
+        for system, res in tqdm(plan, desc="systems", unit="system", disable=not progress):
+            if system is None:
+                continue
+            if res.kind == "torch":
+                res.threads = {"torch": torch_threads}
+            _measure(system, res, cfg, images, (lr_tile, tile), refs, crops, progress)
+            gc.collect()
+            spec = _probe_spec(system, cfg, models.preset) if cfg.memory == "subprocess" else None
+            if spec is not None and res.status == "ok":
+                res.memory = probe_memory(spec, tile)
+    finally:
+        torch.set_num_threads(old_threads)
+    crops["HR"] = [im.hr[y : y + h, x : x + w] for im in images for y, x, h, w in [_crop_box(im.hr, cfg.grid_crop)]]
+    results = [r for _, r in plan]
+    machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    report = {
+        "schema": REPORT_SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine,
+        "versions": library_versions(),
+        "conditions": {
+            "preset": preset,
+            "model_sources": models.sources,
+            "scale": models.preset.scale,
+            "tile": tile,
+            "overlap": min(cfg.overlap, tile - 1),
+            "blend": "feather",
+            "seed": cfg.seed,
+            "repeats": cfg.repeats,
+            "warmup": cfg.warmup,
+            "teacher_steps": cfg.teacher_steps,
+            "memory": cfg.memory,
+            "threads": {
+                "requested": cfg.threads,
+                "torch": torch_threads,
+                **runner_options("onnx", cfg.threads)[1],
+                **runner_options("executorch", cfg.threads)[1],
+            },
+            "latency_input": f"{tile_source}, {tile}x{tile} LR -> {tile * models.preset.scale}px, batch 1",
+            "latency_passes": "fidelity passes, then warmup untimed, then repeats timed; stages from the same passes",
+            "metrics": f"8-bit output vs HR, {models.preset.scale}px border crop; Y = BT.601 (BasicSR); SSIM 11x11 "
+            "Gaussian; parity = float output vs torch-student, PSNR over [-1, 1]",
+            "data": data_info,
+        },
+        "systems": [r.to_dict() for r in results],
+        "ratios": compute_ratios(results),
+        "warnings": _warnings(cfg, machine, results, models),
+        "wall_s": round(time.perf_counter() - t_start, 2),
+        "process_ru_maxrss_bytes": maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
+    }
+    files = write_report(report, crops, Path(cfg.out_dir))
+    return BenchResult(report=report, systems=results, files=files)
+
+
+# ------------------------------------------------------------------------------------------------------ ratios
+
+
+def _lat_ratio(num: SystemResult, den: SystemResult) -> dict[str, float]:
+    return {
+        k: round(num.latency[k]["median_ms"] / den.latency[k]["median_ms"], 4)
+        for k in num.latency
+        if k in den.latency and den.latency[k]["median_ms"] > 0
+    }
+
+
+def _delta(num: SystemResult, den: SystemResult, key: str) -> float | None:
+    a, b = num.fidelity.get("mean", {}).get(key), den.fidelity.get("mean", {}).get(key)
+    return None if a is None or b is None else round(a - b, 4)
+
+
+def compute_ratios(results: Sequence[SystemResult]) -> dict[str, Any]:
+    """Latency ratios of medians (numerator / denominator, per stage and ``e2e``) and fidelity deltas.
+
+    ``student_vs_teacher``: torch-student / teacher (< 1: the student is faster); ``export_vs_eager``: each float
+    artifact / torch-student; ``int8_vs_fp32``: each INT8 artifact / the fp32 artifact of the same format and layout.
+    """
+    ok = [r for r in results if r.status == "ok" and r.latency]
+    student = next((r for r in ok if r.name == "torch-student"), None)
+    teacher = next((r for r in ok if r.name.startswith("torch-teacher")), None)
+    out: dict[str, Any] = {"student_vs_teacher": None, "export_vs_eager": [], "int8_vs_fp32": []}
+    if student and teacher:
+        lat = _lat_ratio(student, teacher)
+        out["student_vs_teacher"] = {
+            "numerator": student.name,
+            "denominator": teacher.name,
+            "latency": lat,
+            "speedup_e2e": round(1.0 / lat["e2e"], 3) if lat.get("e2e") else None,
+            "psnr_y_delta_db": _delta(student, teacher, "psnr_y"),
+            "ssim_y_delta": _delta(student, teacher, "ssim_y"),
+        }
+    artifacts = [r for r in ok if r.kind == "artifact"]
+    for r in artifacts:
+        if r.precision != "int8" and student:
+            out["export_vs_eager"].append(
+                {
+                    "numerator": r.name,
+                    "denominator": student.name,
+                    "simulator": r.simulator,
+                    "latency": _lat_ratio(r, student),
+                    "psnr_y_delta_db": _delta(r, student, "psnr_y"),
+                }
+            )
+        if r.precision == "int8":
+            fp = next(
+                (
+                    f
+                    for f in artifacts
+                    if f.precision == "fp32"
+                    and f.format == r.format
+                    and f.layout == r.layout
+                    and f.simulator == r.simulator
+                ),
+                None,
+            )
+            if fp is not None:
+                out["int8_vs_fp32"].append(
+                    {
+                        "numerator": r.name,
+                        "denominator": fp.name,
+                        "simulator": r.simulator,
+                        "latency": _lat_ratio(r, fp),
+                        "size": round(r.size_bytes / fp.size_bytes, 4) if r.size_bytes and fp.size_bytes else None,
+                        "psnr_y_delta_db": _delta(r, fp, "psnr_y"),
+                        "parity_psnr_delta_db": _delta(r, fp, "parity_psnr"),
+                    }
+                )
+    return out

@@ -1,0 +1,521 @@
+"""The systems a benchmark runs, and how their time and memory are measured (used by :mod:`tadsr.bench`).
+
+A system upscales LR tiles: ``run_tiles(lr (B,3,t,t), noise (B,*noise_shape(t))) -> (B,3,st,st)``; whole images
+go through :func:`tadsr.runtime.tiling.upscale_tiled` with the same tile, overlap and seed for every system.
+
+* :class:`Bicubic`: MATLAB-style bicubic (no model, no noise);
+* :class:`TorchSystem`: :class:`tadsr.pipeline.OneStepPipeline` or :class:`tadsr.pipeline.TeacherPipeline`, with
+  their ``encode`` / ``denoise`` / ``decode`` methods wrapped by a stage clock (the teacher's ``denoiser`` is the
+  sampling loop: ``e2e - encoder - decoder``);
+* :class:`ArtifactSystem`: :class:`tadsr.runtime.pipeline.MobileSRPipeline` over an :class:`ArtifactSet`, each
+  component runner wrapped by the clock (a fused pipeline is timed end to end only).
+
+Memory: :class:`InProcessMemory` (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``, else the rise of
+``ru_maxrss``) and :func:`probe_memory`, which runs one system in a fresh interpreter
+(``python -m tadsr.bench_systems --probe SPEC --result FILE``) and reads its peak RSS. Imports no torch at module
+level, so probes of artifacts measure a process without it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tadsr.errors import InputError
+from tadsr.imresize import imresize
+from tadsr.runtime.runner import read_manifest
+from tadsr.runtime.tiling import tile_noise, upscale_tiled
+
+__all__ = [
+    "STAGES",
+    "ArtifactSet",
+    "find_artifact_sets",
+    "System",
+    "Bicubic",
+    "TorchSystem",
+    "ArtifactSystem",
+    "runner_options",
+    "timing_stats",
+    "measure_latency",
+    "InProcessMemory",
+    "probe_memory",
+    "rss_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("encoder", "denoiser", "decoder")
+
+
+# --------------------------------------------------------------------------------------------------- artifacts
+
+
+@dataclass(frozen=True)
+class ArtifactSet:
+    """A runnable set: one fused ``pipeline`` artifact or the three component artifacts of one format/precision."""
+
+    name: str
+    format: str
+    precision: str
+    tile: int
+    layout: str  # fused | components
+    dirs: dict[str, Path]
+    manifests: dict[str, dict[str, Any]] = field(repr=False, default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(int(f["bytes"]) for m in self.manifests.values() for f in m["files"])
+
+    @property
+    def preset(self) -> str | None:
+        return next(iter(self.manifests.values())).get("preset", {}).get("name")
+
+
+def _set(fmt: str, prec: str, tile: int, layout: str, dirs: dict[str, Path], ms: dict[str, dict]) -> ArtifactSet:
+    return ArtifactSet(f"{fmt}-{prec}-{layout}", fmt, prec, tile, layout, dirs, ms)
+
+
+def find_artifact_sets(paths: Sequence[Path]) -> list[ArtifactSet]:
+    """Every runnable artifact set under ``paths`` (an artifact folder, or a folder of artifact folders).
+
+    A folder of artifacts yields, per format / precision / tile, its fused pipeline (if present) and its component
+    set (if all three are present). Duplicate names get the folder name appended.
+
+    Raises:
+        InputError: a path is missing, holds a lone component, or holds nothing runnable.
+    """
+    sets: list[ArtifactSet] = []
+    for path in map(Path, paths):
+        if (path / "manifest.json").is_file():
+            m = read_manifest(path)
+            if m["graph"]["name"] != "pipeline":
+                raise InputError(
+                    f"{path} holds only the {m['graph']['name']!r} graph; pass the folder that holds "
+                    "the encoder, denoiser and decoder artifacts, or a fused pipeline artifact"
+                )
+            sets.append(
+                _set(m["format"], m["precision"], int(m["graph"]["tile"]), "fused", {"pipeline": path}, {"pipeline": m})
+            )
+            continue
+        if not path.is_dir():
+            raise InputError(f"artifact folder {path} does not exist")
+        groups: dict[tuple[str, str, int], dict[str, tuple[Path, dict]]] = {}
+        for sub in sorted(p for p in path.iterdir() if (p / "manifest.json").is_file()):
+            m = read_manifest(sub)
+            key = (m["format"], m["precision"], int(m["graph"]["tile"]))
+            groups.setdefault(key, {})[m["graph"]["name"]] = (sub, m)
+        found = []
+        for (fmt, prec, tile), graphs in groups.items():
+            if "pipeline" in graphs:
+                d, m = graphs["pipeline"]
+                found.append(_set(fmt, prec, tile, "fused", {"pipeline": d}, {"pipeline": m}))
+            if all(c in graphs for c in STAGES):
+                found.append(
+                    _set(
+                        fmt,
+                        prec,
+                        tile,
+                        "components",
+                        {c: graphs[c][0] for c in STAGES},
+                        {c: graphs[c][1] for c in STAGES},
+                    )
+                )
+            elif any(c in graphs for c in STAGES):
+                logger.warning(
+                    "%s: %s/%s t%d has only %s of the components; not benchmarked",
+                    path,
+                    fmt,
+                    prec,
+                    tile,
+                    sorted(set(graphs) & set(STAGES)),
+                )
+        if not found:
+            raise InputError(
+                f"no runnable artifact set in {path}: need a 'pipeline' artifact or all of "
+                "encoder/denoiser/decoder (folders written by tadsr export / tadsr quantize)"
+            )
+        sets += found
+    names = [s.name for s in sets]
+    return [
+        replace(s, name=f"{s.name} ({next(iter(s.dirs.values())).parent.name})") if names.count(s.name) > 1 else s
+        for s in sets
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------- systems
+
+
+class _Clock:
+    """Collects per-stage seconds of the current pass when ``on``."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.on = False
+
+    def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.laps[stage] = self.laps.get(stage, 0.0) + time.perf_counter() - t0
+            return out
+
+        return timed
+
+
+class _TimedRunner:
+    def __init__(self, inner: Any, clock: _Clock, stage: str) -> None:
+        self.inner, self.spec = inner, inner.spec
+        self.run = clock.wrap(stage, inner.run)
+
+
+class System:
+    """A way to upscale: ``run_tiles(lr (B,3,t,t), noise (B,*noise_shape)) -> (B,3,st,st)``, stage clock."""
+
+    name: str
+    stages: tuple[str, ...] = ()
+    scale: int = 4
+
+    def __init__(self) -> None:
+        self.clock = _Clock()
+
+    def load(self) -> None:
+        """Build / open the system (timed as ``load_s``)."""
+
+    def noise_shape(self, tile: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def run_tiles(self, lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def upscale(self, lr: np.ndarray, *, tile: int, overlap: int, seed: int) -> np.ndarray:
+        """Whole image (1,3,H,W) -> (1,3,sH,sW) through the tiler (same tiles, overlap and noise for all)."""
+        return upscale_tiled(
+            lr,
+            self.run_tiles,
+            tile=tile,
+            scale=self.scale,
+            overlap=min(overlap, tile - 1),
+            seed=seed,
+            noise_shape_fn=self.noise_shape,
+        )
+
+    def timed_pass(self, lr: np.ndarray, noise: np.ndarray) -> dict[str, float]:
+        """One tile end to end; returns seconds for ``e2e`` and each stage."""
+        self.clock.laps, self.clock.on = {}, True
+        try:
+            t0 = time.perf_counter()
+            self.run_tiles(lr, noise)
+            e2e = time.perf_counter() - t0
+        finally:
+            self.clock.on = False
+        return {"e2e": e2e, **self.clock.laps}
+
+    def close(self) -> None:
+        """Drop references (memory is measured per system)."""
+
+
+class Bicubic(System):
+    name = "bicubic"
+
+    def noise_shape(self, tile: int) -> tuple[int, ...]:
+        return (1, tile, tile)
+
+    def run_tiles(self, lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        rgb = np.moveaxis(lr[:, :3], 1, -1) * 0.5 + 0.5
+        out = np.stack([np.clip(imresize(x, float(self.scale)), 0.0, 1.0) for x in rgb])
+        return np.moveaxis(out, -1, 1) * 2.0 - 1.0
+
+    def upscale(self, lr: np.ndarray, *, tile: int, overlap: int, seed: int) -> np.ndarray:
+        return self.run_tiles(lr, lr[:, :1])  # deterministic and local: the whole image at once
+
+
+class TorchSystem(System):
+    """The PyTorch reference student, or the teacher with ``steps`` steps."""
+
+    stages = STAGES
+
+    def __init__(self, models: Any, steps: int | None) -> None:
+        super().__init__()
+        self.models, self.steps = models, steps
+        self.name = "torch-student" if steps is None else f"torch-teacher-T{steps}"
+        self.scale = models.preset.scale
+        self.channels = models.preset.vq.embed_dim
+
+    def load(self) -> None:
+        from tadsr.pipeline import OneStepPipeline, TeacherPipeline
+
+        pipe = OneStepPipeline(self.models) if self.steps is None else TeacherPipeline(self.models, self.steps)
+        pipe.encode = self.clock.wrap("encoder", pipe.encode)  # type: ignore[method-assign]
+        pipe.decode = self.clock.wrap("decoder", pipe.decode)  # type: ignore[method-assign]
+        if self.steps is None:
+            pipe.denoise = self.clock.wrap("denoiser", pipe.denoise)  # type: ignore[method-assign]
+        self.pipe = pipe
+
+    def noise_shape(self, tile: int) -> tuple[int, ...]:
+        return (self.channels * (self.steps or 1), tile, tile)
+
+    def run_tiles(self, lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))
+        n = torch.from_numpy(np.ascontiguousarray(noise, dtype=np.float32))
+        with torch.inference_mode():
+            if self.steps is None:
+                return self.pipe(x, noise=n).numpy()
+            b, _, t, _ = lr.shape  # (B, T*C, t, t) -> (T, B, C, t, t): noises[0] is the student's noise
+            return self.pipe(x, noises=n.reshape(b, self.steps, self.channels, t, t).transpose(0, 1)).numpy()
+
+    def timed_pass(self, lr: np.ndarray, noise: np.ndarray) -> dict[str, float]:
+        laps = super().timed_pass(lr, noise)
+        if self.steps is not None:  # the sampling loop: everything between encoding and decoding
+            laps["denoiser"] = laps["e2e"] - laps["encoder"] - laps["decoder"]
+        return laps
+
+    def close(self) -> None:
+        self.pipe = None
+
+
+class ArtifactSystem(System):
+    def __init__(self, aset: ArtifactSet, backend: str | None, runner_opts: dict[str, Any]) -> None:
+        super().__init__()
+        self.aset, self.backend, self.runner_opts = aset, backend, runner_opts
+        self.name = aset.name if backend != "coreml-sim" else f"{aset.name} [coreml-sim]"
+        self.stages = STAGES if aset.layout == "components" else ()
+
+    def load(self) -> None:
+        from tadsr.runtime.pipeline import MobileSRPipeline
+
+        self.mobile = MobileSRPipeline(dict(self.aset.dirs), backend=self.backend, **self.runner_opts)
+        self.scale = self.mobile.scale
+        if not self.mobile.fused:
+            self.mobile.runners = {g: _TimedRunner(r, self.clock, g) for g, r in self.mobile.runners.items()}
+
+    def noise_shape(self, tile: int) -> tuple[int, ...]:
+        return tuple(self.mobile.noise_shape)
+
+    def run_tiles(self, lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        return self.mobile.run_tiles(lr, noise)
+
+    def close(self) -> None:
+        self.mobile = None
+
+
+def runner_options(fmt: str, threads: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Runner options and the thread setting to record for a format."""
+    if fmt == "onnx":
+        return ({"threads": threads} if threads else {}), {
+            "onnxruntime_intra_op": threads or "default (0)",
+            "onnxruntime_inter_op": 1 if threads else "default",
+        }
+    if fmt == "executorch":
+        return ({"threads": threads} if threads else {}), {"executorch_threadpool": threads or "default"}
+    return {}, {"coreml": "compute units as exported" if sys.platform == "darwin" else "numpy (simulator)"}
+
+
+# -------------------------------------------------------------------------------------------------- measuring
+
+
+def timing_stats(seconds: Sequence[float]) -> dict[str, Any]:
+    """Median, p90 (linear interpolation), min and mean in ms, plus every run."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {
+        "median_ms": round(float(np.median(ms)), 3),
+        "p90_ms": round(float(np.percentile(ms, 90)), 3),
+        "min_ms": round(float(ms.min()), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+        "runs": len(ms),
+        "runs_ms": [round(float(x), 3) for x in ms],
+    }
+
+
+def measure_latency(system: System, lr: np.ndarray, noise: np.ndarray, *, warmup: int, repeats: int) -> dict[str, Any]:
+    """``warmup`` untimed passes, then ``repeats`` timed ones: :func:`timing_stats` for ``e2e`` and each stage."""
+    for _ in range(warmup):
+        system.run_tiles(lr, noise)
+    passes = [system.timed_pass(lr, noise) for _ in range(repeats)]
+    return {k: timing_stats([p[k] for p in passes]) for k in ("e2e", *system.stages)}
+
+
+def rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _hwm_reset() -> bool:
+    """Reset the peak-RSS mark (Linux ``clear_refs`` 5); False where not supported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def maxrss_bytes(ru_maxrss: int) -> int:
+    return int(ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+
+
+class InProcessMemory:
+    """Peak RSS while one system is loaded and run in this process."""
+
+    def __enter__(self) -> InProcessMemory:
+        gc.collect()
+        self.reset = _hwm_reset()
+        self.before = rss_bytes() if self.reset else maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.reset:
+            peak = _hwm() or 0
+            self.result = {
+                "method": "inprocess-vmhwm",
+                "peak_rss_bytes": peak,
+                "rise_bytes": peak - (self.before or 0),
+                "note": "peak RSS of this process while the system was loaded and run (VmHWM reset "
+                "before loading); includes the other systems' memory still held",
+            }
+        else:
+            peak = maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            self.result = {
+                "method": "inprocess-maxrss-delta",
+                "peak_rss_bytes": None,
+                "process_peak_rss_bytes": peak,
+                "rise_bytes": peak - self.before,
+                "note": "rise of this process's ru_maxrss: a lower bound (0 when an earlier system peaked higher)",
+            }
+
+
+# ------------------------------------------------------------------------------------------- subprocess probe
+
+
+def _probe_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """In the child process: load one system, drop what it does not use, run one tile twice, report RSS."""
+    threads = spec["threads"]
+    system: System
+    if spec["kind"] == "bicubic":
+        rss_import = rss_bytes()
+        system = Bicubic()
+    elif spec["kind"] == "artifact":
+        from tadsr.runtime.pipeline import MobileSRPipeline  # noqa: F401  (imports counted before loading)
+
+        rss_import = rss_bytes()
+        opts, _ = runner_options(spec["format"], threads)
+        aset = ArtifactSet("probe", spec["format"], "", 0, "", {k: Path(v) for k, v in spec["dirs"].items()})
+        system = ArtifactSystem(aset, spec["backend"], opts)
+    else:
+        import torch
+
+        from tadsr.config import Preset
+        from tadsr.pipeline import load_models
+
+        rss_import = rss_bytes()
+        if threads:
+            torch.set_num_threads(threads)
+        src = spec["model"]
+        models = load_models(
+            student=src["student"],
+            teacher=src["teacher"],
+            autoencoder=src["autoencoder"],
+            preset=Preset.from_dict(src["preset"]),
+            init=src["init"],
+        )
+        if spec["steps"] is None:
+            models.teacher = None  # load_models loads both networks; keep only what this system runs
+        else:
+            models.student = None  # type: ignore[assignment]
+        system = TorchSystem(models, spec["steps"])
+        del models
+    system.load()
+    gc.collect()
+    rss_load = rss_bytes()
+    hwm_load = _hwm()  # this process's own peak so far: imports + loading (Linux)
+    reset = _hwm_reset()
+    tile = int(spec["tile"])
+    rng = np.random.default_rng(spec["seed"])
+    lr = rng.uniform(-1, 1, (1, 3, tile, tile)).astype(np.float32)
+    noise = tile_noise(spec["seed"], 0, 0, system.noise_shape(tile))[None]
+    for _ in range(2):
+        system.run_tiles(lr, noise)
+    run = _hwm() if reset else None
+    if hwm_load is not None and run is not None:
+        lifetime = max(hwm_load, run)
+    else:  # no /proc: getrusage (macOS reports bytes; a child's own figure there)
+        lifetime = maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return {
+        "peak_rss_bytes": run if run is not None else lifetime,
+        "peak_rss_lifetime_bytes": lifetime,
+        "rss_after_import_bytes": rss_import,
+        "rss_after_load_bytes": rss_load,
+        "torch_imported": "torch" in sys.modules,
+    }
+
+
+def probe_memory(spec: dict[str, Any], tile: int) -> dict[str, Any]:
+    """Run one system in a fresh interpreter (load, two passes over one tile) and return its peak RSS.
+
+    The child measures itself (Linux ``VmHWM``): ``ru_maxrss`` from ``wait4`` is not used because on Linux a
+    child started by fork/vfork + exec inherits the parent's high-water mark at exec, so it would report this
+    (large) process's RSS.
+    """
+    spec = {**spec, "tile": tile}
+    with tempfile.TemporaryDirectory(prefix="tadsr-bench-probe-") as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "tadsr.bench_systems", "--probe", json.dumps(spec), "--result", str(result)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        if proc.returncode != 0 or not result.is_file():
+            tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            return {"method": "subprocess", "error": f"probe exited with {proc.returncode}: {' | '.join(tail)}"}
+        child = json.loads(result.read_text())
+    return {
+        "method": "subprocess",
+        **child,
+        "probe_s": round(time.perf_counter() - t0, 2),
+        "note": "fresh process with this system only: peak_rss_bytes is its peak while running (VmHWM reset after "
+        "loading), peak_rss_lifetime_bytes includes imports and loading",
+    }
+
+
+# ------------------------------------------------------------------------------------------------- probe entry
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tadsr.bench_systems --probe JSON --result FILE``: the memory probe's child side."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tadsr.bench_systems", description="memory probe (internal)")
+    p.add_argument("--probe", required=True)
+    p.add_argument("--result", type=Path, required=True)
+    args = p.parse_args(argv)
+    out = _probe_child(json.loads(args.probe))
+    args.result.write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
