@@ -1,0 +1,209 @@
+"""``tadsr parity`` on the tiny preset's real ONNX artifacts: verdicts, diagnoses, reports, exit codes.
+
+Uses the session's tiny ONNX export (``tiny_onnx_artifacts`` in conftest: pipeline + encoder/denoiser/decoder,
+exported once for all test modules) and copies what it corrupts:
+
+* clean artifacts pass, each output with max abs, mean abs, PSNR and SSIM, and so do whole images;
+* one component set with two corruptions, checked in one call: a decoder with a conv weight of
+  ``decoder.up.1`` scaled inside the ONNX file (manifest sha256 fixed, so the file is accepted) -> named
+  ``decoder.up.1``; a denoiser whose manifest states a wrong ``prior_noise_scale`` -> the component set fails
+  on whole images and the stage chain names ``prior sample``;
+* (slow) a fused pipeline with its ``noise_scale`` constant changed inside the ONNX file -> ``prior sample``
+  (tests/test_localize.py checks the same on a toy pipeline in a second);
+* a file modified without fixing its manifest fails the integrity check and is still diagnosed;
+* the CLI: exit 0 / 1 / 2, Markdown on stdout, parity.json + parity.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from tadsr.runtime.runner import sha256_path
+
+from tadsr.errors import ConfigError, InputError
+from tadsr.parity import ParityOptions, ReferenceSpec, check_parity, render_markdown
+from tadsr.parity_cli import main
+
+FAST = {"patches": 1, "whole_images": 1, "max_side": 64, "threads": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _copy(src: Path, dst: Path, graph: str) -> Path:
+    d = dst / f"{graph}-onnx-fp32-t64"
+    shutil.copytree(src / d.name, d)
+    return d
+
+
+def _fix_sha(d: Path) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    for f in m["files"]:
+        f["sha256"], f["bytes"] = sha256_path(d / f["name"])
+    (d / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def _scale_initializer(d: Path, graph: str, name: str, factor: float, *, fix_sha: bool = True) -> None:
+    path = d / f"{graph}.onnx"
+    m = onnx.load(str(path))
+    t = next(t for t in m.graph.initializer if t.name == name)
+    t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(t) * np.float32(factor)).astype(np.float32), name))
+    onnx.save(m, str(path))
+    if fix_sha:
+        _fix_sha(d)
+
+
+@pytest.fixture(scope="module")
+def clean(tiny_onnx_artifacts):
+    return check_parity(tiny_onnx_artifacts, options=ParityOptions(**FAST))
+
+
+@pytest.fixture(scope="module")
+def corrupted(tiny_onnx_artifacts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("corrupted")
+    for g in ("encoder", "denoiser", "decoder"):
+        _copy(tiny_onnx_artifacts, root, g)
+    _scale_initializer(root / "decoder-onnx-fp32-t64", "decoder", "decoder.up.1.block.0.conv1.weight", 1.5)
+    m = root / "denoiser-onnx-fp32-t64" / "manifest.json"
+    d = json.loads(m.read_text())
+    d["graph"]["constants"]["prior_noise_scale"] *= 0.5  # what the host uses between encoder and denoiser
+    m.write_text(json.dumps(d, indent=2))
+    return check_parity(root, options=ParityOptions(**FAST))
+
+
+def _artifact(result, graph):
+    return next(a for a in result.artifacts if a.graph == graph)
+
+
+def _set(result, kind):
+    return next(s for s in result.sets if s.kind == kind)
+
+
+def test_clean_export_passes(clean):
+    assert clean.passed and clean.exit_code == 0, render_markdown(clean)
+    assert sorted(a.graph for a in clean.artifacts) == ["decoder", "denoiser", "encoder", "pipeline"]
+    assert sorted(s.kind for s in clean.sets) == ["components", "pipeline"]
+    for a in clean.artifacts:
+        assert [c.name for c in a.checks] == ["integrity", "interface", "constants"]
+        assert {(o.hop.split(" -> ")[1], o.inputs) for o in a.outputs} >= {
+            ("onnx runtime", "seeded"),
+            ("onnx runtime", "real"),
+        }
+        for o in a.outputs:
+            assert o.psnr > 90 and o.ssim > 0.9999 and o.max_abs < 1e-3 and o.qsteps is None
+            assert o.floor.why and o.floor.source.startswith("floors.fp32")
+        assert a.diagnosis is None  # nothing to diagnose without --diagnose
+    for s in clean.sets:
+        (img,) = s.images
+        assert img.passed and s.floor.source == "floors.fp32.pipeline"
+        if img.psnr < 80:  # a VQ code flipped on a near-tie: accepted only when explained (see check_set)
+            assert img.code_flips.flipped and img.code_flips.all_explained and img.same_codes_psnr > 80, img.note
+    doc = json.loads(json.dumps(clean.to_dict(), allow_nan=False))
+    assert doc["passed"] and doc["artifacts"][0]["outputs"][0]["ssim"] is not None
+
+
+def test_tampered_weight_is_localised_to_its_block(corrupted):
+    a = _artifact(corrupted, "decoder")
+    assert not a.passed and a.checks[0].passed  # the sha256 was fixed: only numerics can tell
+    assert any(not o.passed for o in a.outputs if "runtime" in o.hop)
+    loc = a.diagnosis.localizations[0]
+    assert loc.backend == "onnx" and loc.first.unit == "decoder.up.1" and loc.first.stage == "decoder"
+    before = [u for u in loc.units[: loc.units.index(loc.first)]]
+    assert [u.unit for u in before] == ["quantize", "post_quant_conv", "decoder.conv_in", "decoder.mid", "decoder.up.2"]
+    assert all(u.status == "ok" and u.psnr > 100 for u in before)
+    assert "first divergence at decoder.up.1" in a.diagnosis.summary
+    (m,) = a.diagnosis.weights.mismatches
+    assert (m["tensor"], m["unit"]) == ("decoder.up.1.block.0.conv1.weight", "decoder.up.1")
+
+
+@pytest.mark.slow  # torch.export of the whole pipeline for the localisation (~30 s); the toy test covers it fast
+def test_wrong_noise_scale_in_the_pipeline_graph_names_the_prior_sample(tiny_onnx_artifacts, tmp_path):
+    d = _copy(tiny_onnx_artifacts, tmp_path, "pipeline")
+    _scale_initializer(d, "pipeline", "noise_scale", 0.5)
+    res = check_parity(d, options=ParityOptions(**FAST))
+    a = _artifact(res, "pipeline")
+    assert not a.passed and res.exit_code == 1
+    loc = a.diagnosis.localizations[0]
+    assert loc.first.unit == "prior sample" and loc.first.stage == "prior sample", loc.summary()
+    encoder_units = loc.units[: loc.units.index(loc.first)]
+    assert (
+        encoder_units
+        and {u.stage for u in encoder_units} == {"encoder"}
+        and all(u.status == "ok" for u in encoder_units)
+    )
+    assert {u.stage for u in loc.units} == {"encoder", "prior sample", "input scaling", "denoiser", "decoder"}
+    assert a.diagnosis.weights.mismatches[0]["stage"] == "prior sample"
+    assert not _set(res, "pipeline").passed
+
+
+def test_wrong_manifest_noise_scale_of_a_component_set_names_the_prior_sample(corrupted):
+    den = _artifact(corrupted, "denoiser")
+    assert not den.passed and all(o.passed for o in den.outputs)  # the graph itself is right
+    bad = [c for c in den.checks if not c.passed]
+    assert [(c.name, c.stage) for c in bad] == [("constant prior_noise_scale", "prior sample")]
+    assert "prior sample" in den.diagnosis.summary
+    comp = _set(corrupted, "components")
+    assert not comp.passed and comp.images[0].psnr < 40
+    (loc,) = comp.diagnosis.localizations
+    assert [u.unit for u in loc.units] == ["encoder", "prior sample", "denoiser", "decoder"]
+    assert loc.first.unit == "prior sample" and loc.units[0].status == "ok"
+    assert _artifact(corrupted, "encoder").passed
+    assert corrupted.exit_code == 1
+
+
+def test_modified_file_fails_integrity_and_is_still_diagnosed(tiny_onnx_artifacts, tmp_path, capsys):
+    d = _copy(tiny_onnx_artifacts, tmp_path, "encoder")
+    _scale_initializer(d, "encoder", "encoder.down.1.block.0.conv2.weight", 1.5, fix_sha=False)
+    report = tmp_path / "report"
+    code = main([str(d), "--patches", "1", "--threads", "1", "--report", str(report)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert (
+        out.startswith("# tadsr parity: FAIL")
+        and "integrity: **FAIL**" in out
+        and "first divergence at encoder.down.1" in out
+    )
+    doc = json.loads((report / "parity.json").read_text())
+    (a,) = doc["artifacts"]
+    assert a["checks"][0]["name"] == "integrity" and not a["checks"][0]["passed"]
+    assert a["diagnosis"]["localizations"][0]["first"] == "encoder.down.1"
+    assert (report / "parity.md").read_text() == out
+
+
+def test_cli_exit_codes(tiny_onnx_artifacts, tmp_path, capsys):
+    enc = tiny_onnx_artifacts / "encoder-onnx-fp32-t64"
+    assert main([str(enc), "--patches", "0", "--threads", "1"]) == 0
+    assert "# tadsr parity: PASS" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing")]) == 2  # InputError
+    assert main([str(enc), "--patches", "-1"]) == 2  # ConfigError
+    assert main([str(enc), "--preset", "no-such-preset"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main([str(enc), "--init", "zeros"])  # argparse
+    assert e.value.code == 2
+
+
+def test_reference_from_arguments_and_bad_sources(tiny_onnx_artifacts, tmp_path):
+    enc = _copy(tiny_onnx_artifacts, tmp_path, "encoder")
+    ok = check_parity(enc, ReferenceSpec(preset="tiny", init="random"), ParityOptions(patches=0, threads=1))
+    assert ok.passed and ok.options["reference"]["from"] == "arguments"
+    m = json.loads((enc / "manifest.json").read_text())
+    m["sources"]["autoencoder"] = {"path": str(tmp_path / "gone.pth"), "sha256": "0" * 64}
+    (enc / "manifest.json").write_text(json.dumps(m))
+    res = check_parity(enc, options=ParityOptions(patches=0))
+    assert res.exit_code == 2 and "--autoencoder" in res.artifacts[0].error
+    with pytest.raises(InputError):
+        check_parity(tmp_path / "nothing-here")
+    with pytest.raises(ConfigError):
+        ParityOptions(patches=-1)
