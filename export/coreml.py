@@ -302,12 +302,13 @@ def plan_fp16(
 
 def _op_selector(plan: Fp16Plan, node_names: Sequence[str]) -> Any:
     """``op -> bool`` (True: fp16) for ``FP16ComputePrecision``; derived MIL names map by longest prefix."""
-    known = sorted(node_names, key=len, reverse=True)
+    exact = set(node_names)
+    known = sorted(exact, key=len, reverse=True)
 
     def owner(mil_name: str) -> str | None:
-        if mil_name in plan.kept_ops:
+        if mil_name in exact or mil_name in plan.kept_ops:
             return mil_name
-        for n in known:  # e.g. "conv_transpose2d_has_output_shape" -> "conv_transpose2d"
+        for n in known:  # derived names, longest first: "conv_transpose2d_has_output_shape" -> "conv_transpose2d"
             if mil_name.startswith(n + "_"):
                 return n
         return None
@@ -562,6 +563,7 @@ def _plan_info(plan: Fp16Plan, top: int = 25) -> dict[str, Any]:
         "policy": plan.policy,
         "kept_layers": dict(plan.kept_layers),
         "n_kept_ops": len(plan.kept_ops),
+        "kept_ops": sorted(plan.kept_ops),
         "kept_op_types": sorted(plan.kept_op_types),
         "n_layers": len(plan.layers),
         "ranges": {k: _round(v) for k, v in plan.layers.items() if k in shown},

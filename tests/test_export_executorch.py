@@ -1,8 +1,9 @@
 """ExecuTorch export (XNNPACK): the tiny denoiser lowers to one partition with nothing outside, and the .pte run by
 the ExecuTorch runtime matches the torch graph; the fused pipeline keeps only the int64 VQ lookup outside.
 
-Costs: lowering the tiny denoiser takes ~80 s of CPU (ExecuTorch's passes, not the model); the pipeline uses the
-session fixture ``tiny_executorch_pipeline`` of tests/conftest.py, shared with tests/test_runtime.py.
+Costs: lowering the tiny denoiser takes ~90 s of CPU (ExecuTorch's ~40 graph passes over ~2000 nodes, not the
+model); the pipeline uses the session fixture ``tiny_executorch_pipeline`` of tests/conftest.py, shared with
+tests/test_runtime.py. The Core ML delegate (imports coremltools) and the full-size UNet are ``slow``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,26 @@ def test_bad_arguments(denoiser, tmp_path):
     with pytest.raises(ConfigError, match="backend"):
         export_executorch(g, spec, tmp_path, backend="vulkan")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_coreml_delegate_lowers_but_runs_only_on_apple(tmp_path):
+    """backend="coreml": ExecuTorch's Core ML delegate (lowering works on Linux; its runtime is Apple-only)."""
+    pytest.importorskip("executorch.backends.apple.coreml.partition")
+    from torch import nn
+
+    from tadsr.errors import BackendUnavailableError
+    from tadsr.export.graphs import GraphSpec, TensorSpec
+
+    toy = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8)).eval()
+    spec = GraphSpec("toy", 8, 1, (TensorSpec("x", (1, 3, 8, 8)),), (TensorSpec("y", (1, 8, 8, 8)),))
+    res = export_executorch(toy, spec, tmp_path, backend="coreml", precision="fp16")
+    assert res.info["backend"] == "coreml" and res.info["partitions"] == 1 and res.info["n_ops_outside"] == 0
+    from executorch.runtime import Runtime
+
+    if "CoreMLBackend" not in Runtime.get().backend_registry.registered_backend_names:
+        with pytest.raises(BackendUnavailableError, match="Core ML delegate"):
+            ExecuTorchRunner(tmp_path / res.files[0], spec.to_dict())
 
 
 @pytest.mark.slow
