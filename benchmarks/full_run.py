@@ -2,7 +2,8 @@
 
 Part 1, latency (``<out>/latency``): the official-size architecture (``official-x4``) with deterministic random
 weights, exported to ONNX (fused pipeline + components, tile 64; ``--formats`` adds ExecuTorch), plus any ready
-artifact folders given with ``--latency-artifacts`` (INT8 from ``tadsr quantize``); no images (a seeded tile).
+artifact folders given with ``--latency-artifacts``; ``--int8`` quantizes the exported ones with ``tadsr quantize``'s
+library (shipped calibration set); no images (a seeded tile).
 Random weights are right for latency and meaningless for fidelity.
 
 Part 2, fidelity (``<out>/fidelity``): the ``bundled`` preset with its shipped weights
@@ -13,7 +14,7 @@ others): PSNR / SSIM, parity, image grid, and latency again at that size.
 Both parts write report.json first, then report.md, plots (and the grid). At the end the ratios are printed:
 student / teacher, export / eager and INT8 / fp32, per stage, and ``<out>/full_run.json`` collects them.
 
-    python benchmarks/full_run.py --out out/full_run --threads 2
+    python benchmarks/full_run.py --out out/full_run --threads 2 --int8
     python benchmarks/full_run.py --out out/full_run --skip-latency --fidelity-artifacts out/bundled-int8
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import ensure_exported  # noqa: E402  (sibling script)
+from latency import ensure_exported, ensure_quantized  # noqa: E402  (sibling script)
 
 logger = logging.getLogger("tadsr.benchmarks.full_run")
 
@@ -41,8 +42,9 @@ def _part(name: str, args: argparse.Namespace, preset: str, init: str | None, da
 
     models = load_models(preset=preset, init=init)
     out = args.out / name
-    artifacts = [ensure_exported(models, args.formats, ["pipeline", "components"], 64,
-                                 out / "artifacts" / f"{preset}-t64"), *extra]  # fmt: skip
+    fp32 = ensure_exported(models, args.formats, ["pipeline", "components"], 64, out / "artifacts" / f"{preset}-t64")
+    int8 = ensure_quantized(fp32, args.formats, args.threads, gate=init is None) if args.int8 else []
+    artifacts = [fp32, *int8, *extra]
     cfg = BenchConfig(out_dir=out / "report", data=data, artifacts=tuple(artifacts), preset=preset, init=init,
                       teacher_steps=15, threads=args.threads, repeats=args.repeats, warmup=1, memory=args.memory,
                       max_images=args.max_images)  # fmt: skip
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--latency-preset", default="official-x4", help="preset of part 1 (tiny: a quick dry run)")
     p.add_argument("--fidelity-preset", default="bundled", help="preset of part 2 (needs shipped weights)")
+    p.add_argument("--int8", action="store_true", help="quantize the exported artifacts too (tadsr quantize; slow)")
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-fidelity", action="store_true")
     args = p.parse_args(argv)

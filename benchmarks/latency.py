@@ -5,10 +5,13 @@ official-size model with deterministic random weights, exported to ONNX (fused p
 ``<work>/artifacts/<preset>-t<tile>`` (reused when already there); add ready artifact folders (e.g. INT8 from
 ``tadsr quantize``) with ``--artifacts``. The report (report.json first, then report.md and plots) goes to
 ``<work>/report``; the per-stage table and the ratios student / teacher, export / eager, INT8 / fp32 are printed.
+``--int8`` also quantizes the exported artifacts (``tadsr.quantize.api.quantize_artifact``, shipped calibration set;
+slow at the official size) into ``<work>/artifacts/<preset>-t<tile>-int8``.
 
     python benchmarks/latency.py --work out/latency --threads 2
     python benchmarks/latency.py --preset tiny --work /tmp/lat --repeats 5 --formats onnx executorch
     python benchmarks/latency.py --work out/latency --artifacts out/int8 --no-export
+    python benchmarks/latency.py --preset tiny --work /tmp/lat --int8
 """
 
 from __future__ import annotations
@@ -48,6 +51,27 @@ def ensure_exported(models: Any, formats: Sequence[str], graphs: Sequence[str], 
     return out
 
 
+def ensure_quantized(fp32_dir: Path, formats: Sequence[str], threads: int | None, *, gate: bool) -> list[Path]:
+    """INT8 artifacts (``tadsr quantize`` with the shipped calibration set) of every fp32 artifact in ``fp32_dir``.
+
+    Written into ``<fp32_dir>-int8`` (reused when there). ``gate=False`` keeps an INT8 file below its parity floor
+    (recorded in its manifest): right for random weights, where only latency counts. Returns that folder (or nothing).
+    """
+    from tadsr.quantize.api import quantize_artifact
+    from tadsr.runtime.runner import read_manifest
+
+    out = fp32_dir.parent / f"{fp32_dir.name}-int8"
+    for d in sorted(p for p in fp32_dir.iterdir() if (p / "manifest.json").is_file()):
+        m = read_manifest(d)
+        if m["precision"] != "fp32" or m["format"] not in formats or m["format"] == "coreml":
+            continue
+        if (out / d.name.replace("-fp32-", "-int8-")).is_dir():
+            continue
+        logger.info("quantizing %s -> %s ...", d.name, out)
+        quantize_artifact(d, out_dir=out, threads=threads, parity_gate=gate, progress=sys.stderr.isatty())
+    return [out] if out.is_dir() else []
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="work folder (artifacts/ and report/ inside)")
@@ -59,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", nargs="+", default=["onnx"], help="formats to export (default: onnx)")
     p.add_argument("--graphs", nargs="+", default=["pipeline", "components"])
     p.add_argument("--no-export", dest="export", action="store_false", help="only benchmark --artifacts")
+    p.add_argument("--int8", action="store_true", help="also quantize the exported artifacts (tadsr quantize; slow)")
     p.add_argument("--artifacts", type=Path, nargs="*", default=[], help="more artifact folders (e.g. INT8)")
     p.add_argument("--tile", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
@@ -89,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         out = args.work / "artifacts" / f"{args.preset}-t{args.tile}"
         artifacts.insert(0, ensure_exported(models, args.formats, args.graphs, args.tile, out))
+        if args.int8:
+            artifacts[1:1] = ensure_quantized(out, args.formats, args.threads, gate=init is None)
     cfg = BenchConfig(out_dir=args.work / "report", artifacts=tuple(artifacts), preset=args.preset,
                       student=args.student, teacher=args.teacher, autoencoder=args.autoencoder, init=init,
                       teacher_steps=args.teacher_steps, threads=args.threads, repeats=args.repeats,

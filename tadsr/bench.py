@@ -203,6 +203,7 @@ class SystemResult:
     latency: dict[str, dict[str, Any]] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     fidelity: dict[str, Any] = field(default_factory=dict)
+    artifact: dict[str, Any] = field(default_factory=dict)  # from the manifests: parity at export, INT8 share
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -434,6 +435,14 @@ def _same_weights(manifest: Mapping[str, Any], sources: Mapping[str, Any]) -> bo
     return verdict
 
 
+def _manifest_facts(s: ArtifactSet) -> dict[str, Any]:
+    """Per graph: did parity pass at export / quantization, and which share of candidate nodes is INT8."""
+    facts: dict[str, Any] = {"parity_passed": {g: m.get("parity_passed") for g, m in s.manifests.items()}}
+    if s.precision == "int8":
+        facts["int8_fraction"] = {g: (m.get("backend_info") or {}).get("int8_fraction") for g, m in s.manifests.items()}
+    return facts
+
+
 def _nbytes(*nets: Any) -> int:
     return sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
 
@@ -468,6 +477,7 @@ def _systems(cfg: BenchConfig, models: Any, sets: Sequence[ArtifactSet]) -> list
         rec = {"kind": "artifact", "format": s.format, "precision": s.precision, "layout": s.layout,
                "paths": [str(d) for d in s.dirs.values()], "size_bytes": s.size_bytes,
                "size_kind": "files on disk"}  # fmt: skip
+        rec["artifact"] = _manifest_facts(s)
         same = _same_weights(next(iter(s.manifests.values())), models.sources)
         note = "" if same is not False else "exported from other weights than the reference: parity is not a check"
         opts, th = runner_options(s.format, cfg.threads)
@@ -555,6 +565,13 @@ def _warnings(cfg: BenchConfig, machine: Mapping[str, Any], results: Sequence[Sy
         w.append("random weights (init random): fidelity numbers say nothing about quality; latency only")
     w += [f"{r.name}: {r.status}: {r.note}" for r in results if r.status not in ("ok", "needs macOS")]
     w += [f"{r.name}: {r.note}" for r in results if r.status == "ok" and "other weights" in r.note]
+    for r in results:
+        failed = [g for g, ok in r.artifact.get("parity_passed", {}).items() if ok is False]
+        if failed:
+            w.append(f"{r.name}: written with FAILING parity at export/quantization ({', '.join(failed)}; gate off)")
+        unquantized = [g for g, f in r.artifact.get("int8_fraction", {}).items() if f == 0]
+        if unquantized:
+            w.append(f"{r.name}: no node is INT8 in {', '.join(unquantized)} (the recipe kept everything float)")
     return w
 
 

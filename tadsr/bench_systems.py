@@ -177,6 +177,8 @@ class _Clock:
 
 
 class _TimedRunner:
+    """A runner whose ``run`` calls are timed as one stage (same ``spec``)."""
+
     def __init__(self, inner: Any, clock: _Clock, stage: str) -> None:
         self.inner, self.spec = inner, inner.spec
         self.run = clock.wrap(stage, inner.run)
@@ -229,6 +231,8 @@ class System:
 
 
 class Bicubic(System):
+    """MATLAB-style bicubic x4 of the LR (numpy), the floor; no model and no noise."""
+
     name = "bicubic"
 
     def noise_shape(self, tile: int) -> tuple[int, ...]:
@@ -290,6 +294,8 @@ class TorchSystem(System):
 
 
 class ArtifactSystem(System):
+    """An artifact set through :class:`tadsr.runtime.pipeline.MobileSRPipeline` (host-side prior sample)."""
+
     def __init__(self, aset: ArtifactSet, backend: str | None, runner_opts: dict[str, Any]) -> None:
         super().__init__()
         self.aset, self.backend, self.runner_opts = aset, backend, runner_opts
