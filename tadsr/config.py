@@ -221,6 +221,15 @@ PRESETS: dict[str, Preset] = {
         unet=UNetConfig(model_channels=32, num_res_blocks=(1, 1, 1, 1), swin_embed_dim=64),
         vq=VQConfig(ch=32, num_res_blocks=1, n_embed=256),
     ),
+    # Shipped small model (tadsr/weights/bundled_*.safetensors, trained by python -m tadsr.train.build_bundled):
+    # the official block types and Swin levels at smaller widths; 15-step v1 teacher only.
+    "bundled": Preset(
+        name="bundled",
+        unet=UNetConfig(model_channels=32, num_res_blocks=(1, 1, 1, 1), channel_mult=(1, 2, 2, 2), swin_embed_dim=64),
+        vq=VQConfig(ch=32, num_res_blocks=1, n_embed=4096),
+        teacher_schedules=((15, SCHEDULES["v1"]),),
+        bundled_weights="bundled",
+    ),
 }
 
 

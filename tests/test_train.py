@@ -1,0 +1,300 @@
+"""Training code (tadsr.train): loss signs, gradient routing, exact reparametrisation, stage smoke runs, resume.
+
+Everything runs a "micro" preset (2 UNet levels -> 16x16 latents, 4-step schedule) on a few synthetic photos,
+so the whole file takes well under a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tadsr.checkpoint import load_state_dict
+from tadsr.config import PRESETS, SCHEDULES, Preset, UNetConfig, VQConfig
+from tadsr.models.unet_swin import UNetModelSwin
+from tadsr.models.vqgan import VQModelTorch
+from tadsr.schedule import make_schedule
+from tadsr.train.autoencoder import AEConfig, standardize_latent_, train_autoencoder
+from tadsr.train.data import LatentPool, build_latent_pool, degrade_x4, load_pairs, sample_crops
+from tadsr.train.disc import TimeAwareDiscriminator, teacher_features
+from tadsr.train.distill import DistillConfig, Distiller, train_distill
+from tadsr.train.losses import (
+    ddim_teacher_sample,
+    generator_adv_loss,
+    hinge_d_loss,
+    hsd_gradient,
+    hsd_loss,
+    implied_noise,
+    perturb,
+)
+from tadsr.train.teacher import TeacherConfig, train_teacher
+
+MICRO = Preset(
+    name="test-micro",
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 1), num_res_blocks=(1, 1), attention_resolutions=(64, 32),
+                    swin_embed_dim=32),  # fmt: skip
+    vq=VQConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, n_embed=64),
+    schedule=SCHEDULES["v3"],
+    teacher_schedules=((4, SCHEDULES["v3"]),),
+)
+CROP = 4 * MICRO.pad_multiple  # 64 px HR, 16 px LR / latent
+LAT = MICRO.pad_multiple
+DEV = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def micro_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(PRESETS, "test-micro", MICRO)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_onednn():  # noqa: ANN201
+    """Tiny shapes: oneDNN's per-shape kernel creation costs more than the convolutions themselves."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = before
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for split, sizes in (("train", [(160, 200), (136, 144)]), ("val", [(128, 132)])):
+        (root / split).mkdir()
+        for i, (h, w) in enumerate(sizes):
+            base = rng.normal(size=(h // 8 + 1, w // 8 + 1, 3))
+            img = np.kron(base, np.ones((8, 8, 1)))[:h, :w] * 40 + 128 + rng.normal(size=(h, w, 3)) * 8
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / split / f"img{i}.png")
+    return root
+
+
+def _teacher(seed: int = 0) -> UNetModelSwin:
+    torch.manual_seed(seed)
+    net = UNetModelSwin(MICRO.unet)
+    with torch.no_grad():  # non-zero output layers so gradients are informative
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return net
+
+
+def _pool(n: int = 4) -> LatentPool:
+    g = torch.Generator().manual_seed(1)
+    z0 = torch.randn(n, 3, LAT, LAT, generator=g)
+    zy = z0 + 0.3 * torch.randn(n, 3, LAT, LAT, generator=g)
+    return LatentPool(z0, zy, torch.rand(n, 3, LAT, LAT, generator=g) * 2 - 1)
+
+
+# -- losses ----------------------------------------------------------------------------------------------------
+def test_hsd_direction_points_from_teacher_to_student() -> None:
+    sched = make_schedule(SCHEDULES["v1"])
+    g = torch.Generator().manual_seed(0)
+    zy, z_tch = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    x_s = (z_tch + 0.5 * torch.randn(2, 3, 8, 8, generator=g)).requires_grad_(True)
+    zero = lambda x, t, lq: torch.zeros_like(x)  # noqa: E731  (a denoiser that keeps nothing)
+    res = hsd_gradient(zero, sched, x_s, z_tch, zy, zy, torch.Generator().manual_seed(1))
+    factor = (1 - torch.tensor(sched.etas)[res.t]) / (sched.kappa * torch.tensor(sched.sqrt_etas)[res.t])
+    expected = factor.float().view(-1, 1, 1, 1) * (x_s.detach() - z_tch)
+    torch.testing.assert_close(res.grad, expected, rtol=1e-4, atol=1e-4)  # closed form of spec §4
+    loss = hsd_loss(x_s, res.grad).mean()
+    loss.backward()
+    torch.testing.assert_close(x_s.grad, res.grad / (3 * 8 * 8) / 2)
+    with torch.no_grad():  # a descent step moves the student towards the teacher's sample
+        before = (x_s - z_tch).norm()
+        after = (x_s - 0.01 * x_s.grad / x_s.grad.norm() - z_tch).norm()
+    assert after < before
+
+
+def test_hsd_leaves_teacher_untouched() -> None:
+    sched = make_schedule(MICRO.schedule)
+    teacher = _teacher().eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    p = _pool(2)
+    x_s = p.z0.clone().requires_grad_(True)
+    for noise in ("gaussian", "uniform"):
+        res = hsd_gradient(teacher, sched, x_s, p.z0 + 0.1, p.zy, p.lq, torch.Generator().manual_seed(0), noise=noise)
+        assert res.grad.abs().sum() > 0 and not res.grad.requires_grad
+        hsd_loss(x_s, res.grad).mean().backward()
+    assert x_s.grad is not None and x_s.grad.abs().sum() > 0
+    assert all(q.grad is None for q in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_hinge_and_generator_signs() -> None:
+    big = torch.full((2, 10), 3.0)
+    assert hinge_d_loss(big, -big).item() == 0.0  # confident, correct D: no loss
+    assert hinge_d_loss(-big, big).item() == pytest.approx(8.0)  # confident, wrong D
+    real = torch.zeros(2, 10, requires_grad=True)
+    fake = torch.zeros(2, 10, requires_grad=True)
+    hinge_d_loss(real, fake).backward()
+    assert (real.grad < 0).all() and (fake.grad > 0).all()  # descent raises D(real), lowers D(fake)
+    f = torch.zeros(2, 10, requires_grad=True)
+    generator_adv_loss(f).mean().backward()
+    assert (f.grad < 0).all()  # the generator is pushed to raise D(fake)
+
+
+def test_implied_noise_inverts_perturb() -> None:
+    sched = make_schedule(SCHEDULES["v1"])
+    g = torch.Generator().manual_seed(0)
+    x0, zy, n = (torch.randn(3, 3, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([0, 7, 14])
+    torch.testing.assert_close(implied_noise(sched, perturb(sched, x0, zy, t, n), x0, zy, t), n, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_sampler_returns_oracle_x0() -> None:
+    sched = make_schedule(SCHEDULES["v1"])
+    x0 = torch.randn(2, 3, 4, 4)
+    zy = torch.randn(2, 3, 4, 4)
+    oracle = lambda x, t, lq: x0  # noqa: E731
+    out = ddim_teacher_sample(oracle, sched, sched.prior_sample(zy, torch.randn(2, 3, 4, 4)), zy, zy)
+    torch.testing.assert_close(out, x0)
+
+
+# -- discriminator and distillation gradient routing ------------------------------------------------------------
+def test_discriminator_shapes() -> None:
+    teacher = _teacher()
+    d = TimeAwareDiscriminator.for_teacher(teacher, c_dim=8)
+    t = torch.tensor([0, 2])
+    feats = teacher_features(teacher, torch.randn(2, 3, LAT, LAT), t, torch.randn(2, 3, LAT, LAT))
+    assert [f.shape[-1] for f in feats] == [8, 8, 8]  # the downsample, the last input block, the middle block
+    assert d(feats, t).shape == (2, 8 * 8 * 8 * 3)
+
+
+def _distiller(**kw: object) -> Distiller:
+    cfg = DistillConfig(preset="test-micro", batch=2, c_dim=8, amp=False, warmup=1, **kw)  # type: ignore[arg-type]
+    return Distiller(cfg, _teacher(), DEV)
+
+
+def test_discriminator_step_updates_only_heads() -> None:
+    d = _distiller()
+    p = _pool(2)
+    sched, t_d = d.sched, torch.tensor([0, 2])
+    x_s = d.student(sched.scale_input(sched.prior_sample(p.zy, torch.randn_like(p.zy)), 3), torch.tensor([3, 3]), p.lq)
+    u = torch.randn_like(p.z0)
+    with torch.no_grad():
+        feat_r = d._features(perturb(sched, p.z0, p.zy, t_d, u), t_d, p.lq)
+    feat_f = d._features(perturb(sched, x_s, p.zy, t_d, u), t_d, p.lq)
+    assert all(f.requires_grad for f in feat_f) and not any(f.requires_grad for f in feat_r)
+    logits = d.disc([torch.cat([r, f.detach()]) for r, f in zip(feat_r, feat_f)], torch.cat([t_d, t_d]))
+    hinge_d_loss(logits[:2], logits[2:]).backward()
+    assert all(q.grad is None for q in d.student_net.parameters())
+    assert all(q.grad is None for q in d.teacher.parameters())
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in d.disc_net.parameters())
+    d.opt_d.step()  # the heads' last convs start at zero: only an updated D passes gradients back (as upstream)
+    d.disc_net.zero_grad(set_to_none=True)
+    generator_adv_loss(d.disc(feat_f, t_d)).mean().backward()  # generator side reaches the student through the teacher
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in d.student_net.parameters())
+    assert all(q.grad is None for q in d.teacher.parameters())
+
+
+# -- autoencoder ------------------------------------------------------------------------------------------------
+def test_standardize_latent_is_exact() -> None:
+    torch.manual_seed(0)
+    vq = VQModelTorch(MICRO.vq).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        vq.quantize.embedding.weight.copy_(vq.encode(x).permute(0, 2, 3, 1).reshape(-1, 3)[:64])
+        z = vq.encode(x)
+        before = vq.decode(z)
+        standardize_latent_(vq, z)
+        z2 = vq.encode(x)
+        after = vq.decode(z2)
+    assert abs(float(z2.std()) - 1.0) < 1e-3 and float(z2.mean(dim=(0, 2, 3)).abs().max()) < 1e-3
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_flips_commute_with_degradation() -> None:
+    hr = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    lr = degrade_x4(hr)
+    np.testing.assert_array_equal(degrade_x4(np.ascontiguousarray(hr[:, ::-1])), lr[:, ::-1])
+    np.testing.assert_array_equal(degrade_x4(np.ascontiguousarray(hr.transpose(1, 0, 2))), lr.transpose(1, 0, 2))
+
+
+def test_crops_are_aligned(photos: Path) -> None:
+    pairs = load_pairs(photos, "train")
+    hr, lr = sample_crops(pairs, np.random.default_rng(0), 3, 64, augment=False)
+    assert hr.shape == (3, 3, 64, 64) and lr.shape == (3, 3, 16, 16)
+    for h, low in zip(hr, lr):  # the LR crop is the MATLAB-bicubic image of its HR crop away from the borders
+        d = degrade_x4(np.ascontiguousarray(h.transpose(1, 2, 0))).transpose(2, 0, 1).astype(int) - low
+        assert np.abs(d[:, 2:-2, 2:-2]).max() <= 1
+
+
+# -- stage smoke runs and resume ----------------------------------------------------------------------------------
+def test_autoencoder_smoke_and_resume(photos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pairs = load_pairs(photos, "train")
+    cfg = AEConfig(preset="test-micro", steps=2, batch=1, crop=32, final_crop=CROP, final_frac=0.5, restart_every=1,
+                   amp=False, log_every=1)  # fmt: skip
+    res = train_autoencoder(cfg, pairs, tmp_path / "ae", DEV)
+    assert res.steps == 2 and json.loads((tmp_path / "ae/state.json").read_text())["step"] == 2
+    vq = VQModelTorch(MICRO.vq)
+    vq.load_state_dict(load_state_dict(res.weights), strict=True)
+    assert {"psnr_rgb", "usage", "perplexity"} <= set(res.metrics)
+    with caplog.at_level(logging.INFO, logger="tadsr.train.autoencoder"):
+        res2 = train_autoencoder(AEConfig(**{**cfg.__dict__, "steps": 3}), pairs, tmp_path / "ae", DEV)
+    assert "resumed" in caplog.text and "at step 2" in caplog.text
+    assert res2.steps == 3 and json.loads((tmp_path / "ae/state.json").read_text())["step"] == 3
+
+
+def test_teacher_smoke_resume_equals_straight_run(photos: Path, tmp_path: Path) -> None:
+    pairs = load_pairs(photos, "train")
+    torch.manual_seed(0)
+    ae = VQModelTorch(MICRO.vq).eval()
+    pool = build_latent_pool(ae, pairs, 3, seed=0, hr_size=CROP, device=DEV)
+    assert pool.z0.shape == (3, 3, LAT, LAT) and pool.lq.shape == (3, 3, LAT, LAT)
+    cfg = TeacherConfig(preset="test-micro", steps=2, batch=2, warmup=1, amp=False, log_every=1)
+    straight = train_teacher(cfg, pool, tmp_path / "a", DEV)
+    assert straight.steps == 2 and {"mse", "grad_norm"} <= set(straight.metrics)
+    part = train_teacher(TeacherConfig(**{**cfg.__dict__, "steps": 1}), pool, tmp_path / "b", DEV)
+    assert part.steps == 1
+    # resuming with the 2-step recipe continues at step 1 (with warmup 1 the first LR does not depend on it)
+    resumed = train_teacher(cfg, pool, tmp_path / "b", DEV)
+    assert resumed.steps == 2
+    a, b = load_state_dict(straight.weights), load_state_dict(resumed.weights)
+    net = UNetModelSwin(MICRO.unet)
+    net.load_state_dict(b, strict=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # identical to the uninterrupted run
+
+
+def test_distill_smoke_resume_and_frozen_teacher(tmp_path: Path) -> None:
+    pool = _pool(3)
+    teacher = _teacher()
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = DistillConfig(preset="test-micro", steps=2, batch=1, c_dim=8, amp=False, warmup=1, log_every=1)
+    res = train_distill(cfg, pool, teacher, tmp_path / "d", DEV)
+    assert res.steps == 2 and {"mse", "mse_hsd", "loss_d", "adv"} <= set(res.metrics)
+    assert all(np.isfinite(v) for v in res.metrics.values())
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())  # never stepped
+    assert all(q.grad is None for q in teacher.parameters())  # frozen: gradients only pass through it
+    student = load_state_dict(res.weights)
+    assert any(not torch.equal(student[k], teacher_before[k]) for k in student)  # the student did move
+    disc = load_state_dict(tmp_path / "d/extra.safetensors")
+    assert any(k.endswith("conv.weight") and v.abs().sum() > 0 for k, v in disc.items())  # zero-init heads trained
+    net = UNetModelSwin(MICRO.unet)
+    net.load_state_dict(student, strict=True)
+    assert (tmp_path / "d/optim.pt").is_file()
+    res2 = train_distill(DistillConfig(**{**cfg.__dict__, "steps": 3}), pool, teacher, tmp_path / "d", DEV)
+    assert res2.steps == 3 and json.loads((tmp_path / "d/state.json").read_text())["step"] == 3
+
+
+def test_validation_table_and_grid(photos: Path, tmp_path: Path) -> None:
+    from tadsr.pipeline import Models
+    from tadsr.train.build_bundled import format_validation
+    from tadsr.train.data import load_pairs as load
+    from tadsr.train.validate import METHODS, save_grid, validate
+
+    torch.manual_seed(0)
+    teacher = _teacher()
+    models = Models(MICRO, _teacher(1), VQModelTorch(MICRO.vq), teacher)
+    res, outs, hr = validate(models, load(photos, "val"), DEV, crop=CROP, max_crops=2, batch=2)
+    assert res.n_crops == 2 and set(res.mean) == set(METHODS) and hr.shape == (2, CROP, CROP, 3)
+    assert all(np.isfinite(v["psnr"]) and 0 <= v["ssim"] <= 1 for v in res.mean.values())
+    assert set(res.per_photo) == {"img0"} and len(res.per_crop["student_1"]["psnr_rgb"]) == 2
+    assert "student, 1 step" in format_validation(res)
+    grid = save_grid(outs, hr, res, tmp_path / "grid.png", rows=1)
+    assert Image.open(grid).size == (4 * CROP + 3 * 4, 18 + CROP)

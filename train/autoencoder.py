@@ -1,0 +1,343 @@
+"""Stage 1: train the VQ-f4 autoencoder (``VQModelTorch``) on HR photo crops.
+
+Loss = L1 + ``ssim_weight``·(1 − SSIM) + ``fft_weight``·|ΔFFT| + ‖sg(z) − e‖² + β‖z − sg(e)‖² (β = 0.25),
+straight-through quantisation. No perceptual network and no GAN. Dead codes (unused for ``restart_every``
+steps) are restarted on random encoder outputs of the current batch (their Adam moments reset), up to
+``restart_until`` of training. Reported: reconstruction PSNR of the batch and codebook usage/perplexity.
+
+At the end the latent is standardised by an exact reparametrisation (``z' = a (z − m)``: ``quant_conv`` and the
+codebook absorb it, ``post_quant_conv`` undoes it; the decoded image is unchanged), so the diffusion stages
+see latents of unit standard deviation.
+
+Usage::
+
+    python -m tadsr.train.autoencoder --photos data/photos --out runs/bundled/autoencoder [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tadsr.checkpoint import save_safetensors
+from tadsr.config import VQConfig, get_preset
+from tadsr.models.vqgan import VQModelTorch
+from tadsr.train.common import (
+    DistEnv,
+    RunningMean,
+    StageCheckpoint,
+    StepPlanner,
+    autocast,
+    init_distributed,
+    setup_logging,
+    step_seed,
+    warmup_cosine,
+)
+from tadsr.train.data import PhotoPairs, load_pairs, sample_crops, to_unit
+from tadsr.train.losses import fft_loss, ssim_loss
+
+__all__ = ["AEConfig", "AEResult", "train_autoencoder", "standardize_latent_", "main"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AEConfig:
+    """Recipe of the autoencoder stage."""
+
+    preset: str = "bundled"
+    steps: int = 3000
+    batch: int = 16
+    crop: int = 128
+    final_crop: int = 256
+    final_frac: float = 0.25
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    ssim_weight: float = 0.2
+    fft_weight: float = 0.05
+    beta: float = 0.25
+    restart_every: int = 50
+    restart_until: float = 0.8
+    grad_clip: float = 1.0
+    seed: int = 0
+    amp: bool = True
+    log_every: int = 50
+    save_every: int = 500
+    time_limit_s: float | None = None
+
+
+@dataclass(frozen=True)
+class AEResult:
+    """Outcome: final weights path, steps done, last logged metrics, wall time, latent stats."""
+
+    weights: Path
+    steps: int
+    metrics: dict[str, float]
+    seconds: float
+    seconds_per_step: float
+    latent_shift: list[float]
+    latent_scale: float
+
+
+class _AEStep(nn.Module):
+    """Training forward (one module, so DDP can wrap it): x -> (x_rec, z, e, idx)."""
+
+    def __init__(self, model: VQModelTorch, amp: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.amp = amp
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        with autocast(x.device, self.amp):
+            z = self.model.encode(x)
+        z = z.float()
+        idx = self.model.quantize.indices(z)
+        e = self.model.quantize.embedding(idx).permute(0, 3, 1, 2)
+        zq = z + (e - z).detach()
+        with autocast(x.device, self.amp):
+            x_rec = self.model.decoder(self.model.post_quant_conv(zq))
+        return x_rec.float(), z, e, idx
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB, RGB, range [-1, 1]) as a 0-d tensor (no device sync)."""
+    mse = F.mse_loss(a.clamp(-1, 1), b).clamp_min(1e-12)
+    return 10 * torch.log10(4.0 / mse)
+
+
+@torch.no_grad()
+def _init_codebook(model: VQModelTorch, x: torch.Tensor, seed: int) -> None:
+    """Codebook <- random encoder outputs of one batch (plus a little noise)."""
+    z = model.encode(x).float().permute(0, 2, 3, 1).reshape(-1, model.cfg.embed_dim)
+    g = torch.Generator(device=z.device).manual_seed(seed)
+    n = model.cfg.n_embed
+    pick = torch.randint(0, z.shape[0], (n,), generator=g, device=z.device)
+    noise = torch.randn((n, z.shape[1]), generator=g, device=z.device) * (0.01 * z.std() + 1e-4)
+    model.quantize.embedding.weight.copy_(z[pick] + noise)
+
+
+@torch.no_grad()
+def _restart_dead(
+    model: VQModelTorch, usage: torch.Tensor, z: torch.Tensor, opt: torch.optim.Optimizer, gen: torch.Generator
+) -> int:
+    """Move every code with zero usage onto a random current latent; reset its Adam moments.
+
+    Under DDP every rank sees the same (all-reduced) usage, so all reset the same rows; rank 0's new
+    codes are then broadcast.
+    """
+    dead = torch.nonzero(usage == 0).flatten()
+    if dead.numel():
+        zf = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        pick = torch.randint(0, zf.shape[0], (dead.numel(),), generator=gen, device=zf.device)
+        noise = torch.randn((dead.numel(), zf.shape[1]), generator=gen, device=zf.device) * (0.01 * zf.std() + 1e-4)
+        w = model.quantize.embedding.weight
+        w[dead] = zf[pick] + noise
+        st = opt.state.get(w, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                st[key][dead] = 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(model.quantize.embedding.weight.data, 0)
+    return int(dead.numel())
+
+
+@torch.no_grad()
+def standardize_latent_(model: VQModelTorch, z_samples: torch.Tensor) -> tuple[list[float], float]:
+    """Reparametrise so latents have zero channel means and unit overall std; decoding is unchanged.
+
+    With ``z' = a (z - m)`` (scalar a, per-channel m): quant_conv and the codebook are mapped the same way
+    (nearest-code search is invariant to this map), ``post_quant_conv`` absorbs the inverse.
+
+    Returns:
+        The shift m (per channel) and scale a that were applied.
+    """
+    c = z_samples.shape[1]
+    m = z_samples.transpose(0, 1).reshape(c, -1).mean(1)
+    a = float(1.0 / (z_samples - m.view(1, c, 1, 1)).std().clamp_min(1e-8))
+    qc, pqc, emb = model.quant_conv, model.post_quant_conv, model.quantize.embedding.weight
+    qc.weight.mul_(a)
+    qc.bias.sub_(m).mul_(a)
+    emb.sub_(m).mul_(a)
+    # post_quant_conv(z) = W z + b with z = z'/a + m  ->  W' = W / a, b' = b + W m
+    w2 = pqc.weight[:, :, 0, 0]
+    pqc.bias.add_(w2 @ m)
+    pqc.weight.div_(a)
+    return [float(v) for v in m], a
+
+
+_SPECIAL = 10**9  # step numbers of batches outside the training sequence (codebook init, latent stats)
+
+
+def _batch(pairs: PhotoPairs, cfg: AEConfig, dist: DistEnv, step: int, crop: int, device: torch.device) -> torch.Tensor:
+    rng = np.random.default_rng(step_seed(cfg.seed, dist.rank, step, stream=1))
+    hr, _ = sample_crops(pairs, rng, cfg.batch, crop)
+    return to_unit(hr, device)
+
+
+def train_autoencoder(
+    cfg: AEConfig, pairs: PhotoPairs, out_dir: Path, device: torch.device, dist: DistEnv = DistEnv(),
+    *, vq_cfg: VQConfig | None = None, resume: bool = True,
+) -> AEResult:  # fmt: skip
+    """Train (or resume) the autoencoder; write ``out_dir/final.safetensors`` (standardised latent).
+
+    Args:
+        cfg: the recipe.
+        pairs: training photos (HR used; never the val split).
+        out_dir: stage folder (checkpoints, state.json, final weights).
+        device: torch device of this process.
+        dist: process group facts (DDP when ``dist.world > 1``).
+        vq_cfg: architecture; defaults to the preset's.
+        resume: continue from ``out_dir`` when it holds a checkpoint.
+    """
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    vq_cfg = vq_cfg or get_preset(cfg.preset).vq
+    torch.manual_seed(cfg.seed)
+    model = VQModelTorch(vq_cfg).to(device)
+    step_mod: nn.Module = _AEStep(model, cfg.amp)
+    if dist.enabled:
+        step_mod = nn.parallel.DistributedDataParallel(step_mod, device_ids=[device] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    ckpt = StageCheckpoint(out_dir)
+    step, elapsed = 0, 0.0
+    metrics_resumed: dict[str, float] = {}
+    if resume and ckpt.exists():
+        st = ckpt.load(model=model, ema=None, optimizers={"model": opt})
+        step, elapsed = int(st["step"]), float(st["elapsed_s"])
+        metrics_resumed = dict(st.get("metrics", {}))
+        log.info("autoencoder: resumed %s at step %d", out_dir, step)
+    else:
+        _init_codebook(model, _batch(pairs, cfg, dist, _SPECIAL, cfg.crop, device), cfg.seed)
+        if dist.enabled:
+            torch.distributed.broadcast(model.quantize.embedding.weight.data, 0)
+    planner = StepPlanner(cfg.steps, cfg.time_limit_s, elapsed_s=elapsed, device=device)
+    first = step
+    usage = torch.zeros(vq_cfg.n_embed, device=device)
+    meter, metrics = RunningMean(), metrics_resumed
+    t_run = time.perf_counter()
+    prog = planner.progress(step)
+    stop = planner.should_stop(step, prog)
+    while not stop:
+        crop = cfg.final_crop if prog >= 1 - cfg.final_frac else cfg.crop
+        for gr in opt.param_groups:
+            gr["lr"] = cfg.lr * warmup_cosine(step, prog, cfg.warmup)
+        x = _batch(pairs, cfg, dist, step, crop, device)
+        x_rec, z, e, idx = step_mod(x)
+        l1 = (x_rec - x).abs().mean()
+        l_ssim = ssim_loss(x_rec, x) if cfg.ssim_weight else x.new_zeros(())
+        l_fft = fft_loss(x_rec, x) if cfg.fft_weight else x.new_zeros(())
+        l_cb = F.mse_loss(e, z.detach())
+        l_commit = F.mse_loss(z, e.detach())
+        loss = l1 + cfg.ssim_weight * l_ssim + cfg.fft_weight * l_fft + l_cb + cfg.beta * l_commit
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        counts = torch.bincount(idx.flatten(), minlength=vq_cfg.n_embed).float()
+        if dist.enabled:
+            torch.distributed.all_reduce(counts)
+        usage += counts
+        p = counts / counts.sum()
+        perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
+        meter.add({"loss": loss, "l1": l1, "ssim": 1 - l_ssim, "fft": l_fft, "codebook": l_cb,
+                   "psnr_rgb": _psnr(x_rec.detach(), x), "perplexity": perplexity})  # fmt: skip
+        if step % cfg.restart_every == 0:
+            used = float((usage > 0).float().mean())
+            restarted = 0
+            if prog < cfg.restart_until:
+                gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, 0, step, stream=3))
+                restarted = _restart_dead(model, usage, z, opt, gen)
+            meter.add({"usage": used, "restarted": restarted})
+            usage.zero_()
+        prog = planner.progress(step)
+        stop = planner.should_stop(step, prog)
+        if step % cfg.log_every == 0 or stop:
+            metrics = meter.pop()
+            if dist.is_main:
+                log.info("autoencoder step %d (%.0f%%) crop %d lr %.2e %s", step, 100 * prog, crop,
+                         opt.param_groups[0]["lr"], " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))  # fmt: skip
+        if dist.is_main and (step % cfg.save_every == 0 or stop):
+            spent = elapsed + time.perf_counter() - t_run
+            ckpt.save(model=model, ema=None, optimizers={"model": opt}, state={
+                "stage": "autoencoder", "step": step, "elapsed_s": spent,
+                "config": dataclasses.asdict(cfg), "metrics": metrics})  # fmt: skip
+    seconds = elapsed + time.perf_counter() - t_run
+    done_here = max(1, step - first)
+    shift, scale = [0.0] * vq_cfg.embed_dim, 1.0
+    final = out_dir / "final.safetensors"
+    if dist.is_main:
+        model.eval()
+        with torch.no_grad():
+            zs = torch.cat([model.encode(_batch(pairs, cfg, dist, _SPECIAL + 1 + i, cfg.final_crop, device)).float()
+                            for i in range(4)])  # fmt: skip
+        shift, scale = standardize_latent_(model, zs)
+        meta = {"stage": "autoencoder", "preset": cfg.preset, "steps": str(step),
+                "latent_shift": str(shift), "latent_scale": str(scale)}  # fmt: skip
+        save_safetensors(model.state_dict(), final, meta)
+        log.info("autoencoder: %d steps in %.0f s; latent standardised (shift %s, scale %.4g) -> %s", step, seconds,
+                 [round(v, 4) for v in shift], scale, final)  # fmt: skip
+    if dist.enabled:
+        torch.distributed.barrier()
+    return AEResult(final, step, metrics, seconds, (time.perf_counter() - t_run) / done_here, shift, scale)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by the stage entry points."""
+    p.add_argument("--photos", type=Path, required=True, help="photo set folder or .npz pack (train split used)")
+    p.add_argument("--out", type=Path, required=True, help="stage folder (checkpoints, final weights)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--preset", default="bundled")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--minutes", type=float, help="wall-clock limit; the LR schedule is fitted to it")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Config fields set on the command line."""
+    out: dict[str, object] = {"preset": args.preset}
+    for k in ("steps", "batch", "lr", "seed"):
+        if getattr(args, k) is not None:
+            out[k] = getattr(args, k)
+    if args.minutes is not None:
+        out["time_limit_s"] = 60.0 * args.minutes
+    if args.no_amp:
+        out["amp"] = False
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tadsr.train.autoencoder --photos DIR --out DIR [--device cuda] [--steps N]``."""
+    p = argparse.ArgumentParser(prog="python -m tadsr.train.autoencoder", description=__doc__.splitlines()[0])
+    add_common_args(p)
+    args = p.parse_args(argv)
+    setup_logging(args.verbose)
+    torch.set_num_threads(args.threads)
+    dist, device = init_distributed(args.device)
+    cfg = AEConfig(**overrides(args))  # type: ignore[arg-type]
+    pairs = load_pairs(args.photos, "train", min_side=cfg.final_crop)
+    res = train_autoencoder(cfg, pairs, args.out, device, dist, resume=not args.fresh)
+    if dist.is_main:
+        log.info("done: %s", res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""Validation of the bundled models on held-out photos: PSNR / SSIM on Y (4-px border), comparison grid.
+
+Rows of the table (all on the same aligned LR/HR val crops, outputs rounded to 8 bit):
+
+* ``bicubic``: MATLAB ``imresize(LR, 4)`` (the classic baseline);
+* ``autoencoder``: ``decode(encode(HR))``, the ceiling of every latent method (quantised decode);
+* ``teacher_15``: the teacher with the ResShift 15-step sampler (:class:`tadsr.pipeline.TeacherPipeline`);
+* ``teacher_15_ddim``: the teacher's deterministic 15-step sampler (the distillation target);
+* ``teacher_1``: the teacher run once at t = T-1 (= the student before distillation);
+* ``student_1``: the distilled one-step student (:class:`tadsr.pipeline.OneStepPipeline`).
+
+Means are over all crops and per photo; PSNR is also given on RGB, which shows colour errors that the
+luma-only numbers hide.
+
+Usage::
+
+    python -m tadsr.train.validate --photos data/photos --weights tadsr/weights [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from tadsr.config import get_preset
+from tadsr.imresize import imresize
+from tadsr.metrics import crop_border, psnr, rgb_to_y, ssim
+from tadsr.models.unet_swin import UNetModelSwin
+from tadsr.models.vqgan import VQModelTorch
+from tadsr.pipeline import Models, OneStepPipeline, TeacherPipeline, make_noise
+from tadsr.schedule import make_schedule
+from tadsr.train.common import chunks, setup_logging
+from tadsr.train.data import PhotoPairs, grid_crops, load_pairs, to_unit
+from tadsr.train.losses import ddim_teacher_sample
+
+__all__ = ["ValResult", "validate", "save_grid", "main"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("bicubic", "autoencoder", "teacher_15", "teacher_15_ddim", "teacher_1", "student_1")
+
+
+@dataclass
+class ValResult:
+    """Mean PSNR (dB, Y and RGB) / SSIM (Y) per method, over all crops and per photo, plus per-crop values.
+
+    ``mean[method] = {"psnr": .., "ssim": .., "psnr_rgb": ..}``; ``per_photo[photo][method]`` likewise;
+    ``per_crop[method][metric]`` lists one value per crop, in the order of ``labels`` (``"photo@y,x"``).
+    """
+
+    n_crops: int
+    crop: int
+    mean: dict[str, dict[str, float]]
+    per_photo: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    per_crop: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), round half to even like upstream."""
+    a = ((x.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5) * 255.0).numpy()
+    return np.round(a).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _bicubic(lr: np.ndarray) -> np.ndarray:
+    """uint8 (B, 3, h, w) -> uint8 (B, 4h, 4w, 3) MATLAB bicubic."""
+    out = [np.clip(np.round(imresize(x.transpose(1, 2, 0).astype(np.float64), 4.0)), 0, 255) for x in lr]
+    return np.stack(out).astype(np.uint8)
+
+
+def _score(sr: np.ndarray, hr: np.ndarray) -> tuple[float, float, float]:
+    """(PSNR Y, SSIM Y, PSNR RGB) of uint8 HWC images, 4-px border cropped."""
+    a, b = sr.astype(np.float64) / 255.0, hr.astype(np.float64) / 255.0
+    ya, yb = crop_border(rgb_to_y(a), 4), crop_border(rgb_to_y(b), 4)
+    return min(psnr(ya, yb, 1.0), 100.0), ssim(ya, yb, 1.0), min(psnr(crop_border(a, 4), crop_border(b, 4), 1.0), 100.0)
+
+
+@torch.no_grad()
+def _run_methods(models: Models, hr: np.ndarray, lr: np.ndarray, device: torch.device, seed: int, batch: int
+                 ) -> dict[str, np.ndarray]:  # fmt: skip
+    """All method outputs as uint8 (N, H, W, 3)."""
+    outs: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
+    outs["bicubic"] = [_bicubic(lr)]
+    one = OneStepPipeline(models)
+    have_teacher = models.teacher is not None
+    if have_teacher:
+        steps = models.preset.schedule.steps
+        tp = TeacherPipeline(models, steps)
+        tmodels = Models(models.preset, models.teacher, models.autoencoder, models.teacher)  # type: ignore[arg-type]
+        t1 = OneStepPipeline(tmodels)
+        sched = make_schedule(models.preset.schedule)
+    ae = models.autoencoder
+    for k, sl in enumerate(chunks(len(lr), batch)):
+        y = to_unit(lr[sl], device)
+        x = to_unit(hr[sl], device)
+        b, c = y.shape[0], models.preset.vq.embed_dim
+        noise = make_noise((b, c, *y.shape[-2:]), seed + k, device)
+        outs["autoencoder"].append(_to_uint8(ae.decode(ae.encode(x), chunk=4096).clamp(-1, 1)))
+        outs["student_1"].append(_to_uint8(one(y, noise=noise)))
+        if have_teacher:
+            outs["teacher_1"].append(_to_uint8(t1(y, noise=noise)))
+            outs["teacher_15"].append(_to_uint8(tp(y, seed=seed + 1000 + k)))
+            lr_p, hw = tp.prepare(y)
+            zy = tp.encode(lr_p)
+            z = ddim_teacher_sample(models.teacher, sched, sched.prior_sample(zy, noise), zy, lr_p)
+            outs["teacher_15_ddim"].append(_to_uint8(tp.decode(z, hw)))
+    return {m: np.concatenate(v) for m, v in outs.items() if v}
+
+
+def validate(
+    models: Models, pairs: PhotoPairs, device: torch.device, *, crop: int = 256, max_per_image: int = 8,
+    max_crops: int | None = None, seed: int = 0, batch: int = 8,
+) -> tuple[ValResult, dict[str, np.ndarray], np.ndarray]:  # fmt: skip
+    """Score every method on the val crops.
+
+    Returns:
+        The result, the method outputs (uint8 NHWC) and the HR crops (uint8 NHWC).
+    """
+    t0 = time.perf_counter()
+    hr, lr, labels = grid_crops(pairs, crop, max_per_image)
+    if max_crops is not None and len(hr) > max_crops:
+        keep = np.linspace(0, len(hr) - 1, max_crops).round().astype(int)
+        hr, lr, labels = hr[keep], lr[keep], [labels[i] for i in keep]
+    for m in (models.student, models.autoencoder, models.teacher):
+        if m is not None:
+            m.to(device).eval()
+    outs = _run_methods(models, hr, lr, device, seed, batch)
+    hr_nhwc = hr.transpose(0, 2, 3, 1)
+    photos = [lab.split("@")[0] for lab in labels]
+    keys = ("psnr", "ssim", "psnr_rgb")
+    per_crop: dict[str, dict[str, list[float]]] = {}
+    mean: dict[str, dict[str, float]] = {}
+    per_photo: dict[str, dict[str, dict[str, float]]] = {p: {} for p in dict.fromkeys(photos)}
+    for m, sr in outs.items():
+        scores = np.array([_score(s, h) for s, h in zip(sr, hr_nhwc)])
+        per_crop[m] = {k: [round(float(v), 4) for v in scores[:, j]] for j, k in enumerate(keys)}
+        mean[m] = {k: float(scores[:, j].mean()) for j, k in enumerate(keys)}
+        for p in per_photo:
+            sel = np.array([q == p for q in photos])
+            per_photo[p][m] = {k: float(scores[sel, j].mean()) for j, k in enumerate(keys)}
+    res = ValResult(len(hr), crop, mean, per_photo, per_crop, labels, time.perf_counter() - t0)
+    log.info("validation: %d crops in %.0f s", res.n_crops, res.seconds)
+    for m in outs:
+        log.info("  %-16s PSNR Y %.2f dB  SSIM Y %.4f  PSNR RGB %.2f dB", m, mean[m]["psnr"], mean[m]["ssim"],
+                 mean[m]["psnr_rgb"])  # fmt: skip
+    return res, outs, hr_nhwc
+
+
+def save_grid(outs: dict[str, np.ndarray], hr: np.ndarray, res: ValResult, path: Path, rows: int = 3) -> Path:
+    """PNG grid: one row per crop (the most textured crops of distinct photos), columns bicubic/teacher/student/HR."""
+    cols = [("bicubic", "bicubic x4"), ("teacher_15", "teacher 15 steps"), ("student_1", "student 1 step")]
+    cols = [(k, name) for k, name in cols if k in outs] + [("hr", "HR")]
+    y_std = [float(rgb_to_y(h.astype(np.float64) / 255.0).std()) for h in hr]
+    order, seen = [], set()
+    for i in np.argsort(y_std)[::-1]:
+        photo = res.labels[i].split("@")[0]
+        if photo not in seen:
+            order.append(int(i))
+            seen.add(photo)
+        if len(order) == rows:
+            break
+    s, pad, head = hr.shape[1], 4, 18
+    canvas = Image.new("RGB", (len(cols) * (s + pad) - pad, head + len(order) * (s + pad) - pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, (_, name) in enumerate(cols):
+        draw.text((j * (s + pad) + 4, 3), name, fill="black")
+    for r, i in enumerate(order):
+        for j, (k, _) in enumerate(cols):
+            img = hr[i] if k == "hr" else outs[k][i]
+            canvas.paste(Image.fromarray(img), (j * (s + pad), head + r * (s + pad)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, optimize=True)
+    return path
+
+
+def load_bundle(weights: Path, preset: str, device: torch.device) -> Models:
+    """Models from ``<weights>/bundled_{student,teacher,autoencoder}.safetensors`` (teacher optional)."""
+    from tadsr.checkpoint import load_state_dict
+
+    p = get_preset(preset)
+    stem = p.bundled_weights or preset
+
+    def unet(part: str) -> UNetModelSwin | None:
+        f = Path(weights) / f"{stem}_{part}.safetensors"
+        if not f.exists():
+            return None
+        net = UNetModelSwin(p.unet)
+        net.load_state_dict(load_state_dict(f), strict=True)
+        return net.to(device).eval()
+
+    ae = VQModelTorch(p.vq)
+    ae.load_state_dict(load_state_dict(Path(weights) / f"{stem}_autoencoder.safetensors"), strict=True)
+    student = unet("student")
+    if student is None:
+        raise FileNotFoundError(f"{weights}/{stem}_student.safetensors not found")
+    return Models(p, student, ae.to(device).eval(), unet("teacher"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tadsr.train.validate --photos DIR --weights DIR [--json OUT] [--grid OUT.png]``."""
+    ap = argparse.ArgumentParser(prog="python -m tadsr.train.validate", description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=Path, required=True, help="photo set or .npz pack (val split used)")
+    ap.add_argument("--weights", type=Path, default=Path("tadsr/weights"))
+    ap.add_argument("--preset", default="bundled")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-crops", type=int)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--grid", type=Path)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args(argv)
+    setup_logging()
+    torch.set_num_threads(args.threads)
+    from tadsr.train.common import resolve_device
+
+    device = resolve_device(args.device)
+    models = load_bundle(args.weights, args.preset, device)
+    pairs = load_pairs(args.photos, "val")
+    res, outs, hr = validate(models, pairs, device, max_crops=args.max_crops, crop=4 * models.preset.pad_multiple,
+                             batch=args.batch)  # fmt: skip
+    if args.json:
+        args.json.write_text(res.to_json())
+    if args.grid:
+        save_grid(outs, hr, res, args.grid)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
