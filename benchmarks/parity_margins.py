@@ -13,6 +13,7 @@ The JSON (conditions + rows) is written before the table is printed::
 
     python benchmarks/parity_margins.py --formats onnx executorch coreml --int8 --out /tmp/margins
     python benchmarks/parity_margins.py --artifacts out/            # margins of existing artifact folders
+    python benchmarks/parity_margins.py --artifacts out/ --int8     # ... after quantizing their fp32 ones
     python benchmarks/parity_margins.py --preset official-x4 ...    # slow: full-size, random weights
 """
 
@@ -86,7 +87,7 @@ def _quantize(args: argparse.Namespace, work: Path) -> list[str]:
     notes = []
     for d in sorted(work.glob("*-fp32-t*")):
         fmt = d.name.split("-")[1]
-        if fmt not in args.int8_formats:
+        if fmt not in args.int8_formats or (work / d.name.replace("-fp32-", "-int8-")).exists():
             continue
         t0 = time.perf_counter()
         try:
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         work = args.out / "artifacts"
         work.mkdir(exist_ok=True)
         notes = _export(args, work)
+    elif args.int8:  # quantize the given fp32 artifacts in place (existing INT8 folders are kept)
+        notes = _quantize(args, work)
     t0 = time.perf_counter()
     result = check_parity(work, options=ParityOptions(seed=args.seed, patches=args.patches, whole_images=args.whole_images,
                                                       max_side=args.max_side, threads=args.threads))  # fmt: skip

@@ -18,18 +18,21 @@ compared tensor has the exact PyTorch value of the node of the same name. Per ba
   edited model is run in ONNX Runtime. When a unit's output tensor was folded away, the last surviving tensor
   of that unit is compared instead (said in the row). Node metadata (``pkg.torch.onnx.fx_node``), when the file
   still has it, adds names.
-* **Core ML**: :mod:`tadsr.runtime.coreml_sim` returns every MIL variable; variables converted from
-  ``torch.export`` keep the FX node names (fp16 casts add ``_cast_fp16``). The simulator's numerics are a
-  model of the device (see its docstring), so the result says where the *file* diverges under that model.
+* **Core ML**: :mod:`tadsr.runtime.coreml_sim` returns every MIL variable. The Core ML exporter converts a
+  rewritten program (:func:`tadsr.export.coreml.exported_program`: mobile rewrites, ``torch.export``,
+  ``run_decompositions({})``) and MIL variables keep its node names (fp16 casts add ``_cast_fp16``), so the
+  backend's values are matched by name in that program and compared, unit by unit *name*, with the
+  export-ready graph's (a wrong rewrite shows too). The simulator's numerics are a model of the device (see its
+  docstring), so the result says where the *file* diverges under that model.
 * **ExecuTorch**: a ``.pte`` does not expose intermediate values (delegates are opaque). The export-ready
-  graph is re-lowered with the unit outputs tapped as extra outputs
-  (``executorch.devtools.intermediate_output_tap``), with the artifact's recorded partitioner, and run in the
-  ExecuTorch runtime. This localises divergence of the *toolchain* (lowering, kernels); an edit of the file
-  itself is only visible as "the file's output differs from a fresh lowering", which is reported as such.
+  graph is re-lowered with the artifact's recorded rewrites and delegate, with the unit outputs tapped as
+  extra outputs (``executorch.devtools.intermediate_output_tap``), and run in the ExecuTorch runtime. This
+  localises divergence of the *toolchain* (rewrites, lowering, kernels); an edit of the file itself is only
+  visible as "the file's output differs from a fresh lowering", which is reported as such.
 
 A unit diverges when its PSNR (over the reference's peak-to-peak) is below the threshold, by default the
-parity floor of the graph's output at the artifact's precision (80 dB fp32, 40 dB fp16 denoiser, ...):
-an intermediate already worse than what the final output may be is where the error was introduced.
+parity floor (PSNR) of the graph's main output at the artifact's precision (``tadsr/numerics.json``): an
+intermediate already worse than what the final output may be is where the error was introduced.
 The largest single drop in PSNR is reported as well.
 
 :func:`check_onnx_weights` compares the file's named initializers with the reference weights (a static

@@ -17,7 +17,13 @@
 Then, for the fused ``pipeline`` artifact and for every complete encoder/denoiser/decoder set, **whole
 images**: each image goes through :class:`tadsr.runtime.pipeline.MobileSRPipeline` (tiled, host noise) and
 the reference goes through the *same* tiler with the same noise, so only the artifacts differ; judged by the
-``pipeline`` floors.
+``pipeline`` floors. The VQ codebook search is a discrete choice: a latent within rounding of a tie between
+two codes may pick the other one, which moves a patch of pixels although nothing is wrong (the floors table
+names this risk for fp32). An image below its floor is therefore analysed: at fp32 it still passes if the
+artifact's latents agree with the reference's within the denoiser floor, *every* differing code is a
+near-tie that the latent difference can reorder (a Cauchy-Schwarz bound, :func:`tadsr.localize.code_flips`),
+and the image equals, within the floor, the reference decoder run on the artifact's own latents. At fp16 and
+int8 the floors budget code flips, so the analysis is reported but does not change the verdict.
 
 The reference is rebuilt from the manifest (preset and sources: ``random-fill`` -> the fill rule,
 ``bundled:<file>`` -> the preset's shipped weights, paths -> those checkpoints, sha256 verified), or from
@@ -933,8 +939,9 @@ def _check_image(s: SetCheck, name: str, lr: np.ndarray, mobile: Any, models: Mo
             return pipe.decode(x0, hw).numpy()
 
     c = models.preset.vq.embed_dim
-    kw = {"tile": s.tile, "scale": models.preset.scale, "seed": session.opts.seed, "overlap": min(session.opts.overlap, s.tile - 1),
-              "noise_shape_fn": lambda t: (c, t, t)}  # fmt: skip
+    overlap = min(session.opts.overlap, s.tile - 1)
+    kw = {"tile": s.tile, "scale": models.preset.scale, "seed": session.opts.seed, "overlap": overlap,
+          "noise_shape_fn": lambda t: (c, t, t)}  # fmt: skip
     try:
         got = mobile.upscale(lr, seed=kw["seed"], overlap=kw["overlap"])
     finally:
@@ -963,12 +970,24 @@ def _check_image(s: SetCheck, name: str, lr: np.ndarray, mobile: Any, models: Mo
     den_floor = _threshold(s.precision, "denoiser", models.preset.name)
     img.code_flips, img.same_codes_psnr, img.latent_psnr = flips, alt.psnr, lat
     same = s.floor is None or s.floor.accepts(alt.max_abs, alt.psnr)
-    ok = flips.flipped > 0 and flips.all_explained and lat >= den_floor and same
-    img.passed = bool(ok)
-    img.note = (f"{flips.flipped} of {flips.codes} VQ codes flipped ({flips.explained} explained as near-ties by the "
-                f"latent difference); latents x0 agree to {_db(lat)} dB (floor {den_floor:g}); against the reference "
-                f"decoder on the artifact's own latents (same codes) the image is at {_db(alt.psnr)} dB: "
-                + ("near-tie code flips, not an export error" if ok else "not explained by near-tie code flips"))  # fmt: skip
+    explained = flips.flipped > 0 and flips.all_explained and lat >= den_floor and same
+    # fp32 must be exact up to rounding, so a rounding-decided tie is not an error; at fp16 / int8 the floors
+    # table budgets code flips inside the image floor, so they count
+    img.passed = bool(explained and s.precision == "fp32")
+    verdict = (
+        "near-tie code flips, not an export error"
+        if img.passed
+        else (
+            f"near-tie code flips, counted against the {s.precision} floor (numerics.json budgets them there)"
+            if explained
+            else "not explained by near-tie code flips"
+        )
+    )
+    img.note = (
+        f"{flips.flipped} of {flips.codes} VQ codes flipped ({flips.explained} explained as near-ties by the "
+        f"latent difference); latents x0 agree to {_db(lat)} dB (floor {den_floor:g}); against the reference "
+        f"decoder on the artifact's own latents (same codes) the image is at {_db(alt.psnr)} dB: {verdict}"
+    )
     return img
 
 
@@ -1190,8 +1209,7 @@ def _md_diagnosis(d: Diagnosis) -> list[str]:
     for loc in d.localizations:
         lines += ["", (f"Localisation ({loc.backend}): {loc.method}. Case {loc.case}, a unit diverges below "
                   f"{loc.threshold_psnr:g} dB."), ""]  # fmt: skip
-        for n in loc.notes:
-            lines.append(f"- {n}")
+        lines += [f"- {n}" for n in loc.notes] + ([""] if loc.notes else [])
         lines += ["| unit | stage | tensor | max abs | mean abs | PSNR dB | |", "|---|---|---|---|---|---|---|"]
         for u in loc.units:
             mark = "**DIVERGED**" if u.status == "DIVERGED" else u.status
