@@ -24,6 +24,7 @@ everything quantized first; if the worst held-out patch is below ``target_psnr``
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from tadsr.config import Preset
-from tadsr.errors import ConfigError, InputError
+from tadsr.errors import ConfigError, ExportError, InputError, TadsrError
 from tadsr.export.artifact import BackendResult, artifact_name, build_manifest, staged_artifact, write_manifest
 from tadsr.export.graphs import make_graph
 from tadsr.export.parity import Floor, ParityReport, compare, load_floors, run_cases
@@ -52,11 +53,11 @@ from tadsr.quantize.calibration import (
     sample_holdout,
 )
 from tadsr.quantize.sensitivity import (
-    DEFAULT_TARGET_PSNR,
     RECIPE_NAME,
     BackendRecipe,
     Recipe,
     SearchResult,
+    default_target,
     find_float_units,
     load_recipe,
     worst_psnr,
@@ -167,6 +168,7 @@ class _Ctx:
     target: float
     recipe: Recipe | None
     sens_patches: int
+    sens_budget: int
     threads: int | None
     progress: bool
     gate: bool
@@ -228,9 +230,14 @@ def _write(
                       sources=p.manifest["sources"], parent=str(p.path.resolve()))  # fmt: skip
         extra = _extra(ctx, backend_key, entry, backend)
         write_manifest(stage.path, build_manifest(**common, extra=extra))
-        run, engine = _runner(stage.path, p.fmt, ctx.threads)
         cases = ctx.hold.cases(spec.name)
-        outs = run_cases(run, cases)
+        try:
+            run, engine = _runner(stage.path, p.fmt, ctx.threads)
+            outs = run_cases(run, cases)
+        except TadsrError:
+            raise
+        except Exception as e:  # runtimes raise their own types (e.g. XNNPACK refusing a node at load time)
+            raise ExportError(f"the {precision} {p.fmt} artifact {name} was written but does not run: {e}") from e
         floors = load_floors("int8", spec.name, ctx.models.preset.name)
         report = ParityReport(spec.name, [], ctx.hold.runs.source)
         report.hops += compare(f"fp32 {p.fmt} ({ctx.parent_engine}) -> {precision} {p.fmt} ({engine})", outs,
@@ -321,7 +328,7 @@ def _search(ctx: _Ctx, run: Callable, units: Mapping[str, tuple[int, int]], pinn
     hold = [c.inputs for c in ctx.hold.cases(ctx.name)]
     return find_float_units(run, units, list(pinned), sens_feeds=sens, sens_refs=fp32_run(sens), hold_feeds=hold,
                             hold_refs=ctx.parent_outputs, ranges=ctx.ranges, target=ctx.target,
-                            progress=ctx.progress)  # fmt: skip
+                            budget=ctx.sens_budget, progress=ctx.progress)  # fmt: skip
 
 
 def _onnx(ctx: _Ctx, work: Path) -> list[Path]:
@@ -474,6 +481,7 @@ def quantize_artifact(
     holdout: Path | None = None,
     holdout_patches: int = 16,
     sensitivity_patches: int = 4,
+    sensitivity_budget: int = 48,
     parity_gate: bool = True,
     threads: int | None = None,
     progress: bool = False,
@@ -487,12 +495,14 @@ def quantize_artifact(
         seed: patch sampling and noise seed (held-out patches use ``seed + 1`` and other images).
         method: calibration method, ``minmax``, ``entropy`` or ``percentile``.
         target_psnr: fidelity floor of the recipe search (PSNR vs fp32 on the worst held-out patch, dB);
-            None = :data:`~tadsr.quantize.sensitivity.DEFAULT_TARGET_PSNR`. Ignored with ``recipe``.
+            None = :func:`~tadsr.quantize.sensitivity.default_target` (30 dB; 25 for the fused pipeline).
+            Ignored with ``recipe``.
         recipe: a ``recipe.json`` (path, INT8 artifact folder, or :class:`Recipe`) to reuse instead of searching.
         out_dir: parent folder of the new artifact folders (created if needed).
         holdout: held-out image folder; None = the photo set's validation images (never calibration images).
         holdout_patches: number of held-out patches (recipe floor and parity).
         sensitivity_patches: calibration patches used by the per-block sensitivity sweep.
+        sensitivity_budget: most graph evaluations of the sweep (coarser float groups beyond it).
         parity_gate: raise ParityError below the int8 floors of ``tadsr/numerics.json`` (nothing written).
         threads: runtime threads for ORT / ExecuTorch sessions (None: the runtime's default).
         progress: progress bars.
@@ -509,15 +519,18 @@ def quantize_artifact(
     """
     if method not in METHODS:
         raise ConfigError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
-    target = DEFAULT_TARGET_PSNR if target_psnr is None else float(target_psnr)
-    if not 0 < target < 200:
+    if target_psnr is not None and not 0 < float(target_psnr) < 200:
         raise ConfigError(f"target PSNR must be in (0, 200) dB, got {target_psnr!r}")
-    for n, v in (("holdout_patches", holdout_patches), ("sensitivity_patches", sensitivity_patches)):
+    for n, v in (("holdout_patches", holdout_patches), ("sensitivity_patches", sensitivity_patches),
+                 ("sensitivity_budget", sensitivity_budget)):  # fmt: skip
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{n} must be a positive integer, got {v!r}")
     t0 = time.perf_counter()
     parent = _read_parent(artifact_dir)
     rec = recipe if isinstance(recipe, Recipe) or recipe is None else load_recipe(Path(recipe))
+    if rec is not None and rec.get(parent.graph, parent.fmt) is None:  # fail before any model work
+        have = {g: sorted(b) for g, b in rec.graphs.items()}
+        raise ConfigError(f"the recipe has no entry for graph {parent.graph!r}, backend {parent.fmt!r} (it has {have})")
     out_dir = _prepare_out_dir(Path(out_dir))
     scale = int(parent.manifest["graph"]["scale"])
     calib_patches = sample_calibration(calib, num_patches=num_patches, tile=parent.tile, scale=scale, seed=seed,
@@ -527,10 +540,10 @@ def quantize_artifact(
     models = rebuild_models(parent.manifest)
     graph, spec = make_graph(models, parent.graph, parent.tile)
     _check_interface(spec, parent.manifest, parent.path)
-    calib_set = load_calibration(models, patches=calib_patches, progress=progress)
-    hold = load_holdout(models, patches=hold_patches, progress=progress)
-    ctx = _Ctx(parent, models, graph, spec, calib_set, hold, method, target, rec, sensitivity_patches, threads,
-               progress, parity_gate, out_dir)  # fmt: skip
+    calib_set, hold = _captured(parent.manifest, models, calib_patches, hold_patches, progress)
+    target = default_target(parent.graph) if target_psnr is None else float(target_psnr)
+    ctx = _Ctx(parent, models, graph, spec, calib_set, hold, method, target, rec, sensitivity_patches,
+               sensitivity_budget, threads, progress, parity_gate, out_dir)  # fmt: skip
     run, ctx.parent_engine = _runner(parent.path, parent.fmt, threads)
     ctx.parent_outputs = run_cases(run, hold.cases(spec.name))
     work = Path(tempfile.mkdtemp(prefix=f".tadsr-quantize-{secrets.token_hex(3)}-", dir=out_dir))
@@ -545,6 +558,27 @@ def quantize_artifact(
         shutil.rmtree(work, ignore_errors=True)
     logger.info("quantized %s in %.1fs -> %s", parent.path.name, time.perf_counter() - t0, [p.name for p in paths])
     return paths
+
+
+_CAPTURES: dict[str, tuple[CalibrationSet, CalibrationSet]] = {}
+
+
+def _captured(manifest: Mapping[str, Any], models: Models, calib: tuple, hold: tuple,
+              progress: bool) -> tuple[CalibrationSet, CalibrationSet]:  # fmt: skip
+    """Calibration and held-out captures, reused within the process for the same weights and patches.
+
+    Every graph of one model is calibrated from the same reference pipeline run, so quantizing the pipeline
+    and its components (or several formats) in one process captures once.
+    """
+    key = json.dumps([manifest["preset"], manifest["sources"], calib[0].content_hash, calib[1]["seed"],
+                      hold[0].content_hash, hold[1]["seed"]], sort_keys=True)  # fmt: skip
+    if key not in _CAPTURES:
+        _CAPTURES.clear()  # one model at a time: the captures of an official-size model are large
+        _CAPTURES[key] = (load_calibration(models, patches=calib, progress=progress),
+                          load_holdout(models, patches=hold, progress=progress))  # fmt: skip
+    else:
+        logger.info("reusing the calibration and held-out captures of this model")
+    return _CAPTURES[key]
 
 
 def _prepare_out_dir(out_dir: Path) -> Path:

@@ -260,7 +260,10 @@ def load_calibration(
 
     Args:
         models: the fp32 networks whose reference pipeline produces the graph inputs.
-        source, num_patches, tile, seed: see :func:`sample_calibration`; seed also seeds the noise.
+        source: see :func:`sample_calibration`.
+        num_patches: see :func:`sample_calibration`.
+        tile: see :func:`sample_calibration`.
+        seed: sampling seed; also seeds the noise.
         patches: already sampled patches and description (then ``source``/``num_patches`` are unused).
         progress: progress bars.
 
@@ -349,7 +352,9 @@ def load_holdout(
 
     Args:
         models: the fp32 networks.
-        source, num_patches, tile: see :func:`sample_holdout`.
+        source: see :func:`sample_holdout`.
+        num_patches: see :func:`sample_holdout`.
+        tile: see :func:`sample_holdout`.
         seed: the calibration seed; held-out patches use ``seed + 1`` for positions and noise.
         calibration: the calibration set; a held-out patch identical to one of its patches is an error.
         patches: already sampled held-out patches and description.

@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``quantize`` subcommand to ``subparsers``; sets ``func=run_quantize``."""
     from tadsr.quantize.api import METHODS
-    from tadsr.quantize.sensitivity import DEFAULT_TARGET_PSNR
 
     p = subparsers.add_parser(
         "quantize",
@@ -51,7 +50,7 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--target-psnr",
         type=float,
         metavar="DB",
-        help=f"recipe floor: PSNR vs fp32 on the worst held-out patch (default: {DEFAULT_TARGET_PSNR:g})",
+        help="recipe floor: PSNR vs fp32 on the worst held-out patch (default: 30, 25 for the fused pipeline)",
     )
     p.add_argument("--recipe", type=Path, metavar="FILE", help="reuse a recipe.json instead of searching")
     p.add_argument("--holdout", type=Path, metavar="DIR", help="held-out image folder (default: the photo set's "
@@ -59,6 +58,8 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--holdout-patches", type=int, default=16, help="held-out patches (default: %(default)s)")
     p.add_argument("--sensitivity-patches", type=int, default=4,
                    help="calibration patches per block in the sensitivity sweep (default: %(default)s)")  # fmt: skip
+    p.add_argument("--sensitivity-budget", type=int, default=48,
+                   help="most graph evaluations of the sensitivity sweep (default: %(default)s)")  # fmt: skip
     p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's choice)")
     p.add_argument("--no-parity-gate", dest="parity_gate", action="store_false",
                    help="write the artifact even when parity fails (recorded in the manifest)")  # fmt: skip
@@ -83,6 +84,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         holdout_patches=args.holdout_patches,
         sensitivity_patches=args.sensitivity_patches,
+        sensitivity_budget=args.sensitivity_budget,
         parity_gate=args.parity_gate,
         threads=args.threads,
         progress=sys.stderr.isatty(),

@@ -40,7 +40,7 @@ W8A8_TARGET = "iOS17"  # MIL quantize/dequantize of activations
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """coremltools draws tqdm bars on stderr for every pass; send them to DEBUG."""
+    """Send coremltools' per-pass progress bars (stderr) to DEBUG."""
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):
         yield

@@ -7,9 +7,9 @@ the same set the fp32 export applies) and ``torch.export``:
   returns a :class:`FakeQuantSim` that replays the calibrated observers as fake quantizers with any set of
   blocks switched to float: the sensitivity sweep and the recipe search cost one forward pass per variant.
 * :meth:`PT2EQuant.convert` is the real thing for a recipe: ``XNNPACKQuantizer`` with
-  ``set_operator_type(<overload>, config)`` for the quantized op types (conv2d, conv_transpose2d, linear;
-  XNNPACK's quantizer has no matmul pattern, so attention stays float) and ``set_module_name(block, None)``
-  for float blocks, ``prepare_pt2e``, calibration on every patch, ``convert_pt2e``.
+  ``set_operator_type(<overload>, config)`` for the quantized op types (conv2d, conv_transpose2d, linear, cat;
+  XNNPACK's quantizer has no matmul pattern, so attention stays float) and a filter function leaving the
+  float blocks unannotated, ``prepare_pt2e``, calibration on every patch, ``convert_pt2e``.
 
 :func:`quantize_executorch` lowers a converted graph with ``to_edge_transform_and_lower`` and the
 ``XnnpackPartitioner`` and writes ``<graph>.pte``.
@@ -50,8 +50,12 @@ PT2E_OP_TYPES: dict[str, tuple[Any, ...]] = {
     "conv2d": (torch.ops.aten.conv2d.default,),
     "conv_transpose2d": (torch.ops.aten.conv_transpose2d.input,),
     "linear": (torch.ops.aten.linear.default,),
+    "cat": (torch.ops.aten.cat.default,),
 }
-DEFAULT_PT2E_OP_TYPES = ("conv2d", "conv_transpose2d", "linear")
+# cat is annotated so that its inputs share one scale: XNNPACK lowers dequantize -> cat -> quantize (the UNet's
+# skip concatenations between quantized convs) to a QS8 concatenation, whose inputs must have equal scales
+# ("Failed to create cat2 node ... xnn_status_invalid_parameter" at load time otherwise)
+DEFAULT_PT2E_OP_TYPES = ("conv2d", "conv_transpose2d", "linear", "cat")
 _ANNOTATABLE = {o for ops in PT2E_OP_TYPES.values() for o in ops}
 
 
@@ -89,16 +93,18 @@ def quant_config(method: str) -> Any:
     return replace(base, input_activation=act, output_activation=act)
 
 
-def _module_path(node: torch.fx.Node) -> str | None:
+def _module_path(node: torch.fx.Node) -> str:
+    """Innermost module path of a node (its own name when it belongs to no submodule)."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    return path[len("L['self'].") :] if path.startswith("L['self'].") else path
+        return node.name
+    path = str(list(stack.values())[-1][0])
+    path = path[len("L['self'].") :] if path.startswith("L['self'].") else path
+    return path or node.name
 
 
-def _inside(path: str | None, units: Sequence[str]) -> bool:
-    return path is not None and any(path == u or path.startswith(u + ".") for u in units)
+def _inside(path: str, units: Sequence[str]) -> bool:
+    return any(path == u or path.startswith(u + ".") for u in units)
 
 
 def _is_candidate(node: torch.fx.Node, targets: set[Any]) -> bool:
@@ -153,6 +159,7 @@ class PT2EQuant:
         op_types: Sequence[str] = DEFAULT_PT2E_OP_TYPES,
         method: str = "minmax",
     ) -> None:
+        """See the class docstring."""
         from tadsr.export.rewrites import apply_rewrites
 
         unknown = [o for o in op_types if o not in PT2E_OP_TYPES]
@@ -198,12 +205,14 @@ class PT2EQuant:
         return {u: (a[0], a[1]) for u, a in out.items()}
 
     def int8_fraction(self, float_units: Sequence[str]) -> float:
+        """Share of the candidate layers' weight parameters that are INT8 with ``float_units`` float."""
         floats = set(float_units) | set(self.pinned)
         total = sum(p for _, p in self.layers.values())
         kept = sum(p for path, p in self.layers.values() if unit_of(path) in floats)
         return round(1.0 - kept / total, 4) if total else 0.0
 
     def quantizer(self, float_units: Sequence[str]) -> Any:
+        """The XNNPACKQuantizer for the op types, leaving ``float_units`` and the pinned blocks unannotated."""
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
 
         q = XNNPACKQuantizer()
@@ -264,6 +273,7 @@ class _FakeQuant(nn.Module):
     """A calibrated observer replayed as quantize-dequantize (identity when disabled)."""
 
     def __init__(self, obs: nn.Module) -> None:
+        """See the class docstring."""
         super().__init__()
         scale, zp = obs.calculate_qparams()
         self.register_buffer("scale", scale.detach().float().reshape(-1))
@@ -292,6 +302,7 @@ class FakeQuantSim:
     """
 
     def __init__(self, prepared: torch.fx.GraphModule, targets: set[Any], output_names: Sequence[str]) -> None:
+        """See the class docstring."""
         self.gm = prepared
         self.output_names = list(output_names)
         self.owners: dict[str, set[str]] = {}
@@ -301,7 +312,7 @@ class FakeQuantSim:
             near = [_upstream_candidate(prepared, n.args[0], targets)] + list(n.users)
             units = {unit_of(p) for m in near if isinstance(m, torch.fx.Node) and _is_candidate(m, targets)
                      and (p := _module_path(m))}  # fmt: skip
-            self.owners[str(n.target)] = units
+            self.owners[str(n.target)] = self.owners.get(str(n.target), set()) | units  # shared observers
         for name in self.owners:  # after the walk above, which recognises observers by type
             setattr(prepared, name, _FakeQuant(getattr(prepared, name)))
 

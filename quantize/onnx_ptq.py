@@ -2,7 +2,8 @@
 
 Steps (:class:`OnnxPTQ`):
 
-1. ``quant_pre_process`` (symbolic shape inference + ORT basic optimizations, ``all_tensors_to_one_file``),
+1. ``quant_pre_process`` (ONNX shape inference + ORT basic optimizations, ``all_tensors_to_one_file``; the
+   symbolic shape inference is skipped: shapes are static),
    then :func:`tadsr.export.onnx.unshare_initializers` again: the optimizer re-merges identical constants and
    ``quantize_static`` rejects initializers shared between nodes.
 2. Calibration once: ``quantize_static`` with a ``calibration_cache_path`` collects the tensor ranges of every
@@ -14,9 +15,10 @@ Steps (:class:`OnnxPTQ`):
    QLinearMatMul), only the recipe's op types (default ``Conv``, ``Gemm``, ``MatMul``: element-wise ops cost
    9-15 dB each for no speed-up), with the recipe's float nodes in ``nodes_to_exclude``.
 
-Node names: each candidate node is labelled with the module path of its weight (``...attn.qkv.bias`` ->
-``...attn.qkv``); weight-less MatMuls (attention) take the label of the nearest labelled producer upstream.
-:func:`tadsr.quantize.sensitivity.unit_of` maps labels to blocks.
+Units: each candidate node is labelled with the module path of its weight (``...attn.qkv.bias`` ->
+``...attn.qkv``) and grouped into blocks by :func:`tadsr.quantize.sensitivity.unit_of`. Weight-less MatMuls
+(attention scores and mixing) take the label of the nearest labelled producer upstream and form their own unit
+``<block>/matmul``, so the search can keep attention float while the block's projections stay INT8.
 
 Always float (``pinned``): the layer whose output reaches the VQ codebook search (``ArgMin``) or the
 denoiser's ``x0`` output through non-quantized ops, so that the nearest-code search sees an fp32 latent.
@@ -24,9 +26,11 @@ denoiser's ``x0`` output through non-quantized ops, so that the nearest-code sea
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from collections import Counter
@@ -51,6 +55,10 @@ METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES = ("Conv", "Gemm", "MatMul")
 SCHEME = "weights int8 symmetric per-channel, activations uint8 asymmetric per-tensor (QDQ)"
 PROTOBUF_LIMIT = 2**31 - 1
+_EXTRA = {"WeightSymmetric": True, "ActivationSymmetric": False}
+# calibration runs ``CALIB_CHUNK`` patches at a time: ORT's calibrators keep every intermediate tensor of a
+# chunk in memory (the fused official pipeline over a whole calibration set peaks at ~18 GiB in one chunk)
+CALIB_CHUNK = 4
 # ops a float latent passes through unchanged in kind on its way to the VQ argmin / the x0 output
 _PASS_THROUGH = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Einsum", "Pow",
                  "ReduceSum", "Sub", "Add", "Mul", "Div", "Neg", "Slice", "Concat", "Clip", "Expand"}  # fmt: skip
@@ -70,6 +78,7 @@ class _Feeds:
     """``CalibrationDataReader`` over a list of feed dicts (ORT's reader protocol: ``get_next``)."""
 
     def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """See the class docstring."""
         self._feeds = list(feeds)
         self._it = iter(self._feeds)
 
@@ -79,8 +88,14 @@ class _Feeds:
     def __len__(self) -> int:
         return len(self._feeds)
 
-    def rewind(self) -> None:
-        self._it = iter(self._feeds)
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Serve ``feeds[start:end]`` next (quantize_static's ``CalibStridedMinMax`` chunks)."""
+        self._it = iter(self._feeds[start_index:end_index])
+
+    def stride(self, most: int = CALIB_CHUNK) -> int:
+        """Largest divisor of the number of feeds that is at most ``most``."""
+        n = len(self._feeds)
+        return max(k for k in range(1, min(most, n) + 1) if n % k == 0)
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
@@ -93,28 +108,31 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _module_of(name: str) -> str | None:
-    base = name.split("__u")[0]
-    for suffix in (".weight", ".bias"):
-        if base.endswith(suffix) and len(base) > len(suffix):
-            return base[: -len(suffix)]
-    return None
+    """Module path of a parameter-like initializer name (``a.b.weight`` -> ``a.b``; ``val_12`` -> None)."""
+    base = re.sub(r"__u\d+$", "", name)
+    if "." not in base:
+        return None
+    return base.rsplit(".", 1)[0] or None
 
 
-def label_nodes(model: onnx.ModelProto) -> dict[str, str]:
-    """Node name -> module path: from a ``<module>.weight`` / ``.bias`` initializer input, else inherited.
+def label_nodes(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
+    """Node name -> (module path, has a weight of its own).
 
-    Nodes without a weight of their own take the label of their first labelled producer (topological order),
-    so attention MatMuls get the label of the projection that feeds them.
+    The path comes from a ``<module>.weight`` / ``.bias`` initializer input; nodes without one take the label
+    of their first labelled producer (topological order), so attention MatMuls get the label of the
+    projection that feeds them.
     """
     inits = {t.name for t in model.graph.initializer}
     producer: dict[str, str] = {}
-    labels: dict[str, str] = {}
+    labels: dict[str, tuple[str, bool]] = {}
     for node in model.graph.node:
-        own = next((m for i in node.input if i in inits and (m := _module_of(i))), None)
-        if own is None:
-            own = next((labels[producer[i]] for i in node.input if i in producer and producer[i] in labels), None)
+        own = next((m for i in node.input[1:] if i in inits and (m := _module_of(i))), None)
         if own is not None:
-            labels[node.name] = own
+            labels[node.name] = (own, True)
+        else:
+            up = next((labels[producer[i]][0] for i in node.input if i in producer and producer[i] in labels), None)
+            if up is not None:
+                labels[node.name] = (up, False)
         for o in node.output:
             producer[o] = node.name
     return labels
@@ -175,6 +193,7 @@ class OnnxPTQ:
         op_types: Sequence[str] = DEFAULT_OP_TYPES,
         threads: int | None = None,
     ) -> None:
+        """See the class docstring."""
         from onnxruntime.quantization import quant_pre_process
 
         self.method = method
@@ -186,7 +205,10 @@ class OnnxPTQ:
         t0 = time.perf_counter()
         self.pre_path = self.work / "preprocessed.onnx"
         try:
-            quant_pre_process(str(fp32_path), str(self.pre_path), all_tensors_to_one_file=True)
+            # shapes are static, so ONNX shape inference is enough; ORT's symbolic inference (for dynamic
+            # dims) fails on Constant nodes with scalar ``value_*`` attributes of unoptimized exports
+            quant_pre_process(str(fp32_path), str(self.pre_path), skip_symbolic_shape=True,
+                              all_tensors_to_one_file=True)  # fmt: skip
         except Exception as e:  # ORT/onnx raise many types; name the step
             raise ExportError(f"onnxruntime quant_pre_process failed on {fp32_path}: {e}") from e
         model = onnx.load(str(self.pre_path))
@@ -197,9 +219,14 @@ class OnnxPTQ:
         inits = {t.name: t for t in model.graph.initializer}
         self.candidates: dict[str, _Candidate] = {}
         for n in model.graph.node:
-            if n.op_type in self.op_types and n.name in labels:
+            if n.op_type in self.op_types:
+                # every node of a quantized op type is a candidate (quantize_static would quantize it anyway)
+                path, own = labels.get(n.name, (n.name, True))
                 params = sum(int(np.prod(inits[i].dims)) for i in n.input[1:2] if i in inits)
-                self.candidates[n.name] = _Candidate(n.name, n.op_type, labels[n.name], unit_of(labels[n.name]), params)
+                # weight-less ops (attention MatMuls) form their own unit inside the block: they are the most
+                # INT8-sensitive layers and can stay float while the block's convolutions are quantized
+                unit = unit_of(path) if own or params else f"{unit_of(path)}/{n.op_type.lower()}"
+                self.candidates[n.name] = _Candidate(n.name, n.op_type, path, unit, params)
         self.pinned = pinned_nodes(model, list(self.candidates))
         self.output_names = [o.name for o in model.graph.output]
         self.calib_cache = self.work / f"ranges-{method}.json"
@@ -208,7 +235,10 @@ class OnnxPTQ:
                     time.perf_counter() - t0)  # fmt: skip
         t1 = time.perf_counter()
         self._quantize(self.work / "calibrated.onnx", [], _Feeds(calib_feeds))
+        (self.work / "calibrated.onnx").unlink(missing_ok=True)
         logger.info("onnx calibration (%s) on %d patches: %.1fs", method, len(calib_feeds), time.perf_counter() - t1)
+        self._base: onnx.ModelProto | None = None  # shape-inferred model for in-memory variants
+        self._ranges: Any = None
 
     # ------------------------------------------------------------------------------------------ structure
     def units(self) -> dict[str, tuple[int, int]]:
@@ -223,6 +253,7 @@ class OnnxPTQ:
         return {u: (a[0], a[1]) for u, a in out.items()}
 
     def pinned_units(self) -> dict[str, str]:
+        """Units that are always float, with the reason."""
         return {self.candidates[n].unit: why for n, why in self.pinned.items()}
 
     def float_nodes(self, float_units: Sequence[str], extra_nodes: Sequence[str] = ()) -> list[str]:
@@ -233,7 +264,16 @@ class OnnxPTQ:
             raise ConfigError(f"recipe lists float nodes that are not quantizable nodes of this graph: {unknown[:5]}")
         return [n for n, c in self.candidates.items() if c.unit in units or n in self.pinned or n in extra_nodes]
 
+    def weight_bytes(self, nodes: Sequence[str]) -> int:
+        """fp32 bytes of the weight and bias initializers of ``nodes`` in the pre-processed model."""
+        model = onnx.load(str(self.pre_path), load_external_data=False)
+        inits = {t.name: t for t in model.graph.initializer}
+        wanted = set(nodes)
+        names = {i for n in model.graph.node if n.name in wanted for i in n.input[1:] if i in inits}
+        return int(sum(4 * int(np.prod(inits[i].dims)) for i in names))
+
     def int8_fraction(self, float_nodes: Sequence[str]) -> float:
+        """Share of the candidates' weight parameters that are INT8 with ``float_nodes`` float."""
         total = sum(c.params for c in self.candidates.values())
         kept = sum(self.candidates[n].params for n in float_nodes)
         return round(1.0 - kept / total, 4) if total else 0.0
@@ -249,7 +289,7 @@ class OnnxPTQ:
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
                 calibrate_method=self._calib_method, calibration_cache_path=str(self.calib_cache),
                 use_external_data_format=_is_big(self.pre_path),
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+                extra_options={**_EXTRA, **({"CalibStridedMinMax": reader.stride()} if reader else {})},
             )  # fmt: skip
         except Exception as e:  # quantize_static raises ValueError/RuntimeError/onnx errors
             raise ExportError(f"onnxruntime quantize_static failed: {e}") from e
@@ -259,7 +299,32 @@ class OnnxPTQ:
         """Write the INT8 model with ``float_units`` (and pinned / ``extra_nodes``) float to ``out``."""
         return self._quantize(Path(out), self.float_nodes(float_units, extra_nodes), None)
 
-    def session(self, path: Path) -> Any:
+    def variant(self, float_units: Sequence[str], *, extra_nodes: Sequence[str] = ()) -> onnx.ModelProto:
+        """The INT8 model with ``float_units`` float, in memory, for the search.
+
+        The steps of ``quantize_static`` after its calibration (QDQQuantizer on the shape-inferred model with the
+        cached ranges, then the topological sort of its save), without the per-call shape inference and file
+        round trip: the serialized model is byte-identical to :meth:`build`'s file (checked on tiny), at about
+        half the cost per variant.
+        """
+        from onnxruntime.quantization import QuantType
+        from onnxruntime.quantization.calibrate import load_tensors_data
+        from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+        from onnxruntime.quantization.quant_utils import load_model_with_shape_infer, update_opset_version
+
+        if self._base is None:
+            self._base = update_opset_version(load_model_with_shape_infer(self.pre_path), QuantType.QInt8,
+                                              QuantType.QUInt8)  # fmt: skip
+            self._ranges = load_tensors_data(self.calib_cache)
+        quantizer = QDQQuantizer(copy.deepcopy(self._base), True, False, QuantType.QInt8, QuantType.QUInt8,
+                                 copy.deepcopy(self._ranges), [], self.float_nodes(float_units, extra_nodes),
+                                 self.op_types, dict(_EXTRA))  # fmt: skip
+        quantizer.quantize_model()
+        quantizer.model.topological_sort()  # as ONNXModel.save_model_to_file does
+        return quantizer.model.model
+
+    def session(self, path: Path | bytes) -> Any:
+        """A CPU ``InferenceSession`` of a model file or serialized model."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -267,21 +332,25 @@ class OnnxPTQ:
         if self.threads is not None:
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        model = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
-    def run(self, path: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    def run(self, path: Path | bytes, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Outputs ``{name: array}`` of a model on each feed."""
         sess = self.session(path)
         return [dict(zip(self.output_names, sess.run(self.output_names, dict(f)), strict=True)) for f in feeds]
 
     def run_variant(self, float_units: frozenset[str], feeds: Sequence[Mapping[str, np.ndarray]],
                     extra_nodes: Sequence[str] = ()) -> list[dict[str, np.ndarray]]:  # fmt: skip
         """Outputs on ``feeds`` of the INT8 model with ``float_units`` float (built in the work folder)."""
-        path = self.build(sorted(float_units), self.work / "variant.onnx", extra_nodes=extra_nodes)
-        try:
-            return self.run(path, feeds)
-        finally:
-            for p in (path, path.with_name(path.name + ".data")):
-                p.unlink(missing_ok=True)
+        if _is_big(self.pre_path):  # > 2 GB: no in-memory session; go through a file
+            path = self.build(sorted(float_units), self.work / "variant.onnx", extra_nodes=extra_nodes)
+            try:
+                return self.run(path, feeds)
+            finally:
+                for p in (path, path.with_name(path.name + ".data")):
+                    p.unlink(missing_ok=True)
+        return self.run(self.variant(sorted(float_units), extra_nodes=extra_nodes).SerializeToString(), feeds)
 
 
 def _is_big(path: Path) -> bool:
@@ -369,6 +438,10 @@ def quantize_onnx(
     files = [path.name] + ([f"{path.name}.data"] if Path(f"{path}.data").exists() else [])
     floats = ptq.float_nodes(recipe.float_units, recipe.float_nodes)
     ops = Counter(n.op_type for n in model.graph.node)
+    by_type = weight_bytes(model)
+    quantized = [n for n in ptq.candidates if n not in floats]
+    w_fp32 = ptq.weight_bytes(quantized)
+    w_int8 = sum(by_type.get(k, 0) for k in ("INT8", "INT32", "UINT8"))
     info = {
         "quantizer": "onnxruntime.quantization.quantize_static (QDQ)",
         "scheme": SCHEME,
@@ -377,7 +450,12 @@ def quantize_onnx(
         "quantized_nodes": len(ptq.candidates) - len(floats),
         "float_nodes": floats,
         "int8_fraction": ptq.int8_fraction(floats),
-        "initializer_bytes": weight_bytes(model),
+        "initializer_bytes": by_type,
+        "quantized_weights": {
+            "fp32_bytes": w_fp32,
+            "int8_bytes": w_int8,
+            "ratio": round(w_int8 / w_fp32, 4) if w_fp32 else None,
+        },  # fmt: skip
         "output_scales": output_scales(model),
         "op_types_after": dict(sorted(ops.items())),
         "quantize_s": round(time.perf_counter() - t0, 3),
