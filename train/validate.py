@@ -88,11 +88,12 @@ def _score(sr: np.ndarray, hr: np.ndarray) -> tuple[float, float, float]:
 
 
 @torch.no_grad()
-def _run_methods(models: Models, hr: np.ndarray, lr: np.ndarray, device: torch.device, seed: int, batch: int
-                 ) -> dict[str, np.ndarray]:  # fmt: skip
-    """All method outputs as uint8 (N, H, W, 3)."""
+def _run_methods(models: Models, hr: np.ndarray, lr: np.ndarray, device: torch.device, seed: int, batch: int,
+                 methods: tuple[str, ...] = METHODS) -> dict[str, np.ndarray]:  # fmt: skip
+    """Method outputs as uint8 (N, H, W, 3)."""
     outs: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
-    outs["bicubic"] = [_bicubic(lr)]
+    if "bicubic" in methods:
+        outs["bicubic"] = [_bicubic(lr)]
     one = OneStepPipeline(models)
     have_teacher = models.teacher is not None
     if have_teacher:
@@ -107,11 +108,15 @@ def _run_methods(models: Models, hr: np.ndarray, lr: np.ndarray, device: torch.d
         x = to_unit(hr[sl], device)
         b, c = y.shape[0], models.preset.vq.embed_dim
         noise = make_noise((b, c, *y.shape[-2:]), seed + k, device)
-        outs["autoencoder"].append(_to_uint8(ae.decode(ae.encode(x), chunk=4096).clamp(-1, 1)))
-        outs["student_1"].append(_to_uint8(one(y, noise=noise)))
-        if have_teacher:
+        if "autoencoder" in methods:
+            outs["autoencoder"].append(_to_uint8(ae.decode(ae.encode(x), chunk=4096).clamp(-1, 1)))
+        if "student_1" in methods:
+            outs["student_1"].append(_to_uint8(one(y, noise=noise)))
+        if have_teacher and "teacher_1" in methods:
             outs["teacher_1"].append(_to_uint8(t1(y, noise=noise)))
+        if have_teacher and "teacher_15" in methods:
             outs["teacher_15"].append(_to_uint8(tp(y, seed=seed + 1000 + k)))
+        if have_teacher and "teacher_15_ddim" in methods:
             lr_p, hw = tp.prepare(y)
             zy = tp.encode(lr_p)
             z = ddim_teacher_sample(models.teacher, sched, sched.prior_sample(zy, noise), zy, lr_p)
@@ -121,9 +126,9 @@ def _run_methods(models: Models, hr: np.ndarray, lr: np.ndarray, device: torch.d
 
 def validate(
     models: Models, pairs: PhotoPairs, device: torch.device, *, crop: int = 256, max_per_image: int = 8,
-    max_crops: int | None = None, seed: int = 0, batch: int = 8,
+    max_crops: int | None = None, seed: int = 0, batch: int = 8, methods: tuple[str, ...] = METHODS,
 ) -> tuple[ValResult, dict[str, np.ndarray], np.ndarray]:  # fmt: skip
-    """Score every method on the val crops.
+    """Score the methods (default: all of :data:`METHODS`) on the val crops.
 
     Returns:
         The result, the method outputs (uint8 NHWC) and the HR crops (uint8 NHWC).
@@ -136,7 +141,7 @@ def validate(
     for m in (models.student, models.autoencoder, models.teacher):
         if m is not None:
             m.to(device).eval()
-    outs = _run_methods(models, hr, lr, device, seed, batch)
+    outs = _run_methods(models, hr, lr, device, seed, batch, methods)
     hr_nhwc = hr.transpose(0, 2, 3, 1)
     photos = [lab.split("@")[0] for lab in labels]
     keys = ("psnr", "ssim", "psnr_rgb")
@@ -220,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     args = ap.parse_args(argv)
     setup_logging()
     torch.set_num_threads(args.threads)
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     models = load_bundle(args.weights, args.preset, device)
     pairs = load_pairs(args.photos, "val")
     res, outs, hr = validate(models, pairs, device, max_crops=args.max_crops, crop=4 * models.preset.pad_multiple,
-                             batch=args.batch)  # fmt: skip
+                             batch=args.batch, methods=tuple(args.methods))  # fmt: skip
     if args.json:
         args.json.write_text(res.to_json())
     if args.grid:
