@@ -40,12 +40,9 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         "hops against the PyTorch reference before it is written; exit status 1 if an artifact was written "
         "with failing parity (--no-parity-gate).",
     )
-    src = p.add_argument_group("model")
-    src.add_argument("--student", type=Path, help="one-step student checkpoint (.pth / .safetensors)")
-    src.add_argument("--autoencoder", type=Path, help="VQ-f4 autoencoder checkpoint")
-    src.add_argument("--preset", default="official-x4", help="model preset (default: official-x4; 'tiny' for tests)")
-    src.add_argument("--init", choices=["random"], help="deterministic random weights for networks without a "
-                     "checkpoint (latency work and tests only)")  # fmt: skip
+    from tadsr.cli import add_model_args
+
+    add_model_args(p, teacher=False)
     out = p.add_argument_group("export")
     out.add_argument("--format", dest="formats", nargs="+", default=["onnx"], metavar="FMT",
                      help="onnx, coreml and/or executorch (default: onnx)")  # fmt: skip
@@ -90,6 +87,9 @@ def run_export(args: argparse.Namespace) -> int:
     if args.parity_patches < 0:
         raise ConfigError(f"--parity-patches must be >= 0, got {args.parity_patches}")
     # fail on bad arguments before loading models (minutes at official size)
+    from tadsr.cli import resolve_preset
+
+    resolve_preset(args)
     check_request(get_preset(args.preset), formats=args.formats, graphs=args.graphs, tile=args.tile,
                   precisions=args.precisions, out_dir=args.out)  # fmt: skip
     progress = sys.stderr.isatty() if args.progress is None else bool(args.progress)

@@ -35,12 +35,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         "report.json first, then report.md, plots and an image grid into --out. Exit status 1 if an artifact "
         "could not be run.",
     )
-    m = p.add_argument_group("reference model (default: the artifacts' preset with its bundled weights)")
-    m.add_argument("--student", type=Path, help="one-step student checkpoint")
-    m.add_argument("--teacher", type=Path, help="multi-step teacher checkpoint")
-    m.add_argument("--autoencoder", type=Path, help="VQ-f4 autoencoder checkpoint")
-    m.add_argument("--preset", help="model preset (default: the one recorded in the artifacts)")
-    m.add_argument("--init", choices=["random"], help="deterministic random weights (latency work and tests only)")
+    from tadsr.cli import add_model_args
+
+    add_model_args(p, default_preset=None, title="reference model (default: the artifacts' preset with its bundled weights)",
+                   preset_help="model preset (default: the one recorded in the artifacts)")
     d = p.add_argument_group("systems and data")
     d.add_argument(
         "--artifacts",

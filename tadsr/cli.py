@@ -16,23 +16,54 @@ from tadsr.errors import TadsrError
 
 log = logging.getLogger("tadsr")
 
-DEFAULT_PRESET = "tiny"
+DEFAULT_PRESET = "bundled"
 
 
-def add_model_args(p: argparse.ArgumentParser, *, teacher: bool = True, default_preset: str | None = None) -> None:
-    """--student/--teacher/--autoencoder checkpoints or --preset [--init random]."""
-    g = p.add_argument_group("model")
-    g.add_argument("--student", type=Path, help="one-step student checkpoint (.pth/.safetensors; TAD-SR, SinSR)")
+def add_model_args(
+    p: argparse.ArgumentParser,
+    *,
+    teacher: bool = True,
+    default_preset: str | None = None,
+    title: str = "model",
+    preset_help: str | None = None,
+) -> argparse._ArgumentGroup:
+    """The model arguments every verb shares: --student/[--teacher]/--autoencoder checkpoints or --preset [--init].
+
+    ``--preset`` stays None unless given: :func:`resolve_preset` then infers it from the checkpoints' keys and
+    shapes (official files need no ``--preset official-x4``), or takes ``bundled`` (the shipped weights) without
+    checkpoints. Verbs that read the preset from an artifact's manifest pass their own ``preset_help``.
+    """
+    g = p.add_argument_group(title)
+    g.add_argument("--student", type=Path, metavar="CKPT",
+                   help="one-step student checkpoint (.pth / .safetensors; TAD-SR, SinSR)")  # fmt: skip
     if teacher:
-        g.add_argument("--teacher", type=Path, help="multi-step teacher checkpoint (ResShift v1/v3)")
-    g.add_argument("--autoencoder", type=Path, help="VQ-f4 autoencoder checkpoint (autoencoder_vq_f4.pth)")
-    g.add_argument("--preset", default=default_preset or DEFAULT_PRESET, help="model preset (default: %(default)s)")
-    g.add_argument("--init", choices=["random"], help="deterministic random weights (latency work and tests only)")
+        g.add_argument("--teacher", type=Path, metavar="CKPT", help="multi-step teacher checkpoint (ResShift v1/v3)")
+    g.add_argument("--autoencoder", type=Path, metavar="CKPT", help="VQ-f4 autoencoder checkpoint (autoencoder_vq_f4.pth)")
+    if preset_help is None:
+        preset_help = ("model preset: bundled (the shipped trained model), official-x4, tiny (default: inferred "
+                       "from the checkpoints' shapes; bundled without checkpoints)")
+    g.add_argument("--preset", default=default_preset, help=preset_help)
+    g.add_argument("--init", choices=["random"],
+                   help="deterministic random weights for networks without a checkpoint (latency work and tests)")  # fmt: skip
+    return g
+
+
+def resolve_preset(args: argparse.Namespace) -> str:
+    """Fill ``args.preset`` when not given: inferred from the checkpoints, else ``DEFAULT_PRESET``."""
+    if getattr(args, "preset", None) is None:
+        from tadsr.pipeline import infer_preset
+
+        ckpts = {k: getattr(args, k, None) for k in ("student", "teacher", "autoencoder")}
+        args.preset = infer_preset(**ckpts) if any(ckpts.values()) else DEFAULT_PRESET
+        if any(ckpts.values()):
+            log.info("preset %r (inferred from the checkpoints)", args.preset)
+    return args.preset
 
 
 def load_models_from_args(args: argparse.Namespace):  # noqa: ANN201 - returns tadsr.Models
     from tadsr.pipeline import load_models
 
+    resolve_preset(args)
     return load_models(
         student=args.student,
         teacher=getattr(args, "teacher", None),

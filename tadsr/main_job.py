@@ -40,6 +40,9 @@ class MainJobConfig:
     out: Path
     preset: str = "bundled"
     init: str | None = None
+    student: Path | None = None
+    teacher: Path | None = None
+    autoencoder: Path | None = None
     formats: tuple[str, ...] = ("onnx", "executorch", "coreml")
     tile: int = 64
     data: Path | None = None
@@ -75,7 +78,8 @@ def run_main_job(cfg: MainJobConfig) -> int:
         raise InputError(f"--out {out} is a file")
     check_request(get_preset(cfg.preset), formats=cfg.formats, graphs=("pipeline", "components"), tile=cfg.tile,
                   precisions=("fp32",), out_dir=out / "artifacts")  # fmt: skip
-    models = _stage(cfg, "load", lambda: load_models(preset=cfg.preset, init=cfg.init))
+    models = _stage(cfg, "load", lambda: load_models(
+        student=cfg.student, teacher=cfg.teacher, autoencoder=cfg.autoencoder, preset=cfg.preset, init=cfg.init))
     # Components (per-stage latency, INT8 per component) for ONNX and ExecuTorch; the fused pipeline everywhere.
     fp32: list[Any] = []
     for fmt in cfg.formats:
@@ -136,8 +140,9 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Export (ONNX, ExecuTorch, Core ML), quantize to INT8, check parity and benchmark, into one folder.",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: %(default)s)")
-    p.add_argument("--preset", default="bundled", help="model preset (default: %(default)s, the shipped model)")
-    p.add_argument("--init", choices=["random"], help="random weights (latency work only)")
+    from tadsr.cli import add_model_args
+
+    add_model_args(p)
     p.add_argument("--format", dest="formats", nargs="+", default=["onnx", "executorch", "coreml"])
     p.add_argument("--tile", type=int, default=64)
     p.add_argument("--data", type=Path, help="HR images for the benchmark (default: shipped held-out crops)")
@@ -153,8 +158,12 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     import sys
 
+    from tadsr.cli import resolve_preset
+
+    resolve_preset(args)
     cfg = MainJobConfig(
-        out=args.out, preset=args.preset, init=args.init, formats=tuple(args.formats), tile=args.tile,
+        out=args.out, preset=args.preset, init=args.init, student=args.student, teacher=args.teacher,
+        autoencoder=args.autoencoder, formats=tuple(args.formats), tile=args.tile,
         data=args.data, calib=args.calib, num_patches=args.num_patches, repeats=args.repeats, threads=args.threads,
         teacher_steps=args.teacher_steps, progress=sys.stderr.isatty(),
     )  # fmt: skip

@@ -39,11 +39,11 @@ def add_parity_parser(subparsers: Any) -> argparse.ArgumentParser:
         "schedule step). Without model arguments the reference is rebuilt from each artifact's manifest.",
     )
     p.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR", help="artifact folder, or a folder of artifacts")
-    m = p.add_argument_group("reference (default: rebuilt from each manifest's preset and sources)")
-    m.add_argument("--student", type=Path, metavar="CKPT", help="one-step student checkpoint")
-    m.add_argument("--autoencoder", type=Path, metavar="CKPT", help="VQ-f4 autoencoder checkpoint")
-    m.add_argument("--preset", help="model preset (default: the manifest's)")
-    m.add_argument("--init", choices=["random"], help="deterministic random weights for networks without a checkpoint")
+    from tadsr.cli import add_model_args
+
+    add_model_args(p, teacher=False, default_preset=None,
+                   title="reference (default: rebuilt from each manifest's preset and sources)",
+                   preset_help="model preset (default: the manifest's)")
     c = p.add_argument_group("inputs")
     c.add_argument("--images", type=Path, metavar="DIR",
                    help="image folder: real patches are cut from it and its images are the whole-image inputs "

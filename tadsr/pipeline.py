@@ -85,6 +85,39 @@ def _build(
     )
 
 
+def _shapes(preset: Preset, kind: str) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        net = UNetModelSwin(preset.unet) if kind == "denoiser" else VQModelTorch(preset.vq)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def infer_preset(student: CkptLike = None, teacher: CkptLike = None, autoencoder: CkptLike = None) -> str:
+    """The name of the preset whose networks have exactly the keys and shapes of the given checkpoints.
+
+    Lets ``tadsr upscale x.png y.png --student TAD-SR.pth --autoencoder autoencoder_vq_f4.pth`` work without
+    ``--preset official-x4``. Without checkpoints the answer is ``"bundled"`` (the shipped model).
+
+    Raises:
+        CheckpointError: no preset matches every given checkpoint (the strict load then names the keys).
+    """
+    from tadsr.config import PRESETS
+    from tadsr.errors import CheckpointError
+
+    given = [(c, "denoiser") for c in (student, teacher) if c is not None]
+    given += [(autoencoder, "autoencoder")] if autoencoder is not None else []
+    if not given:
+        return "bundled"
+    shapes = [({k: tuple(v.shape) for k, v in load_state_dict(c).items()}, kind) for c, kind in given]
+    for name, preset in PRESETS.items():
+        if all(sd == _shapes(preset, kind) for sd, kind in shapes):
+            return name
+    names = ", ".join(str(c) if not isinstance(c, Mapping) else "<state dict>" for c, _ in given)
+    raise CheckpointError(
+        f"no preset ({', '.join(PRESETS)}) has the keys and shapes of {names}; pass --preset NAME to see the "
+        "missing / unexpected / mis-shaped keys against that preset"
+    )
+
+
 def load_models(
     student: CkptLike = None,
     teacher: CkptLike = None,

@@ -162,3 +162,27 @@ def test_non_finite_weights(tmp_path: Path, tiny_sd) -> None:
 def test_no_weights_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="--init random"):
         tadsr.load_models(preset="official-x4")
+
+
+def test_preset_inferred_from_checkpoint_shapes(tmp_path: Path, tiny_sd) -> None:
+    from tadsr.cli import main
+    from tadsr.pipeline import bundled_weight_path, infer_preset
+
+    s, a = tmp_path / "s.pth", tmp_path / "a.safetensors"
+    torch.save({"params_ema": tiny_sd["student"]}, s)
+    save_safetensors(tiny_sd["autoencoder"], a)
+    assert infer_preset(student=s, autoencoder=a) == "tiny"
+    assert infer_preset() == "bundled"
+    bundled = tadsr.get_preset("bundled")
+    assert infer_preset(autoencoder=bundled_weight_path(bundled, "autoencoder")) == "bundled"
+    # a tiny student with the bundled autoencoder: no preset has both
+    with pytest.raises(CheckpointError, match="no preset"):
+        infer_preset(student=s, autoencoder=bundled_weight_path(bundled, "autoencoder"))
+    # the CLI needs no --preset for checkpoints of a known preset
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (20, 18), (120, 60, 30)).save(img)
+    assert main(["-q", "upscale", str(img), str(tmp_path / "y.png"), "--student", str(s), "--autoencoder", str(a),
+                 "--tile", "64"]) == 0  # fmt: skip
+    assert Image.open(tmp_path / "y.png").size == (80, 72)

@@ -51,6 +51,7 @@ def _feeds(spec, seed):
     return {s.name: x.numpy() for s, x in zip(spec.inputs, spec.example_inputs(seed), strict=True)}
 
 
+@pytest.mark.slow  # ~2 min of lowering; the pipeline test below covers the default run
 def test_denoiser_is_one_xnnpack_partition(denoiser_pte):
     out, res = denoiser_pte
     info = res.info
@@ -64,6 +65,7 @@ def test_denoiser_is_one_xnnpack_partition(denoiser_pte):
     assert info["bytes"] == (out / "denoiser.pte").stat().st_size
 
 
+@pytest.mark.slow
 def test_denoiser_runtime_matches_torch(denoiser, denoiser_pte):
     g, spec = denoiser
     out, res = denoiser_pte
@@ -76,21 +78,22 @@ def test_denoiser_runtime_matches_torch(denoiser, denoiser_pte):
         assert np.abs(got - ref).max() < ATOL, seed
 
 
-def test_runner_checks_inputs(denoiser, denoiser_pte):
-    _, spec = denoiser
-    out, res = denoiser_pte
-    runner = ExecuTorchRunner(out / res.files[0], spec.to_dict(), threads=1)
-    feeds = _feeds(spec, 0)
+def test_runner_checks_inputs(tiny_executorch_pipeline):
+    manifest = read_manifest(tiny_executorch_pipeline)
+    gspec = manifest["graph"]
+    pte = tiny_executorch_pipeline / manifest["files"][0]["name"]
+    runner = ExecuTorchRunner(pte, gspec, threads=1)
+    feeds = {i["name"]: np.zeros(i["shape"], np.float32) for i in gspec["inputs"]}
     with pytest.raises(InputSpecError, match="missing"):
-        runner.run({"x_t": feeds["x_t"]})
+        runner.run({"lr": feeds["lr"]})
     with pytest.raises(InputSpecError, match="shape"):
         runner.run({**feeds, "lr": np.zeros((1, 3, 32, 32), np.float32)})
     with pytest.raises(InputSpecError, match="dtype"):
         runner.run({**feeds, "lr": feeds["lr"].astype(np.float64)})
     with pytest.raises(InputError, match="does not exist"):
-        ExecuTorchRunner(out / "nope.pte", spec.to_dict())
+        ExecuTorchRunner(tiny_executorch_pipeline / "nope.pte", gspec)
     with pytest.raises(InputError, match="GraphSpec"):
-        ExecuTorchRunner(out / res.files[0], {"name": "denoiser"})
+        ExecuTorchRunner(pte, {"name": "pipeline"})
 
 
 def test_pipeline_artifact(tiny_models, tiny_executorch_pipeline):
@@ -99,6 +102,9 @@ def test_pipeline_artifact(tiny_models, tiny_executorch_pipeline):
     assert manifest["format"] == "executorch" and manifest["parity_passed"]
     assert info["partitions"] <= PIPELINE_MAX_PARTITIONS
     assert set(info["ops_outside"]) <= VQ_LOOKUP_OPS
+    assert info["rewrites"]["bake_window_attention"] == 18 and info["rewrite_max_abs"] < 1e-4
+    (f,) = manifest["files"]
+    assert info["bytes"] == f["bytes"] == (tiny_executorch_pipeline / f["name"]).stat().st_size
     g, spec = make_graphs(tiny_models, 64, ("pipeline",))["pipeline"]
     runner = load_runner(tiny_executorch_pipeline)
     assert runner.backend == "executorch"
