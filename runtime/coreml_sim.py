@@ -305,6 +305,8 @@ class _Args:
 
 
 _KERNELS: dict[str, Callable[[_Args], Any]] = {}
+EXECUTED_OPS: set[str] = set()
+"""Op types this process has executed (constexpr ops included): the tests check it covers ``SUPPORTED_OPS``."""
 
 
 def _kernel(*names: str) -> Callable[[Callable[[_Args], Any]], Callable[[_Args], Any]]:
@@ -400,7 +402,7 @@ def _k_alpha(a: _Args) -> np.ndarray:
         return np.where(x >= 0, x, alpha * x)
     if t == "elu":
         return np.where(x > 0, x, alpha * np.expm1(x))
-    return np.where(x > alpha, x, 0)
+    return np.where(x >= alpha, x, 0)  # thresholded_relu: x if x >= alpha (MIL docs)
 
 
 @_kernel("clamped_relu", "scaled_tanh", "sigmoid_hard", "linear_activation", "softplus_parametric")
@@ -673,9 +675,10 @@ def _k_cumsum(a: _Args) -> np.ndarray:
 def _k_topk(a: _Args) -> tuple[np.ndarray, np.ndarray]:
     x, k, axis = a["x"], int(a.py("k", 1)), int(a.py("axis", -1))
     asc = bool(a.py("ascending", False))
-    idx = np.argsort(x if asc else -x, axis=axis, kind="stable")
-    idx = np.take(idx, np.arange(k), axis=axis)
-    return np.take_along_axis(x, idx, axis=axis), idx
+    idx = np.argsort(x if asc else -x.astype(np.float64), axis=axis, kind="stable")  # -uint would wrap
+    idx = np.take(idx, np.arange(x.shape[axis] if k == -1 else k), axis=axis)  # iOS17: k = -1 selects all
+    values = np.take_along_axis(x, idx, axis=axis)
+    return (values, idx) if a.py("return_indices", True) else values
 
 
 @_kernel("argsort")
@@ -715,9 +718,8 @@ def _k_squeeze(a: _Args) -> np.ndarray:
 
 @_kernel("flatten2d")
 def _k_flatten2d(a: _Args) -> np.ndarray:
-    x = a["x"]
-    axis = int(a.py("axis", 1)) % max(x.ndim, 1)
-    return x.reshape(math.prod(x.shape[:axis]), -1)
+    x = a["x"]  # d_prior = prod(shape[:axis]) as a python slice: axis may equal rank ((3,), axis=1 -> (3, 1))
+    return x.reshape(math.prod(x.shape[: int(a.py("axis", 1))]), -1)
 
 
 @_kernel("split")
@@ -857,10 +859,10 @@ def _k_gather_along_axis(a: _Args) -> np.ndarray:
 
 @_kernel("gather_nd")
 def _k_gather_nd(a: _Args) -> np.ndarray:
-    x, idx = a["x"], np.asarray(a["indices"]).astype(np.int64)
-    if int(a.py("batch_dims", 0)) != 0:
-        raise a.unsupported("gather_nd with batch_dims != 0")
-    return x[tuple(np.moveaxis(idx, -1, 0))]
+    x, idx, bd = a["x"], np.asarray(a["indices"]).astype(np.int64), int(a.py("batch_dims", 0))
+    xb, ib = x.reshape(-1, *x.shape[bd:]), idx.reshape(-1, *idx.shape[bd:])  # tf.gather_nd with batch_dims
+    out = np.stack([xb[k][tuple(np.moveaxis(ib[k], -1, 0))] for k in range(xb.shape[0])])
+    return out.reshape(*x.shape[:bd], *out.shape[1:])
 
 
 # -------------------------------------------------------------------------------------------- image resizing
@@ -1112,6 +1114,7 @@ class SimProgram:
             ):
                 args = _Args(op, self._lookup_const, round_fp16=False)
                 self._consts[op.outputs[0].name] = _store(_KERNELS[op.type](args), op.outputs[0], "as_written", op)
+                EXECUTED_OPS.add(op.type)
             else:
                 self._ops.append(op)
 
@@ -1183,6 +1186,7 @@ class SimProgram:
                 )
                 args = _Args(op, lookup, round16)
                 raw = _KERNELS[op.type](args)
+                EXECUTED_OPS.add(op.type)
                 raws = raw if isinstance(raw, tuple) else (raw,)
                 if len(raws) != len(op.outputs):
                     raise CoreMLSimError(

@@ -596,3 +596,243 @@ def test_bilinear_grids_match_mil_docs() -> None:
     }
     for (mode, n_out), want in docs.items():
         np.testing.assert_allclose(coreml_sim._grid(2, n_out, mode), want, atol=0.005, err_msg=mode)
+
+
+# -------------------------------------------------------------------- MIL ops the torch.export path never emits
+
+
+def _close(out: dict, refs: dict, rtol: float = 1e-6) -> None:
+    for name, ref in refs.items():
+        ref = ref.numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
+        assert out[name].shape == ref.shape, name
+        np.testing.assert_allclose(out[name], ref, atol=ATOL, rtol=rtol, err_msg=name)
+
+
+def test_mil_unary_and_parametric_activations(tmp_path: Path) -> None:
+    """Elementwise unary ops and alpha / beta activations vs torch, with the formulas of the MIL op docs."""
+    from coremltools.converters.mil import Builder as mb
+
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((2, 3, 4)) * 2).astype(np.float32)
+    x.flat[:8] = [0.5, -0.5, 1.5, 2.5, -2.5, 0.0, 0.3, 7.0]  # round ties, sign(0), x == alpha, x > 6
+    u = rng.uniform(-0.95, 0.95, (2, 3, 4)).astype(np.float32)  # domain of acos / asin / atanh
+    p = rng.uniform(0.2, 2.0, (2, 3, 4)).astype(np.float32)
+    alpha_c, beta_c = np.array([0.1, -0.2, 0.5], np.float32), np.array([1.0, 2.0, 0.5], np.float32)
+    spec = [mb.TensorSpec(shape=x.shape), mb.TensorSpec(shape=u.shape), mb.TensorSpec(shape=p.shape)]
+
+    @mb.program(input_specs=spec, opset_version=ct.target.iOS17)
+    def prog(x, u, p):
+        unary = [mb.acos(x=u, name="acos"), mb.asin(x=u, name="asin"), mb.atanh(x=u, name="atanh"),
+                 mb.tan(x=u, name="tan")]  # fmt: skip
+        for op in ("atan", "ceil", "cosh", "exp2", "round", "sign", "sinh", "identity", "relu6", "softsign"):
+            unary.append(getattr(mb, op)(x=x, name=op))
+        x4 = mb.reshape(x=x, shape=[2, 3, 2, 2])
+        return (*unary, mb.inverse(x=p, name="inverse"), mb.inverse(x=p, epsilon=0.25, name="inverse_eps"),
+                mb.threshold(x=x, alpha=0.3, name="threshold"),
+                mb.thresholded_relu(x=x, alpha=0.3, name="thresholded_relu"),
+                mb.clamped_relu(x=x, alpha=0.2, beta=1.5, name="clamped_relu"),
+                mb.linear_activation(x=x, alpha=1.5, beta=-0.5, name="linear_activation"),
+                mb.scaled_tanh(x=x, alpha=2.0, beta=0.5, name="scaled_tanh"),
+                mb.sigmoid_hard(x=x, alpha=1 / 6, beta=0.5, name="sigmoid_hard"),
+                mb.prelu(x=x4, alpha=alpha_c, name="prelu"),
+                mb.softplus_parametric(x=x4, alpha=alpha_c, beta=beta_c, name="softplus_parametric"))  # fmt: skip
+
+    out = load_mlpackage(_mil_package(prog, tmp_path / "unary.mlpackage")).predict({"x": x, "u": u, "p": p})
+    t, tu, tp = torch.from_numpy(x), torch.from_numpy(u), torch.from_numpy(p)
+    a_c, b_c = torch.from_numpy(alpha_c)[:, None, None], torch.from_numpy(beta_c)[:, None, None]
+    refs = {
+        "acos": torch.acos(tu), "asin": torch.asin(tu), "atanh": torch.atanh(tu), "tan": torch.tan(tu),
+        "atan": torch.atan(t), "ceil": torch.ceil(t), "cosh": torch.cosh(t), "exp2": torch.exp2(t),
+        "round": torch.round(t), "sign": torch.sign(t), "sinh": torch.sinh(t), "identity": t, "relu6": F.relu6(t),
+        "softsign": F.softsign(t), "inverse": 1 / (tp + 1e-4), "inverse_eps": 1 / (tp + 0.25),
+        "threshold": torch.clamp(t, min=0.3), "thresholded_relu": torch.where(t >= 0.3, t, 0.0),
+        "clamped_relu": torch.clamp(F.leaky_relu(t, 0.2), max=1.5), "linear_activation": 1.5 * t - 0.5,
+        "scaled_tanh": 2 * torch.tanh(0.5 * t), "sigmoid_hard": F.hardsigmoid(t),
+        "prelu": F.prelu(t.reshape(2, 3, 2, 2), a_c[:, 0, 0]),
+        "softplus_parametric": a_c * F.softplus(b_c * t.reshape(2, 3, 2, 2)),
+    }  # fmt: skip
+    _close(out, refs)
+    # the documented edge cases themselves: "0.5 is rounded to 0" (half to even), x == alpha kept, relu6 caps at 6
+    np.testing.assert_array_equal(out["round"].flat[:5], [0, -0, 2, 2, -2])
+    np.testing.assert_array_equal(out["sign"].flat[4:6], [-1, 0])
+    assert out["thresholded_relu"].flat[6] == np.float32(0.3) and out["relu6"].flat[7] == 6
+
+
+def test_mil_binary_comparison_and_logical_ops(tmp_path: Path) -> None:
+    """minimum, floor_div / mod on negative fp32 and int32 operands (floor semantics), comparisons, logic."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 3, 4)) * 5).astype(np.float32)
+    y = (rng.uniform(0.5, 3, (2, 3, 4)) * rng.choice([-1, 1], (2, 3, 4))).astype(np.float32)
+    y.flat[:4] = x.flat[:4]  # equal elements for less_equal / not_equal
+    xi = rng.integers(-20, 20, (2, 3, 4)).astype(np.int32)
+    yi = (rng.integers(1, 7, (2, 3, 4)) * rng.choice([-1, 1], (2, 3, 4))).astype(np.int32)
+    dtypes = {np.dtype(np.int32): types.int32, np.dtype(np.float32): types.fp32}
+    spec = [mb.TensorSpec(shape=v.shape, dtype=dtypes[v.dtype]) for v in (x, y, xi, yi)]
+
+    @mb.program(input_specs=spec, opset_version=ct.target.iOS17)
+    def prog(x, y, xi, yi):
+        le, ne = mb.less_equal(x=x, y=y, name="less_equal"), mb.not_equal(x=x, y=y, name="not_equal")
+        return (le, ne, mb.less_equal(x=xi, y=yi, name="le_i"), mb.not_equal(x=xi, y=3, name="ne_i"),
+                mb.minimum(x=x, y=y, name="minimum"), mb.minimum(x=xi, y=yi, name="min_i"),
+                mb.floor_div(x=x, y=y, name="floor_div"), mb.floor_div(x=xi, y=yi, name="floor_div_i"),
+                mb.mod(x=x, y=y, name="mod"), mb.mod(x=xi, y=yi, name="mod_i"), mb.mod(x=xi, y=-3, name="mod_neg"),
+                mb.logical_and(x=le, y=ne, name="logical_and"), mb.logical_or(x=le, y=ne, name="logical_or"),
+                mb.logical_xor(x=le, y=ne, name="logical_xor"), mb.logical_not(x=le, name="logical_not"))  # fmt: skip
+
+    program = load_mlpackage(_mil_package(prog, tmp_path / "binary.mlpackage"))
+    out = program.predict({"x": x, "y": y, "xi": xi, "yi": yi})
+    t, u, ti, ui = (torch.from_numpy(v) for v in (x, y, xi, yi))
+    le, ne = t <= u, t != u
+    exact = {
+        "less_equal": le, "not_equal": ne, "le_i": ti <= ui, "ne_i": ti != 3, "minimum": torch.minimum(t, u),
+        "min_i": torch.minimum(ti, ui), "floor_div_i": torch.div(ti, ui, rounding_mode="floor"),
+        "mod_i": torch.remainder(ti, ui), "mod_neg": torch.remainder(ti, -3), "logical_and": le & ne,
+        "logical_or": le | ne, "logical_xor": le ^ ne, "logical_not": ~le,
+    }  # fmt: skip
+    for name, ref in exact.items():  # bool program outputs come back as fp32 (a cast the converter adds)
+        np.testing.assert_array_equal(out[name], ref.numpy(), err_msg=name)
+    # "rounded towards negative infinity"; x % y takes the sign of y (python / torch.remainder, MIL value inference)
+    _close(out, {"floor_div": torch.div(t, u, rounding_mode="floor"), "mod": torch.remainder(t, u)}, rtol=1e-5)
+    assert ((out["mod"] == 0) | (np.sign(out["mod"]) == np.sign(y))).all()
+    np.testing.assert_array_equal(out["floor_div_i"] * yi + out["mod_i"], xi)
+
+
+def test_mil_reductions_l2_norm_and_l2_pool(tmp_path: Path) -> None:
+    """reduce_* variants with axes / keep_dims, l2_norm over the last three dims, l2_pool with strides and pads."""
+    from coremltools.converters.mil import Builder as mb
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    p = rng.uniform(0.5, 1.5, (2, 3, 4, 5)).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape), mb.TensorSpec(shape=p.shape)], opset_version=ct.target.iOS17)
+    def prog(x, p):
+        return (mb.reduce_l1_norm(x=x, axes=[1, 3], keep_dims=True, name="l1"),
+                mb.reduce_l2_norm(x=x, axes=[-1], name="l2"), mb.reduce_sum_square(x=x, axes=[0, 2], name="sumsq"),
+                mb.reduce_log_sum(x=p, axes=[2], name="logsum"), mb.reduce_prod(x=p, axes=[3], name="prod"),
+                mb.reduce_prod(x=x, axes=[1], keep_dims=True, name="prod_keep"),
+                mb.reduce_log_sum_exp(x=mb.mul(x=x, y=60.0), axes=[1, 2], keep_dims=True, name="lse"),
+                mb.l2_norm(x=x, epsilon=1e-3, name="l2_norm4"),
+                mb.l2_norm(x=mb.reshape(x=x, shape=[6, 4, 5]), name="l2_norm3"),
+                mb.l2_pool(x=x, kernel_sizes=[2, 3], strides=[2, 1], pad_type="valid", name="l2_pool"),
+                mb.l2_pool(x=x, kernel_sizes=[3, 2], strides=[2, 2], pad_type="custom", pad=[1, 0, 1, 1],
+                           name="l2_pool_pad"),
+                mb.l2_pool(x=x, kernel_sizes=[3, 3], strides=[2, 2], pad_type="same", name="l2_pool_same"))  # fmt: skip
+
+    out = load_mlpackage(_mil_package(prog, tmp_path / "reduce.mlpackage")).predict({"x": x, "p": p})
+    t, tp = torch.from_numpy(x), torch.from_numpy(p)
+    norm = torch.linalg.vector_norm
+
+    def l2_pool(k, s, pads):  # pads (top, bottom, left, right): zeros add nothing to the sum of squares
+        return F.lp_pool2d(F.pad(t, (pads[2], pads[3], pads[0], pads[1])), 2, k, s)
+
+    same = (*_same_pads(4, 3, 2), *_same_pads(5, 3, 2))
+    refs = {
+        "l1": norm(t, 1, dim=(1, 3), keepdim=True), "l2": norm(t, 2, dim=-1), "sumsq": (t * t).sum((0, 2)),
+        "logsum": torch.log(tp.sum(2)), "prod": torch.prod(tp, 3), "prod_keep": torch.prod(t, 1, keepdim=True),
+        "lse": torch.logsumexp(t * 60, (1, 2), keepdim=True),  # exp(60 x) overflows fp32: needs the max shift
+        "l2_norm4": t / torch.sqrt((t * t).sum((1, 2, 3), keepdim=True) + 1e-3),
+        "l2_norm3": t.reshape(6, 4, 5) / torch.sqrt((t * t).sum() + 1e-6),
+        "l2_pool": l2_pool((2, 3), (2, 1), (0, 0, 0, 0)), "l2_pool_pad": l2_pool((3, 2), (2, 2), (1, 0, 1, 1)),
+        "l2_pool_same": l2_pool(3, 2, same),
+    }  # fmt: skip
+    _close(out, refs, rtol=1e-5)
+    assert np.isfinite(out["lse"]).all()
+
+
+def test_mil_sort_gather_and_layout_ops(tmp_path: Path) -> None:
+    """topk / argsort (k, axis, ascending, values only, uint8), band_part, gather_nd with batch_dims,
+    flatten2d (the docs' examples), stack, pixel_unshuffle and constexpr_cast fp16 -> fp32."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    rng = np.random.default_rng(5)
+    x = rng.permutation(24).reshape(2, 3, 4).astype(np.float32) - 11.5  # distinct: indices are well defined
+    n = rng.permutation(256)[:10].reshape(2, 5).astype(np.int32)
+    n[0, 0] = 0  # -uint8(0) == 0 would sort 0 first in a descending sort
+    v = np.array([1.0, 3.0, 2.0], np.float32)
+    img = rng.standard_normal((1, 2, 4, 6)).astype(np.float32)
+    idx0 = np.array([[1, 2], [0, 0], [1, 1], [0, 2]], np.int32)  # into x[:2, :3] -> [4, 4]
+    idx1 = np.array([[[2, 3], [0, 1], [1, 0]], [[0, 0], [2, 2], [1, 3]]], np.int32)  # batch_dims=1 -> [2, 3]
+    half = np.array([0.1, -2.7, 1000.3, 3e-5], np.float16)
+    spec = [mb.TensorSpec(shape=x.shape), mb.TensorSpec(shape=n.shape, dtype=types.int32), mb.TensorSpec(shape=(3,)),
+            mb.TensorSpec(shape=img.shape)]  # fmt: skip
+
+    @mb.program(input_specs=spec, opset_version=ct.target.iOS17)
+    def prog(x, n, v, img):
+        u8 = mb.cast(x=n, dtype="uint8")
+        return (*mb.topk(x=x, k=2, name="topk"), *mb.topk(x=x, k=2, axis=0, ascending=True, name="topk_asc"),
+                mb.topk(x=x, k=3, axis=1, return_indices=False, name="topk_vals"), *mb.topk(x=u8, k=3, name="topk_u8"),
+                mb.argsort(x=x, name="argsort"), mb.argsort(x=x, axis=1, ascending=True, name="argsort_asc"),
+                mb.band_part(x=x, lower=1, upper=0, name="band_1_0"), mb.band_part(x=x, name="band_all"),
+                mb.band_part(x=x, lower=-1, upper=2, name="band_m1_2"),
+                mb.band_part(x=x, lower=0, upper=0, name="band_0_0"),
+                mb.band_part(x=x, lower=2, upper=-1, name="band_2_m1"),
+                mb.gather_nd(x=x, indices=idx0, name="gather_nd"),
+                mb.gather_nd(x=x, indices=idx1, batch_dims=1, name="gather_nd_b1"),
+                mb.flatten2d(x=v, axis=-1, name="flat_v_m1"), mb.flatten2d(x=v, axis=1, name="flat_v_1"),
+                mb.flatten2d(x=x, axis=-1, name="flat_x_m1"), mb.flatten2d(x=x, name="flat_x"),
+                mb.flatten2d(x=x, axis=0, name="flat_x_0"), mb.stack(values=[v, v], axis=-1, name="stack_m1"),
+                mb.stack(values=[x, mb.mul(x=x, y=2.0)], axis=1, name="stack"),
+                mb.pixel_unshuffle(x=img, downscale_factor=np.uint32(2), name="pixel_unshuffle"),
+                mb.mul(x=x, y=mb.constexpr_cast(source_val=half, output_dtype="fp32"), name="cast16"))  # fmt: skip
+
+    program = load_mlpackage(_mil_package(prog, tmp_path / "sort.mlpackage"))
+    assert "constexpr_cast" not in program.op_types  # decompressed once at load time, as a constant
+    out = program.predict({"x": x, "n": n, "v": v, "img": img})
+    t, tn = torch.from_numpy(x), torch.from_numpy(n).long()
+
+    def band(lower, upper):  # keep (lower < 0 or m - n <= lower) and (upper < 0 or n - m <= upper)
+        r = torch.tril(t, upper) if upper >= 0 else t
+        return torch.triu(r, -lower) if lower >= 0 else r
+
+    top, top_asc, top_u8 = torch.topk(t, 2), torch.topk(t, 2, dim=0, largest=False), torch.topk(tn, 3)
+    refs = {
+        "topk_0": top.values, "topk_1": top.indices, "topk_asc_0": top_asc.values, "topk_asc_1": top_asc.indices,
+        "topk_vals": torch.topk(t, 3, dim=1).values, "topk_u8_0": top_u8.values, "topk_u8_1": top_u8.indices,
+        "argsort": torch.argsort(t, descending=True), "argsort_asc": torch.argsort(t, dim=1),
+        "band_1_0": band(1, 0), "band_all": t, "band_m1_2": band(-1, 2), "band_0_0": band(0, 0),
+        "band_2_m1": band(2, -1),
+        "gather_nd": x[idx0[:, 0], idx0[:, 1]],  # x[indices[i]]: a [4] slice for each index pair
+        "gather_nd_b1": np.stack([x[b][idx1[b, :, 0], idx1[b, :, 1]] for b in range(2)]),
+        "flat_v_m1": v.reshape(1, 3), "flat_v_1": v.reshape(3, 1), "flat_x_m1": x.reshape(6, 4),
+        "flat_x": x.reshape(2, 12), "flat_x_0": x.reshape(1, 24), "stack": torch.stack([t, t * 2], 1),
+        "stack_m1": np.stack([v, v], -1), "pixel_unshuffle": F.pixel_unshuffle(torch.from_numpy(img), 2),
+        "cast16": x * half.astype(np.float32),
+    }  # fmt: skip
+    for name, ref in refs.items():
+        ref = ref.numpy() if isinstance(ref, torch.Tensor) else ref
+        assert out[name].shape == ref.shape, name
+        np.testing.assert_array_equal(out[name], ref, err_msg=name)
+    assert out["topk_1"].dtype == out["argsort"].dtype == np.int32
+    # k = -1 (iOS17: "select all elements") is not buildable with coremltools 9 (it infers a -1 dim): kernel directly
+    op = coreml_sim._Op("topk", (), {"x": (coreml_sim._Const(x),), "k": (coreml_sim._Const(np.int32(-1)),)}, 0)
+    values, indices = coreml_sim._KERNELS["topk"](coreml_sim._Args(op, lambda b: b.value, round_fp16=False))
+    np.testing.assert_array_equal(values, torch.sort(t, descending=True).values.numpy())
+    np.testing.assert_array_equal(indices, torch.argsort(t, descending=True).numpy())
+
+
+# ------------------------------------------------------------------------------------------------ op coverage
+_RAN: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _record_ran(request: pytest.FixtureRequest):
+    yield
+    _RAN.add(request.node.originalname)
+
+
+def test_zz_every_supported_op_is_executed_by_a_test(request: pytest.FixtureRequest) -> None:
+    """Every op of SUPPORTED_OPS ran in this module's tests (each of which compares against torch / coremltools).
+
+    Only meaningful when the whole module ran (the op tests above fill ``coreml_sim.EXECUTED_OPS``); skipped
+    under a selection (-k / single test).
+    """
+    mine = {i.originalname for i in request.session.items if i.module is request.module} - {request.node.originalname}
+    if not mine <= _RAN:
+        pytest.skip(f"needs the whole module ({len(mine - _RAN)} op tests not run)")
+    missing = sorted(set(SUPPORTED_OPS) - coreml_sim.EXECUTED_OPS - {"const"})
+    assert not missing, f"kernels without a test: {missing}"
