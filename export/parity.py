@@ -52,6 +52,7 @@ __all__ = [
     "real_lr_patches",
     "ReferenceRuns",
     "reference_runs",
+    "reference_runs_on",
     "run_cases",
 ]
 
@@ -225,15 +226,21 @@ class ReferenceRuns:
         return ParityCase(f"real-{i}", "real", {k: one[k] for k in ins}, {k: one[v] for k, v in outs.items()})
 
 
-@torch.no_grad()
 def reference_runs(models: Models, tile: int, n_real: int = 3) -> ReferenceRuns:
     """Run the reference :class:`OneStepPipeline` stage by stage on ``n_real`` real LR patches of ``tile``."""
-    pipe = OneStepPipeline(models)
     lrs, source = real_lr_patches(tile, models.preset.scale, n_real)
+    return reference_runs_on(models, lrs, source)
+
+
+@torch.no_grad()
+def reference_runs_on(models: Models, lrs: np.ndarray, source: str) -> ReferenceRuns:
+    """The reference pipeline stage by stage on given LR patches ``(N, 3, tile, tile)`` in [-1, 1]."""
+    pipe = OneStepPipeline(models)
+    tile = int(lrs.shape[-1])
     latent = (1, models.preset.vq.embed_dim, tile, tile)
     rows: dict[str, list[np.ndarray]] = {k: [] for k in ("lr", "noise", "z_y", "x_t", "x0", "sr")}
     for i, lr_np in enumerate(lrs):
-        lr, hw = pipe.prepare(torch.from_numpy(lr_np)[None])
+        lr, hw = pipe.prepare(torch.from_numpy(np.ascontiguousarray(lr_np))[None])
         noise = make_noise(latent, DEFAULT_SEED + i)
         z_y = pipe.encode(lr)
         x0 = pipe.denoise(z_y, noise, lr)

@@ -62,6 +62,7 @@ from tadsr.export.parity import (
     load_floors,
     make_cases,
     real_lr_patches,
+    reference_runs_on,
     runtime_hop,
 )
 from tadsr.localize import (
@@ -83,7 +84,7 @@ from tadsr.localize import (
     unit_of_tensor,
 )
 from tadsr.metrics import error_stats, ssim
-from tadsr.pipeline import DEFAULT_SEED, Models, OneStepPipeline, bundled_weight_path, load_models, make_noise
+from tadsr.pipeline import Models, OneStepPipeline, bundled_weight_path, load_models
 from tadsr.runtime.runner import (
     BACKENDS,
     MANIFEST_NAME,
@@ -537,7 +538,7 @@ class _Session:
         if k not in self._runs:
             models = self.models(manifest)[0]
             lrs, source = _real_patches(tile, models.preset.scale, self.opts)
-            self._runs[k] = _reference_runs(models, lrs, source)
+            self._runs[k] = reference_runs_on(models, lrs, source)
         return self._runs[k]
 
     def trace(self, manifest: Mapping[str, Any], name: str, tile: int, variant: str) -> GraphTrace:
@@ -573,28 +574,6 @@ def _real_patches(tile: int, scale: int, opts: ParityOptions) -> tuple[np.ndarra
     return ps.lr.astype(
         np.float32
     ), f"{opts.images}: {opts.patches} patches (MATLAB bicubic /{scale}), seed {opts.seed}"
-
-
-@torch.no_grad()
-def _reference_runs(models: Models, lrs: np.ndarray, source: str) -> ReferenceRuns:
-    """The reference pipeline stage by stage on given LR patches (as :func:`tadsr.export.parity.reference_runs`)."""
-    pipe = OneStepPipeline(models)
-    tile = lrs.shape[-1]
-    latent = (1, models.preset.vq.embed_dim, tile, tile)
-    rows: dict[str, list[np.ndarray]] = {k: [] for k in ("lr", "noise", "z_y", "x_t", "x0", "sr")}
-    for i, lr_np in enumerate(lrs):
-        lr, hw = pipe.prepare(torch.from_numpy(lr_np)[None])
-        noise = make_noise(latent, DEFAULT_SEED + i)
-        z_y = pipe.encode(lr)
-        x0 = pipe.denoise(z_y, noise, lr)
-        vals = {"lr": lr, "noise": noise, "z_y": z_y, "x_t": pipe.schedule.prior_sample(z_y, noise), "x0": x0,
-                "sr": pipe.decode(x0, hw)}  # fmt: skip
-        for k, v in vals.items():
-            rows[k].append(v.float().numpy()[0])
-    s = models.preset.scale
-    shapes = {"lr": (3, tile, tile), "sr": (3, s * tile, s * tile)}
-    arrays = {k: np.stack(v) if v else np.zeros((0, *shapes.get(k, latent[1:])), np.float32) for k, v in rows.items()}
-    return ReferenceRuns(**arrays, source=source)
 
 
 # ---------------------------------------------------------------------------------------------- one artifact
