@@ -341,6 +341,12 @@ def _cpu_model() -> str:
 def machine_info() -> dict[str, Any]:
     """CPU model, logical cores (and those this process may use), OS, Python, load average."""
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5 * (affinity or os.cpu_count() or 1):
+        # Measured here: the bundled UNet takes 0.1 s with 1 thread on a busy 2-core machine and 5 s with 2
+        # threads (every OpenMP region waits for a descheduled worker), so busy-machine timings mislead.
+        logger.warning("the machine is busy (1-min load average %.1f on %s usable cores): multi-threaded timings "
+                    "will be inflated; benchmark on an idle machine or with --threads 1", load, affinity)
     return {
         "cpu": _cpu_model(),
         "arch": platform.machine(),

@@ -54,8 +54,18 @@ def tiny_onnx_artifacts(tiny_models, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
+def tiny_executorch_encoder(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny-preset ExecuTorch (XNNPACK) fp32 encoder artifact (the cheapest real lowering), once per session."""
+    from tadsr.export.api import export_model
+
+    out = tmp_path_factory.mktemp("tiny_et_encoder")
+    (res,) = export_model(tiny_models, formats=("executorch",), graphs=("encoder",), tile=64, out_dir=out, n_real=1)
+    return res.path
+
+
+@pytest.fixture(scope="session")
 def tiny_executorch_pipeline(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny-preset ExecuTorch (XNNPACK) fp32 pipeline artifact, exported once per session."""
+    """Tiny-preset ExecuTorch (XNNPACK) fp32 pipeline artifact, exported once per session (~2.5 min: slow tests)."""
     from tadsr.export.api import export_model
 
     out = tmp_path_factory.mktemp("tiny_et")

@@ -156,14 +156,13 @@ def test_onnx_int8_deterministic_and_recipe_reuse(fp32_onnx, int8_onnx, tmp_path
 
 
 @pytest.fixture(scope="module")
-def fp32_encoder(single_thread, tiny_models, tmp_path_factory):
-    """encoder fp32 artifacts for ExecuTorch and Core ML."""
+def fp32_encoder(single_thread, tiny_models, tiny_executorch_encoder, tmp_path_factory):
+    """encoder fp32 artifacts for ExecuTorch (the session's) and Core ML."""
     from tadsr.export.api import export_model
 
-    out = tmp_path_factory.mktemp("fp32-et-coreml")
-    res = export_model(tiny_models, formats=("executorch", "coreml"), graphs=("encoder",), tile=64, out_dir=out,
-                       n_real=1)  # fmt: skip
-    return {r.format: r.path for r in res}
+    out = tmp_path_factory.mktemp("fp32-coreml")
+    (res,) = export_model(tiny_models, formats=("coreml",), graphs=("encoder",), tile=64, out_dir=out, n_real=1)
+    return {"executorch": tiny_executorch_encoder, "coreml": res.path}
 
 
 def test_executorch_int8_lowers_and_runs(fp32_encoder, tmp_path):

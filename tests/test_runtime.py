@@ -51,6 +51,18 @@ def test_same_sr_on_ort_and_torch(tiny_models, tiny_onnx_artifacts: Path, lr_ima
     assert psnr(other_seed, fused) < 60  # the seed matters, so agreement above is not trivial
 
 
+def test_same_sr_with_an_executorch_stage(
+    tiny_models, tiny_executorch_encoder: Path, tiny_onnx_artifacts: Path, lr_image: np.ndarray
+) -> None:
+    """ExecuTorch encoder + ORT denoiser/decoder through the whole-image tiler vs the PyTorch reference."""
+    ref = _torch_reference(tiny_models, lr_image, seed=5)
+    mixed = MobileSRPipeline(
+        {"encoder": tiny_executorch_encoder, **{g: tiny_onnx_artifacts / f"{g}-onnx-fp32-t64" for g in ("denoiser", "decoder")}}
+    ).upscale(lr_image, seed=5)
+    assert psnr(mixed, ref) >= FP32_PSNR_FLOOR
+
+
+@pytest.mark.slow  # the ExecuTorch pipeline export takes ~2.5 min
 def test_same_sr_on_executorch(tiny_models, tiny_executorch_pipeline: Path, lr_image: np.ndarray) -> None:
     ref = _torch_reference(tiny_models, lr_image, seed=5)
     et = MobileSRPipeline.from_path(tiny_executorch_pipeline).upscale(lr_image, seed=5)
