@@ -346,7 +346,7 @@ def machine_info() -> dict[str, Any]:
         # Measured here: the bundled UNet takes 0.1 s with 1 thread on a busy 2-core machine and 5 s with 2
         # threads (every OpenMP region waits for a descheduled worker), so busy-machine timings mislead.
         logger.warning("the machine is busy (1-min load average %.1f on %s usable cores): multi-threaded timings "
-                    "will be inflated; benchmark on an idle machine or with --threads 1", load, affinity)
+                       "will be inflated; benchmark on an idle machine or with --threads 1", load, affinity)
     return {
         "cpu": _cpu_model(),
         "arch": platform.machine(),

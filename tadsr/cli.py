@@ -16,9 +16,6 @@ from tadsr.errors import TadsrError
 
 log = logging.getLogger("tadsr")
 
-DEFAULT_PRESET = "bundled"
-
-
 def add_model_args(
     p: argparse.ArgumentParser,
     *,
@@ -49,12 +46,12 @@ def add_model_args(
 
 
 def resolve_preset(args: argparse.Namespace) -> str:
-    """Fill ``args.preset`` when not given: inferred from the checkpoints, else ``DEFAULT_PRESET``."""
+    """Fill ``args.preset`` when not given: :func:`tadsr.pipeline.infer_preset` (from the checkpoints, else bundled)."""
     if getattr(args, "preset", None) is None:
         from tadsr.pipeline import infer_preset
 
         ckpts = {k: getattr(args, k, None) for k in ("student", "teacher", "autoencoder")}
-        args.preset = infer_preset(**ckpts) if any(ckpts.values()) else DEFAULT_PRESET
+        args.preset = infer_preset(**ckpts)
         if any(ckpts.values()):
             log.info("preset %r (inferred from the checkpoints)", args.preset)
     return args.preset

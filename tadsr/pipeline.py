@@ -7,6 +7,7 @@ Noise is always explicit (a tensor) or drawn from a seed on the CPU, so results 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from importlib import resources
@@ -85,7 +86,12 @@ def _build(
     )
 
 
+DEFAULT_PRESET = "bundled"
+
+
+@functools.cache
 def _shapes(preset: Preset, kind: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a preset's network, built on the meta device (no memory; ~1 s for the official UNet)."""
     with torch.device("meta"):
         net = UNetModelSwin(preset.unet) if kind == "denoiser" else VQModelTorch(preset.vq)
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -95,7 +101,7 @@ def infer_preset(student: CkptLike = None, teacher: CkptLike = None, autoencoder
     """The name of the preset whose networks have exactly the keys and shapes of the given checkpoints.
 
     Lets ``tadsr upscale x.png y.png --student TAD-SR.pth --autoencoder autoencoder_vq_f4.pth`` work without
-    ``--preset official-x4``. Without checkpoints the answer is ``"bundled"`` (the shipped model).
+    ``--preset official-x4``. Without checkpoints the answer is :data:`DEFAULT_PRESET` (the shipped model).
 
     Raises:
         CheckpointError: no preset matches every given checkpoint (the strict load then names the keys).
@@ -106,7 +112,7 @@ def infer_preset(student: CkptLike = None, teacher: CkptLike = None, autoencoder
     given = [(c, "denoiser") for c in (student, teacher) if c is not None]
     given += [(autoencoder, "autoencoder")] if autoencoder is not None else []
     if not given:
-        return "bundled"
+        return DEFAULT_PRESET
     shapes = [({k: tuple(v.shape) for k, v in load_state_dict(c).items()}, kind) for c, kind in given]
     for name, preset in PRESETS.items():
         if all(sd == _shapes(preset, kind) for sd, kind in shapes):
