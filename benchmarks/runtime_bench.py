@@ -46,20 +46,21 @@ def _child(args: argparse.Namespace) -> None:
     base = (base - base.min()) / (base.max() - base.min()) * 2 - 1
     lr = base[None].astype(np.float32)
     t0 = time.perf_counter()
-    pipe = MobileSRPipeline.from_path(Path(args.child), threads=args.threads)
+    pipe = MobileSRPipeline.from_path(Path(args.child), threads=args.threads, low_memory=args.memory == "low")
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     sr = pipe.upscale(lr, seed=0, overlap=args.overlap)
     t_run = time.perf_counter() - t0
     rss = _peak_rss_gib()
-    print(json.dumps({"artifact": args.child, "description": pipe.description, "out_shape": list(sr.shape),
+    print(json.dumps({"artifact": args.child, "description": pipe.description, "memory": args.memory,
+                      "out_shape": list(sr.shape),
                       "load_s": round(t_load, 2), "upscale_s": round(t_run, 2), "peak_rss_gib": round(rss, 3),
                       "finite": bool(np.isfinite(sr).all())}))  # fmt: skip
 
 
-def _measure(path: Path, args: argparse.Namespace) -> dict:
+def _measure(path: Path, args: argparse.Namespace, memory: str) -> dict:
     cmd = [sys.executable, __file__, "--child", str(path), "--size", str(args.size), "--overlap", str(args.overlap),
-           "--threads", str(args.threads)]  # fmt: skip
+           "--threads", str(args.threads), "--memory", memory]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -94,6 +95,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512, help="LR side (default 512 -> 2048 out)")
     ap.add_argument("--overlap", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--memory", choices=["default", "low", "both"], default="both",
+                    help="ONNX Runtime memory mode: default (arena + weight pre-packing), low (tadsr upscale "
+                         "--low-memory), or both, measured one after the other (default: %(default)s)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -104,16 +108,30 @@ def main() -> None:
         fp32, int8 = _export(args)
     if fp32 is None:
         ap.error("give --artifacts or --export")
-    rows = [_measure(fp32, args)]
-    if int8 is not None:
-        rows.append(_measure(int8, args))
-    print(json.dumps({"size": args.size, "threads": args.threads, "runs": rows}, indent=1))
+    modes = ["default", "low"] if args.memory == "both" else [args.memory]
+    rows = []
+    for path in (fp32, int8):
+        for mode in modes if path is not None else []:
+            rows.append(_measure(path, args, mode))
+            print(f"measured {rows[-1]['description']} ({mode} memory): {rows[-1]['upscale_s']:.1f} s, "
+                  f"{rows[-1]['peak_rss_gib']:.2f} GiB", file=sys.stderr, flush=True)  # fmt: skip
+    print(json.dumps({"size": args.size, "threads": args.threads, "load_average": os.getloadavg(), "runs": rows},
+                     indent=1))  # fmt: skip
     for r in rows:
         ok = "OK" if r["peak_rss_gib"] < GOAL_RSS_GIB else "OVER"
-        print(f"{r['description']:<40} {r['upscale_s']:>8.1f} s  peak RSS {r['peak_rss_gib']:.2f} GiB "
+        print(f"{r['description']:<32} {r['memory']:<8} {r['upscale_s']:>8.1f} s  peak RSS {r['peak_rss_gib']:.2f} GiB "
               f"({ok} vs {GOAL_RSS_GIB} GiB goal)")  # fmt: skip
-    if len(rows) == 2:
-        print(f"INT8/fp32 time ratio: {rows[1]['upscale_s'] / rows[0]['upscale_s']:.2f}")
+    by = {(r["description"].split()[1], r["memory"]): r for r in rows}
+    for mode in modes:
+        f, q = by.get(("onnx/fp32", mode)), by.get(("onnx/int8", mode))
+        if f and q:
+            print(f"INT8/fp32 time ratio ({mode} memory): {q['upscale_s'] / f['upscale_s']:.2f}")
+    if len(modes) == 2:
+        for prec in ("onnx/fp32", "onnx/int8"):
+            d, lo = by.get((prec, "default")), by.get((prec, "low"))
+            if d and lo:
+                print(f"{prec} low/default memory: time {lo['upscale_s'] / d['upscale_s']:.2f}x, "
+                      f"peak RSS {lo['peak_rss_gib'] / d['peak_rss_gib']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ class OnnxRunner:
         manifest: its manifest.
         providers: ORT execution providers (default ``["CPUExecutionProvider"]``).
         threads: intra-op threads (default: ORT's choice, all cores).
+        low_memory: trade speed for peak memory: no CPU memory arena (buffers are freed after each run instead
+            of being kept for reuse) and no weight pre-packing (MLAS otherwise keeps a second, re-laid-out copy
+            of every conv / GEMM weight). For large models on phones / small machines (``tadsr upscale
+            --low-memory``); ``benchmarks/runtime_bench.py`` measures both settings.
         backend: accepted for the loader contract ("onnx").
     """
 
@@ -36,6 +40,7 @@ class OnnxRunner:
         *,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        low_memory: bool = False,
         backend: str | None = None,
     ) -> None:
         try:
@@ -48,6 +53,10 @@ class OnnxRunner:
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
+        if low_memory:
+            opts.enable_cpu_mem_arena = False
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        self.low_memory = bool(low_memory)
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types; all mean "not loadable here"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tadsr.errors import ConfigError, InputError
-from tadsr.runtime.runner import MANIFEST_NAME, load_runner
+from tadsr.runtime.runner import MANIFEST_NAME, load_runner, read_manifest
 from tadsr.runtime.tiling import upscale_tiled
 
 __all__ = ["MobileSRPipeline", "find_artifacts"]
@@ -88,11 +88,21 @@ class MobileSRPipeline:
     Args:
         artifacts: ``{"pipeline": dir}`` or the three component dirs (see :func:`find_artifacts`).
         backend: runner backend override (e.g. ``"coreml-sim"``).
+        low_memory: ONNX Runtime artifacts run without the memory arena and weight pre-packing (lower peak RSS,
+            see :class:`~tadsr.runtime.onnx_runner.OnnxRunner`); no effect on other backends.
         **runner_opts: passed to :func:`tadsr.runtime.runner.load_runner` (e.g. ``threads=2``).
     """
 
-    def __init__(self, artifacts: dict[str, Path], *, backend: str | None = None, **runner_opts: Any) -> None:
-        self.runners = {g: load_runner(d, backend=backend, **runner_opts) for g, d in artifacts.items()}
+    def __init__(
+        self, artifacts: dict[str, Path], *, backend: str | None = None, low_memory: bool = False, **runner_opts: Any
+    ) -> None:
+        self.runners = {}
+        for g, d in artifacts.items():
+            opts = dict(runner_opts)
+            if low_memory and backend is None and read_manifest(Path(d))["format"] == "onnx":
+                opts["low_memory"] = True  # only ONNX Runtime keeps an arena and pre-packed weight copies
+            self.runners[g] = load_runner(d, backend=backend, **opts)
+        self.low_memory = low_memory
         first = next(iter(self.runners.values())).spec
         self.tile = first.tile
         self.scale = first.scale
@@ -116,9 +126,10 @@ class MobileSRPipeline:
     @classmethod
     def from_path(
         cls, path: Path, *, fmt: str | None = None, precision: str | None = None, tile: int | None = None,
-        backend: str | None = None, **runner_opts: Any,
+        backend: str | None = None, low_memory: bool = False, **runner_opts: Any,
     ) -> MobileSRPipeline:
-        return cls(find_artifacts(path, fmt=fmt, precision=precision, tile=tile), backend=backend, **runner_opts)
+        return cls(find_artifacts(path, fmt=fmt, precision=precision, tile=tile), backend=backend,
+                   low_memory=low_memory, **runner_opts)  # fmt: skip
 
     @property
     def description(self) -> str:

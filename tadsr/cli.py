@@ -85,6 +85,8 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--format", dest="fmt", choices=["onnx", "executorch", "coreml"], help="pick artifacts by format")
     g.add_argument("--precision", help="pick artifacts by precision (fp32, fp16, int8)")
     g.add_argument("--backend", help="runner backend override, e.g. coreml-sim")
+    g.add_argument("--low-memory", action="store_true",
+                   help="ONNX Runtime without its memory arena and weight pre-packing: lower peak RSS, slower")  # fmt: skip
     p.add_argument("--steps", type=int, help="run the multi-step teacher with this many steps (15: v1, 4: v3)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--tile", type=int, default=128, help="LR tile side, a multiple of 64 (default: %(default)s)")
@@ -142,7 +144,8 @@ def _run_upscale(args: argparse.Namespace) -> int:
 
         if args.steps is not None or args.student or args.autoencoder or args.init:
             raise InputError("--artifact runs an exported file: drop --steps/--student/--autoencoder/--init")
-        mobile = MobileSRPipeline.from_path(args.artifact, fmt=args.fmt, precision=args.precision, backend=args.backend)
+        mobile = MobileSRPipeline.from_path(args.artifact, fmt=args.fmt, precision=args.precision, backend=args.backend,
+                                            low_memory=args.low_memory)  # fmt: skip
         log.info("running %s", mobile.description)
         run, scale, fixed_tile = mobile.run_tiles, mobile.scale, mobile.tile
         noise_shape = lambda t: tuple(mobile.noise_shape)  # noqa: E731

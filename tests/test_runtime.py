@@ -62,6 +62,20 @@ def test_same_sr_with_an_executorch_stage(
     assert psnr(mixed, ref) >= FP32_PSNR_FLOOR
 
 
+def test_low_memory_mode_same_sr(tiny_executorch_encoder: Path, tiny_onnx_artifacts: Path, lr_image: np.ndarray) -> None:
+    """--low-memory turns off ORT's arena and weight pre-packing; same numbers, other backends untouched."""
+    arts = {"encoder": tiny_executorch_encoder, **{g: tiny_onnx_artifacts / f"{g}-onnx-fp32-t64" for g in ("denoiser", "decoder")}}
+    default = MobileSRPipeline(arts).upscale(lr_image, seed=5)
+    low = MobileSRPipeline(arts, low_memory=True)
+    ort_runners = [low.runners[g].inner for g in ("denoiser", "decoder")]
+    for r in ort_runners:
+        opts = r.session.get_session_options()
+        assert r.low_memory and not opts.enable_cpu_mem_arena
+        assert opts.get_session_config_entry("session.disable_prepacking") == "1"
+    assert not getattr(low.runners["encoder"].inner, "low_memory", False)
+    np.testing.assert_allclose(low.upscale(lr_image, seed=5), default, atol=1e-5)
+
+
 @pytest.mark.slow  # the ExecuTorch pipeline export takes ~2.5 min
 def test_same_sr_on_executorch(tiny_models, tiny_executorch_pipeline: Path, lr_image: np.ndarray) -> None:
     ref = _torch_reference(tiny_models, lr_image, seed=5)
