@@ -32,7 +32,7 @@ from typing import Any
 
 logger = logging.getLogger("tadsr.benchmarks.parity_margins")
 
-DEFAULT_PRECISIONS = {"onnx": ("fp32",), "executorch": ("fp32",), "coreml": ("fp16",)}
+DEFAULT_PRECISIONS = {"onnx": ("fp32", "fp16"), "executorch": ("fp32",), "coreml": ("fp32", "fp16")}
 
 
 def _conditions(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", help="preset to export with random weights (default: tiny)")
     p.add_argument("--artifacts", type=Path, help="measure these artifact folders instead of exporting")
     p.add_argument("--formats", nargs="+", default=["onnx", "executorch", "coreml"], help="formats to export")
-    p.add_argument("--precisions", nargs="+", help="precisions for every format (default: onnx/executorch fp32, "
-                   "coreml fp16)")  # fmt: skip
+    p.add_argument("--precisions", nargs="+", help="precisions for every format (default: onnx fp32 + fp16, executorch fp32, "
+                   "coreml fp32 + fp16)")  # fmt: skip
     p.add_argument("--graphs", nargs="+", default=["pipeline", "components"], help="graphs (default: all four)")
     p.add_argument("--int8", action="store_true", help="also quantize the fp32 artifacts (quantize stage)")
     p.add_argument("--int8-formats", nargs="+", default=["onnx"], help="formats to quantize (default: onnx)")

@@ -32,22 +32,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 logger = logging.getLogger("tadsr.benchmarks.quantize_bench")
 
 
 def _time(fn: Any, warmup: int, runs: int) -> dict[str, Any]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    ms = np.array(times) * 1e3
-    return {"median_ms": round(float(np.median(ms)), 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
-            "runs": runs, "warmup": warmup}  # fmt: skip
+    from tadsr.bench_systems import time_calls
+
+    return time_calls(fn, warmup=warmup, runs=runs)
 
 
 def _bytes(manifest: dict[str, Any]) -> int:

@@ -48,6 +48,8 @@ __all__ = [
     "ParityReport",
     "load_floors",
     "make_cases",
+    "CaseGroup",
+    "case_groups",
     "compare",
     "real_lr_patches",
     "ReferenceRuns",
@@ -346,6 +348,64 @@ class HopResult:
                 f"worst case {self.worst_case})")  # fmt: skip
 
 
+@dataclass
+class CaseGroup:
+    """The per-case error statistics of one (input kind, output) pair of a hop, and their aggregate."""
+
+    kind: str
+    output: str
+    floor: Floor
+    stats: list[Any]  # tadsr.metrics.ErrorStats per case
+    names: list[str]
+    outputs: list[np.ndarray]
+    references: list[np.ndarray]
+
+    @property
+    def max_abs(self) -> float:
+        return max(s.max_abs for s in self.stats)
+
+    @property
+    def mean_abs(self) -> float:
+        return max(s.mean_abs for s in self.stats)
+
+    @property
+    def psnr(self) -> float:
+        return min(s.psnr for s in self.stats)
+
+    @property
+    def data_range(self) -> float:
+        return min(s.data_range for s in self.stats)
+
+    @property
+    def worst_case(self) -> str:
+        return self.names[min(range(len(self.stats)), key=lambda i: self.stats[i].psnr)]
+
+    @property
+    def passed(self) -> bool:
+        return self.floor.accepts(self.max_abs, self.psnr)
+
+
+def case_groups(
+    outputs: Sequence[Mapping[str, np.ndarray]],
+    references: Sequence[Mapping[str, np.ndarray]],
+    cases: Sequence[ParityCase],
+    floors: Mapping[str, Floor],
+    value_ranges: Mapping[str, tuple[float, float] | None],
+) -> list[CaseGroup]:
+    """Error statistics of every case, grouped per (input kind, output); latents use their value range for PSNR."""
+    groups = []
+    for kind in dict.fromkeys(c.kind for c in cases):
+        idx = [i for i, c in enumerate(cases) if c.kind == kind]
+        for name, floor in floors.items():
+            vr = value_ranges.get(name)
+            dr = (vr[1] - vr[0]) if vr is not None else None
+            outs = [np.asarray(outputs[i][name], np.float32) for i in idx]
+            refs = [np.asarray(references[i][name], np.float32) for i in idx]
+            groups.append(CaseGroup(kind, name, floor, [error_stats(o, r, dr) for o, r in zip(outs, refs, strict=True)],
+                                    [cases[i].name for i in idx], outs, refs))  # fmt: skip
+    return groups
+
+
 def compare(
     hop: str,
     outputs: Sequence[Mapping[str, np.ndarray]],
@@ -355,23 +415,9 @@ def compare(
     value_ranges: Mapping[str, tuple[float, float] | None],
 ) -> list[HopResult]:
     """Aggregate per-case error statistics into one :class:`HopResult` per (input kind, output)."""
-    results = []
-    for kind in dict.fromkeys(c.kind for c in cases):
-        idx = [i for i, c in enumerate(cases) if c.kind == kind]
-        for name, floor in floors.items():
-            stats = []
-            for i in idx:
-                vr = value_ranges.get(name)
-                dr = (vr[1] - vr[0]) if vr is not None else None
-                stats.append((error_stats(outputs[i][name], references[i][name], dr), cases[i].name))
-            worst = min(stats, key=lambda s: s[0].psnr)
-            max_abs = max(s.max_abs for s, _ in stats)
-            mean_abs = max(s.mean_abs for s, _ in stats)
-            psnr = worst[0].psnr
-            results.append(HopResult(hop, kind, name, len(idx), max_abs, mean_abs, psnr,
-                                     min(s.data_range for s, _ in stats), floor,
-                                     floor.accepts(max_abs, psnr), worst[1]))  # fmt: skip
-    return results
+    return [HopResult(hop, g.kind, g.output, len(g.stats), g.max_abs, g.mean_abs, g.psnr, g.data_range, g.floor,
+                      g.passed, g.worst_case)
+            for g in case_groups(outputs, references, cases, floors, value_ranges)]  # fmt: skip
 
 
 @dataclass

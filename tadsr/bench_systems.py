@@ -335,6 +335,18 @@ def runner_options(fmt: str, threads: int | None) -> tuple[dict[str, Any], dict[
 # -------------------------------------------------------------------------------------------------- measuring
 
 
+def time_calls(fn: Callable[[], Any], *, warmup: int, runs: int) -> dict[str, Any]:
+    """Call ``fn`` ``warmup`` times untimed, then ``runs`` times timed: :func:`timing_stats` + ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - t0)
+    return {**timing_stats(seconds), "warmup": warmup}
+
+
 def timing_stats(seconds: Sequence[float]) -> dict[str, Any]:
     """Median, p90 (linear interpolation), min and mean in ms, plus every run."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3

@@ -58,6 +58,7 @@ from tadsr.export.parity import (
     Floor,
     ParityCase,
     ReferenceRuns,
+    case_groups,
     end_to_end_hop,
     load_floors,
     make_cases,
@@ -649,27 +650,15 @@ def _stats(
     cases: Sequence[ParityCase], floors: Mapping[str, Floor], ranges: Mapping[str, Any],
     scales: Mapping[str, float | None] | None = None,
 ) -> list[OutputCheck]:  # fmt: skip
+    """:func:`~tadsr.export.parity.case_groups` plus SSIM and, where the output's INT8 scale is known, steps."""
     results = []
-    for kind in dict.fromkeys(c.kind for c in cases):
-        idx = [i for i, c in enumerate(cases) if c.kind == kind]
-        for name, floor in floors.items():
-            rows = []
-            for i in idx:
-                vr = ranges.get(name)
-                dr = (vr[1] - vr[0]) if vr is not None else None
-                out = np.asarray(outs[i][name], np.float32)
-                ref = np.asarray(refs[i][name], np.float32)
-                st = error_stats(out, ref, dr)
-                ss = ssim(out[0], ref[0], data_range=st.data_range) if np.isfinite(out).all() else -1.0
-                rows.append((st, ss, cases[i].name))
-            worst = min(rows, key=lambda r: r[0].psnr)
-            mx = max(r[0].max_abs for r in rows)
-            psnr = worst[0].psnr
-            scale = (scales or {}).get(name)
-            results.append(OutputCheck(hop, kind, name, len(idx), mx, max(r[0].mean_abs for r in rows), psnr,
-                                       min(r[1] for r in rows), min(r[0].data_range for r in rows), floor,
-                                       floor.accepts(mx, psnr), worst[2],
-                                       None if not scale else mx / scale))  # fmt: skip
+    for g in case_groups(outs, refs, cases, floors, ranges):
+        ss = min(ssim(o[0], r[0], data_range=st.data_range) if np.isfinite(o).all() else -1.0
+                 for o, r, st in zip(g.outputs, g.references, g.stats, strict=True))  # fmt: skip
+        scale = (scales or {}).get(g.output)
+        results.append(OutputCheck(hop, g.kind, g.output, len(g.stats), g.max_abs, g.mean_abs, g.psnr, ss,
+                                   g.data_range, g.floor, g.passed, g.worst_case,
+                                   None if not scale else g.max_abs / scale))  # fmt: skip
     return results
 
 
