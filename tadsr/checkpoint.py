@@ -65,7 +65,9 @@ def _read(path: Path) -> object:
             f"file starts with {magic!r}); accepted formats are .pth/.pt/.ckpt and .safetensors"
         )
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        # zip checkpoints are memory-mapped: tensors are read when used, so inspecting shapes (preset inference)
+        # and then loading costs one read of the file, not two
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=magic.startswith(b"PK\x03\x04"))
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it contains Python objects whose unpickling would execute code "
