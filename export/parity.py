@@ -118,6 +118,9 @@ def load_floors(precision: str, graph: str, preset: str | None = None) -> dict[s
     """
     table = _numerics()
     floors = table["floors"]
+    alias = table.get("precision_aliases", {}).get(precision)
+    if alias is not None and precision not in floors:
+        precision = str(alias["floors"])
     if precision not in floors:
         raise ConfigError(f"no parity floors for precision {precision!r} in numerics.json (have {sorted(floors)})")
     if graph not in floors[precision]:

@@ -207,3 +207,15 @@ def test_reference_from_arguments_and_bad_sources(tiny_onnx_artifacts, tmp_path)
         check_parity(tmp_path / "nothing-here")
     with pytest.raises(ConfigError):
         ParityOptions(patches=-1)
+
+
+def test_every_precision_the_tools_write_has_floors() -> None:
+    """fp32/fp16 (export), int8 (W8A8) and w8 (Core ML weight-only, via precision_aliases) all resolve to floors."""
+    from tadsr.export.parity import load_floors
+
+    for precision in ("fp32", "fp16", "int8", "w8"):
+        for graph in ("encoder", "denoiser", "decoder", "pipeline"):
+            assert load_floors(precision, graph, "bundled"), (precision, graph)
+    assert load_floors("w8", "pipeline") == load_floors("int8", "pipeline")
+    with pytest.raises(ConfigError, match="no parity floors for precision 'w4'"):
+        load_floors("w4", "pipeline")
