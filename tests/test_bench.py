@@ -259,3 +259,17 @@ def test_cli_latency_only_run(tmp_path, tiny_models, capsys, monkeypatch):
     assert [s["name"] for s in report["systems"]] == ["bicubic", "torch-student"]
     assert report["conditions"]["data"] is None and "seeded" in report["conditions"]["latency_input"]
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["report.json", "report.md", "stage_latency.png"]
+
+
+def test_atomic_write_leaves_an_ordinary_file(tmp_path) -> None:
+    import os
+    import stat
+
+    from tadsr.bench_report import atomic_write
+
+    p = atomic_write(tmp_path / "report.json", b"{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.read_bytes() == b"{}"
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+    assert [q.name for q in tmp_path.iterdir()] == ["report.json"]
