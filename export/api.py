@@ -182,7 +182,7 @@ def check_request(
         for n in names:
             load_floors(prec, n, preset.name)
     if out_dir is not None:
-        _remove_empty(_prepare_out_dir(Path(out_dir)))
+        _remove_empty(prepare_out_dir(Path(out_dir)))
     return ExportRequest(fmts, names, precs, exporters)
 
 
@@ -194,7 +194,7 @@ def _names(values: Sequence[str] | str, allowed: Sequence[str], what: str) -> li
     return list(dict.fromkeys(values))
 
 
-def _prepare_out_dir(out_dir: Path) -> list[Path]:
+def prepare_out_dir(out_dir: Path) -> list[Path]:
     """Create ``out_dir`` (and parents) and prove it is writable. Returns the folders it created.
 
     Raises:
@@ -261,7 +261,7 @@ def export_model(
     """
     req = check_request(models.preset, formats=formats, graphs=graphs, tile=tile, precisions=precisions)
     fmts, names, precs, exporters = req.formats, req.graphs, req.precisions, req.exporters
-    created = _prepare_out_dir(Path(out_dir))
+    created = prepare_out_dir(Path(out_dir))
     results: list[ExportResult] = []
     try:
         built = make_graphs(models, tile, tuple(names))

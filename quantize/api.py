@@ -41,6 +41,7 @@ import torch
 
 from tadsr.config import Preset
 from tadsr.errors import ConfigError, ExportError, InputError, TadsrError
+from tadsr.export.api import prepare_out_dir
 from tadsr.export.artifact import BackendResult, artifact_name, build_manifest, staged_artifact, write_manifest
 from tadsr.export.graphs import make_graph
 from tadsr.export.parity import Floor, ParityReport, compare, load_floors, run_cases
@@ -531,7 +532,8 @@ def quantize_artifact(
     if rec is not None and rec.get(parent.graph, parent.fmt) is None:  # fail before any model work
         have = {g: sorted(b) for g, b in rec.graphs.items()}
         raise ConfigError(f"the recipe has no entry for graph {parent.graph!r}, backend {parent.fmt!r} (it has {have})")
-    out_dir = _prepare_out_dir(Path(out_dir))
+    out_dir = Path(out_dir)
+    prepare_out_dir(out_dir)
     scale = int(parent.manifest["graph"]["scale"])
     calib_patches = sample_calibration(calib, num_patches=num_patches, tile=parent.tile, scale=scale, seed=seed,
                                        progress=progress)  # fmt: skip
@@ -579,14 +581,3 @@ def _captured(manifest: Mapping[str, Any], models: Models, calib: tuple, hold: t
     else:
         logger.info("reusing the calibration and held-out captures of this model")
     return _CAPTURES[key]
-
-
-def _prepare_out_dir(out_dir: Path) -> Path:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".tadsr-write-test-{secrets.token_hex(4)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"cannot write to the output folder {out_dir}: {e.strerror or e}; choose another --out") from e
-    return out_dir

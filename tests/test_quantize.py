@@ -385,3 +385,11 @@ def test_rank_units_coarse_to_fine():
     assert ranking[0].members == ("enc.mid.attn_1/matmul",)
     assert sorted(m for r in ranking for m in r.members) == sorted(names)
     assert len(evals) < len(names)
+
+
+def test_unwritable_output_folder_fails_before_any_work(tiny_onnx_artifacts: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InputError, match="cannot write to the output folder"):
+        quantize_artifact(tiny_onnx_artifacts / "encoder-onnx-fp32-t64", out_dir=blocker / "int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
