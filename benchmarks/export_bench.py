@@ -105,16 +105,11 @@ def _run_child(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
     return res
 
 
-def _time(fn: Any, warmup: int, runs: int) -> dict[str, Any]:
-    from tadsr.bench_systems import time_calls
-
-    return time_calls(fn, warmup=warmup, runs=runs)
-
-
 def _latency(args: argparse.Namespace, exports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Eager vs each artifact's runtime, per graph, in this process."""
     import torch
 
+    from tadsr.bench_systems import time_calls
     from tadsr.errors import TadsrError
     from tadsr.export.api import resolve_graphs
     from tadsr.export.graphs import make_graphs
@@ -131,7 +126,7 @@ def _latency(args: argparse.Namespace, exports: list[dict[str, Any]]) -> list[di
         graph, spec = graphs[name]
         feeds = {s.name: x.numpy() for s, x in zip(spec.inputs, spec.example_inputs(), strict=True)}
         eager = TorchRunner.from_graph(graph, spec, threads=args.threads)
-        base = _time(lambda r=eager, f=feeds: r.run(f), args.warmup, args.runs)
+        base = time_calls(lambda r=eager, f=feeds: r.run(f), warmup=args.warmup, runs=args.runs)
         rows.append({"graph": name, "backend": "torch-eager", **base, "ratio_vs_eager": 1.0})
         logger.info("%s torch eager: %.1f ms", name, base["median_ms"])
         for exp in exports:
@@ -148,7 +143,7 @@ def _latency(args: argparse.Namespace, exports: list[dict[str, Any]]) -> list[di
                 except (TadsrError, ImportError) as e:
                     rows.append({**row, "skipped": f"runner unavailable: {e}"})
                     continue
-                t = _time(lambda r=runner, f=feeds: r.run(f), args.warmup, args.runs)
+                t = time_calls(lambda r=runner, f=feeds: r.run(f), warmup=args.warmup, runs=args.runs)
                 rows.append({**row, **t, "ratio_vs_eager": round(t["median_ms"] / base["median_ms"], 3)})
                 ratio = rows[-1]["ratio_vs_eager"]
                 logger.info("%s %s: %.1f ms (%.2fx eager)", name, art["format"], t["median_ms"], ratio)

@@ -36,12 +36,6 @@ from typing import Any
 logger = logging.getLogger("tadsr.benchmarks.quantize_bench")
 
 
-def _time(fn: Any, warmup: int, runs: int) -> dict[str, Any]:
-    from tadsr.bench_systems import time_calls
-
-    return time_calls(fn, warmup=warmup, runs=runs)
-
-
 def _bytes(manifest: dict[str, Any]) -> int:
     return int(sum(f["bytes"] for f in manifest["files"]))
 
@@ -85,13 +79,14 @@ def _quantize(args: argparse.Namespace, parent: Path) -> tuple[list[Path], float
 
 
 def _latency(args: argparse.Namespace, graph: Any, spec: Any, artifacts: dict[str, Path]) -> dict[str, Any]:
+    from tadsr.bench_systems import time_calls
     from tadsr.errors import TadsrError
     from tadsr.runtime.runner import load_runner
     from tadsr.runtime.torch_runner import TorchRunner
 
     feeds = {s.name: x.numpy() for s, x in zip(spec.inputs, spec.example_inputs(), strict=True)}
     eager = TorchRunner.from_graph(graph, spec, threads=args.threads)
-    out: dict[str, Any] = {"torch-eager": _time(lambda: eager.run(feeds), args.warmup, args.runs)}
+    out: dict[str, Any] = {"torch-eager": time_calls(lambda: eager.run(feeds), warmup=args.warmup, runs=args.runs)}
     for key, path in artifacts.items():
         fmt = json.loads((path / "manifest.json").read_text())["format"]
         if fmt == "coreml" and sys.platform != "darwin":
@@ -102,7 +97,7 @@ def _latency(args: argparse.Namespace, graph: Any, spec: Any, artifacts: dict[st
         except (TadsrError, ImportError) as e:
             out[key] = {"skipped": f"runner unavailable: {e}"}
             continue
-        out[key] = _time(lambda r=runner: r.run(feeds), args.warmup, args.runs)
+        out[key] = time_calls(lambda r=runner: r.run(feeds), warmup=args.warmup, runs=args.runs)
         logger.info("%s %s: %.1f ms", spec.name, key, out[key]["median_ms"])
     base = out["torch-eager"]["median_ms"]
     for t in out.values():

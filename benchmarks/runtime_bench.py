@@ -110,9 +110,9 @@ def main() -> None:
         ap.error("give --artifacts or --export")
     modes = ["default", "low"] if args.memory == "both" else [args.memory]
     rows = []
-    for path in (fp32, int8):
+    for precision, path in (("fp32", fp32), ("int8", int8)):
         for mode in modes if path is not None else []:
-            rows.append(_measure(path, args, mode))
+            rows.append({"precision": precision, **_measure(path, args, mode)})
             print(f"measured {rows[-1]['description']} ({mode} memory): {rows[-1]['upscale_s']:.1f} s, "
                   f"{rows[-1]['peak_rss_gib']:.2f} GiB", file=sys.stderr, flush=True)  # fmt: skip
     print(json.dumps({"size": args.size, "threads": args.threads, "load_average": os.getloadavg(), "runs": rows},
@@ -121,13 +121,13 @@ def main() -> None:
         ok = "OK" if r["peak_rss_gib"] < GOAL_RSS_GIB else "OVER"
         print(f"{r['description']:<32} {r['memory']:<8} {r['upscale_s']:>8.1f} s  peak RSS {r['peak_rss_gib']:.2f} GiB "
               f"({ok} vs {GOAL_RSS_GIB} GiB goal)")  # fmt: skip
-    by = {(r["description"].split()[1], r["memory"]): r for r in rows}
+    by = {(r["precision"], r["memory"]): r for r in rows}
     for mode in modes:
-        f, q = by.get(("onnx/fp32", mode)), by.get(("onnx/int8", mode))
+        f, q = by.get(("fp32", mode)), by.get(("int8", mode))
         if f and q:
             print(f"INT8/fp32 time ratio ({mode} memory): {q['upscale_s'] / f['upscale_s']:.2f}")
     if len(modes) == 2:
-        for prec in ("onnx/fp32", "onnx/int8"):
+        for prec in ("fp32", "int8"):
             d, lo = by.get((prec, "default")), by.get((prec, "low"))
             if d and lo:
                 print(f"{prec} low/default memory: time {lo['upscale_s'] / d['upscale_s']:.2f}x, "

@@ -37,6 +37,7 @@ from PIL import Image, ImageOps
 from tadsr.errors import InputError
 
 __all__ = [
+    "write_atomically",
     "IMAGE_SUFFIXES",
     "LoadedImage",
     "list_images",
@@ -312,16 +313,16 @@ def write_png(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_
     quantised = np.round(np.clip(samples, 0.0, 1.0) * np.float32(peak))
     if bit_depth == 8:
         image = Image.fromarray(quantised.astype(np.uint8))  # HxWx3 -> RGB, HxWx4 -> RGBA
-        _atomic_write(path, lambda f: image.save(f, format="PNG"))
+        write_atomically(path, lambda f: image.save(f, format="PNG"))
     else:
         data = _encode_png16(quantised.astype(np.uint16))
-        _atomic_write(path, lambda f: f.write(data))
+        write_atomically(path, lambda f: f.write(data))
     logger.debug(
         "wrote %s (%dx%d, %d-bit%s)", path, rgb.shape[1], rgb.shape[0], bit_depth, ", alpha" * (alpha is not None)
     )
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through ``write`` into a temporary file in ``path``'s folder, then ``os.replace`` it onto ``path``."""
     folder = path.parent
     if not folder.is_dir():

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tadsr.errors import ConfigError, InputError
-from tadsr.runtime.runner import MANIFEST_NAME, load_runner, read_manifest
+from tadsr.runtime.runner import MANIFEST_NAME, load_runner
 from tadsr.runtime.tiling import upscale_tiled
 
 __all__ = ["MobileSRPipeline", "find_artifacts"]
@@ -96,13 +96,8 @@ class MobileSRPipeline:
     def __init__(
         self, artifacts: dict[str, Path], *, backend: str | None = None, low_memory: bool = False, **runner_opts: Any
     ) -> None:
-        self.runners = {}
-        for g, d in artifacts.items():
-            opts = dict(runner_opts)
-            if low_memory and backend is None and read_manifest(Path(d))["format"] == "onnx":
-                opts["low_memory"] = True  # only ONNX Runtime keeps an arena and pre-packed weight copies
-            self.runners[g] = load_runner(d, backend=backend, **opts)
-        self.low_memory = low_memory
+        self.runners = {g: load_runner(d, backend=backend, low_memory=low_memory, **runner_opts)
+                        for g, d in artifacts.items()}  # fmt: skip
         first = next(iter(self.runners.values())).spec
         self.tile = first.tile
         self.scale = first.scale

@@ -282,13 +282,15 @@ def _backend_class(fmt: str, backend: str | None) -> tuple[type, str]:
         raise ConfigError(f"{module_name} does not define {cls_name}") from e
 
 
-def load_runner(artifact_dir: Path, *, backend: str | None = None, **opts: Any) -> CheckedRunner:
+def load_runner(artifact_dir: Path, *, backend: str | None = None, low_memory: bool = False, **opts: Any) -> CheckedRunner:
     """Open an artifact folder for inference.
 
     Args:
         artifact_dir: folder with ``manifest.json`` and the model file(s).
         backend: ``None`` (from the manifest's format) or a backend name valid for it (``"coreml-sim"``
             forces the numpy Core ML simulator).
+        low_memory: ONNX Runtime without its memory arena and weight pre-packing (lower peak RSS); ignored by the
+            other backends, which keep no such copies.
         **opts: backend options (e.g. ``threads=1``, ``providers=[...]`` for ONNX Runtime).
 
     Raises:
@@ -302,6 +304,8 @@ def load_runner(artifact_dir: Path, *, backend: str | None = None, **opts: Any) 
     cls, name = _backend_class(spec.format, backend)
     if backend is not None:
         opts["backend"] = backend
+    if low_memory and name == "onnx":
+        opts["low_memory"] = True
     inner = cls(artifact_dir, manifest, **opts)
     logger.debug("loaded %s with %s", artifact_dir, name)
     return CheckedRunner(inner, spec, manifest, artifact_dir, str(getattr(inner, "backend", None) or name))
