@@ -44,7 +44,7 @@ import onnx
 
 from tadsr.errors import ConfigError, ExportError
 from tadsr.export.artifact import BackendResult
-from tadsr.export.onnx import unshare_initializers
+from tadsr.export.onnx import save_model, unshare_initializers
 from tadsr.quantize.sensitivity import BackendRecipe, unit_of
 
 __all__ = ["METHODS", "DEFAULT_OP_TYPES", "OnnxPTQ", "quantize_onnx"]
@@ -99,6 +99,7 @@ class _Feeds:
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
+    """Work-folder save: one file unless protobuf's 2 GB limit forces external data."""
     big = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT - (1 << 24)
     if big:
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -434,8 +435,7 @@ def quantize_onnx(
     except onnx.checker.ValidationError as e:
         raise ExportError(f"the quantized {name} model does not pass the ONNX checker: {e}") from e
     path = Path(out_dir) / f"{name}.onnx"
-    _save(model, path)
-    files = [path.name] + ([f"{path.name}.data"] if Path(f"{path}.data").exists() else [])
+    files = save_model(model, path)  # weights beside the graph above 64 MiB, as the fp32 export does
     floats = ptq.float_nodes(recipe.float_units, recipe.float_nodes)
     ops = Counter(n.op_type for n in model.graph.node)
     by_type = weight_bytes(model)

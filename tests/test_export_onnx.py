@@ -8,6 +8,7 @@ module or hand-built ONNX models and take milliseconds to a few seconds.
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -170,13 +171,25 @@ def test_export_onnx_toy_single_file(tmp_path, single_thread):
     assert props["tadsr.preset"] == "toy-preset" and json.loads(props["tadsr.sources"]) == {"a": 1}
 
 
+class _WideToy(_Toy):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 7, padding=3)  # 441 weights: above onnx's 1 KB inline threshold
+
+
 def test_export_onnx_external_data_and_fp16(tmp_path, single_thread):
     (tmp_path / "ext").mkdir()
-    res = export_onnx(_toy(), _TOY_SPEC, tmp_path / "ext", external_data_threshold=0)
+    torch.manual_seed(0)
+    wide = _WideToy().eval().requires_grad_(False)
+    res = export_onnx(wide, _TOY_SPEC, tmp_path / "ext", external_data_threshold=0)
     assert res.files == ["toy.onnx", "toy.onnx.data"] and res.info["external_data"] is True
+    # onnx creates the data file 0600; the artifact's files share one mode (readable where the .onnx is)
+    modes = {stat.S_IMODE((tmp_path / "ext" / f).stat().st_mode) for f in res.files}
+    assert len(modes) == 1, modes
     x = _TOY_SPEC.example_inputs()[0].numpy()
+    np.testing.assert_allclose(_ort(str(tmp_path / "ext" / "toy.onnx"), {"x": x})[0],
+                               wide(torch.from_numpy(x)).numpy(), atol=1e-5)  # fmt: skip
     want = _toy()(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(_ort(str(tmp_path / "ext" / "toy.onnx"), {"x": x})[0], want, atol=1e-5)
     (tmp_path / "half").mkdir()
     half = export_onnx(_toy(), _TOY_SPEC, tmp_path / "half", precision="fp16")
     m = onnx.load(str(tmp_path / "half" / half.files[0]))

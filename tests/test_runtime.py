@@ -106,6 +106,26 @@ def test_tampered_and_missing_model_file(tiny_onnx_artifacts: Path, tmp_path: Pa
         load_runner(art)
 
 
+def test_external_data_artifact(tiny_models, tmp_path: Path, lr_image: np.ndarray) -> None:
+    """Weights in ``<graph>.onnx.data`` (official-size layout): same SR, and a tampered data file is refused."""
+    from tadsr.export.api import export_model
+
+    (res,) = export_model(tiny_models, formats=("onnx",), graphs=("pipeline",), tile=64, out_dir=tmp_path / "a",
+                          n_real=0, backend_options={"onnx": {"external_data_threshold": 0}})  # fmt: skip
+    names = [f["name"] for f in json.loads((res.path / "manifest.json").read_text())["files"]]
+    assert names == ["pipeline.onnx", "pipeline.onnx.data"]
+    lr = lr_image[:, :, :64, :64]
+    one = load_runner(res.path, low_memory=True).run({"lr": lr, "noise": np.zeros((1, 3, 64, 64), np.float32)})
+    want = tadsr.OneStepPipeline(tiny_models)(torch.from_numpy(lr), noise=torch.zeros(1, 3, 64, 64)).numpy()
+    assert psnr(one["sr"], want, data_range=2.0) >= FP32_PSNR_FLOOR
+    data = res.path / "pipeline.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="sha256|hash|tampered"):
+        load_runner(res.path)
+
+
 def test_input_spec_checked(tiny_onnx_artifacts: Path) -> None:
     r = load_runner(tiny_onnx_artifacts / "encoder-onnx-fp32-t64")
     with pytest.raises(InputSpecError):
