@@ -401,8 +401,8 @@ numbers are in `bundled_validation.json`.
 
 ## Limits
 
-- Every latent method is capped by the autoencoder reconstruction row: the 3-channel f4 latent plus the
-  {p.vq.n_embed}-entry codebook lose fine detail and, on flat crops, exact DC level.
+- Every latent method is capped by the autoencoder reconstruction row (`decode(encode(HR))`);
+  `benchmarks/ae_ceiling.py` measures what limits that row for a given architecture and training budget.
 - A few minutes of training on a few dozen photos: a demonstration model for the export/quantisation
   toolchain and the app, not a competitive SR model. Bicubic degradation only (no real-world degradations).
 """
