@@ -8,7 +8,7 @@ rewrite                         what it does                                    
 ==============================  =====================================================  =====================
 ``bake_window_attention``       Swin block for its one feature size: q/k/v as three    ``select``, 4-D matmul
                                 linears (1/sqrt(d) folded into q), relative bias       (``expand``),
-                                (1, heads, N, N) and shift mask (nW, 1, N, N) as       ``repeat`` and
+                                (1, heads, N, N) and compact shift mask as             ``repeat`` and
                                 constants, 3-D ``bmm``                                 ``unsqueeze`` stay
                                                                                        outside XNNPACK
 ``fold_scale_shift_into_norm``  timestep-folded ``(1 + scale, shift)`` of each         constant ``select``
@@ -42,7 +42,7 @@ from torch import nn
 from tadsr.errors import ConfigError
 from tadsr.models import unet_swin, vqgan
 from tadsr.models.ops import roll2d
-from tadsr.models.swin import SwinBlock, WindowAttention, window_partition, window_reverse
+from tadsr.models.swin import SwinBlock, WindowAttention, add_window_mask, window_partition, window_reverse
 
 __all__ = [
     "DecomposedGroupNorm",
@@ -147,11 +147,12 @@ class BakedWindowAttention(nn.Module):
     """Window attention for one fixed feature size: split q/k/v, constant bias and mask, 3-D bmm.
 
     ``forward(x)`` with ``x`` (B * nW, N, C) tokens. ``rel_bias`` (1, heads, N, N) is the gathered relative
-    position bias, ``mask`` (nW, 1, N, N) the shift mask of the block's feature size (-100 on masked pairs;
-    absent for unshifted blocks). The softmax scale is folded into the q projection.
+    position bias, ``mask`` the block's :func:`~tadsr.models.swin.compact_mask` for its feature size
+    (nh, nw or 1, 1, N²; -100 on masked pairs; absent for unshifted blocks) and ``nw`` its windows per row.
+    The softmax scale is folded into the q projection.
     """
 
-    def __init__(self, attn: WindowAttention, mask: torch.Tensor | None) -> None:
+    def __init__(self, attn: WindowAttention, mask: torch.Tensor | None, nw: int = 1) -> None:
         super().__init__()
         c, heads = attn.dim, attn.num_heads
         self.num_heads, self.head_dim, self.dim = heads, attn.head_dim, c
@@ -167,8 +168,9 @@ class BakedWindowAttention(nn.Module):
         self.proj = copy.deepcopy(attn.proj)
         rel = attn.relative_position_bias().detach().float()[None].contiguous().clone()
         self.register_buffer("rel_bias", rel, persistent=False)
-        m = None if mask is None else mask.detach().float()[:, None].contiguous().clone()
+        m = None if mask is None else mask.detach().float().contiguous().clone()
         self.register_buffer("mask", m, persistent=False)
+        self.nw = int(nw)
         self.requires_grad_(False)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -181,11 +183,7 @@ class BakedWindowAttention(nn.Module):
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         attn = torch.bmm(q, k.transpose(1, 2)).reshape(bw, h, n, n) + self.rel_bias
         if self.mask is not None:
-            nw = self.mask.shape[0]
-            if bw == nw:
-                attn = attn + self.mask
-            else:  # batch > 1: windows of each image share the mask
-                attn = (attn.reshape(bw // nw, nw, h, n, n) + self.mask).reshape(bw, h, n, n)
+            attn = add_window_mask(attn, self.mask, self.nw)
         attn = torch.softmax(attn, dim=-1).reshape(bw * h, n, n)
         out = torch.bmm(attn, v)  # (bw * heads, n, hd)
         out = out.reshape(bw, h, n, self.head_dim).permute(0, 2, 1, 3).reshape(bw, n, c)
@@ -199,7 +197,7 @@ class BakedSwinBlock(nn.Module):
         super().__init__()
         self.window_size, self.shift_size, self.h, self.w = blk.window_size, blk.shift_size, h, w
         self.norm1 = blk.norm1
-        self.attn = BakedWindowAttention(blk.attn, blk.mask_for(h, w, torch.device("cpu")))
+        self.attn = BakedWindowAttention(blk.attn, blk.mask_for(h, w, torch.device("cpu")), w // blk.window_size)
         self.norm2 = blk.norm2
         self.mlp = blk.mlp
 

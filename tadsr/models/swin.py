@@ -22,7 +22,7 @@ from torch import nn
 
 from tadsr.models.ops import GroupNorm32, roll2d
 
-__all__ = ["window_mask", "relative_position_index", "WindowAttention", "SwinBlock", "BasicLayer"]
+__all__ = ["window_mask", "compact_mask", "relative_position_index", "WindowAttention", "SwinBlock", "BasicLayer"]
 
 MASK_VALUE = -100.0
 
@@ -66,6 +66,28 @@ def window_mask(h: int, w: int, window: int, shift: int, rule: str = "upstream")
     with); ``rule="corrected"`` builds the standard Swin mask. Masked pairs get -100 (as upstream).
     """
     return torch.from_numpy(_window_mask_np(h, w, window, shift, rule).copy())
+
+
+def compact_mask(mask: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+    """(nW, N, N) additive mask of an ``nh`` x ``nw`` window grid -> (nh, nw or 1, 1, N * N), broadcastable.
+
+    The window-column axis is dropped when every window of a row has the same mask (always the case for the
+    upstream rule, whose labels do not depend on the window column), so an exported graph stores an ``nw``
+    times smaller constant; the unit axis broadcasts over heads. :meth:`WindowAttention.forward` adds it to
+    the logits viewed as (B, nh, nw, heads, N * N) (rank 5, Core ML's limit).
+    """
+    n2 = mask.shape[-1] * mask.shape[-2]
+    m = mask.reshape(nh, nw, 1, n2)
+    if nw > 1 and bool((m == m[:, :1]).all()):
+        m = m[:, :1]
+    return m.contiguous()
+
+
+def add_window_mask(attn: torch.Tensor, mask: torch.Tensor, nw: int) -> torch.Tensor:
+    """Logits (B * nh * nw, heads, N, N) + a :func:`compact_mask` of that grid -> same shape."""
+    bw, heads, n, _ = attn.shape
+    nh = mask.shape[0]
+    return (attn.reshape(bw // (nh * nw), nh, nw, heads, n * n) + mask).reshape(bw, heads, n, n)
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -121,23 +143,26 @@ class WindowAttention(nn.Module):
     def unfreeze(self) -> None:
         self.frozen_bias = None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B * nW, N, C) tokens; mask: (nW, N, N) additive or None."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, nw: int = 1) -> torch.Tensor:
+        """x: (B * nW, N, C) tokens; mask: a :func:`compact_mask` (nh, nw or 1, 1, N²) or None; nw: windows per row.
+
+        Bias and mask are added to the logits one after the other (never summed into a per-window tensor
+        first), so an exported graph keeps two small constants instead of a folded (nW, heads, N, N) one.
+        """
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (bw, heads, n, hd)
-        bias = self.relative_position_bias()
-        if mask is not None:
-            nw = mask.shape[0]
-            bias = (bias[None] + mask[:, None]).repeat(bw // nw, 1, 1, 1)  # (bw, heads, n, n)
-        else:
-            bias = bias[None]
+        bias = self.relative_position_bias()  # (heads, n, n)
         if self.attn_impl == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+            full = bias[None].expand(bw, -1, -1, -1)
+            if mask is not None:
+                full = add_window_mask(full, mask, nw)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=full.to(q.dtype), scale=self.scale)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = torch.softmax(attn + bias.to(attn.dtype), dim=-1)
-            out = attn @ v
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias.to(q.dtype)
+            if mask is not None:
+                attn = add_window_mask(attn, mask.to(attn.dtype), nw)
+            out = torch.softmax(attn, dim=-1) @ v
         out = out.transpose(1, 2).reshape(bw, n, c)
         return self.proj(out)
 
@@ -185,13 +210,14 @@ class SwinBlock(nn.Module):
         self._mask_cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def mask_for(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
-        """The (cached) additive mask for an (h, w) map, or None for unshifted blocks."""
+        """The (cached) :func:`compact_mask` for an (h, w) map, or None for unshifted blocks."""
         if self.shift_size == 0:
             return None
         key = (h, w, str(device))
         m = self._mask_cache.get(key)
         if m is None:
-            m = window_mask(h, w, self.window_size, self.shift_size, self.mask_rule).to(device)
+            full = window_mask(h, w, self.window_size, self.shift_size, self.mask_rule)
+            m = compact_mask(full, h // self.window_size, w // self.window_size).to(device)
             self._mask_cache[key] = m
         return m
 
@@ -200,7 +226,7 @@ class SwinBlock(nn.Module):
         y = self.norm1(x)
         y = roll2d(y, -self.shift_size)
         y = window_partition(y, self.window_size)
-        y = self.attn(y, self.mask_for(h, w, x.device))
+        y = self.attn(y, self.mask_for(h, w, x.device), w // self.window_size)
         y = window_reverse(y, self.window_size, b, h, w)
         y = roll2d(y, self.shift_size)
         x = x + y
