@@ -15,6 +15,10 @@ Steps (:class:`OnnxPTQ`):
    QLinearMatMul), only the recipe's op types (default ``Conv``, ``Gemm``, ``MatMul``: element-wise ops cost
    9-15 dB each for no speed-up), with the recipe's float nodes in ``nodes_to_exclude``.
 
+4. :func:`compress_add_constants`: large float constants read only by ``Add`` (the Swin relative-position bias
+   and shift mask, not weights of any quantized op) are stored INT8 with a ``DequantizeLinear``; the Add stays
+   float.
+
 Units: each candidate node is labelled with the module path of its weight (``...attn.qkv.bias`` ->
 ``...attn.qkv``) and grouped into blocks by :func:`tadsr.quantize.sensitivity.unit_of`. Weight-less MatMuls
 (attention scores and mixing) take the label of the nearest labelled producer upstream and form their own unit
@@ -101,6 +105,7 @@ class _Feeds:
 def _save(model: onnx.ModelProto, path: Path) -> None:
     """Work-folder save: one file unless protobuf's 2 GB limit forces external data."""
     big = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT - (1 << 24)
+    Path(f"{path}.data").unlink(missing_ok=True)  # onnx would append to a data file left from an earlier save
     if big:
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{path.name}.data", size_threshold=1024)  # fmt: skip
@@ -205,6 +210,14 @@ class OnnxPTQ:
         self.work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         self.pre_path = self.work / "preprocessed.onnx"
+        fp32_path = Path(fp32_path)
+        if Path(f"{fp32_path}.data").exists() and fp32_path.stat().st_size + Path(f"{fp32_path}.data").stat().st_size \
+                < PROTOBUF_LIMIT - (1 << 24):  # fmt: skip
+            # quant_pre_process cannot follow a data file it did not write (it re-saves the model to a temp
+            # folder); below 2 GB, hand it a self-contained copy
+            inline = self.work / "fp32-inline.onnx"
+            _save(onnx.load(str(fp32_path)), inline)
+            fp32_path = inline
         try:
             # shapes are static, so ONNX shape inference is enough; ORT's symbolic inference (for dynamic
             # dims) fails on Constant nodes with scalar ``value_*`` attributes of unoptimized exports
@@ -239,6 +252,7 @@ class OnnxPTQ:
         (self.work / "calibrated.onnx").unlink(missing_ok=True)
         logger.info("onnx calibration (%s) on %d patches: %.1fs", method, len(calib_feeds), time.perf_counter() - t1)
         self._base: onnx.ModelProto | None = None  # shape-inferred model for in-memory variants
+        self.finished: dict[str, Any] = {}  # statistics of the post-QDQ steps of the last build
         self._ranges: Any = None
 
     # ------------------------------------------------------------------------------------------ structure
@@ -296,9 +310,20 @@ class OnnxPTQ:
             raise ExportError(f"onnxruntime quantize_static failed: {e}") from e
         return out
 
+    def finish(self, model: onnx.ModelProto, float_nodes: Sequence[str]) -> dict[str, Any]:
+        """Steps after QDQ, in place: INT8 Add constants, then INT8 weights of the float nodes (pinned stay fp32)."""
+        constants = compress_add_constants(model)
+        weights = weight_only_int8(model, [n for n in float_nodes if n not in self.pinned])
+        return {"int8_add_constants": constants, "weight_only_int8": weights}
+
     def build(self, float_units: Sequence[str], out: Path, *, extra_nodes: Sequence[str] = ()) -> Path:
         """Write the INT8 model with ``float_units`` (and pinned / ``extra_nodes``) float to ``out``."""
-        return self._quantize(Path(out), self.float_nodes(float_units, extra_nodes), None)
+        floats = self.float_nodes(float_units, extra_nodes)
+        path = self._quantize(Path(out), floats, None)
+        model = onnx.load(str(path))
+        self.finished = self.finish(model, floats)
+        _save(model, path)
+        return path
 
     def variant(self, float_units: Sequence[str], *, extra_nodes: Sequence[str] = ()) -> onnx.ModelProto:
         """The INT8 model with ``float_units`` float, in memory, for the search.
@@ -322,7 +347,9 @@ class OnnxPTQ:
                                  self.op_types, dict(_EXTRA))  # fmt: skip
         quantizer.quantize_model()
         quantizer.model.topological_sort()  # as ONNXModel.save_model_to_file does
-        return quantizer.model.model
+        model = quantizer.model.model
+        self.finish(model, self.float_nodes(float_units, extra_nodes))
+        return model
 
     def session(self, path: Path | bytes) -> Any:
         """A CPU ``InferenceSession`` of a model file or serialized model."""
@@ -365,6 +392,105 @@ def _name_nodes(model: onnx.ModelProto) -> None:
         if not n.name or n.name in seen:
             n.name = f"{n.op_type}_tadsr_{k}"
         seen.add(n.name)
+
+
+# float constants of at least this many elements read only by Add nodes are stored INT8 (see compress_add_constants)
+ADD_CONSTANT_MIN_ELEMENTS = 4096
+
+
+def _int8_dq(t: onnx.TensorProto, axis: int) -> tuple[list[onnx.TensorProto], onnx.NodeProto, float, int, int]:
+    """Symmetric INT8 of an fp32 initializer, one scale per index of ``axis``; a DequantizeLinear restores its name.
+
+    Returns (new initializers, the DQ node, max abs rounding error, fp32 bytes, int8 bytes incl. zero points).
+    """
+    w = onnx.numpy_helper.to_array(t).astype(np.float32)
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    amax = np.abs(rows).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.round(rows / scale[:, None]), -127, 127).astype(np.int8)
+    err = float(np.abs(q.astype(np.float32) * scale[:, None] - rows).max()) if rows.size else 0.0
+    moved = tuple(np.moveaxis(w, axis, 0).shape)
+    qw = np.moveaxis(q.reshape(moved), 0, axis)
+    names = (f"{t.name}_int8", f"{t.name}_scale", f"{t.name}_zero_point")
+    inits = [onnx.numpy_helper.from_array(np.ascontiguousarray(qw), names[0]), onnx.numpy_helper.from_array(scale, names[1]),
+             onnx.numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), names[2])]  # fmt: skip
+    node = onnx.helper.make_node("DequantizeLinear", list(names), [t.name], name=f"{t.name}_dq", axis=axis)
+    return inits, node, err, w.nbytes, q.nbytes + scale.size
+
+
+def _replace_initializers(model: onnx.ModelProto, picks: Mapping[str, int]) -> dict[str, Any]:
+    """Replace the initializers named in ``picks`` (name -> axis) by INT8 + DequantizeLinear; statistics."""
+    stats: dict[str, Any] = {"tensors": 0, "fp32_bytes": 0, "int8_bytes": 0, "max_abs_error": 0.0}
+    kept: list[onnx.TensorProto] = []
+    dq: list[onnx.NodeProto] = []
+    for t in model.graph.initializer:
+        if t.name not in picks:
+            kept.append(t)
+            continue
+        inits, node, err, fp32_bytes, int8_bytes = _int8_dq(t, picks[t.name])
+        kept += inits
+        dq.append(node)
+        stats["tensors"] += 1
+        stats["fp32_bytes"] += fp32_bytes
+        stats["int8_bytes"] += int8_bytes
+        stats["max_abs_error"] = max(stats["max_abs_error"], err)
+    if dq:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        nodes = dq + list(model.graph.node)  # DQ nodes read initializers only: first is topological
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    stats["max_abs_error"] = round(stats["max_abs_error"], 6)
+    return stats
+
+
+def weight_only_int8(model: onnx.ModelProto, nodes: Sequence[str]) -> dict[str, Any]:
+    """Store the weights of float-kept Conv / Gemm / MatMul ``nodes`` as INT8 per output channel, in place.
+
+    The recipe keeps these nodes' *activations* float (that is what the fidelity floor needs); their weights
+    lose almost nothing at per-channel INT8 (the Core ML W8 files show it), and the file shrinks to about a
+    quarter for them. A DequantizeLinear feeds the float op. Weight-less MatMuls are skipped.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    wanted = set(nodes)
+    picks: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.name not in wanted or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        t = inits[n.input[1]]
+        if t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        if n.op_type == "Conv":
+            picks[t.name] = 0
+        elif n.op_type == "Gemm":
+            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
+            picks[t.name] = 0 if trans_b else 1
+        elif n.op_type == "MatMul" and len(t.dims) == 2:
+            picks[t.name] = 1
+    return _replace_initializers(model, picks)
+
+
+def compress_add_constants(model: onnx.ModelProto, min_elements: int = ADD_CONSTANT_MIN_ELEMENTS) -> dict[str, Any]:
+    """Store large float constants that only ``Add`` nodes read as INT8 + ``DequantizeLinear``, in place.
+
+    In these graphs they are the Swin attention constants: the relative-position bias (heads, N, N) and the
+    compact shift mask (values 0 and -100), which are not weights of any quantized op and would otherwise stay
+    fp32 (in the bundled model they weigh as much as all INT8 weights together). Symmetric INT8, one scale per
+    index of axis 0 (per head for a bias, per window row for a mask; 0 and -100 are exact up to fp32 rounding of
+    the scale). The Add itself stays float; parity of the final file measures the effect.
+
+    Returns:
+        ``{"tensors", "fp32_bytes", "int8_bytes", "max_abs_error"}``.
+    """
+    readers: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, set()).add(n.op_type)
+    outputs = {o.name for o in model.graph.output}
+    picks = {t.name: 0 for t in model.graph.initializer
+             if t.data_type == onnx.TensorProto.FLOAT and readers.get(t.name) == {"Add"} and t.name not in outputs
+             and len(t.dims) >= 1 and int(np.prod(t.dims)) >= min_elements}  # fmt: skip
+    return _replace_initializers(model, picks)
 
 
 def output_scales(model: onnx.ModelProto) -> dict[str, float]:
@@ -441,7 +567,8 @@ def quantize_onnx(
     by_type = weight_bytes(model)
     quantized = [n for n in ptq.candidates if n not in floats]
     w_fp32 = ptq.weight_bytes(quantized)
-    w_int8 = sum(by_type.get(k, 0) for k in ("INT8", "INT32", "UINT8"))
+    done = ptq.finished
+    w_int8 = sum(by_type.get(k, 0) for k in ("INT8", "INT32", "UINT8")) - sum(v["int8_bytes"] for v in done.values())
     info = {
         "quantizer": "onnxruntime.quantization.quantize_static (QDQ)",
         "scheme": SCHEME,
@@ -456,6 +583,7 @@ def quantize_onnx(
             "int8_bytes": w_int8,
             "ratio": round(w_int8 / w_fp32, 4) if w_fp32 else None,
         },  # fmt: skip
+        **done,
         "output_scales": output_scales(model),
         "op_types_after": dict(sorted(ops.items())),
         "quantize_s": round(time.perf_counter() - t0, 3),

@@ -152,6 +152,66 @@ def test_onnx_int8_deterministic_and_recipe_reuse(fp32_onnx, int8_onnx, tmp_path
         quantize_artifact(fp32_onnx["encoder"], out_dir=tmp_path, recipe=first / RECIPE_NAME, **SMALL)
 
 
+def test_onnx_int8_from_external_data_artifact(tiny_models, single_thread, tmp_path):
+    """An fp32 artifact with its weights in ``.onnx.data`` (the official-size layout) quantizes, and an INT8
+    file above the threshold keeps the same layout."""
+    from tadsr.export.api import export_model
+
+    (res,) = export_model(tiny_models, graphs=("encoder",), tile=64, out_dir=tmp_path / "fp32", n_real=0,
+                          backend_options={"onnx": {"external_data_threshold": 0}})  # fmt: skip
+    assert (res.path / "encoder.onnx.data").exists()
+    (q,) = quantize_artifact(res.path, out_dir=tmp_path / "int8", **SMALL)
+    assert [f["name"] for f in read_manifest(q)["files"]] == ["encoder.onnx"]  # INT8 file below 64 MiB: one file
+    assert read_manifest(q)["parity_passed"] is True
+
+
+def test_compress_add_constants():
+    """Large Add-only float constants become INT8 + DequantizeLinear (mask values exact, bias within half a step);
+    a conv weight and small constants are left alone; ORT output barely moves."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tadsr.quantize.onnx_ptq import compress_add_constants, weight_only_int8
+
+    rng = np.random.default_rng(0)
+    bias = rng.normal(0, 2, (2, 64, 64)).astype(np.float32)
+    mask = np.where(rng.random((4, 1, 64, 64)) < 0.3, -100.0, 0.0).astype(np.float32)
+    mask[1] = 0.0  # a row without masked pairs (scale would be 0)
+    w = rng.normal(0, 0.1, (2, 2, 3, 3)).astype(np.float32)
+    small = np.ones((2, 1, 1), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["a"]), helper.make_node("Add", ["a", "mask"], ["b"]),
+         helper.make_node("Add", ["b", "small"], ["c"]),
+         helper.make_node("Reshape", ["c", "shape"], ["c4"]),
+         helper.make_node("Conv", ["c4", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 2, 64, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2, 64, 64])],
+        [numpy_helper.from_array(bias, "bias"), numpy_helper.from_array(mask, "mask"),
+         numpy_helper.from_array(small, "small"), numpy_helper.from_array(w, "w"),
+         numpy_helper.from_array(np.array([4, 2, 64, 64], np.int64), "shape")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.normal(0, 1, (4, 2, 64, 64)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    stats = compress_add_constants(model)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert stats["tensors"] == 2 and types["bias_int8"] == types["mask_int8"] == TensorProto.INT8
+    assert "bias" not in types and "mask" not in types and types["w"] == types["small"] == TensorProto.FLOAT
+    assert stats["max_abs_error"] <= np.abs(bias).max() / 254 + 1e-6
+    onnx.checker.check_model(model, full_check=True)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x})[0]
+    assert np.abs(got - want).max() < 0.2 and stats["int8_bytes"] < stats["fp32_bytes"] / 3.9
+    # weight-only INT8 of a float-kept conv: per output channel, the op stays float
+    wstats = weight_only_int8(model, ["conv", "no-such-node"])
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert wstats["tensors"] == 1 and types["w_int8"] == TensorProto.INT8 and "w" not in types
+    assert wstats["max_abs_error"] <= np.abs(w).max() / 254 + 1e-6
+    onnx.checker.check_model(model, full_check=True)
+    got_w = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got_w - got).max() < 0.01 * np.abs(got).max()  # inputs reach -100 (mask)
+
+
 # ------------------------------------------------------------------------------------------- ExecuTorch / Core ML
 
 
