@@ -510,8 +510,9 @@ def output_scales(model: onnx.ModelProto) -> dict[str, float]:
 def weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
     """Bytes of initializers by element type name (``FLOAT``, ``INT8``, ...)."""
     acc: Counter[str] = Counter()
-    for t in model.graph.initializer:
-        acc[onnx.TensorProto.DataType.Name(t.data_type)] += len(t.raw_data) or t.ByteSize()
+    for t in model.graph.initializer:  # from the shape: raw_data is empty for tensors stored in a .data file
+        size = int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        acc[onnx.TensorProto.DataType.Name(t.data_type)] += size
     return dict(sorted(acc.items()))
 
 

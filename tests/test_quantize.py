@@ -212,6 +212,23 @@ def test_compress_add_constants():
     assert np.abs(got_w - got).max() < 0.01 * np.abs(got).max()  # inputs reach -100 (mask)
 
 
+def test_weight_bytes_counts_external_tensors(tmp_path):
+    """Sizes by dtype come from shapes, so tensors kept in a .data file are counted (they were 0 before)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tadsr.quantize.onnx_ptq import weight_bytes
+
+    w = np.ones((2000,), np.float32)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2000])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2000])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(3, np.int8), "q")])  # fmt: skip
+    model = helper.make_model(graph)
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    lazy = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert weight_bytes(lazy) == {"FLOAT": 8000, "INT8": 3}
+
+
 # ------------------------------------------------------------------------------------------- ExecuTorch / Core ML
 
 
