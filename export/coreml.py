@@ -59,6 +59,8 @@ from tadsr.export.rewrites import apply_rewrites
 
 __all__ = [
     "export_coreml",
+    "save_package",
+    "DEBUG_FILES",
     "OpStats",
     "Fp16Plan",
     "measure_fp16",
@@ -408,10 +410,23 @@ def _describe(mlmodel: Any, spec: GraphSpec, precision: str, meta: Mapping[str, 
         mlmodel.user_defined_metadata[f"tadsr.{k}"] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
 
 
+# coremltools writes this beside Data/ for programs converted from torch.export: a map from ExecuTorch debug
+# handles to MIL ops, for ExecuTorch's Core ML delegate tooling. It is not in the package's Manifest.json, Core ML
+# never reads it, and it weighs 1-2 MB on the bundled model (5-20 % of the package), so shipped files leave it out.
+DEBUG_FILES = ("executorch_debug_handle_mapping.json",)
+
+
+def save_package(mlmodel: Any, path: Path) -> None:
+    """``mlmodel.save(path)`` without the ExecuTorch debug map (:data:`DEBUG_FILES`)."""
+    mlmodel.save(str(path))
+    for name in DEBUG_FILES:
+        (Path(path) / name).unlink(missing_ok=True)
+
+
 def _save_atomic(mlmodel: Any, final: Path) -> None:
     tmp = final.with_name(f".{final.stem}.tmp-{secrets.token_hex(4)}.mlpackage")
     try:
-        mlmodel.save(str(tmp))
+        save_package(mlmodel, tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
             os.rename(final, old)

@@ -97,7 +97,9 @@ def coreml_w8a8(
         raise ExportError(f"Core ML conversion of the PT2E INT8 {name} graph failed: {e}") from e
     _set_metadata(ml, {**dict(metadata or {}), "precision": "int8"})
     path = Path(out_dir) / f"{name}.mlpackage"
-    ml.save(str(path))
+    from tadsr.export.coreml import save_package
+
+    save_package(ml, path)
     ops = _op_counts(ml)
     logger.info("coreml w8a8 %s: %d quantize, %d dequantize ops, %.1fs", name, ops.get("quantize", 0),
                 ops.get("dequantize", 0), time.perf_counter() - t0)  # fmt: skip
@@ -142,7 +144,9 @@ def coreml_w8(
         raise ExportError(f"Core ML weight-only quantization of {fp32_package} failed: {e}") from e
     _set_metadata(w8, {**dict(metadata or {}), "precision": "w8"})
     path = Path(out_dir) / f"{name}.mlpackage"
-    w8.save(str(path))
+    from tadsr.export.coreml import save_package
+
+    save_package(w8, path)
     ops = _op_counts(w8)
     logger.info("coreml w8 %s: %.1fs", name, time.perf_counter() - t0)
     return BackendResult(files=[path.name], format="coreml", precision="w8",

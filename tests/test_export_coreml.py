@@ -66,6 +66,7 @@ def test_encoder_package_interface_and_metadata(encoder, encoder_packages, prec)
     d, res = encoder_packages[prec]
     assert res.files == ["encoder.mlpackage"] and res.format == "coreml" and res.precision == prec
     assert [p.name for p in d.iterdir()] == ["encoder.mlpackage"]  # no temp folders left
+    assert not (d / res.files[0] / "executorch_debug_handle_mapping.json").exists()  # debug map not shipped
     m = ct.models.MLModel(str(d / res.files[0]), skip_model_load=True)
     desc = m.get_spec().description
     got = [(f.name, tuple(f.type.multiArrayType.shape), f.type.multiArrayType.dataType) for f in desc.input]

@@ -266,6 +266,7 @@ def test_coreml_w8a8_and_w8(fp32_encoder, tmp_path):
         pkg = art / m["files"][0]["name"]
         spec = ct.utils.load_spec(str(pkg))  # the spec loads (no Core ML runtime needed)
         assert spec.WhichOneof("Type") == "mlProgram"
+        assert not (pkg / "executorch_debug_handle_mapping.json").exists()  # debug map not shipped
         ops = m["backend_info"]["mil_ops"]
         assert all(ops.get(o, 0) > 0 for o in want), ops
         assert m["parity_passed"], m["parity"]
