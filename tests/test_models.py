@@ -9,7 +9,7 @@ import torch
 import tadsr
 from tadsr.config import UNetConfig, replace
 from tadsr.models.ops import BicubicUpsample, bicubic_x4_reference, reflect_pad_to_multiple, roll2d
-from tadsr.models.swin import window_mask, window_partition, window_reverse
+from tadsr.models.swin import SwinBlock, compact_mask, window_mask, window_partition, window_reverse
 from tadsr.models.unet_swin import UNetModelSwin
 
 
@@ -71,6 +71,32 @@ def test_shifted_blocks_official() -> None:
                        "output_blocks.3", "output_blocks.6", "output_blocks.9"])
     assert shifted == expected
     assert sum(p.numel() for p in net.parameters()) == 118_593_583
+
+
+@pytest.mark.parametrize("rule", ["upstream", "corrected"])
+def test_compact_mask_and_attention_impls(rule: str) -> None:
+    """The compact mask equals the full one broadcast back; a shifted block gives the same output with the math and
+    the sdpa attention, batch 2, on a non-square map (the full per-window mask, added naively, as the reference)."""
+    full = window_mask(16, 24, 8, 4, rule)
+    cm = compact_mask(full, 2, 3)
+    assert cm.shape == ((2, 1, 1, 4096) if rule == "upstream" else (2, 3, 1, 4096))
+    assert torch.equal(cm.expand(2, 3, 1, 4096).reshape(6, 64, 64), full)
+    torch.manual_seed(0)
+    blk = SwinBlock(32, 2, 8, 4, 2, 16, rule, "math").eval()
+    with torch.no_grad():
+        blk.attn.relative_position_bias_table.normal_()
+    x = torch.randn(2, 32, 16, 24)
+    tokens = window_partition(roll2d(blk.norm1(x), -4), 8)
+    a = blk.attn
+    q, k, v = a.qkv(tokens).reshape(12, 64, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    logits = (q * a.scale) @ k.transpose(-2, -1) + a.relative_position_bias() + full.repeat(2, 1, 1)[:, None]
+    ref = a.proj((torch.softmax(logits, -1) @ v).transpose(1, 2).reshape(12, 64, 32))
+    with torch.no_grad():
+        got = a(tokens, blk.mask_for(16, 24, x.device), 3)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        y_math = blk(x)
+        blk.attn.attn_impl = "sdpa"
+        torch.testing.assert_close(blk(x), y_math, atol=1e-5, rtol=1e-5)
 
 
 def test_window_partition_roundtrip_and_roll() -> None:
