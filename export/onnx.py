@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import load_external_data_for_model
 import torch
 from torch import nn
 
@@ -49,7 +50,7 @@ from tadsr.errors import ConfigError, ExportError
 from tadsr.export.artifact import BackendResult, tool_versions
 from tadsr.export.graphs import GraphSpec
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "MIN_OPSET", "SIMPLIFY_ATOL", "export_onnx", "save_model", "unshare_initializers"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "MIN_OPSET", "PROTOBUF_LIMIT", "SIMPLIFY_ATOL", "export_onnx", "save_model", "unshare_initializers"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,20 +256,25 @@ def _set_metadata(model: onnx.ModelProto, spec: GraphSpec, precision: str, extra
 def save_model(model: onnx.ModelProto, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[str]:
     """Write ``path``, with the weights in ``<name>.data`` beside it when they exceed ``threshold`` bytes (or 2 GB).
 
+    Pass ``threshold=PROTOBUF_LIMIT`` for a single file unless protobuf's 2 GB limit forces external data.
+    ``model`` is left whole (onnx empties its tensors when it writes them to a data file; they are read back).
+
     Returns the file names written (``[name]`` or ``[name, name.data]``). The data file gets the same
     permissions as the model file (onnx creates it 0600).
     """
     path = Path(path)
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file; a stale one beside an inline model misleads
     if _too_big(model) or _initializer_bytes(model) > threshold:
-        data = path.with_name(f"{path.name}.data")
-        data.unlink(missing_ok=True)  # onnx appends to an existing data file
         # tensors under 1 KB (shapes, scalars) stay inline: ORT's shape inference reads them from the graph
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)  # fmt: skip
-        if data.exists():
-            os.chmod(data, stat.S_IMODE(path.stat().st_mode))
-            return [path.name, data.name]
-        return [path.name]
+        if not data.exists():
+            return [path.name]
+        os.chmod(data, stat.S_IMODE(path.stat().st_mode))
+        # onnx moved the tensors out of ``model`` (raw_data cleared): read them back so the caller's model is whole
+        load_external_data_for_model(model, str(path.parent))
+        return [path.name, data.name]
     onnx.save_model(model, path)
     return [path.name]
 

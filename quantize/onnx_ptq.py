@@ -48,7 +48,7 @@ import onnx
 
 from tadsr.errors import ConfigError, ExportError
 from tadsr.export.artifact import BackendResult
-from tadsr.export.onnx import save_model, unshare_initializers
+from tadsr.export.onnx import PROTOBUF_LIMIT, save_model, unshare_initializers
 from tadsr.quantize.sensitivity import BackendRecipe, unit_of
 
 __all__ = ["METHODS", "DEFAULT_OP_TYPES", "OnnxPTQ", "quantize_onnx"]
@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES = ("Conv", "Gemm", "MatMul")
 SCHEME = "weights int8 symmetric per-channel, activations uint8 asymmetric per-tensor (QDQ)"
-PROTOBUF_LIMIT = 2**31 - 1
 _EXTRA = {"WeightSymmetric": True, "ActivationSymmetric": False}
 # calibration runs ``CALIB_CHUNK`` patches at a time: ORT's calibrators keep every intermediate tensor of a
 # chunk in memory (the fused official pipeline over a whole calibration set peaks at ~18 GiB in one chunk)
@@ -100,17 +99,6 @@ class _Feeds:
         """Largest divisor of the number of feeds that is at most ``most``."""
         n = len(self._feeds)
         return max(k for k in range(1, min(most, n) + 1) if n % k == 0)
-
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    """Work-folder save: one file unless protobuf's 2 GB limit forces external data."""
-    big = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT - (1 << 24)
-    Path(f"{path}.data").unlink(missing_ok=True)  # onnx would append to a data file left from an earlier save
-    if big:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data", size_threshold=1024)  # fmt: skip
-    else:
-        onnx.save_model(model, path)
 
 
 def _module_of(name: str) -> str | None:
@@ -216,7 +204,7 @@ class OnnxPTQ:
             # quant_pre_process cannot follow a data file it did not write (it re-saves the model to a temp
             # folder); below 2 GB, hand it a self-contained copy
             inline = self.work / "fp32-inline.onnx"
-            _save(onnx.load(str(fp32_path)), inline)
+            save_model(onnx.load(str(fp32_path)), inline, threshold=PROTOBUF_LIMIT)
             fp32_path = inline
         try:
             # shapes are static, so ONNX shape inference is enough; ORT's symbolic inference (for dynamic
@@ -228,7 +216,7 @@ class OnnxPTQ:
         model = onnx.load(str(self.pre_path))
         _name_nodes(model)
         unshared = unshare_initializers(model)
-        _save(model, self.pre_path)
+        save_model(model, self.pre_path, threshold=PROTOBUF_LIMIT)
         labels = label_nodes(model)
         inits = {t.name: t for t in model.graph.initializer}
         self.candidates: dict[str, _Candidate] = {}
@@ -322,7 +310,7 @@ class OnnxPTQ:
         path = self._quantize(Path(out), floats, None)
         model = onnx.load(str(path))
         self.finished = self.finish(model, floats)
-        _save(model, path)
+        save_model(model, path, threshold=PROTOBUF_LIMIT)
         return path
 
     def variant(self, float_units: Sequence[str], *, extra_nodes: Sequence[str] = ()) -> onnx.ModelProto:

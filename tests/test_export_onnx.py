@@ -199,6 +199,27 @@ def test_export_onnx_external_data_and_fp16(tmp_path, single_thread):
     assert got.dtype == np.float32 and np.abs(got - want).max() < 2e-2
 
 
+def test_save_model_threshold_and_stale_data_file(tmp_path):
+    """save_model: weights beside the graph above the threshold, inline below it; a re-save inline removes the
+    data file an earlier external save left (onnx appends to it, and readers take its presence as external)."""
+    w = numpy_helper.from_array(np.arange(600, dtype=np.float32).reshape(600, 1), "w")  # 2.4 KB: above 1 KB
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 600])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], [w])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "m.onnx"
+    assert onnx_export.save_model(model, path, threshold=0) == ["m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").stat().st_size == 2400
+    x = np.ones((1, 600), np.float32)
+    assert _ort(str(path), {"x": x})[0].item() == pytest.approx(599 * 600 / 2)
+    assert numpy_helper.to_array(model.graph.initializer[0]).sum() == 599 * 600 / 2  # the caller's model is whole
+    assert onnx_export.save_model(model, path, threshold=0) == ["m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").stat().st_size == 2400  # rewritten, not appended to
+    assert onnx_export.save_model(model, path, threshold=onnx_export.PROTOBUF_LIMIT) == ["m.onnx"]
+    assert not (tmp_path / "m.onnx.data").exists()
+    assert _ort(str(path), {"x": x})[0].item() == pytest.approx(599 * 600 / 2)
+
+
 def test_export_onnx_rejects_bad_options(tmp_path):
     with pytest.raises(ConfigError, match="opset"):
         export_onnx(_toy(), _TOY_SPEC, tmp_path, opset=17)
