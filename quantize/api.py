@@ -415,7 +415,8 @@ def _pt2e(ctx: _Ctx, backend_key: str, rewrites: str) -> tuple[Any, BackendRecip
     if not given and psnr < ctx.target:
         logger.warning("%s/%s: the converted graph reaches %.2f dB on held-out patches, below the %.1f dB target "
                        "the search met in simulation", ctx.name, backend_key, psnr, ctx.target)  # fmt: skip
-    return converted, entry, (eager(converted), pq.rewrites, example)
+    applied = {**pq.rewrites, "int8_add_constants": dict(pq.constants)}  # graph rewrites, then the INT8 constants
+    return converted, entry, (eager(converted), applied, example)
 
 
 def _executorch(ctx: _Ctx) -> list[Path]:

@@ -39,7 +39,7 @@ from tadsr.errors import ConfigError, ExportError
 from tadsr.export.artifact import BackendResult
 from tadsr.quantize.sensitivity import unit_of
 
-__all__ = ["PT2E_OP_TYPES", "PT2EQuant", "FakeQuantSim", "quantize_executorch"]
+__all__ = ["PT2E_OP_TYPES", "PT2EQuant", "FakeQuantSim", "int8_add_constants", "quantize_executorch"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ class PT2EQuant:
                 )
                 self.layers[n.name] = (path, params)
         self.pinned = _pinned(self.exported, self.targets, output_names)
+        self.constants: dict[str, Any] = {}  # int8_add_constants statistics of the last convert()
         logger.info("pt2e: %d candidate layers in %d blocks (%d pinned float), rewrites %s, %.1fs", len(self.layers),
                     len(self.units()), len(self.pinned), report.to_dict(), time.perf_counter() - t0)  # fmt: skip
 
@@ -240,15 +241,21 @@ class PT2EQuant:
 
     def convert(self, float_units: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], *,
                 progress: bool = False) -> torch.fx.GraphModule:  # fmt: skip
-        """Prepare with ``float_units`` (and pinned blocks) float, calibrate on ``feeds``, convert."""
+        """Prepare with ``float_units`` (and pinned blocks) float, calibrate on ``feeds``, convert.
+
+        The converted graph's large float ``add`` constants are then stored INT8 (:func:`int8_add_constants`;
+        statistics in ``self.constants``), so the graph every caller measures is the one that ships.
+        """
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         t0 = time.perf_counter()
         prepared = self._prepare(float_units)
         self._calibrate(prepared, feeds, progress)
         converted = convert_pt2e(prepared)
-        logger.info("pt2e convert (%s, %d float blocks) on %d patches: %.1fs", self.method, len(float_units),
-                    len(feeds), time.perf_counter() - t0)  # fmt: skip
+        self.constants = int8_add_constants(converted)
+        logger.info("pt2e convert (%s, %d float blocks) on %d patches: %.1fs; %d add constants INT8 (%.2f -> %.2f MB)",
+                    self.method, len(float_units), len(feeds), time.perf_counter() - t0, self.constants["tensors"],
+                    self.constants["fp32_bytes"] / 1e6, self.constants["int8_bytes"] / 1e6)  # fmt: skip
         return converted
 
     def simulator(self, feeds: Sequence[Mapping[str, np.ndarray]], *, progress: bool = False) -> FakeQuantSim:
@@ -357,6 +364,87 @@ def _is_observer(m: Any) -> bool:
     return isinstance(m, ObserverBase)
 
 
+ADD_CONSTANT_MIN_ELEMENTS = 4096
+ADD_CONSTANT_MIN_PER_SCALE = 256
+
+
+def _owner(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
+    *path, leaf = target.split(".")
+    obj = gm
+    for part in path:
+        obj = getattr(obj, part)
+    return obj, leaf
+
+
+def int8_add_constants(
+    gm: torch.fx.GraphModule,
+    *,
+    min_elements: int = ADD_CONSTANT_MIN_ELEMENTS,
+    min_per_scale: int = ADD_CONSTANT_MIN_PER_SCALE,
+) -> dict[str, Any]:
+    """Store large float constants that only ``add`` reads as INT8 + ``dequantize_per_channel``, in place.
+
+    In these graphs they are the Swin attention constants, the relative-position bias ``(1, heads, N, N)`` and
+    the compact shift mask ``(rows, 1, 1, N*N)`` (values 0 and -100): not weights of any quantized op, so PT2E
+    leaves them fp32, and in the bundled model they weigh a fifth as much as all INT8 weights. Symmetric INT8
+    ([-127, 127], zero point 0), one scale per index of the first non-unit axis (per head for a bias, per window
+    row for a mask; 0 and -100 are exact up to the fp32 rounding of the scale). The dequantize node has the form
+    ``convert_pt2e`` gives weights, so ExecuTorch's constant propagation keeps the INT8 tensor (it does not fold
+    dequantize) and coremltools turns it into ``constexpr_affine_dequantize``. The ``add`` stays float.
+    Constants with fewer than ``min_per_scale`` values per scale (e.g. the codebook norms ``(1, K)`` of the VQ
+    lookup) are left alone: INT8 would not make them smaller.
+
+    Returns:
+        ``{"tensors", "fp32_bytes", "int8_bytes", "max_abs_error"}`` (bytes of scales and zero points included).
+    """
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines the quantized_decomposed ops)
+
+    dq = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    adds = {torch.ops.aten.add.Tensor}
+    stats: dict[str, Any] = {"tensors": 0, "fp32_bytes": 0, "int8_bytes": 0, "max_abs_error": 0.0}
+    for n in list(gm.graph.nodes):
+        if n.op != "get_attr" or not n.users:
+            continue
+        t = _attr(gm, n)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() < min_elements:
+            continue
+        if any(u.op != "call_function" or u.target not in adds for u in n.users):
+            continue
+        axis = next((i for i, s in enumerate(t.shape) if s > 1), None)
+        if axis is None or t.numel() // t.shape[axis] < min_per_scale:
+            continue
+        t = t.detach()
+        amax = t.abs().amax(dim=[d for d in range(t.dim()) if d != axis])
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(torch.float32)
+        view = [1] * t.dim()
+        view[axis] = -1
+        q = torch.clamp(torch.round(t / scale.view(view)), -127, 127).to(torch.int8)
+        err = float((q.to(torch.float32) * scale.view(view) - t).abs().max())
+        base = "int8c_" + str(n.target).replace(".", "_")
+        gm.register_buffer(f"{base}_q", q)
+        gm.register_buffer(f"{base}_scale", scale)
+        gm.register_buffer(f"{base}_zp", torch.zeros(scale.numel(), dtype=torch.int64))
+        with gm.graph.inserting_before(n):
+            args = [gm.graph.get_attr(f"{base}_{k}") for k in ("q", "scale", "zp")]
+            d = gm.graph.call_function(dq, (*args, axis, -127, 127, torch.int8))
+        d.meta.update({k: v for k, v in n.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        n.replace_all_uses_with(d)
+        gm.graph.erase_node(n)
+        owner, leaf = _owner(gm, str(n.target))  # drop the fp32 original, or export would still carry it
+        if leaf in owner._buffers:
+            del owner._buffers[leaf]
+        elif hasattr(owner, leaf):
+            delattr(owner, leaf)
+        stats["tensors"] += 1
+        stats["fp32_bytes"] += t.numel() * 4
+        stats["int8_bytes"] += q.numel() + scale.numel() * (4 + 8)
+        stats["max_abs_error"] = max(stats["max_abs_error"], err)
+    if stats["tensors"]:
+        gm.graph.lint()
+        gm.recompile()
+    return stats
+
+
 def output_scales(converted: torch.fx.GraphModule, output_names: Sequence[str]) -> dict[str, float]:
     """Output name -> scale of the ``dequantize_per_tensor`` that produces it, where one does."""
     out_node = next(n for n in converted.graph.nodes if n.op == "output")
@@ -393,6 +481,9 @@ def quantize_executorch(
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+
+    # out variants of quantized_decomposed ops that run outside XNNPACK (dequantize of INT8 Add constants)
+    import executorch.kernels.quantized  # noqa: F401
 
     t0 = time.perf_counter()
     try:

@@ -441,6 +441,66 @@ def test_pt2e_simulator_matches_convert():
     assert pq.int8_fraction(["head"]) < 1.0 == pq.int8_fraction([])
 
 
+class _ToyAddConstants(torch.nn.Module):
+    """conv -> + a (1, 4, 64, 64) map (large, read only by add: goes INT8) + a (1, 1, 64, 64) map (64 values per
+    scale along its first non-unit axis: stays float) -> * a (1, 4, 64, 64) map (read by mul: stays float)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("big", torch.randn(1, 4, 64, 64, generator=g) * torch.tensor([1.0, 3, 0.1, 0])[:, None, None])
+        self.register_buffer("thin", torch.randn(1, 1, 64, 64, generator=g))
+        self.register_buffer("gain", torch.rand(1, 4, 64, 64, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.conv(x) + self.big + self.thin) * self.gain
+
+
+def test_int8_add_constants_graph_executorch_coreml(tmp_path):
+    """Large add-only constants become INT8 + dequantize_per_channel (per index of the first non-unit axis,
+    an all-zero channel included); the graph's output moves by at most the stored error; the fp32 original is
+    dropped; ExecuTorch lowers it (the dequantize runs outside XNNPACK) and Core ML stores it as
+    constexpr_affine_dequantize; both run and agree with the rewritten graph."""
+    from tadsr.quantize.coreml_ptq import coreml_w8a8
+    from tadsr.quantize.executorch_ptq import int8_add_constants, quantize_executorch
+    from tadsr.runtime.coreml_sim import load_mlpackage
+
+    toy = _ToyAddConstants().eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        gm = torch.export.export(toy, (x,)).module()
+        want = gm(x)
+        stats = int8_add_constants(gm)
+        got = gm(x)
+    big = toy.big
+    assert stats["tensors"] == 1 and stats["fp32_bytes"] == big.numel() * 4
+    assert stats["int8_bytes"] == big.numel() + 4 * 12
+    step = big.abs().amax(dim=(0, 2, 3)) / 127  # per channel; channel 3 is all zero
+    assert 0 < stats["max_abs_error"] <= float(step.max()) / 2 + 1e-6
+    gain = toy.gain.abs().max().item()
+    assert 0 < (got - want).abs().max().item() <= stats["max_abs_error"] * gain + 1e-5
+    state = gm.state_dict()
+    assert "big" not in state and "thin" in state and "gain" in state
+    q = [t for k, t in state.items() if t.dtype == torch.int8]
+    assert len(q) == 1 and q[0].shape == big.shape and int(q[0][0, 3].abs().max()) == 0
+    dq = [n for n in gm.graph.nodes if "dequantize_per_channel" in str(n.target)]
+    assert len(dq) == 1 and dq[0].args[3] == 1  # axis 1: per channel
+    assert int8_add_constants(gm)["tensors"] == 0  # idempotent: nothing float and large is left
+
+    pte = quantize_executorch(gm, (x,), tmp_path, name="toy", output_names=["y"])
+    assert any("dequantize_per_channel" in k for k in pte.info["ops_outside_delegates"]), pte.info
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    y = _load_for_executorch(str(tmp_path / "toy.pte")).forward([x])[0]
+    np.testing.assert_allclose(y.numpy(), got.numpy(), atol=1e-4)
+
+    ml = coreml_w8a8(gm, (x,), tmp_path, name="toy_ml", input_names=["x"], output_names=["y"])
+    assert ml.info["mil_ops"].get("constexpr_affine_dequantize", 0) >= 1, ml.info["mil_ops"]
+    sim = load_mlpackage(tmp_path / "toy_ml.mlpackage")
+    np.testing.assert_allclose(sim.predict({"x": x.numpy()})["y"], got.numpy(), atol=1e-4)
+
+
 def test_rank_units_coarse_to_fine():
     """Sensitive blocks are isolated; harmless subtrees are measured as a whole (fewer evaluations than blocks)."""
     from tadsr.quantize.sensitivity import rank_units
