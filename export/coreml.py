@@ -341,6 +341,25 @@ def _quiet(progress: bool) -> Iterator[None]:
             logger.debug("coremltools: %s", text)
 
 
+CONST_DEDUP_THRESHOLD = 0  # share identical constants of every size (coremltools' default: 100+ elements only)
+
+
+def pass_pipeline() -> Any:
+    """coremltools' default passes, with ``common::const_deduplication`` extended to small constants.
+
+    Every reshape carries its shape vector and every quantize / dequantize its own scalar scale, zero point and
+    dtype constants, each a named ``const`` op in the program; sharing identical ones shrinks the program
+    without touching the maths (bundled denoiser, measured: fp32 package 11.20 -> 10.92 MB, W8A8
+    4.23 -> 3.74 MB, outputs bit-identical in coreml-sim). Note: coremltools keeps this option in a class
+    attribute, so it is set on every call.
+    """
+    import coremltools as ct
+
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.set_options("common::const_deduplication", {"const_threshold": CONST_DEDUP_THRESHOLD})
+    return pipeline
+
+
 def _convert(ep: torch.export.ExportedProgram, spec: GraphSpec, precision: Any, progress: bool) -> Any:
     import coremltools as ct
     import numpy as np
@@ -354,6 +373,7 @@ def _convert(ep: torch.export.ExportedProgram, spec: GraphSpec, precision: Any, 
                 inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=np.float32) for s in spec.inputs],
                 outputs=[ct.TensorType(name=s.name, dtype=np.float32) for s in spec.outputs],
                 compute_precision=precision,
+                pass_pipeline=pass_pipeline(),
                 skip_model_load=True,
             )
     except Exception as e:  # converter errors have no common base class

@@ -8,6 +8,8 @@ packages are ``slow`` (about a minute of CPU each). Core ML itself cannot run he
 
 from __future__ import annotations
 
+from collections import Counter
+
 import math
 import platform
 
@@ -93,6 +95,26 @@ def test_encoder_fp16_is_mostly_fp16_and_smaller(encoder_packages):
     fp16 = r16.info["fp16"]
     assert fp16["policy"]["headroom"] > 1 and fp16["ranges"] and fp16["max_abs"] < FP16_MAX
     assert "fp16_measure" in r16.info["seconds"]
+
+
+def _duplicate_constants(package: Path) -> dict:
+    from tadsr.runtime.coreml_sim import _parse_program
+
+    _, _, _, consts = _parse_program(next(package.rglob("model.mlmodel")), "main")
+    seen = Counter(
+        (str(v.dtype), v.shape, v.tobytes())
+        for v in consts.values()
+        if isinstance(v, np.ndarray) and v.dtype.kind in "fiu"  # coremltools never shares bool / string consts
+    )
+    return {k: n for k, n in seen.items() if n > 1}
+
+
+@pytest.mark.parametrize("prec", ["fp32", "fp16"])
+def test_encoder_package_shares_identical_constants(encoder_packages, prec):
+    """const_deduplication extended to small constants: no two numeric const ops of the program hold the same value
+    (before: every reshape's shape vector and scalar of the same value had its own const op)."""
+    d, res = encoder_packages[prec]
+    assert _duplicate_constants(d / res.files[0]) == {}
 
 
 def test_encoder_packages_in_the_simulator(encoder, encoder_packages):
