@@ -42,15 +42,18 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx.external_data_helper import load_external_data_for_model
 import torch
+from onnx.external_data_helper import load_external_data_for_model
 from torch import nn
 
 from tadsr.errors import ConfigError, ExportError
 from tadsr.export.artifact import BackendResult, tool_versions
 from tadsr.export.graphs import GraphSpec
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "MIN_OPSET", "PROTOBUF_LIMIT", "SIMPLIFY_ATOL", "export_onnx", "save_model", "unshare_initializers"]
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD", "MIN_OPSET", "PROTOBUF_LIMIT", "SIMPLIFY_ATOL", "export_onnx", "save_model",
+    "unshare_initializers",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 

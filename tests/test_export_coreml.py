@@ -8,10 +8,10 @@ packages are ``slow`` (about a minute of CPU each). Core ML itself cannot run he
 
 from __future__ import annotations
 
-from collections import Counter
-
 import math
 import platform
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
