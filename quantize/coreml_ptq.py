@@ -94,7 +94,7 @@ def coreml_w8a8(
                 program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
                 inputs=[ct.TensorType(name=n, shape=tuple(x.shape)) for n, x in zip(input_names, example, strict=True)],
                 outputs=[ct.TensorType(name=n) for n in output_names], compute_precision=ct.precision.FLOAT32,
-                pass_pipeline=pass_pipeline(),
+                pass_pipeline=pass_pipeline(), skip_model_load=True,  # as the fp32 export: no compile on macOS here
             )  # fmt: skip
     except Exception as e:  # coremltools raises many types; name the step
         raise ExportError(f"Core ML conversion of the PT2E INT8 {name} graph failed: {e}") from e
