@@ -37,6 +37,7 @@ from torch import nn
 
 from tadsr.errors import ConfigError, ExportError
 from tadsr.export.artifact import BackendResult
+from tadsr.quantize.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
 from tadsr.quantize.sensitivity import unit_of
 
 __all__ = ["PT2E_OP_TYPES", "PT2EQuant", "FakeQuantSim", "int8_add_constants", "quantize_executorch"]
@@ -364,16 +365,7 @@ def _is_observer(m: Any) -> bool:
     return isinstance(m, ObserverBase)
 
 
-ADD_CONSTANT_MIN_ELEMENTS = 4096
 ADD_CONSTANT_MIN_PER_SCALE = 256
-
-
-def _owner(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
-    *path, leaf = target.split(".")
-    obj = gm
-    for part in path:
-        obj = getattr(obj, part)
-    return obj, leaf
 
 
 def int8_add_constants(
@@ -413,13 +405,8 @@ def int8_add_constants(
         axis = next((i for i, s in enumerate(t.shape) if s > 1), None)
         if axis is None or t.numel() // t.shape[axis] < min_per_scale:
             continue
-        t = t.detach()
-        amax = t.abs().amax(dim=[d for d in range(t.dim()) if d != axis])
-        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(torch.float32)
-        view = [1] * t.dim()
-        view[axis] = -1
-        q = torch.clamp(torch.round(t / scale.view(view)), -127, 127).to(torch.int8)
-        err = float((q.to(torch.float32) * scale.view(view) - t).abs().max())
+        qn, sn, err = symmetric_int8(t.detach().numpy(), axis)
+        q, scale = torch.from_numpy(qn), torch.from_numpy(sn)
         base = "int8c_" + str(n.target).replace(".", "_")
         gm.register_buffer(f"{base}_q", q)
         gm.register_buffer(f"{base}_scale", scale)
@@ -430,7 +417,8 @@ def int8_add_constants(
         d.meta.update({k: v for k, v in n.meta.items() if k in ("stack_trace", "nn_module_stack")})
         n.replace_all_uses_with(d)
         gm.graph.erase_node(n)
-        owner, leaf = _owner(gm, str(n.target))  # drop the fp32 original, or export would still carry it
+        prefix, _, leaf = str(n.target).rpartition(".")
+        owner = gm.get_submodule(prefix)  # drop the fp32 original, or export would still carry it
         if leaf in owner._buffers:
             del owner._buffers[leaf]
         elif hasattr(owner, leaf):

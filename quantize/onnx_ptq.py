@@ -49,6 +49,7 @@ import onnx
 from tadsr.errors import ConfigError, ExportError
 from tadsr.export.artifact import BackendResult
 from tadsr.export.onnx import PROTOBUF_LIMIT, save_model, unshare_initializers
+from tadsr.quantize.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
 from tadsr.quantize.sensitivity import BackendRecipe, unit_of
 
 __all__ = ["METHODS", "DEFAULT_OP_TYPES", "OnnxPTQ", "quantize_onnx"]
@@ -382,28 +383,18 @@ def _name_nodes(model: onnx.ModelProto) -> None:
         seen.add(n.name)
 
 
-# float constants of at least this many elements read only by Add nodes are stored INT8 (see compress_add_constants)
-ADD_CONSTANT_MIN_ELEMENTS = 4096
-
-
 def _int8_dq(t: onnx.TensorProto, axis: int) -> tuple[list[onnx.TensorProto], onnx.NodeProto, float, int, int]:
     """Symmetric INT8 of an fp32 initializer, one scale per index of ``axis``; a DequantizeLinear restores its name.
 
     Returns (new initializers, the DQ node, max abs rounding error, fp32 bytes, int8 bytes incl. zero points).
     """
     w = onnx.numpy_helper.to_array(t).astype(np.float32)
-    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    amax = np.abs(rows).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.round(rows / scale[:, None]), -127, 127).astype(np.int8)
-    err = float(np.abs(q.astype(np.float32) * scale[:, None] - rows).max()) if rows.size else 0.0
-    moved = tuple(np.moveaxis(w, axis, 0).shape)
-    qw = np.moveaxis(q.reshape(moved), 0, axis)
+    qw, scale, err = symmetric_int8(w, axis)
     names = (f"{t.name}_int8", f"{t.name}_scale", f"{t.name}_zero_point")
-    inits = [onnx.numpy_helper.from_array(np.ascontiguousarray(qw), names[0]), onnx.numpy_helper.from_array(scale, names[1]),
+    inits = [onnx.numpy_helper.from_array(qw, names[0]), onnx.numpy_helper.from_array(scale, names[1]),
              onnx.numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), names[2])]  # fmt: skip
     node = onnx.helper.make_node("DequantizeLinear", list(names), [t.name], name=f"{t.name}_dq", axis=axis)
-    return inits, node, err, w.nbytes, q.nbytes + scale.size
+    return inits, node, err, w.nbytes, qw.nbytes + scale.size
 
 
 def _replace_initializers(model: onnx.ModelProto, picks: Mapping[str, int]) -> dict[str, Any]:
