@@ -234,6 +234,7 @@ def export_model(
     progress: bool = False,
     n_real: int = 3,
     backend_options: Mapping[str, Mapping[str, Any]] | None = None,
+    color_fix: str = "none",
 ) -> list[ExportResult]:
     """Export graphs of ``models`` to artifact folders under ``out_dir``, each one checked by parity.
 
@@ -249,6 +250,9 @@ def export_model(
         progress: passed to the backend exporters (progress bars where they have loops).
         n_real: number of real LR patches used by parity (besides one seeded case).
         backend_options: per-format keyword options for the exporter, e.g. ``{"onnx": {"opset": 20}}``.
+        color_fix: colour fix at the end of the fused ``pipeline`` graph (``"none"``, ``"wavelet"``, ``"adain"``;
+            :mod:`tadsr.color_fix`), recorded in the manifest's ``graph.constants.color_fix``; parity then
+            compares against the reference pipeline with the same fix. Components are never changed.
 
     Returns:
         One :class:`ExportResult` per graph x format x precision, in that nesting order.
@@ -264,7 +268,7 @@ def export_model(
     created = prepare_out_dir(Path(out_dir))
     results: list[ExportResult] = []
     try:
-        built = make_graphs(models, tile, tuple(names))
+        built = make_graphs(models, tile, tuple(names), color_fix=color_fix)
         t0 = time.perf_counter()
         runs = reference_runs(models, tile, n_real)
         logger.info("reference pipeline on %d real patches (%s): %.1fs", n_real, runs.source, time.perf_counter() - t0)

@@ -58,6 +58,9 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     out.add_argument("--parity-patches", type=int, default=3, metavar="N",
                      help="real LR patches used by parity, besides one seeded case (default: 3)")  # fmt: skip
     out.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
+    out.add_argument("--color-fix", choices=["none", "wavelet", "adain"], default="none",
+                     help="colour fix at the end of the fused pipeline graph, recorded in the manifest "
+                          "(default: none = upstream parity)")  # fmt: skip
     out.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                      help="no progress bars (default: bars when stderr is a terminal)")  # fmt: skip
     p.set_defaults(func=run_export)
@@ -108,6 +111,7 @@ def run_export(args: argparse.Namespace) -> int:
         progress=progress,
         n_real=args.parity_patches,
         backend_options=backend_options,
+        color_fix=args.color_fix,
     )
     print(format_summary(results))
     return 0 if all(r.passed for r in results) else 1

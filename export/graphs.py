@@ -15,6 +15,11 @@ denoiser   x_t (1,C,t,t) noisy latent, lr (1,3,t,t)    x0 (1,C,t,t)
 decoder    x0 (1,C,t,t)                                sr (1,3,st,st) [-1,1]
 pipeline   lr (1,3,t,t) [-1,1], noise (1,C,t,t) N(0,1)  sr (1,3,st,st) [-1,1]
 =========  ==========================================  ====================
+
+The fused ``pipeline`` graph can end with a colour fix (``make_graphs(..., color_fix="wavelet"|"adain")``,
+:mod:`tadsr.color_fix`) towards the bicubic x4 of its LR tile; the choice is recorded in the graph spec's
+``constants["color_fix"]`` (and so in every artifact manifest). The default ``"none"`` builds the graph exactly
+as before (upstream parity).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tadsr.color_fix import ColorFix, check_color_fix
 from tadsr.errors import ConfigError
 from tadsr.models.ops import BicubicUpsample
 from tadsr.models.unet_swin import UNetModelSwin
@@ -151,23 +157,36 @@ class DecoderGraph(nn.Module):
 
 
 class PipelineGraph(nn.Module):
-    """(lr, noise) -> sr in one graph: encoder, prior sample, denoiser, decoder, clamp."""
+    """(lr, noise) -> sr in one graph: encoder, prior sample, denoiser, decoder, clamp [, colour fix, clamp]."""
 
-    def __init__(self, encoder: EncoderGraph, denoiser: DenoiserGraph, decoder: DecoderGraph, noise_scale: float) -> None:
+    def __init__(
+        self, encoder: EncoderGraph, denoiser: DenoiserGraph, decoder: DecoderGraph, noise_scale: float,
+        color_fix: str = "none",
+    ) -> None:  # fmt: skip
         super().__init__()
         self.encoder = encoder
         self.denoiser = denoiser
         self.decoder = decoder
         self.register_buffer("noise_scale", torch.tensor(noise_scale, dtype=torch.float32), persistent=False)
+        self.color_fix = check_color_fix(color_fix)
+        self.fix = ColorFix(color_fix) if color_fix != "none" else None
 
     def forward(self, lr: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        z_y = self.encoder(lr)
+        if self.fix is None:
+            z_y = self.encoder(lr)
+            x_t = z_y + self.noise_scale * noise
+            return self.decoder(self.denoiser(x_t, lr))
+        up = self.encoder.upsample(lr)
+        z_y = self.encoder.quant_conv(self.encoder.encoder(up))
         x_t = z_y + self.noise_scale * noise
-        return self.decoder(self.denoiser(x_t, lr))
+        return self.fix(self.decoder(self.denoiser(x_t, lr)), up)
 
 
-def graph_spec(models: Models, name: str, tile: int) -> GraphSpec:
-    """The static interface of graph ``name`` for an LR tile of ``tile`` x ``tile``."""
+def graph_spec(models: Models, name: str, tile: int, color_fix: str = "none") -> GraphSpec:
+    """The static interface of graph ``name`` for an LR tile of ``tile`` x ``tile``.
+
+    A fused ``pipeline`` graph with a colour fix records it as ``constants["color_fix"]``.
+    """
     check_tile(tile, models.preset.pad_multiple)
     if name not in GRAPH_NAMES:
         raise ConfigError(f"unknown graph {name!r}; choose from {', '.join(GRAPH_NAMES)}")
@@ -191,15 +210,22 @@ def graph_spec(models: Models, name: str, tile: int) -> GraphSpec:
             (TensorSpec("sr", (1, 3, s * tile, s * tile), value_range=(-1.0, 1.0), description="SR tile in [-1, 1]"),),
         ),
     }[name]
-    return GraphSpec(name=name, tile=tile, scale=s, inputs=io[0], outputs=io[1], constants=sched.constants())
+    constants = sched.constants()
+    if name == "pipeline" and check_color_fix(color_fix) != "none":
+        constants = {**constants, "color_fix": color_fix}
+    return GraphSpec(name=name, tile=tile, scale=s, inputs=io[0], outputs=io[1], constants=constants)
 
 
-def make_graphs(models: Models, tile: int = 64, names: tuple[str, ...] = GRAPH_NAMES) -> dict[str, tuple[nn.Module, GraphSpec]]:
+def make_graphs(
+    models: Models, tile: int = 64, names: tuple[str, ...] = GRAPH_NAMES, *, color_fix: str = "none"
+) -> dict[str, tuple[nn.Module, GraphSpec]]:
     """Build the requested graphs (eval mode, no grad) with their specs.
 
     The graphs share the (deep-copied, timestep-folded) student and the autoencoder's modules, so building
-    all four costs one copy of the weights.
+    all four costs one copy of the weights. ``color_fix`` (``"none"``, ``"wavelet"``, ``"adain"``) applies to
+    the fused ``pipeline`` graph only.
     """
+    check_color_fix(color_fix)
     for n in names:
         if n not in GRAPH_NAMES:
             raise ConfigError(f"unknown graph {n!r}; choose from {', '.join(GRAPH_NAMES)}")
@@ -208,14 +234,14 @@ def make_graphs(models: Models, tile: int = 64, names: tuple[str, ...] = GRAPH_N
     enc = EncoderGraph(models.autoencoder, models.preset.scale)
     den = DenoiserGraph(_prepared_student(models, tile), sched.input_scale(sched.num_steps - 1))
     dec = DecoderGraph(models.autoencoder)
-    pipe = PipelineGraph(enc, den, dec, sched.prior_noise_scale())
+    pipe = PipelineGraph(enc, den, dec, sched.prior_noise_scale(), color_fix)
     all_graphs = {"encoder": enc, "denoiser": den, "decoder": dec, "pipeline": pipe}
     out = {}
     for n in names:
         g = all_graphs[n].eval().requires_grad_(False)
-        out[n] = (g, graph_spec(models, n, tile))
+        out[n] = (g, graph_spec(models, n, tile, color_fix))
     return out
 
 
-def make_graph(models: Models, name: str, tile: int = 64) -> tuple[nn.Module, GraphSpec]:
-    return make_graphs(models, tile, (name,))[name]
+def make_graph(models: Models, name: str, tile: int = 64, *, color_fix: str = "none") -> tuple[nn.Module, GraphSpec]:
+    return make_graphs(models, tile, (name,), color_fix=color_fix)[name]

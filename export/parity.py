@@ -289,7 +289,8 @@ def make_cases(
     Returns:
         The cases and a description of the real patches' source.
     """
-    pipe = OneStepPipeline(models)
+    fix = spec.constants.get("color_fix", "none") if spec.name == "pipeline" else "none"
+    pipe = OneStepPipeline(models, color_fix=fix)  # a fused graph with a colour fix: checked against the fixed reference
     ex = dict(zip((s.name for s in spec.inputs), spec.example_inputs(seed), strict=True))
     ref = _seeded_reference(pipe, spec.name, ex)
     cases = [ParityCase(f"seeded-{seed}", "seeded", {k: _np(v) for k, v in ex.items()},
@@ -298,8 +299,11 @@ def make_cases(
         runs = reference_runs(models, spec.tile, n_real)
     if runs.lr.shape[-1] != spec.tile:
         raise ConfigError(f"reference runs are for tile {runs.lr.shape[-1]}, the graph has tile {spec.tile}")
-    cases += [runs.case(spec.name, i) for i in range(len(runs.lr))]
-    return cases, runs.source
+    real = [runs.case(spec.name, i) for i in range(len(runs.lr))]
+    if fix != "none":
+        real = [ParityCase(c.name, c.kind, c.inputs, {k: _np(v) for k, v in _seeded_reference(pipe, spec.name, {
+            n: torch.from_numpy(a) for n, a in c.inputs.items()}).items()}) for c in real]  # fmt: skip
+    return cases + real, runs.source
 
 
 # ------------------------------------------------------------------------------------------------ results

@@ -20,6 +20,12 @@ Per system:
 * **fidelity** on whole images through the tiler: PSNR and SSIM on the Y channel (BT.601) and on RGB, with a
   ``scale``-pixel border crop (BasicSR's convention), on the 8-bit-rounded output; ``parity`` (PSNR, max abs)
   of the float output against the PyTorch student on the same tiles and noise;
+* **sanity** (issue #17): LR consistency (MATLAB bicubic x1/scale of the output vs the LR input, RGB PSNR; mean
+  and worst image), colour error (mean CIEDE2000 of low-passed output vs HR), and the do-nothing baseline
+  ``decode(encode(bicubic(LR)))`` through the reference autoencoder (``report["baselines"]["do_nothing"]``, run
+  through the same tiler; not a system). ``fidelity["sanity"]`` of each system lists why it FAILS
+  (:func:`tadsr.metrics.sanity_failures`: LR consistency mean < 35 dB or worst < 30 dB; a model whose PSNR-Y
+  does not beat the do-nothing path); the Markdown shows those systems as red ``❌ FAIL`` rows;
 * **peak RSS**: ``memory="subprocess"`` runs each system once more in a fresh process (load, two passes over one
   tile) that measures itself: its peak while running (Linux ``VmHWM`` reset after loading) and over its whole life
   (imports and loading included); ``"inprocess"`` resets ``VmHWM`` before loading a system in this process and
@@ -56,6 +62,7 @@ from tadsr.bench_systems import (
     ArtifactSet,
     ArtifactSystem,
     Bicubic,
+    DoNothingSystem,
     InProcessMemory,
     System,
     TorchSystem,
@@ -68,7 +75,16 @@ from tadsr.bench_systems import (
 )
 from tadsr.errors import ConfigError, InputError, TadsrError
 from tadsr.imresize import imresize
-from tadsr.metrics import crop_border, error_stats, psnr, rgb_to_y, ssim
+from tadsr.metrics import (
+    color_error,
+    crop_border,
+    error_stats,
+    lr_consistency,
+    psnr,
+    rgb_to_y,
+    sanity_failures,
+    ssim,
+)
 from tadsr.runtime.imageio import from_model, read_image, to_model
 from tadsr.runtime.tiling import pad_for_tiles, tile_noise
 
@@ -308,12 +324,17 @@ def _finite(x: float) -> float:
     return 999.0 if math.isinf(x) else round(float(x), 4)
 
 
-def _fidelity(sr: np.ndarray, hr: np.ndarray, ref: np.ndarray | None, border: int) -> dict[str, float]:
-    """Metrics of one SR output (1,3,H,W) in [-1,1] against the HR (H,W,3) in [0,1] and the reference output."""
+def _fidelity(
+    sr: np.ndarray, hr: np.ndarray, ref: np.ndarray | None, border: int, lr: np.ndarray | None = None
+) -> dict[str, float]:
+    """Metrics of one SR output (1,3,H,W) in [-1,1] against the HR (H,W,3) in [0,1], the reference output and
+    the LR input (1,3,h,w) in [-1,1] (LR consistency)."""
     out = _round8(from_model(sr))
     a, b = crop_border(out, border), crop_border(hr, border)
     ya, yb = rgb_to_y(a), rgb_to_y(b)
     m = {"psnr_y": psnr(ya, yb, 1.0), "ssim_y": ssim(ya, yb, 1.0), "psnr_rgb": psnr(a, b, 1.0), "ssim_rgb": ssim(a, b)}
+    if lr is not None:
+        m.update(lr_cons=min(lr_consistency(out, from_model(lr), border), 100.0), de00=color_error(out, hr, border))
     if ref is not None:
         st = error_stats(sr, ref, data_range=2.0)
         m.update(parity_psnr=st.psnr, parity_max_abs=st.max_abs)
@@ -529,12 +550,14 @@ def _measure(
             sr = system.upscale(im.lr, tile=tile, overlap=cfg.overlap, seed=cfg.seed)
             if res.name == "torch-student":
                 refs[im.name] = sr
-            per_image.append({"image": im.name, **_fidelity(sr, im.hr, refs.get(im.name), system.scale)})
+            per_image.append({"image": im.name, **_fidelity(sr, im.hr, refs.get(im.name), system.scale, im.lr)})
             y, x, h, w = _crop_box(im.hr, cfg.grid_crop)
             crops.setdefault(res.name, []).append(_round8(from_model(sr))[y : y + h, x : x + w])
         if per_image:
             keys = [k for k in per_image[0] if k != "image"]
             mean = {k: round(float(np.mean([p[k] for p in per_image])), 4) for k in keys}
+            if "lr_cons" in mean:
+                mean["lr_cons_worst"] = round(float(min(p["lr_cons"] for p in per_image)), 4)
             res.fidelity = {"mean": mean, "images": per_image}
         noise = tile_noise(cfg.seed, 0, 0, system.noise_shape(tile))[None]
         res.latency = measure_latency(system, lr_tile, noise, warmup=cfg.warmup, repeats=cfg.repeats)
@@ -641,6 +664,8 @@ def run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) -
         torch.set_num_threads(old_threads)
     crops["HR"] = [im.hr[y : y + h, x : x + w] for im in images for y, x, h, w in [_crop_box(im.hr, cfg.grid_crop)]]
     results = [r for _, r in plan]
+    baselines = {"do_nothing": _do_nothing(models, images, tile, cfg)} if images else {}
+    _judge(results, baselines.get("do_nothing"))
     machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     report = {
         "schema": REPORT_SCHEMA,
@@ -672,6 +697,7 @@ def run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) -
             "data": data_info,
         },
         "systems": [r.to_dict() for r in results],
+        "baselines": baselines,
         "ratios": compute_ratios(results),
         "warnings": _warnings(cfg, machine, results, models),
         "wall_s": round(time.perf_counter() - t_start, 2),
@@ -679,6 +705,40 @@ def run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) -
     }
     files = write_report(report, crops, Path(cfg.out_dir))
     return BenchResult(report=report, systems=results, files=files)
+
+
+# ------------------------------------------------------------------------------------------------------ sanity
+
+
+def _do_nothing(models: Any, images: Sequence[BenchImage], tile: int, cfg: BenchConfig) -> dict[str, Any]:
+    """Fidelity of ``decode(encode(bicubic(LR)))`` through the reference autoencoder, same tiler and tiles."""
+    system = DoNothingSystem(models)
+    system.load()
+    per_image = []
+    for im in images:
+        sr = system.upscale(im.lr, tile=tile, overlap=cfg.overlap, seed=cfg.seed)
+        per_image.append({"image": im.name, **_fidelity(sr, im.hr, None, system.scale, im.lr)})
+    system.close()
+    keys = [k for k in per_image[0] if k != "image"]
+    mean = {k: round(float(np.mean([p[k] for p in per_image])), 4) for k in keys}
+    mean["lr_cons_worst"] = round(float(min(p["lr_cons"] for p in per_image)), 4)
+    logger.info("do-nothing baseline: PSNR-Y %.2f dB, LR consistency %.2f dB", mean["psnr_y"], mean["lr_cons"])
+    return {"note": "decode(encode(bicubic x4(LR))) through the reference autoencoder, no denoiser",
+            "mean": mean, "images": per_image}  # fmt: skip
+
+
+def _judge(results: Sequence[SystemResult], do_nothing: Mapping[str, Any] | None) -> None:
+    """``fidelity["sanity"] = {"fail": bool, "reasons": [...]}`` for every system with fidelity numbers."""
+    dn = do_nothing["mean"]["psnr_y"] if do_nothing else None
+    for r in results:
+        if not r.fidelity or "images" not in r.fidelity:
+            continue
+        lr_cons = [p["lr_cons"] for p in r.fidelity["images"] if "lr_cons" in p]
+        is_model = r.kind != "bicubic"
+        reasons = sanity_failures(lr_cons, r.fidelity["mean"]["psnr_y"] if is_model else None, dn if is_model else None)
+        r.fidelity["sanity"] = {"fail": bool(reasons), "reasons": reasons}
+        if reasons:
+            logger.warning("%s FAILS the sanity checks: %s", r.name, "; ".join(reasons))
 
 
 # ------------------------------------------------------------------------------------------------------ ratios

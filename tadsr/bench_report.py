@@ -118,21 +118,37 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "PSNR-RGB",
         "SSIM-RGB",
         "parity dB",
+        "LR-cons dB (worst)",
+        "ΔE00",
+        "sanity",
     )
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in report["systems"]:
         f = (s["fidelity"] or {}).get("mean", {})
         name = s["name"] + (" (simulator)" if s["simulator"] else "")
         if s["status"] != "ok":
-            lines.append(f"| {name} | {s['layout']} | {s['precision']} | {_size(s)} | {s['status']} |" + " - |" * 7)
+            lines.append(f"| {name} | {s['layout']} | {s['precision']} | {_size(s)} | {s['status']} |" + " - |" * 10)
             continue
         e2e = s["latency"].get("e2e")
         lines.append(
             f"| {name} | {s['layout']} | {s['precision']} | {_size(s)} | {_ms(e2e)} | "
             f"{'-' if not e2e else format(e2e['p90_ms'], '.1f')} | {_rss(s)} | {_num(f.get('psnr_y'))} | "
             f"{_num(f.get('ssim_y'), '.4f')} | {_num(f.get('psnr_rgb'))} | {_num(f.get('ssim_rgb'), '.4f')} | "
-            f"{_num(f.get('parity_psnr'), '.1f')} |"
+            f"{_num(f.get('parity_psnr'), '.1f')} | {_lr_cons(f)} | {_num(f.get('de00'))} | {_verdict(s)} |"
         )
+    dn = (report.get("baselines") or {}).get("do_nothing")
+    if dn:
+        f = dn["mean"]
+        lines.append(
+            f"| *do-nothing baseline* | decode(encode(bicubic)) | fp32 | - | - | - | - | {_num(f.get('psnr_y'))} | "
+            f"{_num(f.get('ssim_y'), '.4f')} | {_num(f.get('psnr_rgb'))} | {_num(f.get('ssim_rgb'), '.4f')} | - | "
+            f"{_lr_cons(f)} | {_num(f.get('de00'))} | floor |"
+        )
+    fails = [s for s in report["systems"] if ((s["fidelity"] or {}).get("sanity") or {}).get("fail")]
+    if fails:
+        lines += ["", "**Sanity failures** (LR consistency mean >= 35 dB and worst >= 30 dB; models must beat the "
+                  "do-nothing path):", ""]  # fmt: skip
+        lines += [f"- ❌ FAIL {s['name']}: " + "; ".join(s["fidelity"]["sanity"]["reasons"]) for s in fails]
     lines += [
         "",
         "Per stage (median ms per tile; fused artifacts run end to end only):",
@@ -151,6 +167,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if report["warnings"]:
         lines += ["", "Warnings:", "", *(f"- {w}" for w in report["warnings"])]
     return "\n".join(lines) + "\n"
+
+
+def _lr_cons(f: Mapping[str, Any]) -> str:
+    if f.get("lr_cons") is None:
+        return "-"
+    return f"{_num(f.get('lr_cons'))} ({_num(f.get('lr_cons_worst'))})"
+
+
+def _verdict(s: Mapping[str, Any]) -> str:
+    sanity = (s.get("fidelity") or {}).get("sanity")
+    if not sanity:
+        return "-"
+    return "❌ FAIL" if sanity["fail"] else "✅ pass"
 
 
 def render_ratios(report: Mapping[str, Any]) -> str:

@@ -293,6 +293,42 @@ class TorchSystem(System):
         self.pipe = None
 
 
+class DoNothingSystem(System):
+    """The do-nothing baseline ``decode(encode(bicubic x4(LR)))`` through the reference autoencoder (no denoiser).
+
+    Not a benchmarked system: ``tadsr bench`` runs it for fidelity only, as the floor every model must beat.
+    """
+
+    stages = ("encoder", "decoder")
+    name = "do-nothing"
+
+    def __init__(self, models: Any) -> None:
+        super().__init__()
+        self.models = models
+        self.scale = models.preset.scale
+        self.channels = models.preset.vq.embed_dim
+
+    def load(self) -> None:
+        from tadsr.pipeline import DoNothingPipeline
+
+        pipe = DoNothingPipeline(self.models)
+        pipe.encode = self.clock.wrap("encoder", pipe.encode)  # type: ignore[method-assign]
+        pipe.decode = self.clock.wrap("decoder", pipe.decode)  # type: ignore[method-assign]
+        self.pipe = pipe
+
+    def noise_shape(self, tile: int) -> tuple[int, ...]:
+        return (self.channels, tile, tile)
+
+    def run_tiles(self, lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.pipe(torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))).numpy()
+
+    def close(self) -> None:
+        self.pipe = None
+
+
 class ArtifactSystem(System):
     """An artifact set through :class:`tadsr.runtime.pipeline.MobileSRPipeline` (host-side prior sample)."""
 

@@ -88,6 +88,9 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--low-memory", action="store_true",
                    help="ONNX Runtime without its memory arena and weight pre-packing: lower peak RSS, slower")  # fmt: skip
     p.add_argument("--steps", type=int, help="run the multi-step teacher with this many steps (15: v1, 4: v3)")
+    p.add_argument("--color-fix", choices=["none", "wavelet", "adain"],
+                   help="colour correction towards the bicubic LR (default: none; an --artifact carries its own, "
+                        "set by tadsr export --color-fix)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--tile", type=int, default=128, help="LR tile side, a multiple of 64 (default: %(default)s)")
     p.add_argument("--overlap", type=int, default=16, help="LR overlap between tiles in pixels (default: %(default)s)")
@@ -102,8 +105,9 @@ def _reference_runner(args: argparse.Namespace) -> tuple[Callable, Callable[[int
 
     models = load_models_from_args(args)
     c = models.preset.vq.embed_dim
+    fix = args.color_fix or "none"
     if args.steps is not None:
-        pipe_t = TeacherPipeline(models, steps=args.steps)
+        pipe_t = TeacherPipeline(models, steps=args.steps, color_fix=fix)
         steps = pipe_t.schedule.num_steps
 
         def run(lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -113,7 +117,7 @@ def _reference_runner(args: argparse.Namespace) -> tuple[Callable, Callable[[int
 
         return run, lambda t: (steps * c, t, t), models.preset.scale
 
-    pipe = OneStepPipeline(models)
+    pipe = OneStepPipeline(models, color_fix=fix)
 
     def run1(lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
         return pipe(torch.from_numpy(lr), noise=torch.from_numpy(noise)).numpy()
@@ -144,6 +148,9 @@ def _run_upscale(args: argparse.Namespace) -> int:
 
         if args.steps is not None or args.student or args.autoencoder or args.init:
             raise InputError("--artifact runs an exported file: drop --steps/--student/--autoencoder/--init")
+        if args.color_fix is not None:
+            raise InputError("--artifact runs an exported file with its own colour fix (tadsr export --color-fix; "
+                             "see graph.constants.color_fix in its manifest): drop --color-fix")
         mobile = MobileSRPipeline.from_path(args.artifact, fmt=args.fmt, precision=args.precision, backend=args.backend,
                                             low_memory=args.low_memory)  # fmt: skip
         log.info("running %s", mobile.description)

@@ -1,16 +1,35 @@
-"""Fidelity metrics in numpy: error statistics, PSNR, SSIM, Y channel (BasicSR conventions).
+"""Fidelity metrics in numpy: error statistics, PSNR, SSIM, Y channel (BasicSR conventions), and the sanity
+metrics every judged model must pass.
 
-Everything here is numpy-only so that ``tadsr.runtime`` and benchmark code can use it without torch.
+Sanity metrics (issue #17): a super-resolver that averages well can still shift colours or fail to explain its
+own input, so wherever a model is judged (``tadsr.train.validate``, ``tadsr bench``, the model card) it is also
+measured by
+
+* :func:`lr_consistency`: MATLAB bicubic x1/scale of the SR output against the LR input, RGB PSNR. An SR image
+  that is a valid explanation of the LR gives back the LR when degraded again; bicubic x4 scores ~37 dB.
+* :func:`color_error`: mean CIEDE2000 between Gaussian low-passed SR and HR (sigma = ``scale`` HR pixels), i.e.
+  the colour of regions, blind to texture (hallucinated detail is not a colour error).
+* the do-nothing baseline ``decode(encode(bicubic(LR)))`` through the same autoencoder (computed by the callers).
+
+:func:`sanity_failures` turns these into explicit FAIL reasons (:data:`SANITY_LIMITS`); reports show them as a
+red row, never folded into a mean.
+
+Everything here is numpy (+ scikit-image / scipy for CIELAB and the blur) so that ``tadsr.runtime`` and
+benchmark code can use it without torch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["ErrorStats", "error_stats", "psnr", "ssim", "rgb_to_y", "crop_border"]
+__all__ = [
+    "ErrorStats", "error_stats", "psnr", "ssim", "rgb_to_y", "crop_border", "lr_consistency", "color_error",
+    "SanityLimits", "SANITY_LIMITS", "sanity_failures",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -133,3 +152,111 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
     if a.shape[0] == 3 and a.shape[-1] != 3:
         a, b = np.moveaxis(a, 0, -1), np.moveaxis(b, 0, -1)
     return float(np.mean([_ssim_2d(a[..., c], b[..., c], data_range) for c in range(a.shape[-1])]))
+
+
+def _hwc01(img: np.ndarray) -> np.ndarray:
+    """float64 HWC in [0, 1] from HWC or CHW (3 first)."""
+    a = _f64(img)
+    if a.ndim != 3:
+        raise ValueError(f"expected an RGB image (H, W, 3) or (3, H, W), got shape {a.shape}")
+    if a.shape[0] == 3 and a.shape[-1] != 3:
+        a = np.moveaxis(a, 0, -1)
+    return a
+
+
+def lr_consistency(sr: np.ndarray, lr: np.ndarray, scale: int = 4, border: int = 1) -> float:
+    """RGB PSNR (dB, peak 1) of MATLAB bicubic ``imresize(sr, 1/scale)`` against ``lr``.
+
+    Args:
+        sr: SR image in [0, 1], HWC or CHW, ``scale`` times the LR size.
+        lr: the LR input in [0, 1], same layout.
+        scale: the SR factor.
+        border: LR pixels cropped from each side before comparing (bicubic mirrors at the edges).
+
+    Returns:
+        PSNR in dB (``inf`` for a perfect match).
+    """
+    from tadsr.imresize import imresize
+
+    a, b = _hwc01(sr), _hwc01(lr)
+    if a.shape[0] != scale * b.shape[0] or a.shape[1] != scale * b.shape[1]:
+        raise ValueError(f"SR {a.shape[:2]} is not {scale}x the LR {b.shape[:2]}")
+    down = np.clip(imresize(a, 1.0 / scale), 0.0, 1.0)
+    return psnr(crop_border(down, border), crop_border(b, border), 1.0)
+
+
+def color_error(sr: np.ndarray, hr: np.ndarray, sigma: float = 4.0, border: int = 4) -> float:
+    """Mean CIEDE2000 colour difference between Gaussian low-passed ``sr`` and ``hr`` (sRGB in [0, 1]).
+
+    Both images are blurred per channel with a Gaussian of ``sigma`` pixels (reflect at the edges), so texture
+    and hallucinated detail drop out and region colours remain; then converted to CIELAB (D65) and compared
+    with CIEDE2000 (scikit-image). A ΔE00 of about 1 is a just-noticeable difference; 2-3 is visible side by
+    side.
+
+    Args:
+        sr: SR image in [0, 1], HWC or CHW.
+        hr: the reference image, same shape.
+        sigma: Gaussian standard deviation in pixels (the SR scale is a natural choice).
+        border: pixels cropped from each side after blurring.
+    """
+    from scipy.ndimage import gaussian_filter
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    a, b = _hwc01(sr), _hwc01(hr)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    if sigma > 0:
+        a = gaussian_filter(a, sigma=(sigma, sigma, 0), mode="reflect")
+        b = gaussian_filter(b, sigma=(sigma, sigma, 0), mode="reflect")
+    a, b = crop_border(np.clip(a, 0, 1), border), crop_border(np.clip(b, 0, 1), border)
+    return float(np.mean(deltaE_ciede2000(rgb2lab(a), rgb2lab(b))))
+
+
+@dataclass(frozen=True)
+class SanityLimits:
+    """Pass marks of a judged SR model (issue #17's targets).
+
+    Attributes:
+        lr_consistency_mean: minimum mean LR consistency over the crops/images (dB).
+        lr_consistency_worst: minimum LR consistency of the worst crop/image (dB).
+        margin_over_do_nothing: the model's mean PSNR-Y must exceed the do-nothing path's by at least this (dB).
+    """
+
+    lr_consistency_mean: float = 35.0
+    lr_consistency_worst: float = 30.0
+    margin_over_do_nothing: float = 0.0
+
+
+SANITY_LIMITS = SanityLimits()
+
+
+def sanity_failures(
+    lr_cons: Sequence[float],
+    psnr_y: float | None = None,
+    do_nothing_psnr_y: float | None = None,
+    limits: SanityLimits = SANITY_LIMITS,
+) -> list[str]:
+    """Reasons a model fails the sanity checks (empty list: it passes).
+
+    Args:
+        lr_cons: LR consistency (dB) of every crop / image.
+        psnr_y: the model's mean PSNR-Y against HR (None: no HR, not checked).
+        do_nothing_psnr_y: mean PSNR-Y of ``decode(encode(bicubic(LR)))`` on the same crops (None: not checked).
+        limits: pass marks.
+
+    Returns:
+        Human-readable reasons, e.g. ``"LR consistency mean 28.6 dB < 35"``.
+    """
+    out = []
+    vals = [float(v) for v in lr_cons]
+    if vals:
+        mean, worst = float(np.mean(vals)), float(np.min(vals))
+        if mean < limits.lr_consistency_mean:
+            out.append(f"LR consistency mean {mean:.1f} dB < {limits.lr_consistency_mean:g}")
+        if worst < limits.lr_consistency_worst:
+            out.append(f"LR consistency worst {worst:.1f} dB < {limits.lr_consistency_worst:g}")
+    if psnr_y is not None and do_nothing_psnr_y is not None and not (
+        psnr_y > do_nothing_psnr_y + limits.margin_over_do_nothing
+    ):
+        out.append(f"PSNR-Y {psnr_y:.2f} dB does not beat the do-nothing path ({do_nothing_psnr_y:.2f} dB)")
+    return out

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from tadsr.checkpoint import fill_rule_, load_into, load_state_dict, sha256_file
+from tadsr.color_fix import check_color_fix, color_fix
 from tadsr.config import Preset, get_preset
 from tadsr.errors import ConfigError, InputError
 from tadsr.models.ops import bicubic_x4_reference, reflect_pad_to_multiple
@@ -24,7 +25,10 @@ from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
 from tadsr.schedule import Schedule, make_schedule
 
-__all__ = ["Models", "load_models", "OneStepPipeline", "TeacherPipeline", "make_noise", "bundled_weight_path"]
+__all__ = [
+    "Models", "load_models", "OneStepPipeline", "TeacherPipeline", "DoNothingPipeline", "make_noise",
+    "bundled_weight_path",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +191,11 @@ def _check_lr(lr: torch.Tensor) -> None:
 
 
 class _Base:
-    def __init__(self, models: Models, *, decode_chunk: int | None = 4096) -> None:
+    def __init__(self, models: Models, *, decode_chunk: int | None = 4096, color_fix: str = "none") -> None:
         self.models = models
         self.preset = models.preset
         self.decode_chunk = decode_chunk
+        self.color_fix = check_color_fix(color_fix)
 
     @property
     def device(self) -> torch.device:
@@ -205,10 +210,19 @@ class _Base:
         """Padded LR (B, 3, h, w) -> z_y (B, 3, h, w) = quant_conv(Enc(bicubic x4(LR)))."""
         return self.models.autoencoder.encode(bicubic_x4_reference(lr_padded))
 
-    def decode(self, z: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """Latent -> quantised decode, crop to (4h, 4w), clamp to [-1, 1]."""
+    def decode(self, z: torch.Tensor, hw: tuple[int, int], lr_padded: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent -> quantised decode, [colour fix,] crop to (4h, 4w), clamp to [-1, 1].
+
+        With a colour fix (``color_fix`` of the constructor, see :mod:`tadsr.color_fix`) the clamped decode of the
+        whole padded tile is corrected towards the bicubic x4 of ``lr_padded`` and clamped again before the
+        crop, exactly as the fused export graph does.
+        """
         s = self.preset.scale
         img = self.models.autoencoder.decode(z / self.schedule.cfg.scale_factor, chunk=self.decode_chunk)
+        if self.color_fix != "none":
+            if lr_padded is None:
+                raise InputError(f"colour fix {self.color_fix!r} needs the padded LR: decode(z, hw, lr_padded)")
+            img = color_fix(img.clamp(-1.0, 1.0), bicubic_x4_reference(lr_padded), self.color_fix).clamp(-1.0, 1.0)
         return img[..., : s * hw[0], : s * hw[1]].clamp(-1.0, 1.0)
 
     def _noise(self, noise: torch.Tensor | None, seed: int | None, shape: tuple[int, ...]) -> torch.Tensor:
@@ -225,11 +239,12 @@ class OneStepPipeline(_Base):
     """One-step student (SinSR / TAD-SR): ``pipe(lr, noise=None, seed=None) -> sr``.
 
     ``lr`` (B, 3, h, w) in [-1, 1]; ``noise`` (B, 3, H, W) standard normal for the padded size
-    (H, W = h, w rounded up to multiples of 64); returns (B, 3, 4h, 4w) in [-1, 1].
+    (H, W = h, w rounded up to multiples of 64); returns (B, 3, 4h, 4w) in [-1, 1]. ``color_fix``:
+    ``"none"`` (default, upstream behaviour), ``"wavelet"`` or ``"adain"`` (:mod:`tadsr.color_fix`).
     """
 
-    def __init__(self, models: Models, *, decode_chunk: int | None = 4096) -> None:
-        super().__init__(models, decode_chunk=decode_chunk)
+    def __init__(self, models: Models, *, decode_chunk: int | None = 4096, color_fix: str = "none") -> None:
+        super().__init__(models, decode_chunk=decode_chunk, color_fix=color_fix)
         self.schedule = make_schedule(self.preset.schedule)
         self.timestep = self.schedule.num_steps - 1
 
@@ -244,7 +259,7 @@ class OneStepPipeline(_Base):
         lr_p, hw = self.prepare(lr)
         noise = self._noise(noise, seed, (lr_p.shape[0], self.preset.vq.embed_dim, *lr_p.shape[-2:]))
         z_y = self.encode(lr_p)
-        return self.decode(self.denoise(z_y, noise, lr_p), hw)
+        return self.decode(self.denoise(z_y, noise, lr_p), hw, lr_p)
 
 
 class TeacherPipeline(_Base):
@@ -253,10 +268,13 @@ class TeacherPipeline(_Base):
     ``noises`` (T, C, H, W) for batch 1 or (T, B, C, H, W): ``noises[0]`` is the prior noise, ``noises[k]``
     (k >= 1) the posterior noise added at step t = T - k; no noise is added at t = 0.
     ``steps`` selects the schedule: 15 -> v1, 4 -> v3 (other values: no respacing, an error).
+    ``color_fix`` as for :class:`OneStepPipeline`.
     """
 
-    def __init__(self, models: Models, steps: int = 15, *, decode_chunk: int | None = 4096) -> None:
-        super().__init__(models, decode_chunk=decode_chunk)
+    def __init__(
+        self, models: Models, steps: int = 15, *, decode_chunk: int | None = 4096, color_fix: str = "none"
+    ) -> None:
+        super().__init__(models, decode_chunk=decode_chunk, color_fix=color_fix)
         if models.teacher is None:
             raise ConfigError("no teacher network loaded: pass teacher=... to load_models (--teacher CKPT)")
         self.schedule = make_schedule(self.preset.teacher_schedule(steps))
@@ -279,4 +297,22 @@ class TeacherPipeline(_Base):
             z = self.schedule.posterior_mean(z, x0, t)
             if t > 0:
                 z = z + self.schedule.posterior_std(t) * noises[T - t]
-        return self.decode(z, hw)
+        return self.decode(z, hw, lr_p)
+
+
+class DoNothingPipeline(_Base):
+    """The do-nothing baseline ``decode(encode(bicubic x4(LR)))`` through the same autoencoder: ``pipe(lr)``.
+
+    No denoiser: the latent of the bicubic-upsampled LR is decoded as it is (the student's x0 replaced by z_y).
+    A model that does not beat this path adds nothing over its own autoencoder. ``noise`` and ``seed`` are
+    accepted and ignored, so that it drops into the same callers as :class:`OneStepPipeline`.
+    """
+
+    def __init__(self, models: Models, *, decode_chunk: int | None = 4096, color_fix: str = "none") -> None:
+        super().__init__(models, decode_chunk=decode_chunk, color_fix=color_fix)
+        self.schedule = make_schedule(self.preset.schedule)
+
+    @torch.no_grad()
+    def __call__(self, lr: torch.Tensor, noise: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+        lr_p, hw = self.prepare(lr)
+        return self.decode(self.encode(lr_p), hw, lr_p)

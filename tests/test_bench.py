@@ -273,3 +273,28 @@ def test_atomic_write_leaves_an_ordinary_file(tmp_path) -> None:
     assert p.read_bytes() == b"{}"
     assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
     assert [q.name for q in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_sanity_metrics_and_red_rows(bench):
+    """LR consistency, colour error and the do-nothing baseline are measured; failing systems are red rows."""
+    from tadsr.metrics import sanity_failures
+
+    report = bench.report
+    dn = report["baselines"]["do_nothing"]
+    assert len(dn["images"]) == 2 and {"psnr_y", "lr_cons", "lr_cons_worst", "de00"} <= set(dn["mean"])
+    md = bench.files["markdown"].read_text()
+    assert "*do-nothing baseline*" in md
+    for s in report["systems"]:
+        f = s["fidelity"]
+        assert {"lr_cons", "lr_cons_worst", "de00"} <= set(f["mean"]), s["name"]
+        lr_cons = [p["lr_cons"] for p in f["images"]]
+        assert f["mean"]["lr_cons_worst"] == pytest.approx(min(lr_cons), abs=1e-3)
+        is_model = s["kind"] != "bicubic"
+        expect = sanity_failures(lr_cons, f["mean"]["psnr_y"] if is_model else None,
+                                 dn["mean"]["psnr_y"] if is_model else None)  # fmt: skip
+        assert f["sanity"] == {"fail": bool(expect), "reasons": expect}, s["name"]
+        row = next(line for line in md.splitlines() if line.startswith(f"| {s['name']} |"))
+        assert row.endswith("| ❌ FAIL |" if expect else "| ✅ pass |"), row
+    # random weights: the student cannot explain its input
+    student = next(s for s in report["systems"] if s["name"] == "torch-student")
+    assert student["fidelity"]["sanity"]["fail"] and "❌ FAIL torch-student: " in md

@@ -270,3 +270,54 @@ def test_load_photo_set_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in ps.val] == ["p4.png", "p5.png"]
     with pytest.raises(InputError, match="python -m tadsr.train.photos"):
         load_photo_set(tmp_path / "nothing")
+
+
+def _rcc(files: dict[str, tuple[bytes, bool]]) -> bytes:
+    """A Qt resource file (format 2) with one folder ``/d`` holding ``files`` (name -> (data, zlib?))."""
+    import struct
+    import zlib
+
+    names, data = b"", b""
+    name_off: dict[str, int] = {}
+    for n in ["d", *files]:
+        name_off[n] = len(names)
+        names += struct.pack(">HI", len(n), 0) + n.encode("utf-16-be")
+    nodes = [
+        struct.pack(">IHII", 0, 2, 1, 1) + bytes(8),
+        struct.pack(">IHII", name_off["d"], 2, len(files), 2) + bytes(8),
+    ]
+    for n, (raw, packed) in files.items():
+        blob = struct.pack(">I", len(raw)) + zlib.compress(raw) if packed else raw
+        nodes.append(struct.pack(">IHHHI", name_off[n], 1 if packed else 0, 0, 0, len(data)) + bytes(8))
+        data += struct.pack(">I", len(blob)) + blob
+    tree = b"".join(nodes)
+    head = 24
+    return (
+        b"qres"
+        + struct.pack(">IIIII", 2, head, head + len(tree), head + len(tree) + len(data), 0)
+        + tree
+        + data
+        + names
+    )
+
+
+def test_read_rcc_round_trip(tmp_path: Path) -> None:
+    payload = {"a.webp": (b"plain bytes", False), "b.png": (b"x" * 1000 + b"tail", True)}
+    (tmp_path / "t.rcc").write_bytes(_rcc(payload))
+    assert photos.read_rcc(tmp_path / "t.rcc") == [("/d/a.webp", b"plain bytes"), ("/d/b.png", b"x" * 1000 + b"tail")]
+    (tmp_path / "bad.rcc").write_bytes(b"nope" + bytes(20))
+    with pytest.raises(InputError, match="not a Qt resource file"):
+        photos.read_rcc(tmp_path / "bad.rcc")
+
+
+def test_dep5_match_by_file_name_ignores_wildcards() -> None:
+    stanzas = [
+        {"Files": "*", "License": "GPL-3+", "Copyright": "all"},
+        {"Files": "16.04/Bridge.jpg 20.04/Kite.jpg", "License": "CC-BY-SA-4.0", "Copyright": "someone"},
+        {"Files": "debian/*", "License": "Expat", "Copyright": "packager"},
+    ]
+    assert photos._dep5_match(stanzas, "Bridge.jpg", basename=True)[:2] == ("CC-BY-SA-4.0", "someone")
+    assert photos._dep5_match(stanzas, "Other.jpg", basename=True)[0] == "GPL-3+"  # not the debian/* stanza
+    assert photos._dep5_match(stanzas, "debian/x")[0] == "Expat"
+    assert not photos._is_licence_ok("") and not photos._is_licence_ok("All rights reserved")
+    assert photos._is_licence_ok("CC-BY-SA-3.0") and photos._is_licence_ok("Public domain (NASA)")

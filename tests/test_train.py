@@ -296,5 +296,11 @@ def test_validation_table_and_grid(photos: Path, tmp_path: Path) -> None:
     assert all(np.isfinite(v["psnr"]) and 0 <= v["ssim"] <= 1 for v in res.mean.values())
     assert set(res.per_photo) == {"img0"} and len(res.per_crop["student_1"]["psnr_rgb"]) == 2
     assert "student, 1 step" in format_validation(res)
+    # sanity metrics: random-weight denoisers fail, and the failure is a red row, not averaged away
+    assert {"lr_cons", "lr_cons_worst", "de00"} <= set(res.mean["student_1"])
+    assert any("LR consistency" in r for r in res.sanity["student_1"]) and "do_nothing" in res.mean
+    assert res.sanity["autoencoder"] == []  # reconstructs the HR: not judged on LR consistency
+    table = format_validation(res)
+    assert table.count("❌ FAIL") == sum(bool(v) for v in res.sanity.values()) > 0
     grid = save_grid(outs, hr, res, tmp_path / "grid.png", rows=1)
     assert Image.open(grid).size == (4 * CROP + 3 * 4, 18 + CROP)

@@ -41,7 +41,7 @@ from tadsr.train.common import DistEnv, init_distributed, setup_logging
 from tadsr.train.data import build_latent_pool, load_pairs, sources_json
 from tadsr.train.distill import DistillConfig, load_teacher, train_distill
 from tadsr.train.teacher import StageResult, TeacherConfig, load_autoencoder, train_teacher
-from tadsr.train.validate import ValResult, save_grid, validate
+from tadsr.train.validate import ValResult, format_sanity, save_grid, validate
 
 __all__ = ["Recipe", "RECIPES", "build", "time_recipe", "main"]
 
@@ -282,6 +282,7 @@ _NOT_TIMES = ("load_average_1min", "batch_divisor")
 _NAMES = {
     "bicubic": "bicubic x4 (MATLAB imresize)",
     "autoencoder": "autoencoder reconstruction (ceiling)",
+    "do_nothing": "do-nothing: decode(encode(bicubic LR))",
     "teacher_15": "teacher, 15 steps (ResShift sampler)",
     "teacher_15_ddim": "teacher, 15 steps (deterministic)",
     "teacher_1": "teacher, 1 step (student before distillation)",
@@ -300,6 +301,9 @@ def format_validation(val: ValResult) -> str:
             if ref in val.mean:
                 lines.append(f"Student minus {label}: {val.mean['student_1']['psnr'] - val.mean[ref]['psnr']:+.2f} dB "
                              f"PSNR Y, {val.mean['student_1']['psnr_rgb'] - val.mean[ref]['psnr_rgb']:+.2f} dB PSNR RGB.  ")  # fmt: skip
+    if val.sanity:
+        lines += ["", "Sanity metrics (a failing method is a red row, never averaged away):", "",
+                  format_sanity(val, _NAMES)]  # fmt: skip
     methods = list(val.mean)
     counts = {p: sum(lab.split("@")[0] == p for lab in val.labels) for p in val.per_photo}
     lines += ["", "PSNR Y (dB) per validation photo (mean over its crops):", "",

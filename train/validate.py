@@ -4,13 +4,18 @@ Rows of the table (all on the same aligned LR/HR val crops, outputs rounded to 8
 
 * ``bicubic``: MATLAB ``imresize(LR, 4)`` (the classic baseline);
 * ``autoencoder``: ``decode(encode(HR))``, the ceiling of every latent method (quantised decode);
+* ``do_nothing``: ``decode(encode(bicubic(LR)))`` through the same autoencoder (:class:`DoNothingPipeline`), the
+  floor a denoiser must beat;
 * ``teacher_15``: the teacher with the ResShift 15-step sampler (:class:`tadsr.pipeline.TeacherPipeline`);
 * ``teacher_15_ddim``: the teacher's deterministic 15-step sampler (the distillation target);
 * ``teacher_1``: the teacher run once at t = T-1 (= the student before distillation);
 * ``student_1``: the distilled one-step student (:class:`tadsr.pipeline.OneStepPipeline`).
 
 Means are over all crops and per photo; PSNR is also given on RGB, which shows colour errors that the
-luma-only numbers hide.
+luma-only numbers hide. Sanity metrics per crop (:mod:`tadsr.metrics`): ``lr_cons`` (MATLAB bicubic x1/4 of the
+output vs the LR crop, RGB PSNR) and ``de00`` (mean CIEDE2000 of low-passed output vs HR). ``ValResult.sanity``
+lists, per method, why it FAILS (LR consistency mean < 35 dB or worst crop < 30 dB; a denoiser method that does
+not beat ``do_nothing`` on PSNR-Y); :func:`format_sanity` shows failures as red ``❌ FAIL`` rows.
 
 Usage::
 
@@ -29,31 +34,35 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-
-from tadsr.config import get_preset
-from tadsr.imresize import imresize
-from tadsr.metrics import crop_border, psnr, rgb_to_y, ssim
-from tadsr.models.unet_swin import UNetModelSwin
-from tadsr.models.vqgan import VQModelTorch
-from tadsr.pipeline import Models, OneStepPipeline, TeacherPipeline, make_noise
-from tadsr.schedule import make_schedule
 from tadsr.train.common import chunks, setup_logging
 from tadsr.train.data import PhotoPairs, grid_crops, load_pairs, to_unit
 from tadsr.train.losses import ddim_teacher_sample
 
-__all__ = ["ValResult", "validate", "save_grid", "main"]
+from tadsr.config import get_preset
+from tadsr.imresize import imresize
+from tadsr.metrics import color_error, crop_border, lr_consistency, psnr, rgb_to_y, sanity_failures, ssim
+from tadsr.models.unet_swin import UNetModelSwin
+from tadsr.models.vqgan import VQModelTorch
+from tadsr.pipeline import DoNothingPipeline, Models, OneStepPipeline, TeacherPipeline, make_noise
+from tadsr.schedule import make_schedule
+
+__all__ = ["ValResult", "validate", "save_grid", "format_sanity", "main"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("bicubic", "autoencoder", "teacher_15", "teacher_15_ddim", "teacher_1", "student_1")
+METHODS = ("bicubic", "autoencoder", "do_nothing", "teacher_15", "teacher_15_ddim", "teacher_1", "student_1")
+DENOISERS = ("teacher_15", "teacher_15_ddim", "teacher_1", "student_1")  # judged against do_nothing
+NO_LR_CHECK = ("autoencoder",)  # reconstructs the HR: LR consistency not judged
 
 
 @dataclass
 class ValResult:
-    """Mean PSNR (dB, Y and RGB) / SSIM (Y) per method, over all crops and per photo, plus per-crop values.
+    """Mean PSNR (dB, Y and RGB) / SSIM (Y) / sanity metrics per method, over all crops and per photo.
 
-    ``mean[method] = {"psnr": .., "ssim": .., "psnr_rgb": ..}``; ``per_photo[photo][method]`` likewise;
-    ``per_crop[method][metric]`` lists one value per crop, in the order of ``labels`` (``"photo@y,x"``).
+    ``mean[method] = {"psnr": .., "ssim": .., "psnr_rgb": .., "lr_cons": .., "lr_cons_worst": .., "de00": ..}``;
+    ``per_photo[photo][method]`` likewise (without ``lr_cons_worst``); ``per_crop[method][metric]`` lists one
+    value per crop, in the order of ``labels`` (``"photo@y,x"``); ``sanity[method]`` the reasons the method
+    fails the sanity checks (empty: passes).
     """
 
     n_crops: int
@@ -63,6 +72,7 @@ class ValResult:
     per_crop: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    sanity: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -80,11 +90,16 @@ def _bicubic(lr: np.ndarray) -> np.ndarray:
     return np.stack(out).astype(np.uint8)
 
 
-def _score(sr: np.ndarray, hr: np.ndarray) -> tuple[float, float, float]:
-    """(PSNR Y, SSIM Y, PSNR RGB) of uint8 HWC images, 4-px border cropped."""
+SCORE_KEYS = ("psnr", "ssim", "psnr_rgb", "lr_cons", "de00")
+
+
+def _score(sr: np.ndarray, hr: np.ndarray, lr: np.ndarray) -> tuple[float, float, float, float, float]:
+    """(PSNR Y, SSIM Y, PSNR RGB, LR consistency, ΔE00 low-pass) of uint8 HWC images, 4-px border cropped."""
     a, b = sr.astype(np.float64) / 255.0, hr.astype(np.float64) / 255.0
     ya, yb = crop_border(rgb_to_y(a), 4), crop_border(rgb_to_y(b), 4)
-    return min(psnr(ya, yb, 1.0), 100.0), ssim(ya, yb, 1.0), min(psnr(crop_border(a, 4), crop_border(b, 4), 1.0), 100.0)
+    lr_cons = min(lr_consistency(a, lr.astype(np.float64) / 255.0), 100.0)
+    return (min(psnr(ya, yb, 1.0), 100.0), ssim(ya, yb, 1.0), min(psnr(crop_border(a, 4), crop_border(b, 4), 1.0), 100.0),
+            lr_cons, color_error(a, b))  # fmt: skip
 
 
 @torch.no_grad()
@@ -95,6 +110,7 @@ def _run_methods(models: Models, hr: np.ndarray, lr: np.ndarray, device: torch.d
     if "bicubic" in methods:
         outs["bicubic"] = [_bicubic(lr)]
     one = OneStepPipeline(models)
+    nothing = DoNothingPipeline(models)
     have_teacher = models.teacher is not None
     if have_teacher:
         steps = models.preset.schedule.steps
@@ -110,6 +126,8 @@ def _run_methods(models: Models, hr: np.ndarray, lr: np.ndarray, device: torch.d
         noise = make_noise((b, c, *y.shape[-2:]), seed + k, device)
         if "autoencoder" in methods:
             outs["autoencoder"].append(_to_uint8(ae.decode(ae.encode(x), chunk=4096).clamp(-1, 1)))
+        if "do_nothing" in methods:
+            outs["do_nothing"].append(_to_uint8(nothing(y)))
         if "student_1" in methods:
             outs["student_1"].append(_to_uint8(one(y, noise=noise)))
         if have_teacher and "teacher_1" in methods:
@@ -143,24 +161,48 @@ def validate(
             m.to(device).eval()
     outs = _run_methods(models, hr, lr, device, seed, batch, methods)
     hr_nhwc = hr.transpose(0, 2, 3, 1)
+    lr_nhwc = lr.transpose(0, 2, 3, 1)
     photos = [lab.split("@")[0] for lab in labels]
-    keys = ("psnr", "ssim", "psnr_rgb")
+    keys = SCORE_KEYS
     per_crop: dict[str, dict[str, list[float]]] = {}
     mean: dict[str, dict[str, float]] = {}
     per_photo: dict[str, dict[str, dict[str, float]]] = {p: {} for p in dict.fromkeys(photos)}
     for m, sr in outs.items():
-        scores = np.array([_score(s, h) for s, h in zip(sr, hr_nhwc)])
+        scores = np.array([_score(s, h, lo) for s, h, lo in zip(sr, hr_nhwc, lr_nhwc)])
         per_crop[m] = {k: [round(float(v), 4) for v in scores[:, j]] for j, k in enumerate(keys)}
         mean[m] = {k: float(scores[:, j].mean()) for j, k in enumerate(keys)}
+        mean[m]["lr_cons_worst"] = float(scores[:, keys.index("lr_cons")].min())
         for p in per_photo:
             sel = np.array([q == p for q in photos])
             per_photo[p][m] = {k: float(scores[sel, j].mean()) for j, k in enumerate(keys)}
-    res = ValResult(len(hr), crop, mean, per_photo, per_crop, labels, time.perf_counter() - t0)
+    sanity = {m: _sanity(m, per_crop, mean) for m in outs}
+    res = ValResult(len(hr), crop, mean, per_photo, per_crop, labels, time.perf_counter() - t0, sanity)
     log.info("validation: %d crops in %.0f s", res.n_crops, res.seconds)
     for m in outs:
-        log.info("  %-16s PSNR Y %.2f dB  SSIM Y %.4f  PSNR RGB %.2f dB", m, mean[m]["psnr"], mean[m]["ssim"],
-                 mean[m]["psnr_rgb"])  # fmt: skip
+        log.info("  %-16s PSNR Y %.2f dB  SSIM Y %.4f  PSNR RGB %.2f dB  LR cons %.2f (worst %.2f) dB  dE00 %.2f%s", m,
+                 mean[m]["psnr"], mean[m]["ssim"], mean[m]["psnr_rgb"], mean[m]["lr_cons"], mean[m]["lr_cons_worst"],
+                 mean[m]["de00"], "  FAIL: " + "; ".join(sanity[m]) if sanity[m] else "")  # fmt: skip
     return res, outs, hr_nhwc
+
+
+def _sanity(m: str, per_crop: dict[str, dict[str, list[float]]], mean: dict[str, dict[str, float]]) -> list[str]:
+    lr_cons = [] if m in NO_LR_CHECK else per_crop[m]["lr_cons"]
+    dn = mean["do_nothing"]["psnr"] if m in DENOISERS and "do_nothing" in mean else None
+    return sanity_failures(lr_cons, mean[m]["psnr"] if dn is not None else None, dn)
+
+
+def format_sanity(val: ValResult, names: dict[str, str] | None = None) -> str:
+    """Markdown table of the sanity metrics; a failing method is a ``❌ FAIL`` row with its reasons."""
+    names = names or {}
+    head = f"| method | PSNR Y (dB), {val.n_crops} crops | LR consistency mean / worst (dB) | ΔE00 (low-pass) | sanity |"
+    lines = [head, "|---|---|---|---|---|"]
+    for m, d in val.mean.items():
+        fails = val.sanity.get(m, [])
+        verdict = ("❌ FAIL: " + "; ".join(fails)) if fails else ("✅ pass" if m in val.sanity else "")
+        lc = f"{d['lr_cons']:.2f} / {d['lr_cons_worst']:.2f}" if "lr_cons" in d and m not in NO_LR_CHECK else "-"
+        de = f"{d['de00']:.2f}" if "de00" in d else "-"
+        lines.append(f"| {names.get(m, m)} | {d['psnr']:.2f} | {lc} | {de} | {verdict} |")
+    return "\n".join(lines)
 
 
 def save_grid(outs: dict[str, np.ndarray], hr: np.ndarray, res: ValResult, path: Path, rows: int = 3) -> Path:
@@ -223,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-crops", type=int)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--grid", type=Path)
+    ap.add_argument("--md", type=Path, help="write the sanity table (Markdown) here")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
@@ -240,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(res.to_json())
     if args.grid:
         save_grid(outs, hr, res, args.grid)
+    if args.md:
+        args.md.write_text(format_sanity(res) + "\n")
     return 0
 
 
