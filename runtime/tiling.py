@@ -23,8 +23,8 @@ Differences from upstream (spec §4.3), and why:
   replaced it.)
 * **Feather blending (default).** Upstream sums tile outputs and divides by the per-pixel count, a uniform
   average. Neighbouring tiles never agree exactly (GroupNorm statistics and attention are per tile, and a
-  tile's context differs from its neighbour's), and with uniform weights a tile's influence jumps from 0 to 1/2 at its edge, so
-  a disagreement d shows up as a step of d/2 along every tile edge: a visible seam grid. The default
+  tile's context differs from its neighbour's), and with uniform weights a tile's influence jumps from 0 to 1/2
+  at its edge, so a disagreement d shows up as a step of d/2 along every tile edge: a visible seam grid. The default
   ``blend="feather"`` gives each tile a separable window that rises as a raised cosine, strictly positive,
   across ``overlap * scale`` output pixels on every edge that has a neighbour, and is 1 elsewhere (including
   at the image border). Ramps of two neighbours at the nominal overlap are complementary (they sum to one;

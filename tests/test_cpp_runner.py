@@ -85,7 +85,9 @@ class Lib:
         _, _, h, w = x.shape
         x = np.ascontiguousarray(x, np.float32)
         out = np.zeros((1, 3, h * scale, w * scale), np.float32)
-        assert self.lib.tadsr_upscale_f32(handle, x.ctypes.data, w, h, seed, out.ctypes.data, out.size) == 0, self.error()
+        assert self.lib.tadsr_upscale_f32(handle, x.ctypes.data, w, h, seed, out.ctypes.data, out.size) == 0, (
+            self.error()
+        )
         return out
 
 
@@ -107,7 +109,9 @@ def _standin_modules(scale: int = 4):
     class Pipeline(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(6, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, 3 * scale**2, 3, padding=1))
+            self.body = nn.Sequential(
+                nn.Conv2d(6, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, 3 * scale**2, 3, padding=1)
+            )
             self.shuffle = nn.PixelShuffle(scale)
 
         def forward(self, lr, noise):
@@ -273,7 +277,7 @@ def test_cpp_matches_python_runtime(lib: Lib, standin_artifacts, photo: np.ndarr
             assert lib.upscale_rgb8(handle, rgb, seed, out) == 0, lib.error()
             want = _python_rgb8(_artifact_set(root, which), rgb, seed)
             psnr = _psnr(out, want, 255.0)
-            # fp32: same program, same tiles/noise/blend -> >= 60 dB (measured: identical or +-1 LSB);
+            # fp32: same program, same tiles/noise/blend -> >= 60 dB (measured: identical 8-bit output);
             # INT8: the same quantized program on both sides, so the same floor holds
             assert psnr >= PSNR_FP32_DB, f"{which}/{precision} seed {seed}: {psnr:.1f} dB"
             other = np.zeros_like(out)
@@ -307,7 +311,7 @@ def _corrupt_copies(root: Path, tmp_path: Path) -> dict[str, Path]:
             data[len(data) // 2] ^= 0xFF
             (d / "pipeline.pte").write_bytes(bytes(data))
         elif case == "bad_json":
-            (d / "manifest.json").write_text("{\"schema\": 1, \"graph\": ")
+            (d / "manifest.json").write_text('{"schema": 1, "graph": ')
         elif case == "wrong_schema":
             m["schema"] = 2
         elif case == "onnx_format":
@@ -346,14 +350,13 @@ def test_bad_inputs_give_codes_and_messages(lib: Lib, standin_artifacts, photo: 
     handle = lib.open(standin_artifacts["fp32"])
     try:
         out = np.full((8 * 4, 8 * 4, 3), 17, np.uint8)
-        empty = np.zeros((0, 5, 3), np.uint8)
         assert lib.lib.tadsr_upscale_rgb8(handle, out.ctypes.data, 5, 0, 0, out.ctypes.data, out.size) == 1
         assert "zero size (5x0)" in lib.error()
         assert lib.upscale_rgb8(handle, np.zeros((9, 8, 3), np.uint8), 0, out) == 1  # output buffer too small
         assert "needs 3456" in lib.error()
         assert lib.lib.tadsr_upscale_rgb8(handle, None, 8, 8, 0, out.ctypes.data, out.size) == 1
         assert "NULL" in lib.error()
-        assert (out == 17).all() and empty.size == 0
+        assert (out == 17).all()
         # and the runner still works afterwards
         assert lib.upscale_rgb8(handle, photo[:8, :8], 0, out) == 0, lib.error()
     finally:
@@ -370,7 +373,7 @@ def test_cli_upscale_png_and_errors(cpp_build: Path, standin_artifacts, photo: n
     Image.fromarray(photo).save(src, format="PNG" if suffix == ".png" else "PPM")
     art = standin_artifacts["fp32"]
     run = subprocess.run([exe, "upscale", src, dst, "--artifact", art, "--seed", "7", "--stats"],
-                         capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True, check=False)  # fmt: skip
     assert run.returncode == 0, run.stderr
     stats = json.loads(run.stdout)
     assert stats["fused"] and stats["tile"] == TILE and stats["peak_rss_mb"] > 0
@@ -386,7 +389,7 @@ def test_cli_upscale_png_and_errors(cpp_build: Path, standin_artifacts, photo: n
         ([src, tmp_path / "o3.png", "--artifact", tmp_path / "nothing"], "does not exist"),
         ([src, tmp_path / "o4.png", "--artifact", art, "--seed", "-1"], "--seed"),
     ):
-        run = subprocess.run([exe, "upscale", *args], capture_output=True, text=True)
+        run = subprocess.run([exe, "upscale", *args], capture_output=True, text=True, check=False)
         assert run.returncode == 2 and words in run.stderr, (args, run.returncode, run.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in" + suffix, "out" + suffix, "bad.png"])
 
