@@ -146,7 +146,8 @@ tadsr::json::Value read_manifest(const fs::path& dir) {
         fail(TADSR_ERR_IO, "artifact folder " + dir.string() + " does not exist; pass the folder tadsr export wrote");
     const fs::path path = dir / "manifest.json";
     if (!fs::is_regular_file(path, ec))
-        fail(TADSR_ERR_IO, dir.string() + " has no manifest.json; it is not an artifact folder written by tadsr export");
+        fail(TADSR_ERR_IO,
+             dir.string() + " has no manifest.json; it is not an artifact folder written by tadsr export");
     std::ifstream in(path, std::ios::binary);
     std::stringstream buf;
     buf << in.rdbuf();
@@ -216,7 +217,8 @@ fs::path verify_files(const fs::path& dir, const tadsr::json::Value& m) {
         const fs::path path = dir / rel;
         std::error_code ec;
         if (!fs::exists(path, ec))
-            fail(TADSR_ERR_IO, "model file " + path.string() + " listed in the manifest is missing; restore it or re-export");
+            fail(TADSR_ERR_IO,
+                 "model file " + path.string() + " listed in the manifest is missing; restore it or re-export");
         const std::string got = digest_path(path);
         if (got != want)
             fail(TADSR_ERR_INTEGRITY, "model file " + path.string() + " does not match its manifest (sha256 " +
@@ -307,7 +309,8 @@ std::unique_ptr<Graph> open_graph(const fs::path& dir, const tadsr::json::Value&
                                      ", its manifest lists " + std::to_string(specs.size()) + "; re-export");
         for (size_t i = 0; i < n; ++i) {
             auto info = input ? meta->input_tensor_meta(i) : meta->output_tensor_meta(i);
-            if (!info.ok()) fail(TADSR_ERR_SPEC, program.string() + ": argument " + std::to_string(i) + " is not a tensor");
+            if (!info.ok())
+                fail(TADSR_ERR_SPEC, program.string() + ": argument " + std::to_string(i) + " is not a tensor");
             std::vector<int64_t> sizes(info->sizes().begin(), info->sizes().end());
             if (sizes != specs[i].shape || info->scalar_type() != executorch::aten::ScalarType::Float)
                 fail(TADSR_ERR_SPEC, program.string() + ": " + (input ? "input " : "output ") + specs[i].name +

@@ -50,7 +50,8 @@ TADSR_API void tadsr_options_default(tadsr_options* options);
  * pipeline among them is preferred). Reads every manifest, checks every model file against its sha256 and the
  * programs' inputs against the manifests, and loads the programs. options may be NULL.
  */
-TADSR_API tadsr_status tadsr_runner_create(const char* artifact_dir, const tadsr_options* options, tadsr_runner** out);
+TADSR_API tadsr_status tadsr_runner_create(const char* artifact_dir, const tadsr_options* options,
+                                           tadsr_runner** out);
 
 /* Free a runner (NULL is a no-op). */
 TADSR_API void tadsr_runner_free(tadsr_runner* runner);
@@ -67,22 +68,22 @@ TADSR_API const char* tadsr_runner_precision(const tadsr_runner* runner);
  * Samples map to the model range as the Python runtime: x = (v / 255 - 0.5) / 0.5, and back
  * v = round_half_even(clamp(clamp(y, -1, 1) * 0.5 + 0.5, 0, 1) * 255).
  */
-TADSR_API tadsr_status tadsr_upscale_rgb8(tadsr_runner* runner, const uint8_t* rgb, int width, int height, uint64_t seed,
-                                uint8_t* out, size_t out_capacity);
+TADSR_API tadsr_status tadsr_upscale_rgb8(tadsr_runner* runner, const uint8_t* rgb, int width, int height,
+                                          uint64_t seed, uint8_t* out, size_t out_capacity);
 
 /*
  * The same on planar float32 in [-1, 1]: in is (3, height, width), out (3, height * scale, width * scale);
  * out_capacity counts floats.
  */
-TADSR_API tadsr_status tadsr_upscale_f32(tadsr_runner* runner, const float* in, int width, int height, uint64_t seed,
-                               float* out, size_t out_capacity);
+TADSR_API tadsr_status tadsr_upscale_f32(tadsr_runner* runner, const float* in, int width, int height,
+                                         uint64_t seed, float* out, size_t out_capacity);
 
 /*
  * The portable noise: out[c][i][j] = field(seed, c, y0 + i, x0 + j) for c < channels, i < h, j < w (float32).
  * For checking a port of the generator (Kotlin, Swift) against this one.
  */
-TADSR_API tadsr_status tadsr_noise(uint64_t seed, int channels, int h, int w, uint32_t y0, uint32_t x0, float* out,
-                         size_t out_capacity);
+TADSR_API tadsr_status tadsr_noise(uint64_t seed, int channels, int h, int w, uint32_t y0, uint32_t x0,
+                                   float* out, size_t out_capacity);
 
 /* The message of the last failed call on this thread ("" if none). Valid until the next call on this thread. */
 TADSR_API const char* tadsr_last_error(void);
