@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tadsr.errors import ExportError
+from tadsr.runtime.tiling import NOISE_SPEC
 from tadsr.runtime.runner import MANIFEST_NAME, SCHEMA_VERSION, sha256_path
 
 __all__ = [
@@ -134,7 +135,8 @@ def build_manifest(
 
     Keys: ``schema``, ``graph`` (GraphSpec dict), ``format``, ``precision``, ``files``, ``preset``, ``sources``
     (checkpoint paths and sha256), ``tool_versions``, ``parity`` (hop results), ``parity_passed``,
-    ``backend_info`` (``BackendResult.info`` plus its ``warnings``), ``parent``, ``created`` (UTC ISO time).
+    ``backend_info`` (``BackendResult.info`` plus its ``warnings``), ``parent``, ``created`` (UTC ISO time),
+    ``noise`` (the host-side noise generator every runtime must use: :data:`tadsr.runtime.tiling.NOISE_SPEC`).
     """
     manifest = {
         "schema": SCHEMA_VERSION,
@@ -150,6 +152,7 @@ def build_manifest(
         "backend_info": {**backend.info, "warnings": list(backend.warnings)},
         "parent": parent,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "noise": dict(NOISE_SPEC),
     }
     if extra:
         manifest.update(extra)

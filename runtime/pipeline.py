@@ -3,7 +3,9 @@
 :class:`MobileSRPipeline` turns runners (one fused graph, or encoder -> denoiser -> decoder) into the
 ``run_tiles(lr_tiles, noise)`` function of :mod:`tadsr.runtime.tiling` and upscales images of any size.
 The prior sample between encoder and denoiser (``x_t = z_y + s * noise``) uses the constant recorded in the
-artifact's manifest, so the host needs no model code. numpy only (plus the backend runtimes).
+artifact's manifest, so the host needs no model code; the noise is the portable field of
+:mod:`tadsr.runtime.tiling` (a manifest whose ``noise`` record names another generator is refused).
+numpy only (plus the backend runtimes).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from tadsr.errors import ConfigError, InputError
 from tadsr.runtime.runner import MANIFEST_NAME, load_runner
-from tadsr.runtime.tiling import upscale_tiled
+from tadsr.runtime.tiling import check_noise_spec, upscale_tiled
 
 __all__ = ["MobileSRPipeline", "find_artifacts"]
 
@@ -98,6 +100,8 @@ class MobileSRPipeline:
     ) -> None:
         self.runners = {g: load_runner(d, backend=backend, low_memory=low_memory, **runner_opts)
                         for g, d in artifacts.items()}  # fmt: skip
+        for g, r in self.runners.items():
+            check_noise_spec(getattr(r, "manifest", {}).get("noise"), f"{artifacts[g]}/{MANIFEST_NAME}")
         first = next(iter(self.runners.values())).spec
         self.tile = first.tile
         self.scale = first.scale

@@ -13,14 +13,18 @@ Differences from upstream (spec §4.3), and why:
   not smaller than the side (e.g. a 20 px side padded to 64); ``np.pad(mode="reflect")`` instead keeps
   reflecting (0 1 2 1 0 1 2 ...), which equals torch's result whenever torch works, and a 1 px side is
   repeated (edge padding).
-* **Noise on the host.** Each tile's noise is ``np.random.default_rng([seed, y, x]).standard_normal``
-  (float32, shape ``(latent_channels, tile, tile)``) with ``(y, x)`` the tile's LR origin, so it depends only
-  on the seed and the tile position: outputs are reproducible across backends, batch sizes and processing
-  orders. (Upstream draws from the CUDA stream in tile order, which nothing else can reproduce.)
+* **Noise on the host.** The noise is one standard-normal field over the padded image's latent, a pure function
+  of ``(seed, channel, latent row, latent column)`` (Philox4x32-10 + Box-Muller, *Portable noise* below,
+  recorded in every manifest as ``"noise"`` so C++/Kotlin/Swift ports draw the same values); each tile reads
+  its window (``tile_noise``). Outputs are reproducible across backends, hosts, batch sizes and processing
+  orders, and overlapping tiles agree on the noise they share. (Upstream draws from the CUDA stream in tile
+  order, which nothing else can reproduce. Earlier versions of this module drew each tile from
+  ``numpy.random.default_rng([seed, y, x])``; outputs for a given seed changed once when the portable field
+  replaced it.)
 * **Feather blending (default).** Upstream sums tile outputs and divides by the per-pixel count, a uniform
-  average. Neighbouring tiles never agree exactly (GroupNorm statistics and attention are per tile, and each
-  tile has its own noise), and with uniform weights a tile's influence jumps from 0 to 1/2 at its edge, so
-  a disagreement d shows up as a step of d/2 along every tile edge: a visible seam grid. The default
+  average. Neighbouring tiles never agree exactly (GroupNorm statistics and attention are per tile, and a
+  tile's context differs from its neighbour's), and with uniform weights a tile's influence jumps from 0 to 1/2
+  at its edge, so a disagreement d shows up as a step of d/2 along every tile edge: a visible seam grid. The default
   ``blend="feather"`` gives each tile a separable window that rises as a raised cosine, strictly positive,
   across ``overlap * scale`` output pixels on every edge that has a neighbour, and is 1 elsewhere (including
   at the image border). Ramps of two neighbours at the nominal overlap are complementary (they sum to one;
@@ -34,20 +38,64 @@ Differences from upstream (spec §4.3), and why:
 Tiles lying wholly in the padding are not run. Memory stays bounded: tiles are run ``batch`` at a time and
 accumulated into one float32 canvas of the output size (3 x scale*H x scale*W); the normaliser is separable
 (the tiles form a grid and each window is an outer product), so it is two 1-D arrays instead of a second canvas.
+
+
+Portable noise
+--------------
+
+Every runtime (this numpy one, the C++ runner in ``runtime/cpp``, a Kotlin or Swift port) must draw the same
+noise for the same seed, or the same artifact gives different pictures on different hosts. So the noise is a
+pure function of ``(seed, channel, latent row, latent column)``, specified here in full and recorded in every
+artifact's manifest (:data:`NOISE_SPEC`, key ``"noise"``):
+
+* **Bits.** Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011; the
+  Random123 reference), with counter ``(x, y, c, 0)`` (latent column, row, channel; uint32 each) and key
+  ``(seed mod 2**32, seed // 2**32)`` for ``0 <= seed < 2**64``. Rounds: with ``M0 = 0xD2511F53``,
+  ``M1 = 0xCD9E8D57``, ``(hi0, lo0) = M0 * c0``, ``(hi1, lo1) = M1 * c2`` (64-bit products),
+  ``c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)``; between rounds the key is bumped by
+  ``(0x9E3779B9, 0xBB67AE85)`` mod 2**32. Ten rounds. The output is four uint32 words ``w0..w3``.
+* **Normal.** Box-Muller on the first two words, in float64: ``u0 = (w0 + 0.5) / 2**32``,
+  ``u1 = (w1 + 0.5) / 2**32`` (both in (0, 1), never 0), ``z = sqrt(-2 ln u0) * cos(2 pi u1)``, then rounded
+  to float32. ``w2`` and ``w3`` are unused.
+
+The field covers the whole padded image's latent; the tile at latent origin ``(y0, x0)`` reads its window
+``field[:, y0:y0+h, x0:x0+w]``. Because each value depends only on its own position, a window is computed
+directly (nothing outside it is drawn) and overlapping tiles see the same noise where they overlap. Ports
+agree bit for bit on the uint32 words; the float32 normals can differ in the last bit where two libm's
+``log``/``cos`` round differently (one float32 ulp, rarely).
+
+This replaced the per-tile ``numpy.random.default_rng([seed, y, x])`` noise of earlier versions (numpy's
+PCG64 seeding cannot be reproduced outside numpy in a few lines), so outputs for a given seed changed once.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from tadsr.errors import InputError
+from tadsr.errors import ConfigError, InputError
 
-__all__ = ["RunTiles", "tile_starts", "plan_tiles", "pad_for_tiles", "tile_noise", "axis_weights", "upscale_tiled"]
+__all__ = [
+    "RunTiles",
+    "tile_starts",
+    "plan_tiles",
+    "pad_for_tiles",
+    "tile_noise",
+    "axis_weights",
+    "upscale_tiled",
+    "NOISE_SPEC",
+    "NOISE_ALGORITHM",
+    "NOISE_VERSION",
+    "philox4x32_10",
+    "noise_window",
+    "check_noise_spec",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +153,13 @@ def pad_for_tiles(lr: np.ndarray, tile: int, pad_multiple: int = 64) -> np.ndarr
 
 
 def tile_noise(seed: int, y: int, x: int, shape: Sequence[int]) -> np.ndarray:
-    """The noise of the tile at LR origin ``(y, x)``: float32 standard normal from ``default_rng([seed, y, x])``."""
-    return np.random.default_rng([seed, y, x]).standard_normal(tuple(shape), dtype=np.float32)
+    """The noise of the tile at latent origin ``(y, x)``: the window of the seed's portable noise field.
+
+    ``shape`` is ``(C, h, w)``; the values are ``noise_window(seed, shape, y, x)`` (float32, see
+    the *Portable noise* section below), so channel ``c`` at latent ``(y + i, x + j)`` is the same whatever the shape.
+    For the VQ-f4 x4 models the latent grid is the LR grid, so ``(y, x)`` is also the tile's LR origin.
+    """
+    return noise_window(seed, shape, y, x)
 
 
 def _raised_cosine(n: int) -> np.ndarray:
@@ -184,7 +237,8 @@ def upscale_tiled(
         tile: LR tile side the model takes.
         scale: upscaling factor of the model.
         overlap: LR pixels shared by consecutive tiles, ``0 <= overlap < tile``.
-        seed: non-negative noise seed; tile ``(y, x)`` gets ``tile_noise(seed, y, x, noise_shape)``.
+        seed: noise seed in ``[0, 2**64)``; the tile at LR origin ``(y, x)`` with noise shape ``(C, h, w)`` gets
+            ``tile_noise(seed, y * h // tile, x * w // tile, noise_shape)`` (its window of the latent field).
         latent_channels: C of the default noise shape ``(C, tile, tile)``.
         noise_shape_fn: maps ``tile`` to the per-tile noise shape; overrides ``latent_channels``.
         batch: most tiles per ``run_tiles`` call.
@@ -202,9 +256,9 @@ def upscale_tiled(
         ValueError: bad parameters, or ``run_tiles`` returned the wrong shape.
     """
     lr = _check_lr(lr)
-    if scale < 1 or batch < 1 or seed < 0 or pad_multiple < 1:
+    if scale < 1 or batch < 1 or not 0 <= seed < 2**64 or pad_multiple < 1:
         raise ValueError(
-            f"need scale, batch, pad_multiple >= 1 and seed >= 0 (got {scale}, {batch}, {pad_multiple}, {seed})"
+            f"need scale, batch, pad_multiple >= 1 and 0 <= seed < 2**64 (got {scale}, {batch}, {pad_multiple}, {seed})"
         )
     t0 = time.perf_counter()
     height, width = lr.shape[-2:]
@@ -215,6 +269,11 @@ def upscale_tiled(
     wy = axis_weights(len(ys), size, overlap * scale, blend)
     wx = axis_weights(len(xs), size, overlap * scale, blend)
     noise_shape = tuple(noise_shape_fn(tile)) if noise_shape_fn is not None else (latent_channels, tile, tile)
+    if len(noise_shape) != 3:
+        raise ValueError(f"noise shape must be (C, h, w), got {noise_shape}")
+    lat_h, lat_w = noise_shape[1], noise_shape[2]
+    if any((o * lat_h) % tile for o in ys) or any((o * lat_w) % tile for o in xs):
+        raise ValueError(f"tile origins {ys} x {xs} do not fall on the latent grid of noise shape {noise_shape}")
     # tiles lying wholly in the padding would be cropped away: skip them (their noise does not shift others')
     jobs = [(iy, ix) for iy in range(len(ys)) if ys[iy] < height for ix in range(len(xs)) if xs[ix] < width]
     canvas = np.zeros((3, out_h, out_w), np.float32)
@@ -223,7 +282,8 @@ def upscale_tiled(
             chunk = jobs[first : first + batch]
             calls = chunk + [chunk[-1]] * (batch - len(chunk)) if pad_last_batch else chunk
             lr_tiles = np.stack([padded[0, :, ys[iy] : ys[iy] + tile, xs[ix] : xs[ix] + tile] for iy, ix in calls])
-            noise = np.stack([tile_noise(seed, ys[iy], xs[ix], noise_shape) for iy, ix in calls])
+            noise = np.stack([tile_noise(seed, ys[iy] * lat_h // tile, xs[ix] * lat_w // tile, noise_shape)
+                              for iy, ix in calls])  # fmt: skip
             sr = np.asarray(run_tiles(lr_tiles, noise))
             if sr.shape != (len(calls), 3, size, size):
                 raise ValueError(f"run_tiles returned shape {sr.shape}, expected {(len(calls), 3, size, size)}")
@@ -246,3 +306,98 @@ def _accumulate(canvas: np.ndarray, sr: np.ndarray, oy: int, ox: int, wy: np.nda
     w = min(sr.shape[2], canvas.shape[2] - ox)
     weight = (wy[:h, None] * wx[None, :w]).astype(np.float32)
     canvas[:, oy : oy + h, ox : ox + w] += sr[:, :h, :w] * weight
+
+
+# --------------------------------------------------------------------------------------------- portable noise
+
+NOISE_ALGORITHM = "philox4x32-10-boxmuller"
+NOISE_VERSION = 1
+NOISE_SPEC: dict[str, Any] = {
+    "algorithm": NOISE_ALGORITHM,
+    "version": NOISE_VERSION,
+    "counter": ["x", "y", "channel", 0],
+    "key": ["seed % 2**32", "seed // 2**32"],
+    "multipliers": ["0xD2511F53", "0xCD9E8D57"],
+    "key_bumps": ["0x9E3779B9", "0xBB67AE85"],
+    "rounds": 10,
+    "uniform": "u_i = (w_i + 0.5) * 2**-32, i = 0, 1 (float64)",
+    "normal": "float32(sqrt(-2 * ln(u_0)) * cos(2 * pi * u_1)) (float64 math)",
+    "layout": "one field over the padded image's latent; a tile at latent origin (y0, x0) reads "
+    "field[c, y0 + i, x0 + j]",
+    "doc": "tadsr.runtime.tiling (Portable noise)",
+}
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK = np.uint64(0xFFFFFFFF)
+_SHIFT = np.uint64(32)
+
+
+def philox4x32_10(
+    ctr: Sequence[np.ndarray | int], key: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Philox4x32-10 of broadcastable counter words (uint32 values) under one key: four uint32 word arrays."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in ctr)
+    k0, k1 = key[0] & 0xFFFFFFFF, key[1] & 0xFFFFFFFF
+    m0, m1 = np.uint64(_M0), np.uint64(_M1)
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + _W0) & 0xFFFFFFFF, (k1 + _W1) & 0xFFFFFFFF
+        p0 = m0 * c0  # < 2**64: exact in uint64
+        p1 = m1 * c2
+        c0, c1, c2, c3 = (
+            (p1 >> _SHIFT) ^ c1 ^ np.uint64(k0),
+            p1 & _MASK,
+            (p0 >> _SHIFT) ^ c3 ^ np.uint64(k1),
+            p0 & _MASK,
+        )
+    return tuple(np.broadcast_to(c, np.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)).astype(np.uint32)
+                 for c in (c0, c1, c2, c3))  # type: ignore[return-value]  # fmt: skip
+
+
+def noise_window(seed: int, shape: Sequence[int], y0: int = 0, x0: int = 0) -> np.ndarray:
+    """The window ``field[:, y0:y0+h, x0:x0+w]`` of the seed's noise field, float32 of ``shape = (C, h, w)``.
+
+    Args:
+        seed: ``0 <= seed < 2**64``.
+        shape: ``(C, h, w)`` (channels, latent rows, latent columns).
+        y0, x0: latent origin of the window, ``>= 0``; ``y0 + h`` and ``x0 + w`` at most ``2**32``.
+
+    Raises:
+        ValueError: seed, shape or origin out of range.
+    """
+    if len(shape) != 3 or min(shape) < 0:
+        raise ValueError(f"noise shape must be (C, h, w) with non-negative sides, got {tuple(shape)}")
+    c, h, w = (int(s) for s in shape)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"noise seed must be in [0, 2**64), got {seed}")
+    if y0 < 0 or x0 < 0 or y0 + h > 2**32 or x0 + w > 2**32 or c > 2**32:
+        raise ValueError(f"noise window origin ({y0}, {x0}) / shape {tuple(shape)} out of the uint32 counter range")
+    xs = np.arange(x0, x0 + w, dtype=np.uint64)[None, None, :]
+    ys = np.arange(y0, y0 + h, dtype=np.uint64)[None, :, None]
+    cs = np.arange(c, dtype=np.uint64)[:, None, None]
+    w0, w1, _, _ = philox4x32_10((xs, ys, cs, 0), (seed & 0xFFFFFFFF, seed >> 32))
+    u0 = (w0.astype(np.float64) + 0.5) * 2.0**-32
+    u1 = (w1.astype(np.float64) + 0.5) * 2.0**-32
+    z = np.sqrt(-2.0 * np.log(u0))
+    z *= np.cos((2.0 * math.pi) * u1)
+    return z.astype(np.float32)
+
+
+def check_noise_spec(record: Mapping[str, Any] | None, where: str = "manifest") -> None:
+    """Accept a manifest's ``noise`` record if it names this generator (absent: artifacts older than the record).
+
+    Raises:
+        ConfigError: the record names another algorithm or version (the artifact wants noise this runtime
+            cannot draw).
+    """
+    if record is None:
+        return
+    if not isinstance(record, Mapping):
+        raise ConfigError(f"{where}: 'noise' must be an object, got {type(record).__name__}")
+    algo, version = record.get("algorithm"), record.get("version")
+    if algo != NOISE_ALGORITHM or version != NOISE_VERSION:
+        raise ConfigError(
+            f"{where} asks for noise {algo!r} version {version!r}; this runtime draws {NOISE_ALGORITHM!r} "
+            f"version {NOISE_VERSION} (tadsr.runtime.tiling); upgrade tadsr or re-export the artifact"
+        )
