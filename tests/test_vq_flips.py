@@ -153,3 +153,24 @@ def test_flips_beyond_the_budget_fail(tied) -> None:
     tight = {"sr": replace(floors["sr"], flips=FlipBudget(2 / 4096, floors["sr"].flips.rounding_rel, "test"))}
     (h,) = _judge(models, case, out, codes, precision="fp16", floors=tight)
     assert not h.passed and "exceed the budget" in h.flips[0].note
+
+
+@pytest.mark.parametrize("graph", ["decoder", "pipeline"])
+def test_onnx_artifact_exposes_its_latent_and_codes(tiny_models, tiny_onnx_artifacts, graph: str) -> None:
+    from tadsr.export.parity import artifact_view, make_cases, run_cases
+    from tadsr.runtime.runner import load_runner
+
+    path = tiny_onnx_artifacts / f"{graph}-onnx-fp32-t64"
+    runner = load_runner(path)
+    module, spec = make_graph(tiny_models, graph, 64)
+    cases, _ = make_cases(tiny_models, spec, n_real=0)
+    outs = run_cases(runner.run, cases)
+    view = artifact_view(path, runner.manifest, cases, outs)
+    _, eager = run_cases_vq(TorchRunner.from_graph(module, spec).run, cases, module, tiny_models)
+    assert view is not None and "tapped" in view.source and view.codes[0] is not None
+    assert view.codes[0].shape == (1, 64, 64)
+    assert (view.codes[0] == eager.codes[0]).mean() > 0.99  # the file's own lookup, not a recomputation
+    if graph == "pipeline":
+        assert view.latents[0] is not None and np.abs(view.latents[0] - eager.latents[0]).max() < 1e-3
+    enc = runner.manifest | {"graph": {"name": "encoder"}}
+    assert artifact_view(tiny_onnx_artifacts / "encoder-onnx-fp32-t64", enc, cases, outs) is None
