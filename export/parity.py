@@ -667,7 +667,7 @@ def artifact_view(
     codes_name, argmins = _onnx_codes_tensor(model, ne, int(latent_shape[1])) if ne else (None, [])
     if codes_name is None and not ne:
         argmins = [nd.output[0] for nd in model.graph.node if nd.op_type == "ArgMin"]
-    lat_name = onnx_codebook_input(file, latent_shape) if graph == "pipeline" else None
+    lat_name = onnx_codebook_input(file, latent_shape)  # decoder: its input as the lookup reads it, if cast
     names = [x for x in (lat_name, codes_name, *argmins) if x]
     if not names:
         return VQView.unexposed(n, "onnx graph: no codebook lookup found to tap")
@@ -678,7 +678,11 @@ def artifact_view(
     h, w = int(latent_shape[-2]), int(latent_shape[-1])
     for c, out in zip(cases, outputs, strict=True):
         r = tap.run(c.inputs)
-        lats.append(np.asarray(r[lat_name], np.float32) if lat_name and lat_name in r else None)
+        lat = np.asarray(r[lat_name], np.float32) if lat_name and lat_name in r else None
+        if lat is not None and graph == "decoder":  # the decoder's own input as its lookup reads it, or nothing
+            x0 = np.asarray(c.inputs["x0"], np.float32)
+            lat = lat if np.abs(lat - x0).max() <= 0.05 * max(float(np.ptp(x0)), 1e-6) else None
+        lats.append(lat)
         if codes_name and codes_name in r:
             cm = np.asarray(r[codes_name]).astype(np.int64)
         elif argmins and all(a in r for a in argmins):

@@ -209,15 +209,16 @@ class VQJudge:
         tol = budget.rounding_rel * mag
         lat_psnr = None
         lat_ok = True
-        if self.latent_is_input:
-            delta: np.ndarray | float = 0.0
-        elif z_o is not None:
+        delta: np.ndarray | float
+        if z_o is not None:  # measured (for a decoder: its input as the lookup sees it, e.g. cast to fp16)
             d = _rows(z_o) - zr
             delta = np.sqrt((d * d).sum(1))
             st = error_stats(np.asarray(z_o, np.float32), np.asarray(z_r, np.float32))
             lat_psnr = st.psnr
-            if self.latent_floor is not None:
+            if self.latent_floor is not None and not self.latent_is_input:
                 lat_ok = self.latent_floor.accepts(st.max_abs, st.psnr)
+        elif self.latent_is_input:
+            delta = 0.0
         else:
             delta = self._budget(z_r) * math.sqrt(e.shape[1])
         raw = error_stats(out_img, ref_img, 2.0)
@@ -227,6 +228,11 @@ class VQJudge:
                 b, note = a, "image within the floor as is: no flip searched"
             else:
                 b, note = self._recover(out_img, ref_img, e, zr, a, delta, tol, floor)
+                if (b != a).any():  # recovered codes count only where they explain the image better than none
+                    st = error_stats(out_img, self.decode(b), 2.0)
+                    if st.psnr <= raw.psnr or (floor.accepts(raw.max_abs, raw.psnr)
+                                               and not floor.accepts(st.max_abs, st.psnr)):  # fmt: skip
+                        b, note = a, f"{note}; no near-tie code map explains the image better than the reference's"
             codes_from = f"{codes_from}; codes recovered from the image among near-tie candidates"
         else:
             b = np.asarray(c_o, np.int64).reshape(a.shape)
