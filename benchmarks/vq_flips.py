@@ -70,7 +70,7 @@ def flip_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         if not fl:
             continue
         for c in fl["cases"]:
-            rows.append({"hop": h["hop"], "codes_from": fl["codes_from"], **c})
+            rows.append({"hop": h["hop"], "codes_from": fl["codes_from"], "floor": h["floor"]["psnr"], **c})
     return rows
 
 
@@ -81,7 +81,7 @@ def describe(tag: str, rc: int, secs: float, err: str, rows: list[dict[str, Any]
         rs = [r for r in rows if r["hop"] == hop]
         out.append(f"  {hop}  [codes: {rs[0]['codes_from']}]")
         for r in rs:
-            old = "old verdict FAIL" if (r["psnr"] or 999) < 80 else "old verdict pass"
+            old = f"old verdict {'FAIL' if (r['psnr'] or 999) < (r['floor'] or 0) else 'pass'} at {r['floor']} dB"
             out.append(f"    {r['case']:<10} {r['near_tie']:>3} near-tie / {r['not_near_tie']} other flips of "
                        f"{r['positions']} positions, max gap {r['max_gap']:.3g}; plain PSNR {r['psnr']} dB ({old}); "
                        f"same codes {r['same_codes_psnr']} dB; latent {r['latent_psnr']} dB; "
