@@ -47,13 +47,18 @@ from tadsr.export.parity import (
     ParityCase,
     ParityReport,
     ReferenceRuns,
+    VQCompare,
+    artifact_view,
     compare,
     end_to_end_hop,
     load_floors,
     make_cases,
     reference_runs,
+    reference_view,
     run_cases,
+    run_cases_vq,
     runtime_hop,
+    vq_judge,
 )
 from tadsr.pipeline import Models
 from tadsr.runtime.runner import load_runner
@@ -235,6 +240,7 @@ def export_model(
     n_real: int = 3,
     backend_options: Mapping[str, Mapping[str, Any]] | None = None,
     color_fix: str = "none",
+    parity_seed: int = 0,
 ) -> list[ExportResult]:
     """Export graphs of ``models`` to artifact folders under ``out_dir``, each one checked by parity.
 
@@ -253,6 +259,7 @@ def export_model(
         color_fix: colour fix at the end of the fused ``pipeline`` graph (``"none"``, ``"wavelet"``, ``"adain"``;
             :mod:`tadsr.color_fix`), recorded in the manifest's ``graph.constants.color_fix``; parity then
             compares against the reference pipeline with the same fix. Components are never changed.
+        parity_seed: seed of parity's seeded case and of the real patches drawn from the calibration set.
 
     Returns:
         One :class:`ExportResult` per graph x format x precision, in that nesting order.
@@ -270,13 +277,13 @@ def export_model(
     try:
         built = make_graphs(models, tile, tuple(names), color_fix=color_fix)
         t0 = time.perf_counter()
-        runs = reference_runs(models, tile, n_real)
+        runs = reference_runs(models, tile, n_real, parity_seed)
         logger.info("reference pipeline on %d real patches (%s): %.1fs", n_real, runs.source, time.perf_counter() - t0)
         with tqdm(total=len(names) * len(fmts) * len(precs), desc="export", unit="artifact",
                   disable=not progress) as bar:  # fmt: skip
             for n in names:
                 results += _export_graph(models, n, built[n], exporters, precs, Path(out_dir), parity_gate,
-                                         progress, runs, backend_options or {}, bar)  # fmt: skip
+                                         progress, runs, backend_options or {}, bar, parity_seed)  # fmt: skip
     finally:
         if not results:
             _remove_empty(created)
@@ -286,15 +293,18 @@ def export_model(
 def _export_graph(
     models: Models, name: str, graph_and_spec: tuple, exporters: Mapping[str, Exporter], precs: Sequence[str],
     out_dir: Path, gate: bool, progress: bool, runs: ReferenceRuns, backend_options: Mapping[str, Mapping[str, Any]],
-    bar: Any,
+    bar: Any, seed: int = 0,
 ) -> list[ExportResult]:  # fmt: skip
     graph, spec = graph_and_spec
     t0 = time.perf_counter()
-    cases, source = make_cases(models, spec, runs=runs)
-    eager = run_cases(TorchRunner.from_graph(graph, spec).run, cases)
+    cases, source = make_cases(models, spec, runs=runs, seed=seed)
+    eager, eager_view = run_cases_vq(TorchRunner.from_graph(graph, spec).run, cases, graph, models)
     refs = [c.reference for c in cases]
     ranges = {s.name: s.value_range for s in spec.outputs}
-    hop1 = compare(HOP_REFERENCE, eager, refs, cases, load_floors("fp32", name, models.preset.name), ranges)
+    views = None if eager_view is None else (eager_view, reference_view(models, cases))
+    judge = vq_judge(models, name, "fp32")
+    vq = None if judge is None or views is None else VQCompare(judge, views[0], views[1])
+    hop1 = compare(HOP_REFERENCE, eager, refs, cases, load_floors("fp32", name, models.preset.name), ranges, vq)
     logger.info("parity %s, %s: %s (%d cases, %.1fs)", name, HOP_REFERENCE, ", ".join(_short(h) for h in hop1),
                 len(cases), time.perf_counter() - t0)  # fmt: skip
     out = []
@@ -302,18 +312,20 @@ def _export_graph(
         for prec in precs:
             bar.set_postfix_str(artifact_name(spec.name, fmt, prec, spec.tile))
             out.append(_export_one(models, graph, spec, fmt, exporter, prec, out_dir, gate, progress, cases, eager,
-                                   hop1, source, dict(backend_options.get(fmt, {}))))  # fmt: skip
+                                   hop1, source, dict(backend_options.get(fmt, {})), views))  # fmt: skip
             bar.update(1)
     return out
 
 
 def _short(h: Any) -> str:
-    return f"{h.inputs} {h.output} max {h.max_abs:.2g} / {h.psnr:.1f} dB{'' if h.passed else ' FAIL'}"
+    vq = f" [VQ: {h.flip_summary()}]" if getattr(h, "flips", None) else ""
+    return f"{h.inputs} {h.output} max {h.max_abs:.2g} / {h.psnr:.1f} dB{vq}{'' if h.passed else ' FAIL'}"
 
 
 def _export_one(
     models: Models, graph: Any, spec: Any, fmt: str, exporter: Exporter, prec: str, out_dir: Path, gate: bool,
     progress: bool, cases: Sequence[ParityCase], eager: list, hop1: list, source: str, opts: dict[str, Any],
+    views: tuple[Any, Any] | None = None,
 ) -> ExportResult:  # fmt: skip
     name = artifact_name(spec.name, fmt, prec, spec.tile)
     p = models.preset
@@ -333,8 +345,13 @@ def _export_one(
         floors = load_floors(prec, spec.name, p.name)
         ranges = {s.name: s.value_range for s in spec.outputs}
         report = ParityReport(spec.name, list(hop1), source)
-        report.hops += compare(runtime_hop(fmt), outs, eager, cases, floors, ranges)
-        report.hops += compare(end_to_end_hop(fmt), outs, [c.reference for c in cases], cases, floors, ranges)
+        judge = vq_judge(models, spec.name, prec)
+        vq2 = vq3 = None
+        if judge is not None and views is not None:
+            mine = artifact_view(stage.path, runner.manifest, cases, outs)
+            vq2, vq3 = VQCompare(judge, mine, views[0]), VQCompare(judge, mine, views[1])
+        report.hops += compare(runtime_hop(fmt), outs, eager, cases, floors, ranges, vq2)
+        report.hops += compare(end_to_end_hop(fmt), outs, [c.reference for c in cases], cases, floors, ranges, vq3)
         extra = {"parity_inputs": {"real": source, "cases": [c.name for c in cases]}, "parity_gate": gate}
         manifest = build_manifest(**common, parity=report.to_list(), parity_passed=report.passed, extra=extra)
         if gate:

@@ -57,6 +57,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="write artifacts even when parity fails (recorded in the manifest)")  # fmt: skip
     out.add_argument("--parity-patches", type=int, default=3, metavar="N",
                      help="real LR patches used by parity, besides one seeded case (default: 3)")  # fmt: skip
+    out.add_argument("--parity-seed", type=int, default=0, metavar="S",
+                     help="seed of parity's seeded case and of the real patches it draws (default: 0)")  # fmt: skip
     out.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
     out.add_argument("--color-fix", choices=["none", "wavelet", "adain"], default="none",
                      help="colour fix at the end of the fused pipeline graph, recorded in the manifest "
@@ -89,6 +91,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     if args.parity_patches < 0:
         raise ConfigError(f"--parity-patches must be >= 0, got {args.parity_patches}")
+    if args.parity_seed < 0:
+        raise ConfigError(f"--parity-seed must be >= 0, got {args.parity_seed}")
     # fail on bad arguments before loading models (minutes at official size)
     from tadsr.cli import resolve_preset
 
@@ -112,14 +116,26 @@ def run_export(args: argparse.Namespace) -> int:
         n_real=args.parity_patches,
         backend_options=backend_options,
         color_fix=args.color_fix,
+        parity_seed=args.parity_seed,
     )
     print(format_summary(results))
     return 0 if all(r.passed for r in results) else 1
 
 
+def _flips(r: Any) -> str:
+    """Near-tie code flips of the end-to-end hop (reference torch -> runtime), e.g. ``"2/16384"``, or ``"-"``."""
+    hops = [h for h in r.parity.hops if getattr(h, "flips", None) and h.hop.startswith("reference torch -> ")
+            and h.hop != "reference torch -> export-ready torch"]  # fmt: skip
+    if not hops:
+        return "-"
+    flips = [f for h in hops for f in h.flips]
+    return f"{sum(f.near_tie for f in flips)}/{sum(f.positions for f in flips)}" + (
+        f" ({sum(f.not_near_tie for f in flips)} not near-tie)" if any(f.not_near_tie for f in flips) else "")
+
+
 def format_summary(results: Sequence[Any]) -> str:
     """A plain-text table: artifact, main file, size (MB), worst parity hop and its numbers, pass/fail."""
-    header = ("artifact", "file", "MB", "worst hop", "max abs", "PSNR dB", "parity")
+    header = ("artifact", "file", "MB", "worst hop", "max abs", "PSNR dB", "VQ flips", "parity")
     rows = [header]
     for r in results:
         w = r.parity.worst()
@@ -131,6 +147,7 @@ def format_summary(results: Sequence[Any]) -> str:
             "-" if w is None else f"{w.hop} [{w.inputs} {w.output}]",
             "-" if w is None else f"{w.max_abs:.2g}",
             psnr,
+            _flips(r),
             "pass" if r.passed else "FAIL",
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from tadsr.errors import ConfigError, InputError, ParityError
+from tadsr.export.vq import CaseFlips, FlipBudget, VQCompare, VQJudge, VQView, torch_decoder
 from tadsr.metrics import error_stats
 from tadsr.pipeline import DEFAULT_SEED, Models, OneStepPipeline, make_noise
 
@@ -56,6 +57,14 @@ __all__ = [
     "reference_runs",
     "reference_runs_on",
     "run_cases",
+    "run_cases_vq",
+    "flip_summary",
+    "flips_record",
+    "vq_judge",
+    "reference_view",
+    "artifact_view",
+    "VQCompare",
+    "VQView",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,12 +88,17 @@ def end_to_end_hop(fmt: str) -> str:
 
 @dataclass(frozen=True)
 class Floor:
-    """Acceptance bounds of one output: ``max_abs <= max_abs`` and ``psnr >= psnr`` (None: not gated)."""
+    """Acceptance bounds of one output: ``max_abs <= max_abs`` and ``psnr >= psnr`` (None: not gated).
+
+    ``flips``: for images decoded through the VQ lookup, the code flips allowed (:class:`FlipBudget`); the
+    image is then judged against the reference decoded with the tested side's codes (:mod:`tadsr.export.vq`).
+    """
 
     max_abs: float | None
     psnr: float | None
     why: str
     source: str = ""
+    flips: FlipBudget | None = None
 
     def accepts(self, max_abs: float, psnr: float) -> bool:
         ok_abs = self.max_abs is None or max_abs <= self.max_abs
@@ -134,7 +148,9 @@ def load_floors(precision: str, graph: str, preset: str | None = None) -> dict[s
     out: dict[str, Floor] = {}
     for name, f in entry.items():
         if isinstance(f, dict):
-            out[name] = Floor(f.get("max_abs"), f.get("psnr"), f.get("why", ""), source)
+            fb = f.get("flips")
+            out[name] = Floor(f.get("max_abs"), f.get("psnr"), f.get("why", ""), source,
+                              FlipBudget.from_dict(fb) if isinstance(fb, dict) else None)  # fmt: skip
     return out
 
 
@@ -150,12 +166,15 @@ class ParityCase:
         kind: ``"seeded"`` or ``"real"``.
         inputs: graph input name -> float32 array of the spec's shape.
         reference: graph output name -> float32 array computed by the reference pipeline.
+        latent: graphs ending in the VQ lookup (decoder, pipeline): the reference's pre-quantisation latent
+            ``(1, C, h, w)`` (None for the other graphs).
     """
 
     name: str
     kind: str
     inputs: dict[str, np.ndarray]
     reference: dict[str, np.ndarray]
+    latent: np.ndarray | None = None
 
 
 def _builtin_lr(tile: int, scale: int, n: int) -> tuple[np.ndarray, str]:
@@ -179,8 +198,11 @@ def _builtin_lr(tile: int, scale: int, n: int) -> tuple[np.ndarray, str]:
     return np.stack(out), f"skimage.data photos {list((names * n)[:n])}, MATLAB bicubic /{scale}, centre {tile} crop"
 
 
-def real_lr_patches(tile: int, scale: int, n: int) -> tuple[np.ndarray, str]:
-    """``n`` real LR patches ``(n, 3, tile, tile)`` float32 in [-1, 1] and a description of where they came from."""
+def real_lr_patches(tile: int, scale: int, n: int, seed: int = 0) -> tuple[np.ndarray, str]:
+    """``n`` real LR patches ``(n, 3, tile, tile)`` float32 in [-1, 1] and a description of where they came from.
+
+    ``seed`` picks the patches drawn from the shipped calibration set (the built-in photos ignore it).
+    """
     if n <= 0:
         return np.zeros((0, 3, tile, tile), np.float32), "none"
     try:
@@ -188,11 +210,13 @@ def real_lr_patches(tile: int, scale: int, n: int) -> tuple[np.ndarray, str]:
     except ImportError:
         return _builtin_lr(tile, scale, n)
     try:
-        ps = sample_patches(default_calibration_dir(), num_patches=n, tile=tile, scale=scale, seed=0)
+        ps = sample_patches(default_calibration_dir(), num_patches=n, tile=tile, scale=scale, seed=seed)
     except InputError as e:
         logger.debug("calibration set unusable for tile %d (%s); using built-in photos", tile, e)
         return _builtin_lr(tile, scale, n)
-    return ps.lr.astype(np.float32), f"shipped calibration set, {n} patches, content hash {ps.content_hash[:16]}"
+    seeded = f", seed {seed}" if seed else ""
+    desc = f"shipped calibration set, {n} patches{seeded}, content hash {ps.content_hash[:16]}"
+    return ps.lr.astype(np.float32), desc
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -228,12 +252,14 @@ class ReferenceRuns:
             "decoder": (("x0",), {"sr": "sr"}),
             "pipeline": (("lr", "noise"), {"sr": "sr"}),
         }[graph]
-        return ParityCase(f"real-{i}", "real", {k: one[k] for k in ins}, {k: one[v] for k, v in outs.items()})
+        latent = one["x0"] if graph in ("decoder", "pipeline") else None
+        return ParityCase(f"real-{i}", "real", {k: one[k] for k in ins}, {k: one[v] for k, v in outs.items()},
+                          latent)  # fmt: skip
 
 
-def reference_runs(models: Models, tile: int, n_real: int = 3) -> ReferenceRuns:
+def reference_runs(models: Models, tile: int, n_real: int = 3, seed: int = 0) -> ReferenceRuns:
     """Run the reference :class:`OneStepPipeline` stage by stage on ``n_real`` real LR patches of ``tile``."""
-    lrs, source = real_lr_patches(tile, models.preset.scale, n_real)
+    lrs, source = real_lr_patches(tile, models.preset.scale, n_real, seed)
     return reference_runs_on(models, lrs, source)
 
 
@@ -269,7 +295,9 @@ def _seeded_reference(pipe: OneStepPipeline, graph: str, inputs: dict[str, torch
     if graph == "decoder":
         x0 = inputs["x0"]
         return {"sr": pipe.decode(x0, (int(x0.shape[-2]), int(x0.shape[-1])))}
-    return {"sr": pipe(inputs["lr"], noise=inputs["noise"])}
+    lr, hw = pipe.prepare(inputs["lr"])
+    x0 = pipe.denoise(pipe.encode(lr), inputs["noise"], lr)
+    return {"sr": pipe.decode(x0, hw), "_latent": x0}
 
 
 @torch.no_grad()
@@ -293,8 +321,11 @@ def make_cases(
     pipe = OneStepPipeline(models, color_fix=fix)  # a fused graph with a colour fix: checked against the fixed reference
     ex = dict(zip((s.name for s in spec.inputs), spec.example_inputs(seed), strict=True))
     ref = _seeded_reference(pipe, spec.name, ex)
+    lat = ref.pop("_latent", None)
+    if spec.name == "decoder":
+        lat = ex["x0"]
     cases = [ParityCase(f"seeded-{seed}", "seeded", {k: _np(v) for k, v in ex.items()},
-                        {k: _np(v) for k, v in ref.items()})]  # fmt: skip
+                        {k: _np(v) for k, v in ref.items()}, None if lat is None else _np(lat))]  # fmt: skip
     if runs is None:
         runs = reference_runs(models, spec.tile, n_real)
     if runs.lr.shape[-1] != spec.tile:
@@ -321,8 +352,10 @@ class HopResult:
         max_abs, mean_abs, psnr: worst case over the cases (PSNR in dB; inf when identical).
         data_range: PSNR peak used (2 for images; latents: the reference's peak-to-peak, smallest over cases).
         floor: the bounds applied.
-        passed: whether the bounds hold.
+        passed: whether the bounds hold (flip-aware for VQ images: see :mod:`tadsr.export.vq`).
         worst_case: name of the case with the lowest PSNR.
+        flips: VQ images: the flip analysis per case (None for other outputs).
+        flips_source: how the tested and reference codes were obtained.
     """
 
     hop: str
@@ -336,12 +369,22 @@ class HopResult:
     floor: Floor
     passed: bool
     worst_case: str = ""
+    flips: list[CaseFlips] | None = None
+    flips_source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["psnr"] = _PSNR_JSON_INF if math.isinf(self.psnr) else round(self.psnr, 3)
         d["floor"] = {"max_abs": self.floor.max_abs, "psnr": self.floor.psnr, "source": self.floor.source}
+        if self.floor.flips is not None:
+            d["floor"]["flips"] = asdict(self.floor.flips)
+        d.pop("flips_source")
+        d["flips"] = flips_record(self.flips, self.flips_source)
         return d
+
+    def flip_summary(self) -> str:
+        """``"N near-tie flips of M positions, max gap g"`` over the cases, or ``""``."""
+        return flip_summary(self.flips)
 
     def describe(self) -> str:
         fl = []
@@ -350,9 +393,32 @@ class HopResult:
         if self.floor.psnr is not None:
             fl.append(f"PSNR >= {self.floor.psnr:g} dB")
         psnr = "inf" if math.isinf(self.psnr) else f"{self.psnr:.1f}"
+        vq = ""
+        if self.flips:
+            bad = [f for f in self.flips if not f.passed]
+            vq = f"; VQ: {self.flip_summary()}; " + ("; ".join(f.line() for f in bad) if bad else
+                                                     "every flip a near-tie, judged like with like")  # fmt: skip
         return (f"'{self.hop}' on {self.inputs} inputs, output '{self.output}': max abs {self.max_abs:.3g}, "
                 f"mean abs {self.mean_abs:.3g}, PSNR {psnr} dB (floor: {', '.join(fl) or 'none'}; "
-                f"worst case {self.worst_case})")  # fmt: skip
+                f"worst case {self.worst_case}){vq}")  # fmt: skip
+
+
+def flip_summary(flips: Sequence[CaseFlips] | None) -> str:
+    """``"N near-tie flips of M positions, max gap g"`` over the cases (plus non-near-ties), or ``""``."""
+    if not flips:
+        return ""
+    near = sum(f.near_tie for f in flips)
+    pos = sum(f.positions for f in flips)
+    g = max(f.max_gap for f in flips)
+    bad = sum(f.not_near_tie for f in flips)
+    return f"{near} near-tie flips of {pos} positions, max gap {g:.3g}" + (f", {bad} NOT near-ties" if bad else "")
+
+
+def flips_record(flips: Sequence[CaseFlips] | None, source: str) -> dict[str, Any] | None:
+    """The flip analysis as recorded in manifests and reports."""
+    if flips is None:
+        return None
+    return {"summary": flip_summary(flips), "codes_from": source, "cases": [f.to_dict() for f in flips]}
 
 
 @dataclass
@@ -366,6 +432,8 @@ class CaseGroup:
     names: list[str]
     outputs: list[np.ndarray]
     references: list[np.ndarray]
+    flips: list[CaseFlips] | None = None
+    flips_source: str = ""
 
     @property
     def max_abs(self) -> float:
@@ -389,6 +457,8 @@ class CaseGroup:
 
     @property
     def passed(self) -> bool:
+        if self.flips is not None:
+            return all(f.passed for f in self.flips)
         return self.floor.accepts(self.max_abs, self.psnr)
 
 
@@ -398,8 +468,13 @@ def case_groups(
     cases: Sequence[ParityCase],
     floors: Mapping[str, Floor],
     value_ranges: Mapping[str, tuple[float, float] | None],
+    vq: VQCompare | None = None,
 ) -> list[CaseGroup]:
-    """Error statistics of every case, grouped per (input kind, output); latents use their value range for PSNR."""
+    """Error statistics of every case, grouped per (input kind, output); latents use their value range for PSNR.
+
+    With ``vq`` (graphs ending in the VQ lookup), its image outputs get the flip analysis of
+    :meth:`tadsr.export.vq.VQJudge.analyse` per case, which then decides their verdict.
+    """
     groups = []
     for kind in dict.fromkeys(c.kind for c in cases):
         idx = [i for i, c in enumerate(cases) if c.kind == kind]
@@ -408,9 +483,24 @@ def case_groups(
             dr = (vr[1] - vr[0]) if vr is not None else None
             outs = [np.asarray(outputs[i][name], np.float32) for i in idx]
             refs = [np.asarray(references[i][name], np.float32) for i in idx]
-            groups.append(CaseGroup(kind, name, floor, [error_stats(o, r, dr) for o, r in zip(outs, refs, strict=True)],
-                                    [cases[i].name for i in idx], outs, refs))  # fmt: skip
+            g = CaseGroup(kind, name, floor, [error_stats(o, r, dr) for o, r in zip(outs, refs, strict=True)],
+                          [cases[i].name for i in idx], outs, refs)  # fmt: skip
+            if vq is not None and name in vq.judge.outputs:
+                g.flips = [_case_flips(vq, cases[i], i, o, r, floor) for i, o, r in zip(idx, outs, refs, strict=True)]
+                g.flips_source = f"tested: {vq.outputs.source}; reference: {vq.references.source}"
+            groups.append(g)
     return groups
+
+
+def _case_flips(vq: VQCompare, case: ParityCase, i: int, out: np.ndarray, ref: np.ndarray, floor: Floor) -> CaseFlips:
+    z_r = vq.references.latents[i]
+    if z_r is None:
+        z_r = case.latent
+    if z_r is None:
+        raise ConfigError(f"case {case.name} has no reference latent for the VQ flip analysis")
+    budget = floor.flips or FlipBudget(0.0, 1e-6, "no flip budget in numerics.json: any flip fails")
+    return vq.judge.analyse(case.name, out, ref, vq.outputs.latents[i], vq.outputs.codes[i], z_r,
+                            vq.references.codes[i], floor, budget, vq.outputs.source)  # fmt: skip
 
 
 def compare(
@@ -420,11 +510,16 @@ def compare(
     cases: Sequence[ParityCase],
     floors: Mapping[str, Floor],
     value_ranges: Mapping[str, tuple[float, float] | None],
+    vq: VQCompare | None = None,
 ) -> list[HopResult]:
-    """Aggregate per-case error statistics into one :class:`HopResult` per (input kind, output)."""
+    """Aggregate per-case error statistics into one :class:`HopResult` per (input kind, output).
+
+    ``vq``: for graphs ending in the VQ lookup, the judge and both sides' latents / codes; image outputs are
+    then judged flip-aware (:mod:`tadsr.export.vq`) and carry the per-case flip analysis.
+    """
     return [HopResult(hop, g.kind, g.output, len(g.stats), g.max_abs, g.mean_abs, g.psnr, g.data_range, g.floor,
-                      g.passed, g.worst_case)
-            for g in case_groups(outputs, references, cases, floors, value_ranges)]  # fmt: skip
+                      g.passed, g.worst_case, g.flips, g.flips_source)
+            for g in case_groups(outputs, references, cases, floors, value_ranges, vq)]  # fmt: skip
 
 
 @dataclass
@@ -470,3 +565,143 @@ class ParityReport:
 def run_cases(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], cases: Sequence[ParityCase]) -> list:
     """``run(case.inputs)`` for every case (copies of the inputs, so a runner cannot alter them)."""
     return [run({k: v.copy() for k, v in c.inputs.items()}) for c in cases]
+
+
+# ------------------------------------------------------------------------------------------- VQ code flips
+
+VQ_GRAPHS = ("decoder", "pipeline")
+_VQ_CHUNK = 4096  # the reference pipeline's and the export graphs' chunk (same codes either way)
+
+
+def vq_judge(models: Models, graph: str, precision: str) -> VQJudge | None:
+    """The flip-aware judge for ``graph`` at ``precision`` (None for graphs without the VQ lookup)."""
+    if graph not in VQ_GRAPHS:
+        return None
+    ae = models.autoencoder
+    lat_floor = load_floors(precision, "denoiser", models.preset.name).get("x0")
+    book = ae.quantize.embedding.weight.detach().float().cpu().numpy()
+    return VQJudge(book, torch_decoder(ae), ("sr",), lat_floor, None, graph == "decoder", precision != "fp32")
+
+
+def _torch_codes(models: Models, z: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return models.autoencoder.quantize.indices(torch.from_numpy(np.asarray(z, np.float32)), _VQ_CHUNK).numpy()
+
+
+def reference_view(models: Models, cases: Sequence[ParityCase]) -> VQView:
+    """The reference pipeline's latents (from the cases) and codes (its own quantiser on them)."""
+    lats = [c.latent for c in cases]
+    return VQView(lats, [None if z is None else _torch_codes(models, z) for z in lats],
+                  "reference pipeline (latent and codes in torch)")  # fmt: skip
+
+
+def run_cases_vq(
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], cases: Sequence[ParityCase], module: torch.nn.Module,
+    models: Models,
+) -> tuple[list, VQView | None]:  # fmt: skip
+    """:func:`run_cases` on an export-ready torch graph, keeping the latent its VQ lookup reads (None: no lookup)."""
+    from tadsr.export.graphs import DecoderGraph
+
+    dec = next((m for m in module.modules() if isinstance(m, DecoderGraph)), None)
+    if dec is None:
+        return run_cases(run, cases), None
+    seen: list[np.ndarray] = []
+    handle = dec.register_forward_pre_hook(lambda _m, args: seen.append(_np(args[0])))
+    try:
+        outs = run_cases(run, cases)
+    finally:
+        handle.remove()
+    if len(seen) != len(cases):
+        return outs, VQView.unexposed(len(cases), "export-ready torch (latent not captured)")
+    codes = []
+    with torch.no_grad():
+        for z in seen:
+            codes.append(dec.quantize.indices(torch.from_numpy(z), dec.chunk).numpy())
+    return outs, VQView(list(seen), codes, "export-ready torch (latent and codes of its own lookup)")
+
+
+def _onnx_codes_tensor(model: Any, n_embed: int, dim: int) -> tuple[str | None, list[str]]:
+    """The code map the ONNX graph's embedding lookup reads (Gather on the codebook), else its ArgMin outputs."""
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    shapes[n.output[0]] = tuple(a.t.dims)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type != "Gather":
+            continue
+        src = n.input[0]
+        while src not in shapes and src in producer and producer[src].op_type in ("Cast", "Identity",
+                                                                                 "DequantizeLinear"):  # fmt: skip
+            src = producer[src].input[0]
+        if shapes.get(src) == (n_embed, dim):
+            return n.input[1], []
+    return None, [n.output[0] for n in model.graph.node if n.op_type == "ArgMin"]
+
+
+def artifact_view(
+    path: Path, manifest: Mapping[str, Any], cases: Sequence[ParityCase], outputs: Sequence[Mapping[str, np.ndarray]],
+    *, threads: int | None = 1,
+) -> VQView | None:  # fmt: skip
+    """The artifact's latent and codes at its VQ lookup, per case (None for graphs without the lookup).
+
+    ONNX: the tensor the codebook search reads (fused graphs) and the code map the embedding lookup reads are
+    added as graph outputs in memory and the file is run again (the file itself is not changed); the codes are
+    used only where that run reproduces the artifact's own output exactly, else they are recovered from the
+    image. ExecuTorch (delegated) and Core ML programs expose neither: their codes are recovered from the image
+    among the near-tie alternatives that the latent floor allows (:mod:`tadsr.export.vq`).
+    """
+    graph = str(manifest["graph"]["name"])
+    if graph not in VQ_GRAPHS:
+        return None
+    n = len(cases)
+    fmt = str(manifest.get("format"))
+    if fmt != "onnx":
+        return VQView.unexposed(n, f"{fmt} program exposes no latent or codes")
+    import onnx
+
+    from tadsr.localize import OnnxTap, onnx_codebook_input
+
+    file = Path(path) / manifest["files"][0]["name"]
+    latent_shape = next(tuple(t["shape"]) for t in manifest["graph"]["inputs"] if t["name"] in ("noise", "x0"))
+    model = onnx.load(str(file), load_external_data=False)
+    ne = int((manifest.get("preset") or {}).get("vq", {}).get("n_embed", 0) or 0)
+    codes_name, argmins = _onnx_codes_tensor(model, ne, int(latent_shape[1])) if ne else (None, [])
+    if codes_name is None and not ne:
+        argmins = [nd.output[0] for nd in model.graph.node if nd.op_type == "ArgMin"]
+    lat_name = onnx_codebook_input(file, latent_shape)  # decoder: its input as the lookup reads it, if cast
+    names = [x for x in (lat_name, codes_name, *argmins) if x]
+    if not names:
+        return VQView.unexposed(n, "onnx graph: no codebook lookup found to tap")
+    tap = OnnxTap(file, names, threads=threads)
+    lats: list[np.ndarray | None] = []
+    codes: list[np.ndarray | None] = []
+    mismatch = 0
+    h, w = int(latent_shape[-2]), int(latent_shape[-1])
+    for c, out in zip(cases, outputs, strict=True):
+        r = tap.run(c.inputs)
+        lat = np.asarray(r[lat_name], np.float32) if lat_name and lat_name in r else None
+        if lat is not None and graph == "decoder":  # the decoder's own input as its lookup reads it, or nothing
+            x0 = np.asarray(c.inputs["x0"], np.float32)
+            lat = lat if np.abs(lat - x0).max() <= 0.05 * max(float(np.ptp(x0)), 1e-6) else None
+        lats.append(lat)
+        if codes_name and codes_name in r:
+            cm = np.asarray(r[codes_name]).astype(np.int64)
+        elif argmins and all(a in r for a in argmins):
+            cm = np.concatenate([np.asarray(r[a]).reshape(-1) for a in argmins]).astype(np.int64)
+        else:
+            cm = None
+        same = all(k in r and np.array_equal(np.asarray(r[k], np.float32), np.asarray(v, np.float32))
+                   for k, v in out.items())  # fmt: skip
+        if cm is not None and cm.size == h * w and same:
+            codes.append(cm.reshape(1, h, w))
+        else:
+            mismatch += cm is not None
+            codes.append(None)
+    what = " and ".join(x for x in (("latent" if lat_name else ""), ("codes" if codes_name or argmins else "")) if x)
+    src = f"onnx file re-run with its {what} tapped as extra outputs"
+    if mismatch:
+        src += f" (in {mismatch} case(s) the tapped run did not reproduce the artifact's output: codes not used)"
+    return VQView(lats, codes, src)

@@ -44,7 +44,17 @@ from tadsr.errors import ConfigError, ExportError, InputError, TadsrError
 from tadsr.export.api import prepare_out_dir
 from tadsr.export.artifact import BackendResult, artifact_name, build_manifest, staged_artifact, write_manifest
 from tadsr.export.graphs import make_graph
-from tadsr.export.parity import Floor, ParityReport, compare, load_floors, run_cases
+from tadsr.export.parity import (
+    Floor,
+    ParityReport,
+    VQCompare,
+    artifact_view,
+    compare,
+    load_floors,
+    reference_view,
+    run_cases,
+    vq_judge,
+)
 from tadsr.pipeline import Models, load_models
 from tadsr.quantize.calibration import (
     CalibrationSet,
@@ -241,10 +251,17 @@ def _write(
             raise ExportError(f"the {precision} {p.fmt} artifact {name} was written but does not run: {e}") from e
         floors = load_floors("int8", spec.name, ctx.models.preset.name)
         report = ParityReport(spec.name, [], ctx.hold.runs.source)
+        vq_parent = vq_ref = None
+        judge = vq_judge(ctx.models, spec.name, "int8")
+        if judge is not None:
+            mine = artifact_view(stage.path, read_manifest(stage.path), cases, outs)
+            theirs = artifact_view(p.path, p.manifest, cases, ctx.parent_outputs)
+            vq_parent = None if mine is None or theirs is None else VQCompare(judge, mine, theirs)
+            vq_ref = None if mine is None else VQCompare(judge, mine, reference_view(ctx.models, cases))
         report.hops += compare(f"fp32 {p.fmt} ({ctx.parent_engine}) -> {precision} {p.fmt} ({engine})", outs,
-                               ctx.parent_outputs, cases, floors, ctx.ranges)  # fmt: skip
+                               ctx.parent_outputs, cases, floors, ctx.ranges, vq_parent)  # fmt: skip
         report.hops += compare(f"reference torch -> {precision} {p.fmt} ({engine})", outs,
-                               [c.reference for c in cases], cases, floors, ctx.ranges)  # fmt: skip
+                               [c.reference for c in cases], cases, floors, ctx.ranges, vq_ref)  # fmt: skip
         hops = report.to_list()
         if fake_quant is not None:
             fq = fake_quant([c.inputs for c in cases])

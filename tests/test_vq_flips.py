@@ -1,0 +1,176 @@
+"""Flip-aware parity of VQ outputs (tadsr.export.vq through tadsr.export.parity.compare), on the tiny preset.
+
+A codebook is edited so that, at six positions of a latent, a second code is exactly as far from the latent as
+the first (the first reflected through the latent): a forced near-tie that rounding decides. A tested side that
+picks the other code there differs from the reference by tens of dB in the image, yet is correct; a flip to a
+code that is not a near-tie, a perturbed codebook entry, a latent beyond its floor or flips beyond the budget
+still fail. Everything runs on one 64 px decoder case (a second or two).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from tadsr.errors import ParityError
+from tadsr.export.graphs import make_graph
+from tadsr.export.parity import (
+    ParityCase,
+    ParityReport,
+    VQCompare,
+    VQView,
+    compare,
+    load_floors,
+    reference_view,
+    run_cases_vq,
+    vq_judge,
+)
+from tadsr.export.vq import FlipBudget, code_gaps
+from tadsr.runtime.torch_runner import TorchRunner
+
+TIED = [(5, 7), (11, 40), (20, 20), (33, 3), (47, 58), (60, 30)]  # latent positions (row, col) with a forced tie
+
+
+@pytest.fixture(scope="module")
+def tied(tiny_models):
+    """(models with the edited codebook, decoder case, reference codes, the other code of each tie, positions)."""
+    models = copy.deepcopy(tiny_models)
+    g = torch.Generator().manual_seed(3)
+    book = models.autoencoder.quantize.embedding.weight
+    z = (torch.randn(1, 3, 64, 64, generator=g) * book.detach().std(0).view(1, 3, 1, 1)).float()
+    with torch.no_grad():
+        a = models.autoencoder.quantize.indices(z).reshape(-1)
+        flat = [r * 64 + c for r, c in TIED]
+        rare = [int(k) for k in np.argsort(np.bincount(a.numpy(), minlength=book.shape[0]), kind="stable")
+                if int(k) not in {int(a[p]) for p in flat}][: len(flat)]  # fmt: skip
+        for p, k in zip(flat, rare, strict=True):  # reflect the chosen code through the latent: an exact tie
+            book[k] = 2 * z[0, :, p // 64, p % 64] - book[a[p]]
+    module, spec = make_graph(models, "decoder", 64)
+    runner = TorchRunner.from_graph(module, spec)
+    zn = z.numpy()
+    case = ParityCase("seeded-0", "seeded", {"x0": zn}, runner.run({"x0": zn}), zn)
+    ref_codes = reference_view(models, [case]).codes[0].reshape(-1)
+    pair = {p: {int(a[p]), k} for p, k in zip(flat, rare, strict=True)}
+    flat = [p for p in flat if int(ref_codes[p]) in pair[p]]  # the tie decides between the two codes
+    assert len(flat) >= 4
+    other = {p: next(iter(pair[p] - {int(ref_codes[p])})) for p in flat}
+    return models, case, ref_codes, other, flat
+
+
+def _judge(models, case, out, codes, latents=None, *, graph="decoder", precision="fp32", floors=None):
+    judge = vq_judge(models, graph, precision)
+    tested = VQView([latents if latents is not None else case.latent], [codes], "test side")
+    vq = VQCompare(judge, tested, reference_view(models, [case]))
+    floors = floors or load_floors(precision, graph, models.preset.name)
+    return compare("reference torch -> test", [out], [case.reference], [case], floors, {"sr": (-1.0, 1.0)}, vq)
+
+
+def test_forced_near_tie_passes_with_flips_reported(tied) -> None:
+    models, case, ref_codes, other, flat = tied
+    judge = vq_judge(models, "decoder", "fp32")
+    codes = ref_codes.copy()
+    for p in flat:
+        codes[p] = other[p]
+    codes = codes.reshape(1, 64, 64)
+    out = {"sr": judge.decode(codes)}
+    floors = load_floors("fp32", "decoder", models.preset.name)
+    (plain,) = compare("reference torch -> test", [out], [case.reference], [case], floors, {"sr": (-1.0, 1.0)})
+    assert not plain.passed and plain.psnr < 80  # without the flip analysis the correct output is refused
+    for c in (codes, None):  # codes exposed, and recovered from the image (ExecuTorch / Core ML programs)
+        (h,) = _judge(models, case, out, c)
+        assert h.passed, h.describe()
+        (f,) = h.flips
+        assert (f.flipped, f.near_tie, f.positions) == (len(flat), len(flat), 4096)
+        assert f.same_codes_psnr is not None and f.same_codes_psnr >= 80
+        assert f"{len(flat)} near-tie flips of 4096 positions, max gap" in h.describe()
+        assert h.to_dict()["flips"]["cases"][0]["near_tie"] == len(flat)
+    gaps = code_gaps(judge.codebook, case.latent, ref_codes, codes)
+    assert np.abs(gaps).max() < 1e-5  # the ties are ties
+
+
+def test_flip_that_is_not_a_near_tie_fails(tied) -> None:
+    models, case, ref_codes, other, flat = tied
+    judge = vq_judge(models, "decoder", "fp32")
+    codes = ref_codes.copy()
+    q = 64 * 30 + 10  # no tie here: move it to the partner code of a tie (far from this latent)
+    codes[q] = other[flat[0]]
+    codes = codes.reshape(1, 64, 64)
+    out = {"sr": judge.decode(codes)}
+    (h,) = _judge(models, case, out, codes)
+    assert not h.passed
+    assert h.flips[0].not_near_tie == 1 and "NOT near-ties" in h.describe()
+    (h,) = _judge(models, case, out, None)  # unexposed codes: no near-tie reproduces the image
+    assert not h.passed
+    report = ParityReport("decoder", [h])
+    with pytest.raises(ParityError, match="near-tie flips of 4096 positions"):
+        report.raise_if_failed("decoder-test")
+
+
+def test_perturbed_codebook_entry_in_the_artifact_fails(tied) -> None:
+    models, case, ref_codes, _, _ = tied
+    bad = copy.deepcopy(models)
+    used = np.bincount(ref_codes, minlength=bad.preset.vq.n_embed).argmax()
+    with torch.no_grad():
+        bad.autoencoder.quantize.embedding.weight[used] += 0.3
+    module, spec = make_graph(bad, "decoder", 64)
+    outs, view = run_cases_vq(TorchRunner.from_graph(module, spec).run, [case], module, bad)
+    judge = vq_judge(models, "decoder", "fp32")
+    floors = load_floors("fp32", "decoder", models.preset.name)
+    ranges = {"sr": (-1.0, 1.0)}
+    for tested in (view, VQView(view.latents, [None], "unexposed")):
+        (h,) = compare("t", outs, [case.reference], [case], floors, ranges,
+                       VQCompare(judge, tested, reference_view(models, [case])))  # fmt: skip
+        assert not h.passed, h.describe()
+
+
+def test_latent_beyond_its_floor_fails_even_with_the_same_codes(tied) -> None:
+    models, case, ref_codes, _, _ = tied
+    judge = vq_judge(models, "pipeline", "fp32")
+    codes = ref_codes.reshape(1, 64, 64)
+    out = {"sr": judge.decode(codes)}
+    ok = _judge(models, case, out, codes, case.latent + 1e-6, graph="pipeline")[0]
+    assert ok.passed, ok.describe()
+    (h,) = _judge(models, case, out, codes, case.latent + 0.05, graph="pipeline")  # e.g. a wrong noise scale
+    assert not h.passed and "latents disagree" in h.flips[0].note
+
+
+def test_flips_beyond_the_budget_fail(tied) -> None:
+    models, case, ref_codes, other, flat = tied
+    judge = vq_judge(models, "decoder", "fp16")
+    codes = ref_codes.copy()
+    for p in flat:
+        codes[p] = other[p]
+    codes = codes.reshape(1, 64, 64)
+    out = {"sr": judge.decode(codes)}
+    floors = load_floors("fp16", "decoder", models.preset.name)
+    assert floors["sr"].flips is not None and floors["sr"].flips.why  # budgeted explicitly, with a why
+    (h,) = _judge(models, case, out, codes, precision="fp16", floors=floors)
+    assert h.passed, h.describe()
+    tight = {"sr": replace(floors["sr"], flips=FlipBudget(2 / 4096, floors["sr"].flips.rounding_rel, "test"))}
+    (h,) = _judge(models, case, out, codes, precision="fp16", floors=tight)
+    assert not h.passed and "exceed the budget" in h.flips[0].note
+
+
+@pytest.mark.parametrize("graph", ["decoder", "pipeline"])
+def test_onnx_artifact_exposes_its_latent_and_codes(tiny_models, tiny_onnx_artifacts, graph: str) -> None:
+    from tadsr.export.parity import artifact_view, make_cases, run_cases
+    from tadsr.runtime.runner import load_runner
+
+    path = tiny_onnx_artifacts / f"{graph}-onnx-fp32-t64"
+    runner = load_runner(path)
+    module, spec = make_graph(tiny_models, graph, 64)
+    cases, _ = make_cases(tiny_models, spec, n_real=0)
+    outs = run_cases(runner.run, cases)
+    view = artifact_view(path, runner.manifest, cases, outs)
+    _, eager = run_cases_vq(TorchRunner.from_graph(module, spec).run, cases, module, tiny_models)
+    assert view is not None and "tapped" in view.source and view.codes[0] is not None
+    assert view.codes[0].shape == (1, 64, 64)
+    assert (view.codes[0] == eager.codes[0]).mean() > 0.99  # the file's own lookup, not a recomputation
+    if graph == "pipeline":
+        assert view.latents[0] is not None and np.abs(view.latents[0] - eager.latents[0]).max() < 1e-3
+    enc = runner.manifest | {"graph": {"name": "encoder"}}
+    assert artifact_view(tiny_onnx_artifacts / "encoder-onnx-fp32-t64", enc, cases, outs) is None
