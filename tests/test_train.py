@@ -339,9 +339,10 @@ def test_cpu_bf16_and_channels_last_options_run(tmp_path: Path) -> None:
     cfg = TeacherConfig(preset="test-micro", steps=2, batch=2, warmup=1, amp=False, log_every=1)
     fp32 = train_teacher(cfg, pool, tmp_path / "fp32", DEV)
     amp_gpu_only = train_teacher(TeacherConfig(**{**cfg.__dict__, "amp": True}), pool, tmp_path / "amp", DEV)
-    bf16 = train_teacher(TeacherConfig(**{**cfg.__dict__, "amp": True, "cpu_amp": True, "channels_last": True}),
-                         pool, tmp_path / "bf16", DEV)  # fmt: skip
-    assert bf16.steps == 2 and all(np.isfinite(v) for v in bf16.metrics.values())
+    bf16 = train_teacher(TeacherConfig(**{**cfg.__dict__, "amp": True, "cpu_amp": True}), pool, tmp_path / "bf16", DEV)
+    cl = train_teacher(TeacherConfig(**{**cfg.__dict__, "amp": True, "cpu_amp": True, "channels_last": True}),
+                       pool, tmp_path / "cl", DEV)  # fmt: skip
+    assert cl.steps == 2 and all(np.isfinite(v) for v in cl.metrics.values())
     a, g, b = (load_state_dict(r.weights) for r in (fp32, amp_gpu_only, bf16))
     assert all(torch.equal(a[k], g[k]) for k in a)  # amp alone is CUDA-only: the CPU run stays fp32
     assert any(not torch.equal(a[k], b[k]) for k in a)  # bf16 autocast really ran
