@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU run (<= 12 min on one H200): see benchmarks/gpu_train_run.py for the preparation step.
 # Through the device tool:  run(command="bash benchmarks/gpu_train_run.sh", carry=["data/photos_gpu"], timeout_s=600)
-# and, if the budget allows a second call, the training alone resumes/continues from $OUT's checkpoints only
-# within the same warm machine (a fresh machine starts bare: copy $OUT/gpu_train back as a carry to continue).
+# Prepare data/photos_gpu first (python benchmarks/gpu_train_run.py --prepare PHOTO_SET: 633 photos, ~41 MB).
+# The stage checkpoints under $OUT/gpu_train/{teacher,distill} resume when the script runs again with them in place.
 set -euo pipefail
 OUT="${OUT:-runs}"
 mkdir -p "$OUT"
@@ -11,7 +11,7 @@ if [ ! -d data/photos_gpu ]; then
   exit 2
 fi
 if ! python -c "import tadsr" 2>/dev/null; then
-  pip install -q -e . 2>&1 | tail -2
+  pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2  # offline: torch must be there
 fi
 nvidia-smi --query-gpu=name,memory.total,utilization.gpu --format=csv || true
 # 1. throughput table (CUDA rows: bf16, channels-last, compile, batch sweep, TFLOP/s), capped at 170 s

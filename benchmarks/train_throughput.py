@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "compile" in args.stages:
         b, c = (64, 256) if cuda else (4, 256)
-        m = "bf16" if cuda else "bf16+CL"
+        m = "bf16"
         cb = 256 if cuda else b
         flop("teacher", c)
         for compiled in (False, True):
