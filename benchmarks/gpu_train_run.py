@@ -9,7 +9,8 @@ writes a compact copy that can travel to the GPU machine with the device tool (`
 ``--max-side`` (default 640) but its short side stays >= 256 px (never upscaled), stored as JPEG quality 90, plus
 ``MANIFEST.json`` (name, split, original size). Then, on the GPU machine, one command::
 
-    bash benchmarks/gpu_train_run.sh            # throughput table (<= 3 min), then this script (<= 9 min)
+    bash benchmarks/gpu_train_run.sh train        # this script, ~8.5 min (one device-tool call)
+    bash benchmarks/gpu_train_run.sh throughput   # the CUDA throughput table, <= 3.5 min (a second call)
 
 What this script does (``--device cuda``): loads the shipped autoencoder (the latent space the shipped teacher
 and student live in), encodes a latent pool of ``--pool-size`` random aligned crops of the train split *on the
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         crop, t_batch, d_batch, pool_n, val_crops = 4 * p.pad_multiple, 2, 1, 4, 1
         t_steps, d_steps = args.dry_steps, args.dry_steps
     else:
-        crop, t_batch, d_batch, pool_n, val_crops = 256, args.teacher_batch, args.distill_batch, args.pool_size, None
+        crop, t_batch, d_batch, pool_n = 256, args.teacher_batch, args.distill_batch, args.pool_size
+        val_crops = args.val_max_crops
         t_steps, d_steps = 10**7, 10**7  # the time limits decide
     amp = device.type == "cuda"
     train_pairs = load_pairs(args.photos, "train", min_side=crop)
@@ -170,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-batch", type=int, default=128)
     ap.add_argument("--teacher-lr", type=float, default=2e-4)
     ap.add_argument("--distill-batch", type=int, default=32)
-    ap.add_argument("--teacher-minutes", type=float, default=4.5)
-    ap.add_argument("--distill-minutes", type=float, default=2.5)
+    ap.add_argument("--teacher-minutes", type=float, default=4.0)
+    ap.add_argument("--distill-minutes", type=float, default=2.0)
+    ap.add_argument("--val-max-crops", type=int, default=256, help="held-out crops validated (time)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, a few steps: checks the script")
     ap.add_argument("--dry-steps", type=int, default=2)
