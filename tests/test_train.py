@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from tadsr.checkpoint import load_state_dict
+from tadsr.errors import ConfigError
 from tadsr.config import PRESETS, SCHEDULES, Preset, UNetConfig, VQConfig
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
@@ -304,3 +305,99 @@ def test_validation_table_and_grid(photos: Path, tmp_path: Path) -> None:
     assert table.count("❌ FAIL") == sum(bool(v) for v in res.sanity.values()) > 0
     grid = save_grid(outs, hr, res, tmp_path / "grid.png", rows=1)
     assert Image.open(grid).size == (4 * CROP + 3 * 4, 18 + CROP)
+
+
+# -- hardware options and multi-session training ------------------------------------------------------------------
+def test_teacher_paused_run_resumes_to_the_straight_run(tmp_path: Path) -> None:
+    pool = _pool(3)
+    cfg = TeacherConfig(preset="test-micro", steps=3, batch=2, warmup=2, amp=False, log_every=1)
+    straight = train_teacher(cfg, pool, tmp_path / "a", DEV)
+    paused = train_teacher(TeacherConfig(**{**cfg.__dict__, "pause_after_s": 0.0}), pool, tmp_path / "b", DEV)
+    assert paused.steps == 1 and json.loads((tmp_path / "b/state.json").read_text())["step"] == 1
+    resumed = train_teacher(cfg, pool, tmp_path / "b", DEV)  # next session: same recipe, no pause
+    assert resumed.steps == 3
+    a, b = load_state_dict(straight.weights), load_state_dict(resumed.weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # warm-up and cosine follow the 3-step run exactly
+
+
+def test_distill_paused_run_resumes_to_the_straight_run(tmp_path: Path) -> None:
+    pool = _pool(3)
+    cfg = DistillConfig(preset="test-micro", steps=2, batch=1, c_dim=8, amp=False, warmup=2, log_every=1)
+    straight = train_distill(cfg, pool, _teacher(), tmp_path / "a", DEV)
+    pause = DistillConfig(**{**cfg.__dict__, "pause_after_s": 0.0})
+    paused = train_distill(pause, pool, _teacher(), tmp_path / "b", DEV)
+    assert paused.steps == 1
+    resumed = train_distill(cfg, pool, _teacher(), tmp_path / "b", DEV)
+    assert resumed.steps == 2
+    for name in ("final.safetensors", "extra.safetensors"):  # EMA student and discriminator heads
+        a, b = load_state_dict(tmp_path / "a" / name), load_state_dict(tmp_path / "b" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_cpu_bf16_and_channels_last_options_run(tmp_path: Path) -> None:
+    pool = _pool(3)
+    cfg = TeacherConfig(preset="test-micro", steps=2, batch=2, warmup=1, amp=False, log_every=1)
+    fp32 = train_teacher(cfg, pool, tmp_path / "fp32", DEV)
+    amp_gpu_only = train_teacher(TeacherConfig(**{**cfg.__dict__, "amp": True}), pool, tmp_path / "amp", DEV)
+    bf16 = train_teacher(TeacherConfig(**{**cfg.__dict__, "amp": True, "cpu_amp": True}), pool, tmp_path / "bf16", DEV)
+    cl = train_teacher(TeacherConfig(**{**cfg.__dict__, "amp": True, "cpu_amp": True, "channels_last": True}),
+                       pool, tmp_path / "cl", DEV)  # fmt: skip
+    assert cl.steps == 2 and all(np.isfinite(v) for v in cl.metrics.values())
+    a, g, b = (load_state_dict(r.weights) for r in (fp32, amp_gpu_only, bf16))
+    assert all(torch.equal(a[k], g[k]) for k in a)  # amp alone is CUDA-only: the CPU run stays fp32
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # bf16 autocast really ran
+    assert max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point()) < 0.05  # and close
+    dcfg = DistillConfig(preset="test-micro", batch=2, c_dim=8, amp=True, cpu_amp=True, warmup=1)
+    with pytest.raises(ConfigError, match="channels_last"):  # segfaults in torch's CPU backward: refused
+        Distiller(DistillConfig(**{**dcfg.__dict__, "channels_last": True}), _teacher(), DEV)
+    d = Distiller(dcfg, _teacher(), DEV)
+    p = _pool(2)
+    out = d.step(p.z0, p.zy, p.lq, torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(v) for v in out.values())
+
+
+def test_distill_init_from_existing_student(tmp_path: Path) -> None:
+    from tadsr.checkpoint import save_safetensors
+
+    shipped = _teacher(seed=5).state_dict()
+    save_safetensors(shipped, tmp_path / "student.safetensors")
+    d = _distiller()
+    d.init_student(tmp_path / "student.safetensors")
+    assert all(torch.equal(shipped[k], v) for k, v in d.student_net.state_dict().items())
+    assert all(torch.equal(shipped[k], v) for k, v in d.ema.state.items())  # EMA restarts from it too
+    res = train_distill(DistillConfig(preset="test-micro", steps=1, batch=1, c_dim=8, amp=False, warmup=1),
+                        _pool(2), _teacher(), tmp_path / "d", DEV, init=tmp_path / "student.safetensors")  # fmt: skip
+    ema = load_state_dict(res.weights)
+    k = next(k for k, v in shipped.items() if v.is_floating_point() and v.numel() > 100)
+    # one EMA update of weight 0.82: the result is near the init, far from the teacher it was distilled from
+    assert float((ema[k] - shipped[k]).abs().max()) < float((ema[k] - _teacher().state_dict()[k]).abs().max())
+
+
+def test_gpu_train_run_dry_run(photos: Path, tmp_path: Path) -> None:
+    """benchmarks/gpu_train_run.py on the CPU: prepare the compact photo copy, a step per stage, sanity table."""
+    import importlib.util
+    import sys as _sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train_run.py"
+    spec = importlib.util.spec_from_file_location("gpu_train_run", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    _sys.modules["gpu_train_run"] = mod
+    spec.loader.exec_module(mod)
+    counts = mod.prepare(photos, tmp_path / "p", max_side=150, min_side=64)
+    assert counts["train"] == 2 and counts["val"] == 1
+    assert max(Image.open(f).size[0] for f in (tmp_path / "p/train").iterdir()) <= 150  # resized, split kept
+    from tadsr.checkpoint import save_safetensors
+
+    torch.manual_seed(0)
+    save_safetensors(VQModelTorch(MICRO.vq).state_dict(), tmp_path / "ae.safetensors")
+    save_safetensors(_teacher().state_dict(), tmp_path / "t.safetensors")
+    argv = ["--dry-run", "--dry-steps", "1", "--photos", str(tmp_path / "p"), "--out", str(tmp_path / "o"),
+            "--preset", "test-micro", "--autoencoder", str(tmp_path / "ae.safetensors"),
+            "--teacher", str(tmp_path / "t.safetensors")]
+    assert mod.main(argv) == 0
+    s = json.loads((tmp_path / "o/summary.json").read_text())
+    assert s["teacher"]["steps"] == 1 and s["distill"]["steps"] == 1 and s["dry_run"]
+    assert {"bicubic", "do_nothing", "student_1"} <= set(s["mean"]) and "lr_cons" in s["mean"]["student_1"]
+    assert (tmp_path / "o/teacher/state.json").is_file() and (tmp_path / "o/bundled_student.safetensors").is_file()
+    assert "LR consistency" in (tmp_path / "o/sanity.md").read_text()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tadsr.checkpoint import save_safetensors
+from tadsr.checkpoint import load_state_dict, save_safetensors
 from tadsr.config import VQConfig, get_preset
 from tadsr.models.vqgan import VQModelTorch
 from tadsr.train.common import (
@@ -37,6 +37,7 @@ from tadsr.train.common import (
     StageCheckpoint,
     StepPlanner,
     autocast,
+    to_memory_format,
     init_distributed,
     setup_logging,
     step_seed,
@@ -71,6 +72,9 @@ class AEConfig:
     grad_clip: float = 1.0
     seed: int = 0
     amp: bool = True
+    cpu_amp: bool = False  # bf16 autocast on the CPU as well (needs amp; see benchmarks/train_throughput.py)
+    channels_last: bool = False  # channels-last memory layout for the networks and their inputs
+    pause_after_s: float | None = None  # end this run after so many seconds (checkpoint; resume continues)
     log_every: int = 50
     save_every: int = 500
     time_limit_s: float | None = None
@@ -92,19 +96,20 @@ class AEResult:
 class _AEStep(nn.Module):
     """Training forward (one module, so DDP can wrap it): x -> (x_rec, z, e, idx)."""
 
-    def __init__(self, model: VQModelTorch, amp: bool) -> None:
+    def __init__(self, model: VQModelTorch, amp: bool, cpu_amp: bool = False) -> None:
         super().__init__()
         self.model = model
         self.amp = amp
+        self.cpu_amp = cpu_amp
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        with autocast(x.device, self.amp):
+        with autocast(x.device, self.amp, self.cpu_amp):
             z = self.model.encode(x)
         z = z.float()
         idx = self.model.quantize.indices(z)
         e = self.model.quantize.embedding(idx).permute(0, 3, 1, 2)
         zq = z + (e - z).detach()
-        with autocast(x.device, self.amp):
+        with autocast(x.device, self.amp, self.cpu_amp):
             x_rec = self.model.decoder(self.model.post_quant_conv(zq))
         return x_rec.float(), z, e, idx
 
@@ -186,7 +191,7 @@ def _batch(pairs: PhotoPairs, cfg: AEConfig, dist: DistEnv, step: int, crop: int
 
 def train_autoencoder(
     cfg: AEConfig, pairs: PhotoPairs, out_dir: Path, device: torch.device, dist: DistEnv = DistEnv(),
-    *, vq_cfg: VQConfig | None = None, resume: bool = True,
+    *, vq_cfg: VQConfig | None = None, resume: bool = True, init: Path | None = None,
 ) -> AEResult:  # fmt: skip
     """Train (or resume) the autoencoder; write ``out_dir/final.safetensors`` (standardised latent).
 
@@ -198,13 +203,20 @@ def train_autoencoder(
         dist: process group facts (DDP when ``dist.world > 1``).
         vq_cfg: architecture; defaults to the preset's.
         resume: continue from ``out_dir`` when it holds a checkpoint.
+        init: start a fresh run from these weights (e.g. the shipped autoencoder) instead of a random one.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     vq_cfg = vq_cfg or get_preset(cfg.preset).vq
     torch.manual_seed(cfg.seed)
-    model = VQModelTorch(vq_cfg).to(device)
-    step_mod: nn.Module = _AEStep(model, cfg.amp)
+    model = VQModelTorch(vq_cfg)
+    if init is not None:
+        model.load_state_dict(load_state_dict(init), strict=True)
+        log.info("autoencoder: initialised from %s", init)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_mod: nn.Module = _AEStep(model, cfg.amp, cfg.cpu_amp)
     if dist.enabled:
         step_mod = nn.parallel.DistributedDataParallel(step_mod, device_ids=[device] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
@@ -216,11 +228,12 @@ def train_autoencoder(
         step, elapsed = int(st["step"]), float(st["elapsed_s"])
         metrics_resumed = dict(st.get("metrics", {}))
         log.info("autoencoder: resumed %s at step %d", out_dir, step)
-    else:
+    elif init is None:
         _init_codebook(model, _batch(pairs, cfg, dist, _SPECIAL, cfg.crop, device), cfg.seed)
         if dist.enabled:
             torch.distributed.broadcast(model.quantize.embedding.weight.data, 0)
-    planner = StepPlanner(cfg.steps, cfg.time_limit_s, elapsed_s=elapsed, device=device)
+    planner = StepPlanner(cfg.steps, cfg.time_limit_s, elapsed_s=elapsed, device=device,
+                          pause_after_s=cfg.pause_after_s)
     first = step
     usage = torch.zeros(vq_cfg.n_embed, device=device)
     meter, metrics = RunningMean(), metrics_resumed
@@ -231,7 +244,7 @@ def train_autoencoder(
         crop = cfg.final_crop if prog >= 1 - cfg.final_frac else cfg.crop
         for gr in opt.param_groups:
             gr["lr"] = cfg.lr * warmup_cosine(step, prog, cfg.warmup)
-        x = _batch(pairs, cfg, dist, step, crop, device)
+        x = to_memory_format(_batch(pairs, cfg, dist, step, crop, device), cfg.channels_last)
         x_rec, z, e, idx = step_mod(x)
         l1 = (x_rec - x).abs().mean()
         l_ssim = ssim_loss(x_rec, x) if cfg.ssim_weight else x.new_zeros(())
@@ -307,6 +320,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU too (AVX-512 BF16 / AMX CPUs)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
+    p.add_argument("--pause-minutes", type=float,
+                   help="end this run after so many minutes with a checkpoint; run again to continue (the LR "
+                        "schedule is that of one run of --steps)")  # fmt: skip
+    p.add_argument("--init", type=Path, help="start a fresh run from these weights of the stage's network "
+                   "(e.g. tadsr/weights/bundled_<part>.safetensors)")  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -320,6 +340,12 @@ def overrides(args: argparse.Namespace) -> dict[str, object]:
         out["time_limit_s"] = 60.0 * args.minutes
     if args.no_amp:
         out["amp"] = False
+    if args.cpu_bf16:
+        out["cpu_amp"] = True
+    if args.channels_last:
+        out["channels_last"] = True
+    if args.pause_minutes is not None:
+        out["pause_after_s"] = 60.0 * args.pause_minutes
     return out
 
 
@@ -333,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     dist, device = init_distributed(args.device)
     cfg = AEConfig(**overrides(args))  # type: ignore[arg-type]
     pairs = load_pairs(args.photos, "train", min_side=cfg.final_crop)
-    res = train_autoencoder(cfg, pairs, args.out, device, dist, resume=not args.fresh)
+    res = train_autoencoder(cfg, pairs, args.out, device, dist, resume=not args.fresh, init=args.init)
     if dist.is_main:
         log.info("done: %s", res)
     return 0

@@ -70,12 +70,15 @@ RECIPES: dict[str, Recipe] = {
         distill=DistillConfig(steps=2000, batch=32, lr=1e-4, lr_d=1e-4, pool_size=4096, log_every=50),
         val_reserve=0.06,
     ),
-    # ~60 minutes on 2 CPU cores.
+    # ~60 minutes on 2 CPU cores. bf16 autocast on the CPU (cpu_amp) where it was faster in
+    # benchmarks/results/train_throughput_cpu.txt (AVX-512 BF16 CPU: autoencoder 1.12x, teacher 1.52x; distillation
+    # 1.03x, left fp32); channels-last was slower or inconsistent there. --set teacher.cpu_amp=false to undo.
     "cpu": Recipe(
         name="cpu",
         ae=AEConfig(steps=1500, batch=8, crop=96, final_crop=256, final_frac=0.1, lr=1e-3, warmup=50,
-                    log_every=25, save_every=100),  # fmt: skip
-        teacher=TeacherConfig(steps=1500, batch=8, lr=3e-4, warmup=50, pool_size=128, log_every=25, save_every=100),
+                    log_every=25, save_every=100, cpu_amp=True),  # fmt: skip
+        teacher=TeacherConfig(steps=1500, batch=8, lr=3e-4, warmup=50, pool_size=128, log_every=25, save_every=100,
+                              cpu_amp=True),  # fmt: skip
         distill=DistillConfig(steps=300, batch=4, lr=1e-4, lr_d=1e-4, warmup=10, pool_size=128, log_every=5,
                               save_every=25),  # fmt: skip
         val_reserve=0.12,
@@ -123,7 +126,7 @@ def build(
     photos: Path, out: Path, work: Path, device: torch.device, recipe: Recipe, *, budget_minutes: float,
     seed: int = 0, dist: DistEnv = DistEnv(), reuse_autoencoder: Path | None = None,
     reuse_teacher: Path | None = None, cpu_timings: dict[str, float] | None = None, resume: bool = True,
-    init_teacher: Path | None = None, notes: str = "",
+    init_teacher: Path | None = None, notes: str = "", init_student: Path | None = None,
 ) -> BuildReport:  # fmt: skip
     """Run all stages within ``budget_minutes`` and write the shipped files to ``out`` (rank 0)."""
     t0 = time.perf_counter()
@@ -174,7 +177,7 @@ def build(
     export("teacher", teacher_path)
     teacher = load_teacher(teacher_path, preset, device)
     cfg_d = replace(recipe.distill, seed=seed, time_limit_s=_share(left(), recipe.shares, 2))
-    d_res = train_distill(cfg_d, pool, teacher, work / "distill", device, dist, resume=resume)
+    d_res = train_distill(cfg_d, pool, teacher, work / "distill", device, dist, resume=resume, init=init_student)
     seconds["distill"] = d_res.seconds
     export("student", d_res.weights)
     val = None
@@ -427,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-autoencoder", type=Path, help="skip stage 1, use these weights")
     ap.add_argument("--reuse-teacher", type=Path, help="skip stage 2, use these weights")
     ap.add_argument("--init-teacher", type=Path, help="stage 2 continues training from these weights")
+    ap.add_argument("--init-student", type=Path, help="stage 3 continues from these student weights")
     ap.add_argument("--notes", default="", help="text for the model card (e.g. the lineage of reused stages)")
     ap.add_argument("--cpu-timings", type=Path, help="JSON from --measure-cpu-timings, quoted in the model card")
     ap.add_argument("--measure-cpu-timings", type=Path, help="only time each stage of the recipe, write JSON")
@@ -452,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(args.seed)
     build(args.photos, args.out, args.work, device, recipe, budget_minutes=args.budget_minutes, seed=args.seed,
           dist=dist, reuse_autoencoder=args.reuse_autoencoder, reuse_teacher=args.reuse_teacher,
-          cpu_timings=cpu_t, resume=not args.fresh, init_teacher=args.init_teacher, notes=args.notes)  # fmt: skip
+          cpu_timings=cpu_t, resume=not args.fresh, init_teacher=args.init_teacher, notes=args.notes,
+          init_student=args.init_student)  # fmt: skip
     return 0
 
 

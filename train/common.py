@@ -43,6 +43,7 @@ __all__ = [
     "StageCheckpoint",
     "StepPlanner",
     "autocast",
+    "to_memory_format",
     "setup_logging",
     "RunningMean",
     "unwrap",
@@ -108,11 +109,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA when enabled; a no-op elsewhere."""
+def autocast(device: torch.device, enabled: bool, cpu: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA when enabled; on the CPU only when ``cpu`` is also set (a stage's ``cpu_amp``,
+    worth it on CPUs with AVX-512 BF16 / AMX, see benchmarks/train_throughput.py); a no-op otherwise."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and cpu and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` in channels-last layout when asked and 4-D; ``x`` itself otherwise."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 # -- randomness -------------------------------------------------------------------------------------------
@@ -191,6 +200,7 @@ class RunningMean:
 class StepPlanner:
     """Training progress in [0, 1]: by steps, or by wall-clock time when the stage has a time limit.
 
+    ``pause_after_s`` ends this run early without changing the progress (see :meth:`paused`).
     With a time limit the stage runs until its time (including time spent before a resume) is used up or
     ``max_steps`` is reached, whichever comes first; LR schedules and phase switches read :meth:`progress`, so
     they adapt to the speed of the machine and to steps of unequal cost. Under DDP the value is agreed by all
@@ -199,10 +209,12 @@ class StepPlanner:
 
     def __init__(
         self, max_steps: int, time_limit_s: float | None, *, elapsed_s: float = 0.0,
-        device: torch.device | None = None,
+        device: torch.device | None = None, pause_after_s: float | None = None,
     ) -> None:  # fmt: skip
         self.max_steps = max_steps
         self.time_limit_s = time_limit_s
+        self.pause_after_s = pause_after_s
+        self._first_step: int | None = None
         self.elapsed_before = elapsed_s
         self.device = device or torch.device("cpu")
         self._started = time.perf_counter()
@@ -218,8 +230,23 @@ class StepPlanner:
         return min(1.0, _sync_max(p, self.device))
 
     def should_stop(self, step: int, progress: float | None = None) -> bool:
-        """True once ``max_steps`` are done or the time is up."""
-        return step >= self.max_steps or (progress if progress is not None else self.progress(step)) >= 1.0
+        """True once ``max_steps`` are done, the time is up, or this run's ``pause_after_s`` has passed."""
+        if step >= self.max_steps or (progress if progress is not None else self.progress(step)) >= 1.0:
+            return True
+        if self._first_step is None:
+            self._first_step = step
+        return step > self._first_step and self.paused()  # a run makes at least one step
+
+    def paused(self) -> bool:
+        """True once this run (not counting runs before a resume) has used ``pause_after_s``.
+
+        A pause does not touch the progress, so the LR schedule of a stage trained in several sessions (one per
+        day on a CPU) is the one of an uninterrupted run of ``max_steps``; the stage saves a checkpoint and
+        the next run resumes it.
+        """
+        if self.pause_after_s is None:
+            return False
+        return _sync_max(time.perf_counter() - self._started, self.device) >= self.pause_after_s
 
 
 def _sync_max(value: float, device: torch.device, minimum: bool = False) -> float:

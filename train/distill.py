@@ -31,6 +31,7 @@ from torch import nn
 
 from tadsr.checkpoint import load_state_dict, save_safetensors
 from tadsr.config import get_preset
+from tadsr.errors import ConfigError
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.schedule import Schedule, make_schedule
 from tadsr.train.common import (
@@ -40,6 +41,7 @@ from tadsr.train.common import (
     StageCheckpoint,
     StepPlanner,
     autocast,
+    to_memory_format,
     init_distributed,
     setup_logging,
     step_generator,
@@ -83,6 +85,9 @@ class DistillConfig:
     crop: int = 256
     seed: int = 0
     amp: bool = True
+    cpu_amp: bool = False  # bf16 autocast on the CPU as well (needs amp; see benchmarks/train_throughput.py)
+    channels_last: bool = False  # channels-last memory layout for the networks and their inputs
+    pause_after_s: float | None = None  # end this run after so many seconds (checkpoint; resume continues)
     log_every: int = 50
     save_every: int = 250
     time_limit_s: float | None = None
@@ -109,6 +114,9 @@ class Distiller:
     """
 
     def __init__(self, cfg: DistillConfig, teacher: UNetModelSwin, device: torch.device, dist: DistEnv = DistEnv()):
+        if cfg.channels_last and device.type == "cpu":
+            raise ConfigError("channels_last distillation crashes (segfault) in the discriminator's backward on the "
+                              "CPU (torch 2.13, benchmarks/train_throughput.py); use it on CUDA only")  # fmt: skip
         self.cfg, self.device, self.dist = cfg, device, dist
         self.sched: Schedule = make_schedule(get_preset(cfg.preset).schedule)
         self.T = self.sched.num_steps
@@ -126,10 +134,19 @@ class Distiller:
             self.disc = nn.parallel.DistributedDataParallel(self.disc_net, device_ids=ids)
         self.opt_g = torch.optim.AdamW(self.student_net.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.opt_d = torch.optim.AdamW(self.disc_net.parameters(), lr=cfg.lr_d, weight_decay=0.0)
+        if cfg.channels_last:
+            for net in (self.teacher, self.student_net, self.disc_net):
+                net.to(memory_format=torch.channels_last)
         self.ema = Ema(self.student_net, cfg.ema_rate)
 
+    def init_student(self, path: Path) -> None:
+        """Start the student (and its EMA) from existing student weights instead of the teacher's."""
+        self.student_net.load_state_dict(load_state_dict(path), strict=True)
+        self.ema = Ema(self.student_net, self.cfg.ema_rate)
+        log.info("distill: student initialised from %s", path)
+
     def _teacher_x0(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device, self.cfg.amp):
+        with autocast(self.device, self.cfg.amp, self.cfg.cpu_amp):
             return self.teacher(x, t, lq).float()
 
     def _teacher_x0_fp32(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
@@ -137,7 +154,7 @@ class Distiller:
         return self.teacher(x, t, lq).float()
 
     def _features(self, x: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> list[torch.Tensor]:
-        with autocast(self.device, self.cfg.amp):
+        with autocast(self.device, self.cfg.amp, self.cfg.cpu_amp):
             return [f.float() for f in teacher_features(self.teacher, self.sched.scale_input_batch(x, t), t, lq)]
 
     def set_lr(self, step: int) -> None:
@@ -153,7 +170,7 @@ class Distiller:
         eps = torch.randn(z0.shape, generator=g, device=z0.device)
         x_T = sched.prior_sample(zy, eps)
         t_s = torch.full((b,), T - 1, dtype=torch.int64, device=z0.device)
-        with autocast(self.device, cfg.amp):
+        with autocast(self.device, cfg.amp, cfg.cpu_amp):
             x_s = self.student(sched.scale_input(x_T, T - 1), t_s, lq).float()
 
         # -- discriminator step: real = GT latent, fake = student output, same t_d and noise ----------------
@@ -200,18 +217,25 @@ class Distiller:
 
 def train_distill(
     cfg: DistillConfig, pool: LatentPool, teacher: UNetModelSwin, out_dir: Path, device: torch.device,
-    dist: DistEnv = DistEnv(), *, resume: bool = True,
+    dist: DistEnv = DistEnv(), *, resume: bool = True, init: Path | None = None,
 ) -> StageResult:  # fmt: skip
-    """Distil (or resume); write the EMA student to ``out_dir/final.safetensors``."""
+    """Distil (or resume); write the EMA student to ``out_dir/final.safetensors``.
+
+    ``init`` starts a fresh run from existing student weights (continued distillation, e.g. of the shipped
+    ``bundled_student.safetensors``) instead of the teacher's; a checkpoint in ``out_dir`` takes precedence.
+    """
     out_dir = Path(out_dir)
     d = Distiller(cfg, teacher, device, dist)
     ckpt = StageCheckpoint(out_dir)
     step, elapsed, metrics = 0, 0.0, {}
+    if init is not None and not (resume and ckpt.exists()):
+        d.init_student(init)
     if resume and ckpt.exists():
         st = ckpt.load(**d.checkpoint_parts())  # type: ignore[arg-type]
         step, elapsed, metrics = int(st["step"]), float(st["elapsed_s"]), st["metrics"]
         log.info("distill: resumed %s at step %d", out_dir, step)
-    planner = StepPlanner(cfg.steps, cfg.time_limit_s, elapsed_s=elapsed, device=device)
+    planner = StepPlanner(cfg.steps, cfg.time_limit_s, elapsed_s=elapsed, device=device,
+                          pause_after_s=cfg.pause_after_s)
     first, meter = step, RunningMean()
     t_run = time.perf_counter()
     prog = planner.progress(step)
@@ -220,7 +244,8 @@ def train_distill(
         d.set_lr(step)
         g = step_generator(cfg.seed, dist.rank, step, device)
         idx = torch.randint(0, len(pool), (cfg.batch,), generator=g, device=device)
-        meter.add(d.step(*pool.batch(idx), g))
+        z0, zy, lq = (to_memory_format(x, cfg.channels_last) for x in pool.batch(idx))
+        meter.add(d.step(z0, zy, lq, g))
         step += 1
         prog = planner.progress(step)
         stop = planner.should_stop(step, prog)
@@ -274,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DistillConfig(**overrides(args), **extra)  # type: ignore[arg-type]
     pool = pool_for(args.photos, args.autoencoder, cfg.preset, cfg.pool_size, cfg.seed, cfg.crop, device, dist)
     teacher = load_teacher(args.teacher, cfg.preset, device)
-    res = train_distill(cfg, pool, teacher, args.out, device, dist, resume=not args.fresh)
+    res = train_distill(cfg, pool, teacher, args.out, device, dist, resume=not args.fresh, init=args.init)
     if dist.is_main:
         log.info("done: %s", res)
     return 0

@@ -35,6 +35,7 @@ from tadsr.train.common import (
     StageCheckpoint,
     StepPlanner,
     autocast,
+    to_memory_format,
     init_distributed,
     setup_logging,
     step_generator,
@@ -63,6 +64,9 @@ class TeacherConfig:
     crop: int = 256
     seed: int = 0
     amp: bool = True
+    cpu_amp: bool = False  # bf16 autocast on the CPU as well (needs amp; see benchmarks/train_throughput.py)
+    channels_last: bool = False  # channels-last memory layout for the networks and their inputs
+    pause_after_s: float | None = None  # end this run after so many seconds (checkpoint; resume continues)
     log_every: int = 100
     save_every: int = 1000
     time_limit_s: float | None = None
@@ -104,6 +108,8 @@ def train_teacher(
         net.load_state_dict(load_state_dict(init), strict=True)
         log.info("teacher: initialised from %s", init)
     net = net.to(device).train()
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     model: nn.Module = net
     if dist.enabled:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
@@ -115,7 +121,8 @@ def train_teacher(
         st = ckpt.load(model=net, ema=ema, optimizers={"model": opt})
         step, elapsed, metrics = int(st["step"]), float(st["elapsed_s"]), st["metrics"]
         log.info("teacher: resumed %s at step %d", out_dir, step)
-    planner = StepPlanner(cfg.steps, cfg.time_limit_s, elapsed_s=elapsed, device=device)
+    planner = StepPlanner(cfg.steps, cfg.time_limit_s, elapsed_s=elapsed, device=device,
+                          pause_after_s=cfg.pause_after_s)
     first, meter = step, RunningMean()
     t_run = time.perf_counter()
     T = sched.num_steps
@@ -130,8 +137,9 @@ def train_teacher(
         t = torch.randint(0, T, (cfg.batch,), generator=g, device=device)
         eps = torch.randn(z0.shape, generator=g, device=device)
         x_t = sched.q_sample(z0, zy, t, eps)
-        with autocast(device, cfg.amp):
-            pred = model(sched.scale_input_batch(x_t, t), t, lq)
+        cl = cfg.channels_last
+        with autocast(device, cfg.amp, cfg.cpu_amp):
+            pred = model(to_memory_format(sched.scale_input_batch(x_t, t), cl), t, to_memory_format(lq, cl))
         per = (pred.float() - z0).square().flatten(1).mean(1)
         loss = per.mean()
         opt.zero_grad(set_to_none=True)
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"pool_size": args.pool_size} if args.pool_size else {}
     cfg = TeacherConfig(**overrides(args), **extra)  # type: ignore[arg-type]
     pool = pool_for(args.photos, args.autoencoder, cfg.preset, cfg.pool_size, cfg.seed, cfg.crop, device, dist)
-    res = train_teacher(cfg, pool, args.out, device, dist, resume=not args.fresh)
+    res = train_teacher(cfg, pool, args.out, device, dist, resume=not args.fresh, init=args.init)
     if dist.is_main:
         log.info("done: %s", res)
     return 0
