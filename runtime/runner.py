@@ -36,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from tadsr.errors import ConfigError, InputError, InputSpecError
+from tadsr.errors import ConfigError, InputError, InputSpecError, RunnerError
 
 __all__ = [
     "MANIFEST_NAME",
@@ -257,7 +257,8 @@ class CheckedRunner:
         outs = self.inner.run(check_inputs(self.spec, inputs))
         missing = [n for n in self.spec.output_names if n not in outs]
         if missing:
-            raise RuntimeError(f"{self.backend} runner returned {sorted(outs)}, missing outputs {missing}")
+            raise RunnerError(f"{self.backend} runner returned {sorted(outs)}, missing outputs {missing}; the model "
+                              f"file does not match its manifest: re-export {self.artifact_dir}")
         return {n: np.asarray(outs[n]) for n in self.spec.output_names}
 
     def __repr__(self) -> str:
@@ -304,7 +305,7 @@ def load_runner(artifact_dir: Path, *, backend: str | None = None, low_memory: b
     cls, name = _backend_class(spec.format, backend)
     if backend is not None:
         opts["backend"] = backend
-    if low_memory and name == "onnx":
+    if low_memory and spec.format == "onnx":  # any backend name of the format ("onnx", "onnxruntime")
         opts["low_memory"] = True
     inner = cls(artifact_dir, manifest, **opts)
     logger.debug("loaded %s with %s", artifact_dir, name)

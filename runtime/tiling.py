@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from tadsr.errors import InputError
+from tadsr.errors import ConfigError, InputError, ModelOutputError, NonFiniteOutputError
 
 __all__ = ["RunTiles", "tile_starts", "plan_tiles", "pad_for_tiles", "tile_noise", "axis_weights", "upscale_tiled"]
 
@@ -69,9 +69,9 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
         Increasing origins; the first is 0 and the last is ``length - tile``.
     """
     if tile < 1 or not 0 <= overlap < tile:
-        raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+        raise ConfigError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     if length < tile:
-        raise ValueError(f"side {length} is shorter than the tile {tile}; pad the image first (pad_for_tiles)")
+        raise InputError(f"side {length} is shorter than the tile {tile}; pad the image first (pad_for_tiles)")
     starts: list[int] = []
     for start in range(0, length, tile - overlap):
         start = min(start, length - tile)
@@ -127,7 +127,7 @@ def axis_weights(count: int, size: int, ramp: int, blend: str) -> list[np.ndarra
         One window of length ``size`` per tile.
     """
     if blend not in BLENDS:
-        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+        raise ConfigError(f"blend must be one of {BLENDS}, got {blend!r}")
     windows = []
     for i in range(count):
         window = np.ones(size)
@@ -199,11 +199,13 @@ def upscale_tiled(
 
     Raises:
         InputError: ``lr`` is not a (1,3,H,W) float array.
-        ValueError: bad parameters, or ``run_tiles`` returned the wrong shape.
+        ConfigError: bad parameters.
+        ModelOutputError: ``run_tiles`` returned the wrong shape.
+        NonFiniteOutputError: ``run_tiles`` returned NaN or infinite values (a broken model).
     """
     lr = _check_lr(lr)
     if scale < 1 or batch < 1 or seed < 0 or pad_multiple < 1:
-        raise ValueError(
+        raise ConfigError(
             f"need scale, batch, pad_multiple >= 1 and seed >= 0 (got {scale}, {batch}, {pad_multiple}, {seed})"
         )
     t0 = time.perf_counter()
@@ -226,7 +228,12 @@ def upscale_tiled(
             noise = np.stack([tile_noise(seed, ys[iy], xs[ix], noise_shape) for iy, ix in calls])
             sr = np.asarray(run_tiles(lr_tiles, noise))
             if sr.shape != (len(calls), 3, size, size):
-                raise ValueError(f"run_tiles returned shape {sr.shape}, expected {(len(calls), 3, size, size)}")
+                raise ModelOutputError(f"run_tiles returned shape {sr.shape}, expected {(len(calls), 3, size, size)}")
+            if not np.isfinite(sr).all():
+                raise NonFiniteOutputError(
+                    f"the model returned NaN or infinite values for the tile at LR ({ys[chunk[0][0]]}, "
+                    f"{xs[chunk[0][1]]}): its weights are broken or overflow; check the checkpoint or artifact"
+                )
             for k, (iy, ix) in enumerate(chunk):
                 _accumulate(canvas, np.clip(sr[k], -1.0, 1.0), ys[iy] * scale, xs[ix] * scale, wy[iy], wx[ix])
             bar.update(len(chunk))
