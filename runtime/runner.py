@@ -182,13 +182,19 @@ def verify_files(artifact_dir: Path, manifest: Mapping[str, Any]) -> None:
     """Check that every file the manifest lists exists and has the recorded sha256.
 
     Raises:
-        InputError: a file is missing or was modified (names the file and both digests).
+        InputError: a file is missing, outside the folder, or was modified (names the file and both digests).
     """
     artifact_dir = Path(artifact_dir)
     if not manifest["files"]:
         raise InputError(f"{artifact_dir / MANIFEST_NAME} lists no model files")
     for entry in manifest["files"]:
-        path = artifact_dir / entry["name"]
+        name = Path(str(entry["name"]))
+        if name.is_absolute() or ".." in name.parts:
+            raise InputError(
+                f"{artifact_dir / MANIFEST_NAME} names the model file {str(name)!r}, outside the artifact folder; "
+                "the manifest was edited or is not from tadsr export: re-export the artifact"
+            )
+        path = artifact_dir / name
         if not path.exists():
             raise InputError(f"model file {path} listed in the manifest is missing; restore it or re-export")
         digest, _ = sha256_path(path)

@@ -608,7 +608,8 @@ def manifest_defaults(cfg: BenchConfig, sets: Sequence[ArtifactSet]) -> BenchCon
     if cfg.init is not None or any((cfg.student, cfg.teacher, cfg.autoencoder)) or not sets:
         return cfg
     sources = [m.get("sources") or {} for s in sets for m in s.manifests.values()]
-    if all((src.get(part) or {}).get("path") == "random-fill" for src in sources for part in ("student", "autoencoder")):
+    parts = ("student", "autoencoder")
+    if all((src.get(part) or {}).get("path") == "random-fill" for src in sources for part in parts):
         logger.info("the artifacts record random-fill weights: the reference uses --init random too")
         return dataclasses.replace(cfg, init="random")
     return cfg
