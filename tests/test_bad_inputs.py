@@ -23,7 +23,6 @@ import pickle
 import re
 import shutil
 import struct
-import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -657,37 +656,29 @@ def _interrupt_graphs(ws: Path) -> list[Any]:
 
 
 def _two_exports(ws: Path, res: Resources) -> tuple[Callable[[], Any], Expect]:
-    """Two writers commit the same artifact name into one folder at the same moment (threads, a barrier)."""
+    """Two exports commit the same artifact name into one --out at the same moment. The race is forced: the other
+    export's folder lands between this one's "is the name free?" check and its rename."""
     from tadsr.export.artifact import staged_artifact
 
-    barrier = threading.Barrier(2)
-    errors: list[BaseException] = []
-
-    def write(tag: str) -> None:
-        try:
-            with staged_artifact(ws / "out", "encoder-onnx-fp32-t64") as stage:
-                (stage.path / "model.onnx").write_text(tag)
-                barrier.wait()
-                stage.commit()
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
     def call() -> str:
-        (ws / "out").mkdir()
-        for _ in range(20):  # many rounds: the race window is small
-            barrier.reset()
-            threads = [threading.Thread(target=write, args=(t,)) for t in ("a", "b")]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        if errors:
-            raise errors[0]
-        names = sorted(p.name for p in (ws / "out").iterdir())
-        return (f"both committed; folder holds {names}, model from writer "
-                f"{(ws / 'out' / names[0] / 'model.onnx').read_text()}")
+        out = ws / "out"
+        out.mkdir()
+        real = os.rename
+        with staged_artifact(out, "encoder-onnx-fp32-t64") as a, staged_artifact(out, "encoder-onnx-fp32-t64") as b:
+            (a.path / "model.onnx").write_text("a")
+            (b.path / "model.onnx").write_text("b")
 
-    return call, Expect(raises="ok", message=r"both committed; folder holds \['encoder-onnx-fp32-t64'\]",
+            def racing(src: Any, dst: Any) -> None:
+                if Path(src) == b.path and not a.committed:
+                    a.commit()  # the other export wins the name first
+                real(src, dst)
+
+            with mock.patch("os.rename", racing):
+                b.commit()
+        names = sorted(p.name for p in out.iterdir())
+        return f"both committed; folder holds {names}, model from writer {(out / names[0] / 'model.onnx').read_text()}"
+
+    return call, Expect(raises="ok", message=r"both committed; folder holds \['encoder-onnx-fp32-t64'\], .* writer b",
                         written=("out/encoder-onnx-fp32-t64/model.onnx",))
 
 
