@@ -10,6 +10,7 @@ same name is replaced only by a successful commit.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import functools
 import json
 import logging
@@ -189,15 +190,42 @@ class Staging:
     committed: bool = False
 
     def commit(self) -> Path:
-        """Move the staged folder to its final name, replacing an existing one only now."""
+        """Move the staged folder to its final name, replacing an existing one only now.
+
+        Another process may commit the same name at the same moment (two exports into one ``--out``): the swap
+        is retried, the last commit wins, and neither leaves a temp folder or a half-replaced artifact.
+
+        Raises:
+            ExportError: the folder could not be moved into place (says why).
+        """
         final = self.final
+        for attempt in range(5):
+            try:
+                self._swap_in(final)
+                break
+            except OSError as e:
+                # ENOTEMPTY / EEXIST: someone else's folder appeared at `final`; ENOENT: theirs vanished mid-swap
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT) or attempt == 4:
+                    raise ExportError(
+                        f"cannot move the new artifact into {final}: {e.strerror or e} (is another export writing "
+                        "the same artifact into this --out?); rerun it"
+                    ) from e
+                logger.debug("commit of %s raced with another writer (%s); retrying", final, e.strerror)
+        self.committed = True
+        logger.debug("committed %s", final)
+        return final
+
+    def _swap_in(self, final: Path) -> None:
         if final.exists() or final.is_symlink():
             old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
             os.rename(final, old)
             try:
                 os.rename(self.path, final)
             except OSError:
-                os.rename(old, final)
+                try:
+                    os.rename(old, final)  # put the previous artifact back
+                except OSError:  # another writer's artifact is there now: drop the previous one
+                    shutil.rmtree(old, ignore_errors=True)
                 raise
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
@@ -205,9 +233,6 @@ class Staging:
                 old.unlink(missing_ok=True)
         else:
             os.rename(self.path, final)
-        self.committed = True
-        logger.debug("committed %s", final)
-        return final
 
 
 @contextmanager

@@ -37,8 +37,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="export graphs to ONNX / Core ML / ExecuTorch artifacts, each checked by parity",
         description="Export the one-step model's graphs to self-describing artifact folders "
         "(<out>/<graph>-<format>-<precision>-t<tile>/ with manifest.json). Every artifact passes named parity "
-        "hops against the PyTorch reference before it is written; exit status 1 if an artifact was written "
-        "with failing parity (--no-parity-gate).",
+        "hops against the PyTorch reference before it is written; exit status 1 when parity fails (nothing is "
+        "written for that artifact, or it is written and marked with --no-parity-gate), 2 on bad input.",
     )
     from tadsr.cli import add_model_args
 

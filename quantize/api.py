@@ -41,7 +41,7 @@ import torch
 
 from tadsr.config import Preset
 from tadsr.errors import ConfigError, ExportError, InputError, TadsrError
-from tadsr.export.api import prepare_out_dir
+from tadsr.export.api import _remove_empty, prepare_out_dir
 from tadsr.export.artifact import BackendResult, artifact_name, build_manifest, staged_artifact, write_manifest
 from tadsr.export.graphs import make_graph
 from tadsr.export.parity import (
@@ -73,7 +73,7 @@ from tadsr.quantize.sensitivity import (
     load_recipe,
     worst_psnr,
 )
-from tadsr.runtime.runner import read_manifest, sha256_path, verify_files
+from tadsr.runtime.runner import MANIFEST_NAME, read_manifest, sha256_path, verify_files
 
 __all__ = ["METHODS", "FORMATS", "quantize_artifact", "rebuild_models"]
 
@@ -97,8 +97,38 @@ class _Parent:
     model_file: Path
 
 
+def find_fp32_artifact(path: Path) -> Path:
+    """``path`` if it is an artifact folder; else the one fp32 artifact among its sub-folders (the folder that
+    ``tadsr export --out`` wrote).
+
+    Raises:
+        InputError: ``path`` does not exist, holds no fp32 artifact, or several (they are listed).
+    """
+    path = Path(path)
+    if not path.is_dir() or (path / MANIFEST_NAME).is_file():
+        return path  # read_manifest says what is wrong with it
+    fits, others = [], []
+    for sub in sorted(p for p in path.iterdir() if (p / MANIFEST_NAME).is_file()):
+        try:
+            m = json.loads((sub / MANIFEST_NAME).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            others.append(sub.name)
+            continue
+        is_fp32 = isinstance(m, dict) and m.get("precision") == "fp32" and m.get("format") in FORMATS
+        (fits if is_fp32 else others).append(sub.name)
+    if len(fits) == 1:
+        logger.info("quantizing %s, the one fp32 artifact in %s", fits[0], path)
+        return path / fits[0]
+    if fits:
+        raise InputError(f"{path} holds {len(fits)} fp32 artifacts: {', '.join(fits)}; pass one of them, "
+                         f"e.g. {path / fits[0]}")  # fmt: skip
+    seen = f" (it holds {', '.join(others)}, none an fp32 artifact)" if others else ""
+    raise InputError(f"{path} has no {MANIFEST_NAME} and no fp32 artifact folder inside{seen}; pass a folder "
+                     "written by tadsr export")  # fmt: skip
+
+
 def _read_parent(artifact_dir: Path) -> _Parent:
-    artifact_dir = Path(artifact_dir)
+    artifact_dir = find_fp32_artifact(Path(artifact_dir))
     manifest = read_manifest(artifact_dir)
     verify_files(artifact_dir, manifest)
     if manifest["precision"] != "fp32":
@@ -551,7 +581,21 @@ def quantize_artifact(
         have = {g: sorted(b) for g, b in rec.graphs.items()}
         raise ConfigError(f"the recipe has no entry for graph {parent.graph!r}, backend {parent.fmt!r} (it has {have})")
     out_dir = Path(out_dir)
-    prepare_out_dir(out_dir)
+    created = prepare_out_dir(out_dir)
+    try:
+        paths = _quantize(parent, rec, calib, num_patches, seed, method, target_psnr, out_dir, holdout,
+                          holdout_patches, sensitivity_patches, sensitivity_budget, parity_gate, threads, progress)
+    except BaseException:  # Ctrl-C included: leave no empty output folder behind
+        _remove_empty(created)
+        raise
+    logger.info("quantized %s in %.1fs -> %s", parent.path.name, time.perf_counter() - t0, [p.name for p in paths])
+    return paths
+
+
+def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patches: int | None, seed: int,
+              method: str, target_psnr: float | None, out_dir: Path, holdout: Path | None, holdout_patches: int,
+              sensitivity_patches: int, sensitivity_budget: int, parity_gate: bool, threads: int | None,
+              progress: bool) -> list[Path]:  # fmt: skip
     scale = int(parent.manifest["graph"]["scale"])
     calib_patches = sample_calibration(calib, num_patches=num_patches, tile=parent.tile, scale=scale, seed=seed,
                                        progress=progress)  # fmt: skip
@@ -576,7 +620,6 @@ def quantize_artifact(
             paths = _coreml(ctx)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    logger.info("quantized %s in %.1fs -> %s", parent.path.name, time.perf_counter() - t0, [p.name for p in paths])
     return paths
 
 

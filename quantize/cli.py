@@ -2,7 +2,9 @@
 
 The main CLI (``tadsr/cli.py``) registers the subcommand with :func:`add_quantize_parser` and dispatches to
 :func:`run_quantize`; it configures logging and turns :class:`~tadsr.errors.TadsrError` (bad folders, empty or
-unreadable calibration images, too few images, images smaller than a patch, bad recipes) into exit status 2.
+unreadable calibration images, too few images, images smaller than a patch, bad recipes) into exit status 2, and a
+parity failure (:class:`~tadsr.errors.ParityError`) into 1. ARTIFACT_DIR may also be the folder ``tadsr export``
+wrote when it holds exactly one fp32 artifact.
 This module prints only the final summary table (to stdout).
 
 Examples::
@@ -38,7 +40,8 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Make <out>/<graph>-<format>-int8-t<tile>/ (and <graph>-coreml-w8-t<tile>/ for Core ML) from "
         "an fp32 artifact folder: calibration on real LR patches pushed through the reference pipeline, an "
         "automatic float/INT8 recipe (recipe.json) meeting a PSNR floor on held-out patches, parity vs the fp32 "
-        "artifact. Exit status 2 on bad input (folders, images, recipe), 1 if written with failing parity.",
+        "artifact. Exit status 2 on bad input (folders, images, recipe), 1 when parity fails (nothing written, or "
+        "written and marked with --no-parity-gate).",
     )
     p.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR", help="fp32 artifact folder from tadsr export")
     p.add_argument("--calib", type=Path, help="calibration image folder (DIV2K layout detected; default: the "

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from tadsr.errors import BackendUnavailableError, ConfigError, InputError
+from tadsr.errors import BackendUnavailableError, ConfigError, InputError, RunnerError
 from tadsr.runtime.executorch_runner import _model_path, spec_from_mapping
 from tadsr.runtime.runner import check_inputs
 
@@ -112,5 +112,5 @@ class CoreMLRunner:
         outs = self._predict(feeds)
         missing = [t.name for t in self.spec.outputs if t.name not in outs]
         if missing:
-            raise RuntimeError(f"{self.path} returned {sorted(outs)}, missing outputs {missing}")
+            raise RunnerError(f"{self.path} returned {sorted(outs)}, missing outputs {missing}")
         return {t.name: np.asarray(outs[t.name]).astype(t.dtype, copy=False) for t in self.spec.outputs}

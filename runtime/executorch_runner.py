@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tadsr.errors import BackendUnavailableError, InputError
+from tadsr.errors import BackendUnavailableError, InputError, RunnerError
 from tadsr.runtime.runner import RunnerSpec, check_inputs
 
 __all__ = ["ExecuTorchRunner", "spec_from_mapping"]
@@ -97,5 +97,5 @@ class ExecuTorchRunner:
         feeds = check_inputs(self.spec, inputs)
         outs = self.method.execute([torch.from_numpy(feeds[n]) for n in self.spec.input_names])
         if len(outs) != len(self.spec.outputs):
-            raise RuntimeError(f"{self.path} returned {len(outs)} outputs, expected {self.spec.output_names}")
+            raise RunnerError(f"{self.path} returned {len(outs)} outputs, expected {self.spec.output_names}; re-export it")
         return {t.name: np.array(o.numpy(), copy=True) for t, o in zip(self.spec.outputs, outs, strict=True)}

@@ -34,7 +34,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from tadsr.errors import InputError
+from tadsr.errors import InputError, NonFiniteOutputError
 
 __all__ = [
     "write_atomically",
@@ -291,24 +291,28 @@ def write_png(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_
         bit_depth: 8 or 16.
 
     Raises:
-        InputError: the folder does not exist or cannot be written.
-        ValueError: wrong shapes, non-finite values or an unsupported bit depth.
+        InputError: the folder does not exist or cannot be written (full, read-only), wrong shapes or an
+            unsupported bit depth (nothing is written).
+        NonFiniteOutputError: the image holds NaN or infinite values (nothing is written).
     """
     path = Path(path)
     if bit_depth not in (8, 16):
-        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+        raise InputError(f"bit_depth must be 8 or 16, got {bit_depth}")
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"rgb must be HxWx3 with H, W >= 1, got shape {rgb.shape}")
+        raise InputError(f"rgb must be HxWx3 with H, W >= 1, got shape {rgb.shape}")
     planes = [rgb]
     if alpha is not None:
         alpha = np.asarray(alpha)
         if alpha.shape != rgb.shape[:2]:
-            raise ValueError(f"alpha must be HxW = {rgb.shape[:2]}, got shape {alpha.shape}")
+            raise InputError(f"alpha must be HxW = {rgb.shape[:2]}, got shape {alpha.shape}")
         planes.append(alpha[..., None])
     samples = np.concatenate(planes, axis=-1).astype(np.float32)
     if not np.isfinite(samples).all():
-        raise ValueError(f"refusing to write {path}: the image holds NaN or infinite values")
+        raise NonFiniteOutputError(
+            f"refusing to write {path}: the image holds NaN or infinite values (the model's weights are probably "
+            "broken or overflow; check the checkpoint or artifact)"
+        )
     peak = 255.0 if bit_depth == 8 else 65535.0
     quantised = np.round(np.clip(samples, 0.0, 1.0) * np.float32(peak))
     if bit_depth == 8:
@@ -341,7 +345,7 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.replace(tmp, path)
         done = True
     except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from e
+        raise InputError(f"cannot write {path}: {e.strerror or e}; free some space or choose another output") from e
     finally:
         if not done:
             tmp.unlink(missing_ok=True)
@@ -376,7 +380,7 @@ def to_model(rgb: np.ndarray) -> np.ndarray:
     """HxWx3 RGB in [0, 1] -> (1, 3, H, W) float32 in [-1, 1], computed as upstream: ``(x - 0.5) / 0.5``."""
     rgb = np.asarray(rgb, dtype=np.float32)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"rgb must be HxWx3, got shape {rgb.shape}")
+        raise InputError(f"rgb must be HxWx3, got shape {rgb.shape}")
     x = (rgb - np.float32(0.5)) / np.float32(0.5)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
@@ -390,7 +394,12 @@ def from_model(x: np.ndarray) -> np.ndarray:
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
     if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"model output must be (1, 3, H, W) or (3, H, W), got shape {x.shape}")
+        raise InputError(f"model output must be (1, 3, H, W) or (3, H, W), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise NonFiniteOutputError(
+            "the model output holds NaN or infinite values (its weights are probably broken or overflow; check "
+            "the checkpoint or artifact); nothing was written"
+        )
     rgb = np.clip(np.clip(x, -1.0, 1.0) * np.float32(0.5) + np.float32(0.5), 0.0, 1.0)
     return np.ascontiguousarray(rgb.transpose(1, 2, 0))
 
@@ -412,9 +421,9 @@ def upscale_alpha(alpha: np.ndarray, scale: int = 4) -> np.ndarray:
     """
     alpha = np.asarray(alpha, dtype=np.float32)
     if alpha.ndim != 2:
-        raise ValueError(f"alpha must be HxW, got shape {alpha.shape}")
+        raise InputError(f"alpha must be HxW, got shape {alpha.shape}")
     if scale < 1:
-        raise ValueError(f"scale must be >= 1, got {scale}")
+        raise InputError(f"scale must be >= 1, got {scale}")
     height, width = alpha.shape
     resized = Image.fromarray(alpha).resize((width * scale, height * scale), Image.Resampling.BICUBIC)
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)

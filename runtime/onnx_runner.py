@@ -65,6 +65,12 @@ class OnnxRunner:
         got = [i.name for i in self.session.get_inputs()]
         if got != want:
             raise InputError(f"{path} has inputs {got}, but its manifest says {want}; re-export the artifact")
+        for d, i in zip(manifest["graph"]["inputs"], self.session.get_inputs(), strict=True):
+            if len(i.shape) != len(d["shape"]) or any(
+                isinstance(g, int) and g != int(w) for g, w in zip(i.shape, d["shape"], strict=False)
+            ):
+                raise InputError(f"{path} takes {d['name']!r} of shape {list(i.shape)}, but its manifest says "
+                                 f"{list(d['shape'])}; re-export the artifact")  # fmt: skip
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -36,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from tadsr.errors import ConfigError, InputError, InputSpecError
+from tadsr.errors import ConfigError, InputError, InputSpecError, RunnerError
 
 __all__ = [
     "MANIFEST_NAME",
@@ -182,13 +182,19 @@ def verify_files(artifact_dir: Path, manifest: Mapping[str, Any]) -> None:
     """Check that every file the manifest lists exists and has the recorded sha256.
 
     Raises:
-        InputError: a file is missing or was modified (names the file and both digests).
+        InputError: a file is missing, outside the folder, or was modified (names the file and both digests).
     """
     artifact_dir = Path(artifact_dir)
     if not manifest["files"]:
         raise InputError(f"{artifact_dir / MANIFEST_NAME} lists no model files")
     for entry in manifest["files"]:
-        path = artifact_dir / entry["name"]
+        name = Path(str(entry["name"]))
+        if name.is_absolute() or ".." in name.parts:
+            raise InputError(
+                f"{artifact_dir / MANIFEST_NAME} names the model file {str(name)!r}, outside the artifact folder; "
+                "the manifest was edited or is not from tadsr export: re-export the artifact"
+            )
+        path = artifact_dir / name
         if not path.exists():
             raise InputError(f"model file {path} listed in the manifest is missing; restore it or re-export")
         digest, _ = sha256_path(path)
@@ -257,7 +263,8 @@ class CheckedRunner:
         outs = self.inner.run(check_inputs(self.spec, inputs))
         missing = [n for n in self.spec.output_names if n not in outs]
         if missing:
-            raise RuntimeError(f"{self.backend} runner returned {sorted(outs)}, missing outputs {missing}")
+            raise RunnerError(f"{self.backend} runner returned {sorted(outs)}, missing outputs {missing}; the model "
+                              f"file does not match its manifest: re-export {self.artifact_dir}")
         return {n: np.asarray(outs[n]) for n in self.spec.output_names}
 
     def __repr__(self) -> str:
@@ -304,7 +311,7 @@ def load_runner(artifact_dir: Path, *, backend: str | None = None, low_memory: b
     cls, name = _backend_class(spec.format, backend)
     if backend is not None:
         opts["backend"] = backend
-    if low_memory and name == "onnx":
+    if low_memory and spec.format == "onnx":  # any backend name of the format ("onnx", "onnxruntime")
         opts["low_memory"] = True
     inner = cls(artifact_dir, manifest, **opts)
     logger.debug("loaded %s with %s", artifact_dir, name)

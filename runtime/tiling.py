@@ -79,7 +79,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tadsr.errors import ConfigError, InputError
+from tadsr.errors import ConfigError, InputError, ModelOutputError, NonFiniteOutputError
 
 __all__ = [
     "RunTiles",
@@ -117,9 +117,9 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
         Increasing origins; the first is 0 and the last is ``length - tile``.
     """
     if tile < 1 or not 0 <= overlap < tile:
-        raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+        raise ConfigError(f"need tile >= 1 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     if length < tile:
-        raise ValueError(f"side {length} is shorter than the tile {tile}; pad the image first (pad_for_tiles)")
+        raise InputError(f"side {length} is shorter than the tile {tile}; pad the image first (pad_for_tiles)")
     starts: list[int] = []
     for start in range(0, length, tile - overlap):
         start = min(start, length - tile)
@@ -180,7 +180,7 @@ def axis_weights(count: int, size: int, ramp: int, blend: str) -> list[np.ndarra
         One window of length ``size`` per tile.
     """
     if blend not in BLENDS:
-        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+        raise ConfigError(f"blend must be one of {BLENDS}, got {blend!r}")
     windows = []
     for i in range(count):
         window = np.ones(size)
@@ -253,11 +253,13 @@ def upscale_tiled(
 
     Raises:
         InputError: ``lr`` is not a (1,3,H,W) float array.
-        ValueError: bad parameters, or ``run_tiles`` returned the wrong shape.
+        ConfigError: bad parameters.
+        ModelOutputError: ``run_tiles`` returned the wrong shape.
+        NonFiniteOutputError: ``run_tiles`` returned NaN or infinite values (a broken model).
     """
     lr = _check_lr(lr)
     if scale < 1 or batch < 1 or not 0 <= seed < 2**64 or pad_multiple < 1:
-        raise ValueError(
+        raise ConfigError(
             f"need scale, batch, pad_multiple >= 1 and 0 <= seed < 2**64 (got {scale}, {batch}, {pad_multiple}, {seed})"
         )
     t0 = time.perf_counter()
@@ -270,10 +272,10 @@ def upscale_tiled(
     wx = axis_weights(len(xs), size, overlap * scale, blend)
     noise_shape = tuple(noise_shape_fn(tile)) if noise_shape_fn is not None else (latent_channels, tile, tile)
     if len(noise_shape) != 3:
-        raise ValueError(f"noise shape must be (C, h, w), got {noise_shape}")
+        raise ConfigError(f"noise shape must be (C, h, w), got {noise_shape}")
     lat_h, lat_w = noise_shape[1], noise_shape[2]
     if any((o * lat_h) % tile for o in ys) or any((o * lat_w) % tile for o in xs):
-        raise ValueError(f"tile origins {ys} x {xs} do not fall on the latent grid of noise shape {noise_shape}")
+        raise ConfigError(f"tile origins {ys} x {xs} do not fall on the latent grid of noise shape {noise_shape}")
     # tiles lying wholly in the padding would be cropped away: skip them (their noise does not shift others')
     jobs = [(iy, ix) for iy in range(len(ys)) if ys[iy] < height for ix in range(len(xs)) if xs[ix] < width]
     canvas = np.zeros((3, out_h, out_w), np.float32)
@@ -286,7 +288,12 @@ def upscale_tiled(
                               for iy, ix in calls])  # fmt: skip
             sr = np.asarray(run_tiles(lr_tiles, noise))
             if sr.shape != (len(calls), 3, size, size):
-                raise ValueError(f"run_tiles returned shape {sr.shape}, expected {(len(calls), 3, size, size)}")
+                raise ModelOutputError(f"run_tiles returned shape {sr.shape}, expected {(len(calls), 3, size, size)}")
+            if not np.isfinite(sr).all():
+                raise NonFiniteOutputError(
+                    f"the model returned NaN or infinite values for the tile at LR ({ys[chunk[0][0]]}, "
+                    f"{xs[chunk[0][1]]}): its weights are broken or overflow; check the checkpoint or artifact"
+                )
             for k, (iy, ix) in enumerate(chunk):
                 _accumulate(canvas, np.clip(sr[k], -1.0, 1.0), ys[iy] * scale, xs[ix] * scale, wy[iy], wx[ix])
             bar.update(len(chunk))
@@ -364,15 +371,15 @@ def noise_window(seed: int, shape: Sequence[int], y0: int = 0, x0: int = 0) -> n
         y0, x0: latent origin of the window, ``>= 0``; ``y0 + h`` and ``x0 + w`` at most ``2**32``.
 
     Raises:
-        ValueError: seed, shape or origin out of range.
+        ConfigError: seed, shape or origin out of range.
     """
     if len(shape) != 3 or min(shape) < 0:
-        raise ValueError(f"noise shape must be (C, h, w) with non-negative sides, got {tuple(shape)}")
+        raise ConfigError(f"noise shape must be (C, h, w) with non-negative sides, got {tuple(shape)}")
     c, h, w = (int(s) for s in shape)
     if not 0 <= seed < 2**64:
-        raise ValueError(f"noise seed must be in [0, 2**64), got {seed}")
+        raise ConfigError(f"noise seed must be in [0, 2**64), got {seed}")
     if y0 < 0 or x0 < 0 or y0 + h > 2**32 or x0 + w > 2**32 or c > 2**32:
-        raise ValueError(f"noise window origin ({y0}, {x0}) / shape {tuple(shape)} out of the uint32 counter range")
+        raise ConfigError(f"noise window origin ({y0}, {x0}) / shape {tuple(shape)} out of the uint32 counter range")
     xs = np.arange(x0, x0 + w, dtype=np.uint64)[None, None, :]
     ys = np.arange(y0, y0 + h, dtype=np.uint64)[None, :, None]
     cs = np.arange(c, dtype=np.uint64)[:, None, None]

@@ -39,6 +39,7 @@ Timings carry their conditions: machine, load average before and after, library 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -605,6 +606,39 @@ def _warnings(cfg: BenchConfig, machine: Mapping[str, Any], results: Sequence[Sy
 
 
 def run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) -> BenchResult:
+    """Benchmark every system of ``cfg`` (see :func:`_run_bench`); on any failure (Ctrl-C included) the report
+    folder is removed again if this call created it and it is still empty.
+
+    Settings the artifacts' manifests record are taken from them unless given: the preset (``cfg.preset=None``)
+    and random weights (``init=None`` and no checkpoints, while every artifact records ``random-fill`` weights).
+    """
+    cfg = manifest_defaults(cfg, find_artifact_sets(cfg.artifacts)) if models is None else cfg
+    out = Path(cfg.out_dir)
+    created = [p for p in (out, *out.parents) if not p.exists()][::-1]
+    try:
+        return _run_bench(cfg, models=models, progress=progress)
+    except BaseException:
+        for p in reversed(created):
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def manifest_defaults(cfg: BenchConfig, sets: Sequence[ArtifactSet]) -> BenchConfig:
+    """``cfg`` with ``init="random"`` when no weights are given and every artifact was made from random weights."""
+    if cfg.init is not None or any((cfg.student, cfg.teacher, cfg.autoencoder)) or not sets:
+        return cfg
+    sources = [m.get("sources") or {} for s in sets for m in s.manifests.values()]
+    parts = ("student", "autoencoder")
+    if all((src.get(part) or {}).get("path") == "random-fill" for src in sources for part in parts):
+        logger.info("the artifacts record random-fill weights: the reference uses --init random too")
+        return dataclasses.replace(cfg, init="random")
+    return cfg
+
+
+def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) -> BenchResult:
     """Benchmark the reference, the teacher, bicubic and the artifacts; write the report into ``cfg.out_dir``.
 
     Args:

@@ -179,6 +179,12 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, kind: str
             )
         parts.append("likely cause: " + _likely_cause(kind, missing, unexpected, mism))
         raise CheckpointError("; ".join(parts), missing=missing, unexpected=unexpected, mismatched=mism)
+    wrong = [k for k, v in own.items() if v.is_floating_point() and not state[k].is_floating_point()]
+    if wrong:
+        raise CheckpointError(
+            f"{source or 'checkpoint'}: {len(wrong)} tensors have dtype {state[wrong[0]].dtype} where the {kind} has "
+            f"floating-point weights ({_fmt(wrong)}); this is not a weights checkpoint of this model"
+        )
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{source or 'checkpoint'}: non-finite values (NaN/inf) in {_fmt(bad)}")

@@ -1,6 +1,8 @@
 """``tadsr`` command line: a thin layer that parses arguments and calls one library function per verb.
 
-Exit codes: 0 success, 1 failure (e.g. some images failed, parity below its floor), 2 usage / input errors.
+Exit codes (README "Errors and exit codes"): 0 success; 1 a verdict failed (parity below its floor, some images
+of a folder failed); 2 bad input or environment (a :class:`~tadsr.errors.TadsrError`, or argparse usage); 3 an
+internal error (traceback in a log file, see :func:`crash_log_dir`); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -126,22 +128,50 @@ def _reference_runner(args: argparse.Namespace) -> tuple[Callable, Callable[[int
 
 
 def _run_upscale(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from tadsr.errors import InputError
-    from tadsr.runtime.imageio import from_model, list_images, read_image, to_model, upscale_alpha, write_png
-    from tadsr.runtime.tiling import upscale_tiled
 
     if args.tile <= 0 or args.tile % 64:
         raise InputError(f"--tile must be a positive multiple of 64, got {args.tile}")
     if not 0 <= args.overlap < args.tile:
         raise InputError(f"--overlap must be in [0, tile), got {args.overlap}")
+    from tadsr.runtime.imageio import list_images
+
     files = list_images(args.input)
     folder_mode = args.input.is_dir()
+    created: list[Path] = []
     if folder_mode:
         if args.output.exists() and not args.output.is_dir():
             raise InputError(f"input is a folder, so the output must be a folder; {args.output} is a file")
-        args.output.mkdir(parents=True, exist_ok=True)
+        created = [p for p in (args.output, *args.output.parents) if not p.exists()][::-1]
+        try:
+            args.output.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create the output folder {args.output}: {e.strerror or e}; "
+                             "choose a writable folder") from e  # fmt: skip
+    written = 0
+    try:
+        written, failures = _upscale_files(args, files, folder_mode)
+    finally:
+        if not written:  # nothing written (an error, Ctrl-C, or every image failed): leave no empty folder
+            for p in reversed(created):
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+    if failures:
+        log.error("%d of %d images failed (listed above); the others were written", failures, len(files))
+        return 1
+    return 0
+
+
+def _upscale_files(args: argparse.Namespace, files: list[Path], folder_mode: bool) -> tuple[int, int]:
+    """Upscale ``files``; returns (written, failed). In a folder run a bad image is logged and skipped."""
+    from tqdm import tqdm
+
+    from tadsr.errors import InputError
+    from tadsr.runtime.imageio import from_model, read_image, to_model, upscale_alpha, write_png
+    from tadsr.runtime.tiling import upscale_tiled
+
     fixed_tile = None
     if args.artifact is not None:
         from tadsr.runtime.pipeline import MobileSRPipeline
@@ -158,7 +188,7 @@ def _run_upscale(args: argparse.Namespace) -> int:
         noise_shape = lambda t: tuple(mobile.noise_shape)  # noqa: E731
     else:
         run, noise_shape, scale = _reference_runner(args)
-    failures = 0
+    written = failures = 0
     progress = sys.stderr.isatty()
     for path in tqdm(files, desc="images", disable=not progress or len(files) < 2):
         out = args.output / f"{path.stem}.png" if folder_mode or args.output.is_dir() else args.output
@@ -173,19 +203,17 @@ def _run_upscale(args: argparse.Namespace) -> int:
             )
             alpha = upscale_alpha(img.alpha, scale) if img.alpha is not None else None
             write_png(out, from_model(sr), alpha=alpha)
-        except InputError as e:
+        except TadsrError as e:
             if not folder_mode:
                 raise
             failures += 1
             log.error("skipped %s: %s", path, e)
             continue
+        written += 1
         h, w = img.rgb.shape[:2]
         log.info("%s (%dx%d) -> %s (%dx%d) in %.1f s", path.name, w, h, out, scale * w, scale * h,
                  time.perf_counter() - t0)
-    if failures:
-        log.error("%d of %d images failed", failures, len(files))
-        return 1
-    return 0
+    return written, failures
 
 
 # -- main -----------------------------------------------------------------------------------------------------
@@ -211,19 +239,86 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     return [add_export_parser, add_quantize_parser, add_parity_parser, add_bench_parser, add_all_parser]
 
 
+def crash_log_dir() -> Path:
+    """Where internal-error tracebacks go: ``$TADSR_LOG_DIR``, else the system temp folder."""
+    import os
+    import tempfile
+
+    return Path(os.environ.get("TADSR_LOG_DIR") or tempfile.gettempdir())
+
+
+def _write_crash_log(exc: BaseException, argv: list[str] | None) -> Path | None:
+    import datetime as dt
+    import os
+    import platform
+    import traceback
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = crash_log_dir() / f"tadsr-crash-{stamp}-{os.getpid()}.log"
+    text = (f"tadsr {' '.join(sys.argv[:1] + list(sys.argv[1:] if argv is None else argv))}\n"
+            f"python {platform.python_version()} on {platform.platform()}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))  # fmt: skip
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError:
+        return None
+    return path
+
+
+def run_verb(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Call ``args.func(args)`` under the error policy (README "Errors and exit codes").
+
+    Returns the verb's own status (0, or 1 when a verdict failed); a :class:`TadsrError` -> its one-line message
+    and its ``exit_code`` (2 bad input or environment, 1 a failed verdict); Ctrl-C -> 130; an out-of-memory or a
+    full / read-only disk -> 2 with what to do; any other exception is a bug -> 3, with the traceback in a log
+    file (on the console only with -v).
+    """
+    import errno
+
+    from tadsr.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+
+    try:
+        return int(args.func(args) or 0)
+    except TadsrError as e:
+        log.error("%s", e)
+        log.debug("details", exc_info=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted; no partial output was left behind")
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        log.error("out of memory; use a smaller --tile, --low-memory (ONNX Runtime) or free memory, then retry")
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            where = f" ({e.filename})" if e.filename else ""
+            log.error("cannot write%s: %s; free some space or choose a writable output, then retry", where,
+                      e.strerror or e)  # fmt: skip
+            return EXIT_BAD_INPUT
+        return _internal(e, args, argv)
+    except Exception as e:  # noqa: BLE001 - the policy: every other exception is an internal error
+        return _internal(e, args, argv)
+
+
+def _internal(e: BaseException, args: argparse.Namespace, argv: list[str] | None) -> int:
+    from tadsr.errors import EXIT_INTERNAL
+
+    path = _write_crash_log(e, argv)
+    first = (str(e).splitlines() or [""])[0][:200]
+    where = f"the traceback is in {path}" if path else "the traceback could not be saved; rerun with -v to see it"
+    log.error("internal error (%s: %s); this is a bug, please report it: %s", type(e).__name__, first, where)
+    if getattr(args, "verbose", 0):
+        log.error("traceback:", exc_info=e)
+    return EXIT_INTERNAL
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return int(args.func(args) or 0)
-    except TadsrError as e:
-        log.error("%s", e)
-        return 2
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+    return run_verb(args, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Exception hierarchy of tadsr-mobile.
+"""Exception hierarchy of tadsr-mobile, and the exit codes of the ``tadsr`` command.
 
-Every error raised on bad user input derives from :class:`TadsrError`, so the CLI can print the message
-and exit with status 2 (usage / input error) instead of a traceback.
+Every user-facing failure derives from :class:`TadsrError`; its message says what happened and what to do.
+The CLI prints that one line and exits with the error's :attr:`TadsrError.exit_code`:
+
+- ``EXIT_BAD_INPUT`` (2): bad input or environment (files, folders, checkpoints, flags, missing backends).
+- ``EXIT_VERDICT`` (1): a verdict failed (parity below its floor, an image of a folder run failed).
+- ``EXIT_INTERNAL`` (3): anything else is a bug: the traceback goes to a log file, the console gets one line.
 """
 
 from __future__ import annotations
@@ -9,8 +13,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+EXIT_OK = 0
+EXIT_VERDICT = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
 class TadsrError(Exception):
-    """Base class for all expected, user-facing errors."""
+    """Base class for all expected, user-facing errors (exit status :attr:`exit_code`, 2 unless overridden)."""
+
+    exit_code: int = EXIT_BAD_INPUT
 
 
 class ConfigError(TadsrError, ValueError):
@@ -60,6 +73,8 @@ class ParityError(TadsrError):
         stats: the measured error statistics (a dict of numbers).
     """
 
+    exit_code = EXIT_VERDICT
+
     def __init__(self, message: str, *, hop: str = "", stats: dict | None = None) -> None:
         super().__init__(message)
         self.hop = hop
@@ -68,3 +83,15 @@ class ParityError(TadsrError):
 
 class BackendUnavailableError(TadsrError):
     """A runtime backend cannot run here (e.g. Core ML on Linux)."""
+
+
+class ModelOutputError(TadsrError, ValueError):
+    """A model (or a tile function) returned an output of the wrong shape or with invalid values."""
+
+
+class NonFiniteOutputError(ModelOutputError):
+    """A model produced NaN or infinite values (broken or overflowing weights); nothing is written."""
+
+
+class RunnerError(TadsrError, RuntimeError):
+    """A runtime backend returned something other than what the artifact's manifest declares."""

@@ -3,8 +3,9 @@
 Registered by ``tadsr/cli.py`` with :func:`add_parity_parser`; runs standalone as ``python -m tadsr.parity_cli``.
 Prints the Markdown report to stdout and, with ``--report DIR``, writes ``DIR/parity.json`` and ``DIR/parity.md``.
 
-Exit status: 0 every artifact and whole-image set passed; 1 a parity failure; 2 usage or input errors
-(argparse errors, :class:`~tadsr.errors.TadsrError`, or an artifact that could not be checked at all).
+Exit status (the main CLI's policy): 0 every artifact and whole-image set passed; 1 a parity failure; 2 usage or
+input errors (argparse errors, :class:`~tadsr.errors.TadsrError`, or an artifact that could not be checked at all);
+3 an internal error (traceback in a log file).
 
 Examples::
 
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tadsr.errors import ConfigError, TadsrError
+from tadsr.errors import ConfigError
 
 __all__ = ["add_parity_parser", "main", "run_parity"]
 
@@ -102,11 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args([*flags, "parity", *(a for a in argv if a not in flags)])
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return int(args.func(args))
-    except TadsrError as e:
-        logging.getLogger("tadsr").error("%s", e)
-        return 2
+    from tadsr.cli import run_verb
+
+    return run_verb(args, argv)
 
 
 if __name__ == "__main__":

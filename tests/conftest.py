@@ -28,6 +28,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201 - pluggy hook wrapper
+    """Keep each phase's report on the test item (``item.rep_call.passed``) for fixtures that need the outcome."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 def load_golden(tag: str) -> dict[str, np.ndarray]:
     path = GOLDEN_DIR / f"resshift_{tag}.npz"
     if not path.exists():

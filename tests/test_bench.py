@@ -98,21 +98,30 @@ def test_report_structure(bench):
     assert leftovers == []
 
 
-def test_sane_order(bench):
+def test_stage_timings_and_ratios(bench):
+    """Structure, not speed: 2 timed runs on a shared CPU cannot order systems reliably (speed claims are measured
+    in benchmarks/, with >= 5 repeats). Stage times come from the same passes as end-to-end times, and every ratio
+    is the quotient of the medians it names."""
     lat = {s.name: s.latency for s in bench.systems}
-    bicubic = lat["bicubic"]["e2e"]["median_ms"]
-    assert all(bicubic < v["e2e"]["median_ms"] for k, v in lat.items() if k != "bicubic")
-    student, teacher = lat["torch-student"], lat["torch-teacher-T15"]
-    assert teacher["denoiser"]["median_ms"] > 5 * student["denoiser"]["median_ms"]  # 15 UNet calls vs 1
-    assert teacher["e2e"]["min_ms"] > student["e2e"]["min_ms"]
     for s in lat.values():  # stage times come from the same passes: they fit inside each pass's end-to-end time
         if "encoder" in s:
             for i, e2e in enumerate(s["e2e"]["runs_ms"]):
                 assert sum(s[k]["runs_ms"][i] for k in STAGES) <= e2e + 0.01
+        for v in s.values():
+            assert min(v["runs_ms"]) == pytest.approx(v["min_ms"], abs=1e-3)
+            assert v["median_ms"] == pytest.approx(float(np.median(v["runs_ms"])), abs=1e-3)
     r = bench.report["ratios"]
-    assert r["student_vs_teacher"]["latency"]["denoiser"] < 0.2 and r["student_vs_teacher"]["speedup_e2e"] > 1
+    st = r["student_vs_teacher"]
+    assert (st["numerator"], st["denominator"]) == ("torch-student", "torch-teacher-T15")
+    student, teacher = lat["torch-student"], lat["torch-teacher-T15"]
+    for k, ratio in st["latency"].items():
+        assert ratio == pytest.approx(student[k]["median_ms"] / teacher[k]["median_ms"], abs=2e-4), k
+    assert st["speedup_e2e"] == pytest.approx(1 / st["latency"]["e2e"], rel=1e-2)
     assert {e["numerator"] for e in r["export_vs_eager"]} == {"onnx-fp32-fused", "onnx-fp32-components"}
     assert set(r["export_vs_eager"][1]["latency"]) | set(r["export_vs_eager"][0]["latency"]) == {"e2e", *STAGES}
+    for e in r["export_vs_eager"]:
+        assert e["latency"]["e2e"] == pytest.approx(
+            lat[e["numerator"]]["e2e"]["median_ms"] / student["e2e"]["median_ms"], abs=2e-4)
 
 
 def test_same_tiles_and_noise_for_every_system(bench):

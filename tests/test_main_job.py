@@ -31,4 +31,34 @@ def test_tiny_onnx_main_job(tmp_path: Path) -> None:
     assert report and (out / "parity" / "artifacts" / "parity.json").exists()
     assert sorted(p.name for p in (out / "int8").iterdir() if p.is_dir()) == [
         "decoder-onnx-int8-t64", "denoiser-onnx-int8-t64", "encoder-onnx-int8-t64", "pipeline-onnx-int8-t64"]
-    assert rc in (0, 1)  # 1: a parity floor failed; random INT8 weights may do that, the report says which
+    # the exit code is the parity verdict: 0 when both reports passed, 1 when one failed (random INT8 weights may
+    # miss a floor; the report says which)
+    reports = [out / "parity" / sub / "parity.json" for sub in ("artifacts", "int8")]
+    verdicts = [json.loads(p.read_text())["passed"] for p in reports]
+    assert rc == (0 if all(verdicts) else 1), (rc, verdicts)
+
+
+@pytest.mark.parametrize("verdicts, want", [((True, True), 0), ((True, False), 1), ((False, True), 1)])
+def test_exit_code_is_the_parity_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verdicts, want) -> None:
+    """``tadsr all`` with every stage stubbed: it exits 1 exactly when a parity report failed, and says so."""
+    from types import SimpleNamespace
+
+    import tadsr.bench
+    import tadsr.export.api
+    import tadsr.parity
+    import tadsr.pipeline
+    import tadsr.quantize.api
+
+    results = iter(verdicts)
+    md = tmp_path / "bench.md"
+    md.write_text("| system |\n")
+    monkeypatch.setattr(tadsr.pipeline, "load_models", lambda **kw: object())
+    monkeypatch.setattr(tadsr.export.api, "export_model",
+                        lambda *a, **kw: kw["out_dir"].mkdir(parents=True, exist_ok=True) or [])  # fmt: skip
+    monkeypatch.setattr(tadsr.quantize.api, "quantize_artifact", lambda *a, **kw: [])
+    monkeypatch.setattr(tadsr.parity, "check_parity", lambda *a, **kw: SimpleNamespace(passed=next(results)))
+    monkeypatch.setattr(tadsr.parity, "write_report", lambda *a, **kw: None)
+    monkeypatch.setattr(tadsr.bench, "run_bench", lambda *a, **kw: SimpleNamespace(files={"markdown": md}))
+    out = tmp_path / "out"
+    assert main(["-q", "all", "--out", str(out), "--preset", "tiny", "--init", "random", "--format", "onnx"]) == want
+    assert ("parity: PASS" if want == 0 else "parity: FAIL") in (out / "SUMMARY.md").read_text()

@@ -252,8 +252,9 @@ def test_executorch_int8_lowers_and_runs(fp32_encoder, tmp_path):
     assert "max_abs_steps" in fq  # runtime vs fake-quant torch, in quantization steps of the output scale
     size, fp32 = m["files"][0]["bytes"], read_manifest(fp32_encoder["executorch"])["files"][0]["bytes"]
     assert size <= 0.35 * fp32, size / fp32
-    out = load_runner(art).run({"lr": np.zeros((1, 3, 64, 64), np.float32)})
-    assert np.isfinite(out["z_y"]).all()
+    # measured here, not read from the manifest: INT8 vs the fp32 artifact on held-out photos
+    worst = _worst_latent_psnr(load_runner(art), load_runner(fp32_encoder["executorch"]))
+    assert worst >= next(iter(load_floors("int8", "encoder", "tiny").values())).psnr - SMALL_CALIB_MARGIN_DB, worst
 
 
 def test_coreml_w8a8_and_w8(fp32_encoder, tmp_path):
@@ -270,8 +271,40 @@ def test_coreml_w8a8_and_w8(fp32_encoder, tmp_path):
         ops = m["backend_info"]["mil_ops"]
         assert all(ops.get(o, 0) > 0 for o in want), ops
         assert m["parity_passed"], m["parity"]
+        floor = next(iter(load_floors(m["precision"], "encoder", "tiny").values())).psnr
         fid = next(iter(m["quantization"]["fidelity"].values()))
-        print(f"{art.name}: {fid['psnr']:.2f} dB vs fp32 (coreml-sim), {m['files'][0]['bytes'] / 1e6:.2f} MB")
+        assert fid["psnr"] >= floor, (art.name, fid)
+        # measured here through the simulator, not read from the manifest
+        worst = _worst_latent_psnr(load_runner(art, backend="coreml-sim"),
+                                   load_runner(fp32_encoder["coreml"], backend="coreml-sim"))  # fmt: skip
+        assert worst >= floor - SMALL_CALIB_MARGIN_DB, (art.name, worst)
+
+
+# The int8 floors of numerics.json assume >= 32 calibration crops; SMALL calibrates on 4. On the three held-out
+# photos below the encoder then measured 29.5 dB (ExecuTorch INT8) and 29.1 dB (Core ML W8A8) vs fp32 (floor 30),
+# while its manifest (2 held-out patches) passed; the independent check allows the floor minus this margin.
+SMALL_CALIB_MARGIN_DB = 3.0
+
+
+def _held_out_lr_tiles() -> list[np.ndarray]:
+    """(1, 3, 64, 64) LR tiles from the shipped benchmark photos (never calibration images), MATLAB-bicubic / 4."""
+    from tadsr.imresize import imresize
+    from tadsr.runtime.imageio import read_image, to_model
+
+    photos = sorted((Path(__file__).resolve().parents[1] / "tadsr" / "data" / "bench").glob("*.png"))[:3]
+    assert len(photos) == 3
+    return [to_model(np.clip(imresize(read_image(f).rgb, 1 / 4), 0, 1)) for f in photos]
+
+
+def _worst_latent_psnr(int8, fp32) -> float:
+    """Worst PSNR (over the fp32 latent's peak-to-peak, as numerics.json) of ``int8`` vs ``fp32`` on held-out tiles."""
+    from tadsr.metrics import psnr
+
+    worst = np.inf
+    for lr in _held_out_lr_tiles():
+        ref, got = fp32.run({"lr": lr})["z_y"], int8.run({"lr": lr})["z_y"]
+        worst = min(worst, psnr(got, ref, data_range=float(ref.max() - ref.min())))
+    return worst
 
 
 # ------------------------------------------------------------------------------------------------- errors

@@ -176,12 +176,33 @@ def test_tiled_vs_single_call_and_no_seam(tiny_models) -> None:
     single = upscale_tiled(lr, run, tile=128, overlap=16, seed=0)  # one call covering the image
     tiled = upscale_tiled(lr, run, tile=64, overlap=32, seed=0)  # tiles start at 0, 32, 64 per axis
     err = np.abs(tiled - single)[0].mean(0)  # (512, 512)
-    # Stated tolerance: tiles normalise (GroupNorm) over their own extent and draw their own noise, so a tiled
-    # result differs from one call. The random-weight tiny model amplifies noise, so we only require > 8 dB
-    # here (measured 9.9 dB); benchmarks/runtime_bench.py reports the same comparison for the trained model.
-    assert psnr(tiled, single) > 8.0
+    # No PSNR claim here: tiles normalise (GroupNorm) over their own extent and draw their own noise, and the
+    # random-weight tiny model's output is noise-dominated (tiled vs one call 9.9 dB, one call with another seed
+    # 9.6 dB, two unrelated uniform images 7.8 dB), so a PSNR floor could not fail. That the tiler puts every
+    # output pixel where it belongs is tested exactly below (test_tiled_equals_single_call_for_a_pointwise_model);
+    # benchmarks/runtime_bench.py reports tiled vs one call for the trained model.
+    assert tiled.shape == single.shape == (1, 3, 512, 512) and np.isfinite(tiled).all()
     # No seam: the error on the output columns/rows where a tile starts or ends (LR 32, 64, 96 -> x4) is not
     # larger than elsewhere (within 1.5x of the mean error).
     lines = [c for c in range(512) if any(abs(c - 4 * s) < 3 for s in (32, 64, 96))]
     assert err[:, lines].mean() < 1.5 * err.mean()
     assert err[lines, :].mean() < 1.5 * err.mean()
+
+
+def test_tiled_equals_single_call_for_a_pointwise_model() -> None:
+    """A model that maps each LR pixel to its own 4x4 output block (no context, no noise) gives the same image
+    tiled with overlaps and feathering as in one call: any misplaced tile, ramp or normaliser shows up."""
+    img = read_image(sorted(CALIB.glob("*.png"))[5])
+    lr = to_model(img.rgb)[:, :, :100, :120]  # not a multiple of the tile: padding and cropping are exercised
+
+    def run(l: np.ndarray, n: np.ndarray) -> np.ndarray:
+        return np.tanh(1.5 * l.repeat(4, axis=2).repeat(4, axis=3) + 0.1 * l.mean(axis=1, keepdims=True).repeat(
+            4, axis=2).repeat(4, axis=3))
+
+    single = upscale_tiled(lr, run, tile=128, overlap=0, seed=0)
+    tiled = upscale_tiled(lr, run, tile=64, overlap=24, seed=0)
+    want = np.tanh(1.5 * lr.repeat(4, axis=2).repeat(4, axis=3) + 0.1 * lr.mean(axis=1, keepdims=True).repeat(
+        4, axis=2).repeat(4, axis=3))
+    assert tiled.shape == single.shape == want.shape == (1, 3, 400, 480)
+    np.testing.assert_allclose(single, want, atol=1e-6)
+    np.testing.assert_allclose(tiled, want, atol=1e-5)
