@@ -235,9 +235,11 @@ def make_graphs(models: Models, tile: int = 64, names: tuple[str, ...] = GRAPH_N
     check_tile(tile, models.preset.pad_multiple)
     sched = make_schedule(models.preset.schedule)
     light = models.light_autoencoder  # when loaded, the graphs (like the reference pipeline) use it
-    enc: nn.Module = EncoderGraph(models.autoencoder, models.preset.scale) if light is None else LightEncoderGraph(light)
+    enc: nn.Module = EncoderGraph(models.autoencoder, models.preset.scale)
+    dec: nn.Module = DecoderGraph(models.autoencoder)
+    if light is not None:
+        enc, dec = LightEncoderGraph(light), LightDecoderGraph(light)
     den = DenoiserGraph(_prepared_student(models, tile), sched.input_scale(sched.num_steps - 1))
-    dec: nn.Module = DecoderGraph(models.autoencoder) if light is None else LightDecoderGraph(light)
     pipe = PipelineGraph(enc, den, dec, sched.prior_noise_scale())
     all_graphs = {"encoder": enc, "denoiser": den, "decoder": dec, "pipeline": pipe}
     out = {}

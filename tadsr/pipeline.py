@@ -170,7 +170,8 @@ def load_models(
     ae, sources["autoencoder"] = _build(VQModelTorch(p.vq), autoencoder, p, "autoencoder", "autoencoder", init, True)
     models = Models(preset=p, student=student_net, autoencoder=ae, teacher=teacher_net, sources=sources)  # type: ignore[arg-type]
     if light_autoencoder is not None and light_autoencoder is not False:
-        models.light_autoencoder, sources["light_autoencoder"] = _build_light(light_autoencoder, p, ae, init)  # type: ignore[arg-type]
+        light, sources["light_autoencoder"] = _build_light(light_autoencoder, p, ae, init)  # type: ignore[arg-type]
+        models.light_autoencoder = light
     for m in (models.student, models.autoencoder, models.teacher, models.light_autoencoder):
         if m is not None:
             m.to(device).eval().requires_grad_(False)

@@ -270,10 +270,11 @@ def distill_light_ae(
     metrics: dict[str, float] = {}
     val: dict[str, float] = {}
     if resume and ckpt.exists():
-        st = ckpt.load(model=net, ema=ema, optimizers={"light": opt})
-        if st.get("light_config") != json.loads(lcfg.to_json()):
-            raise ConfigError(f"{out_dir} holds a run of another light config {st.get('light_config')}; "
+        held = json.loads(ckpt.state_path.read_text()).get("light_config")
+        if held != json.loads(lcfg.to_json()):
+            raise ConfigError(f"{out_dir} holds a run of another light config ({held}, this run: {lcfg}); "
                               "pass --fresh or another --out")  # fmt: skip
+        st = ckpt.load(model=net, ema=ema, optimizers={"light": opt})
         step, elapsed = int(st["step"]), float(st["elapsed_s"])
         metrics, val = dict(st.get("metrics", {})), dict(st.get("val", {}))
         log.info("distill-ae: resumed %s at step %d", out_dir, step)
