@@ -63,6 +63,8 @@ __all__ = ["DistillAEConfig", "DistillAEResult", "TargetPool", "build_target_poo
 
 log = logging.getLogger(__name__)
 
+CODEBOOK = "quantize.embedding.weight"
+
 
 @dataclass(frozen=True, kw_only=True)
 class DistillAEConfig:
@@ -308,6 +310,7 @@ def distill_light_ae(
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         ema.update(net)
+        ema.state[CODEBOOK].copy_(emb.weight)  # frozen: kept exact (an EMA of a constant drifts by rounding)
         step += 1
         meter.add({"loss": loss, "latent_mse": l_lat, "image_l1": l_img,
                    "psnr_vs_frozen": -10 * torch.log10(F.mse_loss(img.detach().clamp(-1, 1), target) / 4)})  # fmt: skip
