@@ -61,7 +61,7 @@ def tiny_ae() -> VQModelTorch:
 
 
 def _cfg(steps: int) -> DistillAEConfig:
-    return DistillAEConfig(preset="tiny", steps=steps, batch=4, crop=64, train_crop=32, pool_size=4, lr=3e-3,
+    return DistillAEConfig(preset="tiny", steps=steps, batch=4, crop=64, train_crop=64, pool_size=4, lr=5e-3,
                            warmup=2, log_every=5, save_every=5, val_crops=1)  # fmt: skip
 
 
@@ -99,7 +99,7 @@ def test_distill_smoke_loss_decreases_and_resume_equals_straight_run(
     resumed = distill_light_ae(_cfg(40), tiny_ae, pool, tmp_path / "resumed", DEV)
     straight = distill_light_ae(_cfg(40), tiny_ae, pool, tmp_path / "straight", DEV)
     assert resumed.steps == straight.steps == 40
-    # steps 36-40 vs steps 1-5 (deterministic)
+    # steps 36-40 vs steps 1-5 (deterministic; measured 0.490 vs 0.593 and 0.083 vs 0.144)
     assert resumed.metrics["loss"] < 0.9 * first["metrics"]["loss"]
     assert resumed.metrics["latent_mse"] < 0.8 * first["metrics"]["latent_mse"]
     a, b = load_state_dict(resumed.weights), load_state_dict(straight.weights)
@@ -170,7 +170,26 @@ def test_light_graphs_export_onnx_with_parity(light_models, tmp_path: Path) -> N
         # conv-only: no normalisation, no attention (MatMul / Softmax), no resize
         assert not ops & {"GroupNormalization", "InstanceNormalization", "Softmax", "MatMul", "Resize"}, ops
     enc_ops = {n.op_type for n in onnx.load(str(res[0].files[0])).graph.node}
-    assert enc_ops <= {"Conv", "Relu", "Add"}, enc_ops
+    assert enc_ops <= {"Conv", "Relu", "Add", "ReduceMean", "GlobalAveragePool"}, enc_ops
+
+
+def test_local_light_networks_have_their_receptive_field() -> None:
+    cfg = light_config("tiny", global_context=False)
+    net = LightAutoencoder(cfg).eval()
+    fill_rule_(net)
+    r_enc, r_dec = (r // 2 for r in cfg.receptive_field)  # radius in LR pixels
+    x = torch.rand(1, 3, 48, 48) * 2 - 1
+    y = x.clone()
+    y[..., 40:, 40:] = -x[..., 40:, 40:]  # change a far corner
+    with torch.no_grad():
+        a, b = net.encode(x), net.encode(y)
+        assert torch.equal(a[..., : 40 - r_enc, :], b[..., : 40 - r_enc, :])
+        assert not torch.equal(a, b)
+        da, db = net.decoder(x), net.decoder(y)
+        assert torch.equal(da[..., : 4 * (40 - r_dec), :], db[..., : 4 * (40 - r_dec), :])
+        ctx = LightAutoencoder(light_config("tiny")).eval()  # the tile-wide context branch: every pixel moves
+        fill_rule_(ctx)
+        assert not torch.equal(ctx.encode(x)[..., :8, :8], ctx.encode(y)[..., :8, :8])
 
 
 def test_upscale_light_cli(light_models, tmp_path: Path) -> None:  # noqa: ANN001

@@ -72,11 +72,11 @@ class DistillAEConfig:
 
     preset: str = "bundled"
     steps: int = 20000
-    batch: int = 16
+    batch: int = 4
     crop: int = 256  # HR side of the target crops (the frozen autoencoder sees this context: one 64-px LR tile)
-    train_crop: int = 96  # HR side of the random windows of the target crops trained on (the light nets are local)
-    pool_size: int = 192
-    lr: float = 2e-3
+    train_crop: int = 256  # HR side of the windows of the target crops trained on (< crop: only for local nets)
+    pool_size: int = 64
+    lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.0
     ema_rate: float = 0.999
@@ -350,7 +350,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--autoencoder", type=Path, required=True, help="frozen VQ-f4 checkpoint (.pth or .safetensors)")
     p.add_argument("--pool-size", type=int, help="number of cached target crops")
     p.add_argument("--crop", type=int, help="HR side of the target crops (multiple of 4; default 256: one tile)")
-    p.add_argument("--train-crop", type=int, help="HR side of the windows trained on (multiple of 4; default 96)")
+    p.add_argument("--train-crop", type=int, help="HR side of the windows trained on (multiple of 4; default: --crop)")
     p.add_argument("--hr-weight", type=float, help="weight of the optional L1-to-HR term (default 0)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps")
     p.add_argument("--log-every", type=int, help="log every N steps")
@@ -369,7 +369,12 @@ def _light_overrides(items: list[str]) -> dict[str, Any]:
         k, sep, v = it.partition("=")
         if not sep or k not in fields:
             raise ConfigError(f"--light expects KEY=VALUE with KEY in {sorted(fields)}, got {it!r}")
-        out[k] = tuple(int(x) for x in v.split(",")) if k == "up_ch" else int(v)
+        if k == "up_ch":
+            out[k] = tuple(int(x) for x in v.split(","))
+        elif k == "global_context":
+            out[k] = v.lower() in ("1", "true", "yes", "on")
+        else:
+            out[k] = int(v)
     return out
 
 
@@ -388,6 +393,8 @@ def run(args: argparse.Namespace) -> int:
     for k in ("pool_size", "crop", "train_crop", "hr_weight", "save_every", "log_every"):
         if getattr(args, k) is not None:
             extra[k] = getattr(args, k)
+    if "crop" in extra and "train_crop" not in extra:
+        extra["train_crop"] = min(extra["crop"], DistillAEConfig.train_crop)
     cfg = DistillAEConfig(**overrides(args), **extra)  # type: ignore[arg-type]
     ae = load_frozen_autoencoder(args.autoencoder, cfg.preset, device)
     src = {"path": str(args.autoencoder), "sha256": sha256_file(args.autoencoder)}

@@ -10,10 +10,12 @@ through attention and GroupNorm at up to 4h x 4w; it is ~90 % of the one-step pi
 * The codebook quantisation stays: :class:`LightAutoencoder` carries a copy of the frozen autoencoder's codebook
   (``quantize.embedding.weight``) and ``decode`` quantises exactly like ``VQModelTorch.decode``.
 
-Only Conv2d, ReLU, add and PixelShuffle (plus the codebook argmin): no attention, no normalisation, so it
-quantises to INT8 without per-tensor statistics surprises, maps onto NPUs, and every output pixel depends on a
-bounded neighbourhood (tiles agree at seams once the overlap exceeds the receptive field, :attr:`LightAEConfig.
-receptive_field`). Trained by ``tadsr distill-ae`` (:mod:`tadsr.train.distill_ae`).
+Only Conv2d, ReLU, add, PixelShuffle and a global average pool (plus the codebook argmin): no attention, no
+normalisation, so it quantises to INT8 without per-tensor statistics surprises and maps onto NPUs. The tile-wide
+context branch (:attr:`LightAEConfig.global_context`, on by default because the VQ-f4 latent needs it) is the only
+non-local part; without it every output pixel depends on a bounded neighbourhood (tiles agree at seams once the
+overlap exceeds :attr:`LightAEConfig.receptive_field`). Trained by ``tadsr distill-ae``
+(:mod:`tadsr.train.distill_ae`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class LightAEConfig:
         dec_ch: decoder width at LR resolution.
         dec_blocks: decoder residual blocks at LR resolution.
         up_ch: decoder widths after the first and the second pixel shuffle (2x and 4x resolution).
+        global_context: every residual block adds a per-channel bias computed from the mean of its input over the
+            whole tile (global average pool + two 1x1 convs, squeeze-excite style). The VQ-f4 autoencoder's GroupNorm
+            and attention make its latent's meaning depend on the whole tile (decoding a 16-px window of a 64-px
+            latent alone shifts the colours by 11-17 dB PSNR on the bundled model), so a purely local light network
+            cannot match it; with this branch the light networks see the same context as the full ones. False:
+            strictly tile-local networks (every output pixel depends on :attr:`receptive_field` LR pixels only).
     """
 
     embed_dim: int = 3
@@ -67,6 +75,7 @@ class LightAEConfig:
     dec_ch: int = 64
     dec_blocks: int = 4
     up_ch: tuple[int, int] = (32, 16)
+    global_context: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "up_ch", tuple(int(c) for c in self.up_ch))
@@ -90,7 +99,8 @@ class LightAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LightAEConfig:
-        return cls(**{k: (tuple(v) if k == "up_ch" else int(v)) for k, v in d.items()})
+        conv = {"up_ch": tuple, "global_context": bool}
+        return cls(**{k: conv.get(k, int)(v) for k, v in d.items()})
 
 
 # Per preset. Sized so that light encoder + decoder FLOPs are ~2 % (official) / ~8 % (bundled) of the full ones
@@ -111,15 +121,24 @@ def light_config(preset: str | Preset, **overrides: Any) -> LightAEConfig:
 
 
 class _ResBlock(nn.Module):
-    """x + conv(relu(conv(x))): two 3x3 convs, same width."""
+    """x + conv(relu(conv(x) + ctx(x))): two 3x3 convs, same width; ``ctx`` (optional) is a per-channel bias from the
+    tile mean of x (global average pool, 1x1 conv, ReLU, 1x1 conv)."""
 
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, global_context: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c, c, 3, padding=1)
         self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        if global_context:
+            self.ctx1 = nn.Conv2d(c, c, 1)
+            self.ctx2 = nn.Conv2d(c, c, 1)
+        else:
+            self.ctx1 = self.ctx2 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(torch.relu(self.conv1(x)))
+        h = self.conv1(x)
+        if self.ctx1 is not None and self.ctx2 is not None:
+            h = h + self.ctx2(torch.relu(self.ctx1(x.mean(dim=(2, 3), keepdim=True))))
+        return x + self.conv2(torch.relu(h))
 
 
 class LightEncoder(nn.Module):
@@ -128,7 +147,7 @@ class LightEncoder(nn.Module):
     def __init__(self, cfg: LightAEConfig) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(3, cfg.enc_ch, 3, padding=1)
-        self.blocks = nn.Sequential(*[_ResBlock(cfg.enc_ch) for _ in range(cfg.enc_blocks)])
+        self.blocks = nn.Sequential(*[_ResBlock(cfg.enc_ch, cfg.global_context) for _ in range(cfg.enc_blocks)])
         self.conv_out = nn.Conv2d(cfg.enc_ch, cfg.embed_dim, 3, padding=1)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
@@ -142,7 +161,7 @@ class LightDecoder(nn.Module):
         super().__init__()
         c, (c2, c4) = cfg.dec_ch, cfg.up_ch
         self.conv_in = nn.Conv2d(cfg.embed_dim, c, 3, padding=1)
-        self.blocks = nn.Sequential(*[_ResBlock(c) for _ in range(cfg.dec_blocks)])
+        self.blocks = nn.Sequential(*[_ResBlock(c, cfg.global_context) for _ in range(cfg.dec_blocks)])
         self.up1 = nn.Conv2d(c, 4 * c2, 3, padding=1)
         self.conv2 = nn.Conv2d(c2, c2, 3, padding=1)
         self.up2 = nn.Conv2d(c2, 4 * c4, 3, padding=1)
