@@ -27,6 +27,8 @@ from tadsr.train.data import load_pairs
 from tadsr.train.distill_ae import DistillAEConfig, build_target_pool, distill_light_ae
 
 DEV = torch.device("cpu")
+# shipped bundled light vs full pipeline on the first shipped calibration photo (measured 28.45 dB, colour 0.044)
+PSNR_VS_FULL_FLOOR = 26.0
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -229,3 +231,23 @@ def _zeros(preset: str, part: str) -> dict[str, torch.Tensor]:
     p = get_preset(preset)
     net = UNetModelSwin(p.unet) if part == "student" else VQModelTorch(p.vq)
     return {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+
+
+# -- the shipped light autoencoder -----------------------------------------------------------------------------------
+def test_shipped_bundled_light_autoencoder_loads_and_keeps_colours() -> None:
+    from tadsr.pipeline import bundled_weight_path
+
+    path = bundled_weight_path(get_preset("bundled"), "light_autoencoder")
+    assert path is not None and path.stat().st_size <= 3_000_000
+    light = load_models(preset="bundled", light_autoencoder=True)  # codebook checked against the bundled autoencoder
+    assert light.sources["light_autoencoder"]["path"] == "bundled:bundled_light_autoencoder.safetensors"
+    assert light.light_autoencoder.cfg == light_config("bundled")
+    full = load_models(preset="bundled")
+    photo = sorted((Path(__file__).resolve().parents[1] / "quantize" / "calib").glob("*.png"))[0]
+    lr = torch.from_numpy(np.asarray(Image.open(photo).convert("RGB"))[:64, :64].copy()).permute(2, 0, 1)[None]
+    lr = lr.float() / 127.5 - 1
+    noise = make_noise((1, 3, 64, 64), 0)
+    a, b = OneStepPipeline(full)(lr, noise=noise), OneStepPipeline(light)(lr, noise=noise)
+    psnr = 10 * torch.log10(4 / (a - b).square().mean())
+    colour = (a.mean(dim=(2, 3)) - b.mean(dim=(2, 3))).abs().max()
+    assert psnr > PSNR_VS_FULL_FLOOR and colour < 0.05, (float(psnr), float(colour))
