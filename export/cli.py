@@ -42,7 +42,9 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     from tadsr.cli import add_model_args
 
-    add_model_args(p, teacher=False)
+    from tadsr.cli import add_light_args
+
+    add_light_args(add_model_args(p, teacher=False))
     out = p.add_argument_group("export")
     out.add_argument("--format", dest="formats", nargs="+", default=["onnx"], metavar="FMT",
                      help="onnx, coreml and/or executorch (default: onnx)")  # fmt: skip
@@ -74,7 +76,10 @@ def _load(args: argparse.Namespace) -> Any:
 
     if args.init is None and args.student is None and args.autoencoder is None:
         logger.info("no checkpoints given: using the weights bundled with preset %r, if any", args.preset)
-    return load_models(student=args.student, autoencoder=args.autoencoder, preset=args.preset, init=args.init)
+    from tadsr.cli import light_choice
+
+    return load_models(student=args.student, autoencoder=args.autoencoder, preset=args.preset, init=args.init,
+                       light_autoencoder=light_choice(args))  # fmt: skip
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from torch import nn
 
 from tadsr.color_fix import ColorFix, check_color_fix
 from tadsr.errors import ConfigError
+from tadsr.models.light_ae import LightAutoencoder
 from tadsr.models.ops import BicubicUpsample
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
@@ -46,6 +47,8 @@ __all__ = [
     "DenoiserGraph",
     "DecoderGraph",
     "PipelineGraph",
+    "LightEncoderGraph",
+    "LightDecoderGraph",
     "GRAPH_NAMES",
     "make_graph",
     "make_graphs",
@@ -156,6 +159,32 @@ class DecoderGraph(nn.Module):
         return self.decoder(self.post_quant_conv(zq)).clamp(-1.0, 1.0)
 
 
+class LightEncoderGraph(nn.Module):
+    """lr -> z_y with the light encoder (:mod:`tadsr.models.light_ae`): convs at LR resolution, no upsampling."""
+
+    def __init__(self, light: LightAutoencoder) -> None:
+        super().__init__()
+        self.encoder = light.encoder
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.encoder(lr)
+
+
+class LightDecoderGraph(nn.Module):
+    """x0 -> sr with the light decoder: the same codebook lookup (argmin, chunked), light decoder, clamp."""
+
+    def __init__(self, light: LightAutoencoder, chunk: int = DEFAULT_VQ_CHUNK) -> None:
+        super().__init__()
+        self.quantize = light.quantize
+        self.decoder = light.decoder
+        self.chunk = chunk
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        idx = self.quantize.indices(x0, self.chunk)
+        zq = self.quantize.embedding(idx).permute(0, 3, 1, 2)
+        return self.decoder(zq).clamp(-1.0, 1.0)
+
+
 class PipelineGraph(nn.Module):
     """(lr, noise) -> sr in one graph: encoder, prior sample, denoiser, decoder, clamp [, colour fix, clamp]."""
 
@@ -231,9 +260,12 @@ def make_graphs(
             raise ConfigError(f"unknown graph {n!r}; choose from {', '.join(GRAPH_NAMES)}")
     check_tile(tile, models.preset.pad_multiple)
     sched = make_schedule(models.preset.schedule)
-    enc = EncoderGraph(models.autoencoder, models.preset.scale)
+    light = models.light_autoencoder  # when loaded, the graphs (like the reference pipeline) use it
+    enc: nn.Module = EncoderGraph(models.autoencoder, models.preset.scale)
+    dec: nn.Module = DecoderGraph(models.autoencoder)
+    if light is not None:
+        enc, dec = LightEncoderGraph(light), LightDecoderGraph(light)
     den = DenoiserGraph(_prepared_student(models, tile), sched.input_scale(sched.num_steps - 1))
-    dec = DecoderGraph(models.autoencoder)
     pipe = PipelineGraph(enc, den, dec, sched.prior_noise_scale(), color_fix)
     all_graphs = {"encoder": enc, "denoiser": den, "decoder": dec, "pipeline": pipe}
     out = {}

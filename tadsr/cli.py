@@ -47,6 +47,23 @@ def add_model_args(
     return g
 
 
+def add_light_args(g: argparse._ArgumentGroup) -> None:
+    """``--light`` / ``--light-autoencoder CKPT``: run the light autoencoder (``tadsr distill-ae``) instead of VQ-f4."""
+    g.add_argument("--light", action="store_true",
+                   help="use the light conv-only encoder/decoder distilled from the autoencoder (shipped for bundled; "
+                   "else give --light-autoencoder)")  # fmt: skip
+    g.add_argument("--light-autoencoder", type=Path, metavar="CKPT",
+                   help="light autoencoder weights from tadsr distill-ae (implies --light)")  # fmt: skip
+
+
+def light_choice(args: argparse.Namespace) -> Path | bool | None:
+    """The ``light_autoencoder`` argument of :func:`tadsr.pipeline.load_models` from ``--light[-autoencoder]``."""
+    ckpt = getattr(args, "light_autoencoder", None)
+    if ckpt is not None:
+        return ckpt
+    return True if getattr(args, "light", False) else None
+
+
 def resolve_preset(args: argparse.Namespace) -> str:
     """Fill ``args.preset`` when not given: :func:`tadsr.pipeline.infer_preset` (from the checkpoints, else bundled)."""
     if getattr(args, "preset", None) is None:
@@ -69,6 +86,7 @@ def load_models_from_args(args: argparse.Namespace):  # noqa: ANN201 - returns t
         autoencoder=args.autoencoder,
         preset=args.preset,
         init=args.init,
+        light_autoencoder=light_choice(args),
     )
 
 
@@ -81,7 +99,7 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", type=Path, help="image file or folder (jpg, png, webp, bmp, tif)")
     p.add_argument("output", type=Path, help="output PNG file, or folder (for a folder input)")
-    add_model_args(p)
+    add_light_args(add_model_args(p))
     g = p.add_argument_group("exported artifact (instead of the PyTorch reference)")
     g.add_argument("--artifact", type=Path, help="artifact folder (fused pipeline) or a folder of artifacts")
     g.add_argument("--format", dest="fmt", choices=["onnx", "executorch", "coreml"], help="pick artifacts by format")
@@ -176,8 +194,8 @@ def _upscale_files(args: argparse.Namespace, files: list[Path], folder_mode: boo
     if args.artifact is not None:
         from tadsr.runtime.pipeline import MobileSRPipeline
 
-        if args.steps is not None or args.student or args.autoencoder or args.init:
-            raise InputError("--artifact runs an exported file: drop --steps/--student/--autoencoder/--init")
+        if args.steps is not None or args.student or args.autoencoder or args.init or light_choice(args):
+            raise InputError("--artifact runs an exported file: drop --steps/--student/--autoencoder/--init/--light")
         if args.color_fix is not None:
             raise InputError("--artifact runs an exported file with its own colour fix (tadsr export --color-fix; "
                              "see graph.constants.color_fix in its manifest): drop --color-fix")
@@ -235,8 +253,10 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     from tadsr.export.cli import add_export_parser
     from tadsr.parity_cli import add_parity_parser
     from tadsr.quantize.cli import add_quantize_parser
+    from tadsr.train.distill_ae import add_distill_ae_parser
 
-    return [add_export_parser, add_quantize_parser, add_parity_parser, add_bench_parser, add_all_parser]
+    return [add_export_parser, add_quantize_parser, add_parity_parser, add_bench_parser, add_all_parser,
+            add_distill_ae_parser]  # fmt: skip
 
 
 def crash_log_dir() -> Path:

@@ -20,6 +20,7 @@ from tadsr.checkpoint import fill_rule_, load_into, load_state_dict, sha256_file
 from tadsr.color_fix import check_color_fix, color_fix
 from tadsr.config import Preset, get_preset
 from tadsr.errors import ConfigError, InputError
+from tadsr.models.light_ae import LightAutoencoder
 from tadsr.models.ops import bicubic_x4_reference, reflect_pad_to_multiple
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
@@ -46,6 +47,8 @@ class Models:
         autoencoder: the VQ-f4 first stage.
         teacher: the multi-step denoiser, if loaded.
         sources: where each network came from (path + sha256, ``bundled:<file>`` or ``random-fill``).
+        light_autoencoder: the light encoder/decoder distilled from ``autoencoder``
+            (:mod:`tadsr.models.light_ae`), if loaded; the pipelines and graphs then use it instead.
     """
 
     preset: Preset
@@ -53,6 +56,7 @@ class Models:
     autoencoder: VQModelTorch
     teacher: UNetModelSwin | None = None
     sources: dict[str, Any] = field(default_factory=dict)
+    light_autoencoder: LightAutoencoder | None = None
 
 
 def bundled_weight_path(preset: Preset, part: str) -> Path | None:
@@ -136,6 +140,7 @@ def load_models(
     *,
     init: str | None = None,
     device: str | torch.device = "cpu",
+    light_autoencoder: CkptLike | bool = None,
 ) -> Models:
     """Build the networks of ``preset`` and load their weights.
 
@@ -147,6 +152,9 @@ def load_models(
         preset: preset name or object.
         init: ``"random"`` fills unspecified networks with the deterministic golden fill rule.
         device: torch device.
+        light_autoencoder: a light autoencoder (``tadsr distill-ae`` output, path or state dict), or True for
+            the preset's shipped one (``bundled``; with ``init="random"``: random weights and the autoencoder's
+            codebook). The pipelines and export graphs then run it instead of the VQ-f4 encoder / decoder.
 
     Raises:
         ConfigError: no weights available for a required network.
@@ -165,10 +173,46 @@ def load_models(
         student_net, sources["student"] = _build(UNetModelSwin(p.unet), student, p, "student", "denoiser", init, True)
     ae, sources["autoencoder"] = _build(VQModelTorch(p.vq), autoencoder, p, "autoencoder", "autoencoder", init, True)
     models = Models(preset=p, student=student_net, autoencoder=ae, teacher=teacher_net, sources=sources)  # type: ignore[arg-type]
-    for m in (models.student, models.autoencoder, models.teacher):
+    if light_autoencoder is not None and light_autoencoder is not False:
+        light, sources["light_autoencoder"] = _build_light(light_autoencoder, p, ae, init)  # type: ignore[arg-type]
+        models.light_autoencoder = light
+    for m in (models.student, models.autoencoder, models.teacher, models.light_autoencoder):
         if m is not None:
             m.to(device).eval().requires_grad_(False)
     return models
+
+
+def _build_light(
+    ckpt: CkptLike | bool, preset: Preset, ae: VQModelTorch, init: str | None
+) -> tuple[LightAutoencoder, dict[str, str]]:
+    """The light autoencoder for :func:`load_models` (``True``: the shipped one, or random with ``init='random'``)."""
+    from tadsr.errors import CheckpointError
+    from tadsr.models.light_ae import light_config, load_light_autoencoder
+
+    if ckpt is True:
+        path = bundled_weight_path(preset, "light_autoencoder")
+        if path is None and init == "random":
+            net = LightAutoencoder(light_config(preset))
+            fill_rule_(net)
+            net.quantize.embedding.weight.data.copy_(ae.quantize.embedding.weight.detach())
+            return net, {"path": "random-fill", "sha256": ""}
+        if path is None:
+            raise ConfigError(
+                f"preset {preset.name!r} ships no light autoencoder: pass --light-autoencoder CKPT (a tadsr distill-ae "
+                "output) or init='random'"
+            )
+        net = load_light_autoencoder(path, preset)
+        src = {"path": f"bundled:{path.name}", "sha256": sha256_file(path)}
+    else:
+        net = load_light_autoencoder(ckpt, preset)  # type: ignore[arg-type]
+        src = _source(ckpt)  # type: ignore[arg-type]
+    if not torch.equal(net.quantize.embedding.weight, ae.quantize.embedding.weight.detach().cpu()):
+        raise CheckpointError(
+            f"light autoencoder {src['path']} was distilled from another autoencoder than the loaded one: their "
+            "codebooks differ, so the denoiser's latent would not match; distil one from this autoencoder "
+            "(tadsr distill-ae --autoencoder CKPT)"
+        )
+    return net, src
 
 
 def make_noise(shape: tuple[int, ...], seed: int, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -201,13 +245,20 @@ class _Base:
     def device(self) -> torch.device:
         return next(self.models.autoencoder.parameters()).device
 
+    @property
+    def light(self) -> bool:
+        """True when the light autoencoder (``models.light_autoencoder``) encodes and decodes."""
+        return self.models.light_autoencoder is not None
+
     def prepare(self, lr: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Validate and reflect-pad the LR batch to multiples of the preset's pad multiple."""
         _check_lr(lr)
         return reflect_pad_to_multiple(lr.to(self.device, torch.float32), self.preset.pad_multiple)
 
     def encode(self, lr_padded: torch.Tensor) -> torch.Tensor:
-        """Padded LR (B, 3, h, w) -> z_y (B, 3, h, w) = quant_conv(Enc(bicubic x4(LR)))."""
+        """Padded LR (B, 3, h, w) -> z_y (B, 3, h, w) = quant_conv(Enc(bicubic x4(LR))) (light: LightEnc(LR))."""
+        if self.models.light_autoencoder is not None:
+            return self.models.light_autoencoder.encode(lr_padded)
         return self.models.autoencoder.encode(bicubic_x4_reference(lr_padded))
 
     def decode(self, z: torch.Tensor, hw: tuple[int, int], lr_padded: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,7 +269,8 @@ class _Base:
         crop, exactly as the fused export graph does.
         """
         s = self.preset.scale
-        img = self.models.autoencoder.decode(z / self.schedule.cfg.scale_factor, chunk=self.decode_chunk)
+        ae = self.models.light_autoencoder if self.models.light_autoencoder is not None else self.models.autoencoder
+        img = ae.decode(z / self.schedule.cfg.scale_factor, chunk=self.decode_chunk)
         if self.color_fix != "none":
             if lr_padded is None:
                 raise InputError(f"colour fix {self.color_fix!r} needs the padded LR: decode(z, hw, lr_padded)")
