@@ -302,7 +302,7 @@ def _export_graph(
     refs = [c.reference for c in cases]
     ranges = {s.name: s.value_range for s in spec.outputs}
     views = None if eager_view is None else (eager_view, reference_view(models, cases))
-    judge = vq_judge(models, name, "fp32")
+    judge = vq_judge(models, name, "fp32", spec.constants.get("color_fix", "none"))
     vq = None if judge is None or views is None else VQCompare(judge, views[0], views[1])
     hop1 = compare(HOP_REFERENCE, eager, refs, cases, load_floors("fp32", name, models.preset.name), ranges, vq)
     logger.info("parity %s, %s: %s (%d cases, %.1fs)", name, HOP_REFERENCE, ", ".join(_short(h) for h in hop1),
@@ -345,7 +345,7 @@ def _export_one(
         floors = load_floors(prec, spec.name, p.name)
         ranges = {s.name: s.value_range for s in spec.outputs}
         report = ParityReport(spec.name, list(hop1), source)
-        judge = vq_judge(models, spec.name, prec)
+        judge = vq_judge(models, spec.name, prec, spec.constants.get("color_fix", "none"))
         vq2 = vq3 = None
         if judge is not None and views is not None:
             mine = artifact_view(stage.path, runner.manifest, cases, outs)

@@ -297,7 +297,7 @@ def _seeded_reference(pipe: OneStepPipeline, graph: str, inputs: dict[str, torch
         return {"sr": pipe.decode(x0, (int(x0.shape[-2]), int(x0.shape[-1])))}
     lr, hw = pipe.prepare(inputs["lr"])
     x0 = pipe.denoise(pipe.encode(lr), inputs["noise"], lr)
-    return {"sr": pipe.decode(x0, hw), "_latent": x0}
+    return {"sr": pipe.decode(x0, hw, lr), "_latent": x0}
 
 
 @torch.no_grad()
@@ -332,8 +332,9 @@ def make_cases(
         raise ConfigError(f"reference runs are for tile {runs.lr.shape[-1]}, the graph has tile {spec.tile}")
     real = [runs.case(spec.name, i) for i in range(len(runs.lr))]
     if fix != "none":
-        real = [ParityCase(c.name, c.kind, c.inputs, {k: _np(v) for k, v in _seeded_reference(pipe, spec.name, {
-            n: torch.from_numpy(a) for n, a in c.inputs.items()}).items()}) for c in real]  # fmt: skip
+        fixed = [_seeded_reference(pipe, spec.name, {n: torch.from_numpy(a) for n, a in c.inputs.items()}) for c in real]
+        real = [ParityCase(c.name, c.kind, c.inputs, {k: _np(v) for k, v in f.items() if k != "_latent"}, c.latent)
+                for c, f in zip(real, fixed, strict=True)]  # fmt: skip
     return cases + real, runs.source
 
 
@@ -573,11 +574,16 @@ VQ_GRAPHS = ("decoder", "pipeline")
 _VQ_CHUNK = 4096  # the reference pipeline's and the export graphs' chunk (same codes either way)
 
 
-def vq_judge(models: Models, graph: str, precision: str) -> VQJudge | None:
-    """The flip-aware judge for ``graph`` at ``precision`` (None for graphs without the VQ lookup)."""
-    if graph not in VQ_GRAPHS:
+def vq_judge(models: Models, graph: str, precision: str, color_fix: str = "none") -> VQJudge | None:
+    """The flip-aware judge for ``graph`` at ``precision`` (None for graphs without the VQ lookup).
+
+    The judge decodes codes with the decoder the graph uses (the light one when loaded). A fused graph with a
+    colour fix gets no judge (its image also depends on the LR, which the code decoder does not see): it is held
+    to the plain image floor, as before the flip-aware verdict.
+    """
+    if graph not in VQ_GRAPHS or color_fix != "none":
         return None
-    ae = models.autoencoder
+    ae = models.light_autoencoder if models.light_autoencoder is not None else models.autoencoder
     lat_floor = load_floors(precision, "denoiser", models.preset.name).get("x0")
     book = ae.quantize.embedding.weight.detach().float().cpu().numpy()
     return VQJudge(book, torch_decoder(ae), ("sr",), lat_floor, None, graph == "decoder", precision != "fp32")

@@ -333,13 +333,15 @@ class VQJudge:
 
 
 def torch_decoder(autoencoder: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    """The reference decoder from codes: embedding lookup, post_quant_conv, decoder, clamp to [-1, 1]."""
+    """The reference decoder from codes: embedding lookup, post_quant_conv (none in a light autoencoder), decoder,
+    clamp to [-1, 1]."""
+    post = getattr(autoencoder, "post_quant_conv", None) or torch.nn.Identity()
 
     @torch.no_grad()
     def decode(codes: np.ndarray) -> np.ndarray:
         idx = torch.from_numpy(np.asarray(codes, np.int64))
         zq = autoencoder.quantize.embedding(idx).permute(0, 3, 1, 2)
-        return autoencoder.decoder(autoencoder.post_quant_conv(zq)).clamp(-1.0, 1.0).numpy().astype(np.float32)
+        return autoencoder.decoder(post(zq)).clamp(-1.0, 1.0).numpy().astype(np.float32)
 
     return decode
 

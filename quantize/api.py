@@ -282,7 +282,7 @@ def _write(
         floors = load_floors("int8", spec.name, ctx.models.preset.name)
         report = ParityReport(spec.name, [], ctx.hold.runs.source)
         vq_parent = vq_ref = None
-        judge = vq_judge(ctx.models, spec.name, "int8")
+        judge = vq_judge(ctx.models, spec.name, "int8", spec.constants.get("color_fix", "none"))
         if judge is not None:
             mine = artifact_view(stage.path, read_manifest(stage.path), cases, outs)
             theirs = artifact_view(p.path, p.manifest, cases, ctx.parent_outputs)

@@ -731,7 +731,8 @@ def _check_numerics(res: ArtifactCheck, manifest: dict[str, Any], verified: bool
         scales = {k: v["scale"] for k, v in res.quant_scales.items()}
     floors = load_floors(res.precision, res.graph, preset)
     vq1 = vq2 = vq3 = None
-    judge32, judge = vq_judge(models, res.graph, "fp32"), vq_judge(models, res.graph, res.precision)
+    fix = gspec.constants.get("color_fix", "none")
+    judge32, judge = vq_judge(models, res.graph, "fp32", fix), vq_judge(models, res.graph, res.precision, fix)
     if judge is not None and judge32 is not None and eager_view is not None:
         ref_view = reference_view(models, cases)
         mine = artifact_view(res.path, manifest, cases, outs, threads=opts.threads or 1)
