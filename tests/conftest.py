@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -82,3 +83,17 @@ def tiny_executorch_pipeline(tiny_models, tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("tiny_et")
     (res,) = export_model(tiny_models, formats=("executorch",), graphs=("pipeline",), tile=64, out_dir=out, n_real=1)
     return res.path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny photo folder (train/ and val/ of blocky textured PNGs) for the training and distillation tests."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for split, sizes in (("train", [(160, 200), (136, 144)]), ("val", [(128, 132)])):
+        (root / split).mkdir()
+        for i, (h, w) in enumerate(sizes):
+            base = rng.normal(size=(h // 8 + 1, w // 8 + 1, 3))
+            img = np.kron(base, np.ones((8, 8, 1)))[:h, :w] * 40 + 128 + rng.normal(size=(h, w, 3)) * 8
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / split / f"img{i}.png")
+    return root

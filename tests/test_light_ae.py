@@ -44,19 +44,6 @@ def no_onednn():  # noqa: ANN201
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for split, sizes in (("train", [(160, 200), (136, 144)]), ("val", [(128, 132)])):
-        (root / split).mkdir()
-        for i, (h, w) in enumerate(sizes):
-            base = rng.normal(size=(h // 8 + 1, w // 8 + 1, 3))
-            img = np.kron(base, np.ones((8, 8, 1)))[:h, :w] * 40 + 128 + rng.normal(size=(h, w, 3)) * 8
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / split / f"img{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
 def tiny_ae() -> VQModelTorch:
     ae = VQModelTorch(get_preset("tiny").vq)
     fill_rule_(ae)

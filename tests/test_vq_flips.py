@@ -69,13 +69,18 @@ def _judge(models, case, out, codes, latents=None, *, graph="decoder", precision
     return compare("reference torch -> test", [out], [case.reference], [case], floors, {"sr": (-1.0, 1.0)}, vq)
 
 
-def test_forced_near_tie_passes_with_flips_reported(tied) -> None:
-    models, case, ref_codes, other, flat = tied
-    judge = vq_judge(models, "decoder", "fp32")
+def _flipped(ref_codes: np.ndarray, other: dict[int, int], flat: list[int]) -> np.ndarray:
+    """The reference code map with every tied position moved to its partner code, as (1, 64, 64)."""
     codes = ref_codes.copy()
     for p in flat:
         codes[p] = other[p]
-    codes = codes.reshape(1, 64, 64)
+    return codes.reshape(1, 64, 64)
+
+
+def test_forced_near_tie_passes_with_flips_reported(tied) -> None:
+    models, case, ref_codes, other, flat = tied
+    judge = vq_judge(models, "decoder", "fp32")
+    codes = _flipped(ref_codes, other, flat)
     out = {"sr": judge.decode(codes)}
     floors = load_floors("fp32", "decoder", models.preset.name)
     (plain,) = compare("reference torch -> test", [out], [case.reference], [case], floors, {"sr": (-1.0, 1.0)})
@@ -141,10 +146,7 @@ def test_latent_beyond_its_floor_fails_even_with_the_same_codes(tied) -> None:
 def test_flips_beyond_the_budget_fail(tied) -> None:
     models, case, ref_codes, other, flat = tied
     judge = vq_judge(models, "decoder", "fp16")
-    codes = ref_codes.copy()
-    for p in flat:
-        codes[p] = other[p]
-    codes = codes.reshape(1, 64, 64)
+    codes = _flipped(ref_codes, other, flat)
     out = {"sr": judge.decode(codes)}
     floors = load_floors("fp16", "decoder", models.preset.name)
     assert floors["sr"].flips is not None and floors["sr"].flips.why  # budgeted explicitly, with a why
