@@ -24,7 +24,6 @@ import argparse
 import logging
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -63,14 +62,9 @@ def stage_flops(models: Any, tile: int = 64) -> dict[str, dict[str, float]]:
 
 
 def _median_ms(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    from tadsr.bench_systems import time_calls
+
+    return float(time_calls(fn, warmup=warmup, runs=reps)["median_ms"])
 
 
 def _ort(path: Path, threads: int) -> Any:
