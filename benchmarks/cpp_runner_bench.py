@@ -86,7 +86,7 @@ def main() -> None:
             image = Path(args.image)
         else:
             w, h = (int(v) for v in args.size.lower().split("x"))
-            src = min((REPO / "quantize" / "calib").glob("*.png"))
+            src = min((REPO / "tadsr" / "data" / "calib").glob("*.png"))
             with Image.open(src) as im:
                 im.convert("RGB").resize((w, h), Image.BICUBIC).save(tmp / "in.png")
             image = tmp / "in.png"

@@ -109,13 +109,13 @@ def _latency(args: argparse.Namespace, exports: list[dict[str, Any]]) -> list[di
     """Eager vs each artifact's runtime, per graph, in this process."""
     import torch
 
-    from tadsr.bench_systems import time_calls
+    from tadsr.bench.systems import time_calls
     from tadsr.errors import TadsrError
     from tadsr.export.api import resolve_graphs
-    from tadsr.export.graphs import make_graphs
+    from tadsr.formats.graphs import make_graphs
     from tadsr.pipeline import load_models
     from tadsr.runtime.runner import load_runner
-    from tadsr.runtime.torch_runner import TorchRunner
+    from tadsr.formats.torch_ref import TorchRunner
 
     torch.set_num_threads(args.threads)
     models = load_models(preset=args.preset, init=args.init)
@@ -151,7 +151,7 @@ def _latency(args: argparse.Namespace, exports: list[dict[str, Any]]) -> list[di
 
 
 def _conditions(args: argparse.Namespace) -> dict[str, Any]:
-    from tadsr.export.artifact import tool_versions
+    from tadsr.formats.artifact import tool_versions
 
     return {
         "preset": args.preset, "init": args.init, "tile": args.tile, "precision": args.precision,

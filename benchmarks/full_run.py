@@ -36,8 +36,8 @@ logger = logging.getLogger("tadsr.benchmarks.full_run")
 
 def _part(name: str, args: argparse.Namespace, preset: str, init: str | None, data: Path | None,
           extra: list[Path]) -> dict[str, Any]:  # fmt: skip
-    from tadsr.bench import BenchConfig, run_bench
-    from tadsr.bench_report import render_ratios
+    from tadsr.bench.bench import BenchConfig, run_bench
+    from tadsr.bench.report import render_ratios
     from tadsr.pipeline import load_models
 
     models = load_models(preset=preset, init=init)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"no shipped weights for preset {args.fidelity_preset!r} (tadsr/weights/): fidelity part skipped"
             print(f"\n{msg}")
             summary["fidelity"] = {"skipped": msg}
-    from tadsr.bench_report import atomic_write
+    from tadsr.bench.report import atomic_write
 
     atomic_write(args.out / "full_run.json", (json.dumps(summary, indent=2) + "\n").encode())
     print(f"\nsummary: {args.out / 'full_run.json'}")

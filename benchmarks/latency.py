@@ -32,7 +32,7 @@ def ensure_exported(models: Any, formats: Sequence[str], graphs: Sequence[str], 
     Sets from an earlier call are reused (delete ``out`` to re-export); the benchmark notes any artifact made from
     other weights than the reference.
     """
-    from tadsr.bench_systems import find_artifact_sets
+    from tadsr.bench.systems import find_artifact_sets
     from tadsr.errors import InputError
     from tadsr.export.api import export_model
 
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--repeats must be >= 5 (median and p90 of at least 5 runs)")
     import torch
 
-    from tadsr.bench import BenchConfig, run_bench
-    from tadsr.bench_report import render_ratios
+    from tadsr.bench.bench import BenchConfig, run_bench
+    from tadsr.bench.report import render_ratios
     from tadsr.pipeline import load_models
 
     if args.threads:

@@ -62,7 +62,7 @@ def stage_flops(models: Any, tile: int = 64) -> dict[str, dict[str, float]]:
 
 
 def _median_ms(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
-    from tadsr.bench_systems import time_calls
+    from tadsr.bench.systems import time_calls
 
     return float(time_calls(fn, warmup=warmup, runs=reps)["median_ms"])
 

@@ -2,7 +2,7 @@
 
 For one preset (default ``tiny``, random fill) this exports the requested graphs to each format / precision
 (``export_model`` with the parity gate off, so nothing is hidden), optionally quantizes the fp32 ONNX and
-ExecuTorch artifacts to INT8 (``quantize_artifact``), then runs ``tadsr.parity.check_parity`` on everything:
+ExecuTorch artifacts to INT8 (``quantize_artifact``), then runs ``tadsr.parity.check.check_parity`` on everything:
 seeded + real patches per graph and whole images through the tiler for the pipeline graph and the component
 set. The table lists, per precision x graph x output, the floor from ``tadsr/numerics.json`` and, per
 format, the worst measured value over the runtime hops (export-ready torch -> runtime, reference -> runtime)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from tadsr.parity import ParityOptions, check_parity
+    from tadsr.parity.check import ParityOptions, check_parity
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

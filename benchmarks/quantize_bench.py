@@ -52,7 +52,7 @@ def _fidelity(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _export(args: argparse.Namespace, models: Any) -> list[Path]:
     from tadsr.export.api import export_model, resolve_graphs
-    from tadsr.export.artifact import artifact_name
+    from tadsr.formats.artifact import artifact_name
 
     out = args.work / "fp32"
     want = [(g, f) for g in resolve_graphs(args.graphs) for f in args.formats]
@@ -79,10 +79,10 @@ def _quantize(args: argparse.Namespace, parent: Path) -> tuple[list[Path], float
 
 
 def _latency(args: argparse.Namespace, graph: Any, spec: Any, artifacts: dict[str, Path]) -> dict[str, Any]:
-    from tadsr.bench_systems import time_calls
+    from tadsr.bench.systems import time_calls
     from tadsr.errors import TadsrError
     from tadsr.runtime.runner import load_runner
-    from tadsr.runtime.torch_runner import TorchRunner
+    from tadsr.formats.torch_ref import TorchRunner
 
     feeds = {s.name: x.numpy() for s, x in zip(spec.inputs, spec.example_inputs(), strict=True)}
     eager = TorchRunner.from_graph(graph, spec, threads=args.threads)
@@ -110,7 +110,7 @@ def _latency(args: argparse.Namespace, graph: Any, spec: Any, artifacts: dict[st
 
 
 def _conditions(args: argparse.Namespace) -> dict[str, Any]:
-    from tadsr.export.artifact import tool_versions
+    from tadsr.formats.artifact import tool_versions
 
     return {
         "preset": args.preset, "init": args.init, "tile": args.tile, "graphs": args.graphs, "formats": args.formats,
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Export, quantize, measure; returns the report (also written to ``<work>/quantize_bench.json``)."""
     import torch
 
-    from tadsr.export.graphs import make_graph
+    from tadsr.formats.graphs import make_graph
     from tadsr.pipeline import load_models
 
     if args.threads:

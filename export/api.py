@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from tadsr.config import Preset
 from tadsr.errors import ConfigError, ExportError, InputError
-from tadsr.export.artifact import (
+from tadsr.formats.artifact import (
     FORMATS,
     PRECISIONS,
     BackendResult,
@@ -41,8 +41,8 @@ from tadsr.export.artifact import (
     staged_artifact,
     write_manifest,
 )
-from tadsr.export.graphs import COMPONENTS, GRAPH_NAMES, check_tile, make_graphs
-from tadsr.export.parity import (
+from tadsr.formats.graphs import COMPONENTS, GRAPH_NAMES, check_tile, make_graphs
+from tadsr.parity.hops import (
     HOP_REFERENCE,
     ParityCase,
     ParityReport,
@@ -62,7 +62,7 @@ from tadsr.export.parity import (
 )
 from tadsr.pipeline import Models
 from tadsr.runtime.runner import load_runner
-from tadsr.runtime.torch_runner import TorchRunner
+from tadsr.formats.torch_ref import TorchRunner
 
 __all__ = ["ExportResult", "ExportRequest", "export_model", "check_request", "resolve_graphs", "get_exporter"]
 
@@ -101,8 +101,8 @@ class ExportResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-_EXPORTERS = {"onnx": ("tadsr.export.onnx", "export_onnx"), "coreml": ("tadsr.export.coreml", "export_coreml"),
-              "executorch": ("tadsr.export.executorch", "export_executorch")}  # fmt: skip
+_EXPORTERS = {"onnx": ("tadsr.formats.onnx.export", "export_onnx"), "coreml": ("tadsr.formats.coreml.export", "export_coreml"),
+              "executorch": ("tadsr.formats.executorch.export", "export_executorch")}  # fmt: skip
 
 
 def get_exporter(fmt: str) -> Exporter:

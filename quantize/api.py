@@ -17,9 +17,9 @@ For one fp32 artifact folder (``<graph>-<format>-fp32-t<tile>/``)::
     quantization steps of the output scale, not gated)
     rename to <out>/<graph>-<format>-int8-t<tile> (or -w8-)
 
-Recipe: from ``recipe`` (a ``recipe.json``) when given, else searched (:mod:`tadsr.quantize.sensitivity`):
+Recipe: from ``recipe`` (a ``recipe.json``) when given, else searched (:mod:`tadsr.formats.sensitivity`):
 everything quantized first; if the worst held-out patch is below ``target_psnr`` (default
-:data:`~tadsr.quantize.sensitivity.DEFAULT_TARGET_PSNR`), the most sensitive blocks stay float until it holds.
+:data:`~tadsr.formats.sensitivity.DEFAULT_TARGET_PSNR`), the most sensitive blocks stay float until it holds.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ import torch
 from tadsr.config import Preset
 from tadsr.errors import ConfigError, ExportError, InputError, TadsrError
 from tadsr.export.api import _remove_empty, prepare_out_dir
-from tadsr.export.artifact import BackendResult, artifact_name, build_manifest, staged_artifact, write_manifest
-from tadsr.export.graphs import make_graph
-from tadsr.export.parity import (
+from tadsr.formats.artifact import BackendResult, artifact_name, build_manifest, staged_artifact, write_manifest
+from tadsr.formats.graphs import make_graph
+from tadsr.parity.hops import (
     Floor,
     ParityReport,
     VQCompare,
@@ -63,7 +63,7 @@ from tadsr.quantize.calibration import (
     sample_calibration,
     sample_holdout,
 )
-from tadsr.quantize.sensitivity import (
+from tadsr.formats.sensitivity import (
     RECIPE_NAME,
     BackendRecipe,
     Recipe,
@@ -380,7 +380,7 @@ def _search(ctx: _Ctx, run: Callable, units: Mapping[str, tuple[int, int]], pinn
 
 
 def _onnx(ctx: _Ctx, work: Path) -> list[Path]:
-    from tadsr.quantize.onnx_ptq import DEFAULT_OP_TYPES, SCHEME, OnnxPTQ, quantize_onnx
+    from tadsr.formats.onnx.ptq import DEFAULT_OP_TYPES, SCHEME, OnnxPTQ, quantize_onnx
 
     given = ctx.entry("onnx")
     method = given.method if given else ctx.method
@@ -414,7 +414,7 @@ def _onnx(ctx: _Ctx, work: Path) -> list[Path]:
 
 def _pt2e(ctx: _Ctx, backend_key: str, rewrites: str) -> tuple[Any, BackendRecipe, Any]:
     """Search (or take) the recipe and return the PT2E-converted graph for it."""
-    from tadsr.quantize.executorch_ptq import DEFAULT_PT2E_OP_TYPES, SCHEME, PT2EQuant
+    from tadsr.formats.executorch.ptq import DEFAULT_PT2E_OP_TYPES, SCHEME, PT2EQuant
 
     given = ctx.entry(backend_key)
     method = given.method if given else ctx.method
@@ -467,7 +467,7 @@ def _pt2e(ctx: _Ctx, backend_key: str, rewrites: str) -> tuple[Any, BackendRecip
 
 
 def _executorch(ctx: _Ctx) -> list[Path]:
-    from tadsr.quantize.executorch_ptq import quantize_executorch
+    from tadsr.formats.executorch.ptq import quantize_executorch
 
     converted, entry, (fq, rewrites, example) = _pt2e(ctx, "executorch", "xnnpack")
     out_names = [o.name for o in ctx.spec.outputs]
@@ -480,8 +480,8 @@ def _executorch(ctx: _Ctx) -> list[Path]:
 
 
 def _coreml(ctx: _Ctx) -> list[Path]:
-    from tadsr.quantize.coreml_ptq import W8_SCHEME, coreml_w8, coreml_w8a8
-    from tadsr.quantize.executorch_ptq import output_scales
+    from tadsr.formats.coreml.ptq import W8_SCHEME, coreml_w8, coreml_w8a8
+    from tadsr.formats.executorch.ptq import output_scales
 
     converted, entry, (fq, rewrites, example) = _pt2e(ctx, "coreml", "coreml")
     in_names = [i.name for i in ctx.spec.inputs]
@@ -509,7 +509,7 @@ def _coreml(ctx: _Ctx) -> list[Path]:
 
 
 def _validate(package: Path, spec: Any) -> None:
-    from tadsr.export.coreml import validate_package
+    from tadsr.formats.coreml.export import validate_package
 
     validate_package(package, spec)
 
@@ -544,7 +544,7 @@ def quantize_artifact(
         seed: patch sampling and noise seed (held-out patches use ``seed + 1`` and other images).
         method: calibration method, ``minmax``, ``entropy`` or ``percentile``.
         target_psnr: fidelity floor of the recipe search (PSNR vs fp32 on the worst held-out patch, dB);
-            None = :func:`~tadsr.quantize.sensitivity.default_target` (30 dB; 25 for the fused pipeline).
+            None = :func:`~tadsr.formats.sensitivity.default_target` (30 dB; 25 for the fused pipeline).
             Ignored with ``recipe``.
         recipe: a ``recipe.json`` (path, INT8 artifact folder, or :class:`Recipe`) to reuse instead of searching.
         out_dir: parent folder of the new artifact folders (created if needed).

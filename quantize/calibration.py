@@ -1,7 +1,7 @@
 """Calibration and held-out data for INT8: the inputs each graph really sees, captured from the fp32 reference.
 
 Each graph is calibrated on what it receives inside the reference :class:`~tadsr.pipeline.OneStepPipeline`
-when that pipeline runs on real LR patches (:func:`tadsr.quantize.calibration_data.sample_patches`):
+when that pipeline runs on real LR patches (:func:`tadsr.patches.sample_patches`):
 
 =========  =====================================================================
 graph      calibration inputs (per patch ``i``)
@@ -36,9 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tadsr.errors import InputError
-from tadsr.export.parity import ParityCase, ReferenceRuns
+from tadsr.parity.hops import ParityCase, ReferenceRuns
 from tadsr.pipeline import Models, OneStepPipeline, make_noise
-from tadsr.quantize.calibration_data import (
+from tadsr.patches import (
     ImageFolder,
     ImagePair,
     PatchSet,
@@ -70,7 +70,7 @@ HOLDOUT_SEED_OFFSET = 1  # held-out patches use seed + 1 (and other images)
 HOLDOUT_MIN_STD = 0.04  # same flat-patch rejection as the shipped calibration set
 _CAPTURE_BATCH = 8
 
-# graph -> (input names, output names), as in tadsr.export.graphs
+# graph -> (input names, output names), as in tadsr.formats.graphs
 GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "encoder": (("lr",), ("z_y",)),
     "denoiser": (("x_t", "lr"), ("x0",)),
@@ -122,7 +122,7 @@ class CalibrationSet:
         return [{o: getattr(self.runs, _OUTPUT_SOURCE[o])[i : i + 1] for o in outs} for i in range(len(self))]
 
     def cases(self, graph: str) -> list[ParityCase]:
-        """Parity cases (kind ``"real"``) for :func:`tadsr.export.parity.compare`."""
+        """Parity cases (kind ``"real"``) for :func:`tadsr.parity.hops.compare`."""
         return [self.runs.case(graph, i) for i in range(len(self))]
 
 
@@ -144,7 +144,7 @@ def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", prog
         progress: tqdm bar over batches.
 
     Returns:
-        :class:`~tadsr.export.parity.ReferenceRuns` with ``lr, noise, z_y, x_t, x0, sr``.
+        :class:`~tadsr.parity.hops.ReferenceRuns` with ``lr, noise, z_y, x_t, x0, sr``.
     """
     pipe = OneStepPipeline(models)
     n, _, t, _ = lr.shape
@@ -209,7 +209,7 @@ def sample_calibration(
 
     Args:
         source: image folder (DIV2K layout detected) or None for the shipped set
-            (:func:`~tadsr.quantize.calibration_data.default_calibration_dir`).
+            (:func:`~tadsr.patches.default_calibration_dir`).
         num_patches: number of distinct patches; None = 64, or every distinct patch of a smaller source
             (the shipped set holds 48 at tile 64), but at least 32.
         tile: LR patch side (the graph's tile).

@@ -1,6 +1,6 @@
 """Load an exported artifact and run it: numpy arrays in, numpy arrays out, whatever the backend.
 
-An artifact is a folder with the model file(s) and ``manifest.json`` (written by :mod:`tadsr.export.artifact`).
+An artifact is a folder with the model file(s) and ``manifest.json`` (written by :mod:`tadsr.formats.artifact`).
 :func:`load_runner` reads the manifest, checks every listed file against its sha256, picks the backend from the
 manifest's ``"format"`` and returns a :class:`Runner` whose :meth:`~Runner.run` checks inputs against the
 manifest (names, shapes, dtypes) before calling the backend.

@@ -14,7 +14,7 @@ image already pins down. A colour fix takes those low frequencies back from the 
 Written from the published description (Wang et al., "Exploiting Diffusion Prior for Real-World Image
 Super-Resolution" (StableSR), 2023: colour correction by AdaIN or by wavelet low-frequency replacement).
 Every operation (conv2d with dilation, replicate padding, mean / variance) exports to ONNX, Core ML and
-ExecuTorch, so the same module runs inside the fused pipeline graph (:class:`tadsr.export.graphs.PipelineGraph`) and in the reference pipelines.
+ExecuTorch, so the same module runs inside the fused pipeline graph (:class:`tadsr.formats.graphs.PipelineGraph`) and in the reference pipelines.
 """
 
 from __future__ import annotations

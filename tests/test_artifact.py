@@ -24,10 +24,10 @@ from onnx import numpy_helper
 from tadsr.checkpoint import save_safetensors, sha256_file
 from tadsr.errors import CheckpointError, ConfigError, ExportError, InputError, InputSpecError, ParityError
 from tadsr.export import api
-from tadsr.export.artifact import BackendResult
-from tadsr.export.cli import add_export_parser, format_summary, run_export
-from tadsr.export.graphs import make_graphs
-from tadsr.export.parity import HOP_REFERENCE, end_to_end_hop, runtime_hop
+from tadsr.formats.artifact import BackendResult
+from tadsr.cli.export import add_export_parser, format_summary, run_export
+from tadsr.formats.graphs import make_graphs
+from tadsr.parity.hops import HOP_REFERENCE, end_to_end_hop, runtime_hop
 from tadsr.runtime.runner import load_runner, read_manifest
 
 NAME = "encoder-onnx-fp32-t64"

@@ -35,7 +35,7 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTO = sorted((REPO / "quantize" / "calib").glob("*.png"))[0]
+PHOTO = sorted((REPO / "tadsr" / "data" / "calib").glob("*.png"))[0]
 TINY = ["--preset", "tiny", "--init", "random", "--tile", "64"]
 
 
@@ -518,8 +518,8 @@ def _low_memory_api(ws: Path, res: Resources) -> tuple[Callable[[], Any], Expect
 
 
 def _bench_defaults_api(ws: Path, res: Resources) -> tuple[Callable[[], Any], Expect]:
-    from tadsr.bench import BenchConfig, manifest_defaults
-    from tadsr.bench_systems import ArtifactSet
+    from tadsr.bench.bench import BenchConfig, manifest_defaults
+    from tadsr.bench.systems import ArtifactSet
     from tadsr.runtime.runner import read_manifest
 
     m = read_manifest(res.encoder_artifact())
@@ -658,7 +658,7 @@ def _interrupt_graphs(ws: Path) -> list[Any]:
 def _two_exports(ws: Path, res: Resources) -> tuple[Callable[[], Any], Expect]:
     """Two exports commit the same artifact name into one --out at the same moment. The race is forced: the other
     export's folder lands between this one's "is the name free?" check and its rename."""
-    from tadsr.export.artifact import staged_artifact
+    from tadsr.formats.artifact import staged_artifact
 
     def call() -> str:
         out = ws / "out"

@@ -18,13 +18,13 @@ import pytest
 from PIL import Image
 from tadsr.runtime.tiling import tile_noise
 
-from tadsr.bench import BenchConfig, SystemResult, compute_ratios, load_images, run_bench
-from tadsr.bench_cli import add_bench_parser, config_from_args
-from tadsr.bench_systems import STAGES, ArtifactSet, find_artifact_sets, probe_memory
+from tadsr.bench.bench import BenchConfig, SystemResult, compute_ratios, load_images, run_bench
+from tadsr.cli.bench import add_bench_parser, config_from_args
+from tadsr.bench.systems import STAGES, ArtifactSet, find_artifact_sets, probe_memory
 from tadsr.errors import ConfigError, InputError
 from tadsr.imresize import imresize
 
-CALIB = Path(__file__).resolve().parents[1] / "quantize" / "calib"
+CALIB = Path(__file__).resolve().parents[1] / "tadsr" / "data" / "calib"
 EXPECTED = {"bicubic", "torch-student", "torch-teacher-T15", "onnx-fp32-fused", "onnx-fp32-components"}
 
 
@@ -215,7 +215,7 @@ def test_paired_lr_folder(tmp_path):
 
 
 def test_artifact_sets_and_coreml_listing(artifacts, tiny_models, tmp_path):
-    from tadsr.bench import _systems
+    from tadsr.bench.bench import _systems
 
     sets = {s.name: s for s in find_artifact_sets([artifacts])}
     assert set(sets) == {"onnx-fp32-fused", "onnx-fp32-components"}
@@ -252,10 +252,10 @@ def test_memory_probe_in_a_fresh_process(artifacts):
 
 def test_cli_latency_only_run(tmp_path, tiny_models, capsys, monkeypatch):
     """No data: latency on a seeded tile, no fidelity plots or grid; the Markdown goes to stdout."""
-    import tadsr.bench
+    import tadsr.bench.bench
 
-    real = tadsr.bench.run_bench
-    monkeypatch.setattr(tadsr.bench, "run_bench", lambda cfg, **kw: real(cfg, models=tiny_models, **kw))
+    real = tadsr.bench.bench.run_bench
+    monkeypatch.setattr(tadsr.bench.bench, "run_bench", lambda cfg, **kw: real(cfg, models=tiny_models, **kw))
     parser = argparse.ArgumentParser()
     add_bench_parser(parser.add_subparsers())
     args = parser.parse_args(["bench", "--preset", "tiny", "--init", "random", "--teacher-steps", "0", "--threads", "1",
@@ -274,7 +274,7 @@ def test_atomic_write_leaves_an_ordinary_file(tmp_path) -> None:
     import os
     import stat
 
-    from tadsr.bench_report import atomic_write
+    from tadsr.bench.report import atomic_write
 
     p = atomic_write(tmp_path / "report.json", b"{}")
     umask = os.umask(0)

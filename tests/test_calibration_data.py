@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tadsr.quantize.calibration_data import (
-    build_shipped_calibration,
-    default_calibration_dir,
-    find_images,
-    sample_patches,
-)
 from tadsr.train import photos
+from tadsr.train.calibration_set import build_shipped_calibration
 from tadsr.train.photos import PhotoRecord, load_photo_set, split_of
 
 from tadsr.errors import InputError
 from tadsr.imresize import imresize
+from tadsr.patches import (
+    default_calibration_dir,
+    find_images,
+    sample_patches,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

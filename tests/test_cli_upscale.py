@@ -10,7 +10,7 @@ from PIL import Image
 
 from tadsr.cli import main
 
-PHOTO = Path(__file__).resolve().parents[1] / "quantize" / "calib"
+PHOTO = Path(__file__).resolve().parents[1] / "tadsr" / "data" / "calib"
 
 
 def _photo() -> Image.Image:

@@ -108,14 +108,14 @@ def tiny():
 
 
 def _lr_and_noise(models, side: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    photo = min((Path(__file__).resolve().parents[1] / "quantize" / "calib").glob("*.png"))
+    photo = min((Path(__file__).resolve().parents[1] / "tadsr" / "data" / "calib").glob("*.png"))
     arr = np.asarray(Image.open(photo).convert("RGB"), dtype=np.float32)[:side, :side]
     lr = torch.from_numpy(arr.transpose(2, 0, 1)[None] / 127.5 - 1.0)
     return lr, make_noise((1, models.preset.vq.embed_dim, side, side), 7)
 
 
 def test_default_off_is_the_unfixed_path(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tadsr.export.graphs import make_graphs
+    from tadsr.formats.graphs import make_graphs
 
     import tadsr.pipeline as pipeline_mod
 
@@ -132,7 +132,7 @@ def test_default_off_is_the_unfixed_path(tiny, monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize("fix", ["wavelet", "adain"])
 def test_reference_and_graph_agree(tiny, fix: str) -> None:
-    from tadsr.export.graphs import make_graphs
+    from tadsr.formats.graphs import make_graphs
 
     lr, noise = _lr_and_noise(tiny)
     ref = OneStepPipeline(tiny, color_fix=fix)(lr, noise=noise)
@@ -158,9 +158,9 @@ def test_do_nothing_pipeline_is_decode_of_encoded_bicubic(tiny) -> None:
 def test_onnx_pipeline_with_colour_fix(tiny, tmp_path: Path) -> None:
     """The fused graph with a fix exports to ONNX and runs there like the fixed reference; parity uses that reference."""
     import onnxruntime as ort
-    from tadsr.export.graphs import make_graphs
-    from tadsr.export.onnx import export_onnx
-    from tadsr.export.parity import make_cases
+    from tadsr.formats.graphs import make_graphs
+    from tadsr.formats.onnx.export import export_onnx
+    from tadsr.parity.hops import make_cases
 
     graph, spec = make_graphs(tiny, 64, ("pipeline",), color_fix="wavelet")["pipeline"]
     assert spec.to_dict()["constants"]["color_fix"] == "wavelet"  # what export_model writes to manifest["graph"]
@@ -194,7 +194,7 @@ def test_upscale_cli_colour_fix(
             seen.append(self.color_fix)
 
     monkeypatch.setattr(pipeline_mod, "OneStepPipeline", Spy)
-    photo = min((Path(__file__).resolve().parents[1] / "quantize" / "calib").glob("*.png"))
+    photo = min((Path(__file__).resolve().parents[1] / "tadsr" / "data" / "calib").glob("*.png"))
     Image.open(photo).convert("RGB").crop((0, 0, 40, 36)).save(tmp_path / "in.png")
     outs = {}
     for fix in ("none", "adain"):

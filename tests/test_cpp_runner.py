@@ -5,7 +5,7 @@ skipped with the reason when cmake, a C++ compiler or the wheel's CMake package 
 called through ctypes. Default tier: small stand-in ExecuTorch/XNNPACK artifacts with the real interfaces
 (fused ``pipeline`` lr+noise->sr, and encoder/denoiser/decoder with ``prior_noise_scale``), fp32 and INT8
 (PT2E, XNNPACK quantizer), lowered in seconds; the tiny-preset model's artifacts (minutes of lowering) are
-``slow``. Images: an odd-size crop of a real photo (quantize/calib), plus one smaller than the tile.
+``slow``. Images: an odd-size crop of a real photo (tadsr/data/calib), plus one smaller than the tile.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def _standin_modules(scale: int = 4):
 
 
 def _standin_specs(tile: int = TILE, scale: int = 4) -> dict:
-    from tadsr.export.graphs import GraphSpec, TensorSpec
+    from tadsr.formats.graphs import GraphSpec, TensorSpec
 
     lr = TensorSpec("lr", (1, 3, tile, tile), value_range=(-1.0, 1.0))
     lat = (1, 3, tile, tile)
@@ -167,7 +167,7 @@ def _lower(module, spec, folder: Path, precision: str) -> None:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from tadsr.export.artifact import BackendResult, build_manifest, write_manifest
+    from tadsr.formats.artifact import BackendResult, build_manifest, write_manifest
 
     module = module.eval()
     example = spec.example_inputs()
@@ -222,9 +222,9 @@ def photo() -> np.ndarray:
     """An odd-size RGB8 crop (75 x 133) of a real photo (the shipped calibration patches)."""
     from PIL import Image
 
-    files = sorted((REPO / "quantize" / "calib").glob("*.png"))
+    files = sorted((REPO / "tadsr" / "data" / "calib").glob("*.png"))
     if not files:
-        pytest.skip("no shipped calibration photos in quantize/calib")
+        pytest.skip("no shipped calibration photos in tadsr/data/calib")
     with Image.open(files[0]) as im:
         rgb = np.asarray(im.convert("RGB"))
     if rgb.shape[0] < 75 or rgb.shape[1] < 133:

@@ -21,7 +21,7 @@ from torch import nn
 ct = pytest.importorskip("coremltools")
 
 from tadsr.errors import BackendUnavailableError, ConfigError, InputSpecError
-from tadsr.export.coreml import (
+from tadsr.formats.coreml.export import (
     FP16_MAX,
     export_coreml,
     exported_program,
@@ -29,7 +29,7 @@ from tadsr.export.coreml import (
     plan_fp16,
     validate_package,
 )
-from tadsr.export.graphs import GraphSpec, TensorSpec, make_graphs
+from tadsr.formats.graphs import GraphSpec, TensorSpec, make_graphs
 from tadsr.runtime.coreml_runner import CoreMLRunner
 
 FLOAT32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from tadsr.errors import ConfigError, InputError, InputSpecError
-from tadsr.export.executorch import export_executorch
-from tadsr.export.graphs import make_graphs
+from tadsr.formats.executorch.export import export_executorch
+from tadsr.formats.graphs import make_graphs
 from tadsr.runtime.executorch_runner import ExecuTorchRunner
 from tadsr.runtime.runner import load_runner, read_manifest
 
 pytest.importorskip("executorch")
 
-# Achieved with tadsr.export.rewrites (upstream-shaped graph: 123 partitions, 400+ ops outside).
+# Achieved with tadsr.formats.rewrites (upstream-shaped graph: 123 partitions, 400+ ops outside).
 DENOISER_MAX_PARTITIONS = 1
 PIPELINE_MAX_PARTITIONS = 2  # encoder + denoiser + VQ distances | argmin, view, embedding | decoder
 VQ_LOOKUP_OPS = {"argmin.default", "view_copy.default", "embedding.default"}
@@ -129,8 +129,8 @@ def test_decomposed_group_norm_keeps_precision_in_xnnpack():
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
-    from tadsr.export.executorch import _partitioner
-    from tadsr.export.rewrites import DecomposedGroupNorm
+    from tadsr.formats.executorch.export import _partitioner
+    from tadsr.formats.rewrites import DecomposedGroupNorm
 
     gn = torch.nn.GroupNorm(8, 32, eps=1e-6)
     x = 30 + torch.randn(1, 32, 128, 128, generator=torch.Generator().manual_seed(0))
@@ -158,7 +158,7 @@ def test_coreml_delegate_lowers_but_runs_only_on_apple(tmp_path):
     from torch import nn
 
     from tadsr.errors import BackendUnavailableError
-    from tadsr.export.graphs import GraphSpec, TensorSpec
+    from tadsr.formats.graphs import GraphSpec, TensorSpec
 
     toy = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8)).eval()
     spec = GraphSpec("toy", 8, 1, (TensorSpec("x", (1, 3, 8, 8)),), (TensorSpec("y", (1, 8, 8, 8)),))

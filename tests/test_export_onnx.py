@@ -20,11 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from tadsr.errors import ConfigError
-from tadsr.export import onnx as onnx_export
+from tadsr.formats.onnx import export as onnx_export
 from tadsr.export.api import export_model
-from tadsr.export.graphs import GRAPH_NAMES, GraphSpec, TensorSpec, make_graphs
-from tadsr.export.onnx import export_onnx, unshare_initializers
-from tadsr.export.parity import HOP_REFERENCE, end_to_end_hop, load_floors, real_lr_patches, runtime_hop
+from tadsr.formats.graphs import GRAPH_NAMES, GraphSpec, TensorSpec, make_graphs
+from tadsr.formats.onnx.export import export_onnx, unshare_initializers
+from tadsr.parity.hops import HOP_REFERENCE, end_to_end_hop, load_floors, real_lr_patches, runtime_hop
 from tadsr.metrics import psnr
 from tadsr.pipeline import OneStepPipeline, make_noise
 from tadsr.runtime.runner import load_runner, read_manifest

@@ -20,7 +20,7 @@ from tadsr.checkpoint import fill_rule_, load_state_dict, save_safetensors
 from tadsr.cli import main
 from tadsr.config import get_preset
 from tadsr.errors import CheckpointError, ConfigError
-from tadsr.export.graphs import make_graphs
+from tadsr.formats.graphs import make_graphs
 from tadsr.models.light_ae import META_CONFIG, LightAutoencoder, light_config, load_light_autoencoder
 from tadsr.models.vqgan import VQModelTorch
 from tadsr.pipeline import OneStepPipeline, load_models, make_noise
@@ -233,7 +233,7 @@ def test_shipped_bundled_light_autoencoder_loads_and_keeps_colours() -> None:
     assert light.sources["light_autoencoder"]["path"] == "bundled:bundled_light_autoencoder.safetensors"
     assert light.light_autoencoder.cfg == light_config("bundled")
     full = load_models(preset="bundled")
-    photo = sorted((Path(__file__).resolve().parents[1] / "quantize" / "calib").glob("*.png"))[0]
+    photo = sorted((Path(__file__).resolve().parents[1] / "tadsr" / "data" / "calib").glob("*.png"))[0]
     lr = torch.from_numpy(np.asarray(Image.open(photo).convert("RGB"))[:64, :64].copy()).permute(2, 0, 1)[None]
     lr = lr.float() / 127.5 - 1
     noise = make_noise((1, 3, 64, 64), 0)

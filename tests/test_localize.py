@@ -1,6 +1,6 @@
 """Localisation machinery on a toy pipeline with the real graphs' structure (class names, glue ops, block lists).
 
-The toy mirrors tadsr.export.graphs: EncoderGraph(Encoder with ``down.N.block.K`` levels) -> prior sample in
+The toy mirrors tadsr.formats.graphs: EncoderGraph(Encoder with ``down.N.block.K`` levels) -> prior sample in
 PipelineGraph.forward -> DenoiserGraph (``x_t / input_scale``, ``unet.forward_with_embedding`` with input /
 output block lists and skip concats) -> DecoderGraph (codebook argmin + embedding, Decoder with ``up.N``
 levels run in reverse, clamp). It exports in about a second, so units, ONNX name matching, the weight check,
@@ -16,10 +16,10 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from tadsr.export.graphs import GraphSpec, TensorSpec
+from tadsr.formats.graphs import GraphSpec, TensorSpec
 from torch import nn
 
-from tadsr.localize import (
+from tadsr.formats.localize import (
     build_localization,
     check_onnx_weights,
     localize_chain,
@@ -199,7 +199,7 @@ def onnx_trace(toy):
 
 @pytest.fixture(scope="module")
 def toy_onnx(toy, tmp_path_factory):
-    from tadsr.export.onnx import export_onnx
+    from tadsr.formats.onnx.export import export_onnx
 
     out = tmp_path_factory.mktemp("toy_onnx")
     export_onnx(toy, SPEC, out)  # the production path: dynamo exporter, onnxsim, unshared initializers
@@ -370,9 +370,9 @@ def test_unobservable_units_are_reported(onnx_trace):
 def test_coreml_file_with_a_wrong_weight_is_localised(toy, inputs, tmp_path):
     import copy
 
-    from tadsr.export.coreml import export_coreml, exported_program
+    from tadsr.formats.coreml.export import export_coreml, exported_program
 
-    from tadsr.localize import localize_coreml, trace_program
+    from tadsr.formats.localize import localize_coreml, trace_program
 
     bad = copy.deepcopy(toy)
     with torch.no_grad():
@@ -388,7 +388,7 @@ def test_coreml_file_with_a_wrong_weight_is_localised(toy, inputs, tmp_path):
 
 @pytest.mark.slow  # ExecuTorch lowering, ~10 s CPU
 def test_executorch_relowering_checks_toolchain_and_flags_a_different_file(toy, inputs):
-    from tadsr.localize import localize_executorch
+    from tadsr.formats.localize import localize_executorch
 
     ref = trace_graph(toy, SPEC, variant="none")
     with torch.no_grad():

@@ -43,9 +43,9 @@ def test_exit_code_is_the_parity_verdict(tmp_path: Path, monkeypatch: pytest.Mon
     """``tadsr all`` with every stage stubbed: it exits 1 exactly when a parity report failed, and says so."""
     from types import SimpleNamespace
 
-    import tadsr.bench
+    import tadsr.bench.bench
     import tadsr.export.api
-    import tadsr.parity
+    import tadsr.parity.check
     import tadsr.pipeline
     import tadsr.quantize.api
 
@@ -56,9 +56,9 @@ def test_exit_code_is_the_parity_verdict(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(tadsr.export.api, "export_model",
                         lambda *a, **kw: kw["out_dir"].mkdir(parents=True, exist_ok=True) or [])  # fmt: skip
     monkeypatch.setattr(tadsr.quantize.api, "quantize_artifact", lambda *a, **kw: [])
-    monkeypatch.setattr(tadsr.parity, "check_parity", lambda *a, **kw: SimpleNamespace(passed=next(results)))
-    monkeypatch.setattr(tadsr.parity, "write_report", lambda *a, **kw: None)
-    monkeypatch.setattr(tadsr.bench, "run_bench", lambda *a, **kw: SimpleNamespace(files={"markdown": md}))
+    monkeypatch.setattr(tadsr.parity.check, "check_parity", lambda *a, **kw: SimpleNamespace(passed=next(results)))
+    monkeypatch.setattr(tadsr.parity.check, "write_report", lambda *a, **kw: None)
+    monkeypatch.setattr(tadsr.bench.bench, "run_bench", lambda *a, **kw: SimpleNamespace(files={"markdown": md}))
     out = tmp_path / "out"
     assert main(["-q", "all", "--out", str(out), "--preset", "tiny", "--init", "random", "--format", "onnx"]) == want
     assert ("parity: PASS" if want == 0 else "parity: FAIL") in (out / "SUMMARY.md").read_text()

@@ -28,8 +28,8 @@ from onnx import numpy_helper
 from tadsr.runtime.runner import sha256_path
 
 from tadsr.errors import ConfigError, InputError
-from tadsr.parity import ParityOptions, ReferenceSpec, check_parity, render_markdown
-from tadsr.parity_cli import main
+from tadsr.parity.check import ParityOptions, ReferenceSpec, check_parity, render_markdown
+from tadsr.cli.parity import main
 
 FAST = {"patches": 1, "whole_images": 1, "max_side": 64, "threads": 1}
 
@@ -211,7 +211,7 @@ def test_reference_from_arguments_and_bad_sources(tiny_onnx_artifacts, tmp_path)
 
 def test_every_precision_the_tools_write_has_floors() -> None:
     """fp32/fp16 (export), int8 (W8A8) and w8 (Core ML weight-only, via precision_aliases) all resolve to floors."""
-    from tadsr.export.parity import load_floors
+    from tadsr.parity.hops import load_floors
 
     for precision in ("fp32", "fp16", "int8", "w8"):
         for graph in ("encoder", "denoiser", "decoder", "pipeline"):

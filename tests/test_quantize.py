@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from tadsr.errors import ConfigError, InputError
-from tadsr.export.graphs import GRAPH_NAMES
-from tadsr.export.parity import load_floors
-from tadsr.quantize import cli as qcli
+from tadsr.formats.graphs import GRAPH_NAMES
+from tadsr.parity.hops import load_floors
+from tadsr.cli import quantize as qcli
 from tadsr.quantize.api import quantize_artifact
 from tadsr.quantize.calibration import noise_seed, sample_calibration
-from tadsr.quantize.sensitivity import (
+from tadsr.formats.sensitivity import (
     RECIPE_NAME,
     BackendRecipe,
     Recipe,
@@ -171,7 +171,7 @@ def test_compress_add_constants():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from tadsr.quantize.onnx_ptq import compress_add_constants, weight_only_int8
+    from tadsr.formats.onnx.ptq import compress_add_constants, weight_only_int8
 
     rng = np.random.default_rng(0)
     bias = rng.normal(0, 2, (2, 64, 64)).astype(np.float32)
@@ -216,7 +216,7 @@ def test_weight_bytes_counts_external_tensors(tmp_path):
     """Sizes by dtype come from shapes, so tensors kept in a .data file are counted (they were 0 before)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from tadsr.quantize.onnx_ptq import weight_bytes
+    from tadsr.formats.onnx.ptq import weight_bytes
 
     w = np.ones((2000,), np.float32)
     graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
@@ -313,7 +313,7 @@ def _worst_latent_psnr(int8, fp32) -> float:
 def _fake_artifact(folder: Path) -> Path:
     """A valid-looking fp32 encoder artifact: enough for the checks that run before any model work."""
     from tadsr.config import get_preset
-    from tadsr.export.artifact import BackendResult, build_manifest, write_manifest
+    from tadsr.formats.artifact import BackendResult, build_manifest, write_manifest
 
     folder.mkdir()
     (folder / "encoder.onnx").write_bytes(b"not used")
@@ -456,7 +456,7 @@ class _Toy(torch.nn.Module):
 
 def test_pt2e_simulator_matches_convert():
     """The switchable fake-quant simulator equals prepare/convert_pt2e with the same blocks float."""
-    from tadsr.quantize.executorch_ptq import PT2EQuant
+    from tadsr.formats.executorch.ptq import PT2EQuant
 
     g = torch.Generator().manual_seed(0)
     feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(3)]
@@ -495,8 +495,8 @@ def test_int8_add_constants_graph_executorch_coreml(tmp_path):
     an all-zero channel included); the graph's output moves by at most the stored error; the fp32 original is
     dropped; ExecuTorch lowers it (the dequantize runs outside XNNPACK) and Core ML stores it as
     constexpr_affine_dequantize; both run and agree with the rewritten graph."""
-    from tadsr.quantize.coreml_ptq import coreml_w8a8
-    from tadsr.quantize.executorch_ptq import int8_add_constants, quantize_executorch
+    from tadsr.formats.coreml.ptq import coreml_w8a8
+    from tadsr.formats.executorch.ptq import int8_add_constants, quantize_executorch
     from tadsr.runtime.coreml_sim import load_mlpackage
 
     toy = _ToyAddConstants().eval()
@@ -536,7 +536,7 @@ def test_int8_add_constants_graph_executorch_coreml(tmp_path):
 
 def test_rank_units_coarse_to_fine():
     """Sensitive blocks are isolated; harmless subtrees are measured as a whole (fewer evaluations than blocks)."""
-    from tadsr.quantize.sensitivity import rank_units
+    from tadsr.formats.sensitivity import rank_units
 
     names = [f"enc.down.{i}.block.{j}" for i in range(4) for j in range(2)] + [
         "enc.mid.attn_1",

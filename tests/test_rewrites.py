@@ -1,4 +1,4 @@
-"""tadsr.export.rewrites: each rewrite equals what it replaces (module level and on the tiny-preset graphs).
+"""tadsr.formats.rewrites: each rewrite equals what it replaces (module level and on the tiny-preset graphs).
 
 Module-level checks run in float64 where the maths is exact (atol 1e-10) and in float32 at 1e-5. Whole
 graphs run in float32: the denoiser at atol 1e-5 (its GroupNorm32 forces float32), encoder/decoder at 5e-5:
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tadsr.errors import ConfigError
-from tadsr.export import rewrites as rw
-from tadsr.export.graphs import make_graphs
+from tadsr.formats import rewrites as rw
+from tadsr.formats.graphs import make_graphs
 from tadsr.models import unet_swin, vqgan
 from tadsr.models.ops import GroupNorm32
 from tadsr.models.swin import SwinBlock

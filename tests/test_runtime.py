@@ -19,7 +19,7 @@ from tadsr.runtime.pipeline import MobileSRPipeline, find_artifacts
 from tadsr.runtime.runner import load_runner
 from tadsr.runtime.tiling import upscale_tiled
 
-CALIB = Path(__file__).resolve().parents[1] / "quantize" / "calib"
+CALIB = Path(__file__).resolve().parents[1] / "tadsr" / "data" / "calib"
 # fp32 backends agree with PyTorch to ~1e-5 per tile; a rare VQ near-tie can flip one code, so the
 # whole-image gate is PSNR (the fp32 pipeline floor of tadsr/numerics.json is 80 dB)
 FP32_PSNR_FLOOR = 80.0

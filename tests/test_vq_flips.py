@@ -1,4 +1,4 @@
-"""Flip-aware parity of VQ outputs (tadsr.export.vq through tadsr.export.parity.compare), on the tiny preset.
+"""Flip-aware parity of VQ outputs (tadsr.parity.vq through tadsr.parity.hops.compare), on the tiny preset.
 
 A codebook is edited so that, at six positions of a latent, a second code is exactly as far from the latent as
 the first (the first reflected through the latent): a forced near-tie that rounding decides. A tested side that
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from tadsr.errors import ParityError
-from tadsr.export.graphs import make_graph
-from tadsr.export.parity import (
+from tadsr.formats.graphs import make_graph
+from tadsr.parity.hops import (
     ParityCase,
     ParityReport,
     VQCompare,
@@ -29,8 +29,8 @@ from tadsr.export.parity import (
     run_cases_vq,
     vq_judge,
 )
-from tadsr.export.vq import FlipBudget, code_gaps
-from tadsr.runtime.torch_runner import TorchRunner
+from tadsr.parity.vq import FlipBudget, code_gaps
+from tadsr.formats.torch_ref import TorchRunner
 
 TIED = [(5, 7), (11, 40), (20, 20), (33, 3), (47, 58), (60, 30)]  # latent positions (row, col) with a forced tie
 
@@ -159,7 +159,7 @@ def test_flips_beyond_the_budget_fail(tied) -> None:
 
 @pytest.mark.parametrize("graph", ["decoder", "pipeline"])
 def test_onnx_artifact_exposes_its_latent_and_codes(tiny_models, tiny_onnx_artifacts, graph: str) -> None:
-    from tadsr.export.parity import artifact_view, make_cases, run_cases
+    from tadsr.parity.hops import artifact_view, make_cases, run_cases
     from tadsr.runtime.runner import load_runner
 
     path = tiny_onnx_artifacts / f"{graph}-onnx-fp32-t64"

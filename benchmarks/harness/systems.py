@@ -1,4 +1,4 @@
-"""The systems a benchmark runs, and how their time and memory are measured (used by :mod:`tadsr.bench`).
+"""The systems a benchmark runs, and how their time and memory are measured (used by :mod:`tadsr.bench.bench`).
 
 A system upscales LR tiles: ``run_tiles(lr (B,3,t,t), noise (B,*noise_shape(t))) -> (B,3,st,st)``; whole images
 go through :func:`tadsr.runtime.tiling.upscale_tiled` with the same tile, overlap and seed for every system.
@@ -12,7 +12,7 @@ go through :func:`tadsr.runtime.tiling.upscale_tiled` with the same tile, overla
 
 Memory: :class:`InProcessMemory` (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``, else the rise of
 ``ru_maxrss``) and :func:`probe_memory`, which runs one system in a fresh interpreter
-(``python -m tadsr.bench_systems --probe SPEC --result FILE``) and reads its peak RSS. Imports no torch at module
+(``python -m tadsr.bench.systems --probe SPEC --result FILE``) and reads its peak RSS. Imports no torch at module
 level, so probes of artifacts measure a process without it.
 """
 
@@ -539,7 +539,7 @@ def probe_memory(spec: dict[str, Any], tile: int) -> dict[str, Any]:
     spec = {**spec, "tile": tile}
     with tempfile.TemporaryDirectory(prefix="tadsr-bench-probe-") as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "tadsr.bench_systems", "--probe", json.dumps(spec), "--result", str(result)]
+        cmd = [sys.executable, "-m", "tadsr.bench.systems", "--probe", json.dumps(spec), "--result", str(result)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
         if proc.returncode != 0 or not result.is_file():
@@ -559,10 +559,10 @@ def probe_memory(spec: dict[str, Any], tile: int) -> dict[str, Any]:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tadsr.bench_systems --probe JSON --result FILE``: the memory probe's child side."""
+    """``python -m tadsr.bench.systems --probe JSON --result FILE``: the memory probe's child side."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m tadsr.bench_systems", description="memory probe (internal)")
+    p = argparse.ArgumentParser(prog="python -m tadsr.bench.systems", description="memory probe (internal)")
     p.add_argument("--probe", required=True)
     p.add_argument("--result", type=Path, required=True)
     args = p.parse_args(argv)

@@ -163,7 +163,7 @@ def code_gaps(codebook: np.ndarray, z: np.ndarray, a: np.ndarray, b: np.ndarray)
 
 @dataclass
 class VQCompare:
-    """What :func:`tadsr.export.parity.compare` needs to judge VQ outputs flip-aware: the judge and both sides."""
+    """What :func:`tadsr.parity.hops.compare` needs to judge VQ outputs flip-aware: the judge and both sides."""
 
     judge: VQJudge
     outputs: VQView

@@ -1,7 +1,7 @@
 """Core ML INT8: W8A8 from the PT2E-quantized graph, and data-free weight-only INT8 (W8) from the fp32 package.
 
 * W8A8 (:func:`coreml_w8a8`): the graph after the Core ML rewrites, quantized with PT2E exactly as for
-  ExecuTorch (:class:`tadsr.quantize.executorch_ptq.PT2EQuant`, same recipe machinery), then the converted
+  ExecuTorch (:class:`tadsr.formats.executorch.ptq.PT2EQuant`, same recipe machinery), then the converted
   ``ExportedProgram`` goes through ``coremltools.convert``: its quantize / dequantize pairs become MIL
   ``quantize`` / ``dequantize`` ops (activations) and ``constexpr_affine_dequantize`` (weights), which needs
   iOS 17. Ops left float compute in fp32 (the parent artifact's precision), so the measured error is the
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from tadsr.errors import ExportError
-from tadsr.export.artifact import BackendResult
+from tadsr.formats.artifact import BackendResult
 
 __all__ = ["W8A8_TARGET", "coreml_w8a8", "coreml_w8"]
 
@@ -83,7 +83,7 @@ def coreml_w8a8(
     """
     import coremltools as ct
 
-    from tadsr.export.coreml import pass_pipeline
+    from tadsr.formats.coreml.export import pass_pipeline
 
     t0 = time.perf_counter()
     try:
@@ -100,7 +100,7 @@ def coreml_w8a8(
         raise ExportError(f"Core ML conversion of the PT2E INT8 {name} graph failed: {e}") from e
     _set_metadata(ml, {**dict(metadata or {}), "precision": "int8"})
     path = Path(out_dir) / f"{name}.mlpackage"
-    from tadsr.export.coreml import save_package
+    from tadsr.formats.coreml.export import save_package
 
     save_package(ml, path)
     ops = _op_counts(ml)
@@ -147,7 +147,7 @@ def coreml_w8(
         raise ExportError(f"Core ML weight-only quantization of {fp32_package} failed: {e}") from e
     _set_metadata(w8, {**dict(metadata or {}), "precision": "w8"})
     path = Path(out_dir) / f"{name}.mlpackage"
-    from tadsr.export.coreml import save_package
+    from tadsr.formats.coreml.export import save_package
 
     save_package(w8, path)
     ops = _op_counts(w8)

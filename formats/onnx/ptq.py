@@ -4,7 +4,7 @@ Steps (:class:`OnnxPTQ`):
 
 1. ``quant_pre_process`` (ONNX shape inference + ORT basic optimizations, ``all_tensors_to_one_file``; the
    symbolic shape inference is skipped: shapes are static),
-   then :func:`tadsr.export.onnx.unshare_initializers` again: the optimizer re-merges identical constants and
+   then :func:`tadsr.formats.onnx.export.unshare_initializers` again: the optimizer re-merges identical constants and
    ``quantize_static`` rejects initializers shared between nodes.
 2. Calibration once: ``quantize_static`` with a ``calibration_cache_path`` collects the tensor ranges of every
    candidate node (``minmax``, ``entropy`` or ``percentile``) on the calibration feeds. Every later variant
@@ -20,7 +20,7 @@ Steps (:class:`OnnxPTQ`):
    float.
 
 Units: each candidate node is labelled with the module path of its weight (``...attn.qkv.bias`` ->
-``...attn.qkv``) and grouped into blocks by :func:`tadsr.quantize.sensitivity.unit_of`. Weight-less MatMuls
+``...attn.qkv``) and grouped into blocks by :func:`tadsr.formats.sensitivity.unit_of`. Weight-less MatMuls
 (attention scores and mixing) take the label of the nearest labelled producer upstream and form their own unit
 ``<block>/matmul``, so the search can keep attention float while the block's projections stay INT8.
 
@@ -47,10 +47,10 @@ import numpy as np
 import onnx
 
 from tadsr.errors import ConfigError, ExportError
-from tadsr.export.artifact import BackendResult
-from tadsr.export.onnx import PROTOBUF_LIMIT, save_model, unshare_initializers
-from tadsr.quantize.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
-from tadsr.quantize.sensitivity import BackendRecipe, unit_of
+from tadsr.formats.artifact import BackendResult
+from tadsr.formats.onnx.export import PROTOBUF_LIMIT, save_model, unshare_initializers
+from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
+from tadsr.formats.sensitivity import BackendRecipe, unit_of
 
 __all__ = ["METHODS", "DEFAULT_OP_TYPES", "OnnxPTQ", "quantize_onnx"]
 

@@ -47,8 +47,8 @@ from onnx.external_data_helper import load_external_data_for_model
 from torch import nn
 
 from tadsr.errors import ConfigError, ExportError
-from tadsr.export.artifact import BackendResult, tool_versions
-from tadsr.export.graphs import GraphSpec
+from tadsr.formats.artifact import BackendResult, tool_versions
+from tadsr.formats.graphs import GraphSpec
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD", "MIN_OPSET", "PROTOBUF_LIMIT", "SIMPLIFY_ATOL", "export_onnx", "save_model",
@@ -307,7 +307,7 @@ def export_onnx(
     """Export ``graph`` to ``out_dir/<spec.name>.onnx`` with static shapes and the spec's I/O names.
 
     Args:
-        graph: an export-ready graph from :func:`tadsr.export.graphs.make_graphs` (eval, no grad).
+        graph: an export-ready graph from :func:`tadsr.formats.graphs.make_graphs` (eval, no grad).
         spec: its :class:`GraphSpec`; inputs (float32, fixed shapes) and outputs keep the spec's names.
         out_dir: existing folder to write into.
         precision: ``"fp32"``, or ``"fp16"`` (weights and activations; float32 I/O kept).

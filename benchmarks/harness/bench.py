@@ -32,7 +32,7 @@ Per system:
   reports the peak and its rise over the RSS before loading (other systems' memory included);
 * **size**: model files on disk (artifacts) or fp32 parameters in memory (PyTorch).
 
-The report (JSON first, then Markdown, plots and an image grid) is written by :mod:`tadsr.bench_report`.
+The report (JSON first, then Markdown, plots and an image grid) is written by :mod:`tadsr.bench.report`.
 Timings carry their conditions: machine, load average before and after, library versions, threads per backend.
 """
 
@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tadsr.bench_systems import (
+from tadsr.bench.systems import (
     STAGES,
     ArtifactSet,
     ArtifactSystem,
@@ -274,7 +274,7 @@ def load_images(
     Raises:
         InputError: no images, unreadable files, or an LR partner whose size is not HR / scale.
     """
-    from tadsr.quantize.calibration_data import find_images
+    from tadsr.patches import find_images
 
     data = Path(data)
     if data.is_file():
@@ -656,7 +656,7 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
     """
     import torch
 
-    from tadsr.bench_report import write_report
+    from tadsr.bench.report import write_report
     from tadsr.pipeline import load_models
 
     t_start = time.perf_counter()

@@ -53,9 +53,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from tadsr.errors import ConfigError, ExportError
-from tadsr.export.artifact import BackendResult
-from tadsr.export.graphs import GraphSpec
-from tadsr.export.rewrites import apply_rewrites
+from tadsr.formats.artifact import BackendResult
+from tadsr.formats.graphs import GraphSpec
+from tadsr.formats.rewrites import apply_rewrites
 
 __all__ = [
     "export_coreml",
@@ -524,7 +524,7 @@ def export_coreml(
     """Convert ``graph`` to ``out_dir/<spec.name>.mlpackage`` (ML program, iOS 17, static shapes).
 
     Args:
-        graph: an export-ready graph from :func:`tadsr.export.graphs.make_graphs` (eval, no grad; not changed).
+        graph: an export-ready graph from :func:`tadsr.formats.graphs.make_graphs` (eval, no grad; not changed).
         spec: its :class:`GraphSpec`: input/output names and shapes (float32 I/O at any precision).
         out_dir: existing folder to write into.
         precision: ``"fp32"`` or ``"fp16"`` (mixed: measured layers kept fp32, see the module docstring).

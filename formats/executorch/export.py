@@ -2,7 +2,7 @@
 
 Pipeline::
 
-    apply_rewrites(graph, example, backend)      # tadsr.export.rewrites: baked attention, folded ResBlock
+    apply_rewrites(graph, example, backend)      # tadsr.formats.rewrites: baked attention, folded ResBlock
                                                  # constants, decomposed GroupNorm, transposed-conv upsampling
     torch.export.export(rewritten, example)      # static shapes, spec input order
     to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])   # or CoreMLPartitioner
@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from tadsr.errors import ConfigError, ExportError
-from tadsr.export.artifact import BackendResult
-from tadsr.export.graphs import GraphSpec
-from tadsr.export.rewrites import apply_rewrites
+from tadsr.formats.artifact import BackendResult
+from tadsr.formats.graphs import GraphSpec
+from tadsr.formats.rewrites import apply_rewrites
 
 __all__ = ["export_executorch", "partition_info", "BACKENDS"]
 
@@ -129,13 +129,13 @@ def export_executorch(
     """Export ``graph`` to ``out_dir/<spec.name>.pte`` lowered to XNNPACK (or the Core ML delegate).
 
     Args:
-        graph: an export-ready graph from :func:`tadsr.export.graphs.make_graphs` (eval, no grad; not changed).
+        graph: an export-ready graph from :func:`tadsr.formats.graphs.make_graphs` (eval, no grad; not changed).
         spec: its :class:`GraphSpec`; the program's inputs follow ``spec.inputs`` (float32, fixed shapes).
         out_dir: existing folder to write into.
         precision: ``"fp32"`` (XNNPACK); ``"fp32"`` or ``"fp16"`` compute precision for ``backend="coreml"``.
         backend: ``"xnnpack"`` or ``"coreml"`` (ExecuTorch's Core ML delegate, if importable).
         progress: unused (no loop worth a bar); accepted for the common backend signature.
-        rewrites: rewrite set or names (:data:`tadsr.export.rewrites.BACKEND_REWRITES`); default: the backend's.
+        rewrites: rewrite set or names (:data:`tadsr.formats.rewrites.BACKEND_REWRITES`); default: the backend's.
         metadata: accepted for the common signature; a .pte has no free-form metadata (the manifest keeps it).
         **opts: other backends' options; ignored with a DEBUG line.
 

@@ -66,10 +66,10 @@ def _stage(cfg: MainJobConfig, name: str, fn: Any) -> Any:
 
 def run_main_job(cfg: MainJobConfig) -> int:
     """Run all stages; returns the exit code (0 all passed, 1 a parity failure)."""
-    from tadsr.bench import BenchConfig, run_bench
+    from tadsr.bench.bench import BenchConfig, run_bench
     from tadsr.config import get_preset
     from tadsr.export.api import check_request, export_model
-    from tadsr.parity import ParityOptions, check_parity, write_report
+    from tadsr.parity.check import ParityOptions, check_parity, write_report
     from tadsr.pipeline import load_models
     from tadsr.quantize.api import quantize_artifact
 

@@ -9,10 +9,10 @@
    every component set built from the denoiser wrong, so it fails here, naming the *prior sample* step;
 3. **tiles**: one seeded case (``GraphSpec.example_inputs(seed)``) and real LR patches (the shipped
    calibration set, or ``images``), with reference outputs from the PyTorch reference pipeline
-   (:func:`tadsr.export.parity.make_cases`); three hops as at export time (reference torch -> export-ready
+   (:func:`tadsr.parity.hops.make_cases`); three hops as at export time (reference torch -> export-ready
    torch -> runtime, and reference -> runtime), each output with max abs, mean abs, PSNR and SSIM, and for
    INT8 files the error in quantization steps of the output's scale; judged by
-   :func:`tadsr.export.parity.load_floors` for the artifact's precision.
+   :func:`tadsr.parity.hops.load_floors` for the artifact's precision.
 
 Then, for the fused ``pipeline`` artifact and for every complete encoder/denoiser/decoder set, **whole
 images**: each image goes through :class:`tadsr.runtime.pipeline.MobileSRPipeline` (tiled, host noise) and
@@ -21,12 +21,12 @@ the reference goes through the *same* tiler with the same noise, so only the art
 two codes may pick the other one, which moves a patch of pixels although nothing is wrong (the floors table
 names this risk for fp32). An image below its floor is therefore analysed: it still passes if the
 artifact's latents agree with the reference's within the denoiser floor, *every* differing code is a
-near-tie that the latent difference can reorder (a Cauchy-Schwarz bound, :func:`tadsr.localize.code_flips`),
+near-tie that the latent difference can reorder (a Cauchy-Schwarz bound, :func:`tadsr.formats.localize.code_flips`),
 their number is within the floor's flip budget (``flips`` in ``numerics.json``), and the image equals, within
 the floor, the reference decoder run on the artifact's own latents.
 
 The per-tile hops (step 3) of decoder and pipeline artifacts are judged flip-aware in the same way by the
-shared comparison (:mod:`tadsr.export.vq` through :func:`tadsr.export.parity.case_groups`), as at export and
+shared comparison (:mod:`tadsr.parity.vq` through :func:`tadsr.parity.hops.case_groups`), as at export and
 quantize time: each case reports "N near-tie flips of M positions, max gap g" and is judged against the
 reference decoded with the artifact's codes (ONNX: latent and codes tapped from the file; ExecuTorch and
 Core ML programs: codes recovered from the image among near-tie candidates).
@@ -35,7 +35,7 @@ The reference is rebuilt from the manifest (preset and sources: ``random-fill`` 
 ``bundled:<file>`` -> the preset's shipped weights, paths -> those checkpoints, sha256 verified), or from
 explicit model arguments (:class:`ReferenceSpec`).
 
-A failing artifact (or every artifact with ``diagnose=True``) is localised with :mod:`tadsr.localize`: the
+A failing artifact (or every artifact with ``diagnose=True``) is localised with :mod:`tadsr.formats.localize`: the
 first block or schedule step whose output diverges, per backend; a failing component set is localised stage
 by stage (encoder, prior sample, denoiser, decoder) on one tile.
 """
@@ -59,7 +59,7 @@ import torch
 from tadsr.checkpoint import sha256_file
 from tadsr.config import Preset, get_preset
 from tadsr.errors import CheckpointError, ConfigError, InputError, TadsrError
-from tadsr.export.parity import (
+from tadsr.parity.hops import (
     HOP_REFERENCE,
     Floor,
     ParityCase,
@@ -79,7 +79,7 @@ from tadsr.export.parity import (
     runtime_hop,
     vq_judge,
 )
-from tadsr.localize import (
+from tadsr.formats.localize import (
     CodeFlips,
     GraphTrace,
     Localization,
@@ -256,7 +256,7 @@ class OutputCheck:
         floor: the floor applied; passed: whether it holds.
         worst_case: case with the lowest PSNR.
         qsteps: max abs error in quantization steps of the output's scale (INT8 runtime hops), else None.
-        flips: VQ images: the code-flip analysis per case (:mod:`tadsr.export.vq`), which decides ``passed``.
+        flips: VQ images: the code-flip analysis per case (:mod:`tadsr.parity.vq`), which decides ``passed``.
         flips_source: how the tested and reference codes were obtained.
     """
 
@@ -549,7 +549,7 @@ class _Session:
         return self._models[k]
 
     def graph(self, manifest: Mapping[str, Any], name: str, tile: int) -> tuple[Any, Any]:
-        from tadsr.export.graphs import make_graphs
+        from tadsr.formats.graphs import make_graphs
 
         k = (self.key(manifest), tile)
         if k not in self._graphs:
@@ -573,7 +573,7 @@ class _Session:
             t0 = time.perf_counter()
             module, spec = self.graph(manifest, name, tile)
             if variant == "coreml":  # the program the Core ML exporter converts (rewrites + decompositions)
-                from tadsr.export.coreml import exported_program
+                from tadsr.formats.coreml.export import exported_program
 
                 self._traces[k] = trace_program(exported_program(module, spec)[0], spec, "coreml export")
             else:
@@ -589,7 +589,7 @@ class _Session:
 def _real_patches(tile: int, scale: int, opts: ParityOptions) -> tuple[np.ndarray, str]:
     if opts.images is None:
         return real_lr_patches(tile, scale, opts.patches)
-    from tadsr.quantize.calibration_data import sample_patches
+    from tadsr.patches import sample_patches
 
     if opts.patches == 0:
         return np.zeros((0, 3, tile, tile), np.float32), "none"
@@ -672,7 +672,7 @@ def _stats(
     cases: Sequence[ParityCase], floors: Mapping[str, Floor], ranges: Mapping[str, Any],
     scales: Mapping[str, float | None] | None = None, vq: VQCompare | None = None,
 ) -> list[OutputCheck]:  # fmt: skip
-    """:func:`~tadsr.export.parity.case_groups` plus SSIM and, where the output's INT8 scale is known, steps."""
+    """:func:`~tadsr.parity.hops.case_groups` plus SSIM and, where the output's INT8 scale is known, steps."""
     results = []
     for g in case_groups(outs, refs, cases, floors, ranges, vq):
         ss = min(ssim(o[0], r[0], data_range=st.data_range) if np.isfinite(o).all() else -1.0
@@ -717,7 +717,7 @@ def _check_numerics(res: ArtifactCheck, manifest: dict[str, Any], verified: bool
     runs = session.runs(manifest, res.tile)
     with torch.no_grad():
         cases, res.real_source = make_cases(models, gspec, runs=runs, seed=opts.seed)
-    from tadsr.runtime.torch_runner import TorchRunner
+    from tadsr.formats.torch_ref import TorchRunner
 
     eager, eager_view = run_cases_vq(TorchRunner.from_graph(module, gspec, threads=opts.threads).run, cases, module,
                                      models)  # fmt: skip
@@ -763,7 +763,7 @@ def _diagnose(
     hop1 = [o for o in res.outputs if o.hop == HOP_REFERENCE and not o.passed]
     if hop1:
         notes.append("the export-ready torch graph already differs from the reference pipeline: a graph rewrite "
-                     "(tadsr.export.graphs / rewrites) is wrong, not the file")  # fmt: skip
+                     "(tadsr.formats.graphs / rewrites) is wrong, not the file")  # fmt: skip
     # the case to localise: the worst one of the runtime hop (export-ready torch -> runtime)
     rt = [o for o in res.outputs if o.hop == runtime_hop(res.format)]
     worst = min(rt, key=lambda o: o.psnr) if rt else None
@@ -837,7 +837,7 @@ def _whole_images(opts: ParityOptions, n: int) -> list[tuple[str, np.ndarray]]:
     if opts.images is not None:
         folder = Path(opts.images)
     else:
-        from tadsr.quantize.calibration_data import default_calibration_dir
+        from tadsr.patches import default_calibration_dir
 
         folder = default_calibration_dir()
     files = list_images(folder)[:n]
@@ -886,7 +886,7 @@ def check_set(s: SetCheck, images: Sequence[tuple[str, np.ndarray]], session: _S
               by_path: Mapping[Path, ArtifactCheck]) -> SetCheck:  # fmt: skip
     """Whole images through the set vs the reference through the same tiler and noise.
 
-    An image below the floor is checked for VQ code flips (:func:`tadsr.localize.code_flips`): it passes
+    An image below the floor is checked for VQ code flips (:func:`tadsr.formats.localize.code_flips`): it passes
     when the artifact's latents ``x0`` agree with the reference's within the denoiser floor, every flipped
     code is a near-tie explained by that latent difference, and the image equals, within the floor, the
     reference decoder run on the artifact's own latents (same codes). Otherwise it fails.

@@ -248,11 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Verbs implemented in the subpackages (export, quantize, parity, bench)."""
-    from tadsr.bench_cli import add_bench_parser
-    from tadsr.main_job import add_all_parser
-    from tadsr.export.cli import add_export_parser
-    from tadsr.parity_cli import add_parity_parser
-    from tadsr.quantize.cli import add_quantize_parser
+    from tadsr.cli.bench import add_bench_parser
+    from tadsr.cli.main_job import add_all_parser
+    from tadsr.cli.export import add_export_parser
+    from tadsr.cli.parity import add_parity_parser
+    from tadsr.cli.quantize import add_quantize_parser
     from tadsr.train.distill_ae import add_distill_ae_parser
 
     return [add_export_parser, add_quantize_parser, add_parity_parser, add_bench_parser, add_all_parser,

@@ -10,7 +10,7 @@ Hops, for one graph on the same cases:
 3. ``"reference torch -> <format> runtime"``: end to end, what a user gets vs the reference. Same floors.
 
 Cases: one seeded case (``spec.example_inputs(seed)``, uniform in each input's range, else N(0, 1)) and
-``n_real`` real LR patches: the shipped calibration set (:mod:`tadsr.quantize.calibration_data`) when it has
+``n_real`` real LR patches: the shipped calibration set (:mod:`tadsr.patches`) when it has
 patches of the tile size, else built-in photos from ``skimage.data`` (downscaled by MATLAB bicubic, centre
 crop). Component graphs get the inputs the reference pipeline produces on those patches: the encoder the
 LR, the denoiser ``x_t = z_y + kappa sqrt(eta_T) noise`` and the LR, the decoder the reference ``x0``.
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from tadsr.errors import ConfigError, InputError, ParityError
-from tadsr.export.vq import CaseFlips, FlipBudget, VQCompare, VQJudge, VQView, torch_decoder
+from tadsr.parity.vq import CaseFlips, FlipBudget, VQCompare, VQJudge, VQView, torch_decoder
 from tadsr.metrics import error_stats
 from tadsr.pipeline import DEFAULT_SEED, Models, OneStepPipeline, make_noise
 
@@ -91,7 +91,7 @@ class Floor:
     """Acceptance bounds of one output: ``max_abs <= max_abs`` and ``psnr >= psnr`` (None: not gated).
 
     ``flips``: for images decoded through the VQ lookup, the code flips allowed (:class:`FlipBudget`); the
-    image is then judged against the reference decoded with the tested side's codes (:mod:`tadsr.export.vq`).
+    image is then judged against the reference decoded with the tested side's codes (:mod:`tadsr.parity.vq`).
     """
 
     max_abs: float | None
@@ -206,7 +206,7 @@ def real_lr_patches(tile: int, scale: int, n: int, seed: int = 0) -> tuple[np.nd
     if n <= 0:
         return np.zeros((0, 3, tile, tile), np.float32), "none"
     try:
-        from tadsr.quantize.calibration_data import default_calibration_dir, sample_patches
+        from tadsr.patches import default_calibration_dir, sample_patches
     except ImportError:
         return _builtin_lr(tile, scale, n)
     try:
@@ -353,7 +353,7 @@ class HopResult:
         max_abs, mean_abs, psnr: worst case over the cases (PSNR in dB; inf when identical).
         data_range: PSNR peak used (2 for images; latents: the reference's peak-to-peak, smallest over cases).
         floor: the bounds applied.
-        passed: whether the bounds hold (flip-aware for VQ images: see :mod:`tadsr.export.vq`).
+        passed: whether the bounds hold (flip-aware for VQ images: see :mod:`tadsr.parity.vq`).
         worst_case: name of the case with the lowest PSNR.
         flips: VQ images: the flip analysis per case (None for other outputs).
         flips_source: how the tested and reference codes were obtained.
@@ -474,7 +474,7 @@ def case_groups(
     """Error statistics of every case, grouped per (input kind, output); latents use their value range for PSNR.
 
     With ``vq`` (graphs ending in the VQ lookup), its image outputs get the flip analysis of
-    :meth:`tadsr.export.vq.VQJudge.analyse` per case, which then decides their verdict.
+    :meth:`tadsr.parity.vq.VQJudge.analyse` per case, which then decides their verdict.
     """
     groups = []
     for kind in dict.fromkeys(c.kind for c in cases):
@@ -516,7 +516,7 @@ def compare(
     """Aggregate per-case error statistics into one :class:`HopResult` per (input kind, output).
 
     ``vq``: for graphs ending in the VQ lookup, the judge and both sides' latents / codes; image outputs are
-    then judged flip-aware (:mod:`tadsr.export.vq`) and carry the per-case flip analysis.
+    then judged flip-aware (:mod:`tadsr.parity.vq`) and carry the per-case flip analysis.
     """
     return [HopResult(hop, g.kind, g.output, len(g.stats), g.max_abs, g.mean_abs, g.psnr, g.data_range, g.floor,
                       g.passed, g.worst_case, g.flips, g.flips_source)
@@ -606,7 +606,7 @@ def run_cases_vq(
     models: Models,
 ) -> tuple[list, VQView | None]:  # fmt: skip
     """:func:`run_cases` on an export-ready torch graph, keeping the latent its VQ lookup reads (None: no lookup)."""
-    from tadsr.export.graphs import DecoderGraph
+    from tadsr.formats.graphs import DecoderGraph
 
     dec = next((m for m in module.modules() if isinstance(m, DecoderGraph)), None)
     if dec is None:
@@ -657,7 +657,7 @@ def artifact_view(
     added as graph outputs in memory and the file is run again (the file itself is not changed); the codes are
     used only where that run reproduces the artifact's own output exactly, else they are recovered from the
     image. ExecuTorch (delegated) and Core ML programs expose neither: their codes are recovered from the image
-    among the near-tie alternatives that the latent floor allows (:mod:`tadsr.export.vq`).
+    among the near-tie alternatives that the latent floor allows (:mod:`tadsr.parity.vq`).
     """
     graph = str(manifest["graph"]["name"])
     if graph not in VQ_GRAPHS:
@@ -668,7 +668,7 @@ def artifact_view(
         return VQView.unexposed(n, f"{fmt} program exposes no latent or codes")
     import onnx
 
-    from tadsr.localize import OnnxTap, onnx_codebook_input
+    from tadsr.formats.localize import OnnxTap, onnx_codebook_input
 
     file = Path(path) / manifest["files"][0]["name"]
     latent_shape = next(tuple(t["shape"]) for t in manifest["graph"]["inputs"] if t["name"] in ("noise", "x0"))

@@ -1,4 +1,4 @@
-"""``tadsr bench``: the thin CLI layer over :func:`tadsr.bench.run_bench`.
+"""``tadsr bench``: the thin CLI layer over :func:`tadsr.bench.bench.run_bench`.
 
 The main CLI registers the subcommand with :func:`add_bench_parser` (which sets ``func=run_bench_cli``); it
 configures logging and turns :class:`~tadsr.errors.TadsrError` into exit status 2. This module prints only the
@@ -6,7 +6,7 @@ Markdown table and the paths of the files written (to stdout).
 
 Examples::
 
-    tadsr bench --preset tiny --init random --artifacts out/ --data quantize/calib --max-images 2 --out bench/
+    tadsr bench --preset tiny --init random --artifacts out/ --data tadsr/data/calib --max-images 2 --out bench/
     tadsr bench --student s.pth --teacher t.pth --autoencoder ae.pth --artifacts out/onnx out/int8 \\
         --data DIV2K_valid_HR --threads 4 --out bench/
 """
@@ -79,8 +79,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`tadsr.bench.BenchConfig` of parsed arguments."""
-    from tadsr.bench import BenchConfig
+    """The :class:`tadsr.bench.bench.BenchConfig` of parsed arguments."""
+    from tadsr.bench.bench import BenchConfig
     from tadsr.errors import ConfigError
 
     if args.repeats < 5 and not args.smoke:
@@ -117,7 +117,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     Returns:
         0, or 1 when an artifact set could not be run (its runner is missing or it failed to load).
     """
-    from tadsr.bench import run_bench
+    from tadsr.bench.bench import run_bench
 
     cfg = config_from_args(args)
     progress = sys.stderr.isatty() if args.progress is None else bool(args.progress)

@@ -1,6 +1,6 @@
 """Graph-changing rewrites for mobile backends, each an explicit function with an equivalence test.
 
-The export graphs of :mod:`tadsr.export.graphs` already have static shapes, cached Swin masks, slice+concat
+The export graphs of :mod:`tadsr.formats.graphs` already have static shapes, cached Swin masks, slice+concat
 rolls and rank <= 5 windows. What remains are ops the mobile delegates do not take as written:
 
 ==============================  =====================================================  =====================

@@ -19,7 +19,7 @@ compared tensor has the exact PyTorch value of the node of the same name. Per ba
   of that unit is compared instead (said in the row). Node metadata (``pkg.torch.onnx.fx_node``), when the file
   still has it, adds names.
 * **Core ML**: :mod:`tadsr.runtime.coreml_sim` returns every MIL variable. The Core ML exporter converts a
-  rewritten program (:func:`tadsr.export.coreml.exported_program`: mobile rewrites, ``torch.export``,
+  rewritten program (:func:`tadsr.formats.coreml.export.exported_program`: mobile rewrites, ``torch.export``,
   ``run_decompositions({})``) and MIL variables keep its node names (fp16 casts add ``_cast_fp16``), so the
   backend's values are matched by name in that program and compared, unit by unit *name*, with the
   export-ready graph's (a wrong rewrite shows too). The simulator's numerics are a model of the device (see its
@@ -338,7 +338,7 @@ def trace_graph(module: nn.Module, spec: Any, *, variant: str = "onnx") -> Graph
     """``torch.export`` the export-ready graph as its exporter does and find its units.
 
     Args:
-        module: the graph from :func:`tadsr.export.graphs.make_graphs` (eval, no grad).
+        module: the graph from :func:`tadsr.formats.graphs.make_graphs` (eval, no grad).
         spec: its ``GraphSpec`` (example inputs, names).
         variant: ``"onnx"``: replay the ONNX exporter's decompositions so that node names equal the tensor
             names in the ONNX file; ``"core_aten"``: ``run_decompositions()``; ``"empty"``:
@@ -850,7 +850,7 @@ def localize_coreml(
 
     Args:
         path: the ``.mlpackage``.
-        trace: the program the Core ML exporter converted (:func:`tadsr.export.coreml.exported_program`:
+        trace: the program the Core ML exporter converted (:func:`tadsr.formats.coreml.export.exported_program`:
             rewrites, ``torch.export``, ``run_decompositions({})``); MIL variables carry its node names.
         ref_trace: the export-ready graph itself (units compared by name against it).
         inputs: the case's inputs; case, threshold_psnr: as for :func:`localize_onnx`.
@@ -911,7 +911,7 @@ def localize_executorch(
         raise ConfigError(f"ExecuTorch localisation needs executorch with devtools: {e}") from e
     if backend not in ("xnnpack", "portable"):
         raise ConfigError(f"the ExecuTorch {backend} delegate does not run here; re-lowering needs xnnpack or portable")
-    from tadsr.export.rewrites import apply_rewrites
+    from tadsr.formats.rewrites import apply_rewrites
 
     example = spec.example_inputs()
     names = list(rewrites) if rewrites is not None and not isinstance(rewrites, str) else (rewrites or "xnnpack")

@@ -2,7 +2,7 @@
 
 Used as the "export-ready torch" side of parity hops and as the eager baseline of benchmarks, so every
 backend is measured through the same input checks and conversions. It wraps an ``nn.Module`` that the
-caller built (``tadsr.export.graphs.make_graphs``); this module imports no model code itself.
+caller built (``tadsr.formats.graphs.make_graphs``); this module imports no model code itself.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""``tadsr parity``: the thin CLI layer over :func:`tadsr.parity.check_parity`.
+"""``tadsr parity``: the thin CLI layer over :func:`tadsr.parity.check.check_parity`.
 
-Registered by ``tadsr/cli.py`` with :func:`add_parity_parser`; runs standalone as ``python -m tadsr.parity_cli``.
+Registered by ``tadsr/cli.py`` with :func:`add_parity_parser`; runs standalone as ``python -m tadsr.cli.parity``.
 Prints the Markdown report to stdout and, with ``--report DIR``, writes ``DIR/parity.json`` and ``DIR/parity.md``.
 
 Exit status (the main CLI's policy): 0 every artifact and whole-image set passed; 1 a parity failure; 2 usage or
@@ -74,7 +74,7 @@ def run_parity(args: argparse.Namespace) -> int:
     Raises:
         TadsrError: bad arguments or inputs (the main CLI turns it into exit status 2).
     """
-    from tadsr.parity import ParityOptions, ReferenceSpec, check_parity, render_markdown, write_report
+    from tadsr.parity.check import ParityOptions, ReferenceSpec, check_parity, render_markdown, write_report
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
@@ -92,7 +92,7 @@ def run_parity(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (``python -m tadsr.parity_cli ...``), with the main CLI's logging and exit codes."""
+    """Standalone entry point (``python -m tadsr.cli.parity ...``), with the main CLI's logging and exit codes."""
     parser = argparse.ArgumentParser(prog="tadsr")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")

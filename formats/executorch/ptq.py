@@ -1,6 +1,6 @@
 """PT2E INT8 (XNNPACKQuantizer) for ExecuTorch, shared with Core ML W8A8: prepare, calibrate, convert, lower.
 
-:class:`PT2EQuant` holds one graph after the backend's rewrites (:func:`tadsr.export.rewrites.apply_rewrites`,
+:class:`PT2EQuant` holds one graph after the backend's rewrites (:func:`tadsr.formats.rewrites.apply_rewrites`,
 the same set the fp32 export applies) and ``torch.export``:
 
 * :meth:`PT2EQuant.simulator` prepares it once with every candidate layer annotated, calibrates once, and
@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from tadsr.errors import ConfigError, ExportError
-from tadsr.export.artifact import BackendResult
-from tadsr.quantize.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
-from tadsr.quantize.sensitivity import unit_of
+from tadsr.formats.artifact import BackendResult
+from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
+from tadsr.formats.sensitivity import unit_of
 
 __all__ = ["PT2E_OP_TYPES", "PT2EQuant", "FakeQuantSim", "int8_add_constants", "quantize_executorch"]
 
@@ -142,10 +142,10 @@ class PT2EQuant:
     """One graph, rewritten and exported once, ready for PT2E quantization.
 
     Args:
-        graph: export graph (eval, no grad) from :func:`tadsr.export.graphs.make_graph`.
+        graph: export graph (eval, no grad) from :func:`tadsr.formats.graphs.make_graph`.
         example: example inputs of the spec's shapes.
         output_names: the graph's output names (to pin the layer producing ``x0``).
-        rewrites: rewrite set of :data:`tadsr.export.rewrites.BACKEND_REWRITES` (``"xnnpack"``, ``"coreml"``).
+        rewrites: rewrite set of :data:`tadsr.formats.rewrites.BACKEND_REWRITES` (``"xnnpack"``, ``"coreml"``).
         op_types: quantized op types, keys of :data:`PT2E_OP_TYPES`.
         method: calibration method.
     """
@@ -161,7 +161,7 @@ class PT2EQuant:
         method: str = "minmax",
     ) -> None:
         """See the class docstring."""
-        from tadsr.export.rewrites import apply_rewrites
+        from tadsr.formats.rewrites import apply_rewrites
 
         unknown = [o for o in op_types if o not in PT2E_OP_TYPES]
         if unknown:

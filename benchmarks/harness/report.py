@@ -4,7 +4,7 @@ Files written into the report folder (each through a temporary file and ``os.rep
 half-written file; ``report.json`` is written before anything is rendered from it):
 
 =====================  ==========================================================================================
-``report.json``        every number with its conditions (:func:`tadsr.bench.run_bench`'s document)
+``report.json``        every number with its conditions (:func:`tadsr.bench.bench.run_bench`'s document)
 ``report.md``          details list, main table, per-stage table, ratios, warnings
 ``latency_psnr.png``   end-to-end latency per tile (log) vs PSNR-Y, one point per system (needs images)
 ``stage_latency.png``  per-stage median latency bars (fused artifacts and bicubic: end to end only)

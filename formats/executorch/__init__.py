@@ -1,0 +1,1 @@
+"""ExecuTorch slice: export (XNNPACK), post-training quantization (PT2E) and localisation."""

@@ -1,0 +1,1 @@
+"""ONNX slice: export, post-training quantization and localisation for ONNX Runtime."""
