@@ -27,8 +27,20 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = [
-    "ErrorStats", "error_stats", "psnr", "ssim", "rgb_to_y", "crop_border", "lr_consistency", "color_error",
-    "SanityLimits", "SANITY_LIMITS", "sanity_failures",
+    "IDENTICAL_DB",
+    "SANITY_LIMITS",
+    "ErrorStats",
+    "SanityLimits",
+    "color_error",
+    "crop_border",
+    "db_json",
+    "db_text",
+    "error_stats",
+    "lr_consistency",
+    "psnr",
+    "rgb_to_y",
+    "sanity_failures",
+    "ssim",
 ]  # fmt: skip
 
 
@@ -51,8 +63,32 @@ class ErrorStats:
     def to_dict(self) -> dict[str, float]:
         d = asdict(self)
         if math.isinf(d["psnr"]):
-            d["psnr"] = 999.0  # JSON has no inf; 999 dB stands for "identical"
+            d["psnr"] = db_json(d["psnr"])
         return d
+
+
+# "Identical" is +inf dB. JSON has no inf, so every report writes it as IDENTICAL_DB (999 dB), and text says
+# "identical". These three are the only place that rule lives.
+IDENTICAL_DB = 999.0
+
+
+def db_json(x: float | None, digits: int = 6) -> float | None:
+    """A dB (or any float) value for JSON: +/-inf -> +/-999 (identical), NaN/None -> None, else ``digits`` sig. digits."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    x = float(x)
+    if math.isinf(x):
+        return IDENTICAL_DB if x > 0 else -IDENTICAL_DB
+    return float(f"{x:.{digits}g}")
+
+
+def db_text(x: float | None, digits: int = 1) -> str:
+    """A dB value for people: ``"identical"`` for inf (or the JSON stand-in), ``"n/a"`` for None/NaN, else ``"41.3 dB"``."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if math.isinf(x) or x >= IDENTICAL_DB:
+        return "identical"
+    return f"{x:.{digits}f} dB"
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
