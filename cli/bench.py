@@ -35,7 +35,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         "report.json first, then report.md, plots and an image grid into --out. Exit status 1 if an artifact "
         "could not be run.",
     )
-    from tadsr.cli import add_model_args
+    from tadsr.cli.common import add_model_args
 
     add_model_args(p, default_preset=None, title="reference model (default: the artifacts' preset with its bundled weights)",
                    preset_help="model preset (default: the one recorded in the artifacts)")
@@ -81,6 +81,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`tadsr.bench.bench.BenchConfig` of parsed arguments."""
     from tadsr.bench.bench import BenchConfig
+
     from tadsr.errors import ConfigError
 
     if args.repeats < 5 and not args.smoke:

@@ -40,9 +40,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         "hops against the PyTorch reference before it is written; exit status 1 when parity fails (nothing is "
         "written for that artifact, or it is written and marked with --no-parity-gate), 2 on bad input.",
     )
-    from tadsr.cli import add_model_args
-
-    from tadsr.cli import add_light_args
+    from tadsr.cli.common import add_light_args, add_model_args
 
     add_light_args(add_model_args(p, teacher=False))
     out = p.add_argument_group("export")
@@ -76,7 +74,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     if args.init is None and args.student is None and args.autoencoder is None:
         logger.info("no checkpoints given: using the weights bundled with preset %r, if any", args.preset)
-    from tadsr.cli import light_choice
+    from tadsr.cli.common import light_choice
 
     return load_models(student=args.student, autoencoder=args.autoencoder, preset=args.preset, init=args.init,
                        light_autoencoder=light_choice(args))  # fmt: skip
@@ -91,15 +89,16 @@ def run_export(args: argparse.Namespace) -> int:
     Raises:
         TadsrError: bad arguments, checkpoints, output folder, missing backend, or a parity failure (gate on).
     """
-    from tadsr.config import get_preset
     from tadsr.export.api import check_request, export_model
+
+    from tadsr.config import get_preset
 
     if args.parity_patches < 0:
         raise ConfigError(f"--parity-patches must be >= 0, got {args.parity_patches}")
     if args.parity_seed < 0:
         raise ConfigError(f"--parity-seed must be >= 0, got {args.parity_seed}")
     # fail on bad arguments before loading models (minutes at official size)
-    from tadsr.cli import resolve_preset
+    from tadsr.cli.common import resolve_preset
 
     resolve_preset(args)
     check_request(get_preset(args.preset), formats=args.formats, graphs=args.graphs, tile=args.tile,

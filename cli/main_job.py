@@ -67,11 +67,12 @@ def _stage(cfg: MainJobConfig, name: str, fn: Any) -> Any:
 def run_main_job(cfg: MainJobConfig) -> int:
     """Run all stages; returns the exit code (0 all passed, 1 a parity failure)."""
     from tadsr.bench.bench import BenchConfig, run_bench
-    from tadsr.config import get_preset
     from tadsr.export.api import check_request, export_model
     from tadsr.parity.check import ParityOptions, check_parity, write_report
-    from tadsr.pipeline import load_models
     from tadsr.quantize.api import quantize_artifact
+
+    from tadsr.config import get_preset
+    from tadsr.pipeline import load_models
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -140,7 +141,7 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Export (ONNX, ExecuTorch, Core ML), quantize to INT8, check parity and benchmark, into one folder.",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: %(default)s)")
-    from tadsr.cli import add_model_args
+    from tadsr.cli.common import add_model_args
 
     add_model_args(p)
     p.add_argument("--format", dest="formats", nargs="+", default=["onnx", "executorch", "coreml"])
@@ -158,7 +159,7 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     import sys
 
-    from tadsr.cli import resolve_preset
+    from tadsr.cli.common import resolve_preset
 
     resolve_preset(args)
     cfg = MainJobConfig(

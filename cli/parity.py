@@ -40,7 +40,7 @@ def add_parity_parser(subparsers: Any) -> argparse.ArgumentParser:
         "schedule step). Without model arguments the reference is rebuilt from each artifact's manifest.",
     )
     p.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR", help="artifact folder, or a folder of artifacts")
-    from tadsr.cli import add_model_args
+    from tadsr.cli.common import add_model_args
 
     add_model_args(p, teacher=False, default_preset=None,
                    title="reference (default: rebuilt from each manifest's preset and sources)",

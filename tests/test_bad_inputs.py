@@ -173,7 +173,7 @@ def run_case(case: Case, ws: Path, res: Resources, log_dir: Path) -> Outcome:
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.dict(os.environ, {"TADSR_LOG_DIR": str(log_dir)}))
         if case.cheap_model:
-            stack.enter_context(mock.patch("tadsr.cli._reference_runner", _pointwise_runner))
+            stack.enter_context(mock.patch("tadsr.cli.upscale._reference_runner", _pointwise_runner))
         for p in case.patches(ws):
             stack.enter_context(p)
         records = stack.enter_context(_capture_errors())
@@ -736,7 +736,7 @@ def test_internal_error_traceback_only_with_verbose(tmp_path: Path, verbose: boo
     argv = [*(["-v"] if verbose else ["-q"]), "upscale", str(tmp_path / "in.png"), str(tmp_path / "o.png"), *TINY]
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.dict(os.environ, {"TADSR_LOG_DIR": str(tmp_path / "logs")}))
-        stack.enter_context(mock.patch("tadsr.cli._reference_runner", _pointwise_runner))
+        stack.enter_context(mock.patch("tadsr.cli.upscale._reference_runner", _pointwise_runner))
         stack.enter_context(mock.patch("tadsr.runtime.tiling.upscale_tiled", side_effect=ZeroDivisionError("boom")))
         records = stack.enter_context(_capture_errors())
         assert main(argv) == 3

@@ -367,9 +367,9 @@ def test_calibration_folder_errors(tmp_path):
 def test_cli_exit_code_2(tmp_path, monkeypatch, capsys):
     import tadsr.cli as main_cli
 
-    registered = main_cli._extra_commands()
+    registered = main_cli._verbs()
     if qcli.add_quantize_parser not in registered:  # until tadsr/cli.py registers the verb
-        monkeypatch.setattr(main_cli, "_extra_commands", lambda: [*registered, qcli.add_quantize_parser])
+        monkeypatch.setattr(main_cli, "_verbs", lambda: [*registered, qcli.add_quantize_parser])
     art = _fake_artifact(tmp_path / "encoder-onnx-fp32-t64")
     cases = _calib_cases(tmp_path)
     for folder, _ in (cases["empty"], cases["too small"], cases["too few"]):

@@ -59,7 +59,7 @@ from tadsr.train.common import (
 from tadsr.train.data import PhotoPairs, grid_crops, load_pairs, sample_crops, to_unit
 
 __all__ = ["DistillAEConfig", "DistillAEResult", "TargetPool", "build_target_pool", "distill_light_ae",
-           "load_light_autoencoder", "evaluate", "add_distill_ae_parser", "main"]  # fmt: skip
+           "load_light_autoencoder", "evaluate", "main"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -407,18 +407,6 @@ def run(args: argparse.Namespace) -> int:
     if dist.is_main:
         log.info("done: %s", res)
     return 0
-
-
-def add_distill_ae_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``tadsr distill-ae`` (same arguments as ``python -m tadsr.train.distill_ae``)."""
-    p = subparsers.add_parser(
-        "distill-ae",
-        help="distil a light conv-only encoder/decoder from a VQ-f4 autoencoder (CPU by default, resumable)",
-        description=__doc__.splitlines()[0],
-    )
-    build_parser(p)
-    p.set_defaults(func=run)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
