@@ -1,6 +1,6 @@
 """``tadsr export``: the thin CLI layer over :func:`tadsr.export.api.export_model`.
 
-The main CLI (``tadsr/cli.py``) registers the subcommand with :func:`add_export_parser` and dispatches to
+The main CLI (:mod:`tadsr.cli`) registers the subcommand with :func:`add_export_parser` and dispatches to
 :func:`run_export`; it also configures logging (-v / -q) and turns :class:`~tadsr.errors.TadsrError` into an
 exit status. This module prints only the final summary table (to stdout).
 

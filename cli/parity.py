@@ -1,6 +1,6 @@
 """``tadsr parity``: the thin CLI layer over :func:`tadsr.parity.check.check_parity`.
 
-Registered by ``tadsr/cli.py`` with :func:`add_parity_parser`; runs standalone as ``python -m tadsr.cli.parity``.
+Registered by :mod:`tadsr.cli` with :func:`add_parity_parser`; runs standalone as ``python -m tadsr.cli.parity``.
 Prints the Markdown report to stdout and, with ``--report DIR``, writes ``DIR/parity.json`` and ``DIR/parity.md``.
 
 Exit status (the main CLI's policy): 0 every artifact and whole-image set passed; 1 a parity failure; 2 usage or

@@ -1,6 +1,6 @@
 """``tadsr quantize``: the thin CLI layer over :func:`tadsr.quantize.api.quantize_artifact`.
 
-The main CLI (``tadsr/cli.py``) registers the subcommand with :func:`add_quantize_parser` and dispatches to
+The main CLI (:mod:`tadsr.cli`) registers the subcommand with :func:`add_quantize_parser` and dispatches to
 :func:`run_quantize`; it configures logging and turns :class:`~tadsr.errors.TadsrError` (bad folders, empty or
 unreadable calibration images, too few images, images smaller than a patch, bad recipes) into exit status 2, and a
 parity failure (:class:`~tadsr.errors.ParityError`) into 1. ARTIFACT_DIR may also be the folder ``tadsr export``

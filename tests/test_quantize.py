@@ -368,7 +368,7 @@ def test_cli_exit_code_2(tmp_path, monkeypatch, capsys):
     import tadsr.cli as main_cli
 
     registered = main_cli._verbs()
-    if qcli.add_quantize_parser not in registered:  # until tadsr/cli.py registers the verb
+    if qcli.add_quantize_parser not in registered:  # until tadsr.cli registers the verb
         monkeypatch.setattr(main_cli, "_verbs", lambda: [*registered, qcli.add_quantize_parser])
     art = _fake_artifact(tmp_path / "encoder-onnx-fp32-t64")
     cases = _calib_cases(tmp_path)
