@@ -6,8 +6,7 @@ used in an app without torch installed.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tadsr.lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -29,14 +28,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'tadsr' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -5,8 +5,7 @@ The public names below are imported lazily.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tadsr.lazy import lazy_names
 
 _LAZY = {
     "BenchConfig": "tadsr.bench.bench",
@@ -19,7 +18,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
