@@ -18,12 +18,24 @@ F = torch.nn.functional
 from tadsr.runtime import coreml_sim  # noqa: E402
 from tadsr.runtime.coreml_sim import (  # noqa: E402
     SUPPORTED_OPS,
+    OpTrace,
     UnsupportedOpError,
     fp16_report,
-    load_mlpackage,
 )
+from tadsr.runtime.coreml_sim import load_mlpackage as _load_mlpackage  # noqa: E402
+from tadsr.runtime.coreml_sim.kernels import KERNELS, Args  # noqa: E402
+from tadsr.runtime.coreml_sim.kernels.resize import _grid  # noqa: E402
+from tadsr.runtime.coreml_sim.reader import Const, Op  # noqa: E402
 
 from tadsr.errors import ConfigError, InputSpecError  # noqa: E402
+
+_TRACE: list[OpTrace | None] = [None]  # the running test's trace (set by the autouse fixture _record_ran)
+
+
+def load_mlpackage(path, **kwargs):
+    """The simulator's ``load_mlpackage``, recording the executed ops into the running test's OpTrace."""
+    return _load_mlpackage(path, trace=_TRACE[0], **kwargs)
+
 
 ATOL = 1e-5  # fp32 simulator vs torch (threads are limited in conftest.py)
 
@@ -597,7 +609,7 @@ def test_bilinear_grids_match_mil_docs() -> None:
         ("OFFSET_CORNERS", 6): [0.08, 0.25, 0.42, 0.58, 0.75, 0.92],
     }
     for (mode, n_out), want in docs.items():
-        np.testing.assert_allclose(coreml_sim._grid(2, n_out, mode), want, atol=0.005, err_msg=mode)
+        np.testing.assert_allclose(_grid(2, n_out, mode), want, atol=0.005, err_msg=mode)
 
 
 # -------------------------------------------------------------------- MIL ops the torch.export path never emits
@@ -811,8 +823,8 @@ def test_mil_sort_gather_and_layout_ops(tmp_path: Path) -> None:
         np.testing.assert_array_equal(out[name], ref, err_msg=name)
     assert out["topk_1"].dtype == out["argsort"].dtype == np.int32
     # k = -1 (iOS17: "select all elements") is not buildable with coremltools 9 (it infers a -1 dim): kernel directly
-    op = coreml_sim._Op("topk", (), {"x": (coreml_sim._Const(x),), "k": (coreml_sim._Const(np.int32(-1)),)}, 0)
-    values, indices = coreml_sim._KERNELS["topk"](coreml_sim._Args(op, lambda b: b.value, round_fp16=False))
+    op = Op("topk", (), {"x": (Const(x),), "k": (Const(np.int32(-1)),)}, 0)
+    values, indices = KERNELS["topk"](Args(op, lambda b: b.value, round_fp16=False))
     np.testing.assert_array_equal(values, torch.sort(t, descending=True).values.numpy())
     np.testing.assert_array_equal(indices, torch.argsort(t, descending=True).numpy())
 
@@ -824,22 +836,20 @@ _COVERED: set[str] = set()  # ops executed by tests that passed
 
 @pytest.fixture(autouse=True)
 def _record_ran(request: pytest.FixtureRequest):
-    """Attribute the ops each test executes to it; they count for coverage only if the test passed."""
-    before = set(coreml_sim.EXECUTED_OPS)
-    coreml_sim.EXECUTED_OPS.clear()
+    """Attribute the ops each test executes (its own OpTrace) to it; they count for coverage only if it passed."""
+    trace = _TRACE[0] = OpTrace()
     yield
-    ran = set(coreml_sim.EXECUTED_OPS)
-    coreml_sim.EXECUTED_OPS.update(before)
+    _TRACE[0] = None
     _RAN.add(request.node.originalname)
     report = getattr(request.node, "rep_call", None)  # set by conftest.pytest_runtest_makereport
     if report is not None and report.passed:
-        _COVERED.update(ran)
+        _COVERED.update(trace.op_types)
 
 
 def test_zz_every_supported_op_is_executed_by_a_test(request: pytest.FixtureRequest) -> None:
     """Every op of SUPPORTED_OPS ran in this module's tests (each of which compares against torch / coremltools).
 
-    Only meaningful when the whole module ran (the op tests above fill ``coreml_sim.EXECUTED_OPS``); skipped
+    Only meaningful when the whole module ran (the op tests above fill their ``OpTrace``); skipped
     under a selection (-k / single test).
     """
     mine = {i.originalname for i in request.session.items if i.module is request.module} - {request.node.originalname}
