@@ -22,7 +22,6 @@ set never saw) with another seed; :func:`load_holdout` refuses patches identical
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import time
@@ -325,8 +324,9 @@ def sample_holdout(
     patches = sample_patches(src, num_patches=num_patches, tile=tile, scale=scale, seed=hseed,
                              min_std=HOLDOUT_MIN_STD, progress=progress)  # fmt: skip
     if calibration is not None:
-        calib_keys = {(_file_key(o.path), o.y, o.x) for o in calibration.origins}
-        same = [o for o in patches.origins if (_file_key(o.path), o.y, o.x) in calib_keys]
+        hashes: dict[Path, str] = {}  # this call's own memo: each image file read once, never stale
+        calib_keys = {(_file_key(o.path, hashes), o.y, o.x) for o in calibration.origins}
+        same = [o for o in patches.origins if (_file_key(o.path, hashes), o.y, o.x) in calib_keys]
         same_lr = any(np.array_equal(a, b) for a in patches.lr for b in calibration.lr)
         if same or same_lr:
             raise InputError(f"{len(same) or 'some'} held-out patches are also calibration patches; pass a "
@@ -372,7 +372,10 @@ def load_holdout(
     return CalibrationSet(runs=runs, info=info, patches=ps)
 
 
-@functools.lru_cache(maxsize=4096)
-def _file_key(p: Path) -> str:
-    """sha256 of a file's bytes: the same image under two paths is the same image."""
-    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+def _file_key(p: Path, memo: dict[Path, str]) -> str:
+    """sha256 of a file's bytes (the same image under two paths is the same image), memoised in ``memo``, which
+    the caller owns for one comparison (no process-wide cache that a changed file could make stale)."""
+    p = Path(p)
+    if p not in memo:
+        memo[p] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return memo[p]
