@@ -23,9 +23,10 @@ set never saw) with another seed; :func:`load_holdout` refuses patches identical
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_HOLDOUT_PATCHES",
     "GRAPH_IO",
     "CalibrationSet",
+    "CaptureCache",
     "noise_seed",
     "capture",
     "sample_calibration",
@@ -370,6 +372,41 @@ def load_holdout(
     ps, info = patches
     runs = capture(models, ps.lr, seed=info["seed"], source=f"held-out {info['source']}", progress=progress)
     return CalibrationSet(runs=runs, info=info, patches=ps)
+
+
+class CaptureCache:
+    """Calibration and held-out captures, reused by a caller that quantizes several artifacts of one model.
+
+    Every graph of one model is calibrated from the same reference pipeline run, so quantizing the pipeline and
+    its components (or several formats) with one cache captures once. The caller creates it and passes it to
+    each :func:`tadsr.quantize.api.quantize_artifact` call; it holds one model's captures at a time (those of an
+    official-size model are large).
+    """
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._sets: tuple[CalibrationSet, CalibrationSet] | None = None
+
+    def get(self, manifest: Mapping[str, Any], models: Models, calib: tuple, hold: tuple,
+            progress: bool = False) -> tuple[CalibrationSet, CalibrationSet]:  # fmt: skip
+        """The captures for these weights (the artifact's ``manifest``) and sampled patches, captured if new.
+
+        Args:
+            manifest: the fp32 artifact's manifest (its ``preset`` and ``sources`` name the weights).
+            models: the rebuilt networks.
+            calib, hold: ``(PatchSet, info)`` from :func:`sample_calibration` / :func:`sample_holdout`.
+            progress: progress bars.
+        """
+        key = json.dumps([manifest["preset"], manifest["sources"], calib[0].content_hash, calib[1]["seed"],
+                          hold[0].content_hash, hold[1]["seed"]], sort_keys=True)  # fmt: skip
+        if key != self._key or self._sets is None:
+            self._key, self._sets = None, None  # drop the previous model's captures before capturing
+            self._sets = (load_calibration(models, patches=calib, progress=progress),
+                          load_holdout(models, patches=hold, progress=progress))  # fmt: skip
+            self._key = key
+        else:
+            logger.info("reusing the calibration and held-out captures of this model")
+        return self._sets
 
 
 def _file_key(p: Path, memo: dict[Path, str]) -> str:
