@@ -57,10 +57,11 @@ def ensure_quantized(fp32_dir: Path, formats: Sequence[str], threads: int | None
     Written into ``<fp32_dir>-int8`` (reused when there). ``gate=False`` keeps an INT8 file below its parity floor
     (recorded in its manifest): right for random weights, where only latency counts. Returns that folder (or nothing).
     """
-    from tadsr.quantize.api import quantize_artifact
+    from tadsr.quantize.api import CaptureCache, quantize_artifact
     from tadsr.runtime.runner import read_manifest
 
     out = fp32_dir.parent / f"{fp32_dir.name}-int8"
+    captures = CaptureCache()  # one model: calibrate every artifact from the same captures
     for d in sorted(p for p in fp32_dir.iterdir() if (p / "manifest.json").is_file()):
         m = read_manifest(d)
         if m["precision"] != "fp32" or m["format"] not in formats or m["format"] == "coreml":
@@ -68,7 +69,8 @@ def ensure_quantized(fp32_dir: Path, formats: Sequence[str], threads: int | None
         if (out / d.name.replace("-fp32-", "-int8-")).is_dir():
             continue
         logger.info("quantizing %s -> %s ...", d.name, out)
-        quantize_artifact(d, out_dir=out, threads=threads, parity_gate=gate, progress=sys.stderr.isatty())
+        quantize_artifact(d, out_dir=out, threads=threads, parity_gate=gate, progress=sys.stderr.isatty(),
+                          captures=captures)  # fmt: skip
     return [out] if out.is_dir() else []
 
 

@@ -81,10 +81,11 @@ def _quantize(args: argparse.Namespace, work: Path) -> list[str]:
     from tadsr.errors import TadsrError
 
     try:
-        from tadsr.quantize.api import quantize_artifact
+        from tadsr.quantize.api import CaptureCache, quantize_artifact
     except ImportError as e:
         return [f"int8: the quantize stage is not installed ({e})"]
     notes = []
+    captures = CaptureCache()  # one model: calibrate every artifact from the same captures
     for d in sorted(work.glob("*-fp32-t*")):
         fmt = d.name.split("-")[1]
         if fmt not in args.int8_formats or (work / d.name.replace("-fp32-", "-int8-")).exists():
@@ -92,7 +93,7 @@ def _quantize(args: argparse.Namespace, work: Path) -> list[str]:
         t0 = time.perf_counter()
         try:
             quantize_artifact(d, out_dir=work, parity_gate=False, num_patches=32, holdout_patches=4,
-                              sensitivity_patches=2, threads=args.threads)  # fmt: skip
+                              sensitivity_patches=2, threads=args.threads, captures=captures)  # fmt: skip
         except TadsrError as e:
             notes.append(f"int8 {d.name}: not quantized ({e})")
             logger.warning("%s", notes[-1])

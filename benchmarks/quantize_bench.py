@@ -66,7 +66,7 @@ def _export(args: argparse.Namespace, models: Any) -> list[Path]:
     return [out / artifact_name(g, f, "fp32", args.tile) for g, f in want]
 
 
-def _quantize(args: argparse.Namespace, parent: Path) -> tuple[list[Path], float]:
+def _quantize(args: argparse.Namespace, parent: Path, captures: Any = None) -> tuple[list[Path], float]:
     from tadsr.quantize.api import quantize_artifact
 
     t0 = time.perf_counter()
@@ -74,7 +74,7 @@ def _quantize(args: argparse.Namespace, parent: Path) -> tuple[list[Path], float
                               method=args.method, target_psnr=args.target_psnr, recipe=args.recipe,
                               out_dir=args.work / "int8", holdout_patches=args.holdout_patches,
                               sensitivity_patches=args.sensitivity_patches, parity_gate=False, threads=args.threads,
-                              progress=sys.stderr.isatty())  # fmt: skip
+                              progress=sys.stderr.isatty(), captures=captures)  # fmt: skip
     return paths, time.perf_counter() - t0
 
 
@@ -136,13 +136,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = load_models(preset=args.preset, init=None if args.init == "none" else args.init)
+    from tadsr.quantize.api import CaptureCache
+
     rows = []
+    captures = CaptureCache()  # one model: the first artifact's time includes the capture, the others reuse it
     for parent in _export(args, models):
         pm = json.loads((parent / "manifest.json").read_text())
         row: dict[str, Any] = {"graph": pm["graph"]["name"], "format": pm["format"], "fp32": parent.name,
                                "fp32_bytes": _bytes(pm), "variants": {}}  # fmt: skip
         try:
-            paths, secs = _quantize(args, parent)
+            paths, secs = _quantize(args, parent, captures)
         except Exception as e:  # a benchmark records a failing format and goes on with the others
             logger.exception("quantizing %s failed", parent.name)
             row["error"] = f"{type(e).__name__}: {e}"

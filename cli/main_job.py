@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tadsr.errors import InputError
+from tadsr.formats.registry import FORMAT_NAMES
 
 __all__ = ["MainJobConfig", "run_main_job", "add_all_parser"]
 
@@ -43,7 +44,7 @@ class MainJobConfig:
     student: Path | None = None
     teacher: Path | None = None
     autoencoder: Path | None = None
-    formats: tuple[str, ...] = ("onnx", "executorch", "coreml")
+    formats: tuple[str, ...] = FORMAT_NAMES
     tile: int = 64
     data: Path | None = None
     calib: Path | None = None
@@ -69,7 +70,7 @@ def run_main_job(cfg: MainJobConfig) -> int:
     from tadsr.bench.bench import BenchConfig, run_bench
     from tadsr.export.api import check_request, export_model
     from tadsr.parity.check import ParityOptions, check_parity, write_report
-    from tadsr.quantize.api import quantize_artifact
+    from tadsr.quantize.api import CaptureCache, quantize_artifact
 
     from tadsr.config import get_preset
     from tadsr.pipeline import load_models
@@ -90,12 +91,13 @@ def run_main_job(cfg: MainJobConfig) -> int:
             models, formats=(fmt,), graphs=graphs, tile=cfg.tile, precisions=precisions, out_dir=out / "artifacts",
             progress=cfg.progress))  # fmt: skip
     int8: list[Path] = []
+    captures = CaptureCache()  # one model: every artifact is calibrated from the same captures
     for res in fp32:
         if res.precision != "fp32":
             continue
         int8 += _stage(cfg, f"quantize {res.path.name}", lambda: quantize_artifact(
             res.path, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8", threads=cfg.threads,
-            progress=cfg.progress))  # fmt: skip
+            progress=cfg.progress, captures=captures))  # fmt: skip
     parity = _stage(cfg, "parity", lambda: _parity(out, cfg, check_parity, write_report, ParityOptions))
     data = cfg.data or default_bench_dir()
     bench = _stage(cfg, "bench", lambda: run_bench(BenchConfig(
@@ -144,7 +146,7 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
     from tadsr.cli.common import add_model_args
 
     add_model_args(p)
-    p.add_argument("--format", dest="formats", nargs="+", default=["onnx", "executorch", "coreml"])
+    p.add_argument("--format", dest="formats", nargs="+", default=list(FORMAT_NAMES))
     p.add_argument("--tile", type=int, default=64)
     p.add_argument("--data", type=Path, help="HR images for the benchmark (default: shipped held-out crops)")
     p.add_argument("--calib", type=Path, help="calibration images, e.g. a DIV2K folder (default: shipped patches)")

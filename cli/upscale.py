@@ -12,6 +12,7 @@ from pathlib import Path
 from tadsr.cli.common import add_light_args, add_model_args, light_choice, load_models_from_args
 
 from tadsr.errors import TadsrError
+from tadsr.formats.registry import FORMAT_NAMES
 
 log = logging.getLogger("tadsr")
 
@@ -27,7 +28,7 @@ def add_upscale_parser(sub: argparse._SubParsersAction) -> None:
     add_light_args(add_model_args(p))
     g = p.add_argument_group("exported artifact (instead of the PyTorch reference)")
     g.add_argument("--artifact", type=Path, help="artifact folder (fused pipeline) or a folder of artifacts")
-    g.add_argument("--format", dest="fmt", choices=["onnx", "executorch", "coreml"], help="pick artifacts by format")
+    g.add_argument("--format", dest="fmt", choices=FORMAT_NAMES, help="pick artifacts by format")
     g.add_argument("--precision", help="pick artifacts by precision (fp32, fp16, int8)")
     g.add_argument("--backend", help="runner backend override, e.g. coreml-sim")
     g.add_argument("--low-memory", action="store_true",

@@ -7,7 +7,7 @@ For every requested graph, format and precision::
     make_cases(models, spec, runs)                   # seeded + real-patch inputs, reference outputs
     hop 1: reference torch -> export-ready torch     # once per graph
     staged folder <out>/.<name>.tmp-XXXX:
-        export_<format>(graph, spec, stage, precision=...)   # BackendResult
+        get_format(format).hook("export")(graph, spec, stage, precision=...)   # BackendResult
         manifest.json (files + sha256, spec, preset, sources, tool versions)
         load_runner(stage) -> hops 2 and 3           # export-ready torch -> runtime, reference -> runtime
         manifest.json again, with the parity results
@@ -19,7 +19,6 @@ each requested backend module exists, and that the output folder can be written.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import secrets
 import time
@@ -33,7 +32,6 @@ from tqdm.auto import tqdm
 from tadsr.config import Preset
 from tadsr.errors import ConfigError, ExportError, InputError
 from tadsr.formats.artifact import (
-    FORMATS,
     PRECISIONS,
     BackendResult,
     artifact_name,
@@ -42,6 +40,7 @@ from tadsr.formats.artifact import (
     write_manifest,
 )
 from tadsr.formats.graphs import COMPONENTS, GRAPH_NAMES, check_tile, make_graphs
+from tadsr.formats.registry import FORMAT_NAMES, get_format
 from tadsr.parity.hops import (
     HOP_REFERENCE,
     ParityCase,
@@ -101,32 +100,14 @@ class ExportResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-_EXPORTERS = {"onnx": ("tadsr.formats.onnx.export", "export_onnx"), "coreml": ("tadsr.formats.coreml.export", "export_coreml"),
-              "executorch": ("tadsr.formats.executorch.export", "export_executorch")}  # fmt: skip
-
-
 def get_exporter(fmt: str) -> Exporter:
-    """The ``export_<fmt>`` function, imported on demand.
+    """The format's exporter (its registry ``export`` hook), imported on demand.
 
     Raises:
         ConfigError: unknown format.
         ExportError: the backend module is not part of this installation or lacks the function.
     """
-    if fmt not in _EXPORTERS:
-        raise ConfigError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    module_name, fn_name = _EXPORTERS[fmt]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            raise ExportError(f"the {fmt} exporter ({module_name}) is not part of this installation; "
-                              f"export another format (--format {' '.join(f for f in FORMATS if f != fmt)})") from e
-        raise ExportError(f"the {fmt} exporter needs the package {e.name!r}, which is not installed "
-                          f"(pip install {e.name})") from e  # fmt: skip
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ExportError(f"{module_name} does not define {fn_name}()")
-    return fn
+    return get_format(fmt).hook("export")
 
 
 def resolve_graphs(graphs: Sequence[str]) -> list[str]:
@@ -178,7 +159,7 @@ def check_request(
     Raises:
         ConfigError, ExportError, InputError: as :func:`export_model`.
     """
-    fmts = _names(formats, FORMATS, "format")
+    fmts = _names(formats, FORMAT_NAMES, "format")
     precs = _names(precisions, PRECISIONS, "precision")
     names = resolve_graphs(graphs)
     check_tile(tile, preset.pad_multiple)
@@ -246,7 +227,7 @@ def export_model(
 
     Args:
         models: loaded networks (:func:`tadsr.pipeline.load_models`).
-        formats: any of ``"onnx"``, ``"coreml"``, ``"executorch"``.
+        formats: registered format names (:data:`tadsr.formats.registry.FORMAT_NAMES`).
         graphs: ``"pipeline"``, ``"components"`` (= encoder, denoiser, decoder) or single graph names.
         tile: LR tile side (a multiple of the preset's pad multiple, 64).
         precisions: ``"fp32"`` and/or ``"fp16"``.

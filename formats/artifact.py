@@ -31,7 +31,6 @@ from tadsr.runtime.runner import MANIFEST_NAME, SCHEMA_VERSION, sha256_path
 
 __all__ = [
     "BackendResult",
-    "FORMATS",
     "PRECISIONS",
     "Staging",
     "artifact_name",
@@ -44,7 +43,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "coreml", "executorch")
 PRECISIONS = ("fp32", "fp16")
 _DISTRIBUTIONS = {
     "torch": "torch",

@@ -10,7 +10,9 @@ traced in), so grouping nodes by their outermost non-container module gives the 
 and each unit's output is the node whose value leaves the unit.
 
 Reference values come from the same exported program, run node by node (:class:`torch.fx.Interpreter`), so each
-compared tensor has the exact PyTorch value of the node of the same name. Per backend:
+compared tensor has the exact PyTorch value of the node of the same name. Per backend (each in its slice,
+``formats/<name>/localize.py``, reached through the format registry's ``localize`` hook: :class:`LocalizeRequest`
+-> :class:`LocalizeOutcome`; the per-format names stay importable from this module):
 
 * **ONNX**: the dynamo exporter names every tensor after the FX node that produced it (after its own
   decompositions, which :func:`trace_graph` replays), and keeps the names through onnxsim and the fp16 / QDQ
@@ -35,7 +37,7 @@ parity floor (PSNR) of the graph's main output at the artifact's precision (``ta
 intermediate already worse than what the final output may be is where the error was introduced.
 The largest single drop in PSNR is reported as well.
 
-:func:`check_onnx_weights` compares the file's named initializers with the reference weights (a static
+:func:`~tadsr.formats.onnx.localize.check_onnx_weights` compares the file's named initializers with the reference weights (a static
 check that names a tampered tensor directly), and :func:`localize_chain` compares the stages of a component
 set (encoder -> host prior sample -> denoiser -> decoder) one tile at a time.
 """
@@ -47,7 +49,6 @@ import functools
 import io
 import logging
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,28 +59,24 @@ import torch
 from torch import nn
 
 from tadsr.errors import ConfigError
+from tadsr.lazy import lazy_names
 from tadsr.metrics import error_stats
 
 __all__ = [
     "CodeFlips",
     "GraphTrace",
     "Localization",
-    "OnnxTap",
+    "LocalizeOutcome",
+    "LocalizeRequest",
     "Unit",
     "UnitCheck",
     "WeightCheck",
     "build_localization",
-    "check_onnx_weights",
     "code_flips",
     "localize_chain",
-    "localize_coreml",
-    "localize_executorch",
-    "localize_onnx",
     "localize_values",
     "make_units",
     "node_pairs",
-    "onnx_codebook_input",
-    "onnx_output_scale",
     "trace_graph",
     "trace_program",
     "unit_of_tensor",
@@ -594,177 +591,48 @@ def _usable(name: str, reference: Mapping[str, np.ndarray], observed: Mapping[st
     return name in reference and name in observed and np.shape(observed[name]) == reference[name].shape
 
 
-# ---------------------------------------------------------------------------------------------------- ONNX
+# ------------------------------------------------------------------------------------------ format hooks
 
 
-_FX_META = re.compile(r"^%([A-Za-z_][A-Za-z0-9_]*)\s*:")
+@dataclass
+class LocalizeRequest:
+    """What parity hands a format's ``localize`` hook (:class:`~tadsr.formats.spec.FormatSpec`) for one artifact.
 
-
-def onnx_value_names(model: Any) -> dict[str, str]:
-    """ONNX tensor name -> FX node name: every node output, plus metadata-derived names when present."""
-    out: dict[str, str] = {}
-    for node in model.graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        fx = _FX_META.match(meta.get("pkg.torch.onnx.fx_node", ""))
-        for o in node.output:
-            if o:
-                out[o] = o
-        if fx and node.output and node.output[-1] and fx.group(1) not in out.values():
-            out[node.output[-1]] = fx.group(1)
-    return out
-
-
-def _onnx_elem_types(model: Any) -> dict[str, int]:
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:  # best effort; ORT re-checks
-        logger.debug("ONNX shape inference failed (%s); exposed outputs typed float32", e)
-        inferred = model
-    types = {}
-    for vi in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type.tensor_type.elem_type
-    return types
-
-
-class OnnxTap:
-    """An ONNX file opened in ONNX Runtime with some intermediate tensors added as graph outputs.
-
-    Args:
-        path: the ONNX file (not modified: the edit is in memory).
-        names: tensor names to expose (names the file does not have are ignored).
-        threads: intra-op threads.
+    Attributes:
+        file: the artifact's model file.
+        manifest: its manifest.
+        module, spec: the export-ready graph and its GraphSpec.
+        precision: the artifact's precision.
+        inputs, case: the case to localise (the worst of the runtime hop) and its name.
+        threshold_psnr: a unit diverges below this PSNR.
+        trace: ``variant -> GraphTrace`` of the export-ready graph (``"onnx"``: the ONNX exporter's naming,
+            ``"coreml"``: the program the Core ML exporter converts, ``"none"``: undecomposed); the caller caches.
+        artifact_output: the artifact's own outputs on this case.
     """
 
-    def __init__(self, path: Path, names: Sequence[str], *, threads: int | None = 1) -> None:
-        import onnx
-        import onnxruntime as ort
+    file: Path
+    manifest: Mapping[str, Any]
+    module: nn.Module
+    spec: Any
+    precision: str
+    inputs: Mapping[str, np.ndarray]
+    case: str
+    threshold_psnr: float
+    trace: Callable[[str], GraphTrace]
+    artifact_output: Mapping[str, np.ndarray] | None = None
 
-        model = onnx.load(str(path))
-        present = {o for n in model.graph.node for o in n.output}
-        existing = {o.name for o in model.graph.output}
-        types = _onnx_elem_types(model)
-        for n in dict.fromkeys(names):
-            if n in present and n not in existing:
-                elem = types.get(n, onnx.TensorProto.FLOAT)
-                model.graph.output.append(onnx.helper.make_tensor_value_info(n, elem, None))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """{tensor name: value} for the graph outputs and the exposed tensors."""
-        feeds = {k: np.ascontiguousarray(inputs[k], dtype=np.float32) for k in self.inputs}
-        return {k: np.asarray(v) for k, v in zip(self.outputs, self.session.run(self.outputs, feeds), strict=True)}
+    @property
+    def graph(self) -> str:
+        return str(self.manifest["graph"]["name"])
 
 
-def onnx_codebook_input(path: Path, shape: Sequence[int]) -> str | None:
-    """Name of the latent that a VQ graph's codebook search reads: the nearest tensor of ``shape`` upstream of
-    the (first) ArgMin, e.g. the denoised latent ``x0`` inside a fused pipeline graph. None if there is none."""
-    import onnx
+@dataclass
+class LocalizeOutcome:
+    """A format's diagnosis: block localisations, the static weight check (if the format has one), notes."""
 
-    model = onnx.load(str(path), load_external_data=False)
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:  # best effort
-        logger.debug("ONNX shape inference failed (%s)", e)
-    shapes = {vi.name: tuple(d.dim_value for d in vi.type.tensor_type.shape.dim) for vi in model.graph.value_info}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    argmin = next((n for n in model.graph.node if n.op_type == "ArgMin"), None)
-    if argmin is None:
-        return None
-    frontier, seen = [argmin.input[0]], set()
-    while frontier:
-        name = frontier.pop(0)
-        if name in seen or name not in producer:
-            continue
-        seen.add(name)
-        if shapes.get(name) == tuple(shape):
-            return name
-        frontier += [i for i in producer[name].input if i]
-    return None
-
-
-def run_onnx_with_intermediates(
-    path: Path, inputs: Mapping[str, np.ndarray], names: Sequence[str], *, threads: int | None = 1
-) -> dict[str, np.ndarray]:
-    """Run an ONNX file once with ``names`` exposed as extra graph outputs (see :class:`OnnxTap`)."""
-    return OnnxTap(path, names, threads=threads).run(inputs)
-
-
-def localize_onnx(
-    path: Path, trace: GraphTrace, inputs: Mapping[str, np.ndarray], *, case: str, threshold_psnr: float
-) -> Localization:
-    """Localise an ONNX file's divergence (see the module docstring)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    names = onnx_value_names(model)
-    del model
-    fx_to_onnx: dict[str, str] = dict(trace.graph_outputs)
-    for onnx_name, fx_name in names.items():
-        fx_to_onnx.setdefault(fx_name, onnx_name)
-    wanted = [n for n in trace.candidates() if n in fx_to_onnx]
-    reference = trace.run(inputs, keep=wanted)
-    raw = run_onnx_with_intermediates(path, inputs, [fx_to_onnx[n] for n in wanted])
-    observed = {n: raw[fx_to_onnx[n]] for n in wanted if fx_to_onnx[n] in raw}
-    hit = len(trace.node_names & set(fx_to_onnx))
-    method = (f"ONNX intermediates exposed as graph outputs, run in ONNX Runtime; tensors matched to torch.export "
-              f"nodes by name ({hit} of {len(trace.node_names)} nodes named in the file; naming: {trace.variant})")  # fmt: skip
-    return localize_values(trace, reference, observed, backend="onnx", method=method, case=case,
-                           threshold_psnr=threshold_psnr)  # fmt: skip
-
-
-def check_onnx_weights(path: Path, state: Mapping[str, torch.Tensor], *, precision: str) -> WeightCheck:
-    """Compare the file's initializers named like a reference parameter/buffer with that tensor.
-
-    fp32: exact up to 1e-6 relative; fp16: within fp16 rounding (2^-10 relative, plus fp16's smallest normal).
-    INT8 weights (``<name>_quantized``) are dequantized and must lie within half a quantization step.
-    Initializers the exporter transformed (other shapes) are skipped.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    inits = {t.name: t for t in model.graph.initializer}
-    dq = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    result = WeightCheck()
-    for name, tensor in state.items():
-        ref = tensor.detach().float().cpu().numpy()
-        stored = None
-        tol = 1e-6 * float(np.abs(ref).max(initial=0.0)) + 1e-12
-        if name in inits:
-            stored = numpy_helper.to_array(inits[name]).astype(np.float32)
-            if inits[name].data_type == onnx.TensorProto.FLOAT16:
-                tol = float(np.abs(ref).max(initial=0.0)) * 2.0**-10 + 6.2e-5
-        elif f"{name}_quantized" in inits and f"{name}_quantized" in dq:
-            node = dq[f"{name}_quantized"]
-            q = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-            scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-            zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if len(node.input) > 2 else 0.0
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            if np.ndim(scale) == 1 and q.ndim > 1:
-                shape = [1] * q.ndim
-                shape[axis] = -1
-                scale, zp = scale.reshape(shape), np.reshape(zp, shape) if np.ndim(zp) else zp
-            stored = (q - zp) * scale
-            tol = 0.5 * float(np.max(scale)) * 1.001 + 1e-12
-        if stored is None or stored.shape != ref.shape:
-            continue
-        result.compared += 1
-        diff = float(np.abs(stored - ref).max(initial=0.0))
-        if diff > tol:
-            result.mismatches.append({"tensor": name, "max_abs": diff, "tolerance": tol})
-    result.skipped = len(state) - result.compared
-    result.precision = precision
-    return result
+    localizations: list[Localization] = field(default_factory=list)
+    weights: WeightCheck | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -790,162 +658,6 @@ class WeightCheck:
     def to_dict(self) -> dict[str, Any]:
         return {"compared": self.compared, "skipped": self.skipped, "passed": self.passed,
                 "summary": self.summary(), "mismatches": self.mismatches[:20]}  # fmt: skip
-
-
-def onnx_output_scale(path: Path, output: str) -> tuple[float | None, str]:
-    """Quantization scale of graph output ``output`` in a QDQ ONNX file, and where it was read.
-
-    Looks for the DequantizeLinear that produces the output, walking back through ops that do not change
-    the scale (Identity, Reshape, Transpose, Squeeze, Unsqueeze, Flatten, Clip, Relu, MaxPool), or a
-    QuantizeLinear that reads it. Returns ``(None, reason)`` when there is none (a float output).
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
-    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    passthrough = {"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Clip", "Relu", "MaxPool"}
-
-    def value(name: str) -> np.ndarray | None:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        if name in consts:
-            return numpy_helper.to_array(consts[name].attribute[0].t)
-        return None
-
-    name, hops = output, []
-    for _ in range(16):
-        node = producer.get(name)
-        if node is None:
-            break
-        if node.op_type == "DequantizeLinear":
-            s = value(node.input[1])
-            if s is not None and np.size(s) == 1:
-                return float(
-                    np.asarray(s).reshape(())
-                ), f"DequantizeLinear '{node.name}' ({' <- '.join(hops) or 'output'})"
-            return None, f"DequantizeLinear '{node.name}' has a per-channel scale on the output"
-        if node.op_type not in passthrough:
-            break
-        hops.append(node.op_type)
-        name = node.input[0]
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] == output:
-            s = value(node.input[1])
-            if s is not None and np.size(s) == 1:
-                return float(np.asarray(s).reshape(())), f"QuantizeLinear '{node.name}' reading the output"
-    return None, f"no QuantizeLinear/DequantizeLinear fixes the scale of output '{output}' (float output)"
-
-
-# -------------------------------------------------------------------------------------------------- Core ML
-
-
-def localize_coreml(
-    path: Path, trace: GraphTrace, ref_trace: GraphTrace, inputs: Mapping[str, np.ndarray], *, case: str,
-    threshold_psnr: float,
-) -> Localization:  # fmt: skip
-    """Localise a Core ML ``.mlpackage`` with the numpy simulator's intermediates.
-
-    Args:
-        path: the ``.mlpackage``.
-        trace: the program the Core ML exporter converted (:func:`tadsr.formats.coreml.export.exported_program`:
-            rewrites, ``torch.export``, ``run_decompositions({})``); MIL variables carry its node names.
-        ref_trace: the export-ready graph itself (units compared by name against it).
-        inputs: the case's inputs; case, threshold_psnr: as for :func:`localize_onnx`.
-    """
-    from tadsr.runtime.coreml_sim import load_mlpackage
-
-    prog = load_mlpackage(path)
-    env = prog.predict({k: np.asarray(v) for k, v in inputs.items()}, precision="as_written", intermediates=True)
-    observed: dict[str, np.ndarray] = {}
-    for name, val in env.items():
-        if isinstance(val, np.ndarray) and val.dtype.kind == "f":
-            observed.setdefault(re.sub(r"(_cast_fp(16|32))+$", "", name), val.astype(np.float32))
-    for fx_name, out_name in trace.graph_outputs.items():
-        if out_name in observed:
-            observed.setdefault(fx_name, observed[out_name])
-    wanted = [n for n in trace.candidates() if n in observed]
-    own = trace.run(inputs, keep=wanted)
-    ref = ref_trace.run(inputs, keep=[u.outputs[-1] for u in ref_trace.units if u.outputs])
-    hit = len(trace.node_names & set(observed))
-    method = (f"coreml_sim intermediates (numpy model of Core ML: fp16 ops rounded as written); MIL variables "
-              f"matched to the converted program's torch.export nodes by name ({hit} of {len(trace.node_names)}), "
-              "units compared with the export-ready graph's")  # fmt: skip
-    notes = [] if hit else [("no MIL variable carries a torch.export node name (converted from TorchScript?); "
-                            "localisation needs a conversion from torch.export")]  # fmt: skip
-    return build_localization(ref_trace.units, unit_pairs(ref_trace, ref, trace, own, observed), backend="coreml-sim",
-                              method=method, case=case, threshold_psnr=threshold_psnr, notes=notes)  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------- ExecuTorch
-
-
-def localize_executorch(
-    module: nn.Module, spec: Any, ref_trace: GraphTrace, inputs: Mapping[str, np.ndarray], *, case: str,
-    threshold_psnr: float, backend: str = "xnnpack", rewrites: Sequence[str] | str | None = None,
-    artifact_output: Mapping[str, np.ndarray] | None = None,
-) -> Localization:  # fmt: skip
-    """Re-lower the export-ready graph with every unit output tapped, run it in ExecuTorch, compare per unit.
-
-    Args:
-        module, spec: the export-ready graph and its GraphSpec.
-        ref_trace: ``trace_graph(module, spec, variant="none")`` (units and reference values).
-        inputs: the case's inputs; case, threshold_psnr: as for :func:`localize_onnx`.
-        backend: the artifact's delegate: ``"xnnpack"`` or ``"portable"`` (no delegate); other delegates
-            (Core ML) do not run here.
-        rewrites: the rewrites the artifact was exported with (``backend_info["rewrites"]``; default the
-            backend's set).
-        artifact_output: the artifact's own outputs on this case; compared with the re-lowered program's
-            outputs to say whether the file itself computes what a fresh lowering computes.
-
-    Raises:
-        ConfigError: ExecuTorch or its devtools are not installed, or the delegate does not run here.
-    """
-    try:
-        from executorch.devtools.intermediate_output_tap import FULL_TENSOR, strip_taps_, tap_intermediate_outputs_
-        from executorch.exir import to_edge_transform_and_lower
-        from executorch.runtime import Runtime
-    except ImportError as e:
-        raise ConfigError(f"ExecuTorch localisation needs executorch with devtools: {e}") from e
-    if backend not in ("xnnpack", "portable"):
-        raise ConfigError(f"the ExecuTorch {backend} delegate does not run here; re-lowering needs xnnpack or portable")
-    from tadsr.formats.rewrites import apply_rewrites
-
-    example = spec.example_inputs()
-    names = list(rewrites) if rewrites is not None and not isinstance(rewrites, str) else (rewrites or "xnnpack")
-    rewritten, _ = apply_rewrites(module, example, names if names != "portable" else "xnnpack")
-    trace = trace_graph(rewritten, spec, variant="none")
-    taps = {u.outputs[-1]: u.name for u in trace.units if u.outputs}
-    own = trace.run(inputs, keep=list(taps))
-    ref = ref_trace.run(inputs, keep=[u.outputs[-1] for u in ref_trace.units if u.outputs])
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        ep, specs = tap_intermediate_outputs_(trace.program, (lambda n: n.name in taps, FULL_TENSOR))
-        parts = []
-        if backend == "xnnpack":
-            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-            parts = [XnnpackPartitioner()]
-        edge = to_edge_transform_and_lower(ep, partitioner=parts)
-        strip_taps_(edge)
-        buffer = edge.to_executorch().buffer
-    args = [torch.from_numpy(np.ascontiguousarray(inputs[n], dtype=np.float32)) for n in trace.input_names]
-    flat = Runtime.get().load_program(buffer).load_method("forward").execute(args)
-    observed = {s.node_name: flat[s.output_index].detach().float().numpy() for s in specs}
-    notes = [(f"re-lowered ({backend}, rewrites {names if isinstance(names, str) else ', '.join(names)}) with the "
-             "unit outputs tapped: this localises the lowering and the runtime kernels, not edits of the file")]  # fmt: skip
-    if artifact_output is not None:
-        worst = min(error_stats(np.asarray(artifact_output[s.name], np.float32), flat[i].detach().float().numpy()).psnr
-                    for i, s in enumerate(spec.outputs))  # fmt: skip
-        verdict = ("" if worst >= threshold_psnr else ": the file does not compute what a fresh lowering of the "
-                   "reference computes (modified after export, other weights or another toolchain)")  # fmt: skip
-        notes.append(f"artifact file vs fresh lowering on this case: PSNR {worst:.1f} dB{verdict}")
-    method = ("ExecuTorch re-lowering of the export-ready graph with the unit outputs tapped as extra outputs "
-              "(executorch.devtools.intermediate_output_tap), run in the ExecuTorch runtime")  # fmt: skip
-    return build_localization(ref_trace.units, unit_pairs(ref_trace, ref, trace, own, observed),
-                              backend="executorch (re-lowered)", method=method, case=case,
-                              threshold_psnr=threshold_psnr, notes=notes)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- code flips
@@ -1029,3 +741,17 @@ def localize_chain(
         thresholds.append(thr)
     loc.threshold_psnr = min(thresholds) if thresholds else math.nan
     return loc.finish()
+
+
+# per-format taps live in the slices; their names stay importable from here
+__getattr__, __dir__ = lazy_names(__name__, {
+    "OnnxTap": "tadsr.formats.onnx.localize",
+    "check_onnx_weights": "tadsr.formats.onnx.localize",
+    "localize_onnx": "tadsr.formats.onnx.localize",
+    "onnx_codebook_input": "tadsr.formats.onnx.localize",
+    "onnx_output_scale": "tadsr.formats.onnx.localize",
+    "onnx_value_names": "tadsr.formats.onnx.localize",
+    "run_onnx_with_intermediates": "tadsr.formats.onnx.localize",
+    "localize_coreml": "tadsr.formats.coreml.localize",
+    "localize_executorch": "tadsr.formats.executorch.localize",
+})  # fmt: skip

@@ -24,7 +24,8 @@ class TorchRunner:
     Args:
         module: the graph (eval mode).
         spec: its interface; see :meth:`from_graph` to build it from a ``GraphSpec``.
-        threads: if given, ``torch.set_num_threads(threads)`` before each run (process-wide).
+        threads: if given, ``torch.set_num_threads(threads)`` for each run (process-wide; the previous value is
+            restored after the run).
     """
 
     backend = "torch"
@@ -45,9 +46,14 @@ class TorchRunner:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check ``inputs`` against the spec, run the module, return ``{output name: float32 array}``."""
         feeds = check_inputs(self.spec, inputs)
+        before = torch.get_num_threads()
         if self.threads is not None:
             torch.set_num_threads(self.threads)
-        with torch.inference_mode():
-            out = self.module(*(torch.from_numpy(feeds[n]).to(self.device) for n in self.spec.input_names))
+        try:
+            with torch.inference_mode():
+                out = self.module(*(torch.from_numpy(feeds[n]).to(self.device) for n in self.spec.input_names))
+        finally:
+            if self.threads is not None:
+                torch.set_num_threads(before)  # the setting is process-wide: give it back
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return {n: o.detach().cpu().numpy() for n, o in zip(self.spec.output_names, outs, strict=True)}

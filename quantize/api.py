@@ -6,7 +6,7 @@ For one fp32 artifact folder (``<graph>-<format>-fp32-t<tile>/``)::
     load_models(recorded sources / preset) -> make_graph            # the torch graph, for capture and PT2E
     calibration set: sample_patches(calib) -> reference pipeline    # each graph's real inputs
     held-out set: other images, seed + 1                            # recipe floor and parity
-    per format:
+    per format, the slice's INT8 driver (registry ``quantize`` hook, e.g. tadsr.formats.onnx.ptq.quantize_job):
       onnx        OnnxPTQ (pre-process, calibrate once) -> recipe -> QDQ INT8 .onnx
       executorch  PT2EQuant("xnnpack") -> recipe -> convert -> XNNPACK .pte
       coreml      PT2EQuant("coreml") -> recipe -> convert -> W8A8 .mlpackage (int8),
@@ -56,13 +56,8 @@ from tadsr.parity.hops import (
     vq_judge,
 )
 from tadsr.pipeline import Models, load_models
-from tadsr.quantize.calibration import (
-    CalibrationSet,
-    load_calibration,
-    load_holdout,
-    sample_calibration,
-    sample_holdout,
-)
+from tadsr.quantize.calibration import CalibrationSet, CaptureCache, sample_calibration, sample_holdout
+from tadsr.formats.registry import all_formats, get_format
 from tadsr.formats.sensitivity import (
     RECIPE_NAME,
     BackendRecipe,
@@ -71,16 +66,15 @@ from tadsr.formats.sensitivity import (
     default_target,
     find_float_units,
     load_recipe,
-    worst_psnr,
 )
 from tadsr.runtime.runner import MANIFEST_NAME, read_manifest, sha256_path, verify_files
 
-__all__ = ["METHODS", "FORMATS", "quantize_artifact", "rebuild_models"]
+__all__ = ["METHODS", "FORMATS", "CaptureCache", "quantize_artifact", "rebuild_models"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
-FORMATS = ("onnx", "executorch", "coreml")
+FORMATS = tuple(f.name for f in all_formats() if f.quantize)  # the formats with an INT8 driver
 _INFO = Floor(None, None, "informational: INT8 runtime vs the fake-quantized torch graph it was lowered from")
 
 
@@ -216,10 +210,15 @@ class _Ctx:
     out_dir: Path
     parent_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     parent_engine: str = ""
+    work: Path = Path()
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def parent_file(self) -> Path:
+        return self.parent.model_file
 
     @property
     def ranges(self) -> dict[str, tuple[float, float] | None]:
@@ -234,12 +233,25 @@ class _Ctx:
             raise ConfigError(f"the recipe has no entry for graph {self.name!r}, backend {backend!r} (it has {have})")
         return e
 
+    # the steps a slice's driver (tadsr.formats.spec.QuantizeJob) calls back into
+    def entry_units(self, entry: BackendRecipe, known: Mapping[str, Any], pinned: Mapping[str, str]) -> list[str]:
+        return _entry_units(entry, known, pinned)
+
+    def search(self, run: Callable, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],
+               fp32_run: Callable[[Sequence[Mapping[str, np.ndarray]]], list]) -> tuple[SearchResult, list]:  # fmt: skip
+        return _search(self, run, units, pinned, fp32_run)
+
+    def write(self, backend_key: str, precision: str, entry: BackendRecipe, build: Callable[[Path], BackendResult],
+              fake_quant: Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]] | None,
+              ) -> Path:  # fmt: skip
+        return _write(self, backend_key, precision, entry, build, fake_quant)
+
 
 def _runner(path: Path, fmt: str, threads: int | None) -> tuple[Callable[[dict[str, np.ndarray]], dict], str]:
     """``run`` of an artifact through :func:`load_runner` and the engine's name (Core ML: the simulator off macOS)."""
     from tadsr.runtime.runner import load_runner
 
-    opts: dict[str, Any] = {"threads": threads} if threads is not None and fmt != "coreml" else {}
+    opts: dict[str, Any] = {"threads": threads} if threads is not None and get_format(fmt).threads else {}
     r = load_runner(path, **opts)
     return r.run, r.backend
 
@@ -379,141 +391,6 @@ def _search(ctx: _Ctx, run: Callable, units: Mapping[str, tuple[int, int]], pinn
                             budget=ctx.sens_budget, progress=ctx.progress)  # fmt: skip
 
 
-def _onnx(ctx: _Ctx, work: Path) -> list[Path]:
-    from tadsr.formats.onnx.ptq import DEFAULT_OP_TYPES, SCHEME, OnnxPTQ, quantize_onnx
-
-    given = ctx.entry("onnx")
-    method = given.method if given else ctx.method
-    ptq = OnnxPTQ(ctx.parent.model_file, work / "onnx", ctx.calib.feeds(ctx.name), method=method,
-                  op_types=given.op_types if given else DEFAULT_OP_TYPES, threads=ctx.threads)  # fmt: skip
-    hold = [c.inputs for c in ctx.hold.cases(ctx.name)]
-    if given:
-        units = _entry_units(given, ptq.units(), ptq.pinned_units())
-        extra_nodes = [n for n in given.float_nodes if n not in ptq.float_nodes(units)]
-        psnr = worst_psnr(ptq.run_variant(frozenset(units), hold, extra_nodes), ctx.parent_outputs, ctx.ranges)
-        result, sens, source = SearchResult(units, psnr, True, list(given.search)), given.sensitivity, "file"
-    else:
-        extra_nodes = []
-        result, ranking = _search(ctx, ptq.run_variant, ptq.units(), ptq.pinned_units(),
-                                  lambda feeds: ptq.run(ctx.parent.model_file, feeds))  # fmt: skip
-        sens, source = [r.to_dict() for r in ranking], "auto" if ranking else "all"
-    floats = ptq.float_nodes(result.excluded, extra_nodes)
-    entry = BackendRecipe(op_types=list(ptq.op_types), float_units=result.excluded, float_nodes=floats,
-                          pinned=ptq.pinned_units(), method=method, scheme=SCHEME,
-                          target_psnr=None if given else ctx.target, psnr=result.psnr,
-                          int8_fraction=ptq.int8_fraction(floats), source=source, sensitivity=sens,
-                          search=result.trace)  # fmt: skip
-    meta = {"calibration": {k: ctx.calib.info[k] for k in ("content_hash", "num_patches", "seed")},
-            "float_units": entry.float_units, "method": method}  # fmt: skip
-
-    def build(folder: Path) -> BackendResult:
-        return quantize_onnx(ptq, entry, ctx.parent.model_file, folder, name=ctx.name, metadata=meta)
-
-    return [_write(ctx, "onnx", "int8", entry, build, None)]
-
-
-def _pt2e(ctx: _Ctx, backend_key: str, rewrites: str) -> tuple[Any, BackendRecipe, Any]:
-    """Search (or take) the recipe and return the PT2E-converted graph for it."""
-    from tadsr.formats.executorch.ptq import DEFAULT_PT2E_OP_TYPES, SCHEME, PT2EQuant
-
-    given = ctx.entry(backend_key)
-    method = given.method if given else ctx.method
-    example = ctx.spec.example_inputs()
-    pq = PT2EQuant(ctx.graph, example, output_names=[o.name for o in ctx.spec.outputs], rewrites=rewrites,
-                   op_types=given.op_types if given else DEFAULT_PT2E_OP_TYPES, method=method)  # fmt: skip
-    calib = ctx.calib.feeds(ctx.name)
-    hold = [c.inputs for c in ctx.hold.cases(ctx.name)]
-    out_names = [o.name for o in ctx.spec.outputs]
-
-    def eager(gm: torch.nn.Module) -> Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]]:
-        def run(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-            outs = []
-            with torch.no_grad():
-                for f in feeds:
-                    y = gm(*(torch.from_numpy(np.ascontiguousarray(v)) for v in f.values()))
-                    ys = y if isinstance(y, (tuple, list)) else (y,)
-                    outs.append({k: t.numpy() for k, t in zip(out_names, ys, strict=True)})
-            return outs
-
-        return run
-
-    sens: list[dict[str, Any]] = []
-    if given:
-        units, source, trace = _entry_units(given, pq.units(), pq.pinned), "file", list(given.search)
-        sens = list(given.sensitivity)
-    else:
-        converted = pq.convert(sorted(pq.pinned), calib, progress=ctx.progress)
-        first = worst_psnr(eager(converted)(hold), ctx.parent_outputs, ctx.ranges)
-        trace = [{"float_units": len(pq.pinned), "added": None, "psnr": round(first, 3)}]
-        units, source = sorted(pq.pinned), "all"
-        if first < ctx.target and pq.units():
-            sim = pq.simulator(calib, progress=ctx.progress)
-            result, ranking = _search(ctx, lambda fu, feeds: sim.run(fu, feeds), pq.units(), pq.pinned,
-                                      eager(pq.exported))  # fmt: skip
-            units, source, trace = result.excluded, "auto", trace + result.trace
-            sens = [r.to_dict() for r in ranking]
-    if source != "all":
-        converted = pq.convert(units, calib, progress=ctx.progress)
-    psnr = worst_psnr(eager(converted)(hold), ctx.parent_outputs, ctx.ranges)
-    entry = BackendRecipe(op_types=list(pq.op_types), float_units=list(units), pinned=dict(pq.pinned), method=method,
-                          scheme=SCHEME, target_psnr=None if given else ctx.target, psnr=psnr,
-                          int8_fraction=pq.int8_fraction(units), source=source, sensitivity=sens,
-                          search=trace)  # fmt: skip
-    if not given and psnr < ctx.target:
-        logger.warning("%s/%s: the converted graph reaches %.2f dB on held-out patches, below the %.1f dB target "
-                       "the search met in simulation", ctx.name, backend_key, psnr, ctx.target)  # fmt: skip
-    applied = {**pq.rewrites, "int8_add_constants": dict(pq.constants)}  # graph rewrites, then the INT8 constants
-    return converted, entry, (eager(converted), applied, example)
-
-
-def _executorch(ctx: _Ctx) -> list[Path]:
-    from tadsr.formats.executorch.ptq import quantize_executorch
-
-    converted, entry, (fq, rewrites, example) = _pt2e(ctx, "executorch", "xnnpack")
-    out_names = [o.name for o in ctx.spec.outputs]
-    info = {"rewrites": rewrites, "int8_fraction": entry.int8_fraction}
-
-    def build(folder: Path) -> BackendResult:
-        return quantize_executorch(converted, example, folder, name=ctx.name, output_names=out_names, info=info)
-
-    return [_write(ctx, "executorch", "int8", entry, build, fq)]
-
-
-def _coreml(ctx: _Ctx) -> list[Path]:
-    from tadsr.formats.coreml.ptq import W8_SCHEME, coreml_w8, coreml_w8a8
-    from tadsr.formats.executorch.ptq import output_scales
-
-    converted, entry, (fq, rewrites, example) = _pt2e(ctx, "coreml", "coreml")
-    in_names = [i.name for i in ctx.spec.inputs]
-    out_names = [o.name for o in ctx.spec.outputs]
-    meta = {"graph": ctx.name, "calibration_hash": ctx.calib.info["content_hash"], "float_units": entry.float_units}
-
-    def build_w8a8(folder: Path) -> BackendResult:
-        res = coreml_w8a8(converted, example, folder, name=ctx.name, input_names=in_names, output_names=out_names,
-                          metadata=meta, info={"rewrites": rewrites, "int8_fraction": entry.int8_fraction,
-                                               "output_scales": output_scales(converted, out_names)})  # fmt: skip
-        _validate(folder / res.files[0], ctx.spec)
-        return res
-
-    paths = [_write(ctx, "coreml", "int8", entry, build_w8a8, fq)]
-    w8_entry = BackendRecipe(op_types=["conv", "linear", "matmul (constant weights)"], method="none (data-free)",
-                             scheme=W8_SCHEME, source="all")  # fmt: skip
-
-    def build_w8(folder: Path) -> BackendResult:
-        res = coreml_w8(ctx.parent.model_file, folder, name=ctx.name, metadata={"graph": ctx.name})
-        _validate(folder / res.files[0], ctx.spec)
-        return res
-
-    paths.append(_write(ctx, "coreml-w8", "w8", w8_entry, build_w8, None))
-    return paths
-
-
-def _validate(package: Path, spec: Any) -> None:
-    from tadsr.formats.coreml.export import validate_package
-
-    validate_package(package, spec)
-
-
 # ----------------------------------------------------------------------------------------------- public
 
 
@@ -534,6 +411,7 @@ def quantize_artifact(
     parity_gate: bool = True,
     threads: int | None = None,
     progress: bool = False,
+    captures: CaptureCache | None = None,
 ) -> list[Path]:
     """Make the INT8 artifact(s) of an fp32 artifact folder.
 
@@ -555,6 +433,9 @@ def quantize_artifact(
         parity_gate: raise ParityError below the int8 floors of ``tadsr/numerics.json`` (nothing written).
         threads: runtime threads for ORT / ExecuTorch sessions (None: the runtime's default).
         progress: progress bars.
+        captures: the calibration and held-out captures to reuse (:class:`CaptureCache`): a caller that quantizes
+            several artifacts of one model (the pipeline and its components, several formats) passes the same
+            cache to each call so the reference pipeline runs once; None = capture for this call only.
 
     Returns:
         The new artifact folders: ``<graph>-<format>-int8-t<tile>`` (and ``<graph>-coreml-w8-t<tile>``, the
@@ -584,7 +465,8 @@ def quantize_artifact(
     created = prepare_out_dir(out_dir)
     try:
         paths = _quantize(parent, rec, calib, num_patches, seed, method, target_psnr, out_dir, holdout,
-                          holdout_patches, sensitivity_patches, sensitivity_budget, parity_gate, threads, progress)
+                          holdout_patches, sensitivity_patches, sensitivity_budget, parity_gate, threads, progress,
+                          captures or CaptureCache())  # fmt: skip
     except BaseException:  # Ctrl-C included: leave no empty output folder behind
         _remove_empty(created)
         raise
@@ -595,7 +477,7 @@ def quantize_artifact(
 def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patches: int | None, seed: int,
               method: str, target_psnr: float | None, out_dir: Path, holdout: Path | None, holdout_patches: int,
               sensitivity_patches: int, sensitivity_budget: int, parity_gate: bool, threads: int | None,
-              progress: bool) -> list[Path]:  # fmt: skip
+              progress: bool, captures: CaptureCache) -> list[Path]:  # fmt: skip
     scale = int(parent.manifest["graph"]["scale"])
     calib_patches = sample_calibration(calib, num_patches=num_patches, tile=parent.tile, scale=scale, seed=seed,
                                        progress=progress)  # fmt: skip
@@ -604,41 +486,16 @@ def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patch
     models = rebuild_models(parent.manifest)
     graph, spec = make_graph(models, parent.graph, parent.tile)
     _check_interface(spec, parent.manifest, parent.path)
-    calib_set, hold = _captured(parent.manifest, models, calib_patches, hold_patches, progress)
+    calib_set, hold = captures.get(parent.manifest, models, calib_patches, hold_patches, progress)
     target = default_target(parent.graph) if target_psnr is None else float(target_psnr)
     ctx = _Ctx(parent, models, graph, spec, calib_set, hold, method, target, rec, sensitivity_patches,
                sensitivity_budget, threads, progress, parity_gate, out_dir)  # fmt: skip
     run, ctx.parent_engine = _runner(parent.path, parent.fmt, threads)
     ctx.parent_outputs = run_cases(run, hold.cases(spec.name))
     work = Path(tempfile.mkdtemp(prefix=f".tadsr-quantize-{secrets.token_hex(3)}-", dir=out_dir))
+    ctx.work = work
     try:
-        if parent.fmt == "onnx":
-            paths = _onnx(ctx, work)
-        elif parent.fmt == "executorch":
-            paths = _executorch(ctx)
-        else:
-            paths = _coreml(ctx)
+        paths = get_format(parent.fmt).hook("quantize")(ctx)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return paths
-
-
-_CAPTURES: dict[str, tuple[CalibrationSet, CalibrationSet]] = {}
-
-
-def _captured(manifest: Mapping[str, Any], models: Models, calib: tuple, hold: tuple,
-              progress: bool) -> tuple[CalibrationSet, CalibrationSet]:  # fmt: skip
-    """Calibration and held-out captures, reused within the process for the same weights and patches.
-
-    Every graph of one model is calibrated from the same reference pipeline run, so quantizing the pipeline
-    and its components (or several formats) in one process captures once.
-    """
-    key = json.dumps([manifest["preset"], manifest["sources"], calib[0].content_hash, calib[1]["seed"],
-                      hold[0].content_hash, hold[1]["seed"]], sort_keys=True)  # fmt: skip
-    if key not in _CAPTURES:
-        _CAPTURES.clear()  # one model at a time: the captures of an official-size model are large
-        _CAPTURES[key] = (load_calibration(models, patches=calib, progress=progress),
-                          load_holdout(models, patches=hold, progress=progress))  # fmt: skip
-    else:
-        logger.info("reusing the calibration and held-out captures of this model")
-    return _CAPTURES[key]

@@ -22,11 +22,11 @@ set never saw) with another seed; :func:`load_holdout` refuses patches identical
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_HOLDOUT_PATCHES",
     "GRAPH_IO",
     "CalibrationSet",
+    "CaptureCache",
     "noise_seed",
     "capture",
     "sample_calibration",
@@ -325,8 +326,9 @@ def sample_holdout(
     patches = sample_patches(src, num_patches=num_patches, tile=tile, scale=scale, seed=hseed,
                              min_std=HOLDOUT_MIN_STD, progress=progress)  # fmt: skip
     if calibration is not None:
-        calib_keys = {(_file_key(o.path), o.y, o.x) for o in calibration.origins}
-        same = [o for o in patches.origins if (_file_key(o.path), o.y, o.x) in calib_keys]
+        hashes: dict[Path, str] = {}  # this call's own memo: each image file read once, never stale
+        calib_keys = {(_file_key(o.path, hashes), o.y, o.x) for o in calibration.origins}
+        same = [o for o in patches.origins if (_file_key(o.path, hashes), o.y, o.x) in calib_keys]
         same_lr = any(np.array_equal(a, b) for a in patches.lr for b in calibration.lr)
         if same or same_lr:
             raise InputError(f"{len(same) or 'some'} held-out patches are also calibration patches; pass a "
@@ -372,7 +374,45 @@ def load_holdout(
     return CalibrationSet(runs=runs, info=info, patches=ps)
 
 
-@functools.lru_cache(maxsize=4096)
-def _file_key(p: Path) -> str:
-    """sha256 of a file's bytes: the same image under two paths is the same image."""
-    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+class CaptureCache:
+    """Calibration and held-out captures, reused by a caller that quantizes several artifacts of one model.
+
+    Every graph of one model is calibrated from the same reference pipeline run, so quantizing the pipeline and
+    its components (or several formats) with one cache captures once. The caller creates it and passes it to
+    each :func:`tadsr.quantize.api.quantize_artifact` call; it holds one model's captures at a time (those of an
+    official-size model are large).
+    """
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._sets: tuple[CalibrationSet, CalibrationSet] | None = None
+
+    def get(self, manifest: Mapping[str, Any], models: Models, calib: tuple, hold: tuple,
+            progress: bool = False) -> tuple[CalibrationSet, CalibrationSet]:  # fmt: skip
+        """The captures for these weights (the artifact's ``manifest``) and sampled patches, captured if new.
+
+        Args:
+            manifest: the fp32 artifact's manifest (its ``preset`` and ``sources`` name the weights).
+            models: the rebuilt networks.
+            calib, hold: ``(PatchSet, info)`` from :func:`sample_calibration` / :func:`sample_holdout`.
+            progress: progress bars.
+        """
+        key = json.dumps([manifest["preset"], manifest["sources"], calib[0].content_hash, calib[1]["seed"],
+                          hold[0].content_hash, hold[1]["seed"]], sort_keys=True)  # fmt: skip
+        if key != self._key or self._sets is None:
+            self._key, self._sets = None, None  # drop the previous model's captures before capturing
+            self._sets = (load_calibration(models, patches=calib, progress=progress),
+                          load_holdout(models, patches=hold, progress=progress))  # fmt: skip
+            self._key = key
+        else:
+            logger.info("reusing the calibration and held-out captures of this model")
+        return self._sets
+
+
+def _file_key(p: Path, memo: dict[Path, str]) -> str:
+    """sha256 of a file's bytes (the same image under two paths is the same image), memoised in ``memo``, which
+    the caller owns for one comparison (no process-wide cache that a changed file could make stale)."""
+    p = Path(p)
+    if p not in memo:
+        memo[p] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return memo[p]

@@ -237,7 +237,13 @@ def test_unwritable_output_folder(models, monkeypatch, tmp_path):
 
 def test_missing_backend_module(models, monkeypatch, tmp_path):
     monkeypatch.setattr(api, "make_graphs", lambda *a, **k: pytest.fail("work started"))
-    monkeypatch.setitem(api._EXPORTERS, "coreml", ("tadsr.export.no_such_backend", "export_coreml"))
+    from dataclasses import replace
+
+    from tadsr.formats import registry
+
+    specs = dict(registry._SPECS)
+    specs["coreml"] = replace(specs["coreml"], export="tadsr.export.no_such_backend:export_coreml")
+    monkeypatch.setattr(registry, "_SPECS", specs)
     with pytest.raises(ExportError, match="not part of this installation"):
         api.export_model(models, formats=("onnx", "coreml"), out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()

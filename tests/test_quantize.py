@@ -390,6 +390,43 @@ def test_default_calibration_count_and_hash():
     assert noise_seed(0, 5) != noise_seed(1, 5) and noise_seed(0, 5) == noise_seed(0, 5)
 
 
+def test_capture_cache_is_owned_by_the_caller(monkeypatch, tmp_path):
+    """One CaptureCache captures once per model and patch set; no process-wide cache remains in the module."""
+    from types import SimpleNamespace
+
+    import tadsr.quantize.api as qapi
+    from tadsr.quantize import calibration as cal
+
+    calls = []
+    monkeypatch.setattr(cal, "load_calibration", lambda models, patches, progress: calls.append("c") or "calib")
+    monkeypatch.setattr(cal, "load_holdout", lambda models, patches, progress: calls.append("h") or "hold")
+    manifest = {"preset": {"name": "tiny"}, "sources": {"student": {"sha256": "a"}}}
+    calib = (SimpleNamespace(content_hash="x"), {"seed": 0})
+    hold = (SimpleNamespace(content_hash="y"), {"seed": 1})
+    cache = cal.CaptureCache()
+    assert cache.get(manifest, None, calib, hold) == ("calib", "hold")
+    assert cache.get(manifest, None, calib, hold) == ("calib", "hold") and calls == ["c", "h"]
+    other = {**manifest, "sources": {"student": {"sha256": "b"}}}
+    cache.get(other, None, calib, hold)
+    assert calls == ["c", "h", "c", "h"]
+    cal.CaptureCache().get(manifest, None, calib, hold)  # a new cache knows nothing
+    assert len(calls) == 6
+    assert not hasattr(qapi, "_CAPTURES")
+
+
+def test_holdout_overlap_check_sees_a_changed_file(tmp_path):
+    """The image hash memo lives for one comparison: rewriting a file changes its key next time."""
+    from tadsr.quantize.calibration import _file_key
+
+    f = tmp_path / "a.png"
+    f.write_bytes(b"one")
+    memo: dict = {}
+    first = _file_key(f, memo)
+    f.write_bytes(b"two")
+    assert _file_key(f, memo) == first  # same comparison: memoised
+    assert _file_key(f, {}) != first  # next comparison: read again
+
+
 # ------------------------------------------------------------------------------------------ recipe helpers
 
 

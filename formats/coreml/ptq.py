@@ -26,8 +26,10 @@ import torch
 
 from tadsr.errors import ExportError
 from tadsr.formats.artifact import BackendResult
+from tadsr.formats.sensitivity import BackendRecipe
+from tadsr.formats.spec import QuantizeJob
 
-__all__ = ["W8A8_TARGET", "coreml_w8a8", "coreml_w8"]
+__all__ = ["W8A8_TARGET", "coreml_w8a8", "coreml_w8", "quantize_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,3 +158,37 @@ def coreml_w8(
                          info={"quantizer": "coremltools.optimize.coreml.linear_quantize_weights", "scheme": W8_SCHEME,
                                "mode": "linear_symmetric", "weight_threshold": weight_threshold, "mil_ops": ops,
                                "quantize_s": round(time.perf_counter() - t0, 3)})  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+
+def quantize_job(job: QuantizeJob) -> list[Path]:
+    """The Core ML slice's INT8 driver (registry ``quantize`` hook): PT2E (Core ML quantizer) -> recipe ->
+    W8A8 ``.mlpackage`` (``int8``), and the fp32 package's weights quantized data-free (``w8``)."""
+    from tadsr.formats.coreml.export import validate_package
+    from tadsr.formats.executorch.ptq import output_scales, pt2e_recipe
+
+    converted, entry, (fq, rewrites, example) = pt2e_recipe(job, "coreml", "coreml")
+    in_names = [i.name for i in job.spec.inputs]
+    out_names = [o.name for o in job.spec.outputs]
+    meta = {"graph": job.name, "calibration_hash": job.calib.info["content_hash"], "float_units": entry.float_units}
+
+    def build_w8a8(folder: Path) -> BackendResult:
+        res = coreml_w8a8(converted, example, folder, name=job.name, input_names=in_names, output_names=out_names,
+                          metadata=meta, info={"rewrites": rewrites, "int8_fraction": entry.int8_fraction,
+                                               "output_scales": output_scales(converted, out_names)})  # fmt: skip
+        validate_package(folder / res.files[0], job.spec)
+        return res
+
+    paths = [job.write("coreml", "int8", entry, build_w8a8, fq)]
+    w8_entry = BackendRecipe(op_types=["conv", "linear", "matmul (constant weights)"], method="none (data-free)",
+                             scheme=W8_SCHEME, source="all")  # fmt: skip
+
+    def build_w8(folder: Path) -> BackendResult:
+        res = coreml_w8(job.parent_file, folder, name=job.name, metadata={"graph": job.name})
+        validate_package(folder / res.files[0], job.spec)
+        return res
+
+    paths.append(job.write("coreml-w8", "w8", w8_entry, build_w8, None))
+    return paths

@@ -26,7 +26,7 @@ import copy
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,13 @@ from torch import nn
 from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
 from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
-from tadsr.formats.sensitivity import unit_of
+from tadsr.formats.sensitivity import BackendRecipe, unit_of, worst_psnr
+from tadsr.formats.spec import QuantizeJob
 
-__all__ = ["PT2E_OP_TYPES", "PT2EQuant", "FakeQuantSim", "int8_add_constants", "quantize_executorch"]
+__all__ = [
+    "PT2E_OP_TYPES", "PT2EQuant", "FakeQuantSim", "int8_add_constants", "pt2e_recipe", "quantize_executorch",
+    "quantize_job",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -504,3 +508,79 @@ def quantize_executorch(
     logger.info("executorch int8 %s: %d delegates, %d ops outside, %.2f MB, %.1fs", name, delegates,
                 sum(outside.values()), path.stat().st_size / 1e6, time.perf_counter() - t0)  # fmt: skip
     return BackendResult(files=[path.name], format="executorch", precision="int8", info=result_info, warnings=warnings)
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+FeedsRun = Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]]
+
+
+def _eager(gm: nn.Module, out_names: Sequence[str]) -> FeedsRun:
+    """Run a (converted) torch graph on a list of feeds."""
+
+    def run(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        outs = []
+        with torch.no_grad():
+            for f in feeds:
+                y = gm(*(torch.from_numpy(np.ascontiguousarray(v)) for v in f.values()))
+                ys = y if isinstance(y, (tuple, list)) else (y,)
+                outs.append({k: t.numpy() for k, t in zip(out_names, ys, strict=True)})
+        return outs
+
+    return run
+
+
+def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str) -> tuple[Any, BackendRecipe, tuple[Any, Any, Any]]:
+    """Search (or take) the PT2E recipe of ``job`` and convert the graph with it (ExecuTorch and Core ML INT8).
+
+    Returns:
+        ``(converted graph, recipe entry, (fake-quant run, applied rewrites, example inputs))``.
+    """
+    given = job.entry(backend_key)
+    method = given.method if given else job.method
+    example = job.spec.example_inputs()
+    out_names = [o.name for o in job.spec.outputs]
+    pq = PT2EQuant(job.graph, example, output_names=out_names, rewrites=rewrites,
+                   op_types=given.op_types if given else DEFAULT_PT2E_OP_TYPES, method=method)  # fmt: skip
+    calib = job.calib.feeds(job.name)
+    hold = [c.inputs for c in job.hold.cases(job.name)]
+    sens: list[dict[str, Any]] = []
+    if given:
+        units, source, trace = job.entry_units(given, pq.units(), pq.pinned), "file", list(given.search)
+        sens = list(given.sensitivity)
+    else:
+        converted = pq.convert(sorted(pq.pinned), calib, progress=job.progress)
+        first = worst_psnr(_eager(converted, out_names)(hold), job.parent_outputs, job.ranges)
+        trace = [{"float_units": len(pq.pinned), "added": None, "psnr": round(first, 3)}]
+        units, source = sorted(pq.pinned), "all"
+        if first < job.target and pq.units():
+            sim = pq.simulator(calib, progress=job.progress)
+            result, ranking = job.search(lambda fu, feeds: sim.run(fu, feeds), pq.units(), pq.pinned,
+                                         _eager(pq.exported, out_names))  # fmt: skip
+            units, source, trace = result.excluded, "auto", trace + result.trace
+            sens = [r.to_dict() for r in ranking]
+    if source != "all":
+        converted = pq.convert(units, calib, progress=job.progress)
+    psnr = worst_psnr(_eager(converted, out_names)(hold), job.parent_outputs, job.ranges)
+    entry = BackendRecipe(op_types=list(pq.op_types), float_units=list(units), pinned=dict(pq.pinned), method=method,
+                          scheme=SCHEME, target_psnr=None if given else job.target, psnr=psnr,
+                          int8_fraction=pq.int8_fraction(units), source=source, sensitivity=sens,
+                          search=trace)  # fmt: skip
+    if not given and psnr < job.target:
+        logger.warning("%s/%s: the converted graph reaches %.2f dB on held-out patches, below the %.1f dB target "
+                       "the search met in simulation", job.name, backend_key, psnr, job.target)  # fmt: skip
+    applied = {**pq.rewrites, "int8_add_constants": dict(pq.constants)}  # graph rewrites, then the INT8 constants
+    return converted, entry, (_eager(converted, out_names), applied, example)
+
+
+def quantize_job(job: QuantizeJob) -> list[Path]:
+    """The ExecuTorch slice's INT8 driver (registry ``quantize`` hook): PT2E (XNNPACK quantizer) -> recipe ->
+    convert -> XNNPACK ``.pte``, written through ``job.write``."""
+    converted, entry, (fq, rewrites, example) = pt2e_recipe(job, "executorch", "xnnpack")
+    out_names = [o.name for o in job.spec.outputs]
+    info = {"rewrites": rewrites, "int8_fraction": entry.int8_fraction}
+
+    def build(folder: Path) -> BackendResult:
+        return quantize_executorch(converted, example, folder, name=job.name, output_names=out_names, info=info)
+
+    return [job.write("executorch", "int8", entry, build, fq)]

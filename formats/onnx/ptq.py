@@ -50,9 +50,10 @@ from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
 from tadsr.formats.onnx.export import PROTOBUF_LIMIT, save_model, unshare_initializers
 from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
-from tadsr.formats.sensitivity import BackendRecipe, unit_of
+from tadsr.formats.sensitivity import BackendRecipe, SearchResult, unit_of, worst_psnr
+from tadsr.formats.spec import QuantizeJob
 
-__all__ = ["METHODS", "DEFAULT_OP_TYPES", "OnnxPTQ", "quantize_onnx"]
+__all__ = ["METHODS", "DEFAULT_OP_TYPES", "OnnxPTQ", "quantize_onnx", "quantize_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -577,3 +578,39 @@ def quantize_onnx(
 def cleanup(ptq: OnnxPTQ) -> None:
     """Remove the work folder."""
     shutil.rmtree(ptq.work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+
+def quantize_job(job: QuantizeJob) -> list[Path]:
+    """The ONNX slice's INT8 driver (registry ``quantize`` hook): pre-process and calibrate once, take or search
+    the recipe, write the QDQ INT8 ``.onnx`` through ``job.write``."""
+    given = job.entry("onnx")
+    method = given.method if given else job.method
+    ptq = OnnxPTQ(job.parent_file, job.work / "onnx", job.calib.feeds(job.name), method=method,
+                  op_types=given.op_types if given else DEFAULT_OP_TYPES, threads=job.threads)  # fmt: skip
+    hold = [c.inputs for c in job.hold.cases(job.name)]
+    if given:
+        units = job.entry_units(given, ptq.units(), ptq.pinned_units())
+        extra_nodes = [n for n in given.float_nodes if n not in ptq.float_nodes(units)]
+        psnr = worst_psnr(ptq.run_variant(frozenset(units), hold, extra_nodes), job.parent_outputs, job.ranges)
+        result, sens, source = SearchResult(units, psnr, True, list(given.search)), given.sensitivity, "file"
+    else:
+        extra_nodes = []
+        result, ranking = job.search(ptq.run_variant, ptq.units(), ptq.pinned_units(),
+                                     lambda feeds: ptq.run(job.parent_file, feeds))  # fmt: skip
+        sens, source = [r.to_dict() for r in ranking], "auto" if ranking else "all"
+    floats = ptq.float_nodes(result.excluded, extra_nodes)
+    entry = BackendRecipe(op_types=list(ptq.op_types), float_units=result.excluded, float_nodes=floats,
+                          pinned=ptq.pinned_units(), method=method, scheme=SCHEME,
+                          target_psnr=None if given else job.target, psnr=result.psnr,
+                          int8_fraction=ptq.int8_fraction(floats), source=source, sensitivity=sens,
+                          search=result.trace)  # fmt: skip
+    meta = {"calibration": {k: job.calib.info[k] for k in ("content_hash", "num_patches", "seed")},
+            "float_units": entry.float_units, "method": method}  # fmt: skip
+
+    def build(folder: Path) -> BackendResult:
+        return quantize_onnx(ptq, entry, job.parent_file, folder, name=job.name, metadata=meta)
+
+    return [job.write("onnx", "int8", entry, build, None)]
