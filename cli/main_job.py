@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tadsr import fileio
 from tadsr.errors import InputError
 
 __all__ = ["MainJobConfig", "run_main_job", "add_all_parser"]
@@ -129,9 +130,7 @@ def _summary(out: Path, cfg: MainJobConfig, fp32: list, int8: list, parity: list
     md = bench.files.get("markdown")
     if md is not None and Path(md).exists():
         lines += ["## Benchmark", "", Path(md).read_text()]
-    tmp = out / ".SUMMARY.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out / "SUMMARY.md")
+    fileio.write_text(out / "SUMMARY.md", "\n".join(lines))
     print("\n".join(lines))
 
 
