@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 
 from tadsr import fileio
+from tadsr.runtime.artifacts import COMPONENTS
 
 __all__ = ["write_report", "render_markdown", "render_ratios", "atomic_write"]
 
-STAGES = ("encoder", "denoiser", "decoder")
+STAGES = COMPONENTS  # the per-stage latency columns
 _MB = 1e6
 
 
