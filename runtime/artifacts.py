@@ -9,6 +9,7 @@ sets of given artifact folders. numpy-free and torch-free.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -63,7 +64,7 @@ class ArtifactSet:
 
 
 def _key(manifest: Mapping[str, Any]) -> SetKey:
-    return (str(manifest["format"]), str(manifest["precision"]), int(manifest["graph"]["tile"]))
+    return (str(manifest.get("format")), str(manifest.get("precision")), int(manifest["graph"].get("tile", 0)))
 
 
 def _make(key: SetKey, layout: str, members: Mapping[str, tuple[Path, dict[str, Any]]]) -> ArtifactSet:
@@ -122,26 +123,40 @@ def _lone_graph(path: Path, graph: str) -> InputError:
                       "folder that holds the encoder, denoiser and decoder artifacts")  # fmt: skip
 
 
-def find_artifact_sets(paths: Sequence[Path]) -> list[ArtifactSet]:
+def _read_loose(folder: Path) -> dict[str, Any]:
+    """The manifest as JSON, unchecked (the runner that loads the artifact checks it)."""
+    path = folder / MANIFEST_NAME
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path} is not a readable manifest: {e}") from e
+    if not isinstance(m, dict) or not isinstance(m.get("graph"), dict):
+        raise InputError(f"{path} is not an artifact manifest (no graph record); re-export the artifact")
+    return m
+
+
+def find_artifact_sets(paths: Sequence[Path], *, strict: bool = True) -> list[ArtifactSet]:
     """Every runnable artifact set under ``paths`` (each an artifact folder, or a folder of artifact folders).
 
     A folder of artifacts yields, per format / precision / tile, its fused pipeline (if present) and its component
-    set (if all three are present). Duplicate names get the folder name appended.
+    set (if all three are present). Duplicate names get the folder name appended. ``strict``: every manifest
+    is checked (:func:`tadsr.runtime.runner.read_manifest`); else only read, and checked when its runner loads.
 
     Raises:
         InputError: a path is missing, holds a lone component, or holds nothing runnable.
     """
+    read = read_manifest if strict else _read_loose
     sets: list[ArtifactSet] = []
     for path in map(Path, paths):
         if (path / MANIFEST_NAME).is_file():
-            m = read_manifest(path)
+            m = read(path)
             if m["graph"]["name"] != "pipeline":
                 raise _lone_graph(path, m["graph"]["name"])
             sets.append(_make(_key(m), "fused", {"pipeline": (path, m)}))
             continue
         if not path.is_dir():
             raise InputError(f"artifact folder {path} does not exist")
-        found = group_sets(((d, read_manifest(d)) for d in _children(path)), where=path)
+        found = group_sets(((d, read(d)) for d in _children(path)), where=path)
         if not found:
             raise InputError(f"no runnable artifact set in {path}: need a 'pipeline' artifact or all of "
                              "encoder/denoiser/decoder (folders written by tadsr export / tadsr quantize)")  # fmt: skip

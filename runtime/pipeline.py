@@ -39,7 +39,7 @@ def find_artifacts(
         ``{"pipeline": dir}`` or ``{"encoder": dir, "denoiser": dir, "decoder": dir}``.
     """
     path = Path(path)
-    return dict(select_set(find_artifact_sets([path]), fmt=fmt, precision=precision, tile=tile, where=path).dirs)
+    return dict(select_set(find_artifact_sets([path], strict=False), fmt=fmt, precision=precision, tile=tile, where=path).dirs)
 
 
 class MobileSRPipeline:
