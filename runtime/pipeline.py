@@ -39,7 +39,8 @@ def find_artifacts(
         ``{"pipeline": dir}`` or ``{"encoder": dir, "denoiser": dir, "decoder": dir}``.
     """
     path = Path(path)
-    return dict(select_set(find_artifact_sets([path], strict=False), fmt=fmt, precision=precision, tile=tile, where=path).dirs)
+    sets = find_artifact_sets([path], strict=False)
+    return dict(select_set(sets, fmt=fmt, precision=precision, tile=tile, where=path).dirs)
 
 
 class MobileSRPipeline:

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from tadsr.bench.conditions import library_versions, machine_info
 from tadsr.bench.config import MEMORY_MODES, REPORT_SCHEMA, BenchConfig, BenchImage, BenchResult, SystemResult
-from tadsr.bench.data import _fidelity, _round8, load_images
+from tadsr.bench.data import load_images, output_fidelity, round8
 from tadsr.bench.systems import (
     STAGES,
     ArtifactSet,
@@ -71,7 +71,7 @@ from tadsr.bench.systems import (
     runner_options,
     timing_stats,
 )
-from tadsr.bench.verdicts import _do_nothing, _judge, compute_ratios
+from tadsr.bench.verdicts import compute_ratios, do_nothing_baseline, judge_sanity
 from tadsr.errors import ConfigError, InputError, TadsrError
 from tadsr.runtime.imageio import from_model
 from tadsr.runtime.tiling import pad_for_tiles, tile_noise
@@ -257,9 +257,9 @@ def _measure(
             sr = system.upscale(im.lr, tile=tile, overlap=cfg.overlap, seed=cfg.seed)
             if res.name == "torch-student":
                 refs[im.name] = sr
-            per_image.append({"image": im.name, **_fidelity(sr, im.hr, refs.get(im.name), system.scale, im.lr)})
+            per_image.append({"image": im.name, **output_fidelity(sr, im.hr, refs.get(im.name), system.scale, im.lr)})
             y, x, h, w = _crop_box(im.hr, cfg.grid_crop)
-            crops.setdefault(res.name, []).append(_round8(from_model(sr))[y : y + h, x : x + w])
+            crops.setdefault(res.name, []).append(round8(from_model(sr))[y : y + h, x : x + w])
         if per_image:
             keys = [k for k in per_image[0] if k != "image"]
             mean = {k: round(float(np.mean([p[k] for p in per_image])), 4) for k in keys}
@@ -404,8 +404,8 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
         torch.set_num_threads(old_threads)
     crops["HR"] = [im.hr[y : y + h, x : x + w] for im in images for y, x, h, w in [_crop_box(im.hr, cfg.grid_crop)]]
     results = [r for _, r in plan]
-    baselines = {"do_nothing": _do_nothing(models, images, tile, cfg)} if images else {}
-    _judge(results, baselines.get("do_nothing"))
+    baselines = {"do_nothing": do_nothing_baseline(models, images, tile, cfg)} if images else {}
+    judge_sanity(results, baselines.get("do_nothing"))
     machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     report = {
         "schema": REPORT_SCHEMA,

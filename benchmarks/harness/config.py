@@ -78,9 +78,9 @@ class BenchConfig:
     def model_source(self) -> dict[str, Any]:
         return {
             "preset": self.preset,
-            "student": _str(self.student),
-            "teacher": _str(self.teacher),
-            "autoencoder": _str(self.autoencoder),
+            "student": path_str(self.student),
+            "teacher": path_str(self.teacher),
+            "autoencoder": path_str(self.autoencoder),
             "init": self.init,
         }
 
@@ -134,5 +134,5 @@ class BenchResult:
         return not any(s.status == "unavailable" for s in self.systems)
 
 
-def _str(p: Path | None) -> str | None:
+def path_str(p: Path | None) -> str | None:
     return None if p is None else str(p)

@@ -16,7 +16,7 @@ from tadsr.metrics import color_error, crop_border, error_stats, lr_consistency,
 from tadsr.runtime.imageio import from_model, read_image, to_model
 
 
-def _round8(rgb: np.ndarray) -> np.ndarray:
+def round8(rgb: np.ndarray) -> np.ndarray:
     return (np.round(np.clip(rgb, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
 
 
@@ -72,7 +72,7 @@ def load_images(
         else:
             hr = hr[:h, :w]
             hr = _center_crop(hr, hr_crop, scale) if hr_crop else hr
-            lr = _round8(imresize(hr.astype(np.float64), 1.0 / scale))
+            lr = round8(imresize(hr.astype(np.float64), 1.0 / scale))
         if min(hr.shape[:2]) < 2 * scale + 11:
             raise InputError(
                 f"{hr_path} is {hr.shape[1]}x{hr.shape[0]} HR px after cropping: too small for SSIM "
@@ -94,12 +94,12 @@ def _finite(x: float) -> float:
     return 999.0 if math.isinf(x) else round(float(x), 4)
 
 
-def _fidelity(
+def output_fidelity(
     sr: np.ndarray, hr: np.ndarray, ref: np.ndarray | None, border: int, lr: np.ndarray | None = None
 ) -> dict[str, float]:
     """Metrics of one SR output (1,3,H,W) in [-1,1] against the HR (H,W,3) in [0,1], the reference output and
     the LR input (1,3,h,w) in [-1,1] (LR consistency)."""
-    out = _round8(from_model(sr))
+    out = round8(from_model(sr))
     a, b = crop_border(out, border), crop_border(hr, border)
     ya, yb = rgb_to_y(a), rgb_to_y(b)
     m = {"psnr_y": psnr(ya, yb, 1.0), "ssim_y": ssim(ya, yb, 1.0), "psnr_rgb": psnr(a, b, 1.0), "ssim_rgb": ssim(a, b)}

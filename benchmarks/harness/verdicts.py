@@ -11,21 +11,21 @@ from typing import Any
 import numpy as np
 
 from tadsr.bench.config import BenchConfig, BenchImage, SystemResult
-from tadsr.bench.data import _fidelity
+from tadsr.bench.data import output_fidelity
 from tadsr.bench.systems import DoNothingSystem
 from tadsr.metrics import sanity_failures
 
 logger = logging.getLogger(__name__)
 
 
-def _do_nothing(models: Any, images: Sequence[BenchImage], tile: int, cfg: BenchConfig) -> dict[str, Any]:
+def do_nothing_baseline(models: Any, images: Sequence[BenchImage], tile: int, cfg: BenchConfig) -> dict[str, Any]:
     """Fidelity of ``decode(encode(bicubic(LR)))`` through the reference autoencoder, same tiler and tiles."""
     system = DoNothingSystem(models)
     system.load()
     per_image = []
     for im in images:
         sr = system.upscale(im.lr, tile=tile, overlap=cfg.overlap, seed=cfg.seed)
-        per_image.append({"image": im.name, **_fidelity(sr, im.hr, None, system.scale, im.lr)})
+        per_image.append({"image": im.name, **output_fidelity(sr, im.hr, None, system.scale, im.lr)})
     system.close()
     keys = [k for k in per_image[0] if k != "image"]
     mean = {k: round(float(np.mean([p[k] for p in per_image])), 4) for k in keys}
@@ -35,7 +35,7 @@ def _do_nothing(models: Any, images: Sequence[BenchImage], tile: int, cfg: Bench
             "mean": mean, "images": per_image}  # fmt: skip
 
 
-def _judge(results: Sequence[SystemResult], do_nothing: Mapping[str, Any] | None) -> None:
+def judge_sanity(results: Sequence[SystemResult], do_nothing: Mapping[str, Any] | None) -> None:
     """``fidelity["sanity"] = {"fail": bool, "reasons": [...]}`` for every system with fidelity numbers."""
     dn = do_nothing["mean"]["psnr_y"] if do_nothing else None
     for r in results:
