@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tadsr import fileio
 from tadsr.checkpoint import load_state_dict, save_safetensors
 from tadsr.config import get_preset
 from tadsr.models.unet_swin import UNetModelSwin
@@ -72,9 +73,8 @@ def prepare(src: Path, dst: Path, max_side: int = 640, min_side: int = 256, qual
             if s < 1.0:
                 im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
             path = dst / split / f"{name}.jpg"
-            tmp = path.with_suffix(".jpg.tmp")
-            im.save(tmp, format="JPEG", quality=quality, subsampling=0)
-            tmp.replace(path)
+            with fileio.atomic_path(path) as tmp:
+                im.save(tmp, format="JPEG", quality=quality, subsampling=0)
             total += path.stat().st_size
             manifest.append({"name": name, "split": split, "size": [h, w], "stored": [im.height, im.width]})
     (dst / "MANIFEST.json").write_text(json.dumps({"source": str(src), "max_side": max_side, "quality": quality,

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tadsr import fileio
 from tadsr.errors import InputError
 from tadsr.formats.registry import FORMAT_NAMES
 
@@ -69,7 +70,7 @@ def run_main_job(cfg: MainJobConfig) -> int:
     """Run all stages; returns the exit code (0 all passed, 1 a parity failure)."""
     from tadsr.bench.bench import BenchConfig, run_bench
     from tadsr.export.api import check_request, export_model
-    from tadsr.parity.check import ParityOptions, check_parity, write_report
+    from tadsr.parity.check import ParityOptions, TraceCache, check_parity, write_report
     from tadsr.quantize.api import CaptureCache, quantize_artifact
 
     from tadsr.config import get_preset
@@ -98,7 +99,8 @@ def run_main_job(cfg: MainJobConfig) -> int:
         int8 += _stage(cfg, f"quantize {res.path.name}", lambda: quantize_artifact(
             res.path, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8", threads=cfg.threads,
             progress=cfg.progress, captures=captures))  # fmt: skip
-    parity = _stage(cfg, "parity", lambda: _parity(out, cfg, check_parity, write_report, ParityOptions))
+    parity = _stage(cfg, "parity", lambda: _parity(out, cfg, check_parity, write_report, ParityOptions,
+                                                     TraceCache()))
     data = cfg.data or default_bench_dir()
     bench = _stage(cfg, "bench", lambda: run_bench(BenchConfig(
         out_dir=out / "bench", data=data, artifacts=(out / "artifacts", out / "int8"), preset=cfg.preset,
@@ -108,10 +110,12 @@ def run_main_job(cfg: MainJobConfig) -> int:
     return 0 if all(p.passed for p in parity) else 1
 
 
-def _parity(out: Path, cfg: MainJobConfig, check_parity: Any, write_report: Any, options_cls: Any) -> list[Any]:
+def _parity(out: Path, cfg: MainJobConfig, check_parity: Any, write_report: Any, options_cls: Any,
+            traces: Any) -> list[Any]:  # fmt: skip
+    """Parity of the fp32 and the INT8 folders; one trace cache for both (a trace is the same torch graph)."""
     results = []
     for sub in ("artifacts", "int8"):
-        res = check_parity(out / sub, options=options_cls(threads=cfg.threads))
+        res = check_parity(out / sub, options=options_cls(threads=cfg.threads), traces=traces)
         write_report(res, out / "parity" / sub)
         results.append(res)
     return results
@@ -131,9 +135,7 @@ def _summary(out: Path, cfg: MainJobConfig, fp32: list, int8: list, parity: list
     md = bench.files.get("markdown")
     if md is not None and Path(md).exists():
         lines += ["## Benchmark", "", Path(md).read_text()]
-    tmp = out / ".SUMMARY.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out / "SUMMARY.md")
+    fileio.write_text(out / "SUMMARY.md", "\n".join(lines))
     print("\n".join(lines))
 
 

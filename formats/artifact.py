@@ -10,21 +10,17 @@ same name is replaced only by a successful commit.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
-import functools
 import json
 import logging
-import os
-import platform
 import secrets
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tadsr import fileio, versions
 from tadsr.errors import ExportError
 from tadsr.runtime.tiling import NOISE_SPEC
 from tadsr.runtime.runner import MANIFEST_NAME, SCHEMA_VERSION, sha256_path
@@ -44,16 +40,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
-_DISTRIBUTIONS = {
-    "torch": "torch",
-    "onnx": "onnx",
-    "onnxruntime": "onnxruntime",
-    "onnxsim": "onnxsim",
-    "onnxscript": "onnxscript",
-    "coremltools": "coremltools",
-    "executorch": "executorch",
-    "tadsr": "tadsr-mobile",
-}
+
 
 
 @dataclass
@@ -80,21 +67,12 @@ class BackendResult:
         return asdict(self)
 
 
-@functools.cache
-def _versions() -> tuple[tuple[str, str | None], ...]:
-    out: list[tuple[str, str | None]] = []
-    for key, dist in _DISTRIBUTIONS.items():
-        try:
-            out.append((key, metadata.version(dist)))
-        except metadata.PackageNotFoundError:
-            out.append((key, None))
-    out.append(("python", platform.python_version()))
-    return tuple(out)
-
-
 def tool_versions() -> dict[str, str | None]:
-    """Installed versions of the export toolchain (``None`` when a package is not installed); no imports."""
-    return dict(_versions())
+    """Installed versions of the export toolchain (``None`` when a package is not installed); no imports.
+
+    The tools are :data:`tadsr.versions.EXPORT_TOOLS` (the one list, shared with the benchmark report).
+    """
+    return versions.tool_versions(versions.EXPORT_TOOLS)
 
 
 def artifact_name(graph: str, fmt: str, precision: str, tile: int) -> str:
@@ -163,10 +141,7 @@ def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:
     """Write ``folder/manifest.json`` (replaced atomically, UTF-8, sorted keys, strict JSON: no NaN/inf)."""
     path = Path(folder) / MANIFEST_NAME
     text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
-    tmp = path.with_name(f".{MANIFEST_NAME}.{secrets.token_hex(4)}")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return fileio.write_text(path, text + "\n")
 
 
 def _json_default(o: Any) -> Any:
@@ -203,7 +178,7 @@ class Staging:
                 break
             except OSError as e:
                 # ENOTEMPTY / EEXIST: someone else's folder appeared at `final`; ENOENT: theirs vanished mid-swap
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT) or attempt == 4:
+                if e.errno not in fileio.RACE_ERRNOS or attempt == 4:
                     raise ExportError(
                         f"cannot move the new artifact into {final}: {e.strerror or e} (is another export writing "
                         "the same artifact into this --out?); rerun it"
@@ -214,23 +189,7 @@ class Staging:
         return final
 
     def _swap_in(self, final: Path) -> None:
-        if final.exists() or final.is_symlink():
-            old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
-            os.rename(final, old)
-            try:
-                os.rename(self.path, final)
-            except OSError:
-                try:
-                    os.rename(old, final)  # put the previous artifact back
-                except OSError:  # another writer's artifact is there now: drop the previous one
-                    shutil.rmtree(old, ignore_errors=True)
-                raise
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.rename(self.path, final)
+        fileio.replace_folder(self.path, final)
 
 
 @contextmanager

@@ -38,6 +38,7 @@ from tadsr.models.ops import BicubicUpsample
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
 from tadsr.pipeline import Models
+from tadsr.runtime.artifacts import COMPONENTS
 from tadsr.schedule import make_schedule
 
 __all__ = [
@@ -55,8 +56,7 @@ __all__ = [
     "check_tile",
 ]
 
-GRAPH_NAMES = ("encoder", "denoiser", "decoder", "pipeline")
-COMPONENTS = ("encoder", "denoiser", "decoder")
+GRAPH_NAMES = (*COMPONENTS, "pipeline")
 DEFAULT_VQ_CHUNK = 4096
 
 

@@ -14,6 +14,7 @@ _LAZY = {
     "ReferenceSpec": "tadsr.parity.check",
     "write_report": "tadsr.parity.check",
     "render_markdown": "tadsr.parity.check",
+    "TraceCache": "tadsr.parity.check",
 }
 
 __all__ = sorted(_LAZY)

@@ -36,7 +36,7 @@ import torch
 
 from tadsr.errors import ConfigError, InputError, ParityError
 from tadsr.parity.vq import CaseFlips, FlipBudget, VQCompare, VQJudge, VQView, torch_decoder
-from tadsr.metrics import error_stats
+from tadsr.metrics import db_json, error_stats
 from tadsr.pipeline import DEFAULT_SEED, Models, OneStepPipeline, make_noise
 
 __all__ = [
@@ -70,7 +70,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HOP_REFERENCE = "reference torch -> export-ready torch"
-_PSNR_JSON_INF = 999.0
 
 
 def runtime_hop(fmt: str) -> str:
@@ -357,6 +356,11 @@ class HopResult:
         worst_case: name of the case with the lowest PSNR.
         flips: VQ images: the flip analysis per case (None for other outputs).
         flips_source: how the tested and reference codes were obtained.
+        ssim: worst SSIM over the cases, over the same peak as PSNR (parity checks; None at export time).
+        qsteps: max abs error in quantization steps of the output's scale (INT8 runtime hops), else None.
+
+    One record for every comparison: export and quantize time (manifest ``parity``) and ``tadsr parity``
+    (``parity.json``, where it is also called ``OutputCheck``).
     """
 
     hop: str
@@ -372,16 +376,19 @@ class HopResult:
     worst_case: str = ""
     flips: list[CaseFlips] | None = None
     flips_source: str = ""
+    ssim: float | None = None
+    qsteps: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["psnr"] = _PSNR_JSON_INF if math.isinf(self.psnr) else round(self.psnr, 3)
-        d["floor"] = {"max_abs": self.floor.max_abs, "psnr": self.floor.psnr, "source": self.floor.source}
+        floor: dict[str, Any] = {"max_abs": self.floor.max_abs, "psnr": self.floor.psnr, "source": self.floor.source,
+                                 "why": self.floor.why}  # fmt: skip
         if self.floor.flips is not None:
-            d["floor"]["flips"] = asdict(self.floor.flips)
-        d.pop("flips_source")
-        d["flips"] = flips_record(self.flips, self.flips_source)
-        return d
+            floor["flips"] = asdict(self.floor.flips)
+        return {"hop": self.hop, "inputs": self.inputs, "output": self.output, "n": self.n,
+                "max_abs": db_json(self.max_abs), "mean_abs": db_json(self.mean_abs), "psnr": db_json(self.psnr, 5),
+                "ssim": db_json(self.ssim, 6), "data_range": db_json(self.data_range),
+                "qsteps": db_json(self.qsteps, 4), "floor": floor, "passed": self.passed,
+                "worst_case": self.worst_case, "flips": flips_record(self.flips, self.flips_source)}  # fmt: skip
 
     def flip_summary(self) -> str:
         """``"N near-tie flips of M positions, max gap g"`` over the cases, or ``""``."""
@@ -393,14 +400,15 @@ class HopResult:
             fl.append(f"max abs <= {self.floor.max_abs:g}")
         if self.floor.psnr is not None:
             fl.append(f"PSNR >= {self.floor.psnr:g} dB")
-        psnr = "inf" if math.isinf(self.psnr) else f"{self.psnr:.1f}"
+        psnr = "inf" if math.isinf(self.psnr) and self.psnr > 0 else f"{self.psnr:.1f}"
+        q = f", {self.qsteps:.2f} quant steps" if self.qsteps is not None else ""
         vq = ""
         if self.flips:
             bad = [f for f in self.flips if not f.passed]
             vq = f"; VQ: {self.flip_summary()}; " + ("; ".join(f.line() for f in bad) if bad else
                                                      "every flip a near-tie, judged like with like")  # fmt: skip
         return (f"'{self.hop}' on {self.inputs} inputs, output '{self.output}': max abs {self.max_abs:.3g}, "
-                f"mean abs {self.mean_abs:.3g}, PSNR {psnr} dB (floor: {', '.join(fl) or 'none'}; "
+                f"mean abs {self.mean_abs:.3g}, PSNR {psnr} dB{q} (floor: {', '.join(fl) or 'none'}; "
                 f"worst case {self.worst_case}){vq}")  # fmt: skip
 
 

@@ -21,8 +21,6 @@ target atomically.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import struct
 import sys
 import zlib
@@ -35,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from tadsr.errors import InputError, NonFiniteOutputError
+from tadsr.fileio import write_with
 
 __all__ = [
     "write_atomically",
@@ -327,28 +326,9 @@ def write_png(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through ``write`` into a temporary file in ``path``'s folder, then ``os.replace`` it onto ``path``."""
-    folder = path.parent
-    if not folder.is_dir():
-        raise InputError(f"cannot write {path}: output folder {folder} does not exist; create it first")
-    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:  # os.open with 0o666 honours the umask (a NamedTemporaryFile would leave the result at 0600)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise InputError(f"cannot write to output folder {folder}: {e.strerror}; choose a writable folder") from e
-    done = False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        done = True
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}; free some space or choose another output") from e
-    finally:
-        if not done:
-            tmp.unlink(missing_ok=True)
+    """Write through ``write`` into a temporary file in ``path``'s folder, then ``os.replace`` it onto ``path``
+    (:func:`tadsr.fileio.write_with`)."""
+    write_with(Path(path), write)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -10,31 +10,20 @@ numpy only (plus the backend runtimes).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tadsr.errors import ConfigError, InputError
+from tadsr.errors import ConfigError
+from tadsr.runtime.artifacts import find_artifact_sets, select_set
 from tadsr.runtime.runner import MANIFEST_NAME, load_runner
 from tadsr.runtime.tiling import check_noise_spec, upscale_tiled
 
 __all__ = ["MobileSRPipeline", "find_artifacts"]
 
 log = logging.getLogger(__name__)
-COMPONENTS = ("encoder", "denoiser", "decoder")
-
-
-def _manifest(d: Path) -> dict[str, Any] | None:
-    p = d / MANIFEST_NAME
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{p} is not a readable manifest: {e}") from e
 
 
 def find_artifacts(
@@ -44,44 +33,14 @@ def find_artifacts(
 
     ``path`` is an artifact folder (a fused ``pipeline`` graph), or a folder of artifacts (an export or
     quantize output). In the latter case a matching ``pipeline`` artifact is preferred, else the three
-    component artifacts of the same format / precision / tile.
+    component artifacts of the same format / precision / tile (:func:`tadsr.runtime.artifacts.select_set`).
 
     Returns:
         ``{"pipeline": dir}`` or ``{"encoder": dir, "denoiser": dir, "decoder": dir}``.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"artifact folder {path} does not exist")
-    own = _manifest(path)
-    if own is not None:
-        graph = own.get("graph", {}).get("name")
-        if graph != "pipeline":
-            raise InputError(
-                f"{path} holds only the {graph!r} graph; pass the fused 'pipeline' artifact, or the parent folder "
-                f"that holds the encoder, denoiser and decoder artifacts"
-            )
-        return {"pipeline": path}
-    found: dict[tuple[str, str, int], dict[str, Path]] = {}
-    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
-        m = _manifest(sub)
-        if m is None:
-            continue
-        key = (str(m.get("format")), str(m.get("precision")), int(m.get("graph", {}).get("tile", 0)))
-        if (fmt and key[0] != fmt) or (precision and key[1] != precision) or (tile and key[2] != tile):
-            continue
-        found.setdefault(key, {})[m["graph"]["name"]] = sub
-    full = {k: v for k, v in found.items() if "pipeline" in v or all(c in v for c in COMPONENTS)}
-    if not full:
-        what = ", ".join(f"{g}-{k[0]}-{k[1]}-t{k[2]}" for k, v in found.items() for g in v) or "none"
-        raise InputError(
-            f"no runnable artifact set in {path} (format={fmt or 'any'}, precision={precision or 'any'}): "
-            f"need a 'pipeline' artifact or all of encoder/denoiser/decoder; found: {what}"
-        )
-    if len(full) > 1:
-        choices = ", ".join(f"{k[0]}/{k[1]}/t{k[2]}" for k in full)
-        raise InputError(f"several artifact sets in {path} ({choices}); choose with --format/--precision/--tile")
-    (key, graphs), = full.items()
-    return {"pipeline": graphs["pipeline"]} if "pipeline" in graphs else {c: graphs[c] for c in COMPONENTS}
+    sets = find_artifact_sets([path], strict=False)
+    return dict(select_set(sets, fmt=fmt, precision=precision, tile=tile, where=path).dirs)
 
 
 class MobileSRPipeline:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tadsr.errors import CheckpointError
+from tadsr.fileio import atomic_path
 
 __all__ = [
     "load_state_dict",
@@ -219,6 +220,5 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, metada
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a unique temp name: concurrent writers of one path do not collide
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)

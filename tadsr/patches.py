@@ -6,7 +6,7 @@ LR square: either the aligned crop of a given LR image (DIV2K's ``*_LR_bicubic/X
 always give the same patches and the same :attr:`PatchSet.content_hash`.
 
 The repository ships a small calibration set (:func:`default_calibration_dir`): 48 HR patches of 256x256
-cut from the *train* split of the photo set of :mod:`tadsr.train.photos`; :func:`build_shipped_calibration`
+cut from the *train* split of the photo set of :mod:`tadsr.train.photos`; :func:`tadsr.train.calibration_set.build_shipped_calibration`
 regenerates it (``python -m tadsr.train.calibration_set PHOTOS_DIR``).
 """
 
@@ -34,10 +34,8 @@ __all__ = [
     "ImagePair",
     "PatchOrigin",
     "PatchSet",
-    "build_shipped_calibration",
     "default_calibration_dir",
     "find_images",
-    "main",
     "sample_patches",
 ]  # fmt: skip
 

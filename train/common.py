@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tadsr import fileio
 from tadsr.checkpoint import load_state_dict, save_safetensors
 from tadsr.errors import ConfigError
 
@@ -290,12 +291,9 @@ class StageCheckpoint:
             state = {**state, "ema_updates": ema.updates}
         if extra is not None:
             save_safetensors(unwrap(extra).state_dict(), self.folder / "extra.safetensors", meta)
-        tmp = self.folder / ".optim.pt.tmp"
-        torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp)
-        tmp.replace(self.folder / "optim.pt")
-        tmp_json = self.folder / ".state.json.tmp"
-        tmp_json.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        tmp_json.replace(self.state_path)
+        with fileio.atomic_path(self.folder / "optim.pt") as tmp:
+            torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp)
+        fileio.write_text(self.state_path, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
     def load(
         self,

@@ -57,6 +57,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from tadsr import fileio
 from tadsr.errors import InputError
 
 __all__ = [
@@ -729,9 +730,7 @@ def _write_sources(photo_set: PhotoSet, max_side: int, min_side: int, skipped: d
         "counts": counts(photo_set.records),
         "photos": [asdict(r) for r in photo_set.records],
     }
-    tmp = photo_set.root / "SOURCES.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(photo_set.root / "SOURCES.json")
+    fileio.write_text(photo_set.root / "SOURCES.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_photo_set(root: Path) -> PhotoSet:

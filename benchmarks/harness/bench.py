@@ -42,28 +42,25 @@ import contextlib
 import dataclasses
 import gc
 import logging
-import math
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from tadsr.bench.conditions import library_versions, machine_info
+from tadsr.bench.config import MEMORY_MODES, REPORT_SCHEMA, BenchConfig, BenchImage, BenchResult, SystemResult
+from tadsr.bench.data import load_images, output_fidelity, round8
 from tadsr.bench.systems import (
     STAGES,
     ArtifactSet,
     ArtifactSystem,
     Bicubic,
-    DoNothingSystem,
     InProcessMemory,
     System,
     TorchSystem,
@@ -74,20 +71,11 @@ from tadsr.bench.systems import (
     runner_options,
     timing_stats,
 )
+from tadsr.bench.verdicts import compute_ratios, do_nothing_baseline, judge_sanity
 from tadsr.errors import ConfigError, InputError, TadsrError
-from tadsr.imresize import imresize
-from tadsr.metrics import (
-    color_error,
-    crop_border,
-    error_stats,
-    lr_consistency,
-    psnr,
-    rgb_to_y,
-    sanity_failures,
-    ssim,
-)
-from tadsr.runtime.imageio import from_model, read_image, to_model
+from tadsr.runtime.imageio import from_model
 from tadsr.runtime.tiling import pad_for_tiles, tile_noise
+
 
 __all__ = [
     "BenchConfig",
@@ -107,288 +95,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-MEMORY_MODES = ("subprocess", "inprocess", "off")
-REPORT_SCHEMA = "tadsr-bench/1"
-_VERSIONS = {
-    "tadsr-mobile": "tadsr-mobile",
-    "torch": "torch",
-    "numpy": "numpy",
-    "onnxruntime": "onnxruntime",
-    "onnx": "onnx",
-    "executorch": "executorch",
-    "coremltools": "coremltools",
-    "pillow": "pillow",
-    "matplotlib": "matplotlib",
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class BenchConfig:
-    """What to benchmark and under which conditions.
-
-    Attributes:
-        out_dir: report folder (created; files replaced atomically).
-        data: folder (or file) of HR images; None for latency only (a seeded random LR tile).
-        lr_dir: LR partners of the HR images (``{stem}x{scale}.*`` or ``{stem}.*``); default: MATLAB bicubic.
-        artifacts: artifact folders, or folders of artifacts (every runnable set inside is benchmarked).
-        preset, student, teacher, autoencoder, init: the PyTorch reference (as :func:`tadsr.pipeline.load_models`);
-            ``preset=None`` takes the artifacts' preset.
-        teacher_steps: teacher sampling steps (0: no teacher).
-        threads: torch threads, ONNX Runtime intra-op threads and the ExecuTorch thread pool (None: defaults).
-        repeats: timed passes per system (>= 5 for numbers worth reporting); warmup: untimed passes before them.
-        seed: noise seed of the tiler (every system gets the same noise per tile).
-        tile: LR tile side (None: the artifacts' tile, else 64); overlap: LR overlap between tiles.
-        memory: ``"subprocess"``, ``"inprocess"`` or ``"off"`` (see the module docstring).
-        coreml_sim: also run Core ML artifacts through the numpy simulator (labelled; not a latency).
-        max_images: use at most this many images; hr_crop: centre-crop HR images to at most this side.
-        grid_crop: side (HR pixels) of the crops in the image grid.
-    """
-
-    out_dir: Path
-    data: Path | None = None
-    lr_dir: Path | None = None
-    artifacts: tuple[Path, ...] = ()
-    preset: str | None = None
-    student: Path | None = None
-    teacher: Path | None = None
-    autoencoder: Path | None = None
-    init: str | None = None
-    teacher_steps: int = 15
-    threads: int | None = None
-    repeats: int = 5
-    warmup: int = 1
-    seed: int = 0
-    tile: int | None = None
-    overlap: int = 16
-    memory: str = "subprocess"
-    coreml_sim: bool = False
-    max_images: int | None = None
-    hr_crop: int | None = None
-    grid_crop: int = 128
-
-    def __post_init__(self) -> None:
-        if self.repeats < 1 or self.warmup < 0:
-            raise ConfigError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
-        if self.teacher_steps < 0 or self.seed < 0 or self.overlap < 0:
-            raise ConfigError("teacher steps, seed and overlap must be >= 0")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        if self.memory not in MEMORY_MODES:
-            raise ConfigError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
-        if self.max_images is not None and self.max_images < 1:
-            raise ConfigError("max_images must be >= 1")
-        if self.hr_crop is not None and self.hr_crop < 16:
-            raise ConfigError("hr_crop must be >= 16 HR pixels")
-
-    def model_source(self) -> dict[str, Any]:
-        return {
-            "preset": self.preset,
-            "student": _str(self.student),
-            "teacher": _str(self.teacher),
-            "autoencoder": _str(self.autoencoder),
-            "init": self.init,
-        }
-
-
-@dataclass(frozen=True)
-class BenchImage:
-    """One evaluation image: ``lr`` (1, 3, h, w) float32 in [-1, 1]; ``hr`` (s*h, s*w, 3) float32 in [0, 1]."""
-
-    name: str
-    lr: np.ndarray
-    hr: np.ndarray
-
-
-@dataclass
-class SystemResult:
-    """Everything measured for one system (JSON-ready through :meth:`to_dict`)."""
-
-    name: str
-    kind: str  # bicubic | torch | artifact
-    format: str
-    precision: str
-    layout: str  # floor | reference | fused | components
-    status: str = "ok"  # ok | needs macOS | unavailable | skipped
-    note: str = ""
-    simulator: bool = False
-    paths: list[str] = field(default_factory=list)
-    size_bytes: int | None = None
-    size_kind: str = ""
-    threads: dict[str, Any] = field(default_factory=dict)
-    load_s: float | None = None
-    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
-    memory: dict[str, Any] = field(default_factory=dict)
-    fidelity: dict[str, Any] = field(default_factory=dict)
-    artifact: dict[str, Any] = field(default_factory=dict)  # from the manifests: parity at export, INT8 share
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class BenchResult:
-    """The benchmark: ``report`` (the JSON document), the per-system results and the files written."""
-
-    report: dict[str, Any]
-    systems: list[SystemResult]
-    files: dict[str, Path]
-
-    @property
-    def ok(self) -> bool:
-        """No requested system failed (``needs macOS`` is not a failure)."""
-        return not any(s.status == "unavailable" for s in self.systems)
-
-
-# ------------------------------------------------------------------------------------------------------- data
-
-
-def _str(p: Path | None) -> str | None:
-    return None if p is None else str(p)
-
-
-def _round8(rgb: np.ndarray) -> np.ndarray:
-    return (np.round(np.clip(rgb, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
-
-
-def _center_crop(img: np.ndarray, side: int, multiple: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    ch, cw = min(h, side) // multiple * multiple, min(w, side) // multiple * multiple
-    y, x = (h - ch) // 2 // multiple * multiple, (w - cw) // 2 // multiple * multiple
-    return img[y : y + ch, x : x + cw]
-
-
-def load_images(
-    data: Path, *, lr_dir: Path | None = None, scale: int = 4, max_images: int | None = None, hr_crop: int | None = None
-) -> tuple[list[BenchImage], dict[str, Any]]:
-    """Read HR images (and LR partners, or make LR with MATLAB bicubic) for the benchmark.
-
-    HR images are cropped to multiples of ``scale`` (top-left kept, as BasicSR's ``mod_crop``), optionally centre-
-    cropped to ``hr_crop``. Without ``lr_dir``, LR = ``imresize(HR, 1/scale)`` rounded to 8 bits (as MATLAB does
-    on uint8 images and as DIV2K's LR files are). A DIV2K layout (``DIV2K_valid_HR`` + ``..._LR_bicubic/X4``)
-    is paired automatically.
-
-    Returns:
-        The images and a JSON-ready description (source, LR source, names and sizes).
-
-    Raises:
-        InputError: no images, unreadable files, or an LR partner whose size is not HR / scale.
-    """
-    from tadsr.patches import find_images
-
-    data = Path(data)
-    if data.is_file():
-        pairs = [(data, None)]
-    else:
-        folder = find_images(data, scale=scale, lr_dir=lr_dir)
-        pairs = [(p.hr, p.lr) for p in folder.images]
-    pairs = pairs[:max_images] if max_images else pairs
-    images: list[BenchImage] = []
-    for hr_path, lr_path in pairs:
-        hr = read_image(hr_path).rgb
-        h, w = hr.shape[0] // scale * scale, hr.shape[1] // scale * scale
-        if lr_path is not None:
-            lr = read_image(lr_path).rgb
-            if lr.shape[:2] != (hr.shape[0] // scale, hr.shape[1] // scale):
-                raise InputError(
-                    f"LR {lr_path} is {lr.shape[1]}x{lr.shape[0]}, HR {hr_path} is {hr.shape[1]}x"
-                    f"{hr.shape[0]}: the LR must be the HR / {scale} (rounded down)"
-                )
-            if hr_crop:
-                lh, lw = min(lr.shape[0], hr_crop // scale), min(lr.shape[1], hr_crop // scale)
-                y, x = (lr.shape[0] - lh) // 2, (lr.shape[1] - lw) // 2
-                lr = lr[y : y + lh, x : x + lw]
-                hr = hr[y * scale : (y + lh) * scale, x * scale : (x + lw) * scale]
-            hr = hr[: lr.shape[0] * scale, : lr.shape[1] * scale]
-        else:
-            hr = hr[:h, :w]
-            hr = _center_crop(hr, hr_crop, scale) if hr_crop else hr
-            lr = _round8(imresize(hr.astype(np.float64), 1.0 / scale))
-        if min(hr.shape[:2]) < 2 * scale + 11:
-            raise InputError(
-                f"{hr_path} is {hr.shape[1]}x{hr.shape[0]} HR px after cropping: too small for SSIM "
-                f"(11x11 window) after the {scale}px border crop; use images of at least {2 * scale + 11} px"
-            )
-        images.append(BenchImage(hr_path.stem, to_model(lr), np.ascontiguousarray(hr, dtype=np.float32)))
-    if not images:
-        raise InputError(f"no images in {data}")
-    info = {
-        "source": str(data),
-        "lr_source": "files" if lr_dir or any(lr for _, lr in pairs) else "matlab-bicubic",
-        "hr_crop": hr_crop,
-        "images": [{"name": im.name, "hr_size": [im.hr.shape[1], im.hr.shape[0]]} for im in images],
-    }
-    return images, info
-
-
-def _finite(x: float) -> float:
-    return 999.0 if math.isinf(x) else round(float(x), 4)
-
-
-def _fidelity(
-    sr: np.ndarray, hr: np.ndarray, ref: np.ndarray | None, border: int, lr: np.ndarray | None = None
-) -> dict[str, float]:
-    """Metrics of one SR output (1,3,H,W) in [-1,1] against the HR (H,W,3) in [0,1], the reference output and
-    the LR input (1,3,h,w) in [-1,1] (LR consistency)."""
-    out = _round8(from_model(sr))
-    a, b = crop_border(out, border), crop_border(hr, border)
-    ya, yb = rgb_to_y(a), rgb_to_y(b)
-    m = {"psnr_y": psnr(ya, yb, 1.0), "ssim_y": ssim(ya, yb, 1.0), "psnr_rgb": psnr(a, b, 1.0), "ssim_rgb": ssim(a, b)}
-    if lr is not None:
-        m.update(lr_cons=min(lr_consistency(out, from_model(lr), border), 100.0), de00=color_error(out, hr, border))
-    if ref is not None:
-        st = error_stats(sr, ref, data_range=2.0)
-        m.update(parity_psnr=st.psnr, parity_max_abs=st.max_abs)
-    return {k: _finite(v) for k, v in m.items()}
-
-
-# ------------------------------------------------------------------------------------------------- conditions
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=False)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, logical cores (and those this process may use), OS, Python, load average."""
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > 0.5 * (affinity or os.cpu_count() or 1):
-        # Measured here: the bundled UNet takes 0.1 s with 1 thread on a busy 2-core machine and 5 s with 2
-        # threads (every OpenMP region waits for a descheduled worker), so busy-machine timings mislead.
-        logger.warning("the machine is busy (1-min load average %.1f on %s usable cores): multi-threaded timings "
-                       "will be inflated; benchmark on an idle machine or with --threads 1", load, affinity)
-    return {
-        "cpu": _cpu_model(),
-        "arch": platform.machine(),
-        "cores_logical": os.cpu_count(),
-        "cores_usable": affinity,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "load_avg_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-    }
-
-
-def library_versions() -> dict[str, str | None]:
-    """Installed versions of the libraries a benchmark depends on (None: not installed); imports nothing."""
-    out: dict[str, str | None] = {}
-    for key, dist in _VERSIONS.items():
-        try:
-            out[key] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[key] = None
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- run_bench
@@ -551,9 +257,9 @@ def _measure(
             sr = system.upscale(im.lr, tile=tile, overlap=cfg.overlap, seed=cfg.seed)
             if res.name == "torch-student":
                 refs[im.name] = sr
-            per_image.append({"image": im.name, **_fidelity(sr, im.hr, refs.get(im.name), system.scale, im.lr)})
+            per_image.append({"image": im.name, **output_fidelity(sr, im.hr, refs.get(im.name), system.scale, im.lr)})
             y, x, h, w = _crop_box(im.hr, cfg.grid_crop)
-            crops.setdefault(res.name, []).append(_round8(from_model(sr))[y : y + h, x : x + w])
+            crops.setdefault(res.name, []).append(round8(from_model(sr))[y : y + h, x : x + w])
         if per_image:
             keys = [k for k in per_image[0] if k != "image"]
             mean = {k: round(float(np.mean([p[k] for p in per_image])), 4) for k in keys}
@@ -698,8 +404,8 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
         torch.set_num_threads(old_threads)
     crops["HR"] = [im.hr[y : y + h, x : x + w] for im in images for y, x, h, w in [_crop_box(im.hr, cfg.grid_crop)]]
     results = [r for _, r in plan]
-    baselines = {"do_nothing": _do_nothing(models, images, tile, cfg)} if images else {}
-    _judge(results, baselines.get("do_nothing"))
+    baselines = {"do_nothing": do_nothing_baseline(models, images, tile, cfg)} if images else {}
+    judge_sanity(results, baselines.get("do_nothing"))
     machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     report = {
         "schema": REPORT_SCHEMA,
@@ -739,112 +445,3 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
     }
     files = write_report(report, crops, Path(cfg.out_dir))
     return BenchResult(report=report, systems=results, files=files)
-
-
-# ------------------------------------------------------------------------------------------------------ sanity
-
-
-def _do_nothing(models: Any, images: Sequence[BenchImage], tile: int, cfg: BenchConfig) -> dict[str, Any]:
-    """Fidelity of ``decode(encode(bicubic(LR)))`` through the reference autoencoder, same tiler and tiles."""
-    system = DoNothingSystem(models)
-    system.load()
-    per_image = []
-    for im in images:
-        sr = system.upscale(im.lr, tile=tile, overlap=cfg.overlap, seed=cfg.seed)
-        per_image.append({"image": im.name, **_fidelity(sr, im.hr, None, system.scale, im.lr)})
-    system.close()
-    keys = [k for k in per_image[0] if k != "image"]
-    mean = {k: round(float(np.mean([p[k] for p in per_image])), 4) for k in keys}
-    mean["lr_cons_worst"] = round(float(min(p["lr_cons"] for p in per_image)), 4)
-    logger.info("do-nothing baseline: PSNR-Y %.2f dB, LR consistency %.2f dB", mean["psnr_y"], mean["lr_cons"])
-    return {"note": "decode(encode(bicubic x4(LR))) through the reference autoencoder, no denoiser",
-            "mean": mean, "images": per_image}  # fmt: skip
-
-
-def _judge(results: Sequence[SystemResult], do_nothing: Mapping[str, Any] | None) -> None:
-    """``fidelity["sanity"] = {"fail": bool, "reasons": [...]}`` for every system with fidelity numbers."""
-    dn = do_nothing["mean"]["psnr_y"] if do_nothing else None
-    for r in results:
-        if not r.fidelity or "images" not in r.fidelity:
-            continue
-        lr_cons = [p["lr_cons"] for p in r.fidelity["images"] if "lr_cons" in p]
-        is_model = r.kind != "bicubic"
-        reasons = sanity_failures(lr_cons, r.fidelity["mean"]["psnr_y"] if is_model else None, dn if is_model else None)
-        r.fidelity["sanity"] = {"fail": bool(reasons), "reasons": reasons}
-        if reasons:
-            logger.warning("%s FAILS the sanity checks: %s", r.name, "; ".join(reasons))
-
-
-# ------------------------------------------------------------------------------------------------------ ratios
-
-
-def _lat_ratio(num: SystemResult, den: SystemResult) -> dict[str, float]:
-    return {
-        k: round(num.latency[k]["median_ms"] / den.latency[k]["median_ms"], 4)
-        for k in num.latency
-        if k in den.latency and den.latency[k]["median_ms"] > 0
-    }
-
-
-def _delta(num: SystemResult, den: SystemResult, key: str) -> float | None:
-    a, b = num.fidelity.get("mean", {}).get(key), den.fidelity.get("mean", {}).get(key)
-    return None if a is None or b is None else round(a - b, 4)
-
-
-def compute_ratios(results: Sequence[SystemResult]) -> dict[str, Any]:
-    """Latency ratios of medians (numerator / denominator, per stage and ``e2e``) and fidelity deltas.
-
-    ``student_vs_teacher``: torch-student / teacher (< 1: the student is faster); ``export_vs_eager``: each float
-    artifact / torch-student; ``int8_vs_fp32``: each INT8 artifact / the fp32 artifact of the same format and layout.
-    """
-    ok = [r for r in results if r.status == "ok" and r.latency]
-    student = next((r for r in ok if r.name == "torch-student"), None)
-    teacher = next((r for r in ok if r.name.startswith("torch-teacher")), None)
-    out: dict[str, Any] = {"student_vs_teacher": None, "export_vs_eager": [], "int8_vs_fp32": []}
-    if student and teacher:
-        lat = _lat_ratio(student, teacher)
-        out["student_vs_teacher"] = {
-            "numerator": student.name,
-            "denominator": teacher.name,
-            "latency": lat,
-            "speedup_e2e": round(1.0 / lat["e2e"], 3) if lat.get("e2e") else None,
-            "psnr_y_delta_db": _delta(student, teacher, "psnr_y"),
-            "ssim_y_delta": _delta(student, teacher, "ssim_y"),
-        }
-    artifacts = [r for r in ok if r.kind == "artifact"]
-    for r in artifacts:
-        if r.precision != "int8" and student:
-            out["export_vs_eager"].append(
-                {
-                    "numerator": r.name,
-                    "denominator": student.name,
-                    "simulator": r.simulator,
-                    "latency": _lat_ratio(r, student),
-                    "psnr_y_delta_db": _delta(r, student, "psnr_y"),
-                }
-            )
-        if r.precision == "int8":
-            fp = next(
-                (
-                    f
-                    for f in artifacts
-                    if f.precision == "fp32"
-                    and f.format == r.format
-                    and f.layout == r.layout
-                    and f.simulator == r.simulator
-                ),
-                None,
-            )
-            if fp is not None:
-                out["int8_vs_fp32"].append(
-                    {
-                        "numerator": r.name,
-                        "denominator": fp.name,
-                        "simulator": r.simulator,
-                        "latency": _lat_ratio(r, fp),
-                        "size": round(r.size_bytes / fp.size_bytes, 4) if r.size_bytes and fp.size_bytes else None,
-                        "psnr_y_delta_db": _delta(r, fp, "psnr_y"),
-                        "parity_psnr_delta_db": _delta(r, fp, "parity_psnr"),
-                    }
-                )
-    return out

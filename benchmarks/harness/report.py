@@ -23,19 +23,18 @@ from typing import Any
 
 import numpy as np
 
+from tadsr import fileio
+from tadsr.runtime.artifacts import COMPONENTS
+
 __all__ = ["write_report", "render_markdown", "render_ratios", "atomic_write"]
 
-STAGES = ("encoder", "denoiser", "decoder")
+STAGES = COMPONENTS  # the per-stage latency columns
 _MB = 1e6
 
 
 def atomic_write(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (:func:`tadsr.runtime.imageio.write_atomically`: temp file + ``os.replace``)."""
-    from tadsr.runtime.imageio import write_atomically
-
-    path = Path(path)
-    write_atomically(path, lambda f: f.write(data))
-    return path
+    """Write ``data`` to ``path`` atomically (:func:`tadsr.fileio.write_bytes`: temp file + ``os.replace``)."""
+    return fileio.write_bytes(Path(path), data)
 
 
 def write_report(

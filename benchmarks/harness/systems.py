@@ -27,15 +27,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tadsr.errors import InputError
 from tadsr.imresize import imresize
-from tadsr.runtime.runner import read_manifest
+from tadsr.runtime.artifacts import COMPONENTS, ArtifactSet, find_artifact_sets
 from tadsr.runtime.tiling import tile_noise, upscale_tiled
 
 __all__ = [
@@ -56,102 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("encoder", "denoiser", "decoder")
-
-
-# --------------------------------------------------------------------------------------------------- artifacts
-
-
-@dataclass(frozen=True)
-class ArtifactSet:
-    """A runnable set: one fused ``pipeline`` artifact or the three component artifacts of one format/precision."""
-
-    name: str
-    format: str
-    precision: str
-    tile: int
-    layout: str  # fused | components
-    dirs: dict[str, Path]
-    manifests: dict[str, dict[str, Any]] = field(repr=False, default_factory=dict)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(int(f["bytes"]) for m in self.manifests.values() for f in m["files"])
-
-    @property
-    def preset(self) -> str | None:
-        return next(iter(self.manifests.values())).get("preset", {}).get("name")
-
-
-def _set(fmt: str, prec: str, tile: int, layout: str, dirs: dict[str, Path], ms: dict[str, dict]) -> ArtifactSet:
-    return ArtifactSet(f"{fmt}-{prec}-{layout}", fmt, prec, tile, layout, dirs, ms)
-
-
-def find_artifact_sets(paths: Sequence[Path]) -> list[ArtifactSet]:
-    """Every runnable artifact set under ``paths`` (an artifact folder, or a folder of artifact folders).
-
-    A folder of artifacts yields, per format / precision / tile, its fused pipeline (if present) and its component
-    set (if all three are present). Duplicate names get the folder name appended.
-
-    Raises:
-        InputError: a path is missing, holds a lone component, or holds nothing runnable.
-    """
-    sets: list[ArtifactSet] = []
-    for path in map(Path, paths):
-        if (path / "manifest.json").is_file():
-            m = read_manifest(path)
-            if m["graph"]["name"] != "pipeline":
-                raise InputError(
-                    f"{path} holds only the {m['graph']['name']!r} graph; pass the folder that holds "
-                    "the encoder, denoiser and decoder artifacts, or a fused pipeline artifact"
-                )
-            sets.append(
-                _set(m["format"], m["precision"], int(m["graph"]["tile"]), "fused", {"pipeline": path}, {"pipeline": m})
-            )
-            continue
-        if not path.is_dir():
-            raise InputError(f"artifact folder {path} does not exist")
-        groups: dict[tuple[str, str, int], dict[str, tuple[Path, dict]]] = {}
-        for sub in sorted(p for p in path.iterdir() if (p / "manifest.json").is_file()):
-            m = read_manifest(sub)
-            key = (m["format"], m["precision"], int(m["graph"]["tile"]))
-            groups.setdefault(key, {})[m["graph"]["name"]] = (sub, m)
-        found = []
-        for (fmt, prec, tile), graphs in groups.items():
-            if "pipeline" in graphs:
-                d, m = graphs["pipeline"]
-                found.append(_set(fmt, prec, tile, "fused", {"pipeline": d}, {"pipeline": m}))
-            if all(c in graphs for c in STAGES):
-                found.append(
-                    _set(
-                        fmt,
-                        prec,
-                        tile,
-                        "components",
-                        {c: graphs[c][0] for c in STAGES},
-                        {c: graphs[c][1] for c in STAGES},
-                    )
-                )
-            elif any(c in graphs for c in STAGES):
-                logger.warning(
-                    "%s: %s/%s t%d has only %s of the components; not benchmarked",
-                    path,
-                    fmt,
-                    prec,
-                    tile,
-                    sorted(set(graphs) & set(STAGES)),
-                )
-        if not found:
-            raise InputError(
-                f"no runnable artifact set in {path}: need a 'pipeline' artifact or all of "
-                "encoder/denoiser/decoder (folders written by tadsr export / tadsr quantize)"
-            )
-        sets += found
-    names = [s.name for s in sets]
-    return [
-        replace(s, name=f"{s.name} ({next(iter(s.dirs.values())).parent.name})") if names.count(s.name) > 1 else s
-        for s in sets
-    ]
+STAGES = COMPONENTS  # the stages timed separately: the component graphs of a set
 
 
 # ----------------------------------------------------------------------------------------------------- systems

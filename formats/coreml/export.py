@@ -38,8 +38,6 @@ import io
 import json
 import logging
 import math
-import os
-import secrets
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,6 +50,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from tadsr import fileio
 from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
 from tadsr.formats.graphs import GraphSpec
@@ -444,16 +443,10 @@ def save_package(mlmodel: Any, path: Path) -> None:
 
 
 def _save_atomic(mlmodel: Any, final: Path) -> None:
-    tmp = final.with_name(f".{final.stem}.tmp-{secrets.token_hex(4)}.mlpackage")
+    tmp = fileio.temp_name(final, ".tmp.mlpackage")
     try:
         save_package(mlmodel, tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        fileio.replace_folder(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import os
-import secrets
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tadsr import fileio
 from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
 from tadsr.formats.graphs import GraphSpec
@@ -105,13 +104,7 @@ def partition_info(edge: Any) -> dict[str, Any]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    fileio.write_bytes(path, data)
 
 
 def export_executorch(

@@ -1,0 +1,189 @@
+"""Per-artifact checks: integrity, interface and schedule constants, and the three hops on seeded and real tiles
+(see :mod:`tadsr.parity.check`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tadsr.errors import ConfigError, InputError, TadsrError
+from tadsr.formats.localize import onnx_output_scale
+from tadsr.metrics import ssim
+from tadsr.parity.diagnosis import diagnose_artifact
+from tadsr.parity.hops import (
+    HOP_REFERENCE,
+    Floor,
+    HopResult,
+    ParityCase,
+    VQCompare,
+    artifact_view,
+    case_groups,
+    end_to_end_hop,
+    load_floors,
+    make_cases,
+    reference_view,
+    run_cases_vq,
+    runtime_hop,
+    vq_judge,
+)
+from tadsr.parity.records import ArtifactCheck, Check
+from tadsr.parity.session import ParityOptions, Session
+from tadsr.runtime.runner import BACKENDS, CheckedRunner, RunnerSpec, load_runner, read_manifest, verify_files
+
+logger = logging.getLogger(__name__)
+
+
+_CONSTANT_STAGE = {"prior_noise_scale": "prior sample", "input_scale": "input scaling"}
+
+
+def _open_runner(path: Path, manifest: dict[str, Any], verified: bool, opts: ParityOptions) -> CheckedRunner:
+    """``load_runner``, or (for a file that failed its sha256 check) the same backend without the check."""
+    runner_opts: dict[str, Any] = {}
+    if opts.threads is not None and manifest.get("format") == "onnx":
+        runner_opts["threads"] = opts.threads
+    if verified:
+        return load_runner(path, backend=opts.backend, **runner_opts)
+    spec = RunnerSpec.from_manifest(manifest)
+    if spec.format not in BACKENDS:
+        raise InputError(f"manifest format {spec.format!r} is unknown; known formats: {', '.join(BACKENDS)}")
+    module_name, cls_name, _ = BACKENDS[spec.format]
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"the {spec.format} runner ({module_name}) is not part of this installation") from e
+    if opts.backend is not None:
+        runner_opts["backend"] = opts.backend
+    inner = cls(path, manifest, **runner_opts)
+    return CheckedRunner(inner, spec, manifest, path, str(getattr(inner, "backend", None) or spec.format))
+
+
+def _interface_check(manifest: Mapping[str, Any], spec: Any) -> list[Check]:
+    g = manifest["graph"]
+    want_io = [(s.name, list(s.shape)) for s in (*spec.inputs, *spec.outputs)]
+    got_io = [(d["name"], list(d["shape"])) for d in (*g["inputs"], *g["outputs"])]
+    checks = [Check("interface", got_io == want_io, "inputs/outputs match the reference graph" if got_io == want_io
+                    else f"manifest I/O {got_io} differs from the reference graph's {want_io}")]  # fmt: skip
+    bad = []
+    got_c = g.get("constants") or {}
+    for k, v in spec.constants.items():
+        if k not in got_c:
+            bad.append((k, None, v))
+        elif not math.isclose(float(got_c[k]), float(v), rel_tol=1e-6, abs_tol=1e-9):
+            bad.append((k, got_c[k], v))
+    if not bad:
+        checks.append(
+            Check("constants", True, f"schedule constants equal the reference's ({', '.join(spec.constants)})")
+        )
+        return checks
+    for k, got, want in bad:
+        stage = _CONSTANT_STAGE.get(k, "schedule")
+        use = (" (the host's prior sample x_t = z_y + prior_noise_scale * noise of a component set uses this value)"
+               if k == "prior_noise_scale" else "")  # fmt: skip
+        checks.append(Check(f"constant {k}", False, f"manifest says {got!r}, the reference schedule gives {want!r}"
+                            f"{use}", stage))  # fmt: skip
+    return checks
+
+
+def _output_scales(path: Path, manifest: Mapping[str, Any], outputs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Quantization scale of each output of an INT8 artifact (or why it is unavailable)."""
+    recorded = dict((manifest.get("quantization") or {}).get("output_scales") or {})
+    recorded.update((manifest.get("backend_info") or {}).get("output_scales") or {})
+    out: dict[str, dict[str, Any]] = {}
+    for name in outputs:
+        if name in recorded:
+            out[name] = {"scale": float(recorded[name]), "source": "manifest (quantizer's output_scales)"}
+        elif manifest.get("format") == "onnx":
+            scale, where = onnx_output_scale(path / manifest["files"][0]["name"], name)
+            out[name] = {"scale": scale, "source": where}
+        else:
+            out[name] = {"scale": None, "source": f"unavailable: {manifest.get('format')} files do not expose the "
+                         "output's quantization scale and the manifest records none (quantization.output_scales)"}  # fmt: skip
+    return out
+
+
+def _stats(
+    hop: str, outs: Sequence[Mapping[str, np.ndarray]], refs: Sequence[Mapping[str, np.ndarray]],
+    cases: Sequence[ParityCase], floors: Mapping[str, Floor], ranges: Mapping[str, Any],
+    scales: Mapping[str, float | None] | None = None, vq: VQCompare | None = None,
+) -> list[HopResult]:  # fmt: skip
+    """:func:`~tadsr.parity.hops.case_groups` plus SSIM and, where the output's INT8 scale is known, steps."""
+    results = []
+    for g in case_groups(outs, refs, cases, floors, ranges, vq):
+        ss = min(ssim(o[0], r[0], data_range=st.data_range) if np.isfinite(o).all() else -1.0
+                 for o, r, st in zip(g.outputs, g.references, g.stats, strict=True))  # fmt: skip
+        scale = (scales or {}).get(g.output)
+        results.append(HopResult(hop, g.kind, g.output, len(g.stats), g.max_abs, g.mean_abs, g.psnr, g.data_range,
+                                 g.floor, g.passed, g.worst_case, g.flips, g.flips_source, ssim=ss,
+                                 qsteps=None if not scale else g.max_abs / scale))  # fmt: skip
+    return results
+
+
+def check_artifact(path: Path, session: Session) -> ArtifactCheck:
+    """Verdict (and, if failing or asked, diagnosis) for one artifact folder; see the module docstring."""
+    t0 = time.perf_counter()
+    manifest = read_manifest(path)
+    spec_m = RunnerSpec.from_manifest(manifest)
+    res = ArtifactCheck(Path(path), spec_m.graph, spec_m.format, spec_m.precision, spec_m.tile)
+    try:
+        verify_files(path, manifest)
+        res.checks.append(Check("integrity", True, "every file matches its sha256 in the manifest"))
+        verified = True
+    except InputError as e:
+        res.checks.append(Check("integrity", False, str(e)))
+        verified = False
+    try:
+        _check_numerics(res, manifest, verified, session)
+    except TadsrError as e:
+        res.error = str(e)
+        logger.error("%s: %s", path.name, e)
+    res.seconds = time.perf_counter() - t0
+    logger.info("%s: %s (%.1fs)", path.name, "pass" if res.passed else "FAIL", res.seconds)
+    return res
+
+
+def _check_numerics(res: ArtifactCheck, manifest: dict[str, Any], verified: bool, session: Session) -> None:
+    opts = session.opts
+    models, warnings = session.models(manifest)
+    res.reference_warnings = warnings
+    module, gspec = session.graph(manifest, res.graph, res.tile)
+    res.checks += _interface_check(manifest, gspec)
+    runner = _open_runner(res.path, manifest, verified, opts)
+    runs = session.runs(manifest, res.tile)
+    with torch.no_grad():
+        cases, res.real_source = make_cases(models, gspec, runs=runs, seed=opts.seed)
+    from tadsr.formats.torch_ref import TorchRunner
+
+    eager, eager_view = run_cases_vq(TorchRunner.from_graph(module, gspec, threads=opts.threads).run, cases, module,
+                                     models)  # fmt: skip
+    outs = [runner.run({k: v.copy() for k, v in c.inputs.items()}) for c in cases]
+    refs = [c.reference for c in cases]
+    ranges = {s.name: s.value_range for s in gspec.outputs}
+    preset = models.preset.name
+    scales: dict[str, float | None] = {}
+    if res.precision == "int8":
+        res.quant_scales = _output_scales(res.path, manifest, [s.name for s in gspec.outputs])
+        scales = {k: v["scale"] for k, v in res.quant_scales.items()}
+    floors = load_floors(res.precision, res.graph, preset)
+    vq1 = vq2 = vq3 = None
+    fix = gspec.constants.get("color_fix", "none")
+    judge32, judge = vq_judge(models, res.graph, "fp32", fix), vq_judge(models, res.graph, res.precision, fix)
+    if judge is not None and judge32 is not None and eager_view is not None:
+        ref_view = reference_view(models, cases)
+        mine = artifact_view(res.path, manifest, cases, outs, threads=opts.threads or 1)
+        vq1 = VQCompare(judge32, eager_view, ref_view)
+        if mine is not None:
+            vq2, vq3 = VQCompare(judge, mine, eager_view), VQCompare(judge, mine, ref_view)
+    res.outputs += _stats(HOP_REFERENCE, eager, refs, cases, load_floors("fp32", res.graph, preset), ranges, None, vq1)
+    res.outputs += _stats(runtime_hop(res.format), outs, eager, cases, floors, ranges, scales, vq2)
+    res.outputs += _stats(end_to_end_hop(res.format), outs, refs, cases, floors, ranges, scales, vq3)
+    if not res.passed or opts.diagnose:
+        res.diagnosis = diagnose_artifact(res, manifest, module, gspec, cases, outs, eager, session)

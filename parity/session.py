@@ -1,0 +1,249 @@
+"""Where a parity check's reference comes from (:class:`ReferenceSpec`), what it runs (:class:`ParityOptions`),
+and what the artifacts of one call share (:class:`Session`: reference networks, graphs, reference runs,
+localisation traces; :class:`TraceCache` keeps traces across calls for the caller that owns it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tadsr.checkpoint import sha256_file
+from tadsr.config import Preset, get_preset
+from tadsr.errors import CheckpointError, ConfigError, InputError
+from tadsr.formats.localize import GraphTrace, trace_graph, trace_program
+from tadsr.parity.hops import ReferenceRuns, real_lr_patches, reference_runs_on
+from tadsr.pipeline import Models, bundled_weight_path, load_models
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """Where the PyTorch reference comes from: the manifest (all None) or explicit model arguments.
+
+    Attributes:
+        student, autoencoder: checkpoint paths.
+        preset: preset name (default: the artifact manifest's preset).
+        init: ``"random"`` for the deterministic fill rule on networks without a checkpoint.
+    """
+
+    student: Path | None = None
+    autoencoder: Path | None = None
+    preset: str | None = None
+    init: str | None = None
+
+    @property
+    def from_manifest(self) -> bool:
+        return self.student is None and self.autoencoder is None and self.preset is None and self.init is None
+
+
+def _manifest_preset(manifest: Mapping[str, Any]) -> Preset:
+    d = manifest.get("preset")
+    if not isinstance(d, dict) or "name" not in d:
+        raise InputError("the manifest records no preset; pass --preset NAME (and --student/--autoencoder)")
+    try:
+        return Preset.from_dict(d)
+    except (TypeError, KeyError, ValueError) as e:
+        raise InputError(f"the manifest's preset cannot be read ({e}); pass --preset NAME") from e
+
+
+def _weights_from_source(part: str, src: Any, preset: Preset) -> tuple[Path | None, bool]:
+    """(checkpoint path or None, needs the random fill) for one network, sha256 checked.
+
+    Raises:
+        InputError: the source is missing or not reproducible (in-memory state dict, missing file).
+        CheckpointError: the checkpoint's sha256 differs from the manifest's.
+    """
+    if not isinstance(src, Mapping) or "path" not in src:
+        raise InputError(f"the manifest records no source for the {part}; pass --{part} CKPT")
+    path, want = str(src["path"]), str(src.get("sha256") or "")
+    if path == "random-fill":
+        return None, True
+    if path.startswith("bundled:"):
+        p = bundled_weight_path(preset, part)
+        if p is None or p.name != path.removeprefix("bundled:"):
+            raise InputError(f"the {part} was exported from bundled weights {path!r}, which this installation of "
+                             f"preset {preset.name!r} does not ship; pass --{part} CKPT")  # fmt: skip
+    elif path.startswith("<"):
+        raise InputError(f"the {part} was exported from {path}; pass its checkpoint with --{part} CKPT")
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"the {part} checkpoint recorded in the manifest, {p}, does not exist here; "
+                             f"pass it with --{part} CKPT")  # fmt: skip
+    if want:
+        got = sha256_file(p)
+        if got != want:
+            raise CheckpointError(f"{p} has sha256 {got[:16]}..., the artifact was exported from "
+                                  f"{want[:16]}...: not the same weights; pass the right --{part}")  # fmt: skip
+    return p, False
+
+
+def _load_reference(manifest: Mapping[str, Any], ref: ReferenceSpec) -> tuple[Models, list[str]]:
+    """The reference networks for an artifact, and warnings about how they relate to its manifest."""
+    warnings: list[str] = []
+    if ref.from_manifest:
+        preset = _manifest_preset(manifest)
+        sources = manifest.get("sources") or {}
+        parts = {part: _weights_from_source(part, sources.get(part), preset) for part in ("student", "autoencoder")}
+        init = "random" if any(r for _, r in parts.values()) else None
+        models = load_models(student=parts["student"][0], autoencoder=parts["autoencoder"][0], preset=preset,
+                             init=init)  # fmt: skip
+        return models, warnings
+    preset = get_preset(ref.preset) if ref.preset else _manifest_preset(manifest)
+    mp = (manifest.get("preset") or {}).get("name")
+    if mp and mp != preset.name:
+        warnings.append(f"reference preset {preset.name!r} differs from the artifact's preset {mp!r}")
+    models = load_models(student=ref.student, autoencoder=ref.autoencoder, preset=preset, init=ref.init)
+    for part in ("student", "autoencoder"):
+        want = ((manifest.get("sources") or {}).get(part) or {}).get("sha256")
+        got = models.sources.get(part, {}).get("sha256")
+        if want and got and want != got:
+            warnings.append(f"the reference {part} ({models.sources[part]['path']}) is not the checkpoint the "
+                            "artifact was exported from (sha256 differs)")  # fmt: skip
+    return models, warnings
+
+
+@dataclass(frozen=True)
+class ParityOptions:
+    """What :func:`check_parity` runs.
+
+    Attributes:
+        seed: seed of the seeded case and of the whole-image noise.
+        patches: real LR patches per artifact (besides the seeded case).
+        images: folder of images: real patches are cut from it (MATLAB bicubic /scale), and its images are the
+            whole-image inputs; None: the shipped calibration set for both.
+        whole_images: number of whole images per pipeline artifact / component set (0: none).
+        max_side: whole images are centre-cropped to at most this many LR pixels per side (runtime bound).
+        overlap: LR overlap between tiles.
+        diagnose: localise every artifact, not only failing ones.
+        backend: runner backend override (e.g. ``"coreml-sim"``).
+        threads: intra-op threads for ONNX Runtime and torch (None: library defaults).
+    """
+
+    seed: int = 0
+    patches: int = 3
+    images: Path | None = None
+    whole_images: int = 2
+    max_side: int = 160
+    overlap: int = 16
+    diagnose: bool = False
+    backend: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.seed < 0 or self.patches < 0 or self.whole_images < 0 or self.max_side < 1 or self.overlap < 0:
+            raise ConfigError("seed, --patches, --whole-images and --overlap must be >= 0, --max-side >= 1")
+        if self.images is not None and not Path(self.images).is_dir():
+            raise InputError(f"--images {self.images} is not a folder of images")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+class TraceCache:
+    """torch.export traces for localisation (a few seconds to a minute each), kept across :func:`check_parity`
+    calls by the caller that owns this object (``tadsr all``, the benchmarks): the ``kept`` last used ones."""
+
+    def __init__(self, kept: int = 4) -> None:
+        self.kept = kept
+        self._traces: OrderedDict[tuple, GraphTrace] = OrderedDict()
+
+    def get(self, key: tuple) -> GraphTrace | None:
+        if key not in self._traces:
+            return None
+        self._traces.move_to_end(key)
+        return self._traces[key]
+
+    def put(self, key: tuple, trace: GraphTrace) -> None:
+        self._traces[key] = trace
+        self._traces.move_to_end(key)
+        while len(self._traces) > self.kept:
+            self._traces.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._traces)
+
+
+class Session:
+    """Caches shared by the artifacts of one call: reference networks, graphs, reference runs, traces."""
+
+    def __init__(self, ref: ReferenceSpec, opts: ParityOptions, traces: TraceCache | None = None) -> None:
+        self.ref = ref
+        self.opts = opts
+        self.shared = traces
+        self._models: dict[str, tuple[Models, list[str]]] = {}
+        self._graphs: dict[tuple[str, int], dict[str, Any]] = {}
+        self._runs: dict[tuple[str, int], ReferenceRuns] = {}
+        self._traces: dict[tuple[str, int, str, str], GraphTrace] = {}
+
+    def key(self, manifest: Mapping[str, Any]) -> str:
+        if not self.ref.from_manifest:
+            return "args"
+        return json.dumps([manifest.get("preset"), manifest.get("sources")], sort_keys=True, default=str)
+
+    def models(self, manifest: Mapping[str, Any]) -> tuple[Models, list[str]]:
+        k = self.key(manifest)
+        if k not in self._models:
+            t0 = time.perf_counter()
+            self._models[k] = _load_reference(manifest, self.ref)
+            logger.info("reference networks (%s): %.1fs", self._models[k][0].preset.name, time.perf_counter() - t0)
+        return self._models[k]
+
+    def graph(self, manifest: Mapping[str, Any], name: str, tile: int) -> tuple[Any, Any]:
+        from tadsr.formats.graphs import make_graphs
+
+        k = (self.key(manifest), tile)
+        if k not in self._graphs:
+            self._graphs[k] = make_graphs(self.models(manifest)[0], tile)
+        return self._graphs[k][name]
+
+    def runs(self, manifest: Mapping[str, Any], tile: int) -> ReferenceRuns:
+        k = (self.key(manifest), tile)
+        if k not in self._runs:
+            models = self.models(manifest)[0]
+            lrs, source = _real_patches(tile, models.preset.scale, self.opts)
+            self._runs[k] = reference_runs_on(models, lrs, source)
+        return self._runs[k]
+
+    def trace(self, manifest: Mapping[str, Any], name: str, tile: int, variant: str) -> GraphTrace:
+        k = (repr(self.ref), self.key(manifest), tile, name, variant)
+        kept = self.shared.get(k) if self.shared is not None else None
+        if kept is not None:
+            return kept
+        if k not in self._traces:
+            t0 = time.perf_counter()
+            module, spec = self.graph(manifest, name, tile)
+            if variant == "coreml":  # the program the Core ML exporter converts (rewrites + decompositions)
+                from tadsr.formats.coreml.export import exported_program
+
+                self._traces[k] = trace_program(exported_program(module, spec)[0], spec, "coreml export")
+            else:
+                self._traces[k] = trace_graph(module, spec, variant=variant)
+            logger.info("torch.export of %s (%s naming) for localisation: %.1fs", name, variant,
+                        time.perf_counter() - t0)  # fmt: skip
+        if self.shared is not None:
+            self.shared.put(k, self._traces[k])
+        return self._traces[k]
+
+
+def _real_patches(tile: int, scale: int, opts: ParityOptions) -> tuple[np.ndarray, str]:
+    if opts.images is None:
+        return real_lr_patches(tile, scale, opts.patches)
+    from tadsr.patches import sample_patches
+
+    if opts.patches == 0:
+        return np.zeros((0, 3, tile, tile), np.float32), "none"
+    ps = sample_patches(Path(opts.images), num_patches=opts.patches, tile=tile, scale=scale, seed=opts.seed)
+    return ps.lr.astype(
+        np.float32
+    ), f"{opts.images}: {opts.patches} patches (MATLAB bicubic /{scale}), seed {opts.seed}"
