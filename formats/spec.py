@@ -42,7 +42,8 @@ class FormatSpec:
         localize: ``"module:function"`` of the per-layer diagnosis.
         output_scale: ``"module:function"`` reading an INT8 output's quantization scale from the file, or None.
         quantized_precisions: precisions the INT8 driver writes (``"int8"``, and ``"w8"`` for Core ML).
-        threads: its runner takes a ``threads`` option (ONNX Runtime intra-op, the XNNPACK pool).
+        threads: its runner takes a ``threads`` option (ONNX Runtime intra-op; not ExecuTorch, whose XNNPACK pool
+            is process-wide and never resized at run time).
         runner_options: ``threads -> (runner options, thread setting to record)`` (bench).
         needs_macos: the real runtime runs only on macOS (elsewhere: the simulator, if any).
         simulator: the runner backend that stands in off macOS (``"coreml-sim"``), or None.

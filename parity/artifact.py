@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from tadsr.errors import ConfigError, InputError, TadsrError
-from tadsr.formats.localize import onnx_output_scale
+from tadsr.formats.registry import FORMAT_NAMES, get_format
+from tadsr.formats.spec import FormatSpec
 from tadsr.metrics import ssim
 from tadsr.parity.diagnosis import diagnose_artifact
 from tadsr.parity.hops import (
@@ -36,7 +37,7 @@ from tadsr.parity.hops import (
     vq_judge,
 )
 from tadsr.parity.records import ArtifactCheck, Check
-from tadsr.parity.session import ParityOptions, Session
+from tadsr.parity.session import ParityOptions, Session, runner_kwargs
 from tadsr.runtime.runner import BACKENDS, CheckedRunner, RunnerSpec, load_runner, read_manifest, verify_files
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,7 @@ _CONSTANT_STAGE = {"prior_noise_scale": "prior sample", "input_scale": "input sc
 
 def _open_runner(path: Path, manifest: dict[str, Any], verified: bool, opts: ParityOptions) -> CheckedRunner:
     """``load_runner``, or (for a file that failed its sha256 check) the same backend without the check."""
-    runner_opts: dict[str, Any] = {}
-    if opts.threads is not None and manifest.get("format") == "onnx":
-        runner_opts["threads"] = opts.threads
+    runner_opts = runner_kwargs(str(manifest.get("format")), opts.threads)
     if verified:
         return load_runner(path, backend=opts.backend, **runner_opts)
     spec = RunnerSpec.from_manifest(manifest)
@@ -93,6 +92,11 @@ def _interface_check(manifest: Mapping[str, Any], spec: Any) -> list[Check]:
     return checks
 
 
+def _known_format(manifest: Mapping[str, Any]) -> FormatSpec | None:
+    fmt = str(manifest.get("format"))
+    return get_format(fmt) if fmt in FORMAT_NAMES else None
+
+
 def _output_scales(path: Path, manifest: Mapping[str, Any], outputs: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Quantization scale of each output of an INT8 artifact (or why it is unavailable)."""
     recorded = dict((manifest.get("quantization") or {}).get("output_scales") or {})
@@ -101,8 +105,8 @@ def _output_scales(path: Path, manifest: Mapping[str, Any], outputs: Sequence[st
     for name in outputs:
         if name in recorded:
             out[name] = {"scale": float(recorded[name]), "source": "manifest (quantizer's output_scales)"}
-        elif manifest.get("format") == "onnx":
-            scale, where = onnx_output_scale(path / manifest["files"][0]["name"], name)
+        elif (fmt := _known_format(manifest)) is not None and fmt.output_scale:
+            scale, where = fmt.hook("output_scale")(path / manifest["files"][0]["name"], name)
             out[name] = {"scale": scale, "source": where}
         else:
             out[name] = {"scale": None, "source": f"unavailable: {manifest.get('format')} files do not expose the "

@@ -15,15 +15,12 @@ import torch
 from tadsr.errors import TadsrError
 from tadsr.formats.localize import (
     Localization,
+    LocalizeRequest,
     WeightCheck,
-    check_onnx_weights,
     code_flips,
     localize_chain,
-    localize_coreml,
-    localize_executorch,
-    localize_onnx,
-    unit_of_tensor,
 )
+from tadsr.formats.registry import get_format
 from tadsr.parity.hops import HOP_REFERENCE, ParityCase, load_floors, runtime_hop
 from tadsr.parity.records import ArtifactCheck, Check, Diagnosis, SetCheck
 from tadsr.parity.session import Session
@@ -64,28 +61,13 @@ def diagnose_artifact(
         notes.append("every output is within its floor: no block localisation needed (use --diagnose to see it)")
         return Diagnosis(_diagnosis_summary(res, failing, locs, weights), locs, weights, notes)
     try:
-        if res.format == "onnx":
-            trace = session.trace(manifest, res.graph, res.tile, "onnx")
-            locs.append(localize_onnx(file, trace, case.inputs, case=case.name, threshold_psnr=thr))
-            tensors = dict(module.named_parameters()) | dict(module.named_buffers())
-            weights = check_onnx_weights(file, tensors, precision=res.precision)
-            for m in weights.mismatches:
-                m["unit"], m["stage"] = unit_of_tensor(m["tensor"], res.graph)
-        elif res.format == "coreml":
-            trace = session.trace(manifest, res.graph, res.tile, "coreml")
-            ref_trace = session.trace(manifest, res.graph, res.tile, "none")
-            locs.append(localize_coreml(file, trace, ref_trace, case.inputs, case=case.name, threshold_psnr=thr))
-        elif res.format == "executorch" and res.precision == "int8":
-            notes.append("no block localisation for INT8 ExecuTorch programs: a re-lowering would rebuild the float "
-                         "program, and the PT2E program's intermediates are inside the delegate; the quantize "
-                         "stage's per-block sensitivity (recipe.json in the artifact) says which blocks lose most")  # fmt: skip
-        elif res.format == "executorch":
-            info = manifest.get("backend_info") or {}
-            rewrites = list(info["rewrites"]) if isinstance(info.get("rewrites"), dict) else None
-            ref_trace = session.trace(manifest, res.graph, res.tile, "none")
-            locs.append(localize_executorch(module, gspec, ref_trace, case.inputs, case=case.name, threshold_psnr=thr,
-                                            backend=str(info.get("backend") or "xnnpack"), rewrites=rewrites,
-                                            artifact_output=outs[idx]))  # fmt: skip
+        diagnose = get_format(res.format).hook("localize")
+        out = diagnose(LocalizeRequest(
+            file, manifest, module, gspec, res.precision, case.inputs, case.name, thr,
+            lambda variant: session.trace(manifest, res.graph, res.tile, variant), outs[idx]))  # fmt: skip
+        locs += out.localizations
+        weights = out.weights
+        notes += out.notes
     except (TadsrError, ImportError, RuntimeError, NotImplementedError) as e:
         notes.append(f"localisation not possible for this {res.format} file: {e}")
     return Diagnosis(_diagnosis_summary(res, failing, locs, weights), locs, weights, notes)

@@ -20,6 +20,7 @@ from tadsr.checkpoint import sha256_file
 from tadsr.config import Preset, get_preset
 from tadsr.errors import CheckpointError, ConfigError, InputError
 from tadsr.formats.localize import GraphTrace, trace_graph, trace_program
+from tadsr.formats.registry import FORMAT_NAMES, get_format
 from tadsr.parity.hops import ReferenceRuns, real_lr_patches, reference_runs_on
 from tadsr.pipeline import Models, bundled_weight_path, load_models
 
@@ -148,6 +149,14 @@ class ParityOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def runner_kwargs(fmt: str, threads: int | None) -> dict[str, Any]:
+    """The runner options a format's runner takes for ``threads`` (the registry's ``runner_options``; none for a
+    format this build does not know, or when no thread count is asked for)."""
+    if threads is None or fmt not in FORMAT_NAMES:
+        return {}
+    return get_format(fmt).runner_options(threads)[0]
 
 
 class TraceCache:

@@ -18,7 +18,7 @@ from tadsr.metrics import error_stats, ssim
 from tadsr.parity.diagnosis import diagnose_set, floor_psnr
 from tadsr.parity.hops import load_floors
 from tadsr.parity.records import ArtifactCheck, Check, ImageCheck, SetCheck, db_str
-from tadsr.parity.session import ParityOptions, Session
+from tadsr.parity.session import ParityOptions, Session, runner_kwargs
 from tadsr.pipeline import Models, OneStepPipeline
 from tadsr.runtime.artifacts import group_sets
 from tadsr.runtime.runner import RunnerSpec, read_manifest
@@ -94,7 +94,7 @@ def check_set(s: SetCheck, images: Sequence[tuple[str, np.ndarray]], session: Se
         if bad:
             s.checks.append(Check("integrity", False, f"not run: {', '.join(bad)} failed the sha256 check"))
             return s
-        kw = {"threads": opts.threads} if opts.threads is not None and s.format == "onnx" else {}
+        kw = runner_kwargs(s.format, opts.threads)
         mobile = MobileSRPipeline(dict(s.members), backend=opts.backend, **kw)
         worst: tuple[float, np.ndarray] | None = None
         for name, lr in images:

@@ -70,6 +70,11 @@ def _load_quantized_kernels() -> str | None:
     return None
 
 
+def pool_threads() -> int | None:
+    """The size of ExecuTorch's process-wide XNNPACK thread pool (None if this ExecuTorch cannot tell)."""
+    return _pool_threads(None)
+
+
 def _pool_threads(requested: int | None) -> int | None:
     """The XNNPACK pool's size (None if this ExecuTorch cannot tell); warn if ``requested`` differs. Never resizes."""
     from executorch.extension.pybindings import portable_lib

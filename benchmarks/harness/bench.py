@@ -56,6 +56,7 @@ from tqdm import tqdm
 from tadsr.bench.conditions import library_versions, machine_info
 from tadsr.bench.config import MEMORY_MODES, REPORT_SCHEMA, BenchConfig, BenchImage, BenchResult, SystemResult
 from tadsr.bench.data import load_images, output_fidelity, round8
+from tadsr.formats.registry import all_formats, get_format
 from tadsr.bench.systems import (
     STAGES,
     ArtifactSet,
@@ -215,10 +216,11 @@ def _systems(cfg: BenchConfig, models: Any, sets: Sequence[ArtifactSet]) -> list
         same = _same_weights(next(iter(s.manifests.values())), models.sources)
         note = "" if same is not False else "exported from other weights than the reference: parity is not a check"
         opts, th = runner_options(s.format, cfg.threads)
-        if s.format == "coreml" and sys.platform != "darwin":
+        fmt = get_format(s.format)
+        if fmt.needs_macos and sys.platform != "darwin":
             out.append((None, SystemResult(name=s.name, **rec, status="needs macOS", note=note)))
-            if cfg.coreml_sim:
-                sim = ArtifactSystem(s, "coreml-sim", {})
+            if cfg.coreml_sim and fmt.simulator:
+                sim = ArtifactSystem(s, fmt.simulator, {})
                 note = "numpy simulator of the Core ML program: fidelity is real, times are NOT latencies"
                 out.append((sim, SystemResult(name=sim.name, **rec, simulator=True, threads=th, note=note)))
             continue
@@ -427,8 +429,7 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
             "threads": {
                 "requested": cfg.threads,
                 "torch": torch_threads,
-                **runner_options("onnx", cfg.threads)[1],
-                **runner_options("executorch", cfg.threads)[1],
+                **{k: v for f in all_formats() for k, v in f.runner_options(cfg.threads)[1].items()},
             },
             "latency_input": f"{tile_source}, {tile}x{tile} LR -> {tile * models.preset.scale}px, batch 1",
             "latency_passes": "fidelity passes, then warmup untimed, then repeats timed; stages from the same passes",

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from tadsr.formats.registry import get_format
 from tadsr.imresize import imresize
 from tadsr.runtime.artifacts import COMPONENTS, ArtifactSet, find_artifact_sets
 from tadsr.runtime.tiling import tile_noise, upscale_tiled
@@ -260,15 +261,8 @@ class ArtifactSystem(System):
 
 
 def runner_options(fmt: str, threads: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Runner options and the thread setting to record for a format."""
-    if fmt == "onnx":
-        return ({"threads": threads} if threads else {}), {
-            "onnxruntime_intra_op": threads or "default (0)",
-            "onnxruntime_inter_op": 1 if threads else "default",
-        }
-    if fmt == "executorch":
-        return ({"threads": threads} if threads else {}), {"executorch_threadpool": threads or "default"}
-    return {}, {"coreml": "compute units as exported" if sys.platform == "darwin" else "numpy (simulator)"}
+    """Runner options and the thread setting to record for a format (its registry entry decides)."""
+    return get_format(fmt).runner_options(threads)
 
 
 # -------------------------------------------------------------------------------------------------- measuring
