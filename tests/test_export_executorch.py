@@ -151,7 +151,6 @@ def test_bad_arguments(denoiser, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
 def test_coreml_delegate_lowers_but_runs_only_on_apple(tmp_path):
     """backend="coreml": ExecuTorch's Core ML delegate (lowering works on Linux; its runtime is Apple-only)."""
     pytest.importorskip("executorch.backends.apple.coreml.partition")
