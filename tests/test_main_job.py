@@ -92,7 +92,7 @@ def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
                for _, kw in calls["quantize"])  # fmt: skip
     assert all(o.patches == 1 and o.whole_images == 1 for o in calls["parity"])
     (bench,) = calls["bench"]
-    assert bench.repeats == 1 and bench.teacher_steps == 2 and bench.max_images == 1
+    assert bench.repeats == 1 and bench.teacher_steps == 15 and bench.max_images == 1
     assert "smoke" in (tmp_path / "smoke" / "SUMMARY.md").read_text()
 
     for recorded in calls.values():
