@@ -36,13 +36,16 @@ class Case:
     file: str
     name: str
     seconds: float
-    outcome: str  # passed | failed | skipped
+    outcome: str  # passed | failed | skipped | xfailed
 
 
 def _outcome(tc: ET.Element) -> str:
     if tc.find("failure") is not None or tc.find("error") is not None:
         return "failed"
-    return "skipped" if tc.find("skipped") is not None else "passed"
+    skipped = tc.find("skipped")
+    if skipped is None:
+        return "passed"
+    return "xfailed" if skipped.get("type") == "pytest.xfail" else "skipped"
 
 
 def read_report(path: Path) -> tuple[list[Case], float]:
@@ -100,7 +103,8 @@ def coverage(cases: list[Case]) -> dict[tuple[str, str], Counter]:
 def _cell(counts: Counter) -> str:
     if not counts:
         return "-"
-    parts = [f"{counts[k]} {label}" for k, label in (("passed", "pass"), ("failed", "FAIL"), ("skipped", "skip"))
+    parts = [f"{counts[k]} {label}" for k, label in (("passed", "pass"), ("failed", "FAIL"), ("xfailed", "xfail"),
+                                                             ("skipped", "skip"))
              if counts[k]]  # fmt: skip
     return ", ".join(parts)
 
@@ -108,7 +112,7 @@ def _cell(counts: Counter) -> str:
 def render(cases: list[Case], wall: float, top: int = 15) -> str:
     outcomes = Counter(c.outcome for c in cases)
     lines = [f"tier wall time: {wall:.0f} s ({wall / 60:.1f} min); {len(cases)} tests: "
-             + ", ".join(f"{outcomes[k]} {k}" for k in ("passed", "failed", "skipped")), "",
+             + ", ".join(f"{outcomes[k]} {k}" for k in ("passed", "failed", "xfailed", "skipped")), "",
              "| file | tests | seconds |", "|---|---|---|"]  # fmt: skip
     per_file: dict[str, list[Case]] = defaultdict(list)
     for c in cases:
