@@ -11,6 +11,13 @@ folder a mobile engineer can hand over::
 
 Each stage calls the same library function as its own CLI verb, so the artifacts are identical to those of
 ``tadsr export`` / ``tadsr quantize`` / ``tadsr parity`` / ``tadsr bench``.
+
+``tadsr all --smoke`` is the reduced configuration the default test tier runs (minutes on two cores). The model
+is chosen as without it, so by default the shipped ``bundled`` one: smaller than ``tiny`` and trained, which the
+INT8 floors need (random ``tiny`` weights put the VQ latents on near-ties, and their INT8 pipeline misses the
+floor). Every format exports the fused pipeline and the components in fp32 (no Core ML fp16); INT8 of the fused
+pipeline per format (and of the ONNX components, which are cheap); 8 calibration patches and a short recipe
+search; one real parity patch and one whole image; one benchmark image (one tile) and one timed pass.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class MainJobConfig:
     repeats: int = 5
     threads: int | None = None
     teacher_steps: int = 15
+    smoke: bool = False
     progress: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -83,31 +91,59 @@ def run_main_job(cfg: MainJobConfig) -> int:
                   precisions=("fp32",), out_dir=out / "artifacts")  # fmt: skip
     models = _stage(cfg, "load", lambda: load_models(
         student=cfg.student, teacher=cfg.teacher, autoencoder=cfg.autoencoder, preset=cfg.preset, init=cfg.init))
-    # Components (per-stage latency, INT8 per component) for ONNX and ExecuTorch; the fused pipeline everywhere.
     fp32: list[Any] = []
     for fmt in cfg.formats:
-        graphs = ("pipeline",) if fmt == "coreml" else ("pipeline", "components")
-        precisions = ("fp32", "fp16") if fmt == "coreml" else ("fp32",)
+        graphs, precisions = _export_plan(cfg, fmt)
         fp32 += _stage(cfg, f"export {fmt}", lambda: export_model(
             models, formats=(fmt,), graphs=graphs, tile=cfg.tile, precisions=precisions, out_dir=out / "artifacts",
-            progress=cfg.progress))  # fmt: skip
+            progress=cfg.progress, **({"n_real": 1} if cfg.smoke else {})))  # fmt: skip
     int8: list[Path] = []
     captures = CaptureCache()  # one model: every artifact is calibrated from the same captures
     for res in fp32:
-        if res.precision != "fp32":
+        if res.precision != "fp32" or not _quantized(cfg, res.path.name):
             continue
         int8 += _stage(cfg, f"quantize {res.path.name}", lambda: quantize_artifact(
             res.path, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8", threads=cfg.threads,
-            progress=cfg.progress, captures=captures))  # fmt: skip
+            progress=cfg.progress, captures=captures, **_SMOKE_QUANTIZE if cfg.smoke else {}))  # fmt: skip
     parity = _stage(cfg, "parity", lambda: _parity(out, cfg, check_parity, write_report, ParityOptions,
                                                      TraceCache()))
     data = cfg.data or default_bench_dir()
     bench = _stage(cfg, "bench", lambda: run_bench(BenchConfig(
         out_dir=out / "bench", data=data, artifacts=(out / "artifacts", out / "int8"), preset=cfg.preset,
         init=cfg.init, teacher_steps=cfg.teacher_steps, threads=cfg.threads, repeats=cfg.repeats, tile=cfg.tile,
-        memory="inprocess"), models=models, progress=cfg.progress))  # fmt: skip
+        memory="inprocess", **_SMOKE_BENCH if cfg.smoke else {}), models=models, progress=cfg.progress))  # fmt: skip
     _summary(out, cfg, fp32, int8, parity, bench)
     return 0 if all(p.passed for p in parity) else 1
+
+
+# --smoke: the reduced stages (see the module docstring); every other setting is the full job's.
+# The smoke writes every INT8 artifact even below its floor (no parity gate): the parity stage then gives each
+# one its verdict and the exit code says whether all passed, so one run shows every failure.
+_SMOKE_QUANTIZE: dict[str, Any] = {"holdout_patches": 4, "sensitivity_patches": 2, "sensitivity_budget": 8,
+                                   "parity_gate": False}
+_SMOKE_PARITY: dict[str, Any] = {"patches": 1, "whole_images": 1, "max_side": 96}
+_SMOKE_BENCH: dict[str, Any] = {"max_images": 1, "hr_crop": 256, "warmup": 0}
+SMOKE_DEFAULTS: dict[str, Any] = {"num_patches": 8, "repeats": 1, "teacher_steps": 15}  # the shipped schedule: 1 tile
+
+
+def _export_plan(cfg: MainJobConfig, fmt: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(graphs, precisions) exported for ``fmt``.
+
+    The full job exports the components (per-stage latency, INT8 per component) for ONNX and ExecuTorch, the
+    fused pipeline everywhere, and Core ML in fp32 and fp16; the smoke exports pipeline + components in fp32 for
+    every format.
+    """
+    if cfg.smoke:
+        return ("pipeline", "components"), ("fp32",)
+    if fmt == "coreml":
+        return ("pipeline",), ("fp32", "fp16")
+    return ("pipeline", "components"), ("fp32",)
+
+
+def _quantized(cfg: MainJobConfig, artifact: str) -> bool:
+    """Whether the fp32 artifact folder ``artifact`` gets INT8: always in the full job; in the smoke the fused
+    pipeline of every format and the ONNX components."""
+    return not cfg.smoke or artifact.startswith("pipeline-") or "-onnx-" in artifact
 
 
 def _parity(out: Path, cfg: MainJobConfig, check_parity: Any, write_report: Any, options_cls: Any,
@@ -115,7 +151,8 @@ def _parity(out: Path, cfg: MainJobConfig, check_parity: Any, write_report: Any,
     """Parity of the fp32 and the INT8 folders; one trace cache for both (a trace is the same torch graph)."""
     results = []
     for sub in ("artifacts", "int8"):
-        res = check_parity(out / sub, options=options_cls(threads=cfg.threads), traces=traces)
+        options = options_cls(threads=cfg.threads, **_SMOKE_PARITY if cfg.smoke else {})
+        res = check_parity(out / sub, options=options, traces=traces)
         write_report(res, out / "parity" / sub)
         results.append(res)
     return results
@@ -125,7 +162,7 @@ def _summary(out: Path, cfg: MainJobConfig, fp32: list, int8: list, parity: list
     lines = [
         "# tadsr main job", "",
         f"preset `{cfg.preset}`{' (random weights)' if cfg.init else ''}, tile {cfg.tile}, formats "
-        f"{', '.join(cfg.formats)}", "",
+        f"{', '.join(cfg.formats)}{' (smoke: reduced configuration)' if cfg.smoke else ''}", "",
         "| stage | seconds |", "|---|---|", *(f"| {k} | {v} |" for k, v in cfg.timings.items()), "",
         f"- fp32/fp16 artifacts: {len(fp32)} in `artifacts/`", f"- INT8 artifacts: {len(int8)} in `int8/`",
         f"- parity: {'PASS' if all(p.passed for p in parity) else 'FAIL'} (`parity/artifacts/parity.md`, "
@@ -152,10 +189,13 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=64)
     p.add_argument("--data", type=Path, help="HR images for the benchmark (default: shipped held-out crops)")
     p.add_argument("--calib", type=Path, help="calibration images, e.g. a DIV2K folder (default: shipped patches)")
-    p.add_argument("--num-patches", type=int, help="calibration patches (default: 64, or all shipped)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per system (default: %(default)s)")
+    p.add_argument("--num-patches", type=int, help="calibration patches (default: 64, or all shipped; smoke: 8)")
+    p.add_argument("--repeats", type=int, help="timed runs per system (default: 5; smoke: 1)")
     p.add_argument("--threads", type=int, help="runtime threads (default: library defaults)")
-    p.add_argument("--teacher-steps", type=int, default=15)
+    p.add_argument("--teacher-steps", type=int, help="teacher sampling steps (default: 15, the shipped schedule)")
+    p.add_argument("--smoke", action="store_true",
+                   help="reduced configuration for CI (minutes on 2 cores): every format, pipeline + components "
+                   "fp32, INT8 of the pipelines (and ONNX components), few calibration/parity cases")  # fmt: skip
     p.set_defaults(func=_run)
     return p
 
@@ -166,10 +206,14 @@ def _run(args: argparse.Namespace) -> int:
     from tadsr.cli.common import resolve_preset
 
     resolve_preset(args)
+    full = {"num_patches": None, "repeats": 5, "teacher_steps": 15}
+    for key, value in (SMOKE_DEFAULTS if args.smoke else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     cfg = MainJobConfig(
         out=args.out, preset=args.preset, init=args.init, student=args.student, teacher=args.teacher,
         autoencoder=args.autoencoder, formats=tuple(args.formats), tile=args.tile,
         data=args.data, calib=args.calib, num_patches=args.num_patches, repeats=args.repeats, threads=args.threads,
-        teacher_steps=args.teacher_steps, progress=sys.stderr.isatty(),
+        teacher_steps=args.teacher_steps, smoke=args.smoke, progress=sys.stderr.isatty(),
     )  # fmt: skip
     return run_main_job(cfg)

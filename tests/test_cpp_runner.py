@@ -394,13 +394,12 @@ def test_cli_upscale_png_and_errors(cpp_build: Path, standin_artifacts, photo: n
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in" + suffix, "out" + suffix, "bad.png"])
 
 
-@pytest.mark.slow  # the tiny model's ExecuTorch pipeline and component lowering take minutes
-def test_cpp_matches_python_on_tiny_model(lib: Lib, tiny_models, tiny_executorch_pipeline: Path, photo: np.ndarray,
-                                          tmp_path: Path) -> None:  # fmt: skip
-    from tadsr.export.api import export_model
-
-    export_model(tiny_models, formats=("executorch",), graphs=("components",), tile=64, out_dir=tmp_path, n_real=1)
-    for folder in (tiny_executorch_pipeline, tmp_path):
+def test_cpp_matches_python_on_the_smoke_model(lib: Lib, tiny_all, photo: np.ndarray, tmp_path: Path) -> None:
+    """The real ExecuTorch pipeline and component artifacts of the default tier's `tadsr all --smoke` run."""
+    arts = tiny_all.out / "artifacts"
+    for graph in ("encoder", "denoiser", "decoder"):
+        (tmp_path / f"{graph}-executorch-fp32-t64").symlink_to(arts / f"{graph}-executorch-fp32-t64")
+    for folder in (arts / "pipeline-executorch-fp32-t64", tmp_path):
         handle = lib.open(folder)
         try:
             out = np.zeros((photo.shape[0] * 4, photo.shape[1] * 4, 3), np.uint8)

@@ -11,6 +11,7 @@ from tadsr.config import SCHEDULES
 from tadsr.models.ops import BicubicUpsample, bicubic_x4_reference
 from tadsr.schedule import make_schedule
 
+import conftest
 from conftest import load_golden
 
 # golden README: denoiser/autoencoder within 1e-5 (tiny) / 1e-4 (full); images within 1e-3; codes identical
@@ -119,3 +120,13 @@ def test_fill_rule_matters() -> None:
         m.student.out[2].bias.add_(1e-3)
         out = m.student(_t(g["unet_64x64_t14/x"]), _t(g["unet_64x64_t14/t"]), _t(g["unet_64x64_t14/lq"]))
     assert _maxerr(out, g["unet_64x64_t14/out"]) > TOL["tiny"]
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception),
+                                         ("false", pytest.skip.Exception)])  # fmt: skip
+def test_missing_golden_fails_under_ci(monkeypatch: pytest.MonkeyPatch, tmp_path, ci: str, outcome) -> None:
+    """Under CI (``CI`` set) a missing golden file fails the test; locally it skips with the reason."""
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setattr(conftest, "GOLDEN_DIR", tmp_path)
+    with pytest.raises(outcome, match="golden file .* not found"):
+        load_golden("tiny")

@@ -366,7 +366,6 @@ def test_unobservable_units_are_reported(onnx_trace):
 # ------------------------------------------------------------------------------- Core ML / ExecuTorch (slow)
 
 
-@pytest.mark.slow  # coremltools conversion, ~10 s CPU
 def test_coreml_file_with_a_wrong_weight_is_localised(toy, inputs, tmp_path):
     import copy
 
@@ -386,7 +385,6 @@ def test_coreml_file_with_a_wrong_weight_is_localised(toy, inputs, tmp_path):
     assert all(u.status == "ok" and u.psnr > 60 for u in loc.units[: loc.units.index(loc.first)])  # fp16 elsewhere
 
 
-@pytest.mark.slow  # ExecuTorch lowering, ~10 s CPU
 def test_executorch_relowering_checks_toolchain_and_flags_a_different_file(toy, inputs):
     from tadsr.formats.localize import localize_executorch
 

@@ -1,8 +1,8 @@
-"""``tadsr all`` (the README's main job): bad input fails fast with exit 2; a tiny ONNX run end to end (slow)."""
+"""``tadsr all`` (the README's main job): bad input fails fast with exit 2; the exit code is the parity verdict;
+``--smoke`` plans the reduced run. The real end-to-end run is tests/test_every_format.py (``tadsr all --smoke``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,24 +18,6 @@ def test_bad_input_fails_before_any_work(tmp_path: Path) -> None:
     assert main(["-q", "all", "--out", str(tmp_path / "o"), "--tile", "48"]) == 2
     assert main(["-q", "all", "--out", str(tmp_path / "o"), "--student", str(tmp_path / "missing.pth")]) == 2
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.onnx"))
-
-
-@pytest.mark.slow
-def test_tiny_onnx_main_job(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    rc = main(["-q", "all", "--out", str(out), "--preset", "tiny", "--init", "random", "--format", "onnx",
-               "--num-patches", "8", "--repeats", "5", "--teacher-steps", "2", "--threads", "2"])  # fmt: skip
-    summary = (out / "SUMMARY.md").read_text()
-    assert "preset `tiny` (random weights)" in summary and "## Benchmark" in summary
-    report = json.loads(next((out / "bench").glob("*.json")).read_text())
-    assert report and (out / "parity" / "artifacts" / "parity.json").exists()
-    assert sorted(p.name for p in (out / "int8").iterdir() if p.is_dir()) == [
-        "decoder-onnx-int8-t64", "denoiser-onnx-int8-t64", "encoder-onnx-int8-t64", "pipeline-onnx-int8-t64"]
-    # the exit code is the parity verdict: 0 when both reports passed, 1 when one failed (random INT8 weights may
-    # miss a floor; the report says which)
-    reports = [out / "parity" / sub / "parity.json" for sub in ("artifacts", "int8")]
-    verdicts = [json.loads(p.read_text())["passed"] for p in reports]
-    assert rc == (0 if all(verdicts) else 1), (rc, verdicts)
 
 
 @pytest.mark.parametrize("verdicts, want", [((True, True), 0), ((True, False), 1), ((False, True), 1)])
@@ -62,3 +44,61 @@ def test_exit_code_is_the_parity_verdict(tmp_path: Path, monkeypatch: pytest.Mon
     out = tmp_path / "out"
     assert main(["-q", "all", "--out", str(out), "--preset", "tiny", "--init", "random", "--format", "onnx"]) == want
     assert ("parity: PASS" if want == 0 else "parity: FAIL") in (out / "SUMMARY.md").read_text()
+
+
+def _stub_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: dict[str, list]) -> None:
+    """Every stage of ``tadsr all`` replaced by a recorder (export returns one fp32 result per graph)."""
+    from types import SimpleNamespace
+
+    import tadsr.bench.bench
+    import tadsr.export.api
+    import tadsr.parity.check
+    import tadsr.pipeline
+    import tadsr.quantize.api
+
+    def export(models, **kw):
+        calls["export"].append(kw)
+        kw["out_dir"].mkdir(parents=True, exist_ok=True)
+        graphs = ["pipeline", "encoder", "denoiser", "decoder"] if "components" in kw["graphs"] else ["pipeline"]
+        return [SimpleNamespace(precision=p, path=kw["out_dir"] / f"{g}-{kw['formats'][0]}-{p}-t64")
+                for g in graphs for p in kw["precisions"]]  # fmt: skip
+
+    md = tmp_path / "bench.md"
+    md.write_text("| system |\n")
+    monkeypatch.setattr(tadsr.pipeline, "load_models", lambda **kw: object())
+    monkeypatch.setattr(tadsr.export.api, "export_model", export)
+    monkeypatch.setattr(tadsr.quantize.api, "quantize_artifact",
+                        lambda path, **kw: calls["quantize"].append((path.name, kw)) or [])  # fmt: skip
+    monkeypatch.setattr(tadsr.parity.check, "check_parity",
+                        lambda *a, **kw: calls["parity"].append(kw["options"]) or SimpleNamespace(passed=True))  # fmt: skip
+    monkeypatch.setattr(tadsr.parity.check, "write_report", lambda *a, **kw: None)
+    monkeypatch.setattr(tadsr.bench.bench, "run_bench",
+                        lambda cfg, **kw: calls["bench"].append(cfg) or SimpleNamespace(files={"markdown": md}))  # fmt: skip
+
+
+def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--smoke``: every format exports pipeline + components in fp32; INT8 of each pipeline and of the ONNX
+    components only; small calibration, parity and benchmark settings. Without it, the full job's plan."""
+    calls: dict[str, list] = {"export": [], "quantize": [], "parity": [], "bench": []}
+    _stub_stages(monkeypatch, tmp_path, calls)
+    assert main(["-q", "all", "--smoke", "--out", str(tmp_path / "smoke")]) == 0
+    assert [(c["formats"], c["graphs"], c["precisions"]) for c in calls["export"]] == [
+        ((fmt,), ("pipeline", "components"), ("fp32",)) for fmt in ("onnx", "executorch", "coreml")]
+    assert all(c["n_real"] == 1 for c in calls["export"])
+    assert sorted(name for name, _ in calls["quantize"]) == sorted(
+        ["pipeline-onnx-fp32-t64", "encoder-onnx-fp32-t64", "denoiser-onnx-fp32-t64", "decoder-onnx-fp32-t64",
+         "pipeline-executorch-fp32-t64", "pipeline-coreml-fp32-t64"])  # fmt: skip
+    assert all(kw["num_patches"] == 8 and kw["sensitivity_budget"] <= 8 and kw["parity_gate"] is False
+               for _, kw in calls["quantize"])  # fmt: skip
+    assert all(o.patches == 1 and o.whole_images == 1 for o in calls["parity"])
+    (bench,) = calls["bench"]
+    assert bench.repeats == 1 and bench.teacher_steps == 15 and bench.max_images == 1
+    assert "smoke" in (tmp_path / "smoke" / "SUMMARY.md").read_text()
+
+    for recorded in calls.values():
+        recorded.clear()
+    assert main(["-q", "all", "--out", str(tmp_path / "full")]) == 0
+    assert [c["precisions"] for c in calls["export"]] == [("fp32",), ("fp32",), ("fp32", "fp16")]
+    assert len(calls["quantize"]) == 4 + 4 + 1 and all(kw["num_patches"] is None for _, kw in calls["quantize"])
+    (bench,) = calls["bench"]
+    assert bench.repeats == 5 and bench.teacher_steps == 15 and bench.max_images is None

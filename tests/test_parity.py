@@ -128,7 +128,6 @@ def test_tampered_weight_is_localised_to_its_block(corrupted):
     assert (m["tensor"], m["unit"]) == ("decoder.up.1.block.0.conv1.weight", "decoder.up.1")
 
 
-@pytest.mark.slow  # torch.export of the whole pipeline for the localisation (~30 s); the toy test covers it fast
 def test_wrong_noise_scale_in_the_pipeline_graph_names_the_prior_sample(tiny_onnx_artifacts, tmp_path):
     d = _copy(tiny_onnx_artifacts, tmp_path, "pipeline")
     _scale_initializer(d, "pipeline", "noise_scale", 0.5)

@@ -90,9 +90,8 @@ def _scales(path: Path) -> dict[str, np.ndarray]:
     [
         "encoder",
         "decoder",
-        # minutes of CPU each: the denoiser's calibration, the fused pipeline's sensitivity search
-        pytest.param("denoiser", marks=pytest.mark.slow),
-        pytest.param("pipeline", marks=pytest.mark.slow),
+        # the denoiser and the fused pipeline (minutes of CPU each on the tiny model): tests/test_every_format.py
+        # checks their INT8 artifacts from the default tier's `tadsr all --smoke` run
     ],
 )
 def test_onnx_int8_graph(graph, fp32_onnx, int8_onnx):

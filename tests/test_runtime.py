@@ -76,13 +76,6 @@ def test_low_memory_mode_same_sr(tiny_executorch_encoder: Path, tiny_onnx_artifa
     np.testing.assert_allclose(low.upscale(lr_image, seed=5), default, atol=1e-5)
 
 
-@pytest.mark.slow  # the ExecuTorch pipeline export takes ~2.5 min
-def test_same_sr_on_executorch(tiny_models, tiny_executorch_pipeline: Path, lr_image: np.ndarray) -> None:
-    ref = _torch_reference(tiny_models, lr_image, seed=5)
-    et = MobileSRPipeline.from_path(tiny_executorch_pipeline).upscale(lr_image, seed=5)
-    assert psnr(et, ref) >= FP32_PSNR_FLOOR
-
-
 def test_find_artifacts_choices(tiny_onnx_artifacts: Path) -> None:
     with pytest.raises(InputError, match="holds only the 'encoder' graph"):
         find_artifacts(tiny_onnx_artifacts / "encoder-onnx-fp32-t64")
