@@ -127,15 +127,7 @@ def _parity(run_dir: Path) -> list[dict[str, Any]]:
     return entries
 
 
-# Known failures, strict: the INT8 / W8 fused pipelines of the bundled model flip far more VQ codes (near-ties)
-# than the int8 pipeline floor's budget (25% of a tile's positions) allows, weight-only W8 at 48 dB included
-# (~32%), while their whole-image checks pass; `tadsr quantize` of the bundled ONNX pipeline fails its parity gate
-# the same way with the full settings. The floor (tadsr/numerics.json) or the flip accounting needs a fix.
-_INT8_FLIPS = ("INT8/W8 fused pipeline exceeds the int8 floor's VQ near-tie flip budget (25% of positions; "
-               "W8 at 48 dB flips ~32%): tadsr/numerics.json floors.int8.pipeline flips vs the bundled model")
-PARITY_CASES = [pytest.param(fmt, group, id=f"{fmt}-{group}",
-                             marks=[pytest.mark.xfail(strict=True, reason=_INT8_FLIPS)] if group == "int8" else [])
-                for fmt in FORMATS for group in ("fp32", "int8")]  # fmt: skip
+PARITY_CASES = [pytest.param(fmt, group, id=f"{fmt}-{group}") for fmt in FORMATS for group in ("fp32", "int8")]
 
 
 @pytest.mark.parametrize("fmt, group", PARITY_CASES)
