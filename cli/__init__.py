@@ -123,8 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(level)
     return run_verb(args, argv)
+
+
+def configure_logging(level: int) -> None:
+    """``level`` for tadsr's own messages; other libraries (coremltools logs every op it removes at INFO) only
+    say warnings, unless ``-vv`` asks for everything."""
+    logging.basicConfig(level=logging.DEBUG if level <= logging.DEBUG else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)  # fmt: skip
+    logging.getLogger("tadsr").setLevel(level)
 
 
 if __name__ == "__main__":

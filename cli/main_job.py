@@ -16,7 +16,8 @@ Each stage calls the same library function as its own CLI verb, so the artifacts
 is chosen as without it, so by default the shipped ``bundled`` one: smaller than ``tiny`` and trained, which the
 INT8 floors need (random ``tiny`` weights put the VQ latents on near-ties, and their INT8 pipeline misses the
 floor). Every format exports the fused pipeline and the components in fp32 (no Core ML fp16); INT8 of the fused
-pipeline per format (and of the ONNX components, which are cheap); 8 calibration patches and a short recipe
+pipeline for ONNX and Core ML, of the ONNX components, and of the ExecuTorch decoder (lowering its INT8 pipeline
+takes minutes); 8 calibration patches and a short recipe
 search; one real parity patch and one whole image; one benchmark image (one tile) and one timed pass.
 """
 
@@ -140,10 +141,18 @@ def _export_plan(cfg: MainJobConfig, fmt: str) -> tuple[tuple[str, ...], tuple[s
     return ("pipeline", "components"), ("fp32",)
 
 
+# the graphs the smoke quantizes per format: ExecuTorch's INT8 lowering of the fused pipeline alone takes ~4 min on
+# two cores, so the smoke quantizes its decoder (the VQ lookup and the autoencoder's INT8-sensitive blocks, ~20 s);
+# the full job quantizes every graph
+_SMOKE_INT8 = {"onnx": ("pipeline", "encoder", "denoiser", "decoder"), "executorch": ("decoder",),
+               "coreml": ("pipeline",)}  # fmt: skip
+
+
 def _quantized(cfg: MainJobConfig, artifact: str) -> bool:
-    """Whether the fp32 artifact folder ``artifact`` gets INT8: always in the full job; in the smoke the fused
-    pipeline of every format and the ONNX components."""
-    return not cfg.smoke or artifact.startswith("pipeline-") or "-onnx-" in artifact
+    """Whether the fp32 artifact folder ``artifact`` (``<graph>-<format>-...``) gets INT8: always in the full
+    job; in the smoke the graphs of :data:`_SMOKE_INT8`."""
+    graph, fmt = artifact.split("-")[:2]
+    return not cfg.smoke or graph in _SMOKE_INT8.get(fmt, ())
 
 
 def _parity(out: Path, cfg: MainJobConfig, check_parity: Any, write_report: Any, options_cls: Any,

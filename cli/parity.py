@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     flags = [a for a in argv if a in ("-q", "--quiet", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"})]
     args = parser.parse_args([*flags, "parity", *(a for a in argv if a not in flags)])
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from tadsr.cli import run_verb
+    from tadsr.cli import configure_logging, run_verb
+
+    configure_logging(level)
 
     return run_verb(args, argv)
 

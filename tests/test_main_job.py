@@ -77,8 +77,8 @@ def _stub_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: dict[st
 
 
 def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--smoke``: every format exports pipeline + components in fp32; INT8 of each pipeline and of the ONNX
-    components only; small calibration, parity and benchmark settings. Without it, the full job's plan."""
+    """``--smoke``: every format exports pipeline + components in fp32; INT8 of the ONNX and Core ML pipelines,
+    the ONNX components and the ExecuTorch decoder only; small calibration, parity and benchmark settings. Without it, the full job's plan."""
     calls: dict[str, list] = {"export": [], "quantize": [], "parity": [], "bench": []}
     _stub_stages(monkeypatch, tmp_path, calls)
     assert main(["-q", "all", "--smoke", "--out", str(tmp_path / "smoke")]) == 0
@@ -87,7 +87,7 @@ def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert all(c["n_real"] == 1 for c in calls["export"])
     assert sorted(name for name, _ in calls["quantize"]) == sorted(
         ["pipeline-onnx-fp32-t64", "encoder-onnx-fp32-t64", "denoiser-onnx-fp32-t64", "decoder-onnx-fp32-t64",
-         "pipeline-executorch-fp32-t64", "pipeline-coreml-fp32-t64"])  # fmt: skip
+         "decoder-executorch-fp32-t64", "pipeline-coreml-fp32-t64"])  # fmt: skip
     assert all(kw["num_patches"] == 8 and kw["sensitivity_budget"] <= 8 and kw["parity_gate"] is False
                for _, kw in calls["quantize"])  # fmt: skip
     assert all(o.patches == 1 and o.whole_images == 1 for o in calls["parity"])
