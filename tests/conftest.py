@@ -63,6 +63,15 @@ def load_golden(tag: str) -> dict[str, np.ndarray]:
         return {k: d[k] for k in d.files}
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for the module's tests (timing-independent numerics); the previous count is restored."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     import tadsr

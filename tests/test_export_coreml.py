@@ -35,12 +35,7 @@ from tadsr.runtime.coreml_runner import CoreMLRunner
 FLOAT32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread, restored after
 
 
 @pytest.fixture(scope="module")

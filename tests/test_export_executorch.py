@@ -27,12 +27,7 @@ VQ_LOOKUP_OPS = {"argmin.default", "view_copy.default", "embedding.default"}
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread, restored after
 
 
 @pytest.fixture(scope="module")

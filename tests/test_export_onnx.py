@@ -30,12 +30,6 @@ from tadsr.pipeline import OneStepPipeline, make_noise
 from tadsr.runtime.runner import load_runner, read_manifest
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

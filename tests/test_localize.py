@@ -31,12 +31,7 @@ from tadsr.formats.localize import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread, restored after
 
 
 # ------------------------------------------------------------------------------------------------- the toy

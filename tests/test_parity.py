@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 from tadsr.runtime.runner import sha256_path
 
@@ -34,12 +33,7 @@ from tadsr.cli.parity import main
 FAST = {"patches": 1, "whole_images": 1, "max_side": 64, "threads": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread, restored after
 
 
 def _copy(src: Path, dst: Path, graph: str) -> Path:

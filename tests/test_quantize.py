@@ -37,12 +37,6 @@ from tadsr.runtime.runner import load_runner, read_manifest
 SMALL = {"num_patches": 4, "holdout_patches": 2, "sensitivity_patches": 1, "threads": 1}
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ from tadsr.models.ops import GroupNorm32
 from tadsr.models.swin import SwinBlock
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread, restored after
 
 
 @pytest.fixture(scope="module")

@@ -310,7 +310,7 @@ def test_teacher_paused_run_resumes_to_the_straight_run(tmp_path: Path) -> None:
 def test_distill_paused_run_resumes_to_the_straight_run(tmp_path: Path) -> None:
     pool = _pool(3)
     cfg = DistillConfig(preset="test-micro", steps=2, batch=1, c_dim=8, amp=False, warmup=2, log_every=1)
-    straight = train_distill(cfg, pool, _teacher(), tmp_path / "a", DEV)
+    train_distill(cfg, pool, _teacher(), tmp_path / "a", DEV)  # the straight run: its files are compared below
     pause = DistillConfig(**{**cfg.__dict__, "pause_after_s": 0.0})
     paused = train_distill(pause, pool, _teacher(), tmp_path / "b", DEV)
     assert paused.steps == 1

@@ -205,7 +205,6 @@ def train_autoencoder(
         resume: continue from ``out_dir`` when it holds a checkpoint.
         init: start a fresh run from these weights (e.g. the shipped autoencoder) instead of a random one.
     """
-    t_start = time.perf_counter()
     out_dir = Path(out_dir)
     vq_cfg = vq_cfg or get_preset(cfg.preset).vq
     torch.manual_seed(cfg.seed)

@@ -53,7 +53,6 @@ from tadsr.train.common import (
     init_distributed,
     setup_logging,
     step_seed,
-    unwrap,
     warmup_cosine,
 )
 from tadsr.train.data import PhotoPairs, grid_crops, load_pairs, sample_crops, to_unit

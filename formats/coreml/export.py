@@ -42,7 +42,6 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ from torch.utils import _pytree as pytree
 
 from tadsr import fileio
 from tadsr.errors import ConfigError, ExportError
+from tadsr.versions import version as tool_version
 from tadsr.formats.artifact import BackendResult
 from tadsr.formats.graphs import GraphSpec
 from tadsr.formats.rewrites import apply_rewrites
@@ -412,10 +412,7 @@ def _describe(mlmodel: Any, spec: GraphSpec, precision: str, meta: Mapping[str, 
             mlmodel.input_description[s.name] = text
         else:
             mlmodel.output_description[s.name] = text
-    try:
-        version = _metadata.version("tadsr-mobile")
-    except _metadata.PackageNotFoundError:
-        version = "unknown"
+    version = tool_version("tadsr") or "unknown"
     mlmodel.author = str(meta.get("author", "tadsr-mobile"))
     mlmodel.license = str(meta.get("license", DEFAULT_LICENSE))
     mlmodel.version = str(meta.get("version", version))
