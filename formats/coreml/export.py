@@ -51,10 +51,10 @@ from torch.utils import _pytree as pytree
 
 from tadsr import fileio
 from tadsr.errors import ConfigError, ExportError
-from tadsr.versions import version as tool_version
 from tadsr.formats.artifact import BackendResult
 from tadsr.formats.graphs import GraphSpec
 from tadsr.formats.rewrites import apply_rewrites
+from tadsr.versions import version as tool_version
 
 __all__ = [
     "export_coreml",
