@@ -68,6 +68,10 @@ class FormatSpec:
     job_graphs: tuple[str, ...] = ("pipeline", "components")
     job_precisions: tuple[str, ...] = ("fp32",)
 
+    def runner_kwargs(self, threads: int | None) -> dict[str, Any]:
+        """The keyword options its runner takes for ``threads`` (none when unset or not settable)."""
+        return {"threads": threads} if threads is not None and self.threads else {}
+
     def hook(self, which: str) -> Callable[..., Any]:
         """The function behind hook ``which`` (``"export"``, ``"quantize"``, ``"localize"``, ``"output_scale"``),
         imported now.

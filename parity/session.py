@@ -152,11 +152,9 @@ class ParityOptions:
 
 
 def runner_kwargs(fmt: str, threads: int | None) -> dict[str, Any]:
-    """The runner options a format's runner takes for ``threads`` (the registry's ``runner_options``; none for a
+    """The runner options a format's runner takes for ``threads`` (:meth:`FormatSpec.runner_kwargs`; none for a
     format this build does not know, or when no thread count is asked for)."""
-    if threads is None or fmt not in FORMAT_NAMES:
-        return {}
-    return get_format(fmt).runner_options(threads)[0]
+    return get_format(fmt).runner_kwargs(threads) if fmt in FORMAT_NAMES else {}
 
 
 class TraceCache:

@@ -251,8 +251,7 @@ def _runner(path: Path, fmt: str, threads: int | None) -> tuple[Callable[[dict[s
     """``run`` of an artifact through :func:`load_runner` and the engine's name (Core ML: the simulator off macOS)."""
     from tadsr.runtime.runner import load_runner
 
-    opts: dict[str, Any] = {"threads": threads} if threads is not None and get_format(fmt).threads else {}
-    r = load_runner(path, **opts)
+    r = load_runner(path, **get_format(fmt).runner_kwargs(threads))
     return r.run, r.backend
 
 
