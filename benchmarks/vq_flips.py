@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     # rest of the weight x calibration matrix, then INT8
     ws, cs = args.weight_seeds, args.calib_seeds
     square = [(ws[i], cs[i % len(cs)]) for i in range(len(ws))]
-    jobs = [("export", fmt, "fp32", w, c) for fmt in args.formats for w, c in square]
+    jobs = [("export", fmt, "fp32", w, c) for w, c in square for fmt in args.formats]
     jobs += [("export", "onnx", "fp16", w, c0) for w in args.weight_seeds[:1] if args.fp16]
     jobs += [("export", fmt, "fp32", w, c) for c in cs for fmt in args.formats for w in ws if (w, c) not in square]
     jobs += [("quantize", "onnx", "int8", w, c0) for w in args.weight_seeds[:1] if args.int8]
