@@ -176,3 +176,31 @@ def test_onnx_artifact_exposes_its_latent_and_codes(tiny_models, tiny_onnx_artif
         assert view.latents[0] is not None and np.abs(view.latents[0] - eager.latents[0]).max() < 1e-3
     enc = runner.manifest | {"graph": {"name": "encoder"}}
     assert artifact_view(tiny_onnx_artifacts / "encoder-onnx-fp32-t64", enc, cases, outs) is None
+
+
+def test_one_flip_among_many_candidates_is_recovered_one_by_one(tied) -> None:
+    """An unexposed fused program (ExecuTorch, Core ML) with one true near-tie flip among thousands of candidate
+    positions (the latent floor's reach): trying every candidate at once does not find it (each flip's change
+    spreads into its neighbours' blocks); one by one, at the centre of the error blob, it is found. A flip at the
+    same place to the code farthest from the latent still fails."""
+    models, case, ref_codes, other, flat = tied
+    judge = replace(vq_judge(models, "pipeline", "fp32"), latent_budget=0.05)
+    floors = load_floors("fp32", "pipeline", models.preset.name)
+    p = flat[0]
+
+    def judged(code: int):  # noqa: ANN202
+        codes = ref_codes.copy()
+        codes[p] = code
+        out = {"sr": judge.decode(codes.reshape(1, 64, 64))}
+        vq = VQCompare(judge, VQView([None], [None], "unexposed"), reference_view(models, [case]))
+        (h,) = compare("t", [out], [case.reference], [case], floors, {"sr": (-1.0, 1.0)}, vq)
+        return h
+
+    h = judged(other[p])
+    assert h.passed, h.describe()
+    assert h.flips[0].flipped == h.flips[0].near_tie == 1 and "tried one by one" in h.flips[0].note
+    assert "candidate position" in h.flips[0].note and int(h.flips[0].note.split()[0]) > 1000
+    z = case.latent[0, :, p // 64, p % 64].astype(np.float64)
+    far = int(((judge.codebook.astype(np.float64) - z) ** 2).sum(1).argmax())
+    h = judged(far)
+    assert not h.passed, h.describe()  # no near-tie code map reproduces it
