@@ -45,6 +45,8 @@ def add_parity_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_model_args(p, teacher=False, default_preset=None,
                    title="reference (default: rebuilt from each manifest's preset and sources)",
                    preset_help="model preset (default: the manifest's)")
+    p.add_argument("--light-autoencoder", type=Path, metavar="CKPT",
+                   help="light autoencoder for artifacts exported with --light (default: the manifest's)")  # fmt: skip
     c = p.add_argument_group("inputs")
     c.add_argument("--images", type=Path, metavar="DIR",
                    help="image folder: real patches are cut from it and its images are the whole-image inputs "
@@ -78,7 +80,8 @@ def run_parity(args: argparse.Namespace) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    ref = ReferenceSpec(student=args.student, autoencoder=args.autoencoder, preset=args.preset, init=args.init)
+    ref = ReferenceSpec(student=args.student, autoencoder=args.autoencoder, preset=args.preset, init=args.init,
+                        light_autoencoder=args.light_autoencoder)  # fmt: skip
     opts = ParityOptions(seed=args.seed, patches=args.patches, images=args.images, whole_images=args.whole_images,
                          max_side=args.max_side, overlap=args.overlap, diagnose=args.diagnose, backend=args.backend,
                          threads=args.threads)  # fmt: skip

@@ -66,6 +66,9 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's choice)")
     p.add_argument("--no-parity-gate", dest="parity_gate", action="store_false",
                    help="write the artifact even when parity fails (recorded in the manifest)")  # fmt: skip
+    p.add_argument("--light-autoencoder", type=Path, metavar="CKPT",
+                   help="the light autoencoder of an artifact exported with --light, when the file recorded in its "
+                   "manifest moved (default: the recorded one)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="folder for the INT8 artifact folders")
     p.set_defaults(func=run_quantize)
     return p
@@ -91,6 +94,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         parity_gate=args.parity_gate,
         threads=args.threads,
         progress=sys.stderr.isatty(),
+        light_autoencoder=args.light_autoencoder,
     )
     manifests = [json.loads((p / "manifest.json").read_text()) for p in paths]
     print(format_summary(paths, manifests))

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from tadsr.checkpoint import sha256_file
-from tadsr.config import Preset, get_preset
-from tadsr.errors import CheckpointError, ConfigError, InputError
+from tadsr.config import get_preset
+from tadsr.errors import ConfigError, InputError
 from tadsr.formats.localize import GraphTrace, trace_graph, trace_program
 from tadsr.formats.registry import FORMAT_NAMES, get_format
 from tadsr.parity.hops import ReferenceRuns, real_lr_patches, reference_runs_on
-from tadsr.pipeline import Models, bundled_weight_path, load_models
+from tadsr.pipeline import Models, load_models
+from tadsr.provenance import PARTS, manifest_preset, models_from_manifest, uses_light_autoencoder
 
 logger = logging.getLogger(__name__)
 
@@ -35,82 +35,50 @@ class ReferenceSpec:
         student, autoencoder: checkpoint paths.
         preset: preset name (default: the artifact manifest's preset).
         init: ``"random"`` for the deterministic fill rule on networks without a checkpoint.
+        light_autoencoder: light autoencoder checkpoint (default: the manifest's, when it records one).
     """
 
     student: Path | None = None
     autoencoder: Path | None = None
     preset: str | None = None
     init: str | None = None
+    light_autoencoder: Path | None = None
 
     @property
     def from_manifest(self) -> bool:
+        """No network argument other than the light autoencoder: the manifest names the weights."""
         return self.student is None and self.autoencoder is None and self.preset is None and self.init is None
 
 
-def _manifest_preset(manifest: Mapping[str, Any]) -> Preset:
-    d = manifest.get("preset")
-    if not isinstance(d, dict) or "name" not in d:
-        raise InputError("the manifest records no preset; pass --preset NAME (and --student/--autoencoder)")
-    try:
-        return Preset.from_dict(d)
-    except (TypeError, KeyError, ValueError) as e:
-        raise InputError(f"the manifest's preset cannot be read ({e}); pass --preset NAME") from e
-
-
-def _weights_from_source(part: str, src: Any, preset: Preset) -> tuple[Path | None, bool]:
-    """(checkpoint path or None, needs the random fill) for one network, sha256 checked.
-
-    Raises:
-        InputError: the source is missing or not reproducible (in-memory state dict, missing file).
-        CheckpointError: the checkpoint's sha256 differs from the manifest's.
-    """
-    if not isinstance(src, Mapping) or "path" not in src:
-        raise InputError(f"the manifest records no source for the {part}; pass --{part} CKPT")
-    path, want = str(src["path"]), str(src.get("sha256") or "")
-    if path == "random-fill":
-        return None, True
-    if path.startswith("bundled:"):
-        p = bundled_weight_path(preset, part)
-        if p is None or p.name != path.removeprefix("bundled:"):
-            raise InputError(f"the {part} was exported from bundled weights {path!r}, which this installation of "
-                             f"preset {preset.name!r} does not ship; pass --{part} CKPT")  # fmt: skip
-    elif path.startswith("<"):
-        raise InputError(f"the {part} was exported from {path}; pass its checkpoint with --{part} CKPT")
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise InputError(f"the {part} checkpoint recorded in the manifest, {p}, does not exist here; "
-                             f"pass it with --{part} CKPT")  # fmt: skip
-    if want:
-        got = sha256_file(p)
-        if got != want:
-            raise CheckpointError(f"{p} has sha256 {got[:16]}..., the artifact was exported from "
-                                  f"{want[:16]}...: not the same weights; pass the right --{part}")  # fmt: skip
-    return p, False
-
-
 def _load_reference(manifest: Mapping[str, Any], ref: ReferenceSpec) -> tuple[Models, list[str]]:
-    """The reference networks for an artifact, and warnings about how they relate to its manifest."""
+    """The reference networks for an artifact, and warnings about how they relate to its manifest.
+
+    The light autoencoder comes with them when the artifact was exported with it (``sources.light_autoencoder``,
+    or ``ref.light_autoencoder``)."""
     warnings: list[str] = []
     if ref.from_manifest:
-        preset = _manifest_preset(manifest)
-        sources = manifest.get("sources") or {}
-        parts = {part: _weights_from_source(part, sources.get(part), preset) for part in ("student", "autoencoder")}
-        init = "random" if any(r for _, r in parts.values()) else None
-        models = load_models(student=parts["student"][0], autoencoder=parts["autoencoder"][0], preset=preset,
-                             init=init)  # fmt: skip
-        return models, warnings
-    preset = get_preset(ref.preset) if ref.preset else _manifest_preset(manifest)
+        return models_from_manifest(manifest, overrides={"light_autoencoder": ref.light_autoencoder}), warnings
+    preset = get_preset(ref.preset) if ref.preset else manifest_preset(manifest)
     mp = (manifest.get("preset") or {}).get("name")
     if mp and mp != preset.name:
         warnings.append(f"reference preset {preset.name!r} differs from the artifact's preset {mp!r}")
-    models = load_models(student=ref.student, autoencoder=ref.autoencoder, preset=preset, init=ref.init)
-    for part in ("student", "autoencoder"):
+    light: Path | bool | None = ref.light_autoencoder
+    if light is None and uses_light_autoencoder(manifest):
+        src = manifest["sources"]["light_autoencoder"]
+        if not str(src.get("path", "")).startswith(("bundled:", "random-fill")):
+            raise InputError("the artifact was exported with the light autoencoder "
+                             f"{src.get('path')}: pass it with --light-autoencoder CKPT")  # fmt: skip
+        light = True
+    models = load_models(student=ref.student, autoencoder=ref.autoencoder, preset=preset, init=ref.init,
+                         light_autoencoder=light)  # fmt: skip
+    for part in PARTS:
         want = ((manifest.get("sources") or {}).get(part) or {}).get("sha256")
         got = models.sources.get(part, {}).get("sha256")
         if want and got and want != got:
             warnings.append(f"the reference {part} ({models.sources[part]['path']}) is not the checkpoint the "
                             "artifact was exported from (sha256 differs)")  # fmt: skip
+    if models.light_autoencoder is not None and not uses_light_autoencoder(manifest):
+        warnings.append("the reference runs the light autoencoder; the artifact was exported with the full one")
     return models, warnings
 
 

@@ -39,8 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tadsr.config import Preset
-from tadsr.errors import ConfigError, ExportError, InputError, TadsrError
+from tadsr.errors import CheckpointError, ConfigError, ExportError, InputError, TadsrError
 from tadsr.export.api import _remove_empty, prepare_out_dir
 from tadsr.formats.artifact import BackendResult, artifact_name, build_manifest, staged_artifact, write_manifest
 from tadsr.formats.graphs import make_graph
@@ -55,7 +54,8 @@ from tadsr.parity.hops import (
     run_cases,
     vq_judge,
 )
-from tadsr.pipeline import Models, load_models
+from tadsr.pipeline import Models
+from tadsr.provenance import models_from_manifest
 from tadsr.quantize.calibration import CalibrationSet, CaptureCache, sample_calibration, sample_holdout
 from tadsr.formats.registry import all_formats, get_format
 from tadsr.formats.sensitivity import (
@@ -89,6 +89,7 @@ class _Parent:
     fmt: str
     tile: int
     model_file: Path
+    light_autoencoder: Path | None = None  # the user's override of the recorded light autoencoder
 
 
 def find_fp32_artifact(path: Path) -> Path:
@@ -138,44 +139,20 @@ def _read_parent(artifact_dir: Path) -> _Parent:
                    artifact_dir / manifest["files"][0]["name"])  # fmt: skip
 
 
-def rebuild_models(manifest: Mapping[str, Any]) -> Models:
-    """The networks an artifact was exported from, as its manifest records them (preset + sources).
+def rebuild_models(manifest: Mapping[str, Any], light_autoencoder: Path | None = None) -> Models:
+    """The networks an artifact was exported from, as its manifest records them
+    (:func:`tadsr.provenance.models_from_manifest`; the light autoencoder too when the artifact uses it).
 
-    Sources: a checkpoint path (its sha256 must still match), ``bundled:<file>`` (the shipped weights, sha256
-    checked) or ``random-fill`` (the deterministic fill rule).
+    ``light_autoencoder``: the light checkpoint, when the recorded one moved.
 
     Raises:
         InputError: a checkpoint moved, changed, or was an in-memory state dict.
     """
-    preset = Preset.from_dict(dict(manifest["preset"]))
-    sources = manifest["sources"]
-    ckpts: dict[str, Path | None] = {"student": None, "autoencoder": None}
-    init = None
-    for part in ckpts:
-        src = sources.get(part) or {}
-        path = str(src.get("path", ""))
-        if path == "random-fill":
-            init = "random"
-        elif path.startswith("bundled:"):
-            continue
-        elif not path or path.startswith("<"):
-            raise InputError(f"the artifact's {part} weights came from {path or 'nowhere'!r}, which cannot be "
-                             "reloaded; re-export it from checkpoint files")  # fmt: skip
-        else:
-            p = Path(path)
-            if not p.is_file():
-                raise InputError(f"the {part} checkpoint {p} recorded in the manifest is missing; restore it")
-            ckpts[part] = p
-    models = load_models(student=ckpts["student"], autoencoder=ckpts["autoencoder"], preset=preset, init=init)
-    for part in ckpts:
-        want = (sources.get(part) or {}).get("sha256", "")
-        got = models.sources.get(part, {}).get("sha256", "")
-        if want and got != want:
-            raise InputError(
-                f"the {part} weights ({models.sources[part]['path']}) no longer match the artifact "
-                f"(sha256 {got[:12]}..., manifest {want[:12]}...); re-export the fp32 artifact"
-            )
-    return models
+    try:
+        return models_from_manifest(manifest, overrides={"light_autoencoder": light_autoencoder},
+                                    flags=("light_autoencoder",))  # fmt: skip
+    except CheckpointError as e:  # the recorded file changed since the export
+        raise InputError(f"{e} (re-export the fp32 artifact from the weights you have now)") from e
 
 
 def _check_interface(spec: Any, manifest: Mapping[str, Any], where: Path) -> None:
@@ -411,6 +388,7 @@ def quantize_artifact(
     threads: int | None = None,
     progress: bool = False,
     captures: CaptureCache | None = None,
+    light_autoencoder: Path | None = None,
 ) -> list[Path]:
     """Make the INT8 artifact(s) of an fp32 artifact folder.
 
@@ -435,6 +413,8 @@ def quantize_artifact(
         captures: the calibration and held-out captures to reuse (:class:`CaptureCache`): a caller that quantizes
             several artifacts of one model (the pipeline and its components, several formats) passes the same
             cache to each call so the reference pipeline runs once; None = capture for this call only.
+        light_autoencoder: the light autoencoder of an artifact exported with it, when the file its manifest
+            records moved (None: the recorded one).
 
     Returns:
         The new artifact folders: ``<graph>-<format>-int8-t<tile>`` (and ``<graph>-coreml-w8-t<tile>``, the
@@ -456,6 +436,7 @@ def quantize_artifact(
             raise ConfigError(f"{n} must be a positive integer, got {v!r}")
     t0 = time.perf_counter()
     parent = _read_parent(artifact_dir)
+    parent.light_autoencoder = light_autoencoder
     rec = recipe if isinstance(recipe, Recipe) or recipe is None else load_recipe(Path(recipe))
     if rec is not None and rec.get(parent.graph, parent.fmt) is None:  # fail before any model work
         have = {g: sorted(b) for g, b in rec.graphs.items()}
@@ -482,7 +463,7 @@ def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patch
                                        progress=progress)  # fmt: skip
     hold_patches = sample_holdout(holdout, num_patches=holdout_patches, tile=parent.tile, scale=scale, seed=seed,
                                   calibration=calib_patches[0])  # fmt: skip
-    models = rebuild_models(parent.manifest)
+    models = rebuild_models(parent.manifest, parent.light_autoencoder)
     graph, spec = make_graph(models, parent.graph, parent.tile)
     _check_interface(spec, parent.manifest, parent.path)
     calib_set, hold = captures.get(parent.manifest, models, calib_patches, hold_patches, progress)
