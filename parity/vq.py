@@ -399,4 +399,3 @@ def torch_decoder(autoencoder: torch.nn.Module) -> Callable[[np.ndarray], np.nda
         return autoencoder.decoder(post(zq)).clamp(-1.0, 1.0).numpy().astype(np.float32)
 
     return decode
-

@@ -34,8 +34,11 @@ def light_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        res = [r for f in FORMATS
-               for r in export_model(models, formats=(f,), graphs=GRAPHS[f], tile=64, out_dir=out / f, n_real=1)]
+        res = [
+            r
+            for f in FORMATS
+            for r in export_model(models, formats=(f,), graphs=GRAPHS[f], tile=64, out_dir=out / f, n_real=1)
+        ]
     finally:
         torch.set_num_threads(threads)
     assert [(r.format, r.graph) for r in res] == [(f, g) for f in FORMATS for g in GRAPHS[f]]
