@@ -35,10 +35,12 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         "report.json first, then report.md, plots and an image grid into --out. Exit status 1 if an artifact "
         "could not be run.",
     )
-    from tadsr.cli.common import add_model_args
+    from tadsr.cli.common import add_light_args, add_model_args
 
-    add_model_args(p, default_preset=None, title="reference model (default: the artifacts' preset with its bundled weights)",
-                   preset_help="model preset (default: the one recorded in the artifacts)")
+    title = "reference model (default: the artifacts' preset with its bundled weights)"
+    g = add_model_args(p, default_preset=None, title=title,
+                       preset_help="model preset (default: the one recorded in the artifacts)")  # fmt: skip
+    add_light_args(g)
     d = p.add_argument_group("systems and data")
     d.add_argument(
         "--artifacts",
@@ -81,6 +83,7 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`tadsr.bench.bench.BenchConfig` of parsed arguments."""
     from tadsr.bench.bench import BenchConfig
+    from tadsr.cli.common import light_choice
 
     from tadsr.errors import ConfigError
 
@@ -98,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         teacher=args.teacher,
         autoencoder=args.autoencoder,
         init=args.init,
+        light_autoencoder=light_choice(args),
         teacher_steps=args.teacher_steps,
         threads=args.threads,
         repeats=args.repeats,

@@ -53,6 +53,7 @@ class MainJobConfig:
     student: Path | None = None
     teacher: Path | None = None
     autoencoder: Path | None = None
+    light: Path | bool | None = None
     formats: tuple[str, ...] = FORMAT_NAMES
     tile: int = 64
     data: Path | None = None
@@ -91,7 +92,8 @@ def run_main_job(cfg: MainJobConfig) -> int:
     check_request(get_preset(cfg.preset), formats=cfg.formats, graphs=("pipeline", "components"), tile=cfg.tile,
                   precisions=("fp32",), out_dir=out / "artifacts")  # fmt: skip
     models = _stage(cfg, "load", lambda: load_models(
-        student=cfg.student, teacher=cfg.teacher, autoencoder=cfg.autoencoder, preset=cfg.preset, init=cfg.init))
+        student=cfg.student, teacher=cfg.teacher, autoencoder=cfg.autoencoder, preset=cfg.preset, init=cfg.init,
+        light_autoencoder=cfg.light))
     fp32: list[Any] = []
     for fmt in cfg.formats:
         graphs, precisions = _export_plan(cfg, fmt)
@@ -171,7 +173,8 @@ def _summary(out: Path, cfg: MainJobConfig, fp32: list, int8: list, parity: list
     lines = [
         "# tadsr main job", "",
         f"preset `{cfg.preset}`{' (random weights)' if cfg.init else ''}, tile {cfg.tile}, formats "
-        f"{', '.join(cfg.formats)}{' (smoke: reduced configuration)' if cfg.smoke else ''}", "",
+        f"{', '.join(cfg.formats)}{' (smoke: reduced configuration)' if cfg.smoke else ''}"
+        + (f"; light autoencoder ({'shipped' if cfg.light is True else cfg.light})" if cfg.light else ""), "",
         "| stage | seconds |", "|---|---|", *(f"| {k} | {v} |" for k, v in cfg.timings.items()), "",
         f"- fp32/fp16 artifacts: {len(fp32)} in `artifacts/`", f"- INT8 artifacts: {len(int8)} in `int8/`",
         f"- parity: {'PASS' if all(p.passed for p in parity) else 'FAIL'} (`parity/artifacts/parity.md`, "
@@ -191,9 +194,9 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Export (ONNX, ExecuTorch, Core ML), quantize to INT8, check parity and benchmark, into one folder.",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: %(default)s)")
-    from tadsr.cli.common import add_model_args
+    from tadsr.cli.common import add_light_args, add_model_args
 
-    add_model_args(p)
+    add_light_args(add_model_args(p))
     p.add_argument("--format", dest="formats", nargs="+", default=list(FORMAT_NAMES))
     p.add_argument("--tile", type=int, default=64)
     p.add_argument("--data", type=Path, help="HR images for the benchmark (default: shipped held-out crops)")
@@ -212,7 +215,7 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     import sys
 
-    from tadsr.cli.common import resolve_preset
+    from tadsr.cli.common import light_choice, resolve_preset
 
     resolve_preset(args)
     full = {"num_patches": None, "repeats": 5, "teacher_steps": 15}
@@ -221,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     cfg = MainJobConfig(
         out=args.out, preset=args.preset, init=args.init, student=args.student, teacher=args.teacher,
-        autoencoder=args.autoencoder, formats=tuple(args.formats), tile=args.tile,
+        autoencoder=args.autoencoder, light=light_choice(args), formats=tuple(args.formats), tile=args.tile,
         data=args.data, calib=args.calib, num_patches=args.num_patches, repeats=args.repeats, threads=args.threads,
         teacher_steps=args.teacher_steps, smoke=args.smoke, progress=sys.stderr.isatty(),
     )  # fmt: skip

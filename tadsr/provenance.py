@@ -4,6 +4,8 @@
 rule for finding them again. A source is a checkpoint path (its sha256 must still match), ``bundled:<file>`` (the
 shipped weights of the preset, sha256 checked) or ``random-fill`` (the deterministic fill rule). An artifact made
 with the light autoencoder records it as a third source, ``light_autoencoder``, and is rebuilt with it.
+
+Importing this module loads no torch (the benchmark's memory probe child reads manifests with it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from collections.abc import Container, Mapping
 from pathlib import Path
 from typing import Any
 
-from tadsr.checkpoint import sha256_file
 from tadsr.config import Preset
 from tadsr.errors import CheckpointError, InputError
 
@@ -75,6 +76,8 @@ def source_checkpoint(part: str, src: Any, preset: Preset, flags: Container[str]
         if not p.is_file():
             raise InputError(f"the {part} checkpoint recorded in the manifest, {p}, does not exist here; {fix}")
     if want:
+        from tadsr.checkpoint import sha256_file
+
         got = sha256_file(p)
         if got != want:
             raise CheckpointError(f"{p} has sha256 {got[:16]}..., the artifact was exported from {want[:16]}...: "

@@ -102,3 +102,31 @@ def test_light_int8_per_format(light_exports: dict[str, Path], tmp_path: Path, f
     for p in paths:
         m = _manifest(p)
         assert uses_light_autoencoder(m) and m["parity_passed"], (p.name, m.get("parity"))
+
+
+def test_bench_compares_light_artifacts_with_the_light_reference(light_exports: dict[str, Path],
+                                                                 tmp_path: Path) -> None:  # fmt: skip
+    """``tadsr bench`` on light artifacts: the student runs both ways (full and light autoencoder) and the light
+    artifact is compared with the light one; the do-nothing baseline stays on VQ-f4."""
+    from PIL import Image
+
+    from tadsr.bench.bench import BenchConfig, run_bench
+    from tadsr.patches import default_calibration_dir
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with Image.open(sorted(default_calibration_dir().glob("*.png"))[0]) as im:
+        im.convert("RGB").crop((40, 60, 136, 140)).save(data / "img.png")
+    art = _art(light_exports, "onnx", "pipeline")
+    cfg = BenchConfig(out_dir=tmp_path / "report", data=data, artifacts=(art,), teacher_steps=0, threads=1,
+                      repeats=1, warmup=0, memory="off", grid_crop=64)  # fmt: skip
+    res = run_bench(cfg)
+    systems = {s["name"]: s for s in res.report["systems"]}
+    light_sets = [n for n in systems if n.endswith("[light]")]
+    assert {"torch-student", "torch-student-light"} <= set(systems) and len(light_sets) == 1, list(systems)
+    mean = {n: s["fidelity"]["mean"] for n, s in systems.items() if s.get("fidelity")}
+    assert mean[light_sets[0]]["parity_psnr"] > 80  # the artifact against the light reference it was exported from
+    assert mean["torch-student"]["parity_psnr"] > 200  # the full student against itself ...
+    assert mean["torch-student-light"]["parity_psnr"] > 200  # ... and the light one against itself
+    assert abs(mean["torch-student"]["psnr_y"] - mean["torch-student-light"]["psnr_y"]) > 1e-3  # two paths
+    assert res.report["conditions"]["model_sources"]["light_autoencoder"]["path"] == "random-fill"

@@ -102,3 +102,22 @@ def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert len(calls["quantize"]) == 4 + 4 + 1 and all(kw["num_patches"] is None for _, kw in calls["quantize"])
     (bench,) = calls["bench"]
     assert bench.repeats == 5 and bench.teacher_steps == 15 and bench.max_images is None
+
+
+def test_light_runs_every_stage_on_the_light_autoencoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tadsr all --light`` / ``--light-autoencoder CKPT``: the models every stage gets carry the light
+    autoencoder (exports, INT8 and parity read it back from the manifests; bench gets the same models)."""
+    import tadsr.pipeline
+
+    calls: dict[str, list] = {"export": [], "quantize": [], "parity": [], "bench": [], "load": []}
+    _stub_stages(monkeypatch, tmp_path, calls)
+    monkeypatch.setattr(tadsr.pipeline, "load_models", lambda **kw: calls["load"].append(kw) or object())
+    assert main(["-q", "all", "--smoke", "--light", "--format", "onnx", "--out", str(tmp_path / "a")]) == 0
+    assert calls["load"][-1]["light_autoencoder"] is True
+    assert "light autoencoder (shipped)" in (tmp_path / "a" / "SUMMARY.md").read_text()
+    ckpt = tmp_path / "light.safetensors"
+    assert main(["-q", "all", "--smoke", "--light-autoencoder", str(ckpt), "--format", "onnx",
+                 "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    assert calls["load"][-1]["light_autoencoder"] == ckpt
+    assert main(["-q", "all", "--smoke", "--format", "onnx", "--out", str(tmp_path / "c")]) == 0
+    assert calls["load"][-1]["light_autoencoder"] is None

@@ -74,6 +74,7 @@ from tadsr.bench.systems import (
 )
 from tadsr.bench.verdicts import compute_ratios, do_nothing_baseline, judge_sanity
 from tadsr.errors import ConfigError, InputError, TadsrError
+from tadsr.provenance import uses_light_autoencoder
 from tadsr.runtime.imageio import from_model
 from tadsr.runtime.tiling import pad_for_tiles, tile_noise
 
@@ -118,6 +119,7 @@ def _probe_spec(system: System, cfg: BenchConfig, preset: Any) -> dict[str, Any]
             **base,
             "kind": "torch",
             "steps": system.steps,
+            "light": system.light,
             "model": {**cfg.model_source(), "preset": preset.to_dict()},
         }
     return None
@@ -193,10 +195,17 @@ def _systems(cfg: BenchConfig, models: Any, sets: Sequence[ArtifactSet]) -> list
                          note="MATLAB-style bicubic x4 (tadsr.imresize), whole image", size_bytes=0,
                          size_kind="no model", threads={"numpy": "BLAS default"})  # fmt: skip
     out: list[tuple[System | None, SystemResult]] = [(Bicubic(), floor)]
+    light = models.light_autoencoder
+    full = dataclasses.replace(models, light_autoencoder=None)  # the VQ-f4 path, beside the light one when loaded
     student = _torch_record("torch-student", "PyTorch reference one-step student (eager)", threads=threads,
                             size_bytes=_nbytes(models.student, models.autoencoder),
                             size_kind="fp32 parameters (student + autoencoder)")  # fmt: skip
-    out.append((TorchSystem(models, None), student))
+    out.append((TorchSystem(full, None), student))
+    if light is not None:
+        rec = _torch_record("torch-student-light", "PyTorch one-step student with the light autoencoder (eager)",
+                            threads=threads, size_bytes=_nbytes(models.student, light),
+                            size_kind="fp32 parameters (student + light autoencoder)")  # fmt: skip
+        out.append((TorchSystem(models, None), rec))
     if cfg.teacher_steps:
         name = f"torch-teacher-T{cfg.teacher_steps}"
         if models.teacher is None:
@@ -207,7 +216,7 @@ def _systems(cfg: BenchConfig, models: Any, sets: Sequence[ArtifactSet]) -> list
             rec = _torch_record(name, f"PyTorch teacher, {cfg.teacher_steps} steps, same prior noise", threads=threads,
                                 size_bytes=_nbytes(models.teacher, models.autoencoder),
                                 size_kind="fp32 parameters (teacher + autoencoder)")  # fmt: skip
-            out.append((TorchSystem(models, cfg.teacher_steps), rec))
+            out.append((TorchSystem(full, cfg.teacher_steps), rec))
     for s in sets:
         rec = {"kind": "artifact", "format": s.format, "precision": s.precision, "layout": s.layout,
                "paths": [str(d) for d in s.dirs.values()], "size_bytes": s.size_bytes,
@@ -217,14 +226,15 @@ def _systems(cfg: BenchConfig, models: Any, sets: Sequence[ArtifactSet]) -> list
         note = "" if same is not False else "exported from other weights than the reference: parity is not a check"
         opts, th = runner_options(s.format, cfg.threads)
         fmt = get_format(s.format)
+        name = ArtifactSystem(s, None, {}).name  # "[light]" marks sets made with the light autoencoder
         if fmt.needs_macos and sys.platform != "darwin":
-            out.append((None, SystemResult(name=s.name, **rec, status="needs macOS", note=note)))
+            out.append((None, SystemResult(name=name, **rec, status="needs macOS", note=note)))
             if cfg.coreml_sim and fmt.simulator:
                 sim = ArtifactSystem(s, fmt.simulator, {})
                 note = "numpy simulator of the Core ML program: fidelity is real, times are NOT latencies"
                 out.append((sim, SystemResult(name=sim.name, **rec, simulator=True, threads=th, note=note)))
             continue
-        out.append((ArtifactSystem(s, None, opts), SystemResult(name=s.name, **rec, threads=th, note=note)))
+        out.append((ArtifactSystem(s, None, opts), SystemResult(name=name, **rec, threads=th, note=note)))
     return out
 
 
@@ -257,9 +267,10 @@ def _measure(
         per_image = []
         for im in tqdm(images, desc=res.name, unit="img", disable=not progress, leave=False):
             sr = system.upscale(im.lr, tile=tile, overlap=cfg.overlap, seed=cfg.seed)
-            if res.name == "torch-student":
-                refs[im.name] = sr
-            per_image.append({"image": im.name, **output_fidelity(sr, im.hr, refs.get(im.name), system.scale, im.lr)})
+            if isinstance(system, TorchSystem) and system.steps is None:
+                refs[(system.name, im.name)] = sr
+            ref = refs.get((system.reference, im.name))
+            per_image.append({"image": im.name, **output_fidelity(sr, im.hr, ref, system.scale, im.lr)})
             y, x, h, w = _crop_box(im.hr, cfg.grid_crop)
             crops.setdefault(res.name, []).append(round8(from_model(sr))[y : y + h, x : x + w])
         if per_image:
@@ -372,9 +383,13 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
     sets = find_artifact_sets(cfg.artifacts)
     preset, tile = _resolve(cfg, sets)
     _prepare_out(cfg.out_dir)
+    light = cfg.light_autoencoder
+    if light is None and any(uses_light_autoencoder(m) for s in sets for m in s.manifests.values()):
+        light = True  # light artifacts are compared with the student on the light autoencoder
     if models is None:
         models = load_models(
-            student=cfg.student, teacher=cfg.teacher, autoencoder=cfg.autoencoder, preset=preset, init=cfg.init
+            student=cfg.student, teacher=cfg.teacher, autoencoder=cfg.autoencoder, preset=preset, init=cfg.init,
+            light_autoencoder=light,
         )
     if models.preset.name != preset:
         raise ConfigError(f"the reference model is preset {models.preset.name!r} but the artifacts are {preset!r}")
@@ -388,7 +403,7 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch_threads = torch.get_num_threads()
-    refs: dict[str, np.ndarray] = {}
+    refs: dict[tuple[str, str], np.ndarray] = {}
     crops: dict[str, list[np.ndarray]] = {}
     plan = _systems(cfg, models, sets)
     try:
@@ -406,7 +421,8 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
         torch.set_num_threads(old_threads)
     crops["HR"] = [im.hr[y : y + h, x : x + w] for im in images for y, x, h, w in [_crop_box(im.hr, cfg.grid_crop)]]
     results = [r for _, r in plan]
-    baselines = {"do_nothing": do_nothing_baseline(models, images, tile, cfg)} if images else {}
+    full = dataclasses.replace(models, light_autoencoder=None)  # the do-nothing path through VQ-f4
+    baselines = {"do_nothing": do_nothing_baseline(full, images, tile, cfg)} if images else {}
     judge_sanity(results, baselines.get("do_nothing"))
     machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     report = {

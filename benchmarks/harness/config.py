@@ -28,6 +28,8 @@ class BenchConfig:
         artifacts: artifact folders, or folders of artifacts (every runnable set inside is benchmarked).
         preset, student, teacher, autoencoder, init: the PyTorch reference (as :func:`tadsr.pipeline.load_models`);
             ``preset=None`` takes the artifacts' preset.
+        light_autoencoder: also the student with the light autoencoder (``torch-student-light``, the reference of
+            light artifacts): a checkpoint, or True for the preset's shipped one.
         teacher_steps: teacher sampling steps (0: no teacher).
         threads: torch threads, ONNX Runtime intra-op threads and the ExecuTorch thread pool (None: defaults).
         repeats: timed passes per system (>= 5 for numbers worth reporting); warmup: untimed passes before them.
@@ -48,6 +50,7 @@ class BenchConfig:
     teacher: Path | None = None
     autoencoder: Path | None = None
     init: str | None = None
+    light_autoencoder: Path | bool | None = None
     teacher_steps: int = 15
     threads: int | None = None
     repeats: int = 5

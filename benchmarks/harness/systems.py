@@ -34,6 +34,7 @@ import numpy as np
 
 from tadsr.formats.registry import get_format
 from tadsr.imresize import imresize
+from tadsr.provenance import uses_light_autoencoder
 from tadsr.runtime.artifacts import COMPONENTS, ArtifactSet, find_artifact_sets
 from tadsr.runtime.tiling import tile_noise, upscale_tiled
 
@@ -94,6 +95,7 @@ class System:
     name: str
     stages: tuple[str, ...] = ()
     scale: int = 4
+    reference = "torch-student"  # the PyTorch system its output is compared with (fidelity "vs reference")
 
     def __init__(self) -> None:
         self.clock = _Clock()
@@ -159,7 +161,11 @@ class TorchSystem(System):
     def __init__(self, models: Any, steps: int | None) -> None:
         super().__init__()
         self.models, self.steps = models, steps
+        self.light = models.light_autoencoder is not None
         self.name = "torch-student" if steps is None else f"torch-teacher-T{steps}"
+        if self.light:
+            self.name += "-light"
+            self.reference = "torch-student-light"
         self.scale = models.preset.scale
         self.channels = models.preset.vq.embed_dim
 
@@ -240,6 +246,9 @@ class ArtifactSystem(System):
         super().__init__()
         self.aset, self.backend, self.runner_opts = aset, backend, runner_opts
         self.name = aset.name if backend != "coreml-sim" else f"{aset.name} [coreml-sim]"
+        if any(uses_light_autoencoder(m) for m in aset.manifests.values()):  # same folder names as the full ones
+            self.name = aset.name + " [light]" + self.name[len(aset.name) :]
+            self.reference = "torch-student-light"
         self.stages = STAGES if aset.layout == "components" else ()
 
     def load(self) -> None:
@@ -394,6 +403,7 @@ def _probe_child(spec: dict[str, Any]) -> dict[str, Any]:
             autoencoder=src["autoencoder"],
             preset=Preset.from_dict(src["preset"]),
             init=src["init"],
+            light_autoencoder=True if spec.get("light") else None,
         )
         if spec["steps"] is None:
             models.teacher = None  # load_models loads both networks; keep only what this system runs
