@@ -146,19 +146,19 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [("export", "onnx", "fp16", w, c0) for w in ws]
     skipped = []
     for verb, fmt, prec, w, c in jobs:
-        if args.start_before and time.strftime("%H:%M", time.gmtime()) >= args.start_before:
+        tag = f"{fmt}-{prec}-w{w}-c{c}" if verb == "export" else f"onnx-int8-w{w}"
+        done = sorted((args.work / tag).glob("*/manifest.json")) and (args.work / f"{tag}.log").is_file()
+        if not done and args.start_before and time.strftime("%H:%M", time.gmtime()) >= args.start_before:
             skipped.append(f"{verb} {fmt}-{prec}-w{w}-c{c}")
             continue
         s_path, a_path = make_checkpoints(w, args.work / f"ckpt-w{w}", args.preset)
         if verb == "export":
-            tag = f"{fmt}-{prec}-w{w}-c{c}"
             out = args.work / tag
             cmd = [*exe, "export", "--student", str(s_path), "--autoencoder", str(a_path), "--graphs", "pipeline",
                    "--tile", "64", "--no-progress", "--format", fmt, "--precision", prec, "--parity-seed", str(c),
                    "--out", str(out)]  # fmt: skip
             title = f"tadsr export --format {fmt} --precision {prec} --parity-seed {c} (weights {w})"
         else:
-            tag = f"onnx-int8-w{w}"
             parent = args.work / f"onnx-fp32-w{w}-c{c0}" / "pipeline-onnx-fp32-t64"
             out = args.work / tag
             cmd = [*exe, "quantize", str(parent), "--out", str(out), "--num-patches", str(args.int8_patches),
