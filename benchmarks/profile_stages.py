@@ -30,9 +30,9 @@ from typing import Any
 AREAS: list[tuple[str, tuple[str, ...]]] = [
     ("coreml-sim (numpy Core ML executor)", ("tadsr/runtime/coreml_sim", "runtime/coreml_sim")),
     ("ExecuTorch XNNPACK lowering / serialisation", ("executorch/backends", "executorch/exir")),
-    ("ExecuTorch runtime", ("executorch/extension", "executorch/runtime", "_portable_lib")),
+    ("ExecuTorch runtime", ("executorch/extension", "executorch/runtime", "_portable_lib", "method executorch.")),
     ("coremltools conversion", ("coremltools/",)),
-    ("ONNX Runtime (sessions, quantize_static)", ("onnxruntime/",)),
+    ("ONNX Runtime (sessions, quantize_static)", ("onnxruntime/", "method onnxruntime.")),
     ("onnx / onnxsim (graph build, checks, simplify)", ("/onnx/", "onnxsim/", "onnxscript/")),
     ("torch.export / dynamo / fx tracing", ("torch/export", "torch/_dynamo", "torch/fx", "torch/_export",
                                             "torch/_subclasses", "torch/_higher_order_ops", "torch/_guards")),
