@@ -16,8 +16,8 @@ Each stage calls the same library function as its own CLI verb, so the artifacts
 is chosen as without it, so by default the shipped ``bundled`` one: smaller than ``tiny`` and trained, which the
 INT8 floors need (random ``tiny`` weights put the VQ latents on near-ties, and their INT8 pipeline misses the
 floor). Every format exports the fused pipeline and the components in fp32 (no Core ML fp16); INT8 of the fused
-pipeline for ONNX and Core ML, of the ONNX components, and of the ExecuTorch decoder (lowering its INT8 pipeline
-takes minutes); 8 calibration patches and a short recipe
+pipeline for ONNX and Core ML (W8A8 only, no W8 weight-only twin), of the ONNX components, and of the ExecuTorch
+decoder (lowering its INT8 pipeline takes minutes); 8 calibration patches and a short recipe
 search; one real parity patch and one whole image; one benchmark image (one tile) and one timed pass.
 """
 
@@ -123,7 +123,7 @@ def run_main_job(cfg: MainJobConfig) -> int:
 # The smoke writes every INT8 artifact even below its floor (no parity gate): the parity stage then gives each
 # one its verdict and the exit code says whether all passed, so one run shows every failure.
 _SMOKE_QUANTIZE: dict[str, Any] = {"holdout_patches": 4, "sensitivity_patches": 2, "sensitivity_budget": 8,
-                                   "parity_gate": False}
+                                   "parity_gate": False, "weight_only": False}
 _SMOKE_PARITY: dict[str, Any] = {"patches": 1, "whole_images": 1, "max_side": 96}
 _SMOKE_BENCH: dict[str, Any] = {"max_images": 1, "hr_crop": 256, "warmup": 0}
 SMOKE_DEFAULTS: dict[str, Any] = {"num_patches": 8, "repeats": 1, "teacher_steps": 15}  # the shipped schedule: 1 tile

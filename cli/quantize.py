@@ -66,6 +66,8 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="runtime threads (default: the runtime's choice)")
     p.add_argument("--no-parity-gate", dest="parity_gate", action="store_false",
                    help="write the artifact even when parity fails (recorded in the manifest)")  # fmt: skip
+    p.add_argument("--no-weight-only", dest="weight_only", action="store_false",
+                   help="skip the weight-only variant (Core ML w8), write only the INT8 (W8A8) artifact")  # fmt: skip
     p.add_argument("--light-autoencoder", type=Path, metavar="CKPT",
                    help="the light autoencoder of an artifact exported with --light, when the file recorded in its "
                    "manifest moved (default: the recorded one)")  # fmt: skip
@@ -95,6 +97,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=sys.stderr.isatty(),
         light_autoencoder=args.light_autoencoder,
+        weight_only=args.weight_only,
     )
     manifests = [json.loads((p / "manifest.json").read_text()) for p in paths]
     print(format_summary(paths, manifests))

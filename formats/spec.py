@@ -117,6 +117,7 @@ class QuantizeJob(Protocol):
     progress: bool
     work: Path  # scratch folder, removed after the job
     parent_outputs: list[dict[str, Any]]
+    weight_only: bool  # also the weight-only variant, where the format has one (Core ML W8)
 
     @property
     def name(self) -> str: ...

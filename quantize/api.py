@@ -90,6 +90,7 @@ class _Parent:
     tile: int
     model_file: Path
     light_autoencoder: Path | None = None  # the user's override of the recorded light autoencoder
+    weight_only: bool = True  # also the weight-only variant (Core ML W8)
 
 
 def find_fp32_artifact(path: Path) -> Path:
@@ -188,6 +189,7 @@ class _Ctx:
     parent_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     parent_engine: str = ""
     work: Path = Path()
+    weight_only: bool = True
 
     @property
     def name(self) -> str:
@@ -389,6 +391,7 @@ def quantize_artifact(
     progress: bool = False,
     captures: CaptureCache | None = None,
     light_autoencoder: Path | None = None,
+    weight_only: bool = True,
 ) -> list[Path]:
     """Make the INT8 artifact(s) of an fp32 artifact folder.
 
@@ -415,6 +418,7 @@ def quantize_artifact(
             cache to each call so the reference pipeline runs once; None = capture for this call only.
         light_autoencoder: the light autoencoder of an artifact exported with it, when the file its manifest
             records moved (None: the recorded one).
+        weight_only: also write the weight-only variant where the format has one (Core ML ``w8``).
 
     Returns:
         The new artifact folders: ``<graph>-<format>-int8-t<tile>`` (and ``<graph>-coreml-w8-t<tile>``, the
@@ -437,6 +441,7 @@ def quantize_artifact(
     t0 = time.perf_counter()
     parent = _read_parent(artifact_dir)
     parent.light_autoencoder = light_autoencoder
+    parent.weight_only = weight_only
     rec = recipe if isinstance(recipe, Recipe) or recipe is None else load_recipe(Path(recipe))
     if rec is not None and rec.get(parent.graph, parent.fmt) is None:  # fail before any model work
         have = {g: sorted(b) for g, b in rec.graphs.items()}
@@ -474,6 +479,7 @@ def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patch
     ctx.parent_outputs = run_cases(run, hold.cases(spec.name))
     work = Path(tempfile.mkdtemp(prefix=f".tadsr-quantize-{secrets.token_hex(3)}-", dir=out_dir))
     ctx.work = work
+    ctx.weight_only = parent.weight_only
     try:
         paths = get_format(parent.fmt).hook("quantize")(ctx)
     finally:

@@ -89,7 +89,7 @@ def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ["pipeline-onnx-fp32-t64", "encoder-onnx-fp32-t64", "denoiser-onnx-fp32-t64", "decoder-onnx-fp32-t64",
          "decoder-executorch-fp32-t64", "pipeline-coreml-fp32-t64"])  # fmt: skip
     assert all(kw["num_patches"] == 8 and kw["sensitivity_budget"] <= 8 and kw["parity_gate"] is False
-               for _, kw in calls["quantize"])  # fmt: skip
+               and kw["weight_only"] is False for _, kw in calls["quantize"])  # fmt: skip
     assert all(o.patches == 1 and o.whole_images == 1 for o in calls["parity"])
     (bench,) = calls["bench"]
     assert bench.repeats == 1 and bench.teacher_steps == 15 and bench.max_images == 1

@@ -165,7 +165,8 @@ def coreml_w8(
 
 def quantize_job(job: QuantizeJob) -> list[Path]:
     """The Core ML slice's INT8 driver (registry ``quantize`` hook): PT2E (Core ML quantizer) -> recipe ->
-    W8A8 ``.mlpackage`` (``int8``), and the fp32 package's weights quantized data-free (``w8``)."""
+    W8A8 ``.mlpackage`` (``int8``), and (``job.weight_only``) the fp32 package's weights quantized data-free
+    (``w8``)."""
     from tadsr.formats.coreml.export import validate_package
     from tadsr.formats.executorch.ptq import output_scales, pt2e_recipe
 
@@ -182,6 +183,8 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
         return res
 
     paths = [job.write("coreml", "int8", entry, build_w8a8, fq)]
+    if not job.weight_only:
+        return paths
     w8_entry = BackendRecipe(op_types=["conv", "linear", "matmul (constant weights)"], method="none (data-free)",
                              scheme=W8_SCHEME, source="all")  # fmt: skip
 
