@@ -334,8 +334,7 @@ class VQJudge:
         note = f"{pos.size} near-tie candidate position(s)"
         st = error_stats(out_img, cur_img, 2.0)
         if not floor.accepts(st.max_abs, st.psnr):
-            sq = ((np.asarray(out_img, np.float64) - np.asarray(ref_img, np.float64)) ** 2).sum()
-            if sq <= ((np.asarray(out_img, np.float64) - np.asarray(cur_img, np.float64)) ** 2).sum():
+            if _sse(out_img, ref_img) <= _sse(out_img, cur_img):
                 cur, cur_img = a.reshape(-1).copy(), ref_img  # the batch made it worse: start from the reference
             cur, n = self._one_by_one(out_img, cur, cur_img, pos, alt, a, floor)
             note += f"; {n} tried one by one where the image differs most"
@@ -344,8 +343,8 @@ class VQJudge:
     def _one_by_one(self, out_img: np.ndarray, cur: np.ndarray, cur_img: np.ndarray, pos: np.ndarray,
                     alt: np.ndarray, a: np.ndarray, floor: Any) -> tuple[np.ndarray, int]:  # fmt: skip
         """Toggle one candidate at a time, where the tested image differs most from the current decode (the centre
-        of the largest error blob), keeping
-        a toggle that brings the decode closer to the tested image; at most :data:`_ONE_BY_ONE` decodes.
+        of the largest error blob), keeping a toggle that brings the decode closer to the tested image; at most
+        :data:`_ONE_BY_ONE` decodes.
 
         Trying every candidate at once fails where candidates are many (an unexposed latent at official size:
         hundreds of positions within the latent floor's reach) and the decoder spreads each flip over its
@@ -365,10 +364,7 @@ class VQJudge:
             box = c[_BLOB:, _BLOB:] - c[:-_BLOB, _BLOB:] - c[_BLOB:, :-_BLOB] + c[:-_BLOB, :-_BLOB]
             return box.reshape(-1)[pos]
 
-        def sse(img: np.ndarray) -> float:
-            return float(((np.asarray(out_img, np.float64) - np.asarray(img, np.float64)) ** 2).sum())
-
-        err, tried = sse(cur_img), set()
+        err, tried = _sse(out_img, cur_img), set()
         for n in range(1, _ONE_BY_ONE + 1):
             order = pos[np.argsort(-blob_err(cur_img), kind="stable")]
             p = next((int(q) for q in order if int(q) not in tried), None)
@@ -378,13 +374,18 @@ class VQJudge:
             trial = cur.copy()
             trial[p] = alt[where[p]] if cur[p] == af[p] else af[p]
             t_img = self.decode(trial.reshape(a.shape))
-            t_err = sse(t_img)
+            t_err = _sse(out_img, t_img)
             if t_err < err:
                 cur, cur_img, err = trial, t_img, t_err
                 st = error_stats(out_img, cur_img, 2.0)
                 if floor.accepts(st.max_abs, st.psnr):
                     return cur, n
         return cur, _ONE_BY_ONE
+
+
+def _sse(a: np.ndarray, b: np.ndarray) -> float:
+    """Sum of squared differences in float64."""
+    return float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).sum())
 
 
 def torch_decoder(autoencoder: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
