@@ -226,7 +226,8 @@ def _systems(cfg: BenchConfig, models: Any, sets: Sequence[ArtifactSet]) -> list
         note = "" if same is not False else "exported from other weights than the reference: parity is not a check"
         opts, th = runner_options(s.format, cfg.threads)
         fmt = get_format(s.format)
-        name = ArtifactSystem(s, None, {}).name  # "[light]" marks sets made with the light autoencoder
+        system = ArtifactSystem(s, None, opts)
+        name = system.name  # "[light]" marks sets made with the light autoencoder
         if fmt.needs_macos and sys.platform != "darwin":
             out.append((None, SystemResult(name=name, **rec, status="needs macOS", note=note)))
             if cfg.coreml_sim and fmt.simulator:
@@ -234,7 +235,7 @@ def _systems(cfg: BenchConfig, models: Any, sets: Sequence[ArtifactSet]) -> list
                 note = "numpy simulator of the Core ML program: fidelity is real, times are NOT latencies"
                 out.append((sim, SystemResult(name=sim.name, **rec, simulator=True, threads=th, note=note)))
             continue
-        out.append((ArtifactSystem(s, None, opts), SystemResult(name=name, **rec, threads=th, note=note)))
+        out.append((system, SystemResult(name=name, **rec, threads=th, note=note)))
     return out
 
 
