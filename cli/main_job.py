@@ -64,25 +64,36 @@ class MainJobConfig:
     teacher_steps: int = 15
     smoke: bool = False
     progress: bool = False
+    jobs: int | None = None  # format lanes at once (None: from the CPUs and the memory budget)
+    memory_budget_gb: float | None = None  # None: 85 % of the memory available at the start
     timings: dict[str, float] = field(default_factory=dict)
+    lanes: dict[str, Any] = field(default_factory=dict)  # filled by the run: jobs and budget used
+    lane_results: list[Any] = field(default_factory=list)
 
 
-def _stage(cfg: MainJobConfig, name: str, fn: Any) -> Any:
+def _stage(cfg: MainJobConfig, name: str, fn: Any, timings: dict[str, float] | None = None) -> Any:
     log.info("== %s ==", name)
     t0 = time.perf_counter()
     out = fn()
-    cfg.timings[name] = round(time.perf_counter() - t0, 1)
-    log.info("%s done in %.1f s", name, cfg.timings[name])
+    timings = cfg.timings if timings is None else timings
+    timings[name] = round(time.perf_counter() - t0, 1)
+    log.info("%s done in %.1f s", name, timings[name])
     return out
 
 
 def run_main_job(cfg: MainJobConfig) -> int:
-    """Run all stages; returns the exit code (0 all passed, 1 a parity failure)."""
-    from tadsr.bench.bench import BenchConfig, run_bench
-    from tadsr.export.api import check_request, export_model
-    from tadsr.parity.check import ParityOptions, TraceCache, check_parity, write_report
-    from tadsr.quantize.api import CaptureCache, quantize_artifact
+    """Run all stages; returns the exit code (0 all passed, 1 a parity failure).
 
+    The format lanes (export -> INT8 -> parity of one format, :mod:`tadsr.cli.lanes`) run in parallel processes
+    when ``cfg.jobs`` (or, when it is None, the CPUs and the memory budget) allow more than one; the benchmark
+    then runs over every artifact in this process.
+    """
+    from tadsr.bench.bench import BenchConfig, run_bench
+    from tadsr.export.api import check_request
+    from tadsr.parity.check import write_report
+    from tadsr.parity.records import ParityResult
+
+    from tadsr.cli import lanes
     from tadsr.config import get_preset
     from tadsr.pipeline import load_models
 
@@ -91,32 +102,106 @@ def run_main_job(cfg: MainJobConfig) -> int:
         raise InputError(f"--out {out} is a file")
     check_request(get_preset(cfg.preset), formats=cfg.formats, graphs=("pipeline", "components"), tile=cfg.tile,
                   precisions=("fp32",), out_dir=out / "artifacts")  # fmt: skip
-    models = _stage(cfg, "load", lambda: load_models(
-        student=cfg.student, teacher=cfg.teacher, autoencoder=cfg.autoencoder, preset=cfg.preset, init=cfg.init,
-        light_autoencoder=cfg.light))
-    fp32: list[Any] = []
-    for fmt in cfg.formats:
-        graphs, precisions = _export_plan(cfg, fmt)
-        fp32 += _stage(cfg, f"export {fmt}", lambda: export_model(
-            models, formats=(fmt,), graphs=graphs, tile=cfg.tile, precisions=precisions, out_dir=out / "artifacts",
-            progress=cfg.progress, **({"n_real": 1} if cfg.smoke else {})))  # fmt: skip
-    int8: list[Path] = []
-    captures = CaptureCache()  # one model: every artifact is calibrated from the same captures
-    for res in fp32:
-        if res.precision != "fp32" or not _quantized(cfg, res.path.name):
-            continue
-        int8 += _stage(cfg, f"quantize {res.path.name}", lambda: quantize_artifact(
-            res.path, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8", threads=cfg.threads,
-            progress=cfg.progress, captures=captures, **_SMOKE_QUANTIZE if cfg.smoke else {}))  # fmt: skip
-    parity = _stage(cfg, "parity", lambda: _parity(out, cfg, check_parity, write_report, ParityOptions,
-                                                     TraceCache()))
+    models = _stage(cfg, "load", lambda: _load(cfg, load_models))
+    params_m = sum(p.numel() for net in (models.student, models.autoencoder, models.light_autoencoder)
+                   if net is not None for p in net.parameters()) / 1e6  # fmt: skip
+    estimates = {f: lanes.lane_memory_gb(f, params_m) for f in cfg.formats}
+    budget = cfg.memory_budget_gb if cfg.memory_budget_gb is not None else 0.85 * lanes.available_memory_gb()
+    jobs = lanes.choose_jobs(estimates, budget, lanes.usable_cpus(), cfg.jobs)
+    cfg.lanes = {"jobs": jobs, "budget_gb": round(budget, 1)}
+    t0 = time.perf_counter()
+    if jobs == 1:
+        captures = _capture_cache()  # one model: every artifact is calibrated from the same captures
+        done = {f: _lane(cfg, f, models, captures) for f in cfg.formats}
+    else:
+        log.info("== %d format lanes, %d at once (memory budget %.1f GB) ==", len(cfg.formats), jobs, budget)
+        level = logging.getLogger("tadsr").getEffectiveLevel()
+        done = lanes.run_lanes(cfg.formats, _lane_process, lambda f, threads: (cfg, f, threads, level),
+                               estimates=estimates, budget_gb=budget, jobs=jobs)  # fmt: skip
+    cfg.timings["format lanes"] = round(time.perf_counter() - t0, 1)
+    for res in done.values():
+        cfg.timings.update(res.timings)
+    cfg.lane_results = list(done.values())
+    parity = []
+    for sub in ("artifacts", "int8"):
+        parts = [r.parity[sub] for r in done.values() if sub in r.parity]
+        merged = ParityResult(out / sub, [a for p in parts for a in p.artifacts], [s for p in parts for s in p.sets],
+                              parts[0].options if parts else {})  # fmt: skip
+        write_report(merged, out / "parity" / sub)
+        parity.append(merged)
     data = cfg.data or default_bench_dir()
     bench = _stage(cfg, "bench", lambda: run_bench(BenchConfig(
         out_dir=out / "bench", data=data, artifacts=(out / "artifacts", out / "int8"), preset=cfg.preset,
         init=cfg.init, teacher_steps=cfg.teacher_steps, threads=cfg.threads, repeats=cfg.repeats, tile=cfg.tile,
         memory="inprocess", **_SMOKE_BENCH if cfg.smoke else {}), models=models, progress=cfg.progress))  # fmt: skip
+    fp32 = [n for r in done.values() for n in r.fp32]
+    int8 = [n for r in done.values() for n in r.int8]
     _summary(out, cfg, fp32, int8, parity, bench)
     return 0 if all(p.passed for p in parity) else 1
+
+
+def _load(cfg: MainJobConfig, load_models: Any) -> Any:
+    return load_models(student=cfg.student, teacher=cfg.teacher, autoencoder=cfg.autoencoder, preset=cfg.preset,
+                       init=cfg.init, light_autoencoder=cfg.light)  # fmt: skip
+
+
+def _capture_cache() -> Any:
+    from tadsr.quantize.api import CaptureCache
+
+    return CaptureCache()
+
+
+def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
+    """One format's chain: export, INT8 of its fp32 artifacts, parity of its folders."""
+    from tadsr.export.api import export_model
+    from tadsr.parity.check import ParityOptions, TraceCache, check_parity
+    from tadsr.quantize.api import quantize_artifact
+
+    from tadsr.cli.lanes import LaneResult
+
+    out = Path(cfg.out)
+    res = LaneResult(fmt)
+    timings: dict[str, float] = {}
+    graphs, precisions = _export_plan(cfg, fmt)
+    exported = _stage(cfg, f"export {fmt}", lambda: export_model(
+        models, formats=(fmt,), graphs=graphs, tile=cfg.tile, precisions=precisions, out_dir=out / "artifacts",
+        progress=cfg.progress, **({"n_real": 1} if cfg.smoke else {})), timings)  # fmt: skip
+    res.fp32 = [r.path.name for r in exported]
+    for r in exported:
+        if r.precision != "fp32" or not _quantized(cfg, r.path.name):
+            continue
+        written = _stage(cfg, f"quantize {r.path.name}", lambda: quantize_artifact(
+            r.path, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8", threads=cfg.threads,
+            progress=cfg.progress, captures=captures, **_SMOKE_QUANTIZE if cfg.smoke else {}), timings)  # fmt: skip
+        res.int8 += [Path(p).name for p in written]
+    traces = TraceCache()  # one trace cache for the fp32 and the INT8 folders (a trace is the same torch graph)
+    for sub, names in (("artifacts", res.fp32), ("int8", res.int8)):
+        if names:
+            options = ParityOptions(threads=cfg.threads, **_SMOKE_PARITY if cfg.smoke else {})
+            res.parity[sub] = _stage(cfg, f"parity {fmt} {sub}", lambda: check_parity(
+                out / sub, options=options, traces=traces, select=names), timings)  # fmt: skip
+    res.timings = timings
+    return res
+
+
+def _lane_process(cfg: MainJobConfig, fmt: str, threads: int, level: int) -> Any:
+    """A lane in its own process (:func:`tadsr.cli.lanes.run_lanes`): its logging, its threads, its models."""
+    import dataclasses
+
+    import torch
+
+    from tadsr.cli import configure_logging
+    from tadsr.cli.lanes import peak_rss_gb
+    from tadsr.pipeline import load_models
+
+    configure_logging(level)
+    for h in logging.getLogger().handlers:
+        h.setFormatter(logging.Formatter(f"%(levelname)s [{fmt}] %(name)s: %(message)s"))
+    torch.set_num_threads(threads)
+    cfg = dataclasses.replace(cfg, threads=cfg.threads or threads, progress=False, timings={})
+    res = _lane(cfg, fmt, _load(cfg, load_models), _capture_cache())
+    res.peak_rss_gb = peak_rss_gb()
+    return res
 
 
 # --smoke: the reduced stages (see the module docstring); every other setting is the full job's.
@@ -157,18 +242,6 @@ def _quantized(cfg: MainJobConfig, artifact: str) -> bool:
     return not cfg.smoke or graph in _SMOKE_INT8.get(fmt, ())
 
 
-def _parity(out: Path, cfg: MainJobConfig, check_parity: Any, write_report: Any, options_cls: Any,
-            traces: Any) -> list[Any]:  # fmt: skip
-    """Parity of the fp32 and the INT8 folders; one trace cache for both (a trace is the same torch graph)."""
-    results = []
-    for sub in ("artifacts", "int8"):
-        options = options_cls(threads=cfg.threads, **_SMOKE_PARITY if cfg.smoke else {})
-        res = check_parity(out / sub, options=options, traces=traces)
-        write_report(res, out / "parity" / sub)
-        results.append(res)
-    return results
-
-
 def _summary(out: Path, cfg: MainJobConfig, fp32: list, int8: list, parity: list, bench: Any) -> None:
     lines = [
         "# tadsr main job", "",
@@ -176,6 +249,7 @@ def _summary(out: Path, cfg: MainJobConfig, fp32: list, int8: list, parity: list
         f"{', '.join(cfg.formats)}{' (smoke: reduced configuration)' if cfg.smoke else ''}"
         + (f"; light autoencoder ({'shipped' if cfg.light is True else cfg.light})" if cfg.light else ""), "",
         "| stage | seconds |", "|---|---|", *(f"| {k} | {v} |" for k, v in cfg.timings.items()), "",
+        *_lane_lines(cfg),
         f"- fp32/fp16 artifacts: {len(fp32)} in `artifacts/`", f"- INT8 artifacts: {len(int8)} in `int8/`",
         f"- parity: {'PASS' if all(p.passed for p in parity) else 'FAIL'} (`parity/artifacts/parity.md`, "
         "`parity/int8/parity.md`)",
@@ -186,6 +260,22 @@ def _summary(out: Path, cfg: MainJobConfig, fp32: list, int8: list, parity: list
         lines += ["## Benchmark", "", Path(md).read_text()]
     fileio.write_text(out / "SUMMARY.md", "\n".join(lines))
     print("\n".join(lines))
+
+
+def _lane_lines(cfg: MainJobConfig) -> list[str]:
+    """The lane table: how the format lanes ran (in parallel processes or one after the other), their wall time
+    and measured peak RSS beside the estimate the scheduler used."""
+    if not cfg.lane_results:
+        return []
+    jobs = cfg.lanes.get("jobs", 1)
+    how = (f"{jobs} at once in separate processes" if jobs > 1 else "one after the other in this process")
+    lines = [f"Format lanes (export -> INT8 -> parity of one format): {how}; memory budget "
+             f"{cfg.lanes.get('budget_gb')} GB.", "", "| lane | wall s | peak RSS GB | estimated GB |",
+             "|---|---|---|---|"]  # fmt: skip
+    for r in cfg.lane_results:
+        rss = "-" if r.peak_rss_gb is None else f"{r.peak_rss_gb:.2f}"
+        lines.append(f"| {r.fmt} | {r.wall_s} | {rss} | {r.estimate_gb} |")
+    return lines + [""]
 
 
 def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -205,6 +295,11 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed runs per system (default: 5; smoke: 1)")
     p.add_argument("--threads", type=int, help="runtime threads (default: library defaults)")
     p.add_argument("--teacher-steps", type=int, help="teacher sampling steps (default: 15, the shipped schedule)")
+    p.add_argument("--jobs", type=int, help="format lanes (export -> INT8 -> parity of one format) run at once in "
+                   "separate processes (default: one per CPU, as the memory budget allows; 1: all in this process)")
+    p.add_argument("--memory-budget", type=float, dest="memory_budget_gb", metavar="GB",
+                   help="peak memory the lanes running at once may need together, by their estimates "
+                   "(default: 85%% of the memory available at the start)")  # fmt: skip
     p.add_argument("--smoke", action="store_true",
                    help="reduced configuration for CI (minutes on 2 cores): every format, pipeline + components "
                    "fp32, INT8 of the pipelines (and ONNX components), few calibration/parity cases")  # fmt: skip
@@ -226,6 +321,7 @@ def _run(args: argparse.Namespace) -> int:
         out=args.out, preset=args.preset, init=args.init, student=args.student, teacher=args.teacher,
         autoencoder=args.autoencoder, light=light_choice(args), formats=tuple(args.formats), tile=args.tile,
         data=args.data, calib=args.calib, num_patches=args.num_patches, repeats=args.repeats, threads=args.threads,
-        teacher_steps=args.teacher_steps, smoke=args.smoke, progress=sys.stderr.isatty(),
+        teacher_steps=args.teacher_steps, smoke=args.smoke, progress=sys.stderr.isatty(), jobs=args.jobs,
+        memory_budget_gb=args.memory_budget_gb,
     )  # fmt: skip
     return run_main_job(cfg)

@@ -43,11 +43,13 @@ by stage (encoder, prior sample, denoiser, decoder) on one tile.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tadsr.errors import InputError
 from tadsr.parity.artifact import check_artifact
 from tadsr.parity.records import ArtifactCheck, Check, ImageCheck, OutputCheck, ParityResult, SetCheck
 from tadsr.parity.report import render_markdown, write_report
@@ -86,7 +88,7 @@ def find_artifact_dirs(path: Path) -> list[Path]:
 
 def check_parity(
     path: Path, reference: ReferenceSpec | None = None, options: ParityOptions | None = None, *,
-    traces: TraceCache | None = None,
+    traces: TraceCache | None = None, select: Collection[str] | None = None,
 ) -> ParityResult:  # fmt: skip
     """Check an artifact folder, or every artifact in a folder of artifacts, and the sets they form.
 
@@ -96,17 +98,23 @@ def check_parity(
         options: cases, images, diagnosis (see :class:`ParityOptions`).
         traces: localisation traces kept across calls (a caller checking several folders creates one
             :class:`TraceCache` and passes it to each call); None: traces live for this call only.
+        select: names of the artifact folders under ``path`` to check (the others are left out); None: all.
 
     Returns:
         The :class:`ParityResult` (``exit_code`` 0 pass / 1 fail / 2 could not check).
 
     Raises:
-        InputError: no artifact at ``path``.
+        InputError: no artifact at ``path``, or a selected name is not one of them.
         ConfigError: bad options.
     """
     reference = reference or ReferenceSpec()
     options = options or ParityOptions()
     dirs = find_artifact_dirs(Path(path))
+    if select is not None:
+        missing = sorted(set(select) - {d.name for d in dirs})
+        if missing:
+            raise InputError(f"no artifact folder {', '.join(missing)} in {path}")
+        dirs = [d for d in dirs if d.name in set(select)]
     session = Session(reference, options, traces)
     n_threads = torch.get_num_threads()
     try:

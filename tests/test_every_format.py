@@ -66,8 +66,19 @@ def test_tadsr_all_smoke(tiny_all) -> None:
     assert tiny_all.rc == (0 if passed else 1), f"tadsr all --smoke exited {tiny_all.rc}:\n{tiny_all.log[-3000:]}"
     assert ("parity: PASS" if passed else "parity: FAIL") in summary
     assert "preset `bundled`" in summary and "smoke" in summary
-    for stage in ("load", *(f"export {fmt}" for fmt in FORMATS), "parity", "bench"):
+    stages = [f"{verb} {fmt}{sub}" for fmt in FORMATS for verb, sub in (("export", ""), ("parity", " artifacts"),
+                                                                         ("parity", " int8"))]  # fmt: skip
+    for stage in ("load", "format lanes", *stages, "bench"):
         assert f"| {stage} |" in summary, f"SUMMARY.md lacks the {stage!r} stage"
+    # the format lanes ran side by side in their own processes wherever there are two CPUs (CI has two), each
+    # with its measured peak RSS
+    from tadsr.cli.lanes import usable_cpus
+
+    if usable_cpus() >= 2:
+        assert "2 at once in separate processes" in summary
+    for fmt in FORMATS:
+        row = next(line for line in summary.splitlines() if line.startswith(f"| {fmt} | "))
+        assert float(row.split("|")[3]) > 0.1, row  # peak RSS GB of the lane's own process
     assert "## Benchmark" in summary
     assert list((tiny_all.out / "bench").glob("*.json")), "no benchmark report"
 

@@ -22,32 +22,22 @@ def test_bad_input_fails_before_any_work(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("verdicts, want", [((True, True), 0), ((True, False), 1), ((False, True), 1)])
 def test_exit_code_is_the_parity_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verdicts, want) -> None:
-    """``tadsr all`` with every stage stubbed: it exits 1 exactly when a parity report failed, and says so."""
-    from types import SimpleNamespace
-
-    import tadsr.bench.bench
-    import tadsr.export.api
-    import tadsr.parity.check
-    import tadsr.pipeline
-    import tadsr.quantize.api
-
-    results = iter(verdicts)
-    md = tmp_path / "bench.md"
-    md.write_text("| system |\n")
-    monkeypatch.setattr(tadsr.pipeline, "load_models", lambda **kw: object())
-    monkeypatch.setattr(tadsr.export.api, "export_model",
-                        lambda *a, **kw: kw["out_dir"].mkdir(parents=True, exist_ok=True) or [])  # fmt: skip
-    monkeypatch.setattr(tadsr.quantize.api, "quantize_artifact", lambda *a, **kw: [])
-    monkeypatch.setattr(tadsr.parity.check, "check_parity", lambda *a, **kw: SimpleNamespace(passed=next(results)))
-    monkeypatch.setattr(tadsr.parity.check, "write_report", lambda *a, **kw: None)
-    monkeypatch.setattr(tadsr.bench.bench, "run_bench", lambda *a, **kw: SimpleNamespace(files={"markdown": md}))
+    """``tadsr all`` with every stage stubbed: it exits 1 exactly when a parity report (fp32 folders, INT8
+    folders) failed, and says so."""
+    calls: dict[str, list] = {"export": [], "quantize": [], "parity": [], "bench": []}
+    _stub_stages(monkeypatch, tmp_path, calls, verdicts=iter(verdicts))
     out = tmp_path / "out"
-    assert main(["-q", "all", "--out", str(out), "--preset", "tiny", "--init", "random", "--format", "onnx"]) == want
+    assert main(["-q", "all", "--jobs", "1", "--out", str(out), "--preset", "tiny", "--init", "random",
+                 "--format", "onnx"]) == want  # fmt: skip
     assert ("parity: PASS" if want == 0 else "parity: FAIL") in (out / "SUMMARY.md").read_text()
+    assert [kw["select"] for kw in calls["parity"]] == [
+        [f"{g}-onnx-fp32-t64" for g in ("pipeline", "encoder", "denoiser", "decoder")],
+        [f"{g}-onnx-int8-t64" for g in ("pipeline", "encoder", "denoiser", "decoder")]]  # fmt: skip
 
 
-def _stub_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: dict[str, list]) -> None:
-    """Every stage of ``tadsr all`` replaced by a recorder (export returns one fp32 result per graph)."""
+def _stub_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: dict[str, list], verdicts=None) -> None:
+    """Every stage of ``tadsr all`` replaced by a recorder (export returns one fp32 result per graph, INT8 one
+    folder per fp32 artifact, parity the next of ``verdicts`` or a pass)."""
     from types import SimpleNamespace
 
     import tadsr.bench.bench
@@ -55,6 +45,7 @@ def _stub_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: dict[st
     import tadsr.parity.check
     import tadsr.pipeline
     import tadsr.quantize.api
+    from tadsr.parity.records import ParityResult
 
     def export(models, **kw):
         calls["export"].append(kw)
@@ -63,17 +54,32 @@ def _stub_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: dict[st
         return [SimpleNamespace(precision=p, path=kw["out_dir"] / f"{g}-{kw['formats'][0]}-{p}-t64")
                 for g in graphs for p in kw["precisions"]]  # fmt: skip
 
+    def parity(path, **kw):
+        calls["parity"].append(kw)
+        passed = True if verdicts is None else next(verdicts)
+        return ParityResult(path, [SimpleNamespace(passed=passed, error=None)])
+
     md = tmp_path / "bench.md"
     md.write_text("| system |\n")
-    monkeypatch.setattr(tadsr.pipeline, "load_models", lambda **kw: object())
+    monkeypatch.setattr(tadsr.pipeline, "load_models", lambda **kw: _FakeModels())
     monkeypatch.setattr(tadsr.export.api, "export_model", export)
     monkeypatch.setattr(tadsr.quantize.api, "quantize_artifact",
-                        lambda path, **kw: calls["quantize"].append((path.name, kw)) or [])  # fmt: skip
-    monkeypatch.setattr(tadsr.parity.check, "check_parity",
-                        lambda *a, **kw: calls["parity"].append(kw["options"]) or SimpleNamespace(passed=True))  # fmt: skip
+                        lambda path, **kw: calls["quantize"].append((path.name, kw))
+                        or [kw["out_dir"] / path.name.replace("-fp32-", "-int8-")])  # fmt: skip
+    monkeypatch.setattr(tadsr.parity.check, "check_parity", parity)
     monkeypatch.setattr(tadsr.parity.check, "write_report", lambda *a, **kw: None)
     monkeypatch.setattr(tadsr.bench.bench, "run_bench",
                         lambda cfg, **kw: calls["bench"].append(cfg) or SimpleNamespace(files={"markdown": md}))  # fmt: skip
+
+
+class _FakeModels:
+    """What the main job reads of the loaded models before its stages: the networks' parameter counts."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.student = self.autoencoder = torch.nn.Linear(2, 2)
+        self.light_autoencoder = None
 
 
 def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,7 +87,7 @@ def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     the ONNX components and the ExecuTorch decoder only; small calibration, parity and benchmark settings. Without it, the full job's plan."""
     calls: dict[str, list] = {"export": [], "quantize": [], "parity": [], "bench": []}
     _stub_stages(monkeypatch, tmp_path, calls)
-    assert main(["-q", "all", "--smoke", "--out", str(tmp_path / "smoke")]) == 0
+    assert main(["-q", "all", "--jobs", "1", "--smoke", "--out", str(tmp_path / "smoke")]) == 0
     assert [(c["formats"], c["graphs"], c["precisions"]) for c in calls["export"]] == [
         ((fmt,), ("pipeline", "components"), ("fp32",)) for fmt in ("onnx", "executorch", "coreml")]
     assert all(c["n_real"] == 1 for c in calls["export"])
@@ -90,14 +96,14 @@ def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
          "decoder-executorch-fp32-t64", "pipeline-coreml-fp32-t64"])  # fmt: skip
     assert all(kw["num_patches"] == 8 and kw["sensitivity_budget"] <= 8 and kw["parity_gate"] is False
                and kw["weight_only"] is False for _, kw in calls["quantize"])  # fmt: skip
-    assert all(o.patches == 1 and o.whole_images == 1 for o in calls["parity"])
+    assert all(kw["options"].patches == 1 and kw["options"].whole_images == 1 for kw in calls["parity"])
     (bench,) = calls["bench"]
     assert bench.repeats == 1 and bench.teacher_steps == 15 and bench.max_images == 1
     assert "smoke" in (tmp_path / "smoke" / "SUMMARY.md").read_text()
 
     for recorded in calls.values():
         recorded.clear()
-    assert main(["-q", "all", "--out", str(tmp_path / "full")]) == 0
+    assert main(["-q", "all", "--jobs", "1", "--out", str(tmp_path / "full")]) == 0
     assert [c["precisions"] for c in calls["export"]] == [("fp32",), ("fp32",), ("fp32", "fp16")]
     assert len(calls["quantize"]) == 4 + 4 + 1 and all(kw["num_patches"] is None for _, kw in calls["quantize"])
     (bench,) = calls["bench"]
@@ -111,13 +117,14 @@ def test_light_runs_every_stage_on_the_light_autoencoder(tmp_path: Path, monkeyp
 
     calls: dict[str, list] = {"export": [], "quantize": [], "parity": [], "bench": [], "load": []}
     _stub_stages(monkeypatch, tmp_path, calls)
-    monkeypatch.setattr(tadsr.pipeline, "load_models", lambda **kw: calls["load"].append(kw) or object())
-    assert main(["-q", "all", "--smoke", "--light", "--format", "onnx", "--out", str(tmp_path / "a")]) == 0
+    monkeypatch.setattr(tadsr.pipeline, "load_models", lambda **kw: calls["load"].append(kw) or _FakeModels())
+    assert main(["-q", "all", "--jobs", "1", "--smoke", "--light", "--format", "onnx",
+                 "--out", str(tmp_path / "a")]) == 0  # fmt: skip
     assert calls["load"][-1]["light_autoencoder"] is True
     assert "light autoencoder (shipped)" in (tmp_path / "a" / "SUMMARY.md").read_text()
     ckpt = tmp_path / "light.safetensors"
-    assert main(["-q", "all", "--smoke", "--light-autoencoder", str(ckpt), "--format", "onnx",
+    assert main(["-q", "all", "--jobs", "1", "--smoke", "--light-autoencoder", str(ckpt), "--format", "onnx",
                  "--out", str(tmp_path / "b")]) == 0  # fmt: skip
     assert calls["load"][-1]["light_autoencoder"] == ckpt
-    assert main(["-q", "all", "--smoke", "--format", "onnx", "--out", str(tmp_path / "c")]) == 0
+    assert main(["-q", "all", "--jobs", "1", "--smoke", "--format", "onnx", "--out", str(tmp_path / "c")]) == 0
     assert calls["load"][-1]["light_autoencoder"] is None

@@ -1,0 +1,61 @@
+"""The format lanes of ``tadsr all`` (:mod:`tadsr.cli.lanes`): how many run at once under a memory budget, when
+the next one may start, and that lanes run in their own processes and report back (or stop on the first
+failure). The real parallel run is the default tier's ``tadsr all --smoke`` (tests/test_every_format.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tadsr.cli import lanes
+
+
+def test_jobs_follow_the_cpus_and_the_memory_budget() -> None:
+    est = {"onnx": 2.0, "executorch": 3.0, "coreml": 4.0}
+    assert lanes.choose_jobs(est, budget_gb=20, cpus=2) == 2  # one per CPU
+    assert lanes.choose_jobs(est, budget_gb=20, cpus=16) == 3  # never more than the lanes
+    assert lanes.choose_jobs(est, budget_gb=5.5, cpus=16) == 2  # the two smallest fit, not three
+    assert lanes.choose_jobs(est, budget_gb=1, cpus=16) == 1  # nothing fits: one at a time
+    assert lanes.choose_jobs(est, budget_gb=1, cpus=16, requested=3) == 3  # asked for
+    assert lanes.choose_jobs({"onnx": 1.0}, budget_gb=20, cpus=2, requested=4) == 1
+
+
+def test_a_lane_starts_only_while_the_estimates_fit() -> None:
+    est = {"onnx": 2.0, "executorch": 13.0, "coreml": 19.0}
+    assert lanes.admit([], "coreml", est, budget_gb=12, jobs=2)  # alone, even over the budget
+    assert not lanes.admit(["executorch"], "onnx", est, budget_gb=14, jobs=2)  # 15 GB > 14
+    assert lanes.admit(["executorch"], "onnx", est, budget_gb=15, jobs=2)
+    assert not lanes.admit(["executorch", "onnx"], "coreml", est, budget_gb=100, jobs=2)  # jobs full
+
+
+def test_official_size_lanes_do_not_run_side_by_side_on_24_gb() -> None:
+    """At official size (173.9 M parameters) each lane's estimate is the peak measured there (12-19 GB): on this
+    24 GB machine they run one at a time; the bundled model's (5.2 M) run two at once on two cores."""
+    official = {f: lanes.lane_memory_gb(f, 173.9) for f in ("onnx", "executorch", "coreml")}
+    assert all(11.5 < gb < 20.5 for gb in official.values())
+    assert lanes.choose_jobs(official, budget_gb=0.85 * 24, cpus=2) == 1
+    bundled = {f: lanes.lane_memory_gb(f, 5.2) for f in ("onnx", "executorch", "coreml")}
+    assert lanes.choose_jobs(bundled, budget_gb=0.85 * 24, cpus=2) == 2
+
+
+def test_lanes_run_in_their_own_processes_and_report_back(caplog: pytest.LogCaptureFixture) -> None:
+    # the worker is LaneResult itself: it records the format and the threads it was given
+    est = {"onnx": 1.0, "executorch": 1.0, "coreml": 30.0}
+    with caplog.at_level(logging.INFO, logger="tadsr.cli.lanes"):
+        done = lanes.run_lanes(["onnx", "executorch", "coreml"], lanes.LaneResult,
+                               lambda fmt, threads: (fmt, {"threads": threads}), estimates=est, budget_gb=10,
+                               jobs=2, poll_s=0.05)  # fmt: skip
+    assert list(done) == ["onnx", "executorch", "coreml"]
+    assert all(r.fmt == f and r.timings["threads"] >= 1 and r.estimate_gb == est[f] for f, r in done.items())
+    started = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().endswith("GB)")
+               and "started" in r.getMessage()]  # fmt: skip
+    assert started == ["executorch", "coreml", "onnx"]  # longest first
+    assert "exceeds the memory budget" in caplog.text  # coreml's 30 GB ran alone
+
+
+def test_the_first_failing_lane_stops_the_run() -> None:
+    with pytest.raises(TypeError):
+        lanes.run_lanes(["onnx", "executorch"], lanes.LaneResult, lambda fmt, threads: (fmt, {}, [], [], {}, 0.0,
+                        None, 0.0, "one argument too many"), estimates={"onnx": 1, "executorch": 1}, budget_gb=10,
+                        jobs=2, poll_s=0.05)  # fmt: skip
