@@ -66,6 +66,7 @@ class MainJobConfig:
     progress: bool = False
     jobs: int | None = None  # format lanes at once (None: from the CPUs and the memory budget)
     memory_budget_gb: float | None = None  # None: 85 % of the memory available at the start
+    resume: bool = False  # reuse export / INT8 stages an earlier run into ``out`` finished with the same inputs
     timings: dict[str, float] = field(default_factory=dict)
     lanes: dict[str, Any] = field(default_factory=dict)  # filled by the run: jobs and budget used
     lane_results: list[Any] = field(default_factory=list)
@@ -152,28 +153,45 @@ def _capture_cache() -> Any:
 
 
 def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
-    """One format's chain: export, INT8 of its fp32 artifacts, parity of its folders."""
+    """One format's chain: export, INT8 of its fp32 artifacts, parity of its folders. Export and INT8 stages an
+    earlier run finished with the same inputs are reused with ``cfg.resume`` (:mod:`tadsr.cli.resume`)."""
     from tadsr.export.api import export_model
     from tadsr.parity.check import ParityOptions, TraceCache, check_parity
     from tadsr.quantize.api import quantize_artifact
 
     from tadsr.cli.lanes import LaneResult
+    from tadsr.cli.resume import ResumeLog, stage_key
 
     out = Path(cfg.out)
     res = LaneResult(fmt)
     timings: dict[str, float] = {}
+    done = ResumeLog(out, fmt, cfg.resume)
     graphs, precisions = _export_plan(cfg, fmt)
-    exported = _stage(cfg, f"export {fmt}", lambda: export_model(
-        models, formats=(fmt,), graphs=graphs, tile=cfg.tile, precisions=precisions, out_dir=out / "artifacts",
-        progress=cfg.progress, **({"n_real": 1} if cfg.smoke else {})), timings)  # fmt: skip
-    res.fp32 = [r.path.name for r in exported]
-    for r in exported:
-        if r.precision != "fp32" or not _quantized(cfg, r.path.name):
+    export_key = stage_key(sources={k: v.get("sha256") for k, v in models.sources.items()}, preset=cfg.preset,
+                           format=fmt, graphs=graphs, precisions=precisions, tile=cfg.tile, smoke=cfg.smoke)  # fmt: skip
+    exported = done.reusable(f"export {fmt}", export_key, out / "artifacts")
+    if exported is None:
+        written = _stage(cfg, f"export {fmt}", lambda: export_model(
+            models, formats=(fmt,), graphs=graphs, tile=cfg.tile, precisions=precisions, out_dir=out / "artifacts",
+            progress=cfg.progress, **({"n_real": 1} if cfg.smoke else {})), timings)  # fmt: skip
+        exported = [{"name": r.path.name, "precision": r.precision} for r in written]
+        done.record(f"export {fmt}", export_key, exported)
+    res.fp32 = [e["name"] for e in exported]
+    for e in exported:
+        name = e["name"]
+        if e["precision"] != "fp32" or not _quantized(cfg, name):
             continue
-        written = _stage(cfg, f"quantize {r.path.name}", lambda: quantize_artifact(
-            r.path, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8", threads=cfg.threads,
-            progress=cfg.progress, captures=captures, **_SMOKE_QUANTIZE if cfg.smoke else {}), timings)  # fmt: skip
-        res.int8 += [Path(p).name for p in written]
+        key = stage_key(parent=_file_digests(out / "artifacts" / name), artifact=name, calib=cfg.calib,
+                        num_patches=cfg.num_patches, smoke=cfg.smoke)  # fmt: skip
+        int8 = done.reusable(f"quantize {name}", key, out / "int8")
+        if int8 is None:
+            written = _stage(cfg, f"quantize {name}", lambda: quantize_artifact(
+                out / "artifacts" / name, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8",
+                threads=cfg.threads, progress=cfg.progress, captures=captures,
+                **_SMOKE_QUANTIZE if cfg.smoke else {}), timings)  # fmt: skip
+            int8 = [{"name": Path(p).name, "precision": "int8"} for p in written]
+            done.record(f"quantize {name}", key, int8)
+        res.int8 += [f["name"] for f in int8]
     traces = TraceCache()  # one trace cache for the fp32 and the INT8 folders (a trace is the same torch graph)
     for sub, names in (("artifacts", res.fp32), ("int8", res.int8)):
         if names:
@@ -182,6 +200,16 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
                 out / sub, options=options, traces=traces, select=names), timings)  # fmt: skip
     res.timings = timings
     return res
+
+
+def _file_digests(folder: Path) -> dict[str, Any]:
+    """What an INT8 stage depends on in its parent artifact folder: its model files' sha256 and the networks it
+    was exported from (the calibration captures are rebuilt from them), as its manifest records them."""
+    from tadsr.runtime.runner import read_manifest
+
+    manifest = read_manifest(folder)
+    return {"files": [(str(f["name"]), str(f["sha256"])) for f in manifest["files"]],
+            "sources": manifest.get("sources")}  # fmt: skip
 
 
 def _lane_process(cfg: MainJobConfig, fmt: str, threads: int, level: int) -> Any:
@@ -300,6 +328,9 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", type=float, dest="memory_budget_gb", metavar="GB",
                    help="peak memory the lanes running at once may need together, by their estimates "
                    "(default: 85%% of the memory available at the start)")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the export and INT8 stages an earlier run into --out finished with the same model, "
+                   "settings, tool versions and tadsr sources (intact folders only); parity and bench run again")
     p.add_argument("--smoke", action="store_true",
                    help="reduced configuration for CI (minutes on 2 cores): every format, pipeline + components "
                    "fp32, INT8 of the pipelines (and ONNX components), few calibration/parity cases")  # fmt: skip
@@ -322,6 +353,6 @@ def _run(args: argparse.Namespace) -> int:
         autoencoder=args.autoencoder, light=light_choice(args), formats=tuple(args.formats), tile=args.tile,
         data=args.data, calib=args.calib, num_patches=args.num_patches, repeats=args.repeats, threads=args.threads,
         teacher_steps=args.teacher_steps, smoke=args.smoke, progress=sys.stderr.isatty(), jobs=args.jobs,
-        memory_budget_gb=args.memory_budget_gb,
+        memory_budget_gb=args.memory_budget_gb, resume=args.resume,
     )  # fmt: skip
     return run_main_job(cfg)

@@ -49,9 +49,9 @@ def _stub_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: dict[st
 
     def export(models, **kw):
         calls["export"].append(kw)
-        kw["out_dir"].mkdir(parents=True, exist_ok=True)
         graphs = ["pipeline", "encoder", "denoiser", "decoder"] if "components" in kw["graphs"] else ["pipeline"]
-        return [SimpleNamespace(precision=p, path=kw["out_dir"] / f"{g}-{kw['formats'][0]}-{p}-t64")
+        return [SimpleNamespace(precision=p, path=_artifact(kw["out_dir"] / f"{g}-{kw['formats'][0]}-{p}-t64",
+                                                            sources=models.sources))
                 for g in graphs for p in kw["precisions"]]  # fmt: skip
 
     def parity(path, **kw):
@@ -65,21 +65,41 @@ def _stub_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: dict[st
     monkeypatch.setattr(tadsr.export.api, "export_model", export)
     monkeypatch.setattr(tadsr.quantize.api, "quantize_artifact",
                         lambda path, **kw: calls["quantize"].append((path.name, kw))
-                        or [kw["out_dir"] / path.name.replace("-fp32-", "-int8-")])  # fmt: skip
+                        or [_artifact(kw["out_dir"] / path.name.replace("-fp32-", "-int8-"))])  # fmt: skip
     monkeypatch.setattr(tadsr.parity.check, "check_parity", parity)
     monkeypatch.setattr(tadsr.parity.check, "write_report", lambda *a, **kw: None)
     monkeypatch.setattr(tadsr.bench.bench, "run_bench",
                         lambda cfg, **kw: calls["bench"].append(cfg) or SimpleNamespace(files={"markdown": md}))  # fmt: skip
 
 
-class _FakeModels:
-    """What the main job reads of the loaded models before its stages: the networks' parameter counts."""
+def _artifact(folder: Path, data: bytes | None = None, sources: dict | None = None) -> Path:
+    """A minimal artifact folder: one model file (``data``, default the folder's name) and a manifest with its
+    sha256."""
+    import hashlib
+    import json
 
-    def __init__(self) -> None:
+    from tadsr.runtime.runner import SCHEMA_VERSION
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder.name.encode() if data is None else data
+    (folder / "model.bin").write_bytes(data)
+    graph, fmt, precision = folder.name.split("-")[:3]
+    manifest = {"schema": SCHEMA_VERSION, "graph": graph, "format": fmt, "precision": precision,
+                "files": [{"name": "model.bin", "sha256": hashlib.sha256(data).hexdigest()}], "sources": sources}  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+class _FakeModels:
+    """What the main job reads of the loaded models before its stages: the networks' parameter counts and the
+    checkpoint digests."""
+
+    def __init__(self, digest: str = "0" * 64) -> None:
         import torch
 
         self.student = self.autoencoder = torch.nn.Linear(2, 2)
         self.light_autoencoder = None
+        self.sources = {"student": {"path": "s", "sha256": digest}, "autoencoder": {"path": "a", "sha256": digest}}
 
 
 def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,3 +148,52 @@ def test_light_runs_every_stage_on_the_light_autoencoder(tmp_path: Path, monkeyp
     assert calls["load"][-1]["light_autoencoder"] == ckpt
     assert main(["-q", "all", "--jobs", "1", "--smoke", "--format", "onnx", "--out", str(tmp_path / "c")]) == 0
     assert calls["load"][-1]["light_autoencoder"] is None
+
+
+def test_resume_reuses_finished_intact_stages_with_the_same_inputs(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """``--resume`` skips the export and INT8 stages an earlier run finished with the same inputs; a damaged
+    folder, another checkpoint or no ``--resume`` redoes them; parity always runs."""
+    import tadsr.pipeline
+
+    calls: dict[str, list] = {"export": [], "quantize": [], "parity": [], "bench": []}
+    _stub_stages(monkeypatch, tmp_path, calls)
+    out = tmp_path / "out"
+    args = ["-q", "all", "--jobs", "1", "--smoke", "--format", "onnx", "coreml", "--out", str(out)]
+    assert main(args) == 0
+    assert (len(calls["export"]), len(calls["quantize"]), len(calls["parity"])) == (2, 5, 4)
+    for recorded in calls.values():
+        recorded.clear()
+    assert main([*args, "--resume"]) == 0  # everything reused
+    assert (len(calls["export"]), len(calls["quantize"]), len(calls["parity"])) == (0, 0, 4)
+    assert main(args) == 0  # without --resume: all again
+    assert (len(calls["export"]), len(calls["quantize"])) == (2, 5)
+    for recorded in calls.values():
+        recorded.clear()
+    (out / "int8" / "decoder-onnx-int8-t64" / "model.bin").write_bytes(b"truncated")
+    (out / "artifacts" / "pipeline-coreml-fp32-t64" / "model.bin").unlink()
+    assert main([*args, "--resume"]) == 0  # the damaged INT8 folder, the whole Core ML lane
+    assert [c["formats"] for c in calls["export"]] == [("coreml",)]
+    # the re-exported Core ML pipeline has the same bytes: its INT8 folder is reused
+    assert [name for name, _ in calls["quantize"]] == ["decoder-onnx-fp32-t64"]
+    for recorded in calls.values():
+        recorded.clear()
+    _artifact(out / "artifacts" / "encoder-onnx-fp32-t64", b"re-exported with other bytes")  # INT8 of it again
+    assert main([*args, "--resume"]) == 0
+    assert (len(calls["export"]), [name for name, _ in calls["quantize"]]) == (0, ["encoder-onnx-fp32-t64"])
+    for recorded in calls.values():
+        recorded.clear()
+    monkeypatch.setattr(tadsr.pipeline, "load_models", lambda **kw: _FakeModels("1" * 64))  # another checkpoint
+    assert main([*args, "--resume"]) == 0
+    assert (len(calls["export"]), len(calls["quantize"])) == (2, 5)
+
+
+def test_a_stage_key_changes_with_its_inputs_and_the_toolkit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edited tadsr (its source digest) or other settings give another key: nothing stale is reused."""
+    from tadsr.cli import resume
+
+    key = resume.stage_key(format="onnx", tile=64)
+    assert key == resume.stage_key(tile=64, format="onnx") and key != resume.stage_key(format="onnx", tile=128)
+    assert len(resume.source_digest()) == 64
+    monkeypatch.setattr(resume, "source_digest", lambda: "edited")
+    assert resume.stage_key(format="onnx", tile=64) != key
