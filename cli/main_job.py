@@ -112,7 +112,7 @@ def run_main_job(cfg: MainJobConfig) -> int:
     cfg.lanes = {"jobs": jobs, "budget_gb": round(budget, 1)}
     t0 = time.perf_counter()
     if jobs == 1:
-        captures = _capture_cache()  # one model: every artifact is calibrated from the same captures
+        captures = _capture_cache(out)  # one model: every artifact is calibrated from the same captures
         done = {f: _lane(cfg, f, models, captures) for f in cfg.formats}
     else:
         log.info("== %d format lanes, %d at once (memory budget %.1f GB) ==", len(cfg.formats), jobs, budget)
@@ -146,10 +146,11 @@ def _load(cfg: MainJobConfig, load_models: Any) -> Any:
                        init=cfg.init, light_autoencoder=cfg.light)  # fmt: skip
 
 
-def _capture_cache() -> Any:
+def _capture_cache(out: Path) -> Any:
+    """Captures shared by every lane (on disk under ``out/.cache``, one computation per model and patch set)."""
     from tadsr.quantize.api import CaptureCache
 
-    return CaptureCache()
+    return CaptureCache(Path(out) / ".cache" / "captures")
 
 
 def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
@@ -227,7 +228,7 @@ def _lane_process(cfg: MainJobConfig, fmt: str, threads: int, level: int) -> Any
         h.setFormatter(logging.Formatter(f"%(levelname)s [{fmt}] %(name)s: %(message)s"))
     torch.set_num_threads(threads)
     cfg = dataclasses.replace(cfg, threads=cfg.threads or threads, progress=False, timings={})
-    res = _lane(cfg, fmt, _load(cfg, load_models), _capture_cache())
+    res = _lane(cfg, fmt, _load(cfg, load_models), _capture_cache(cfg.out))
     res.peak_rss_gb = peak_rss_gb()
     return res
 

@@ -14,30 +14,16 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from tadsr import fileio
 from tadsr.errors import InputError
+from tadsr.versions import source_digest
 
-__all__ = ["ResumeLog", "stage_key"]
+__all__ = ["ResumeLog", "source_digest", "stage_key"]
 
 log = logging.getLogger(__name__)
-
-
-@lru_cache(maxsize=1)
-def source_digest() -> str:
-    """sha256 over the installed tadsr package's Python sources and numerics.json (names and contents)."""
-    h = hashlib.sha256()
-    roots = [Path(str(resources.files(pkg))) for pkg in ("tadsr", "tadsr.export", "tadsr.formats", "tadsr.quantize",
-                                                         "tadsr.runtime", "tadsr.parity")]  # fmt: skip
-    for root in roots:
-        for f in sorted([*root.rglob("*.py"), *root.glob("numerics.json")]):
-            h.update(f.relative_to(root.parent).as_posix().encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def stage_key(**parts: Any) -> str:
@@ -45,7 +31,9 @@ def stage_key(**parts: Any) -> str:
     :func:`source_digest`."""
     from tadsr.versions import tool_versions
 
-    blob = json.dumps({"parts": parts, "versions": tool_versions(), "source": source_digest()}, sort_keys=True,
+    from tadsr.cli import resume  # the module attribute, so that a test can stand in another digest
+
+    blob = json.dumps({"parts": parts, "versions": tool_versions(), "source": resume.source_digest()}, sort_keys=True,
                       default=str)  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()
 

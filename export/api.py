@@ -43,6 +43,7 @@ from tadsr.formats.graphs import COMPONENTS, GRAPH_NAMES, check_tile, make_graph
 from tadsr.formats.registry import FORMAT_NAMES, get_format
 from tadsr.parity.hops import (
     HOP_REFERENCE,
+    light_hop,
     ParityCase,
     ParityReport,
     ReferenceRuns,
@@ -288,6 +289,13 @@ def _export_graph(
     hop1 = compare(HOP_REFERENCE, eager, refs, cases, load_floors("fp32", name, models.preset.name), ranges, vq)
     logger.info("parity %s, %s: %s (%d cases, %.1fs)", name, HOP_REFERENCE, ", ".join(_short(h) for h in hop1),
                 len(cases), time.perf_counter() - t0)  # fmt: skip
+    light = light_hop(models, spec, cases)
+    if light:
+        logger.info("parity %s, %s: %s", name, light[0].hop, ", ".join(_short(h) for h in light))
+        if gate:  # before any export: a light autoencoder that is not this autoencoder's fails every format
+            ParityReport(name, light).raise_if_failed(f"the light {name} (is the light autoencoder distilled from this "
+                                                      "autoencoder?)")  # fmt: skip
+        hop1 = hop1 + light
     out = []
     for fmt, exporter in exporters.items():
         for prec in precs:

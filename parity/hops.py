@@ -41,6 +41,8 @@ from tadsr.pipeline import DEFAULT_SEED, Models, OneStepPipeline, make_noise
 
 __all__ = [
     "HOP_REFERENCE",
+    "HOP_LIGHT",
+    "light_hop",
     "runtime_hop",
     "end_to_end_hop",
     "Floor",
@@ -70,6 +72,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HOP_REFERENCE = "reference torch -> export-ready torch"
+HOP_LIGHT = "full-autoencoder reference -> light reference"
+LIGHT_GRAPHS = ("encoder", "decoder", "pipeline")
 
 
 def runtime_hop(fmt: str) -> str:
@@ -335,6 +339,34 @@ def make_cases(
         real = [ParityCase(c.name, c.kind, c.inputs, {k: _np(v) for k, v in f.items() if k != "_latent"}, c.latent)
                 for c, f in zip(real, fixed, strict=True)]  # fmt: skip
     return cases + real, runs.source
+
+
+@torch.no_grad()
+def light_hop(models: Models, spec: Any, cases: Sequence[ParityCase]) -> list[HopResult]:
+    """The hop from the full VQ-f4 autoencoder's reference to the light autoencoder's, on the same inputs.
+
+    For graphs that use the light autoencoder (encoder, decoder, pipeline of ``models`` with
+    ``light_autoencoder``): the cases' references (computed with the light networks) against the full
+    autoencoder's reference pipeline on the same inputs, held to the ``light`` floors of numerics.json: a gate
+    that the light networks approximate this autoencoder. Random-weight light networks (``random-fill``) are
+    recorded with ungated floors. Empty for other graphs or without a light autoencoder.
+    """
+    if models.light_autoencoder is None or spec.name not in LIGHT_GRAPHS:
+        return []
+    from dataclasses import replace
+
+    fix = spec.constants.get("color_fix", "none") if spec.name == "pipeline" else "none"
+    full = OneStepPipeline(replace(models, light_autoencoder=None), color_fix=fix)
+    refs = []
+    for c in cases:
+        out = _seeded_reference(full, spec.name, {k: torch.from_numpy(v) for k, v in c.inputs.items()})
+        refs.append({k: _np(v) for k, v in out.items() if k != "_latent"})
+    floors = load_floors("light", spec.name, models.preset.name)
+    if models.sources.get("light_autoencoder", {}).get("path") == "random-fill":
+        floors = {k: Floor(None, None, "random-weight light autoencoder: recorded, not gated", f.source)
+                  for k, f in floors.items()}  # fmt: skip
+    ranges = {s.name: s.value_range for s in spec.outputs}
+    return compare(HOP_LIGHT, [c.reference for c in cases], refs, cases, floors, ranges)
 
 
 # ------------------------------------------------------------------------------------------------ results

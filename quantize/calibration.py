@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tadsr import fileio
 from tadsr.errors import InputError
 from tadsr.parity.hops import ParityCase, ReferenceRuns
 from tadsr.pipeline import Models, OneStepPipeline, make_noise
@@ -381,11 +382,16 @@ class CaptureCache:
     its components (or several formats) with one cache captures once. The caller creates it and passes it to
     each :func:`tadsr.quantize.api.quantize_artifact` call; it holds one model's captures at a time (those of an
     official-size model are large).
+
+    With ``folder``, captures are also kept on disk (``<folder>/<key digest>.npz``, written atomically) and shared
+    between processes: a process that needs captures another one is computing waits for them (a file lock per
+    key) instead of computing them again. ``tadsr all`` gives its format lanes one folder in its output.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path | None = None) -> None:
         self._key: str | None = None
         self._sets: tuple[CalibrationSet, CalibrationSet] | None = None
+        self.folder = None if folder is None else Path(folder)
 
     def get(self, manifest: Mapping[str, Any], models: Models, calib: tuple, hold: tuple,
             progress: bool = False) -> tuple[CalibrationSet, CalibrationSet]:  # fmt: skip
@@ -399,14 +405,54 @@ class CaptureCache:
         """
         key = json.dumps([manifest["preset"], manifest["sources"], calib[0].content_hash, calib[1]["seed"],
                           hold[0].content_hash, hold[1]["seed"]], sort_keys=True)  # fmt: skip
-        if key != self._key or self._sets is None:
-            self._key, self._sets = None, None  # drop the previous model's captures before capturing
-            self._sets = (load_calibration(models, patches=calib, progress=progress),
-                          load_holdout(models, patches=hold, progress=progress))  # fmt: skip
-            self._key = key
-        else:
+        if key == self._key and self._sets is not None:
             logger.info("reusing the calibration and held-out captures of this model")
+            return self._sets
+        self._key, self._sets = None, None  # drop the previous model's captures before capturing
+
+        def compute() -> tuple[CalibrationSet, CalibrationSet]:
+            return (load_calibration(models, patches=calib, progress=progress),
+                    load_holdout(models, patches=hold, progress=progress))  # fmt: skip
+
+        self._sets = compute() if self.folder is None else self._shared(key, calib, hold, compute)
+        self._key = key
         return self._sets
+
+    def _shared(self, key: str, calib: tuple, hold: tuple, compute: Callable[[], tuple]) -> tuple:
+        import fcntl
+
+        assert self.folder is not None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        from tadsr.versions import source_digest
+
+        digest = hashlib.sha256((key + source_digest()).encode()).hexdigest()[:32]  # an edited tadsr captures anew
+        path = self.folder / f"{digest}.npz"
+        with open(self.folder / f"{digest}.lock", "a+") as lock:
+            t0 = time.perf_counter()
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process capturing the same key: wait for it
+            waited = time.perf_counter() - t0
+            if path.is_file():
+                try:
+                    with np.load(path, allow_pickle=False) as z:
+                        sets = tuple(CalibrationSet(runs=ReferenceRuns(**{k: z[f"{tag}/{k}"] for k in _RUN_ARRAYS},
+                                                                       source=str(z[f"{tag}/source"])),
+                                                    info=info, patches=ps)
+                                     for tag, (ps, info) in (("calib", calib), ("hold", hold)))  # fmt: skip
+                    logger.info("captures of this model read from %s (waited %.1f s for another process)", path,
+                                waited)  # fmt: skip
+                    return sets
+                except (OSError, KeyError, ValueError) as e:
+                    logger.warning("ignoring the unreadable capture file %s (%s); capturing again", path, e)
+            sets = compute()
+            arrays = {f"{tag}/{k}": getattr(cs.runs, k) for tag, cs in zip(("calib", "hold"), sets, strict=True)
+                      for k in _RUN_ARRAYS}  # fmt: skip
+            arrays |= {f"{tag}/source": np.array(cs.runs.source) for tag, cs in zip(("calib", "hold"), sets,
+                                                                                   strict=True)}  # fmt: skip
+            fileio.write_with(path, lambda f: np.savez(f, **arrays))
+            return sets
+
+
+_RUN_ARRAYS = ("lr", "noise", "z_y", "x_t", "x0", "sr")
 
 
 def _file_key(p: Path, memo: dict[Path, str]) -> str:

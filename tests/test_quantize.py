@@ -594,3 +594,51 @@ def test_unwritable_output_folder_fails_before_any_work(tiny_onnx_artifacts: Pat
     with pytest.raises(InputError, match="cannot write to the output folder"):
         quantize_artifact(tiny_onnx_artifacts / "encoder-onnx-fp32-t64", out_dir=blocker / "int8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_capture_cache_on_disk_is_shared_and_waited_for(monkeypatch, tmp_path):
+    """Two caches over one folder (two lanes of ``tadsr all``): the second waits for the first one's captures
+    (file lock) and reads them back bit for bit instead of capturing again; another model or an edited tadsr
+    captures anew."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tadsr.parity.hops import ReferenceRuns
+    from tadsr.quantize import calibration as cal
+
+    calls = []
+
+    def fake(kind):
+        def load(models, patches, progress):
+            calls.append(kind)
+            time.sleep(0.5)  # long enough for the other thread to reach the lock
+            rng = np.random.default_rng(len(calls))
+            arr = {k: rng.standard_normal((2, 3, 4, 4)).astype(np.float32) for k in cal._RUN_ARRAYS}
+            return cal.CalibrationSet(runs=ReferenceRuns(**arr, source=f"{kind} src"), info=patches[1],
+                                      patches=patches[0])  # fmt: skip
+        return load
+
+    monkeypatch.setattr(cal, "load_calibration", fake("c"))
+    monkeypatch.setattr(cal, "load_holdout", fake("h"))
+    manifest = {"preset": {"name": "tiny"}, "sources": {"student": {"sha256": "a"}}}
+    calib = (SimpleNamespace(content_hash="x"), {"seed": 0})
+    hold = (SimpleNamespace(content_hash="y"), {"seed": 1})
+    got = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, cal.CaptureCache(tmp_path).get(
+        manifest, None, calib, hold))) for i in range(2)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["c", "h"]  # captured once
+    for a, b in zip(got[0], got[1], strict=True):
+        assert a.runs.source == b.runs.source and a.info is not None
+        assert all(np.array_equal(getattr(a.runs, k), getattr(b.runs, k)) for k in cal._RUN_ARRAYS)
+    cal.CaptureCache(tmp_path).get({**manifest, "sources": {"student": {"sha256": "b"}}}, None, calib, hold)
+    assert len(calls) == 4
+    monkeypatch.setattr("tadsr.versions.source_digest", lambda: "edited")
+    cal.CaptureCache(tmp_path).get(manifest, None, calib, hold)
+    assert len(calls) == 6
