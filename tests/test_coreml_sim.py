@@ -103,10 +103,15 @@ class _Convs(nn.Module):
         self.dw = nn.Conv2d(4, 4, 3, padding="same", groups=4, bias=False)
         self.c1d = nn.Conv1d(4, 3, 2, stride=2)
         self.ct = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+        # wide enough (input channels x taps >= 64) for the simulator's im2col path
+        self.up = nn.Conv2d(4, 16, 1)
+        self.w1 = nn.Conv2d(16, 8, 3, padding=1)
+        self.w2 = nn.Conv2d(16, 8, 3, stride=2, padding=(0, 1), dilation=(1, 2), groups=2)
 
     def forward(self, x):
+        u = self.up(x)
         return (self.c1(x), self.c2(x), self.dw(x), self.c1d(x.flatten(2)), self.ct(x),
-                F.max_pool2d(x, 2, 2, 0), F.avg_pool2d(x, 3, stride=2, padding=1))  # fmt: skip
+                F.max_pool2d(x, 2, 2, 0), F.avg_pool2d(x, 3, stride=2, padding=1), self.w1(u), self.w2(u))  # fmt: skip
 
 
 def test_conv_and_pool(tmp_path: Path) -> None:
