@@ -160,6 +160,9 @@ class Session:
         self._graphs: dict[tuple[str, int], dict[str, Any]] = {}
         self._runs: dict[tuple[str, int], ReferenceRuns] = {}
         self._traces: dict[tuple[str, int, str, str], GraphTrace] = {}
+        # whole-image references (image, latents per tile) by (model key, image, tile, overlap, seed): every set
+        # of one model (pipeline and components, fp32 and fp16, INT8 and W8) is compared with the same one
+        self.whole_refs: dict[tuple, tuple[np.ndarray, list[np.ndarray]]] = {}
 
     def key(self, manifest: Mapping[str, Any]) -> str:
         if not self.ref.from_manifest:

@@ -212,3 +212,22 @@ def test_every_precision_the_tools_write_has_floors() -> None:
     assert load_floors("w8", "pipeline") == load_floors("int8", "pipeline")
     with pytest.raises(ConfigError, match="no parity floors for precision 'w4'"):
         load_floors("w4", "pipeline")
+
+
+def test_whole_image_reference_is_computed_once_per_image_for_all_sets(tiny_onnx_artifacts, monkeypatch) -> None:
+    """The fused pipeline and the component set of one model are compared with one reference upscale per image
+    (the reference is the same; only the artifacts' runs differ), and the verdicts are those of a fresh run."""
+    import tadsr.runtime.tiling as tiling
+
+    calls: list[str] = []
+    real = tiling.upscale_tiled
+
+    def counting(lr, run_tiles, **kw):
+        calls.append(getattr(run_tiles, "__name__", ""))
+        return real(lr, run_tiles, **kw)
+
+    monkeypatch.setattr(tiling, "upscale_tiled", counting)
+    res = check_parity(tiny_onnx_artifacts, options=ParityOptions(**FAST))
+    assert len(res.sets) == 2 and all(len(s.images) == 1 for s in res.sets)
+    assert calls.count("ref_tiles") == 1  # was one per set
+    assert all(s.passed for s in res.sets)
