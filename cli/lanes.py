@@ -100,15 +100,15 @@ def admit(running: Sequence[str], fmt: str, estimates: Mapping[str, float], budg
 
 def run_lanes(
     fmts: Sequence[str], worker: Callable[..., LaneResult], args: Callable[[str, int], tuple], *,
-    estimates: Mapping[str, float], budget_gb: float, jobs: int, poll_s: float = 0.5,
+    estimates: Mapping[str, float], budget_gb: float, jobs: int, poll_s: float = 0.5, threads: int | None = None,
 ) -> dict[str, LaneResult]:  # fmt: skip
     """Run ``worker(*args(fmt, threads))`` for every format, each in a fresh spawned process, at most ``jobs`` at
     once and while their estimated peaks fit ``budget_gb`` (a lane that does not fit alone runs alone).
 
-    ``threads`` is the share of the usable CPUs each lane gets. The first lane that raises stops the others
-    (terminated) and its exception is raised here.
+    ``threads``: each lane's thread count (default: its share of the usable CPUs). The first lane that raises
+    stops the others (terminated) and its exception is raised here.
     """
-    threads = max(1, usable_cpus() // max(1, jobs))
+    threads = threads or max(1, usable_cpus() // max(1, jobs))
     queue = sorted(fmts, key=lambda f: -LANE_WEIGHT.get(f, 0))
     ctx = multiprocessing.get_context("spawn")
     running: dict[str, tuple[Any, Any, float]] = {}  # fmt -> (pool, async result, start time)

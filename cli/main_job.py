@@ -66,6 +66,7 @@ class MainJobConfig:
     progress: bool = False
     jobs: int | None = None  # format lanes at once (None: from the CPUs and the memory budget)
     memory_budget_gb: float | None = None  # None: 85 % of the memory available at the start
+    lane_threads: int | None = None  # threads per lane process (None: the usable CPUs / jobs)
     resume: bool = False  # reuse export / INT8 stages an earlier run into ``out`` finished with the same inputs
     timings: dict[str, float] = field(default_factory=dict)
     lanes: dict[str, Any] = field(default_factory=dict)  # filled by the run: jobs and budget used
@@ -118,7 +119,7 @@ def run_main_job(cfg: MainJobConfig) -> int:
         log.info("== %d format lanes, %d at once (memory budget %.1f GB) ==", len(cfg.formats), jobs, budget)
         level = logging.getLogger("tadsr").getEffectiveLevel()
         done = lanes.run_lanes(cfg.formats, _lane_process, lambda f, threads: (cfg, f, threads, level),
-                               estimates=estimates, budget_gb=budget, jobs=jobs)  # fmt: skip
+                               estimates=estimates, budget_gb=budget, jobs=jobs, threads=cfg.lane_threads)  # fmt: skip
     cfg.timings["format lanes"] = round(time.perf_counter() - t0, 1)
     for res in done.values():
         cfg.timings.update(res.timings)
@@ -150,7 +151,9 @@ def _capture_cache(out: Path) -> Any:
     """Captures shared by every lane (on disk under ``out/.cache``, one computation per model and patch set)."""
     from tadsr.quantize.api import CaptureCache
 
-    return CaptureCache(Path(out) / ".cache" / "captures")
+    from tadsr.cli.resume import source_digest
+
+    return CaptureCache(Path(out) / ".cache" / "captures", salt=source_digest())
 
 
 def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
@@ -168,8 +171,9 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
     timings: dict[str, float] = {}
     done = ResumeLog(out, fmt, cfg.resume)
     graphs, precisions = _export_plan(cfg, fmt)
-    export_key = stage_key(sources={k: v.get("sha256") for k, v in models.sources.items()}, preset=cfg.preset,
-                           format=fmt, graphs=graphs, precisions=precisions, tile=cfg.tile, smoke=cfg.smoke)  # fmt: skip
+    sources = {k: v.get("sha256") for k, v in models.sources.items()}
+    export_key = stage_key(sources=sources, preset=cfg.preset, format=fmt, graphs=graphs, precisions=precisions,
+                           tile=cfg.tile, smoke=cfg.smoke)  # fmt: skip
     exported = done.reusable(f"export {fmt}", export_key, out / "artifacts")
     if exported is None:
         written = _stage(cfg, f"export {fmt}", lambda: export_model(
@@ -329,6 +333,8 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", type=float, dest="memory_budget_gb", metavar="GB",
                    help="peak memory the lanes running at once may need together, by their estimates "
                    "(default: 85%% of the memory available at the start)")  # fmt: skip
+    p.add_argument("--lane-threads", type=int, help="threads of each lane process (default: the usable CPUs divided "
+                   "by the lanes running at once)")
     p.add_argument("--resume", action="store_true",
                    help="reuse the export and INT8 stages an earlier run into --out finished with the same model, "
                    "settings, tool versions and tadsr sources (intact folders only); parity and bench run again")
@@ -354,6 +360,6 @@ def _run(args: argparse.Namespace) -> int:
         autoencoder=args.autoencoder, light=light_choice(args), formats=tuple(args.formats), tile=args.tile,
         data=args.data, calib=args.calib, num_patches=args.num_patches, repeats=args.repeats, threads=args.threads,
         teacher_steps=args.teacher_steps, smoke=args.smoke, progress=sys.stderr.isatty(), jobs=args.jobs,
-        memory_budget_gb=args.memory_budget_gb, resume=args.resume,
+        memory_budget_gb=args.memory_budget_gb, resume=args.resume, lane_threads=args.lane_threads,
     )  # fmt: skip
     return run_main_job(cfg)

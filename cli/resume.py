@@ -14,16 +14,31 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from tadsr import fileio
 from tadsr.errors import InputError
-from tadsr.versions import source_digest
 
 __all__ = ["ResumeLog", "source_digest", "stage_key"]
 
 log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 over the installed tadsr packages' Python sources and numerics.json (paths and contents): the
+    version of this toolkit's code, for caches that must not outlive an edit (``tadsr all --resume``, capture
+    files); the distribution version does not change between edits of a source checkout."""
+    h = hashlib.sha256()
+    for pkg in ("tadsr", "tadsr.export", "tadsr.formats", "tadsr.quantize", "tadsr.runtime", "tadsr.parity"):
+        root = Path(str(resources.files(pkg)))
+        for f in sorted([*root.rglob("*.py"), *root.glob("numerics.json")]):
+            h.update(f"{pkg}/{f.relative_to(root).as_posix()}".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def stage_key(**parts: Any) -> str:

@@ -385,13 +385,15 @@ class CaptureCache:
 
     With ``folder``, captures are also kept on disk (``<folder>/<key digest>.npz``, written atomically) and shared
     between processes: a process that needs captures another one is computing waits for them (a file lock per
-    key) instead of computing them again. ``tadsr all`` gives its format lanes one folder in its output.
+    key) instead of computing them again. ``tadsr all`` gives its format lanes one folder in its output and, as
+    ``salt``, the digest of the tadsr sources (an edited toolkit captures anew).
     """
 
-    def __init__(self, folder: Path | None = None) -> None:
+    def __init__(self, folder: Path | None = None, salt: str = "") -> None:
         self._key: str | None = None
         self._sets: tuple[CalibrationSet, CalibrationSet] | None = None
         self.folder = None if folder is None else Path(folder)
+        self.salt = salt  # mixed into the file names: the caller's code version, so that an edit captures anew
 
     def get(self, manifest: Mapping[str, Any], models: Models, calib: tuple, hold: tuple,
             progress: bool = False) -> tuple[CalibrationSet, CalibrationSet]:  # fmt: skip
@@ -423,9 +425,7 @@ class CaptureCache:
 
         assert self.folder is not None
         self.folder.mkdir(parents=True, exist_ok=True)
-        from tadsr.versions import source_digest
-
-        digest = hashlib.sha256((key + source_digest()).encode()).hexdigest()[:32]  # an edited tadsr captures anew
+        digest = hashlib.sha256((key + self.salt).encode()).hexdigest()[:32]
         path = self.folder / f"{digest}.npz"
         with open(self.folder / f"{digest}.lock", "a+") as lock:
             t0 = time.perf_counter()

@@ -6,14 +6,11 @@ toolchain import. Core, torch-free.
 
 from __future__ import annotations
 
-import hashlib
 import platform
 from collections.abc import Sequence
-from functools import lru_cache
-from importlib import metadata, resources
-from pathlib import Path
+from importlib import metadata
 
-__all__ = ["BENCH_TOOLS", "EXPORT_TOOLS", "TOOLS", "source_digest", "tool_versions", "version"]
+__all__ = ["BENCH_TOOLS", "EXPORT_TOOLS", "TOOLS", "tool_versions", "version"]
 
 TOOLS: dict[str, str] = {
     "tadsr": "tadsr-mobile",
@@ -59,17 +56,3 @@ def tool_versions(tools: Sequence[str] = EXPORT_TOOLS, *, python: bool = True,
     if python:
         out["python"] = platform.python_version()
     return out
-
-
-@lru_cache(maxsize=1)
-def source_digest() -> str:
-    """sha256 over the installed tadsr packages' Python sources and numerics.json (paths and contents): the
-    version of this toolkit's code, for caches that must not outlive an edit (``tadsr all --resume``, capture
-    files); the distribution version does not change between edits of a source checkout."""
-    h = hashlib.sha256()
-    for pkg in ("tadsr", "tadsr.export", "tadsr.formats", "tadsr.quantize", "tadsr.runtime", "tadsr.parity"):
-        root = Path(str(resources.files(pkg)))
-        for f in sorted([*root.rglob("*.py"), *root.glob("numerics.json")]):
-            h.update(f"{pkg}/{f.relative_to(root).as_posix()}".encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()

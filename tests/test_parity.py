@@ -60,8 +60,26 @@ def _scale_initializer(d: Path, graph: str, name: str, factor: float, *, fix_sha
 
 
 @pytest.fixture(scope="module")
-def clean(tiny_onnx_artifacts):
-    return check_parity(tiny_onnx_artifacts, options=ParityOptions(**FAST))
+def clean_run(tiny_onnx_artifacts):
+    """The clean check, and how many whole-image reference upscales it ran."""
+    import tadsr.runtime.tiling as tiling
+
+    calls: list[str] = []
+    real = tiling.upscale_tiled
+
+    def counting(lr, run_tiles, **kw):
+        calls.append(getattr(run_tiles, "__name__", ""))
+        return real(lr, run_tiles, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiling, "upscale_tiled", counting)
+        result = check_parity(tiny_onnx_artifacts, options=ParityOptions(**FAST))
+    return result, calls.count("ref_tiles")
+
+
+@pytest.fixture(scope="module")
+def clean(clean_run):
+    return clean_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -214,20 +232,10 @@ def test_every_precision_the_tools_write_has_floors() -> None:
         load_floors("w4", "pipeline")
 
 
-def test_whole_image_reference_is_computed_once_per_image_for_all_sets(tiny_onnx_artifacts, monkeypatch) -> None:
+def test_whole_image_reference_is_computed_once_per_image_for_all_sets(clean_run) -> None:
     """The fused pipeline and the component set of one model are compared with one reference upscale per image
-    (the reference is the same; only the artifacts' runs differ), and the verdicts are those of a fresh run."""
-    import tadsr.runtime.tiling as tiling
-
-    calls: list[str] = []
-    real = tiling.upscale_tiled
-
-    def counting(lr, run_tiles, **kw):
-        calls.append(getattr(run_tiles, "__name__", ""))
-        return real(lr, run_tiles, **kw)
-
-    monkeypatch.setattr(tiling, "upscale_tiled", counting)
-    res = check_parity(tiny_onnx_artifacts, options=ParityOptions(**FAST))
-    assert len(res.sets) == 2 and all(len(s.images) == 1 for s in res.sets)
-    assert calls.count("ref_tiles") == 1  # was one per set
-    assert all(s.passed for s in res.sets)
+    (the reference is the same; only the artifacts' runs differ): counted in the ``clean`` run itself."""
+    result, ref_upscales = clean_run
+    assert len(result.sets) == 2 and all(len(s.images) == 1 for s in result.sets)
+    assert ref_upscales == 1  # was one per set
+    assert all(s.passed for s in result.sets)

@@ -639,6 +639,5 @@ def test_capture_cache_on_disk_is_shared_and_waited_for(monkeypatch, tmp_path):
         assert all(np.array_equal(getattr(a.runs, k), getattr(b.runs, k)) for k in cal._RUN_ARRAYS)
     cal.CaptureCache(tmp_path).get({**manifest, "sources": {"student": {"sha256": "b"}}}, None, calib, hold)
     assert len(calls) == 4
-    monkeypatch.setattr("tadsr.versions.source_digest", lambda: "edited")
-    cal.CaptureCache(tmp_path).get(manifest, None, calib, hold)
+    cal.CaptureCache(tmp_path, salt="edited tadsr").get(manifest, None, calib, hold)
     assert len(calls) == 6
