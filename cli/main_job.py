@@ -69,8 +69,6 @@ class MainJobConfig:
     lane_threads: int | None = None  # threads per lane process (None: the usable CPUs / jobs)
     resume: bool = False  # reuse export / INT8 stages an earlier run into ``out`` finished with the same inputs
     timings: dict[str, float] = field(default_factory=dict)
-    lanes: dict[str, Any] = field(default_factory=dict)  # filled by the run: jobs and budget used
-    lane_results: list[Any] = field(default_factory=list)
 
 
 def _stage(cfg: MainJobConfig, name: str, fn: Any, timings: dict[str, float] | None = None) -> Any:
@@ -110,7 +108,6 @@ def run_main_job(cfg: MainJobConfig) -> int:
     estimates = {f: lanes.lane_memory_gb(f, params_m) for f in cfg.formats}
     budget = cfg.memory_budget_gb if cfg.memory_budget_gb is not None else 0.85 * lanes.available_memory_gb()
     jobs = lanes.choose_jobs(estimates, budget, lanes.usable_cpus(), cfg.jobs)
-    cfg.lanes = {"jobs": jobs, "budget_gb": round(budget, 1)}
     t0 = time.perf_counter()
     if jobs == 1:
         captures = _capture_cache(out)  # one model: every artifact is calibrated from the same captures
@@ -123,7 +120,6 @@ def run_main_job(cfg: MainJobConfig) -> int:
     cfg.timings["format lanes"] = round(time.perf_counter() - t0, 1)
     for res in done.values():
         cfg.timings.update(res.timings)
-    cfg.lane_results = list(done.values())
     parity = []
     for sub in ("artifacts", "int8"):
         parts = [r.parity[sub] for r in done.values() if sub in r.parity]
@@ -136,9 +132,7 @@ def run_main_job(cfg: MainJobConfig) -> int:
         out_dir=out / "bench", data=data, artifacts=(out / "artifacts", out / "int8"), preset=cfg.preset,
         init=cfg.init, teacher_steps=cfg.teacher_steps, threads=cfg.threads, repeats=cfg.repeats, tile=cfg.tile,
         memory="inprocess", **_SMOKE_BENCH if cfg.smoke else {}), models=models, progress=cfg.progress))  # fmt: skip
-    fp32 = [n for r in done.values() for n in r.fp32]
-    int8 = [n for r in done.values() for n in r.int8]
-    _summary(out, cfg, fp32, int8, parity, bench)
+    _summary(out, cfg, list(done.values()), parity, bench, _lane_lines(list(done.values()), jobs, budget))
     return 0 if all(p.passed for p in parity) else 1
 
 
@@ -275,14 +269,16 @@ def _quantized(cfg: MainJobConfig, artifact: str) -> bool:
     return not cfg.smoke or graph in _SMOKE_INT8.get(fmt, ())
 
 
-def _summary(out: Path, cfg: MainJobConfig, fp32: list, int8: list, parity: list, bench: Any) -> None:
+def _summary(out: Path, cfg: MainJobConfig, done: list[Any], parity: list, bench: Any, lane_lines: list[str]) -> None:
+    fp32 = [n for r in done for n in r.fp32]
+    int8 = [n for r in done for n in r.int8]
     lines = [
         "# tadsr main job", "",
         f"preset `{cfg.preset}`{' (random weights)' if cfg.init else ''}, tile {cfg.tile}, formats "
         f"{', '.join(cfg.formats)}{' (smoke: reduced configuration)' if cfg.smoke else ''}"
         + (f"; light autoencoder ({'shipped' if cfg.light is True else cfg.light})" if cfg.light else ""), "",
         "| stage | seconds |", "|---|---|", *(f"| {k} | {v} |" for k, v in cfg.timings.items()), "",
-        *_lane_lines(cfg),
+        *lane_lines,
         f"- fp32/fp16 artifacts: {len(fp32)} in `artifacts/`", f"- INT8 artifacts: {len(int8)} in `int8/`",
         f"- parity: {'PASS' if all(p.passed for p in parity) else 'FAIL'} (`parity/artifacts/parity.md`, "
         "`parity/int8/parity.md`)",
@@ -295,17 +291,13 @@ def _summary(out: Path, cfg: MainJobConfig, fp32: list, int8: list, parity: list
     print("\n".join(lines))
 
 
-def _lane_lines(cfg: MainJobConfig) -> list[str]:
+def _lane_lines(done: list[Any], jobs: int, budget_gb: float) -> list[str]:
     """The lane table: how the format lanes ran (in parallel processes or one after the other), their wall time
     and measured peak RSS beside the estimate the scheduler used."""
-    if not cfg.lane_results:
-        return []
-    jobs = cfg.lanes.get("jobs", 1)
     how = (f"{jobs} at once in separate processes" if jobs > 1 else "one after the other in this process")
-    lines = [f"Format lanes (export -> INT8 -> parity of one format): {how}; memory budget "
-             f"{cfg.lanes.get('budget_gb')} GB.", "", "| lane | wall s | peak RSS GB | estimated GB |",
-             "|---|---|---|---|"]  # fmt: skip
-    for r in cfg.lane_results:
+    lines = [f"Format lanes (export -> INT8 -> parity of one format): {how}; memory budget {budget_gb:.1f} GB.", "",
+             "| lane | wall s | peak RSS GB | estimated GB |", "|---|---|---|---|"]  # fmt: skip
+    for r in done:
         rss = "-" if r.peak_rss_gb is None else f"{r.peak_rss_gb:.2f}"
         lines.append(f"| {r.fmt} | {r.wall_s} | {rss} | {r.estimate_gb} |")
     return lines + [""]

@@ -46,9 +46,7 @@ def stage_key(**parts: Any) -> str:
     :func:`source_digest`."""
     from tadsr.versions import tool_versions
 
-    from tadsr.cli import resume  # the module attribute, so that a test can stand in another digest
-
-    blob = json.dumps({"parts": parts, "versions": tool_versions(), "source": resume.source_digest()}, sort_keys=True,
+    blob = json.dumps({"parts": parts, "versions": tool_versions(), "source": source_digest()}, sort_keys=True,
                       default=str)  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -111,10 +111,11 @@ def check_parity(
     options = options or ParityOptions()
     dirs = find_artifact_dirs(Path(path))
     if select is not None:
-        missing = sorted(set(select) - {d.name for d in dirs})
+        wanted = set(select)
+        missing = sorted(wanted - {d.name for d in dirs})
         if missing:
             raise InputError(f"no artifact folder {', '.join(missing)} in {path}")
-        dirs = [d for d in dirs if d.name in set(select)]
+        dirs = [d for d in dirs if d.name in wanted]
     session = Session(reference, options, traces)
     n_threads = torch.get_num_threads()
     try:

@@ -43,6 +43,7 @@ __all__ = [
     "HOP_REFERENCE",
     "HOP_LIGHT",
     "light_hop",
+    "RUN_ARRAYS",
     "runtime_hop",
     "end_to_end_hop",
     "Floor",
@@ -226,6 +227,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float32)
 
 
+RUN_ARRAYS = ("lr", "noise", "z_y", "x_t", "x0", "sr")
+"""The arrays of :class:`ReferenceRuns`, in pipeline order."""
+
+
 @dataclass(frozen=True)
 class ReferenceRuns:
     """The reference pipeline's stages on real LR patches, batch-first float32 arrays (index = patch).
@@ -248,7 +253,7 @@ class ReferenceRuns:
 
     def case(self, graph: str, i: int) -> ParityCase:
         """Inputs and reference outputs of ``graph`` for patch ``i``."""
-        one = {k: getattr(self, k)[i : i + 1] for k in ("lr", "noise", "z_y", "x_t", "x0", "sr")}
+        one = {k: getattr(self, k)[i : i + 1] for k in RUN_ARRAYS}
         ins, outs = {
             "encoder": (("lr",), {"z_y": "z_y"}),
             "denoiser": (("x_t", "lr"), {"x0": "x0"}),
@@ -272,7 +277,7 @@ def reference_runs_on(models: Models, lrs: np.ndarray, source: str) -> Reference
     pipe = OneStepPipeline(models)
     tile = int(lrs.shape[-1])
     latent = (1, models.preset.vq.embed_dim, tile, tile)
-    rows: dict[str, list[np.ndarray]] = {k: [] for k in ("lr", "noise", "z_y", "x_t", "x0", "sr")}
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in RUN_ARRAYS}
     for i, lr_np in enumerate(lrs):
         lr, hw = pipe.prepare(torch.from_numpy(np.ascontiguousarray(lr_np))[None])
         noise = make_noise(latent, DEFAULT_SEED + i)

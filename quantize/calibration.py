@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from tadsr import fileio
 from tadsr.errors import InputError
-from tadsr.parity.hops import ParityCase, ReferenceRuns
+from tadsr.parity.hops import RUN_ARRAYS, ParityCase, ReferenceRuns
 from tadsr.pipeline import Models, OneStepPipeline, make_noise
 from tadsr.patches import (
     ImageFolder,
@@ -153,7 +153,7 @@ def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", prog
     if t % models.preset.pad_multiple:
         raise InputError(f"tile {t} is not a multiple of {models.preset.pad_multiple}")
     latent = (1, models.preset.vq.embed_dim, t, t)
-    rows: dict[str, list[np.ndarray]] = {k: [] for k in ("lr", "noise", "z_y", "x_t", "x0", "sr")}
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in RUN_ARRAYS}
     starts = range(0, n, _CAPTURE_BATCH)
     for s in tqdm(starts, desc="capture", unit="batch", disable=not progress):
         x = torch.from_numpy(np.ascontiguousarray(lr[s : s + _CAPTURE_BATCH], dtype=np.float32))
@@ -434,25 +434,27 @@ class CaptureCache:
             if path.is_file():
                 try:
                     with np.load(path, allow_pickle=False) as z:
-                        sets = tuple(CalibrationSet(runs=ReferenceRuns(**{k: z[f"{tag}/{k}"] for k in _RUN_ARRAYS},
-                                                                       source=str(z[f"{tag}/source"])),
-                                                    info=info, patches=ps)
-                                     for tag, (ps, info) in (("calib", calib), ("hold", hold)))  # fmt: skip
+                        sets = (_read_runs(z, "calib", *calib), _read_runs(z, "hold", *hold))
                     logger.info("captures of this model read from %s (waited %.1f s for another process)", path,
                                 waited)  # fmt: skip
                     return sets
                 except (OSError, KeyError, ValueError) as e:
                     logger.warning("ignoring the unreadable capture file %s (%s); capturing again", path, e)
             sets = compute()
-            arrays = {f"{tag}/{k}": getattr(cs.runs, k) for tag, cs in zip(("calib", "hold"), sets, strict=True)
-                      for k in _RUN_ARRAYS}  # fmt: skip
-            arrays |= {f"{tag}/source": np.array(cs.runs.source) for tag, cs in zip(("calib", "hold"), sets,
-                                                                                   strict=True)}  # fmt: skip
+            arrays = {**_run_arrays("calib", sets[0].runs), **_run_arrays("hold", sets[1].runs)}
             fileio.write_with(path, lambda f: np.savez(f, **arrays))
             return sets
 
 
-_RUN_ARRAYS = ("lr", "noise", "z_y", "x_t", "x0", "sr")
+def _run_arrays(tag: str, runs: ReferenceRuns) -> dict[str, np.ndarray]:
+    """``runs`` as named arrays for an ``.npz`` (``<tag>/<array>``, ``<tag>/source``)."""
+    return {**{f"{tag}/{k}": getattr(runs, k) for k in RUN_ARRAYS}, f"{tag}/source": np.array(runs.source)}
+
+
+def _read_runs(z: Any, tag: str, patches: PatchSet, info: dict[str, Any]) -> CalibrationSet:
+    """The :class:`CalibrationSet` of ``patches`` whose captures :func:`_run_arrays` stored under ``tag``."""
+    runs = ReferenceRuns(**{k: z[f"{tag}/{k}"] for k in RUN_ARRAYS}, source=str(z[f"{tag}/source"]))
+    return CalibrationSet(runs=runs, info=info, patches=patches)
 
 
 def _file_key(p: Path, memo: dict[Path, str]) -> str:

@@ -606,7 +606,7 @@ def test_capture_cache_on_disk_is_shared_and_waited_for(monkeypatch, tmp_path):
 
     import numpy as np
 
-    from tadsr.parity.hops import ReferenceRuns
+    from tadsr.parity.hops import RUN_ARRAYS, ReferenceRuns
     from tadsr.quantize import calibration as cal
 
     calls = []
@@ -616,7 +616,7 @@ def test_capture_cache_on_disk_is_shared_and_waited_for(monkeypatch, tmp_path):
             calls.append(kind)
             time.sleep(0.5)  # long enough for the other thread to reach the lock
             rng = np.random.default_rng(len(calls))
-            arr = {k: rng.standard_normal((2, 3, 4, 4)).astype(np.float32) for k in cal._RUN_ARRAYS}
+            arr = {k: rng.standard_normal((2, 3, 4, 4)).astype(np.float32) for k in RUN_ARRAYS}
             return cal.CalibrationSet(runs=ReferenceRuns(**arr, source=f"{kind} src"), info=patches[1],
                                       patches=patches[0])  # fmt: skip
         return load
@@ -636,7 +636,7 @@ def test_capture_cache_on_disk_is_shared_and_waited_for(monkeypatch, tmp_path):
     assert calls == ["c", "h"]  # captured once
     for a, b in zip(got[0], got[1], strict=True):
         assert a.runs.source == b.runs.source and a.info is not None
-        assert all(np.array_equal(getattr(a.runs, k), getattr(b.runs, k)) for k in cal._RUN_ARRAYS)
+        assert all(np.array_equal(getattr(a.runs, k), getattr(b.runs, k)) for k in RUN_ARRAYS)
     cal.CaptureCache(tmp_path).get({**manifest, "sources": {"student": {"sha256": "b"}}}, None, calib, hold)
     assert len(calls) == 4
     cal.CaptureCache(tmp_path, salt="edited tadsr").get(manifest, None, calib, hold)
