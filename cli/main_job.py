@@ -111,7 +111,11 @@ def run_main_job(cfg: MainJobConfig) -> int:
     t0 = time.perf_counter()
     if jobs == 1:
         captures = _capture_cache(out)  # one model: every artifact is calibrated from the same captures
-        done = {f: _lane(cfg, f, models, captures) for f in cfg.formats}
+        done = {}
+        for f in cfg.formats:
+            t1 = time.perf_counter()
+            done[f] = _lane(cfg, f, models, captures)
+            done[f].wall_s, done[f].estimate_gb = round(time.perf_counter() - t1, 1), round(estimates[f], 1)
     else:
         log.info("== %d format lanes, %d at once (memory budget %.1f GB) ==", len(cfg.formats), jobs, budget)
         level = logging.getLogger("tadsr").getEffectiveLevel()

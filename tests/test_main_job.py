@@ -119,7 +119,10 @@ def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert all(kw["options"].patches == 1 and kw["options"].whole_images == 1 for kw in calls["parity"])
     (bench,) = calls["bench"]
     assert bench.repeats == 1 and bench.teacher_steps == 15 and bench.max_images == 1
-    assert "smoke" in (tmp_path / "smoke" / "SUMMARY.md").read_text()
+    summary = (tmp_path / "smoke" / "SUMMARY.md").read_text()
+    assert "smoke" in summary and "one after the other in this process" in summary
+    rows = [line.split("|") for line in summary.splitlines() if line.startswith(("| onnx |", "| coreml |"))]
+    assert len(rows) == 2 and all(float(r[4]) > 0 for r in rows)  # the estimate is shown for in-process lanes too
 
     for recorded in calls.values():
         recorded.clear()
