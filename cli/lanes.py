@@ -14,12 +14,13 @@ and its memory is returned when it ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import resource
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +121,8 @@ def run_lanes(
                 if estimates[fmt] > budget_gb:
                     log.warning("the %s lane's estimated peak (%.1f GB) exceeds the memory budget (%.1f GB); it "
                                 "runs alone", fmt, estimates[fmt], budget_gb)  # fmt: skip
-                pool = ctx.Pool(1)
+                with _blas_threads(threads):  # numpy's BLAS reads it at start-up: one pool per lane's share
+                    pool = ctx.Pool(1)
                 running[fmt] = (pool, pool.apply_async(worker, args(fmt, threads)), time.perf_counter())
                 log.info("lane %s started (%d thread%s, estimated peak %.1f GB)", fmt, threads,
                          "" if threads == 1 else "s", estimates[fmt])  # fmt: skip
@@ -141,6 +143,23 @@ def run_lanes(
             pool.terminate()
             pool.join()
     return {f: done[f] for f in fmts}
+
+
+@contextlib.contextmanager
+def _blas_threads(threads: int) -> Iterator[None]:
+    """Spawned children start with OpenBLAS / MKL limited to ``threads`` (the environment they inherit; restored
+    here after). Without it each lane's numpy (the Core ML simulator's matmuls) starts a thread per core."""
+    keys = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: str(threads) for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def peak_rss_gb() -> float:

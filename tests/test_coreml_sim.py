@@ -862,3 +862,19 @@ def test_zz_every_supported_op_is_executed_by_a_test(request: pytest.FixtureRequ
         pytest.skip(f"needs the whole module ({len(mine - _RAN)} op tests not run)")
     missing = sorted(set(SUPPORTED_OPS) - _COVERED - {"const"})
     assert not missing, f"kernels without a passing test: {missing}"
+
+
+@pytest.mark.parametrize("groups, strides, dil", [(1, [1, 1], [1, 1]), (2, [2, 1], [1, 2])])
+def test_conv_paths_agree(groups: int, strides: list[int], dil: list[int]) -> None:
+    """The three conv paths (torch when the process has it, numpy im2col, numpy per tap) give one result."""
+    from tadsr.runtime.coreml_sim.kernels.linear import _conv2d_im2col, _conv_per_tap, _conv_torch
+
+    rng = np.random.default_rng(0)
+    xp, w = rng.normal(size=(1, 16, 11, 12)).astype(np.float32), rng.normal(size=(8, 16 // groups, 3, 3))
+    w = w.astype(np.float32)
+    eff = [2 * d + 1 for d in dil]
+    out_sz = [(p - e) // s + 1 for p, e, s in zip(xp.shape[2:], eff, strides, strict=True)]
+    ref = F.conv2d(torch.from_numpy(xp), torch.from_numpy(w), stride=strides, dilation=dil, groups=groups).numpy()
+    for path in (_conv2d_im2col, _conv_per_tap):
+        np.testing.assert_allclose(path(xp, w, groups, strides, dil, out_sz), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_conv_torch(xp, w, groups, strides, dil), ref, atol=1e-5, rtol=0)

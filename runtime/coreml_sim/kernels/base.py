@@ -31,7 +31,7 @@ class Args:
         if isinstance(v, np.ndarray) and v.dtype.kind == "f":
             if self._round and v.dtype != np.float16:
                 v = v.astype(np.float16)
-            return v.astype(np.float32)
+            return v.astype(np.float32, copy=False)  # no copy of a float32 value: kernels never write their inputs
         return v
 
     def has(self, key: str) -> bool:

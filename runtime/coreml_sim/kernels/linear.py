@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
+import warnings
+from typing import Any
 
 import numpy as np
 
@@ -61,13 +64,37 @@ def _k_conv(a: Args) -> np.ndarray:
     xp = np.pad(x, [(0, 0), (0, 0), *pads])
     out_sz = [(p - e) // s + 1 for p, e, s in zip(xp.shape[2:], eff, strides, strict=True)]
     cig = w.shape[1]
-    if nsp == 2 and cig * math.prod(ksz) >= 64:  # one GEMM over the unfolded windows (im2col): 1.3-2.4x faster
+    if nsp in (1, 2) and "torch" in sys.modules:  # torch's convolution, when the process has torch: 1-4x faster
+        out = _conv_torch(xp, w, groups, strides, dil)
+    elif nsp == 2 and cig * math.prod(ksz) >= 64:  # one GEMM over the unfolded windows (im2col): 1.3-2.4x faster
         out = _conv2d_im2col(xp, w, groups, strides, dil, out_sz)
     else:
         out = _conv_per_tap(xp, w, groups, strides, dil, out_sz)
     if a.has("bias"):
         out += a["bias"].reshape([1, -1] + [1] * nsp)
     return out
+
+
+def _conv_torch(xp: np.ndarray, w: np.ndarray, groups: int, strides: list[int], dil: list[int]) -> np.ndarray:
+    """1-D / 2-D float32 convolution of the padded ``xp`` by torch, with the process's torch threads. Used only
+    when torch is already imported: the simulator itself never imports it (a torch-free process gets numpy)."""
+    import torch
+    import torch.nn.functional as F
+
+    conv = F.conv2d if xp.ndim == 4 else F.conv1d
+    x_t, w_t = (_tensor(v) for v in (xp, w))
+    with torch.no_grad():
+        return conv(x_t, w_t, stride=strides, dilation=dil, groups=groups).numpy()
+
+
+def _tensor(v: np.ndarray) -> Any:
+    """A torch view of a float32 array. Read-only arrays (the program's constants) are viewed too: torch only
+    reads them here."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(v, np.float32))
 
 
 def _conv2d_im2col(xp: np.ndarray, w: np.ndarray, groups: int, strides: list[int], dil: list[int],
@@ -160,4 +187,3 @@ def _k_pool(a: Args) -> np.ndarray:
     if kind == "l2_pool":
         return np.sqrt(acc)
     return acc / (count if a.py("exclude_padding_from_average", False) else float(math.prod(ksz)))
-
