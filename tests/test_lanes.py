@@ -5,6 +5,7 @@ failure). The real parallel run is the default tier's ``tadsr all --smoke`` (tes
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -59,3 +60,15 @@ def test_the_first_failing_lane_stops_the_run() -> None:
         lanes.run_lanes(["onnx", "executorch"], lanes.LaneResult, lambda fmt, threads: (fmt, {}, [], [], {}, 0.0,
                         None, 0.0, "one argument too many"), estimates={"onnx": 1, "executorch": 1}, budget_gb=10,
                         jobs=2, poll_s=0.05)  # fmt: skip
+
+
+def _blas_worker(fmt: str, threads: int) -> lanes.LaneResult:
+    return lanes.LaneResult(fmt, {"blas": float(os.environ.get("OPENBLAS_NUM_THREADS", "0"))})
+
+
+def test_lane_processes_start_blas_with_their_thread_share() -> None:
+    before = os.environ.get("OPENBLAS_NUM_THREADS")
+    done = lanes.run_lanes(["onnx", "coreml"], _blas_worker, lambda fmt, threads: (fmt, threads),
+                           estimates={"onnx": 1, "coreml": 1}, budget_gb=10, jobs=2, poll_s=0.05, threads=3)  # fmt: skip
+    assert [r.timings["blas"] for r in done.values()] == [3.0, 3.0]
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == before  # the parent's environment is restored
