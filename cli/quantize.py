@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``quantize`` subcommand to ``subparsers``; sets ``func=run_quantize``."""
-    from tadsr.quantize.api import METHODS
+    from tadsr.quantize.api import DEFAULT_HR_BUDGET_DB, METHODS
 
     p = subparsers.add_parser(
         "quantize",
@@ -55,6 +55,10 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="DB",
         help="recipe floor: PSNR vs fp32 on the worst held-out patch (default: 30, 25 for the fused pipeline)",
     )
+    p.add_argument("--hr-budget", type=_budget, default=DEFAULT_HR_BUDGET_DB, metavar="DB|none",
+                   help="also a budget for the recipe search of the graphs that output the image (fused pipeline, "
+                   "decoder): PSNR-Y vs HR lost against fp32, mean over the held-out patches (default: "
+                   "%(default)s dB; none: the PSNR floor alone)")  # fmt: skip
     p.add_argument("--recipe", type=Path, metavar="FILE", help="reuse a recipe.json instead of searching")
     p.add_argument("--holdout", type=Path, metavar="DIR", help="held-out image folder (default: the photo set's "
                    "validation images)")  # fmt: skip
@@ -87,6 +91,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         seed=args.seed,
         method=args.method,
         target_psnr=args.target_psnr,
+        hr_budget_db=args.hr_budget,
         recipe=args.recipe,
         out_dir=args.out,
         holdout=args.holdout,
@@ -104,20 +109,37 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0 if all(m.get("parity_passed") for m in manifests) else 1
 
 
+def _budget(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of dB or 'none', got {text!r}") from None
+
+
+def _hr(q: dict[str, Any]) -> str:
+    loss, budget = q.get("hr_loss_db"), q.get("hr_budget_db")
+    if loss is None:
+        return "-"
+    return f"{loss:.2f}" + ("" if budget is None else f" (<= {budget:g})")
+
+
 def _db(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.1f}"
 
 
 def format_summary(paths: Sequence[Path], manifests: Sequence[dict[str, Any]]) -> str:
-    """One line per artifact: size vs fp32, INT8 share of weights, PSNR vs fp32, float blocks, parity."""
-    rows = [("artifact", "MB", "x fp32", "int8 w", "PSNR dB", "float blocks", "parity")]
+    """One line per artifact: size vs fp32, INT8 share of weights, PSNR vs fp32, PSNR-Y lost vs HR (with its
+    budget), float blocks, parity."""
+    rows = [("artifact", "MB", "x fp32", "int8 w", "PSNR dB", "HR loss dB", "float blocks", "parity")]
     for p, m in zip(paths, manifests, strict=True):
         q = m.get("quantization", {})
         size = sum(f["bytes"] for f in m["files"])
         fid = next(iter(q.get("fidelity", {}).values()), {})
         frac = q.get("int8_fraction")
         rows.append((p.name, f"{size / 1e6:.2f}", f"{size / max(q.get('parent_bytes', 0), 1):.2f}",
-                     "-" if frac is None else f"{100 * frac:.0f}%", _db(fid.get("psnr")),
+                     "-" if frac is None else f"{100 * frac:.0f}%", _db(fid.get("psnr")), _hr(q),
                      str(len(q.get("float_units") or [])), "ok" if m.get("parity_passed") else "FAIL"))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

@@ -53,6 +53,7 @@ __all__ = [
     "rank_units",
     "search_exclusions",
     "find_float_units",
+    "HRBudget",
     "load_recipe",
 ]
 
@@ -251,14 +252,16 @@ class SearchResult:
     Attributes:
         excluded: units kept float, most sensitive first.
         psnr: held-out PSNR with those units float.
-        met: whether ``psnr >= target``.
-        trace: every evaluated configuration ``{"float_units": k, "psnr": dB}``.
+        met: whether ``psnr >= target`` (and, with an HR budget, the loss within it).
+        trace: every evaluated configuration ``{"float_units": k, "psnr": dB}`` (+ ``hr_loss_db``).
+        hr_loss: PSNR-Y vs HR lost against fp32 with those units float (None: no HR budget).
     """
 
     excluded: list[str]
     psnr: float
     met: bool
     trace: list[dict[str, Any]] = field(default_factory=list)
+    hr_loss: float | None = None
 
 
 def search_exclusions(
@@ -312,6 +315,26 @@ Feeds = Sequence[Mapping[str, np.ndarray]]
 Outputs = Sequence[Mapping[str, np.ndarray]]
 
 
+@dataclass(frozen=True)
+class HRBudget:
+    """What the user loses, as a second criterion of the search (graphs whose output is the SR image).
+
+    Attributes:
+        budget_db: most PSNR-Y vs HR the INT8 graph may lose against the fp32 artifact (mean over the held-out
+            patches).
+        loss: ``held-out outputs -> dB lost`` (positive: INT8 is worse than fp32 against HR).
+    """
+
+    budget_db: float
+    loss: Callable[[Outputs], float]
+
+    def score(self, psnr: float, outputs: Outputs, target: float) -> tuple[float, float]:
+        """``(score, loss)``: the score is ``psnr`` while the loss is within the budget, else below ``target`` by
+        the excess (so that one number orders the search: it meets ``target`` only when both criteria hold)."""
+        loss = float(self.loss(outputs))
+        return (psnr if loss <= self.budget_db else min(psnr, target - (loss - self.budget_db))), loss
+
+
 def find_float_units(
     run: Callable[[frozenset[str], Feeds], Outputs],
     units: Mapping[str, tuple[int, int]],
@@ -325,8 +348,10 @@ def find_float_units(
     target: float,
     budget: int = 48,
     progress: bool = False,
+    hr: HRBudget | None = None,
 ) -> tuple[SearchResult, list[UnitSensitivity]]:
-    """The automatic recipe: measure everything quantized; below ``target``, rank blocks and search.
+    """The automatic recipe: measure everything quantized; below ``target`` (or over the HR budget), rank blocks
+    and search.
 
     Args:
         run: ``(float units, feeds) -> outputs`` of the quantized graph (pinned units are passed in too).
@@ -340,21 +365,33 @@ def find_float_units(
         target: PSNR floor in dB.
         budget: most sensitivity evaluations (:func:`rank_units`).
         progress: tqdm bars.
+        hr: the HR budget a configuration must also hold (None: the PSNR floor alone). The ranking stays by PSNR
+            vs fp32 on the sensitivity patches.
 
     Returns:
-        The search result (float units include ``pinned``) and the sensitivity table (empty when everything
-        quantized already met the target).
+        The search result (float units include ``pinned``; its ``psnr`` is the real PSNR vs fp32 and each trace
+        entry adds ``hr_loss_db`` with ``hr``) and the sensitivity table (empty when everything quantized
+        already met the criteria).
     """
     pinned = list(pinned)
+    measured: list[tuple[float, float | None]] = []  # (PSNR vs fp32, HR loss) per held-out evaluation, in order
 
     def held(float_units: frozenset[str]) -> float:
-        return worst_psnr(run(float_units, hold_feeds), hold_refs, ranges)
+        outs = run(float_units, hold_feeds)
+        psnr = worst_psnr(outs, hold_refs, ranges)
+        score, loss = hr.score(psnr, outs, target) if hr is not None else (psnr, None)
+        measured.append((psnr, loss))
+        return score
 
     first = held(frozenset(pinned))
     if first >= target or not units:
         trace = [{"float_units": len(pinned), "added": None, "psnr": _db(first)}]
-        return SearchResult(pinned, first, first >= target, trace), []
-    logger.info("all blocks INT8: %.2f dB < %.1f dB on held-out patches; measuring block sensitivity", first, target)
+        _annotate(trace, measured[-1:])
+        return SearchResult(pinned, measured[-1][0], first >= target, trace, measured[-1][1]), []
+    loss0 = measured[-1][1]
+    logger.info("all blocks INT8: %.2f dB (floor %.1f dB)%s on held-out patches; measuring block sensitivity",
+                measured[-1][0], target, "" if hr is None else f", {loss0:.2f} dB lost vs HR (budget "
+                f"{hr.budget_db:.2f} dB)")  # fmt: skip
     ranking = rank_units(lambda ex: worst_psnr(run(ex | frozenset(pinned), sens_feeds), sens_refs, ranges), units,
                          target=target, budget=budget, progress=progress)  # fmt: skip
     groups = {r.unit: r.members for r in ranking}
@@ -362,12 +399,26 @@ def find_float_units(
     def held_groups(float_groups: frozenset[str]) -> float:
         return held(frozenset(u for g in float_groups for u in groups.get(g, (g,))))
 
+    n_before = len(measured)
     result = search_exclusions(held_groups, [r.unit for r in ranking], target, initial=pinned)
+    runs = measured[n_before:]
+    _annotate(result.trace, runs)
+    result.psnr, result.hr_loss = next(m for t, m in zip(result.trace, runs, strict=True)
+                                       if t["float_units"] == len(result.excluded))  # fmt: skip
     result.excluded = list(dict.fromkeys(u for g in result.excluded for u in groups.get(g, (g,))))
-    logger.info("recipe: %d of %d blocks float -> %.2f dB on held-out patches (target %.1f dB, %s)",
+    logger.info("recipe: %d of %d blocks float -> %.2f dB on held-out patches (target %.1f dB%s, %s)",
                 len(result.excluded), len(units) + len(pinned), result.psnr, target,
+                "" if hr is None else f"; {result.hr_loss:.2f} dB lost vs HR, budget {hr.budget_db:.2f}",
                 "met" if result.met else "NOT met")  # fmt: skip
     return result, ranking
+
+
+def _annotate(trace: list[dict[str, Any]], runs: Sequence[tuple[float, float | None]]) -> None:
+    """Write each evaluation's real PSNR vs fp32 (the search saw a score) and its HR loss into the trace."""
+    for entry, (psnr, loss) in zip(trace, runs, strict=True):
+        entry["psnr"] = _db(psnr)
+        if loss is not None:
+            entry["hr_loss_db"] = round(loss, 3)
 
 
 # ------------------------------------------------------------------------------------------------- recipe
@@ -390,6 +441,9 @@ class BackendRecipe:
         source: ``"auto"`` (searched here), ``"file"`` (from ``--recipe``) or ``"all"`` (nothing excluded).
         sensitivity: per-unit table (most sensitive first), when measured.
         search: the evaluated configurations.
+        hr_budget_db: the budget the search also held (PSNR-Y vs HR lost against the fp32 artifact, mean over the
+            held-out patches); None: none (latent outputs, or ``--hr-budget`` off).
+        hr_loss_db: that loss as measured for the chosen recipe (None: not measured).
     """
 
     op_types: list[str]
@@ -404,6 +458,8 @@ class BackendRecipe:
     source: str = "auto"
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
     search: list[dict[str, Any]] = field(default_factory=list)
+    hr_budget_db: float | None = None
+    hr_loss_db: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

@@ -118,6 +118,7 @@ class QuantizeJob(Protocol):
     work: Path  # scratch folder, removed after the job
     parent_outputs: list[dict[str, Any]]
     weight_only: bool  # also the weight-only variant, where the format has one (Core ML W8)
+    hr_budget: float | None  # PSNR-Y vs HR the INT8 image may lose against fp32 (None: the PSNR floor alone)
 
     @property
     def name(self) -> str: ...
@@ -129,6 +130,8 @@ class QuantizeJob(Protocol):
     def ranges(self) -> dict[str, tuple[float, float] | None]: ...
 
     def entry(self, backend: str) -> Any: ...
+
+    def meets(self, psnr: float, outputs: Sequence[Mapping[str, Any]]) -> tuple[bool, float | None]: ...
 
     def entry_units(self, entry: Any, known: Mapping[str, Any], pinned: Mapping[str, str]) -> list[str]: ...
 

@@ -62,14 +62,20 @@ from tadsr.formats.sensitivity import (
     RECIPE_NAME,
     BackendRecipe,
     Recipe,
+    HRBudget,
     SearchResult,
     default_target,
     find_float_units,
     load_recipe,
 )
+from tadsr.metrics import psnr_y_8bit
 from tadsr.runtime.runner import MANIFEST_NAME, read_manifest, sha256_path, verify_files
 
-__all__ = ["METHODS", "FORMATS", "CaptureCache", "quantize_artifact", "rebuild_models"]
+__all__ = ["DEFAULT_HR_BUDGET_DB", "METHODS", "FORMATS", "CaptureCache", "quantize_artifact", "rebuild_models"]
+
+# The default HR budget of the recipe search (issue 18): at most this much PSNR-Y vs HR lost against fp32, mean
+# over the held-out patches, for the graphs that output the SR image.
+DEFAULT_HR_BUDGET_DB = 0.3
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +97,7 @@ class _Parent:
     model_file: Path
     light_autoencoder: Path | None = None  # the user's override of the recorded light autoencoder
     weight_only: bool = True  # also the weight-only variant (Core ML W8)
+    hr_budget: float | None = None  # PSNR-Y vs HR the INT8 image may lose against fp32 (None: no such criterion)
 
 
 def find_fp32_artifact(path: Path) -> Path:
@@ -190,6 +197,7 @@ class _Ctx:
     parent_engine: str = ""
     work: Path = Path()
     weight_only: bool = True
+    hr_budget: float | None = None
 
     @property
     def name(self) -> str:
@@ -202,6 +210,24 @@ class _Ctx:
     @property
     def ranges(self) -> dict[str, tuple[float, float] | None]:
         return {o.name: o.value_range for o in self.spec.outputs}
+
+    def hr(self) -> HRBudget | None:
+        """The HR budget of this graph (:class:`~tadsr.formats.sensitivity.HRBudget`): only for a graph whose
+        output is the SR image, judged on the held-out patches' HR against this graph's fp32 parent."""
+        if self.hr_budget is None or "sr" not in self.ranges:
+            return None
+        hr = self.hold.patches.hr
+        base = _mean_psnr_y(self.parent_outputs, hr)
+        return HRBudget(self.hr_budget, lambda outs: base - _mean_psnr_y(outs, hr))
+
+    def meets(self, psnr: float, outputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[bool, float | None]:
+        """Whether held-out ``outputs`` (worst PSNR ``psnr`` vs fp32) meet the floor and the HR budget, and the
+        HR loss (None: no budget for this graph)."""
+        hr = self.hr()
+        if hr is None:
+            return psnr >= self.target, None
+        score, loss = hr.score(psnr, outputs, self.target)
+        return score >= self.target, loss
 
     def entry(self, backend: str) -> BackendRecipe | None:
         if self.recipe is None:
@@ -224,6 +250,11 @@ class _Ctx:
               fake_quant: Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]] | None,
               ) -> Path:  # fmt: skip
         return _write(self, backend_key, precision, entry, build, fake_quant)
+
+
+def _mean_psnr_y(outputs: Sequence[Mapping[str, np.ndarray]], hr: np.ndarray) -> float:
+    """Mean over patches of the SR output's PSNR-Y against HR (8-bit, 4 px border, as the benchmark)."""
+    return float(np.mean([min(psnr_y_8bit(o["sr"], hr[i]), 100.0) for i, o in enumerate(outputs)]))
 
 
 def _runner(path: Path, fmt: str, threads: int | None) -> tuple[Callable[[dict[str, np.ndarray]], dict], str]:
@@ -337,6 +368,8 @@ def _extra(ctx: _Ctx, backend_key: str, entry: BackendRecipe, backend: BackendRe
             "recipe_psnr": entry.psnr,
             "int8_fraction": entry.int8_fraction,
             "float_units": entry.float_units,
+            "hr_budget_db": entry.hr_budget_db,
+            "hr_loss_db": entry.hr_loss_db,
             "parent_bytes": parent_bytes,
         },
         "parent_manifest": {
@@ -366,7 +399,7 @@ def _search(ctx: _Ctx, run: Callable, units: Mapping[str, tuple[int, int]], pinn
     hold = [c.inputs for c in ctx.hold.cases(ctx.name)]
     return find_float_units(run, units, list(pinned), sens_feeds=sens, sens_refs=fp32_run(sens), hold_feeds=hold,
                             hold_refs=ctx.parent_outputs, ranges=ctx.ranges, target=ctx.target,
-                            budget=ctx.sens_budget, progress=ctx.progress)  # fmt: skip
+                            budget=ctx.sens_budget, progress=ctx.progress, hr=ctx.hr())  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -392,6 +425,7 @@ def quantize_artifact(
     captures: CaptureCache | None = None,
     light_autoencoder: Path | None = None,
     weight_only: bool = True,
+    hr_budget_db: float | None = DEFAULT_HR_BUDGET_DB,
 ) -> list[Path]:
     """Make the INT8 artifact(s) of an fp32 artifact folder.
 
@@ -419,6 +453,10 @@ def quantize_artifact(
         light_autoencoder: the light autoencoder of an artifact exported with it, when the file its manifest
             records moved (None: the recorded one).
         weight_only: also write the weight-only variant where the format has one (Core ML ``w8``).
+        hr_budget_db: a second criterion of the recipe search for the graphs that output the SR image (fused
+            pipeline, decoder): the INT8 graph may lose at most this much PSNR-Y against the held-out patches'
+            HR, relative to its fp32 parent (mean over patches); None: the PSNR floor alone. A recipe given
+            with ``recipe`` is not searched (its loss is measured and recorded).
 
     Returns:
         The new artifact folders: ``<graph>-<format>-int8-t<tile>`` (and ``<graph>-coreml-w8-t<tile>``, the
@@ -434,6 +472,8 @@ def quantize_artifact(
         raise ConfigError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
     if target_psnr is not None and not 0 < float(target_psnr) < 200:
         raise ConfigError(f"target PSNR must be in (0, 200) dB, got {target_psnr!r}")
+    if hr_budget_db is not None and not 0 <= float(hr_budget_db) < 100:
+        raise ConfigError(f"the HR budget must be in [0, 100) dB, got {hr_budget_db!r}")
     for n, v in (("holdout_patches", holdout_patches), ("sensitivity_patches", sensitivity_patches),
                  ("sensitivity_budget", sensitivity_budget)):  # fmt: skip
         if not isinstance(v, int) or v < 1:
@@ -442,6 +482,7 @@ def quantize_artifact(
     parent = _read_parent(artifact_dir)
     parent.light_autoencoder = light_autoencoder
     parent.weight_only = weight_only
+    parent.hr_budget = None if hr_budget_db is None else float(hr_budget_db)
     rec = recipe if isinstance(recipe, Recipe) or recipe is None else load_recipe(Path(recipe))
     if rec is not None and rec.get(parent.graph, parent.fmt) is None:  # fail before any model work
         have = {g: sorted(b) for g, b in rec.graphs.items()}
@@ -480,6 +521,7 @@ def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patch
     work = Path(tempfile.mkdtemp(prefix=f".tadsr-quantize-{secrets.token_hex(3)}-", dir=out_dir))
     ctx.work = work
     ctx.weight_only = parent.weight_only
+    ctx.hr_budget = parent.hr_budget
     try:
         paths = get_format(parent.fmt).hook("quantize")(ctx)
     finally:

@@ -38,6 +38,7 @@ __all__ = [
     "error_stats",
     "lr_consistency",
     "psnr",
+    "psnr_y_8bit",
     "rgb_to_y",
     "sanity_failures",
     "ssim",
@@ -137,6 +138,17 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
     if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
         img = np.moveaxis(img, 0, -1)
     return (img @ np.array([65.481, 128.553, 24.966]) + 16.0) / 255.0
+
+
+def psnr_y_8bit(sr: np.ndarray, hr: np.ndarray, border: int = 4) -> float:
+    """PSNR-Y (dB) of an SR image against HR, both RGB in [-1, 1] (CHW, or NCHW with one image), as the
+    benchmark scores a saved image: rounded to 8 bits, BT.601 Y, ``border`` pixels cropped."""
+
+    def y8(img: np.ndarray) -> np.ndarray:
+        a = np.asarray(img, np.float64).reshape(3, *np.shape(img)[-2:])
+        return crop_border(rgb_to_y(np.round(np.clip((a + 1.0) * 127.5, 0, 255)) / 255.0), border)
+
+    return psnr(y8(sr), y8(hr), 1.0)
 
 
 def crop_border(img: np.ndarray, border: int) -> np.ndarray:

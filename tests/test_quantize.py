@@ -21,9 +21,12 @@ from tadsr.errors import ConfigError, InputError
 from tadsr.formats.graphs import GRAPH_NAMES
 from tadsr.parity.hops import load_floors
 from tadsr.cli import quantize as qcli
-from tadsr.quantize.api import quantize_artifact
+from tadsr.formats import sensitivity as sens_mod
+from tadsr.quantize.api import DEFAULT_HR_BUDGET_DB, quantize_artifact
 from tadsr.quantize.calibration import noise_seed, sample_calibration
 from tadsr.formats.sensitivity import (
+    HRBudget,
+    find_float_units,
     RECIPE_NAME,
     BackendRecipe,
     Recipe,
@@ -106,6 +109,13 @@ def test_onnx_int8_graph(graph, fp32_onnx, int8_onnx):
     print(f"{graph}: INT8 vs fp32 {fid['psnr']:.2f} dB (held-out worst), int8 weights {q['int8_fraction']:.0%}, "
           f"float blocks {q['float_units']}")  # fmt: skip
     assert recipe.target_psnr == default_target(graph) and recipe.psnr >= recipe.target_psnr
+    # the HR budget applies to the graph that outputs the image, measured and recorded; not to latents
+    if graph == "decoder":
+        assert recipe.hr_budget_db == DEFAULT_HR_BUDGET_DB and recipe.hr_loss_db is not None
+        assert recipe.hr_loss_db <= recipe.hr_budget_db or recipe.float_units, recipe.search
+        assert all("hr_loss_db" in t for t in recipe.search)
+    else:
+        assert recipe.hr_budget_db is None and recipe.hr_loss_db is None
     assert fid["psnr"] >= recipe.target_psnr - 1e-6
     assert m["parity_passed"] and all(h["passed"] for h in m["parity"])
     floor = next(iter(load_floors("int8", graph, "tiny").values())).psnr
@@ -447,6 +457,31 @@ def test_search_exclusions_smallest_passing_prefix():
     assert not none.met and none.excluded == list(gains)
     pinned = search_exclusions(evaluate, ["b", "c"], 26.0, initial=["a"])
     assert pinned.excluded == ["a"] and pinned.met
+
+
+def test_hr_budget_keeps_blocks_float_the_psnr_floor_alone_would_quantize():
+    """A configuration must meet the PSNR floor and the HR budget; the result and the trace carry the real PSNR
+    and the HR loss of what was measured."""
+    gains = {"a": 0.5, "b": 0.2, "c": 0.05}  # PSNR vs fp32 already above the floor with everything INT8
+    loss = {"a": 0.6, "b": 0.3, "c": 0.0}  # HR dB lost because of each quantized block
+
+    def run(floats: frozenset[str], feeds):
+        quantized = [u for u in gains if u not in floats]
+        return [{"y": np.array([40.0 - sum(gains[u] for u in quantized), sum(loss[u] for u in quantized)])}]
+
+    def worst(outs):
+        return float(outs[0]["y"][0])
+
+    kw = dict(sens_feeds=[{}], sens_refs=[{}], hold_feeds=[{}], hold_refs=[{}], ranges={}, target=30.0)
+    with pytest.MonkeyPatch.context() as mp:  # PSNR "vs fp32" is the first output value of the fake graph
+        mp.setattr(sens_mod, "worst_psnr", lambda outs, refs, ranges: worst(outs))
+        plain, ranking = find_float_units(run, {u: (1, 1) for u in gains}, [], **kw)
+        assert plain.excluded == [] and plain.met and plain.hr_loss is None and ranking == []
+        hr = HRBudget(0.25, lambda outs: float(outs[0]["y"][1]))
+        res, _ = find_float_units(run, {u: (1, 1) for u in gains}, [], hr=hr, **kw)
+    assert res.met and res.hr_loss <= 0.25 and set(res.excluded) == {"a", "b"}, res
+    assert res.psnr == pytest.approx(40.0 - 0.05)  # the real PSNR vs fp32, not the search's score
+    assert res.trace[0]["hr_loss_db"] == pytest.approx(0.9) and all("hr_loss_db" in t for t in res.trace)
 
 
 def test_recipe_round_trip_and_errors(tmp_path):

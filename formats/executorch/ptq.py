@@ -550,10 +550,13 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str) -> tuple[Any,
         sens = list(given.sensitivity)
     else:
         converted = pq.convert(sorted(pq.pinned), calib, progress=job.progress)
-        first = worst_psnr(_eager(converted, out_names)(hold), job.parent_outputs, job.ranges)
-        trace = [{"float_units": len(pq.pinned), "added": None, "psnr": round(first, 3)}]
+        outs = _eager(converted, out_names)(hold)
+        first = worst_psnr(outs, job.parent_outputs, job.ranges)
+        ok, loss = job.meets(first, outs)
+        trace = [{"float_units": len(pq.pinned), "added": None, "psnr": round(first, 3),
+                  **({} if loss is None else {"hr_loss_db": round(loss, 3)})}]  # fmt: skip
         units, source = sorted(pq.pinned), "all"
-        if first < job.target and pq.units():
+        if not ok and pq.units():
             sim = pq.simulator(calib, progress=job.progress)
             result, ranking = job.search(lambda fu, feeds: sim.run(fu, feeds), pq.units(), pq.pinned,
                                          _eager(pq.exported, out_names))  # fmt: skip
@@ -561,14 +564,18 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str) -> tuple[Any,
             sens = [r.to_dict() for r in ranking]
     if source != "all":
         converted = pq.convert(units, calib, progress=job.progress)
-    psnr = worst_psnr(_eager(converted, out_names)(hold), job.parent_outputs, job.ranges)
+    outs = _eager(converted, out_names)(hold)
+    psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
+    met, loss = job.meets(psnr, outs)
     entry = BackendRecipe(op_types=list(pq.op_types), float_units=list(units), pinned=dict(pq.pinned), method=method,
                           scheme=SCHEME, target_psnr=None if given else job.target, psnr=psnr,
                           int8_fraction=pq.int8_fraction(units), source=source, sensitivity=sens,
-                          search=trace)  # fmt: skip
-    if not given and psnr < job.target:
-        logger.warning("%s/%s: the converted graph reaches %.2f dB on held-out patches, below the %.1f dB target "
-                       "the search met in simulation", job.name, backend_key, psnr, job.target)  # fmt: skip
+                          search=trace, hr_budget_db=None if given or loss is None else job.hr_budget,
+                          hr_loss_db=None if loss is None else round(loss, 3))  # fmt: skip
+    if not given and not met:
+        logger.warning("%s/%s: the converted graph reaches %.2f dB on held-out patches (target %.1f dB)%s: the "
+                       "search's criteria are not met", job.name, backend_key, psnr, job.target,
+                       "" if loss is None else f", {loss:.2f} dB lost vs HR (budget {job.hr_budget:.2f} dB)")  # fmt: skip
     applied = {**pq.rewrites, "int8_add_constants": dict(pq.constants)}  # graph rewrites, then the INT8 constants
     return converted, entry, (_eager(converted, out_names), applied, example)
 

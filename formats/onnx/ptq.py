@@ -583,6 +583,10 @@ def cleanup(ptq: OnnxPTQ) -> None:
 # ---------------------------------------------------------------------------------------------------- driver
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 3)
+
+
 def quantize_job(job: QuantizeJob) -> list[Path]:
     """The ONNX slice's INT8 driver (registry ``quantize`` hook): pre-process and calibrate once, take or search
     the recipe, write the QDQ INT8 ``.onnx`` through ``job.write``."""
@@ -594,8 +598,10 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
     if given:
         units = job.entry_units(given, ptq.units(), ptq.pinned_units())
         extra_nodes = [n for n in given.float_nodes if n not in ptq.float_nodes(units)]
-        psnr = worst_psnr(ptq.run_variant(frozenset(units), hold, extra_nodes), job.parent_outputs, job.ranges)
-        result, sens, source = SearchResult(units, psnr, True, list(given.search)), given.sensitivity, "file"
+        outs = ptq.run_variant(frozenset(units), hold, extra_nodes)
+        psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
+        result = SearchResult(units, psnr, True, list(given.search), job.meets(psnr, outs)[1])
+        sens, source = given.sensitivity, "file"
     else:
         extra_nodes = []
         result, ranking = job.search(ptq.run_variant, ptq.units(), ptq.pinned_units(),
@@ -606,7 +612,8 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
                           pinned=ptq.pinned_units(), method=method, scheme=SCHEME,
                           target_psnr=None if given else job.target, psnr=result.psnr,
                           int8_fraction=ptq.int8_fraction(floats), source=source, sensitivity=sens,
-                          search=result.trace)  # fmt: skip
+                          search=result.trace, hr_budget_db=None if given or result.hr_loss is None else job.hr_budget,
+                          hr_loss_db=_round(result.hr_loss))  # fmt: skip
     meta = {"calibration": {k: job.calib.info[k] for k in ("content_hash", "num_patches", "seed")},
             "float_units": entry.float_units, "method": method}  # fmt: skip
 
