@@ -191,7 +191,7 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
             written = _stage(cfg, f"quantize {name}", lambda: quantize_artifact(
                 out / "artifacts" / name, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8",
                 threads=cfg.threads, progress=cfg.progress, captures=captures,
-                **_SMOKE_QUANTIZE if cfg.smoke else {}), timings)  # fmt: skip
+                **({**_SMOKE_QUANTIZE, **_SMOKE_QUANTIZE_FORMAT.get(fmt, {})} if cfg.smoke else {})), timings)  # fmt: skip
             int8 = [{"name": Path(p).name, "precision": "int8"} for p in written]
             done.record(f"quantize {name}", key, int8)
         res.int8 += [f["name"] for f in int8]
@@ -241,6 +241,10 @@ def _lane_process(cfg: MainJobConfig, fmt: str, threads: int, level: int) -> Any
 # one its verdict and the exit code says whether all passed, so one run shows every failure.
 _SMOKE_QUANTIZE: dict[str, Any] = {"holdout_patches": 4, "sensitivity_patches": 2, "sensitivity_budget": 8,
                                    "parity_gate": False, "weight_only": False}
+# The HR budget (quantize_artifact's default) stays on for ONNX (its own search) and ExecuTorch (the PT2E search
+# Core ML shares, on the decoder); off for Core ML, whose fused pipeline would add a PT2E sensitivity sweep over
+# 95 blocks (minutes) to the smoke's critical lane.
+_SMOKE_QUANTIZE_FORMAT: dict[str, dict[str, Any]] = {"coreml": {"hr_budget_db": None}}
 _SMOKE_PARITY: dict[str, Any] = {"patches": 1, "whole_images": 1, "max_side": 96}
 # Core ML runs through the numpy simulator on Linux (~3x ONNX Runtime's time per tile): its smoke whole image is one
 # tile (the set check still chains the components through the tiler); ONNX and ExecuTorch check the seams.
