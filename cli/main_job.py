@@ -191,15 +191,14 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
             written = _stage(cfg, f"quantize {name}", lambda: quantize_artifact(
                 out / "artifacts" / name, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8",
                 threads=cfg.threads, progress=cfg.progress, captures=captures,
-                **({**_SMOKE_QUANTIZE, **_SMOKE_QUANTIZE_FORMAT.get(fmt, {})} if cfg.smoke else {})), timings)  # fmt: skip
+                **_smoke(cfg, fmt, _SMOKE_QUANTIZE, _SMOKE_QUANTIZE_FORMAT)), timings)  # fmt: skip
             int8 = [{"name": Path(p).name, "precision": "int8"} for p in written]
             done.record(f"quantize {name}", key, int8)
         res.int8 += [f["name"] for f in int8]
     traces = TraceCache()  # one trace cache for the fp32 and the INT8 folders (a trace is the same torch graph)
     for sub, names in (("artifacts", res.fp32), ("int8", res.int8)):
         if names:
-            smoke = {**_SMOKE_PARITY, **_SMOKE_PARITY_FORMAT.get(fmt, {})} if cfg.smoke else {}
-            options = ParityOptions(threads=cfg.threads, **smoke)
+            options = ParityOptions(threads=cfg.threads, **_smoke(cfg, fmt, _SMOKE_PARITY, _SMOKE_PARITY_FORMAT))
             res.parity[sub] = _stage(cfg, f"parity {fmt} {sub}", lambda: check_parity(
                 out / sub, options=options, traces=traces, select=names), timings)  # fmt: skip
     res.timings = timings
@@ -251,6 +250,11 @@ _SMOKE_PARITY: dict[str, Any] = {"patches": 1, "whole_images": 1, "max_side": 96
 _SMOKE_PARITY_FORMAT: dict[str, dict[str, Any]] = {"coreml": {"max_side": 64}}
 _SMOKE_BENCH: dict[str, Any] = {"max_images": 1, "hr_crop": 256, "warmup": 0}
 SMOKE_DEFAULTS: dict[str, Any] = {"num_patches": 8, "repeats": 1, "teacher_steps": 15}  # the shipped schedule: 1 tile
+
+
+def _smoke(cfg: MainJobConfig, fmt: str, common: dict[str, Any], per_format: dict[str, dict[str, Any]]) -> dict:
+    """A stage's smoke settings for ``fmt`` (the common ones, then the format's own); none outside the smoke."""
+    return {**common, **per_format.get(fmt, {})} if cfg.smoke else {}
 
 
 def _export_plan(cfg: MainJobConfig, fmt: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -461,6 +461,10 @@ class BackendRecipe:
     hr_budget_db: float | None = None
     hr_loss_db: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.hr_loss_db is not None:
+            self.hr_loss_db = round(float(self.hr_loss_db), 3)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         d = asdict(self)

@@ -562,16 +562,16 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str) -> tuple[Any,
                                          _eager(pq.exported, out_names))  # fmt: skip
             units, source, trace = result.excluded, "auto", trace + result.trace
             sens = [r.to_dict() for r in ranking]
-    if source != "all":
+    if source != "all":  # a new graph to measure (the all-INT8 one was measured above)
         converted = pq.convert(units, calib, progress=job.progress)
-    outs = _eager(converted, out_names)(hold)
+        outs = _eager(converted, out_names)(hold)
     psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
     met, loss = job.meets(psnr, outs)
     entry = BackendRecipe(op_types=list(pq.op_types), float_units=list(units), pinned=dict(pq.pinned), method=method,
                           scheme=SCHEME, target_psnr=None if given else job.target, psnr=psnr,
                           int8_fraction=pq.int8_fraction(units), source=source, sensitivity=sens,
                           search=trace, hr_budget_db=None if given or loss is None else job.hr_budget,
-                          hr_loss_db=None if loss is None else round(loss, 3))  # fmt: skip
+                          hr_loss_db=loss)  # fmt: skip
     if not given and not met:
         logger.warning("%s/%s: the converted graph reaches %.2f dB on held-out patches (target %.1f dB)%s: the "
                        "search's criteria are not met", job.name, backend_key, psnr, job.target,

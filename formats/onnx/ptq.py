@@ -583,10 +583,6 @@ def cleanup(ptq: OnnxPTQ) -> None:
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(float(x), 3)
-
-
 def quantize_job(job: QuantizeJob) -> list[Path]:
     """The ONNX slice's INT8 driver (registry ``quantize`` hook): pre-process and calibrate once, take or search
     the recipe, write the QDQ INT8 ``.onnx`` through ``job.write``."""
@@ -613,7 +609,7 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
                           target_psnr=None if given else job.target, psnr=result.psnr,
                           int8_fraction=ptq.int8_fraction(floats), source=source, sensitivity=sens,
                           search=result.trace, hr_budget_db=None if given or result.hr_loss is None else job.hr_budget,
-                          hr_loss_db=_round(result.hr_loss))  # fmt: skip
+                          hr_loss_db=result.hr_loss)  # fmt: skip
     meta = {"calibration": {k: job.calib.info[k] for k in ("content_hash", "num_patches", "seed")},
             "float_units": entry.float_units, "method": method}  # fmt: skip
 
