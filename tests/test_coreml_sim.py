@@ -878,3 +878,26 @@ def test_conv_paths_agree(groups: int, strides: list[int], dil: list[int]) -> No
     for path in (_conv2d_im2col, _conv_per_tap):
         np.testing.assert_allclose(path(xp, w, groups, strides, dil, out_sz), ref, atol=1e-4, rtol=0)
     np.testing.assert_allclose(_conv_torch(xp, w, groups, strides, dil), ref, atol=1e-5, rtol=0)
+
+
+def test_half_conversions_through_torch_are_bit_identical_to_numpy() -> None:
+    """The simulator's fp16 <-> fp32 conversions go through torch when the process has it: the same bits as
+    numpy's (NaN payloads aside), for normal, subnormal, overflowing, halfway, NaN and inf values."""
+    from tadsr.runtime.coreml_sim.kernels.base import _TORCH_CAST_MIN, as_dtype
+
+    rng = np.random.default_rng(0)
+    halfway = (np.arange(1, 2049, dtype=np.float32) + 0.5) * 2.0**-10  # exact ties between fp16 neighbours
+    specials = np.array([0.0, -0.0, 6e-8, 3e-8, -6e-5, 65504.0, 65519.0, 65520.0, 1e9, -1e9, np.inf, -np.inf,
+                         np.nan], np.float32)  # fmt: skip
+    x = np.concatenate([rng.normal(scale=s, size=2048).astype(np.float32) for s in (1e-6, 1e-3, 1, 1e3, 1e5)]
+                       + [halfway, specials])  # fmt: skip
+    assert x.size >= _TORCH_CAST_MIN
+    x.setflags(write=False)
+    h = as_dtype(x, np.float16)
+    assert h.dtype == np.float16 and h.view(np.uint16).tobytes() == x.astype(np.float16).view(np.uint16).tobytes()
+    back = as_dtype(h, np.float32)
+    ref = h.astype(np.float32)
+    nan = np.isnan(ref)  # NaN stays NaN; only its payload bits may differ
+    assert back.dtype == np.float32 and np.array_equal(np.isnan(back), nan)
+    assert back[~nan].tobytes() == ref[~nan].tobytes()
+    assert as_dtype(back, np.float32) is back  # no copy of a value that has the type already

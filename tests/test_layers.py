@@ -30,7 +30,11 @@ MAX_LINES = 800
 # The Core ML simulator's convolution borrows torch's only when the process already loaded it (the toolkit's parity
 # and quantize processes): its imports sit inside the conv path behind that check, so the simulator never loads
 # torch itself (tests/test_coreml_sim.py::test_runtime_import_needs_no_torch runs it without torch).
-TORCH_AT_RUN_TIME = {"runtime/executorch_runner.py", "runtime/coreml_sim/kernels/linear.py"}
+TORCH_AT_RUN_TIME = {
+    "runtime/executorch_runner.py",
+    "runtime/coreml_sim/kernels/linear.py",  # convolutions through torch when the process has it
+    "runtime/coreml_sim/kernels/base.py",  # half-precision conversions through torch when the process has it
+}
 
 
 def _package_dirs() -> dict[str, Path]:

@@ -12,6 +12,7 @@ import numpy as np
 from tadsr.errors import ConfigError, InputSpecError
 from tadsr.runtime.coreml_sim.errors import PRECISIONS, CoreMLSimError, Precision, UnsupportedOpError
 from tadsr.runtime.coreml_sim.kernels import KERNELS, Args
+from tadsr.runtime.coreml_sim.kernels.base import as_dtype
 from tadsr.runtime.coreml_sim.reader import Const, Op, Var, read_mlpackage
 from tadsr.runtime.coreml_sim.report import OpReport, fp16_report
 from tadsr.runtime.coreml_sim.trace import OpTrace
@@ -25,7 +26,7 @@ def _store(value: Any, var: Var, precision: str, op: Op) -> np.ndarray:
     """Round a kernel result to the op's declared output type (float16 stays float32 in ``"fp32"`` mode)."""
     arr = np.asarray(value)
     if var.dtype is not np.str_:
-        arr = arr.astype(np.float32 if precision == "fp32" and var.dtype is np.float16 else var.dtype, copy=False)
+        arr = as_dtype(arr, np.float32 if precision == "fp32" and var.dtype is np.float16 else var.dtype)
     if var.shape is not None and arr.shape != var.shape:
         raise CoreMLSimError(
             f"{op.type} '{var.name}': computed shape {arr.shape} but the program declares {var.shape} "
