@@ -38,7 +38,7 @@ from torch import nn
 from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
 from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
-from tadsr.formats.sensitivity import BackendRecipe, unit_of, worst_psnr
+from tadsr.formats.sensitivity import BackendRecipe, hr_trace, unit_of, worst_psnr
 from tadsr.formats.spec import QuantizeJob
 
 __all__ = [
@@ -196,6 +196,9 @@ class PT2EQuant:
                 self.layers[n.name] = (path, params)
         self.pinned = _pinned(self.exported, self.targets, output_names)
         self.constants: dict[str, Any] = {}  # int8_add_constants statistics of the last convert()
+        # the calibrated prepared graph of the last convert() with only the pinned blocks float (the simulator's
+        # annotation), and the feeds it was calibrated on: simulator() on the same feeds starts from it
+        self._calibrated: tuple[Any, torch.fx.GraphModule] | None = None
         logger.info("pt2e: %d candidate layers in %d blocks (%d pinned float), rewrites %s, %.1fs", len(self.layers),
                     len(self.units()), len(self.pinned), report.to_dict(), time.perf_counter() - t0)  # fmt: skip
 
@@ -249,13 +252,15 @@ class PT2EQuant:
         """Prepare with ``float_units`` (and pinned blocks) float, calibrate on ``feeds``, convert.
 
         The converted graph's large float ``add`` constants are then stored INT8 (:func:`int8_add_constants`;
-        statistics in ``self.constants``), so the graph every caller measures is the one that ships.
+        statistics in ``self.constants``), so the graph every caller measures is the one that ships. With only the
+        pinned blocks float, a copy of the calibrated graph is kept for :meth:`simulator` on the same ``feeds``.
         """
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         t0 = time.perf_counter()
         prepared = self._prepare(float_units)
         self._calibrate(prepared, feeds, progress)
+        self._calibrated = (feeds, copy.deepcopy(prepared)) if set(float_units) <= set(self.pinned) else None
         converted = convert_pt2e(prepared)
         self.constants = int8_add_constants(converted)
         logger.info("pt2e convert (%s, %d float blocks) on %d patches: %.1fs; %d add constants INT8 (%.2f -> %.2f MB)",
@@ -264,12 +269,21 @@ class PT2EQuant:
         return converted
 
     def simulator(self, feeds: Sequence[Mapping[str, np.ndarray]], *, progress: bool = False) -> FakeQuantSim:
-        """Prepare with every candidate annotated, calibrate once, and wrap as a :class:`FakeQuantSim`."""
+        """Prepare with every candidate annotated, calibrate once, and wrap as a :class:`FakeQuantSim`.
+
+        After :meth:`convert` with only the pinned blocks float on the same ``feeds`` (the same list object), its
+        calibrated graph is taken instead: the same annotation calibrated on the same patches, so the same
+        observers, without a second calibration pass.
+        """
         t0 = time.perf_counter()
-        prepared = self._prepare([])
-        self._calibrate(prepared, feeds, progress)
+        kept, self._calibrated = self._calibrated, None
+        if kept is not None and kept[0] is feeds:
+            prepared, how = kept[1], "taken from the all-INT8 convert"
+        else:
+            prepared, how = self._prepare([]), "calibrated"
+            self._calibrate(prepared, feeds, progress)
         sim = FakeQuantSim(prepared, self.targets, self.output_names)
-        logger.info("pt2e simulator: %d observers calibrated on %d patches in %.1fs", len(sim.owners), len(feeds),
+        logger.info("pt2e simulator: %d observers %s on %d patches in %.1fs", len(sim.owners), how, len(feeds),
                     time.perf_counter() - t0)  # fmt: skip
         return sim
 
@@ -553,8 +567,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str) -> tuple[Any,
         outs = _eager(converted, out_names)(hold)
         first = worst_psnr(outs, job.parent_outputs, job.ranges)
         ok, loss = job.meets(first, outs)
-        trace = [{"float_units": len(pq.pinned), "added": None, "psnr": round(first, 3),
-                  **({} if loss is None else {"hr_loss_db": round(loss, 3)})}]  # fmt: skip
+        trace = [{"float_units": len(pq.pinned), "added": None, "psnr": round(first, 3), **hr_trace(loss)}]
         units, source = sorted(pq.pinned), "all"
         if not ok and pq.units():
             sim = pq.simulator(calib, progress=job.progress)
@@ -570,12 +583,12 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str) -> tuple[Any,
     entry = BackendRecipe(op_types=list(pq.op_types), float_units=list(units), pinned=dict(pq.pinned), method=method,
                           scheme=SCHEME, target_psnr=None if given else job.target, psnr=psnr,
                           int8_fraction=pq.int8_fraction(units), source=source, sensitivity=sens,
-                          search=trace, hr_budget_db=None if given or loss is None else job.hr_budget,
-                          hr_loss_db=loss)  # fmt: skip
+                          search=trace).set_hr(None if given else job.hr(), loss)  # fmt: skip
     if not given and not met:
         logger.warning("%s/%s: the converted graph reaches %.2f dB on held-out patches (target %.1f dB)%s: the "
                        "search's criteria are not met", job.name, backend_key, psnr, job.target,
-                       "" if loss is None else f", {loss:.2f} dB lost vs HR (budget {job.hr_budget:.2f} dB)")  # fmt: skip
+                       "" if loss is None else f", {loss.mean:.2f} dB lost vs HR (bound {loss.bound:.2f}, budget "
+                       f"{job.hr_budget:.2f} dB)")  # fmt: skip
     applied = {**pq.rewrites, "int8_add_constants": dict(pq.constants)}  # graph rewrites, then the INT8 constants
     return converted, entry, (_eager(converted, out_names), applied, example)
 
