@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``quantize`` subcommand to ``subparsers``; sets ``func=run_quantize``."""
-    from tadsr.quantize.api import DEFAULT_HR_BUDGET_DB, METHODS
+    from tadsr.quantize.api import DEFAULT_HR_BUDGET_DB, HR_CONFIDENCE, METHODS
 
     p = subparsers.add_parser(
         "quantize",
@@ -59,6 +59,9 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="also a budget for the recipe search of the graphs that output the image (fused pipeline, "
                    "decoder): PSNR-Y vs HR lost against fp32, mean over the held-out patches (default: "
                    "%(default)s dB; none: the PSNR floor alone)")  # fmt: skip
+    p.add_argument("--hr-confidence", type=float, default=HR_CONFIDENCE, metavar="P",
+                   help="the budget holds the mean loss's one-sided upper confidence bound at this confidence, so "
+                   "that it also holds on other noise (default: %(default)s; 0.5: the mean itself)")  # fmt: skip
     p.add_argument("--recipe", type=Path, metavar="FILE", help="reuse a recipe.json instead of searching")
     p.add_argument("--holdout", type=Path, metavar="DIR", help="held-out image folder (default: the photo set's "
                    "validation images)")  # fmt: skip
@@ -92,6 +95,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         method=args.method,
         target_psnr=args.target_psnr,
         hr_budget_db=args.hr_budget,
+        hr_confidence=args.hr_confidence,
         recipe=args.recipe,
         out_dir=args.out,
         holdout=args.holdout,
@@ -119,10 +123,10 @@ def _budget(text: str) -> float | None:
 
 
 def _hr(q: dict[str, Any]) -> str:
-    loss, budget = q.get("hr_loss_db"), q.get("hr_budget_db")
+    loss, bound, budget = q.get("hr_loss_db"), q.get("hr_bound_db"), q.get("hr_budget_db")
     if loss is None:
         return "-"
-    return f"{loss:.2f}" + ("" if budget is None else f" (<= {budget:g})")
+    return f"{loss:.2f}" + ("" if budget is None or bound is None else f" (bound {bound:.2f}, budget {budget:g})")
 
 
 def _db(x: Any) -> str:

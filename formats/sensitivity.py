@@ -28,11 +28,12 @@ import json
 import logging
 import math
 import re
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -253,7 +254,8 @@ class SearchResult:
         excluded: units kept float, most sensitive first.
         psnr: held-out PSNR with those units float.
         met: whether ``psnr >= target`` (and, with an HR budget, the loss within it).
-        trace: every evaluated configuration ``{"float_units": k, "psnr": dB}`` (+ ``hr_loss_db``).
+        trace: every evaluated configuration ``{"float_units": k, "psnr": dB}`` (+ ``hr_loss_db`` and
+            ``hr_bound_db``).
         hr_loss: PSNR-Y vs HR lost against fp32 with those units float (None: no HR budget).
     """
 
@@ -261,7 +263,7 @@ class SearchResult:
     psnr: float
     met: bool
     trace: list[dict[str, Any]] = field(default_factory=list)
-    hr_loss: float | None = None
+    hr_loss: HRLoss | None = None
 
 
 def search_exclusions(
@@ -315,24 +317,54 @@ Feeds = Sequence[Mapping[str, np.ndarray]]
 Outputs = Sequence[Mapping[str, np.ndarray]]
 
 
+class HRLoss(NamedTuple):
+    """PSNR-Y vs HR lost against fp32 over the held-out patches (positive: INT8 is worse)."""
+
+    mean: float  # dB, mean over patches: what the recipe records
+    bound: float  # one-sided upper confidence bound of that mean: what the budget is held to
+
+
+HR_CONFIDENCE = 0.95  # default confidence of the HR budget's bound
+
+
 @dataclass(frozen=True)
 class HRBudget:
     """What the user loses, as a second criterion of the search (graphs whose output is the SR image).
 
+    The mean loss over a few held-out patches is noisy: a configuration that just meets the budget on the patches'
+    noise draw can miss it on the next one, and the search, which stops at the first configuration that passes,
+    favours such lucky ones. So the budget holds the mean's one-sided upper confidence bound, ``mean + z * s /
+    sqrt(n)`` (``s``: sample standard deviation of the per-patch losses, ``z``: normal quantile of ``confidence``;
+    0.5 holds the mean itself).
+
     Attributes:
-        budget_db: most PSNR-Y vs HR the INT8 graph may lose against the fp32 artifact (mean over the held-out
-            patches).
-        loss: ``held-out outputs -> dB lost`` (positive: INT8 is worse than fp32 against HR).
+        budget_db: most PSNR-Y vs HR the INT8 graph may lose against the fp32 artifact.
+        losses: ``held-out outputs -> dB lost per patch`` (positive: INT8 is worse than fp32 against HR).
+        confidence: confidence of the bound, in [0.5, 1).
     """
 
     budget_db: float
-    loss: Callable[[Outputs], float]
+    losses: Callable[[Outputs], Sequence[float]]
+    confidence: float = HR_CONFIDENCE
 
-    def score(self, psnr: float, outputs: Outputs, target: float) -> tuple[float, float]:
-        """``(score, loss)``: the score is ``psnr`` while the loss is within the budget, else below ``target`` by
-        the excess (so that one number orders the search: it meets ``target`` only when both criteria hold)."""
-        loss = float(self.loss(outputs))
-        return (psnr if loss <= self.budget_db else min(psnr, target - (loss - self.budget_db))), loss
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.confidence < 1:
+            raise ConfigError(f"the HR budget's confidence must be in [0.5, 1), got {self.confidence!r}")
+
+    def measure(self, outputs: Outputs) -> HRLoss:
+        """Mean loss over the patches and its upper confidence bound."""
+        d = np.asarray(self.losses(outputs), dtype=np.float64)
+        se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
+        z = statistics.NormalDist().inv_cdf(self.confidence)
+        return HRLoss(float(d.mean()), float(d.mean() + z * se))
+
+    def score(self, psnr: float, outputs: Outputs, target: float) -> tuple[float, HRLoss]:
+        """``(score, loss)``: the score is ``psnr`` while the loss's bound is within the budget, else below
+        ``target`` by the excess (so that one number orders the search: it meets ``target`` only when both
+        criteria hold)."""
+        loss = self.measure(outputs)
+        over = loss.bound - self.budget_db
+        return (psnr if over <= 0 else min(psnr, target - over)), loss
 
 
 def find_float_units(
@@ -370,11 +402,11 @@ def find_float_units(
 
     Returns:
         The search result (float units include ``pinned``; its ``psnr`` is the real PSNR vs fp32 and each trace
-        entry adds ``hr_loss_db`` with ``hr``) and the sensitivity table (empty when everything quantized
-        already met the criteria).
+        entry adds ``hr_loss_db`` and ``hr_bound_db`` with ``hr``) and the sensitivity table (empty when everything
+        quantized already met the criteria).
     """
     pinned = list(pinned)
-    measured: list[tuple[float, float | None]] = []  # (PSNR vs fp32, HR loss) per held-out evaluation, in order
+    measured: list[tuple[float, HRLoss | None]] = []  # (PSNR vs fp32, HR loss) per held-out evaluation, in order
 
     def held(float_units: frozenset[str]) -> float:
         outs = run(float_units, hold_feeds)
@@ -390,8 +422,8 @@ def find_float_units(
         return SearchResult(pinned, measured[-1][0], first >= target, trace, measured[-1][1]), []
     loss0 = measured[-1][1]
     logger.info("all blocks INT8: %.2f dB (floor %.1f dB)%s on held-out patches; measuring block sensitivity",
-                measured[-1][0], target, "" if hr is None else f", {loss0:.2f} dB lost vs HR (budget "
-                f"{hr.budget_db:.2f} dB)")  # fmt: skip
+                measured[-1][0], target, "" if hr is None else f", {loss0.mean:.2f} dB lost vs HR (bound "
+                f"{loss0.bound:.2f}, budget {hr.budget_db:.2f} dB)")  # fmt: skip
     ranking = rank_units(lambda ex: worst_psnr(run(ex | frozenset(pinned), sens_feeds), sens_refs, ranges), units,
                          target=target, budget=budget, progress=progress)  # fmt: skip
     groups = {r.unit: r.members for r in ranking}
@@ -408,17 +440,23 @@ def find_float_units(
     result.excluded = list(dict.fromkeys(u for g in result.excluded for u in groups.get(g, (g,))))
     logger.info("recipe: %d of %d blocks float -> %.2f dB on held-out patches (target %.1f dB%s, %s)",
                 len(result.excluded), len(units) + len(pinned), result.psnr, target,
-                "" if hr is None else f"; {result.hr_loss:.2f} dB lost vs HR, budget {hr.budget_db:.2f}",
+                "" if hr is None else f"; {result.hr_loss.mean:.2f} dB lost vs HR (bound "
+                f"{result.hr_loss.bound:.2f}, budget {hr.budget_db:.2f})",
                 "met" if result.met else "NOT met")  # fmt: skip
     return result, ranking
 
 
-def _annotate(trace: list[dict[str, Any]], runs: Sequence[tuple[float, float | None]]) -> None:
+def _annotate(trace: list[dict[str, Any]], runs: Sequence[tuple[float, HRLoss | None]]) -> None:
     """Write each evaluation's real PSNR vs fp32 (the search saw a score) and its HR loss into the trace."""
     for entry, (psnr, loss) in zip(trace, runs, strict=True):
         entry["psnr"] = _db(psnr)
-        if loss is not None:
-            entry["hr_loss_db"] = round(loss, 3)
+        entry.update(hr_trace(loss))
+
+
+def hr_trace(loss: HRLoss | None) -> dict[str, float]:
+    """A trace entry's HR fields: ``hr_loss_db`` (mean) and ``hr_bound_db`` (what the budget held); none without
+    a budget."""
+    return {} if loss is None else {"hr_loss_db": round(loss.mean, 3), "hr_bound_db": round(loss.bound, 3)}
 
 
 # ------------------------------------------------------------------------------------------------- recipe
@@ -444,6 +482,8 @@ class BackendRecipe:
         hr_budget_db: the budget the search also held (PSNR-Y vs HR lost against the fp32 artifact, mean over the
             held-out patches); None: none (latent outputs, or ``--hr-budget`` off).
         hr_loss_db: that loss as measured for the chosen recipe (None: not measured).
+        hr_bound_db: the upper confidence bound of ``hr_loss_db`` that the budget held (see :class:`HRBudget`).
+        hr_confidence: the bound's confidence.
     """
 
     op_types: list[str]
@@ -460,10 +500,21 @@ class BackendRecipe:
     search: list[dict[str, Any]] = field(default_factory=list)
     hr_budget_db: float | None = None
     hr_loss_db: float | None = None
+    hr_bound_db: float | None = None
+    hr_confidence: float | None = None
 
     def __post_init__(self) -> None:
-        if self.hr_loss_db is not None:
-            self.hr_loss_db = round(float(self.hr_loss_db), 3)
+        for key in ("hr_loss_db", "hr_bound_db"):
+            if getattr(self, key) is not None:
+                setattr(self, key, round(float(getattr(self, key)), 3))
+
+    def set_hr(self, budget: HRBudget | None, loss: HRLoss | None) -> BackendRecipe:
+        """Record the HR budget and the chosen recipe's loss (no budget: only the loss, when measured)."""
+        self.hr_budget_db = None if budget is None else budget.budget_db
+        self.hr_confidence = None if budget is None else budget.confidence
+        self.hr_loss_db = None if loss is None else round(loss.mean, 3)
+        self.hr_bound_db = None if loss is None else round(loss.bound, 3)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

@@ -131,7 +131,9 @@ class QuantizeJob(Protocol):
 
     def entry(self, backend: str) -> Any: ...
 
-    def meets(self, psnr: float, outputs: Sequence[Mapping[str, Any]]) -> tuple[bool, float | None]: ...
+    def hr(self) -> Any: ...  # the HRBudget of this graph, or None
+
+    def meets(self, psnr: float, outputs: Sequence[Mapping[str, Any]]) -> tuple[bool, Any]: ...  # (ok, HRLoss | None)
 
     def entry_units(self, entry: Any, known: Mapping[str, Any], pinned: Mapping[str, str]) -> list[str]: ...
 

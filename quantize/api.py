@@ -62,7 +62,9 @@ from tadsr.formats.sensitivity import (
     RECIPE_NAME,
     BackendRecipe,
     Recipe,
+    HR_CONFIDENCE,
     HRBudget,
+    HRLoss,
     SearchResult,
     default_target,
     find_float_units,
@@ -71,7 +73,7 @@ from tadsr.formats.sensitivity import (
 from tadsr.metrics import psnr_y_8bit
 from tadsr.runtime.runner import MANIFEST_NAME, read_manifest, sha256_path, verify_files
 
-__all__ = ["DEFAULT_HR_BUDGET_DB", "METHODS", "FORMATS", "CaptureCache", "quantize_artifact", "rebuild_models"]
+__all__ = ["DEFAULT_HR_BUDGET_DB", "HR_CONFIDENCE", "METHODS", "FORMATS", "CaptureCache", "quantize_artifact", "rebuild_models"]
 
 # The default HR budget of the recipe search (issue 18): at most this much PSNR-Y vs HR lost against fp32, mean
 # over the held-out patches, for the graphs that output the SR image.
@@ -98,6 +100,7 @@ class _Parent:
     light_autoencoder: Path | None = None  # the user's override of the recorded light autoencoder
     weight_only: bool = True  # also the weight-only variant (Core ML W8)
     hr_budget: float | None = None  # PSNR-Y vs HR the INT8 image may lose against fp32 (None: no such criterion)
+    hr_confidence: float = HR_CONFIDENCE  # confidence of the bound the budget holds
 
 
 def find_fp32_artifact(path: Path) -> Path:
@@ -198,6 +201,7 @@ class _Ctx:
     work: Path = Path()
     weight_only: bool = True
     hr_budget: float | None = None
+    hr_confidence: float = HR_CONFIDENCE
 
     @property
     def name(self) -> str:
@@ -217,10 +221,10 @@ class _Ctx:
         if self.hr_budget is None or "sr" not in self.ranges:
             return None
         hr = self.hold.patches.hr
-        base = _mean_psnr_y(self.parent_outputs, hr)
-        return HRBudget(self.hr_budget, lambda outs: base - _mean_psnr_y(outs, hr))
+        base = _psnr_y(self.parent_outputs, hr)
+        return HRBudget(self.hr_budget, lambda outs: base - _psnr_y(outs, hr), self.hr_confidence)
 
-    def meets(self, psnr: float, outputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[bool, float | None]:
+    def meets(self, psnr: float, outputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[bool, HRLoss | None]:
         """Whether held-out ``outputs`` (worst PSNR ``psnr`` vs fp32) meet the floor and the HR budget, and the
         HR loss (None: no budget for this graph)."""
         hr = self.hr()
@@ -252,9 +256,9 @@ class _Ctx:
         return _write(self, backend_key, precision, entry, build, fake_quant)
 
 
-def _mean_psnr_y(outputs: Sequence[Mapping[str, np.ndarray]], hr: np.ndarray) -> float:
-    """Mean over patches of the SR output's PSNR-Y against HR (8-bit, 4 px border, as the benchmark)."""
-    return float(np.mean([min(psnr_y_8bit(o["sr"], hr[i]), 100.0) for i, o in enumerate(outputs)]))
+def _psnr_y(outputs: Sequence[Mapping[str, np.ndarray]], hr: np.ndarray) -> np.ndarray:
+    """Per patch, the SR output's PSNR-Y against HR (8-bit, 4 px border, as the benchmark; at most 100 dB)."""
+    return np.array([min(psnr_y_8bit(o["sr"], hr[i]), 100.0) for i, o in enumerate(outputs)])
 
 
 def _runner(path: Path, fmt: str, threads: int | None) -> tuple[Callable[[dict[str, np.ndarray]], dict], str]:
@@ -370,6 +374,8 @@ def _extra(ctx: _Ctx, backend_key: str, entry: BackendRecipe, backend: BackendRe
             "float_units": entry.float_units,
             "hr_budget_db": entry.hr_budget_db,
             "hr_loss_db": entry.hr_loss_db,
+            "hr_bound_db": entry.hr_bound_db,
+            "hr_confidence": entry.hr_confidence,
             "parent_bytes": parent_bytes,
         },
         "parent_manifest": {
@@ -426,6 +432,7 @@ def quantize_artifact(
     light_autoencoder: Path | None = None,
     weight_only: bool = True,
     hr_budget_db: float | None = DEFAULT_HR_BUDGET_DB,
+    hr_confidence: float = HR_CONFIDENCE,
 ) -> list[Path]:
     """Make the INT8 artifact(s) of an fp32 artifact folder.
 
@@ -457,6 +464,8 @@ def quantize_artifact(
             pipeline, decoder): the INT8 graph may lose at most this much PSNR-Y against the held-out patches'
             HR, relative to its fp32 parent (mean over patches); None: the PSNR floor alone. A recipe given
             with ``recipe`` is not searched (its loss is measured and recorded).
+        hr_confidence: the budget holds the mean loss's one-sided upper confidence bound at this confidence
+            (:class:`~tadsr.formats.sensitivity.HRBudget`), so that it also holds on other noise; 0.5: the mean.
 
     Returns:
         The new artifact folders: ``<graph>-<format>-int8-t<tile>`` (and ``<graph>-coreml-w8-t<tile>``, the
@@ -474,6 +483,8 @@ def quantize_artifact(
         raise ConfigError(f"target PSNR must be in (0, 200) dB, got {target_psnr!r}")
     if hr_budget_db is not None and not 0 <= float(hr_budget_db) < 100:
         raise ConfigError(f"the HR budget must be in [0, 100) dB, got {hr_budget_db!r}")
+    if not 0.5 <= float(hr_confidence) < 1:
+        raise ConfigError(f"the HR budget's confidence must be in [0.5, 1), got {hr_confidence!r}")
     for n, v in (("holdout_patches", holdout_patches), ("sensitivity_patches", sensitivity_patches),
                  ("sensitivity_budget", sensitivity_budget)):  # fmt: skip
         if not isinstance(v, int) or v < 1:
@@ -483,6 +494,7 @@ def quantize_artifact(
     parent.light_autoencoder = light_autoencoder
     parent.weight_only = weight_only
     parent.hr_budget = None if hr_budget_db is None else float(hr_budget_db)
+    parent.hr_confidence = float(hr_confidence)
     rec = recipe if isinstance(recipe, Recipe) or recipe is None else load_recipe(Path(recipe))
     if rec is not None and rec.get(parent.graph, parent.fmt) is None:  # fail before any model work
         have = {g: sorted(b) for g, b in rec.graphs.items()}
@@ -522,6 +534,7 @@ def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patch
     ctx.work = work
     ctx.weight_only = parent.weight_only
     ctx.hr_budget = parent.hr_budget
+    ctx.hr_confidence = parent.hr_confidence
     try:
         paths = get_format(parent.fmt).hook("quantize")(ctx)
     finally:

@@ -22,7 +22,7 @@ from tadsr.formats.graphs import GRAPH_NAMES
 from tadsr.parity.hops import load_floors
 from tadsr.cli import quantize as qcli
 from tadsr.formats import sensitivity as sens_mod
-from tadsr.quantize.api import DEFAULT_HR_BUDGET_DB, quantize_artifact
+from tadsr.quantize.api import DEFAULT_HR_BUDGET_DB, HR_CONFIDENCE, quantize_artifact
 from tadsr.quantize.calibration import noise_seed, sample_calibration
 from tadsr.formats.sensitivity import (
     HRBudget,
@@ -112,8 +112,9 @@ def test_onnx_int8_graph(graph, fp32_onnx, int8_onnx):
     # the HR budget applies to the graph that outputs the image, measured and recorded; not to latents
     if graph == "decoder":
         assert recipe.hr_budget_db == DEFAULT_HR_BUDGET_DB and recipe.hr_loss_db is not None
-        assert recipe.hr_loss_db <= recipe.hr_budget_db or recipe.float_units, recipe.search
-        assert all("hr_loss_db" in t for t in recipe.search)
+        assert recipe.hr_bound_db >= recipe.hr_loss_db and recipe.hr_confidence == HR_CONFIDENCE
+        assert recipe.hr_bound_db <= recipe.hr_budget_db or recipe.float_units, recipe.search
+        assert all("hr_loss_db" in t and "hr_bound_db" in t for t in recipe.search)
     else:
         assert recipe.hr_budget_db is None and recipe.hr_loss_db is None
     assert fid["psnr"] >= recipe.target_psnr - 1e-6
@@ -477,11 +478,28 @@ def test_hr_budget_keeps_blocks_float_the_psnr_floor_alone_would_quantize():
         mp.setattr(sens_mod, "worst_psnr", lambda outs, refs, ranges: worst(outs))
         plain, ranking = find_float_units(run, {u: (1, 1) for u in gains}, [], **kw)
         assert plain.excluded == [] and plain.met and plain.hr_loss is None and ranking == []
-        hr = HRBudget(0.25, lambda outs: float(outs[0]["y"][1]))
+        hr = HRBudget(0.25, lambda outs: [float(outs[0]["y"][1])])
         res, _ = find_float_units(run, {u: (1, 1) for u in gains}, [], hr=hr, **kw)
-    assert res.met and res.hr_loss <= 0.25 and set(res.excluded) == {"a", "b"}, res
+    assert res.met and res.hr_loss.bound <= 0.25 and set(res.excluded) == {"a", "b"}, res
     assert res.psnr == pytest.approx(40.0 - 0.05)  # the real PSNR vs fp32, not the search's score
     assert res.trace[0]["hr_loss_db"] == pytest.approx(0.9) and all("hr_loss_db" in t for t in res.trace)
+
+
+def test_hr_budget_holds_an_upper_confidence_bound_of_the_mean_loss():
+    """A mean loss just under the budget, from patches that disagree, does not pass: the budget holds the mean's
+    one-sided upper confidence bound (confidence 0.5: the mean itself)."""
+    spread = [0.0, 0.5, 0.1, 0.4, 0.2, 0.3]  # mean 0.25, sample sd 0.187 -> se 0.0764
+    outs = [{"y": np.array(spread)}]
+    loss = HRBudget(0.3, lambda o: o[0]["y"]).measure(outs)
+    assert loss.mean == pytest.approx(0.25)
+    assert loss.bound == pytest.approx(0.25 + 1.6449 * 0.18708 / 6**0.5, abs=1e-4)  # 95 %: 0.376
+    assert HRBudget(0.3, lambda o: o[0]["y"]).score(40.0, outs, 30.0)[0] < 30.0  # bound over the budget: fails
+    assert HRBudget(0.3, lambda o: o[0]["y"], confidence=0.5).score(40.0, outs, 30.0)[0] == 40.0
+    assert HRBudget(0.4, lambda o: o[0]["y"]).score(40.0, outs, 30.0)[0] == 40.0
+    even = HRBudget(0.3, lambda o: [0.25] * 6).measure(outs)  # patches that agree: no margin
+    assert even.bound == pytest.approx(0.25)
+    with pytest.raises(ConfigError, match="confidence"):
+        HRBudget(0.3, lambda o: [0.0], confidence=0.3)
 
 
 def test_recipe_round_trip_and_errors(tmp_path):
@@ -537,6 +555,30 @@ def test_pt2e_simulator_matches_convert():
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f"{method} float {floats}")
     assert pq.int8_fraction(["head"]) < 1.0 == pq.int8_fraction([])
+
+
+def test_pt2e_simulator_starts_from_the_all_int8_convert_calibration(monkeypatch):
+    """After an all-INT8 convert, the simulator on the same patches takes that calibrated graph (one calibration
+    pass, not two) and gives the freshly calibrated simulator's outputs; other patches are calibrated anew."""
+    from tadsr.formats.executorch.ptq import PT2EQuant
+
+    g = torch.Generator().manual_seed(1)
+    feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(3)]
+    make = lambda: PT2EQuant(_Toy().eval(), (torch.zeros(1, 3, 8, 8),), output_names=["y"], rewrites="none")  # noqa: E731
+    fresh = make().simulator(feeds)
+    passes = []
+    calibrate = PT2EQuant._calibrate
+    monkeypatch.setattr(PT2EQuant, "_calibrate", staticmethod(lambda *a: passes.append(1) or calibrate(*a)))
+    pq = make()
+    pq.convert(sorted(pq.pinned), feeds)
+    sim = pq.simulator(feeds)
+    assert len(passes) == 1
+    for floats in (frozenset(), frozenset({"blocks.0"})):
+        for a, b in zip(sim.run(floats, feeds), fresh.run(floats, feeds), strict=True):
+            np.testing.assert_array_equal(a["y"], b["y"])
+    pq.convert(sorted(pq.pinned), feeds)
+    pq.simulator(list(feeds))  # not the list the convert calibrated on
+    assert len(passes) == 3
 
 
 class _ToyAddConstants(torch.nn.Module):

@@ -608,8 +608,7 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
                           pinned=ptq.pinned_units(), method=method, scheme=SCHEME,
                           target_psnr=None if given else job.target, psnr=result.psnr,
                           int8_fraction=ptq.int8_fraction(floats), source=source, sensitivity=sens,
-                          search=result.trace, hr_budget_db=None if given or result.hr_loss is None else job.hr_budget,
-                          hr_loss_db=result.hr_loss)  # fmt: skip
+                          search=result.trace).set_hr(None if given else job.hr(), result.hr_loss)  # fmt: skip
     meta = {"calibration": {k: job.calib.info[k] for k in ("content_hash", "num_patches", "seed")},
             "float_units": entry.float_units, "method": method}  # fmt: skip
 
