@@ -146,7 +146,8 @@ def _load(cfg: MainJobConfig, load_models: Any) -> Any:
 
 
 def _capture_cache(out: Path) -> Any:
-    """Captures shared by every lane (on disk under ``out/.cache``, one computation per model and patch set)."""
+    """Captures and PT2E recipe searches shared by every lane (on disk under ``out/.cache``, one computation per
+    model and patch set)."""
     from tadsr.quantize.api import CaptureCache
 
     from tadsr.cli.resume import source_digest
@@ -180,7 +181,9 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
         exported = [{"name": r.path.name, "precision": r.precision} for r in written]
         done.record(f"export {fmt}", export_key, exported)
     res.fp32 = [e["name"] for e in exported]
-    for e in exported:
+    # the fused pipeline last: ExecuTorch then finds the PT2E search the Core ML lane made of the same graph
+    # (shared through the captures folder) instead of running its own
+    for e in sorted(exported, key=lambda e: e["name"].startswith("pipeline-")):
         name = e["name"]
         if e["precision"] != "fp32" or not _quantized(cfg, name):
             continue

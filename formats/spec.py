@@ -138,7 +138,12 @@ class QuantizeJob(Protocol):
     def entry_units(self, entry: Any, known: Mapping[str, Any], pinned: Mapping[str, str]) -> list[str]: ...
 
     def search(self, run: Callable, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],
-               fp32_run: Callable[[Sequence[Mapping[str, Any]]], list]) -> tuple[Any, list]: ...  # fmt: skip
+               fp32_run: Callable[[Sequence[Mapping[str, Any]]], list], share: Sequence[str] | None = None,
+               ) -> tuple[Any, list]: ...  # fmt: skip
+
+    # a search another format of the run stored with the same ``share`` (None: search here)
+    def shared_search(self, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],
+                      share: Sequence[str]) -> tuple[Any, list] | None: ...  # fmt: skip
 
     def write(self, backend_key: str, precision: str, entry: Any, build: Callable[[Path], Any],
               fake_quant: Callable[[Sequence[Mapping[str, Any]]], list] | None) -> Path: ...  # fmt: skip

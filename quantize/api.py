@@ -66,6 +66,7 @@ from tadsr.formats.sensitivity import (
     HRBudget,
     HRLoss,
     SearchResult,
+    UnitSensitivity,
     default_target,
     find_float_units,
     load_recipe,
@@ -202,6 +203,7 @@ class _Ctx:
     weight_only: bool = True
     hr_budget: float | None = None
     hr_confidence: float = HR_CONFIDENCE
+    captures: CaptureCache | None = None  # the run's shared store (captures, and searches shared between formats)
 
     @property
     def name(self) -> str:
@@ -247,8 +249,27 @@ class _Ctx:
         return _entry_units(entry, known, pinned)
 
     def search(self, run: Callable, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],
-               fp32_run: Callable[[Sequence[Mapping[str, np.ndarray]]], list]) -> tuple[SearchResult, list]:  # fmt: skip
-        return _search(self, run, units, pinned, fp32_run)
+               fp32_run: Callable[[Sequence[Mapping[str, np.ndarray]]], list], share: Sequence[str] | None = None,
+               ) -> tuple[SearchResult, list]:  # fmt: skip
+        result, ranking = _search(self, run, units, pinned, fp32_run)
+        if share is not None and self.captures is not None:
+            self.captures.save_search(_search_key(self, units, pinned, share),
+                                      {**_search_to_dict(result, ranking), "by": f"the {self.parent.fmt} quantize call"})
+        return result, ranking
+
+    def shared_search(self, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],
+                      share: Sequence[str]) -> tuple[SearchResult, list] | None:  # fmt: skip
+        """The search another format's quantize call of this run made on the same graph (``share``: what makes
+        the graphs the same beyond their blocks, e.g. the rewrite names), calibration and held-out patches and
+        criteria; None: none yet (nothing waits for it)."""
+        if self.captures is None:
+            return None
+        found = self.captures.load_search(_search_key(self, units, pinned, share))
+        if found is None:
+            return None
+        logger.info("%s: recipe search shared from %s (same graph, patches and criteria); not searched again",
+                    self.name, found.get("by", "another format"))  # fmt: skip
+        return _search_from_dict(found)
 
     def write(self, backend_key: str, precision: str, entry: BackendRecipe, build: Callable[[Path], BackendResult],
               fake_quant: Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]] | None,
@@ -399,6 +420,31 @@ def _entry_units(entry: BackendRecipe, known: Mapping[str, Any], pinned: Mapping
     return list(entry.float_units)
 
 
+def _search_key(ctx: _Ctx, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],
+                share: Sequence[str]) -> str:  # fmt: skip
+    """What a recipe search depends on besides the reference outputs of the format's own fp32 artifact (which agree
+    across formats to far below the INT8 error)."""
+    m = ctx.parent.manifest
+    return json.dumps([ctx.name, m["preset"], m["sources"], ctx.parent.tile, sorted(units.items()), sorted(pinned),
+                       list(share), ctx.method, ctx.target, ctx.hr_budget, ctx.hr_confidence, ctx.sens_patches,
+                       ctx.sens_budget, ctx.calib.patches.content_hash, ctx.calib.info.get("seed"),
+                       ctx.hold.patches.content_hash, ctx.hold.info.get("seed")], sort_keys=True, default=list)  # fmt: skip
+
+
+def _search_to_dict(result: SearchResult, ranking: Sequence[UnitSensitivity]) -> dict[str, Any]:
+    return {"excluded": list(result.excluded), "psnr": result.psnr, "met": result.met, "trace": result.trace,
+            "hr_loss": None if result.hr_loss is None else list(result.hr_loss),
+            "ranking": [r.to_dict() for r in ranking]}  # fmt: skip
+
+
+def _search_from_dict(d: Mapping[str, Any]) -> tuple[SearchResult, list[UnitSensitivity]]:
+    result = SearchResult(list(d["excluded"]), float(d["psnr"]), bool(d["met"]), list(d["trace"]),
+                          None if d["hr_loss"] is None else HRLoss(*d["hr_loss"]))  # fmt: skip
+    ranking = [UnitSensitivity(r["unit"], float(r["psnr"]), int(r["layers"]), int(r["params"]),
+                               tuple(r.get("members", [r["unit"]]))) for r in d["ranking"]]  # fmt: skip
+    return result, ranking
+
+
 def _search(ctx: _Ctx, run: Callable, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],
             fp32_run: Callable[[Sequence[Mapping[str, np.ndarray]]], list]) -> tuple[SearchResult, list]:  # fmt: skip
     sens = ctx.calib.feeds(ctx.name)[: max(1, ctx.sens_patches)]
@@ -535,6 +581,7 @@ def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patch
     ctx.weight_only = parent.weight_only
     ctx.hr_budget = parent.hr_budget
     ctx.hr_confidence = parent.hr_confidence
+    ctx.captures = captures
     try:
         paths = get_format(parent.fmt).hook("quantize")(ctx)
     finally:

@@ -284,6 +284,23 @@ def test_coreml_w8a8_and_w8(fp32_encoder, tmp_path):
         assert worst >= floor - SMALL_CALIB_MARGIN_DB, (art.name, worst)
 
 
+def test_pt2e_search_is_shared_between_executorch_and_core_ml(fp32_encoder, tmp_path):
+    """ExecuTorch and Core ML quantize the same PT2E graph: with one shared store (``tadsr all``'s lanes), the
+    second format converts the first one's searched recipe and measures it itself instead of searching again."""
+    from tadsr.quantize.calibration import CaptureCache
+
+    cache = CaptureCache(tmp_path / "cache")
+    kw = {**SMALL, "target_psnr": 99.0, "parity_gate": False, "captures": cache}  # 99 dB: forces a search
+    (et,) = quantize_artifact(fp32_encoder["executorch"], out_dir=tmp_path / "et", **kw)
+    assert len(list((tmp_path / "cache" / "searches").glob("*.json"))) == 1
+    (cm,) = quantize_artifact(fp32_encoder["coreml"], out_dir=tmp_path / "cm", weight_only=False, **kw)
+    r_et = load_recipe(et / RECIPE_NAME).get("encoder", "executorch")
+    r_cm = load_recipe(cm / RECIPE_NAME).get("encoder", "coreml")
+    assert (r_et.source, r_cm.source) == ("auto", "shared")
+    assert r_cm.float_units == r_et.float_units and r_cm.sensitivity == r_et.sensitivity
+    assert r_cm.psnr is not None and r_cm.int8_fraction == r_et.int8_fraction  # measured on its own graph
+
+
 # The int8 floors of numerics.json assume >= 32 calibration crops; SMALL calibrates on 4. On the three held-out
 # photos below the encoder then measured 29.5 dB (ExecuTorch INT8) and 29.1 dB (Core ML W8A8) vs fp32 (floor 30),
 # while its manifest (2 held-out patches) passed; the independent check allows the floor minus this margin.

@@ -559,9 +559,16 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str) -> tuple[Any,
     calib = job.calib.feeds(job.name)
     hold = [c.inputs for c in job.hold.cases(job.name)]
     sens: list[dict[str, Any]] = []
+    from tadsr.formats.rewrites import BACKEND_REWRITES
+
+    share = ["pt2e", *BACKEND_REWRITES.get(rewrites, (rewrites,)), *pq.op_types]  # same graph: ExecuTorch, Core ML
     if given:
         units, source, trace = job.entry_units(given, pq.units(), pq.pinned), "file", list(given.search)
         sens = list(given.sensitivity)
+    elif (shared := job.shared_search(pq.units(), pq.pinned, share)) is not None:
+        # another format of this run searched this very PT2E graph: convert its recipe, measure it here
+        units, source, trace = shared[0].excluded, "shared", list(shared[0].trace)
+        sens = [r.to_dict() for r in shared[1]]
     else:
         converted = pq.convert(sorted(pq.pinned), calib, progress=job.progress)
         outs = _eager(converted, out_names)(hold)
@@ -572,7 +579,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str) -> tuple[Any,
         if not ok and pq.units():
             sim = pq.simulator(calib, progress=job.progress)
             result, ranking = job.search(lambda fu, feeds: sim.run(fu, feeds), pq.units(), pq.pinned,
-                                         _eager(pq.exported, out_names))  # fmt: skip
+                                         _eager(pq.exported, out_names), share)  # fmt: skip
             units, source, trace = result.excluded, "auto", trace + result.trace
             sens = [r.to_dict() for r in ranking]
     if source != "all":  # a new graph to measure (the all-INT8 one was measured above)
