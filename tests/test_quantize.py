@@ -598,6 +598,35 @@ def test_pt2e_simulator_starts_from_the_all_int8_convert_calibration(monkeypatch
     assert len(passes) == 3
 
 
+def test_float_block_weights_stored_int8_for_core_ml(tmp_path):
+    """A block the recipe keeps float keeps float activations but stores its weights INT8 + dequantize (Core ML:
+    constexpr_affine_dequantize): one more INT8 weight in the package, output within the weights' rounding, the
+    quantized blocks untouched."""
+    from tadsr.formats.coreml.ptq import coreml_w8a8
+    from tadsr.formats.executorch.ptq import PT2EQuant, int8_float_weights
+    from tadsr.runtime.coreml_sim import load_mlpackage
+
+    g = torch.Generator().manual_seed(0)
+    feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(3)]
+    example = (torch.zeros(1, 3, 8, 8),)
+    pq = PT2EQuant(_Toy().eval(), example, output_names=["y"], rewrites="none")
+    plain = pq.convert(["blocks.1"], feeds)
+    converted = pq.convert(["blocks.1"], feeds)
+    stats = int8_float_weights(converted, ["blocks.1"], pq.targets)
+    assert stats["tensors"] == 1 and stats["int8_bytes"] < stats["fp32_bytes"] / 2, stats  # blocks.1's conv only
+    x = torch.from_numpy(feeds[0]["x"])
+    with torch.no_grad():
+        before, after = plain(x).numpy(), converted(x).numpy()
+    assert 0 < np.abs(after - before).max() < 0.05
+    counts = []
+    for i, gm in enumerate((plain, converted)):
+        res = coreml_w8a8(gm, example, tmp_path, name=f"toy{i}", input_names=["x"], output_names=["y"])
+        counts.append(res.info["mil_ops"].get("constexpr_affine_dequantize", 0))
+    assert counts[1] == counts[0] + 1, counts
+    got = load_mlpackage(tmp_path / "toy1.mlpackage").predict({"x": feeds[0]["x"]})["y"]
+    np.testing.assert_allclose(got, after, atol=1e-4)  # the package computes what the measured graph computes
+
+
 class _ToyAddConstants(torch.nn.Module):
     """conv -> + a (1, 4, 64, 64) map (large, read only by add: goes INT8) + a (1, 1, 64, 64) map (64 values per
     scale along its first non-unit axis: stays float) -> * a (1, 4, 64, 64) map (read by mul: stays float)."""

@@ -5,7 +5,8 @@
   ``ExportedProgram`` goes through ``coremltools.convert``: its quantize / dequantize pairs become MIL
   ``quantize`` / ``dequantize`` ops (activations) and ``constexpr_affine_dequantize`` (weights), which needs
   iOS 17. Ops left float compute in fp32 (the parent artifact's precision), so the measured error is the
-  quantization's alone.
+  quantization's alone. The blocks the recipe keeps float still store their weights INT8 (weight-only, as
+  ONNX does; :func:`~tadsr.formats.executorch.ptq.int8_float_weights`), the pinned ones aside.
 * W8 (:func:`coreml_w8`): ``ct.optimize.coreml.linear_quantize_weights`` on the fp32 ``.mlpackage`` with
   ``OpLinearQuantizerConfig(mode="linear_symmetric")``: int8 weights per output channel, dequantized at load
   time, activations untouched. No calibration data; the fallback when no representative images exist.
@@ -34,7 +35,8 @@ __all__ = ["W8A8_TARGET", "coreml_w8a8", "coreml_w8", "quantize_job"]
 logger = logging.getLogger(__name__)
 
 W8A8_SCHEME = (
-    "weights int8 symmetric per-channel, activations int8 asymmetric per-tensor (PT2E -> MIL quantize/dequantize)"
+    "weights int8 symmetric per-channel, activations int8 asymmetric per-tensor (PT2E -> MIL quantize/dequantize); "
+    "blocks kept float: int8 weights, float activations"
 )
 W8_SCHEME = "weights int8 symmetric per-channel (linear_quantize_weights), activations float"
 W8A8_TARGET = "iOS17"  # MIL quantize/dequantize of activations
@@ -170,7 +172,8 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
     from tadsr.formats.coreml.export import validate_package
     from tadsr.formats.executorch.ptq import output_scales, pt2e_recipe
 
-    converted, entry, (fq, rewrites, example) = pt2e_recipe(job, "coreml", "coreml")
+    # float blocks keep float activations but INT8 weights (constexpr_affine_dequantize), as in ONNX
+    converted, entry, (fq, rewrites, example) = pt2e_recipe(job, "coreml", "coreml", float_weights_int8=True)
     in_names = [i.name for i in job.spec.inputs]
     out_names = [o.name for o in job.spec.outputs]
     meta = {"graph": job.name, "calibration_hash": job.calib.info["content_hash"], "float_units": entry.float_units}

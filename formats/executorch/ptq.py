@@ -26,7 +26,7 @@ import copy
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -407,9 +407,6 @@ def int8_add_constants(
     Returns:
         ``{"tensors", "fp32_bytes", "int8_bytes", "max_abs_error"}`` (bytes of scales and zero points included).
     """
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines the quantized_decomposed ops)
-
-    dq = torch.ops.quantized_decomposed.dequantize_per_channel.default
     adds = {torch.ops.aten.add.Tensor}
     stats: dict[str, Any] = {"tensors": 0, "fp32_bytes": 0, "int8_bytes": 0, "max_abs_error": 0.0}
     for n in list(gm.graph.nodes):
@@ -423,32 +420,73 @@ def int8_add_constants(
         axis = next((i for i, s in enumerate(t.shape) if s > 1), None)
         if axis is None or t.numel() // t.shape[axis] < min_per_scale:
             continue
-        qn, sn, err = symmetric_int8(t.detach().numpy(), axis)
-        q, scale = torch.from_numpy(qn), torch.from_numpy(sn)
-        base = "int8c_" + str(n.target).replace(".", "_")
-        gm.register_buffer(f"{base}_q", q)
-        gm.register_buffer(f"{base}_scale", scale)
-        gm.register_buffer(f"{base}_zp", torch.zeros(scale.numel(), dtype=torch.int64))
-        with gm.graph.inserting_before(n):
-            args = [gm.graph.get_attr(f"{base}_{k}") for k in ("q", "scale", "zp")]
-            d = gm.graph.call_function(dq, (*args, axis, -127, 127, torch.int8))
-        d.meta.update({k: v for k, v in n.meta.items() if k in ("stack_trace", "nn_module_stack")})
-        n.replace_all_uses_with(d)
-        gm.graph.erase_node(n)
-        prefix, _, leaf = str(n.target).rpartition(".")
-        owner = gm.get_submodule(prefix)  # drop the fp32 original, or export would still carry it
-        if leaf in owner._buffers:
-            del owner._buffers[leaf]
-        elif hasattr(owner, leaf):
-            delattr(owner, leaf)
-        stats["tensors"] += 1
-        stats["fp32_bytes"] += t.numel() * 4
-        stats["int8_bytes"] += q.numel() + scale.numel() * (4 + 8)
-        stats["max_abs_error"] = max(stats["max_abs_error"], err)
+        _store_int8(gm, n, t, axis, "int8c_", stats)
     if stats["tensors"]:
         gm.graph.lint()
         gm.recompile()
     return stats
+
+
+def int8_float_weights(gm: torch.fx.GraphModule, units: Iterable[str], targets: set[Any]) -> dict[str, Any]:
+    """Store the fp32 weights of the layers of ``units`` (blocks the recipe keeps float) as INT8 +
+    ``dequantize_per_channel`` (per output channel of a conv / linear weight, axis 1 of a transposed conv's),
+    in place, as ONNX stores its float blocks' weights: activations stay float, the weights shrink 4x.
+
+    For Core ML, whose converter turns the pair into ``constexpr_affine_dequantize`` (weight-only INT8 inside the
+    W8A8 program). Not for ExecuTorch: XNNPACK delegates only convolutions with constant weights.
+
+    Returns:
+        ``{"tensors", "fp32_bytes", "int8_bytes", "max_abs_error"}`` as :func:`int8_add_constants`.
+    """
+    units = tuple(units)
+    stats: dict[str, Any] = {"tensors": 0, "fp32_bytes": 0, "int8_bytes": 0, "max_abs_error": 0.0}
+    for n in list(gm.graph.nodes):
+        if not _is_candidate(n, targets) or len(n.args) < 2 or not _inside(_module_path(n), units):
+            continue
+        w = n.args[1]
+        if not isinstance(w, torch.fx.Node) or w.op != "get_attr" or len(w.users) != 1:
+            continue  # quantized layers read a dequantize node; shared weights are left alone
+        t = _attr(gm, w)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.ndim < 2:
+            continue
+        _store_int8(gm, w, t, 1 if n.target == torch.ops.aten.conv_transpose2d.input else 0, "int8w_", stats)
+    if stats["tensors"]:
+        gm.graph.lint()
+        gm.recompile()
+    return stats
+
+
+def _store_int8(gm: torch.fx.GraphModule, n: torch.fx.Node, t: torch.Tensor, axis: int, tag: str,
+                stats: dict[str, Any]) -> None:  # fmt: skip
+    """Replace the constant ``n`` (value ``t``) by INT8 buffers + ``dequantize_per_channel`` along ``axis``; the
+    fp32 original is dropped. Adds to ``stats``."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines the quantized_decomposed ops)
+
+    dq = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    qn, sn, err = symmetric_int8(t.detach().numpy(), axis)
+    q, scale = torch.from_numpy(qn), torch.from_numpy(sn)
+    base = tag + str(n.target).replace(".", "_")
+    gm.register_buffer(f"{base}_q", q)
+    gm.register_buffer(f"{base}_scale", scale)
+    gm.register_buffer(f"{base}_zp", torch.zeros(scale.numel(), dtype=torch.int64))
+    with gm.graph.inserting_before(n):
+        args = [gm.graph.get_attr(f"{base}_{k}") for k in ("q", "scale", "zp")]
+        d = gm.graph.call_function(dq, (*args, axis, -127, 127, torch.int8))
+    d.meta.update({k: v for k, v in n.meta.items() if k in ("stack_trace", "nn_module_stack")})
+    n.replace_all_uses_with(d)
+    gm.graph.erase_node(n)
+    prefix, _, leaf = str(n.target).rpartition(".")
+    owner = gm.get_submodule(prefix)  # drop the fp32 original, or export would still carry it
+    if leaf in owner._buffers:
+        del owner._buffers[leaf]
+    elif leaf in owner._parameters:
+        del owner._parameters[leaf]
+    elif hasattr(owner, leaf):
+        delattr(owner, leaf)
+    stats["tensors"] += 1
+    stats["fp32_bytes"] += t.numel() * 4
+    stats["int8_bytes"] += q.numel() + scale.numel() * (4 + 8)
+    stats["max_abs_error"] = max(stats["max_abs_error"], err)
 
 
 def output_scales(converted: torch.fx.GraphModule, output_names: Sequence[str]) -> dict[str, float]:
@@ -544,8 +582,12 @@ def _eager(gm: nn.Module, out_names: Sequence[str]) -> FeedsRun:
     return run
 
 
-def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str) -> tuple[Any, BackendRecipe, tuple[Any, Any, Any]]:
+def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
+                float_weights_int8: bool = False) -> tuple[Any, BackendRecipe, tuple[Any, Any, Any]]:  # fmt: skip
     """Search (or take) the PT2E recipe of ``job`` and convert the graph with it (ExecuTorch and Core ML INT8).
+
+    ``float_weights_int8``: the weights of the blocks the recipe keeps float (pinned ones aside) are stored INT8
+    (:func:`int8_float_weights`, Core ML) before the converted graph is measured.
 
     Returns:
         ``(converted graph, recipe entry, (fake-quant run, applied rewrites, example inputs))``.
@@ -582,8 +624,14 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str) -> tuple[Any,
                                          _eager(pq.exported, out_names), share)  # fmt: skip
             units, source, trace = result.excluded, "auto", trace + result.trace
             sens = [r.to_dict() for r in ranking]
+    weights: dict[str, Any] = {}
     if source != "all":  # a new graph to measure (the all-INT8 one was measured above)
         converted = pq.convert(units, calib, progress=job.progress)
+        if float_weights_int8:
+            weights = int8_float_weights(converted, [u for u in units if u not in pq.pinned], pq.targets)
+            logger.info("%s: the weights of %d float-block layers stored INT8 (%.2f -> %.2f MB, max error %.2g)",
+                        job.name, weights["tensors"], weights["fp32_bytes"] / 1e6, weights["int8_bytes"] / 1e6,
+                        weights["max_abs_error"])  # fmt: skip
         outs = _eager(converted, out_names)(hold)
     psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
     met, loss = job.meets(psnr, outs)
@@ -596,7 +644,8 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str) -> tuple[Any,
                        "search's criteria are not met", job.name, backend_key, psnr, job.target,
                        "" if loss is None else f", {loss.mean:.2f} dB lost vs HR (bound {loss.bound:.2f}, budget "
                        f"{job.hr_budget:.2f} dB)")  # fmt: skip
-    applied = {**pq.rewrites, "int8_add_constants": dict(pq.constants)}  # graph rewrites, then the INT8 constants
+    applied = {**pq.rewrites, "int8_add_constants": dict(pq.constants), **({"int8_float_weights": weights}
+                                                                           if weights else {})}  # fmt: skip  # graph rewrites, then the INT8 constants
     return converted, entry, (_eager(converted, out_names), applied, example)
 
 
