@@ -598,6 +598,52 @@ def test_pt2e_simulator_starts_from_the_all_int8_convert_calibration(monkeypatch
     assert len(passes) == 3
 
 
+def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_graph():
+    """A PT2E recipe taken from another format's search is converted and judged on the converted graph; when it
+    misses the criteria there, the next most sensitive blocks go float (1, then 2) until it meets them."""
+    from types import SimpleNamespace
+
+    from tadsr.formats.executorch.ptq import pt2e_recipe
+    from tadsr.formats.sensitivity import SearchResult, UnitSensitivity
+
+    g = torch.Generator().manual_seed(2)
+    feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(4)]
+    toy = _Toy().eval()
+    with torch.no_grad():
+        refs = [{"y": toy(torch.from_numpy(f["x"])).numpy()} for f in feeds]
+    ranking = [UnitSensitivity(u, 30.0, 1, 1, (u,)) for u in ("head", "blocks.1", "blocks.0")]
+    searched = SearchResult([], 99.0, True, [{"float_units": 0, "added": None, "psnr": 99.0}])
+
+    class Job:  # the QuantizeJob surface pt2e_recipe uses
+        name, method, progress, target, ranges, parent_outputs, graph = "toy", "minmax", False, 200.0, {}, refs, toy
+        spec = SimpleNamespace(example_inputs=lambda: (torch.zeros(1, 3, 8, 8),), outputs=[SimpleNamespace(name="y")])
+        calib = SimpleNamespace(feeds=lambda name: feeds)
+        hold = SimpleNamespace(cases=lambda name: [SimpleNamespace(inputs=f) for f in feeds])
+
+        def entry(self, backend):
+            return None
+
+        def hr(self):
+            return None
+
+        def meets(self, psnr, outs):
+            return psnr >= self.target, None
+
+        def shared_search(self, units, pinned, share):
+            assert set(units) == {"head", "blocks.0", "blocks.1"} and share[0] == "pt2e"
+            return searched, ranking
+
+        def search(self, *a, **k):
+            raise AssertionError("a shared search is not searched again")
+
+    _, entry, _ = pt2e_recipe(Job(), "coreml", "none")
+    assert entry.source == "shared"
+    # 200 dB: only the float graph meets it, so every block goes float, in ranking order, 1 then 2 at a time
+    assert entry.float_units == ["head", "blocks.1", "blocks.0"], entry.float_units
+    assert [t.get("added") for t in entry.search[1:]] == [["head"], ["blocks.1", "blocks.0"]]
+    assert all(t["graph"] == "converted" for t in entry.search[1:]) and entry.psnr >= 200.0
+
+
 def test_float_block_weights_stored_int8_for_core_ml(tmp_path):
     """A block the recipe keeps float keeps float activations but stores its weights INT8 + dequantize (Core ML:
     constexpr_affine_dequantize): one more INT8 weight in the package, output within the weights' rounding, the
