@@ -648,7 +648,10 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
     # sensitive blocks float (1, then 2, then 4) until it meets them, at most REPAIR_STEPS more conversions.
     order = [m for r in sens for m in r.get("members", [r["unit"]])]
     for step in range(REPAIR_STEPS if source in ("auto", "shared") else 0):
-        added = [u for u in order if u not in units][: 2**step]
+        added: list[str] = []
+        for u in order:  # the next blocks not float already (a float block's sub-blocks are float too)
+            if len(added) < 2**step and not _inside(u, [*units, *added]):
+                added.append(u)
         if met or not added:
             break
         logger.info("%s/%s: the converted graph misses the criteria; %s float too", job.name, backend_key, added)
