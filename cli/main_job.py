@@ -182,7 +182,8 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
         done.record(f"export {fmt}", export_key, exported)
     res.fp32 = [e["name"] for e in exported]
     # the fused pipeline last: ExecuTorch then finds the PT2E search the Core ML lane made of the same graph
-    # (shared through the captures folder) instead of running its own
+    # (shared through the captures folder) instead of running its own; the INT8 folders are listed in export order
+    made: dict[str, list[str]] = {}
     for e in sorted(exported, key=lambda e: e["name"].startswith("pipeline-")):
         name = e["name"]
         if e["precision"] != "fp32" or not _quantized(cfg, name):
@@ -197,7 +198,8 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
                 **_smoke(cfg, fmt, _SMOKE_QUANTIZE, _SMOKE_QUANTIZE_FORMAT)), timings)  # fmt: skip
             int8 = [{"name": Path(p).name, "precision": "int8"} for p in written]
             done.record(f"quantize {name}", key, int8)
-        res.int8 += [f["name"] for f in int8]
+        made[name] = [f["name"] for f in int8]
+    res.int8 = [n for e in exported for n in made.get(e["name"], [])]
     traces = TraceCache()  # one trace cache for the fp32 and the INT8 folders (a trace is the same torch graph)
     for sub, names in (("artifacts", res.fp32), ("int8", res.int8)):
         if names:
@@ -241,8 +243,10 @@ def _lane_process(cfg: MainJobConfig, fmt: str, threads: int, level: int) -> Any
 # --smoke: the reduced stages (see the module docstring); every other setting is the full job's.
 # The smoke writes every INT8 artifact even below its floor (no parity gate): the parity stage then gives each
 # one its verdict and the exit code says whether all passed, so one run shows every failure.
+# hr_confidence 0.5: the budget holds the mean; on 4 held-out patches a 95 % bound is mostly the spread of 4
+# values, and the deeper search it forced took the default tier's smoke from ~10 to ~15 min (session 12)
 _SMOKE_QUANTIZE: dict[str, Any] = {"holdout_patches": 4, "sensitivity_patches": 2, "sensitivity_budget": 8,
-                                   "parity_gate": False, "weight_only": False}
+                                   "parity_gate": False, "weight_only": False, "hr_confidence": 0.5}
 # The HR budget (quantize_artifact's default) stays on for ONNX (its own search) and ExecuTorch (the PT2E search
 # Core ML shares, on the decoder); off for Core ML, whose fused pipeline would add a PT2E sensitivity sweep over
 # 95 blocks (minutes) to the smoke's critical lane.
