@@ -514,8 +514,8 @@ class BackendRecipe:
         """Record the HR budget and the chosen recipe's loss (no budget: only the loss, when measured)."""
         self.hr_budget_db = None if budget is None else budget.budget_db
         self.hr_confidence = None if budget is None else budget.confidence
-        self.hr_loss_db = None if loss is None else round(loss.mean, 3)
-        self.hr_bound_db = None if loss is None else round(loss.bound, 3)
+        self.hr_loss_db, self.hr_bound_db = (None, None) if loss is None else loss
+        self.__post_init__()  # the one rounding rule
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -595,6 +595,8 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
     Returns:
         ``(converted graph, recipe entry, (fake-quant run, applied rewrites, example inputs))``.
     """
+    from tadsr.formats.rewrites import BACKEND_REWRITES
+
     given = job.entry(backend_key)
     method = given.method if given else job.method
     example = job.spec.example_inputs()
@@ -604,8 +606,6 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
     calib = job.calib.feeds(job.name)
     hold = [c.inputs for c in job.hold.cases(job.name)]
     sens: list[dict[str, Any]] = []
-    from tadsr.formats.rewrites import BACKEND_REWRITES
-
     share = ["pt2e", *BACKEND_REWRITES.get(rewrites, (rewrites,)), *pq.op_types]  # same graph: ExecuTorch, Core ML
     if given:
         units, source, trace = job.entry_units(given, pq.units(), pq.pinned), "file", list(given.search)
@@ -639,10 +639,13 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
                         weights["max_abs_error"])  # fmt: skip
         return gm, _eager(gm, out_names)(hold)
 
+    def judge(outs: list[dict[str, np.ndarray]]) -> tuple[float, bool, Any]:
+        psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
+        return (psnr, *job.meets(psnr, outs))
+
     if source != "all":  # a new graph to measure (the all-INT8 one was measured above)
         converted, outs = convert(list(units))
-    psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
-    met, loss = job.meets(psnr, outs)
+    psnr, met, loss = judge(outs)
     # The search judged fake-quantized graphs; the converted one can land on the other side of the criteria (a
     # VQ pipeline's loss moves by ~0.1 dB with any small numerical change). It is the judge: keep the next most
     # sensitive blocks float (1, then 2, then 4) until it meets them, at most REPAIR_STEPS more conversions.
@@ -657,8 +660,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
         logger.info("%s/%s: the converted graph misses the criteria; %s float too", job.name, backend_key, added)
         units = list(units) + added
         converted, outs = convert(units)
-        psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
-        met, loss = job.meets(psnr, outs)
+        psnr, met, loss = judge(outs)
         trace.append({"float_units": len(units), "added": added, "psnr": round(psnr, 3), **hr_trace(loss),
                       "graph": "converted"})  # fmt: skip
     entry = BackendRecipe(op_types=list(pq.op_types), float_units=list(units), pinned=dict(pq.pinned), method=method,
