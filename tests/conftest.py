@@ -7,10 +7,14 @@ default and the real ones when ``TADSR_CKPT_DIR`` is set.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +35,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # the tests on the background `tadsr all --smoke` run last (a stable sort: file order otherwise kept), so the
+    # smoke's format lanes overlap every other test instead of being waited for by the first one that needs it
+    items.sort(key=_needs_smoke)
     if config.getoption("--runslow") or os.environ.get("TADSR_RUN_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="official-size test: opt in with --runslow (or TADSR_RUN_SLOW=1)")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _needs_smoke(item: pytest.Item) -> bool:
+    return "tiny_all" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the session's ``tadsr all --smoke`` when a selected test needs it (see :class:`_Smoke`)."""
+    if any(_needs_smoke(item) for item in session.items) and not session.config.option.collectonly:
+        _SMOKE.start()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _SMOKE.stop(keep=exitstatus != 0)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -116,29 +137,87 @@ def _reuse(out: Path) -> MainJobRun:
     return MainJobRun(out, 0 if verdicts and all(verdicts) else 1, log.read_text() if log.exists() else "", None)
 
 
-@pytest.fixture(scope="session")
-def tiny_all(tmp_path_factory: pytest.TempPathFactory) -> MainJobRun:
-    """``tadsr all --smoke`` (the bundled model, every format) run once per session in a fresh process.
+SMOKE_TIMEOUT_S = 3000
 
-    ``TADSR_TINY_ALL_DIR=DIR`` reuses a finished run in DIR (one with SUMMARY.md), else runs into DIR and keeps it:
-    local iteration on tests/test_every_format.py then costs seconds instead of minutes.
+
+class _Smoke:
+    """The session's ``tadsr all --smoke`` (the bundled model, every format) in a fresh background process.
+
+    It starts when collection ends (``pytest_collection_finish``) if a selected test uses ``tiny_all``; those tests
+    run last. Most of a lane's time is single-threaded Python, and so are most other tests, so the smoke's lanes and
+    the rest of the tier share the two CI cores instead of taking turns. Its output goes to a file (a pipe nobody
+    reads until the end would fill and stall it). ``TADSR_TINY_ALL_DIR=DIR`` reuses a finished run in DIR (one with
+    SUMMARY.md), else runs into DIR and keeps it: local iteration on tests/test_every_format.py then costs seconds.
     """
-    keep = os.environ.get("TADSR_TINY_ALL_DIR")
-    out = Path(keep) if keep else tmp_path_factory.mktemp("tiny_all") / "out"
-    if keep and (out / "SUMMARY.md").exists():
-        return _reuse(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-c", "import sys; from tadsr.cli import main; sys.exit(main(sys.argv[1:]))",
-           "all", "--smoke", "--out", str(out)]  # fmt: skip
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3000, check=False)
-    seconds = time.perf_counter() - t0
-    log = proc.stdout + proc.stderr
-    if out.is_dir():
-        (out / "smoke.log").write_text(log)
-    if proc.returncode not in (0, 1) or not (out / "SUMMARY.md").exists():
-        pytest.fail(f"tadsr all --smoke exited {proc.returncode} without a SUMMARY.md:\n{log[-4000:]}")
-    return MainJobRun(out, proc.returncode, log, seconds)
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.out: Path | None = None
+        self.root: Path | None = None  # a temporary folder this session made (removed after a passing session)
+        self.t0 = 0.0
+        self.result: MainJobRun | None = None
+
+    def start(self) -> None:
+        keep = os.environ.get("TADSR_TINY_ALL_DIR")
+        if keep:
+            self.out = Path(keep)
+            if (self.out / "SUMMARY.md").exists():
+                self.result = _reuse(self.out)
+                return
+        else:
+            self.root = Path(tempfile.mkdtemp(prefix="tadsr-smoke-"))
+            self.out = self.root / "out"
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-c", "import sys; from tadsr.cli import main; sys.exit(main(sys.argv[1:]))",
+               "all", "--smoke", "--out", str(self.out)]  # fmt: skip
+        self.t0 = time.perf_counter()
+        with open(self._log_path(), "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _log_path(self) -> Path:
+        assert self.out is not None
+        return self.out.parent / f"{self.out.name}.log"
+
+    def wait(self) -> MainJobRun:
+        if self.result is not None:
+            return self.result
+        if self.proc is None:  # not started at collection (e.g. the fixture requested dynamically)
+            self.start()
+            if self.result is not None:
+                return self.result
+        assert self.proc is not None and self.out is not None
+        try:
+            rc = self.proc.wait(timeout=max(1.0, SMOKE_TIMEOUT_S - (time.perf_counter() - self.t0)))
+        except subprocess.TimeoutExpired:
+            self.stop(keep=True)
+            pytest.fail(f"tadsr all --smoke did not finish in {SMOKE_TIMEOUT_S} s (log: {self._log_path()})")
+        seconds = time.perf_counter() - self.t0
+        log = self._log_path().read_text(errors="replace")
+        if self.out.is_dir():
+            (self.out / "smoke.log").write_text(log)
+        if rc not in (0, 1) or not (self.out / "SUMMARY.md").exists():
+            pytest.fail(f"tadsr all --smoke exited {rc} without a SUMMARY.md:\n{log[-4000:]}")
+        self.result = MainJobRun(self.out, rc, log, seconds)
+        return self.result
+
+    def stop(self, keep: bool) -> None:
+        """End a run still going (its whole process group: the lanes are its children); remove this session's
+        temporary folder unless ``keep`` (a failed session keeps it to look at)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.root is not None and not keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+_SMOKE = _Smoke()
+
+
+@pytest.fixture(scope="session")
+def tiny_all() -> MainJobRun:
+    """The session's ``tadsr all --smoke`` run (started in the background at collection; see :class:`_Smoke`)."""
+    return _SMOKE.wait()
 
 
 @pytest.fixture(scope="module")
