@@ -8,6 +8,7 @@ tests/conftest.py has it, else from a module export here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -574,6 +575,56 @@ def test_pt2e_simulator_matches_convert():
     assert pq.int8_fraction(["head"]) < 1.0 == pq.int8_fraction([])
 
 
+class _Den(torch.nn.Module):
+    """A block with a layer of its own (a functional conv: its module path is ``den`` itself) and numbered
+    sub-blocks ``den.blocks.<k>``, like the fused pipeline's denoiser graph around its UNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2)
+        self.blocks = torch.nn.ModuleList(torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.conv2d(x, self.weight, padding=1)
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.den = _Den()
+        self.head = torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.den(x))
+
+
+def test_pt2e_float_block_is_its_own_layers_not_every_block_under_its_name():
+    """A float block keeps its own layers float, not the blocks whose names it prefixes; the recipe's INT8 share
+    is what the converted graph stores (session 12's fused pipelines kept the whole UNet float for the block
+    ``denoiser`` while reporting 96 % of the weights INT8)."""
+    from tadsr.formats.executorch.ptq import PT2EQuant
+
+    g = torch.Generator().manual_seed(0)
+    feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(3)]
+    pq = PT2EQuant(_Outer().eval(), (torch.zeros(1, 3, 8, 8),), output_names=["y"], rewrites="none")
+    assert set(pq.units()) == {"den", "den.blocks.0", "den.blocks.1", "head"}
+    converted = pq.convert(["den"], feeds)
+    convs = [n for n in converted.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.conv2d.default]
+    int8 = [n for n in convs if n.args[1].op == "call_function"]  # the weight read through a dequantize node
+    assert len(convs) == 4 and len(int8) == 3, [(n.name, n.args[1].op) for n in convs]
+
+    def params(n: torch.fx.Node) -> int:
+        w = n.args[1] if n.args[1].op == "get_attr" else n.args[1].args[0]
+        return int(functools.reduce(getattr, w.target.split("."), converted).numel())
+
+    share = sum(params(n) for n in int8) / sum(params(n) for n in convs)
+    assert pq.int8_fraction(["den"]) == pytest.approx(share, abs=1e-4)
+
+
 def test_pt2e_simulator_starts_from_the_all_int8_convert_calibration(monkeypatch):
     """After an all-INT8 convert, the simulator on the same patches takes that calibrated graph (one calibration
     pass, not two) and gives the freshly calibrated simulator's outputs; other patches are calibrated anew."""
@@ -611,8 +662,8 @@ def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_gr
     toy = _Toy().eval()
     with torch.no_grad():
         refs = [{"y": toy(torch.from_numpy(f["x"])).numpy()} for f in feeds]
-    # "blocks" (a group) ranks before its members: once it is float, they are too and are not added again
-    ranking = [UnitSensitivity(u, 30.0, 1, 1, (u,)) for u in ("head", "blocks", "blocks.1", "blocks.0")]
+    # the ranking's groups list their blocks (a group left whole, "blocks", is its members, in their order)
+    ranking = [UnitSensitivity("head", 30.0, 1, 1, ("head",)), UnitSensitivity("blocks", 31.0, 2, 2, ("blocks.1", "blocks.0"))]
     searched = SearchResult([], 99.0, True, [{"float_units": 0, "added": None, "psnr": 99.0}])
 
     class Job:  # the QuantizeJob surface pt2e_recipe uses
@@ -640,8 +691,8 @@ def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_gr
     _, entry, _ = pt2e_recipe(Job(), "coreml", "none")
     assert entry.source == "shared"
     # 200 dB: only the float graph meets it, so every block goes float, in ranking order, 1 then up to 2 at a time
-    assert entry.float_units == ["head", "blocks"], entry.float_units
-    assert [t.get("added") for t in entry.search[1:]] == [["head"], ["blocks"]]
+    assert entry.float_units == ["head", "blocks.1", "blocks.0"], entry.float_units
+    assert [t.get("added") for t in entry.search[1:]] == [["head"], ["blocks.1", "blocks.0"]]
     assert all(t["graph"] == "converted" for t in entry.search[1:]) and entry.psnr >= 200.0
 
 
