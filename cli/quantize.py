@@ -56,9 +56,10 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="recipe floor: PSNR vs fp32 on the worst held-out patch (default: 30, 25 for the fused pipeline)",
     )
     p.add_argument("--hr-budget", type=_budget, default=DEFAULT_HR_BUDGET_DB, metavar="DB|none",
-                   help="also a budget for the recipe search of the graphs that output the image (fused pipeline, "
-                   "decoder): PSNR-Y vs HR lost against fp32, mean over the held-out patches (default: "
-                   "%(default)s dB; none: the PSNR floor alone)")  # fmt: skip
+                   help="also a budget for the recipe search: PSNR-Y vs HR lost against fp32, mean over the held-out "
+                   "patches (default: %(default)s dB; none: the PSNR floor alone); a component (encoder, denoiser, "
+                   "decoder) is judged through the rest of the fp32 chain and holds a third of it, so that the "
+                   "three INT8 components chained stay within the budget")  # fmt: skip
     p.add_argument("--hr-confidence", type=float, default=HR_CONFIDENCE, metavar="P",
                    help="the budget holds the mean loss's one-sided upper confidence bound at this confidence, so "
                    "that it also holds on other noise (default: %(default)s; 0.5: the mean itself)")  # fmt: skip

@@ -23,7 +23,7 @@ from tadsr.formats.graphs import GRAPH_NAMES
 from tadsr.parity.hops import load_floors
 from tadsr.cli import quantize as qcli
 from tadsr.formats import sensitivity as sens_mod
-from tadsr.quantize.api import DEFAULT_HR_BUDGET_DB, HR_CONFIDENCE, quantize_artifact
+from tadsr.quantize.api import DEFAULT_HR_BUDGET_DB, HR_BUDGET_SHARE, HR_CONFIDENCE, quantize_artifact
 from tadsr.quantize.calibration import noise_seed, sample_calibration
 from tadsr.formats.sensitivity import (
     HRBudget,
@@ -110,14 +110,13 @@ def test_onnx_int8_graph(graph, fp32_onnx, int8_onnx):
     print(f"{graph}: INT8 vs fp32 {fid['psnr']:.2f} dB (held-out worst), int8 weights {q['int8_fraction']:.0%}, "
           f"float blocks {q['float_units']}")  # fmt: skip
     assert recipe.target_psnr == default_target(graph) and recipe.psnr >= recipe.target_psnr
-    # the HR budget applies to the graph that outputs the image, measured and recorded; not to latents
-    if graph == "decoder":
-        assert recipe.hr_budget_db == DEFAULT_HR_BUDGET_DB and recipe.hr_loss_db is not None
-        assert recipe.hr_bound_db >= recipe.hr_loss_db and recipe.hr_confidence == HR_CONFIDENCE
-        assert recipe.hr_bound_db <= recipe.hr_budget_db or recipe.float_units, recipe.search
-        assert all("hr_loss_db" in t and "hr_bound_db" in t for t in recipe.search)
-    else:
-        assert recipe.hr_budget_db is None and recipe.hr_loss_db is None
+    # the HR budget applies to every graph, measured and recorded: a component holds its share of it, judged
+    # through the rest of the fp32 chain (the encoder's and the denoiser's latents have no HR of their own)
+    assert recipe.hr_budget_db == pytest.approx(DEFAULT_HR_BUDGET_DB * HR_BUDGET_SHARE[graph], abs=1e-3)
+    assert recipe.hr_loss_db is not None and recipe.hr_confidence == HR_CONFIDENCE
+    assert recipe.hr_bound_db >= recipe.hr_loss_db
+    assert recipe.hr_bound_db <= recipe.hr_budget_db or recipe.float_units, recipe.search
+    assert all("hr_loss_db" in t and "hr_bound_db" in t for t in recipe.search)
     assert fid["psnr"] >= recipe.target_psnr - 1e-6
     assert m["parity_passed"] and all(h["passed"] for h in m["parity"])
     floor = next(iter(load_floors("int8", graph, "tiny").values())).psnr
@@ -501,6 +500,28 @@ def test_hr_budget_keeps_blocks_float_the_psnr_floor_alone_would_quantize():
     assert res.met and res.hr_loss.bound <= 0.25 and set(res.excluded) == {"a", "b"}, res
     assert res.psnr == pytest.approx(40.0 - 0.05)  # the real PSNR vs fp32, not the search's score
     assert res.trace[0]["hr_loss_db"] == pytest.approx(0.9) and all("hr_loss_db" in t for t in res.trace)
+
+
+def test_component_hr_budget_judges_the_rest_of_the_fp32_chain(tiny_models):
+    """A component's held-out outputs reach HR through the rest of the fp32 chain: fed the reference's own latents,
+    the tail gives the reference pipeline's image (5 patches: one full batch of the tail and a remainder)."""
+    from types import SimpleNamespace
+
+    from tadsr.quantize.api import HR_TAIL_BATCH, sr_tail
+    from tadsr.quantize.calibration import capture
+
+    lr = np.random.default_rng(0).uniform(-1, 1, (HR_TAIL_BATCH + 1, 3, 64, 64)).astype(np.float32)
+    runs = capture(tiny_models, lr, seed=3)
+    hold = SimpleNamespace(runs=runs)
+    n = len(lr)
+    for graph, key in (("encoder", "z_y"), ("denoiser", "x0")):
+        got = sr_tail(tiny_models, graph, hold, 64)([{key: getattr(runs, key)[i : i + 1]} for i in range(n)])
+        assert len(got) == n
+        for i, o in enumerate(got):
+            np.testing.assert_allclose(o["sr"], runs.sr[i : i + 1], atol=1e-4, err_msg=f"{graph} patch {i}")
+    # the shares of the three components add up to the whole budget
+    assert sum(HR_BUDGET_SHARE[g] for g in ("encoder", "denoiser", "decoder")) == pytest.approx(1.0)
+    assert HR_BUDGET_SHARE["pipeline"] == 1.0
 
 
 def test_hr_budget_holds_an_upper_confidence_bound_of_the_mean_loss():
