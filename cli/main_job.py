@@ -15,10 +15,10 @@ Each stage calls the same library function as its own CLI verb, so the artifacts
 ``tadsr all --smoke`` is the reduced configuration the default test tier runs (minutes on two cores). The model
 is chosen as without it, so by default the shipped ``bundled`` one: smaller than ``tiny`` and trained, which the
 INT8 floors need (random ``tiny`` weights put the VQ latents on near-ties, and their INT8 pipeline misses the
-floor). Every format exports the fused pipeline and the components in fp32 (no Core ML fp16); INT8 of the fused
-pipeline for ONNX and Core ML (W8A8 only, no W8 weight-only twin), of the ONNX components, and of the ExecuTorch
-decoder (lowering its INT8 pipeline takes minutes); 8 calibration patches and a short recipe
-search; one real parity patch and one whole image; one benchmark image (one tile) and one timed pass.
+floor). Every format exports the fused pipeline and the components in fp32 (no Core ML fp16); INT8 of the ONNX
+fused pipeline and components, and of the ExecuTorch and Core ML decoders (their INT8 pipelines take minutes to
+lower or convert; W8A8 only, no W8 weight-only twin); 8 calibration patches, the HR budget's search on the ONNX
+components only; one real parity patch and one whole image; one benchmark image (one tile) and one timed pass.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
             written = _stage(cfg, f"quantize {name}", lambda: quantize_artifact(
                 out / "artifacts" / name, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8",
                 threads=cfg.threads, progress=cfg.progress, captures=captures,
-                **_smoke(cfg, name.split("-")[0], _SMOKE_QUANTIZE, _SMOKE_QUANTIZE_GRAPH)), timings)  # fmt: skip
+                **_smoke_quantize(cfg, name)), timings)  # fmt: skip
             int8 = [{"name": Path(p).name, "precision": "int8"} for p in written]
             done.record(f"quantize {name}", key, int8)
         made[name] = [f["name"] for f in int8]
@@ -247,17 +247,24 @@ def _lane_process(cfg: MainJobConfig, fmt: str, threads: int, level: int) -> Any
 # values, and the deeper search it forced took the default tier's smoke from ~10 to ~15 min (session 12)
 _SMOKE_QUANTIZE: dict[str, Any] = {"holdout_patches": 4, "sensitivity_patches": 2, "sensitivity_budget": 8,
                                    "parity_gate": False, "weight_only": False, "hr_confidence": 0.5}
-# The HR budget (quantize_artifact's default) is held on the smoke's components: ONNX's own search on its decoder and
-# ExecuTorch's PT2E search on its decoder (the graph Core ML would share). The fused pipelines keep the PSNR floor:
-# their 95-block sensitivity sweep and search took ~3 min of the ONNX lane (76 blocks left float on 4 held-out
-# patches, session 12's tier) and would add as much to Core ML's; test_quantize covers the budget's search itself.
-_SMOKE_QUANTIZE_GRAPH: dict[str, dict[str, Any]] = {"pipeline": {"hr_budget_db": None}}
+# The HR budget (quantize_artifact's default) is held by the smoke's ONNX components: three searches, each judged
+# through the rest of the fp32 chain. The other INT8 graphs keep the PSNR floor: the fused ONNX pipeline's 95-block
+# sweep and search took ~3 min of its lane (session 12's tier), the PT2E decoders' ~1 min each; test_quantize covers
+# the PT2E search, its sharing between formats and its repair loop.
+_SMOKE_HR_BUDGET = {("onnx", g) for g in ("encoder", "denoiser", "decoder")}
 _SMOKE_PARITY: dict[str, Any] = {"patches": 1, "whole_images": 1, "max_side": 96}
 # Core ML runs through the numpy simulator on Linux (~3x ONNX Runtime's time per tile): its smoke whole image is one
 # tile (the set check still chains the components through the tiler); ONNX and ExecuTorch check the seams.
 _SMOKE_PARITY_FORMAT: dict[str, dict[str, Any]] = {"coreml": {"max_side": 64}}
 _SMOKE_BENCH: dict[str, Any] = {"max_images": 1, "hr_crop": 256, "warmup": 0}
 SMOKE_DEFAULTS: dict[str, Any] = {"num_patches": 8, "repeats": 1, "teacher_steps": 15}  # the shipped schedule: 1 tile
+
+
+def _smoke_quantize(cfg: MainJobConfig, artifact: str) -> dict[str, Any]:
+    """The smoke's quantize settings for the fp32 artifact folder ``artifact`` (``<graph>-<format>-...``)."""
+    graph, fmt = artifact.split("-")[:2]
+    hr = {} if (fmt, graph) in _SMOKE_HR_BUDGET else {"hr_budget_db": None}
+    return {**_SMOKE_QUANTIZE, **hr} if cfg.smoke else {}
 
 
 def _smoke(cfg: MainJobConfig, key: str, common: dict[str, Any], specific: dict[str, dict[str, Any]]) -> dict:
@@ -281,10 +288,10 @@ def _export_plan(cfg: MainJobConfig, fmt: str) -> tuple[tuple[str, ...], tuple[s
 
 
 # the graphs the smoke quantizes per format: ExecuTorch's INT8 lowering of the fused pipeline alone takes ~4 min on
-# two cores, so the smoke quantizes its decoder (the VQ lookup and the autoencoder's INT8-sensitive blocks, ~20 s);
-# the full job quantizes every graph
+# two cores and Core ML's W8A8 conversion of it ~2 min, so the PT2E formats quantize their decoder (the VQ lookup
+# and the autoencoder's INT8-sensitive blocks); the full job quantizes every graph
 _SMOKE_INT8 = {"onnx": ("pipeline", "encoder", "denoiser", "decoder"), "executorch": ("decoder",),
-               "coreml": ("pipeline",)}  # fmt: skip
+               "coreml": ("decoder",)}  # fmt: skip
 
 
 def _quantized(cfg: MainJobConfig, artifact: str) -> bool:

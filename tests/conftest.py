@@ -155,6 +155,7 @@ class _Smoke:
         self.out: Path | None = None
         self.root: Path | None = None  # a temporary folder this session made (removed after a passing session)
         self.t0 = 0.0
+        self.threads = 1
         self.result: MainJobRun | None = None
 
     def start(self) -> None:
@@ -173,6 +174,10 @@ class _Smoke:
         self.t0 = time.perf_counter()
         with open(self._log_path(), "w") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # one torch thread here while the smoke's two single-threaded lanes run: two OpenMP threads competing with
+        # them for two cores spin and wait (pure-torch tests ran 5-18x slower, session 13)
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
 
     def _log_path(self) -> Path:
         assert self.out is not None
@@ -192,6 +197,7 @@ class _Smoke:
             self.stop(keep=True)
             pytest.fail(f"tadsr all --smoke did not finish in {SMOKE_TIMEOUT_S} s (log: {self._log_path()})")
         seconds = time.perf_counter() - self.t0
+        torch.set_num_threads(self.threads)
         log = self._log_path().read_text(errors="replace")
         if self.out.is_dir():
             (self.out / "smoke.log").write_text(log)
