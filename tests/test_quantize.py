@@ -39,6 +39,9 @@ from tadsr.formats.sensitivity import (
 from tadsr.runtime.runner import load_runner, read_manifest
 
 SMALL = {"num_patches": 4, "holdout_patches": 2, "sensitivity_patches": 1, "threads": 1}
+# for the tests about lowering, conversion and search sharing rather than the HR budget (test_onnx_int8_graph and
+# the HR tests cover it): a component's budget runs the rest of the fp32 chain at each held-out evaluation
+SMALL_NO_HR = {**SMALL, "hr_budget_db": None}
 
 
 
@@ -164,7 +167,7 @@ def test_onnx_int8_from_external_data_artifact(tiny_models, single_thread, tmp_p
     (res,) = export_model(tiny_models, graphs=("encoder",), tile=64, out_dir=tmp_path / "fp32", n_real=0,
                           backend_options={"onnx": {"external_data_threshold": 0}})  # fmt: skip
     assert (res.path / "encoder.onnx.data").exists()
-    (q,) = quantize_artifact(res.path, out_dir=tmp_path / "int8", **SMALL)
+    (q,) = quantize_artifact(res.path, out_dir=tmp_path / "int8", **SMALL_NO_HR)
     assert [f["name"] for f in read_manifest(q)["files"]] == ["encoder.onnx"]  # INT8 file below 64 MiB: one file
     assert read_manifest(q)["parity_passed"] is True
 
@@ -247,7 +250,7 @@ def fp32_encoder(single_thread, tiny_models, tiny_executorch_encoder, tmp_path_f
 
 
 def test_executorch_int8_lowers_and_runs(fp32_encoder, tmp_path):
-    (art,) = quantize_artifact(fp32_encoder["executorch"], out_dir=tmp_path, **SMALL)
+    (art,) = quantize_artifact(fp32_encoder["executorch"], out_dir=tmp_path, **SMALL_NO_HR)
     m = read_manifest(art)
     assert art.name == "encoder-executorch-int8-t64" and m["format"] == "executorch"
     assert m["backend_info"]["delegates"] >= 1 and m["parity_passed"]
@@ -264,7 +267,7 @@ def test_executorch_int8_lowers_and_runs(fp32_encoder, tmp_path):
 def test_coreml_w8a8_and_w8(fp32_encoder, tmp_path):
     import coremltools as ct
 
-    w8a8, w8 = quantize_artifact(fp32_encoder["coreml"], out_dir=tmp_path, **SMALL)
+    w8a8, w8 = quantize_artifact(fp32_encoder["coreml"], out_dir=tmp_path, **SMALL_NO_HR)
     assert (w8a8.name, w8.name) == ("encoder-coreml-int8-t64", "encoder-coreml-w8-t64")
     for art, want in ((w8a8, ("quantize", "dequantize", "constexpr_affine_dequantize")), (w8, ())):
         m = read_manifest(art)
@@ -290,7 +293,7 @@ def test_pt2e_search_is_shared_between_executorch_and_core_ml(fp32_encoder, tmp_
     from tadsr.quantize.calibration import CaptureCache
 
     cache = CaptureCache(tmp_path / "cache")
-    kw = {**SMALL, "target_psnr": 99.0, "parity_gate": False, "captures": cache}  # 99 dB: forces a search
+    kw = {**SMALL_NO_HR, "target_psnr": 99.0, "parity_gate": False, "captures": cache}  # 99 dB: forces a search
     (et,) = quantize_artifact(fp32_encoder["executorch"], out_dir=tmp_path / "et", **kw)
     assert len(list((tmp_path / "cache" / "searches").glob("*.json"))) == 1
     (cm,) = quantize_artifact(fp32_encoder["coreml"], out_dir=tmp_path / "cm", weight_only=False, **kw)
