@@ -145,7 +145,8 @@ class _Smoke:
 
     It starts when collection ends (``pytest_collection_finish``) if a selected test uses ``tiny_all``; those tests
     run last. Most of a lane's time is single-threaded Python, and so are most other tests, so the smoke's lanes and
-    the rest of the tier share the two CI cores instead of taking turns. Its output goes to a file (a pipe nobody
+    the rest of the tier share the two CI cores instead of taking turns. Its three format lanes run at once (one
+    thread each): with two at a time, the lane that waited set the end (session 13). Its output goes to a file (a pipe nobody
     reads until the end would fill and stall it). ``TADSR_TINY_ALL_DIR=DIR`` reuses a finished run in DIR (one with
     SUMMARY.md), else runs into DIR and keeps it: local iteration on tests/test_every_format.py then costs seconds.
     """
@@ -170,7 +171,7 @@ class _Smoke:
             self.out = self.root / "out"
         self.out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-c", "import sys; from tadsr.cli import main; sys.exit(main(sys.argv[1:]))",
-               "all", "--smoke", "--out", str(self.out)]  # fmt: skip
+               "all", "--smoke", "--jobs", "3", "--out", str(self.out)]  # fmt: skip
         self.t0 = time.perf_counter()
         with open(self._log_path(), "w") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -3,7 +3,7 @@
 One ``tadsr all --smoke`` run (the session fixture ``tiny_all`` in conftest.py; ``TADSR_TINY_ALL_DIR`` reuses a
 finished one) on the shipped ``bundled`` model (smaller than the ``tiny`` preset and trained, so the INT8 floors
 are met; random ``tiny`` weights miss them) exports the fused pipeline and the three components to ONNX, ExecuTorch and Core ML, makes the
-INT8 of the ONNX pipeline and components and of the ExecuTorch and Core ML decoders, checks parity and benchmarks. These tests read its
+INT8 of the ONNX pipeline and components and of the ExecuTorch and Core ML encoders, checks parity and benchmarks. These tests read its
 folder: every artifact is there with the files its manifest lists (sha256-checked), loads in a fresh process
 through :mod:`tadsr.runtime` and upscales a small image, and every parity verdict passed.
 
@@ -29,13 +29,13 @@ COMPONENTS = ("encoder", "denoiser", "decoder")
 TILE = 64
 
 # The INT8 artifacts of the smoke (cli/main_job._SMOKE_INT8): the ONNX fused pipeline and components, and the
-# decoder alone for ExecuTorch and Core ML (their INT8 pipelines take minutes to lower or convert; W8A8 only: the
+# encoder alone for ExecuTorch and Core ML (their INT8 pipelines take minutes to lower or convert; W8A8 only: the
 # smoke skips Core ML's W8 weight-only twin, which test_quantize covers on tiny). A kind is "pipeline",
 # "components" (a runnable set of three) or one component's name.
 INT8_SETS = {
     "onnx": [("pipeline", "int8"), ("components", "int8")],
-    "executorch": [("decoder", "int8")],
-    "coreml": [("decoder", "int8")],  # W8 (weight-only): test_quantize::test_coreml_w8a8_and_w8
+    "executorch": [("encoder", "int8")],
+    "coreml": [("encoder", "int8")],  # W8 (weight-only): test_quantize::test_coreml_w8a8_and_w8
 }
 RUN_SETS = [pytest.param(fmt, kind, prec, id=f"{fmt}-{kind}-{prec}")
             for fmt in FORMATS for kind, prec in [("pipeline", "fp32"), ("components", "fp32"), *INT8_SETS[fmt]]]
@@ -71,12 +71,9 @@ def test_tadsr_all_smoke(tiny_all) -> None:
                                                                          ("parity", " int8"))]  # fmt: skip
     for stage in ("load", "format lanes", *stages, "bench"):
         assert f"| {stage} |" in summary, f"SUMMARY.md lacks the {stage!r} stage"
-    # the format lanes ran side by side in their own processes wherever there are two CPUs (CI has two), each
-    # with its measured peak RSS
-    from tadsr.cli.lanes import usable_cpus
-
-    if usable_cpus() >= 2:
-        assert "2 at once in separate processes" in summary
+    # the format lanes ran side by side in their own processes (the tier asks for all three at once: conftest),
+    # each with its measured peak RSS
+    assert "3 at once in separate processes" in summary
     for fmt in FORMATS:
         row = next(line for line in summary.splitlines() if line.startswith(f"| {fmt} | "))
         assert float(row.split("|")[3]) > 0.1, row  # peak RSS GB of the lane's own process

@@ -104,7 +104,7 @@ class _FakeModels:
 
 def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--smoke``: every format exports pipeline + components in fp32; INT8 of the ONNX pipeline and components
-    and of the ExecuTorch and Core ML decoders only, the HR budget on the ONNX encoder and decoder only; small
+    and of the ExecuTorch and Core ML encoders only, the HR budget on the ONNX encoder and decoder only; small
     calibration, parity and benchmark settings. Without it, the full job's plan."""
     calls: dict[str, list] = {"export": [], "quantize": [], "parity": [], "bench": []}
     _stub_stages(monkeypatch, tmp_path, calls)
@@ -114,7 +114,7 @@ def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert all(c["n_real"] == 1 for c in calls["export"])
     assert sorted(name for name, _ in calls["quantize"]) == sorted(
         ["pipeline-onnx-fp32-t64", "encoder-onnx-fp32-t64", "denoiser-onnx-fp32-t64", "decoder-onnx-fp32-t64",
-         "decoder-executorch-fp32-t64", "decoder-coreml-fp32-t64"])  # fmt: skip
+         "encoder-executorch-fp32-t64", "encoder-coreml-fp32-t64"])  # fmt: skip
     assert all(kw["num_patches"] == 8 and kw["sensitivity_budget"] <= 8 and kw["parity_gate"] is False
                and kw["weight_only"] is False for _, kw in calls["quantize"])  # fmt: skip
     # the HR budget's searches run on the ONNX encoder and decoder; the other INT8 graphs keep the PSNR floor
