@@ -204,7 +204,7 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
     traces = TraceCache()  # one trace cache for the fp32 and the INT8 folders (a trace is the same torch graph)
     for sub, names in (("artifacts", res.fp32), ("int8", res.int8)):
         if names:
-            options = ParityOptions(threads=cfg.threads, **_smoke(cfg, fmt, _SMOKE_PARITY, {}))
+            options = ParityOptions(threads=cfg.threads, **(_SMOKE_PARITY if cfg.smoke else {}))
             res.parity[sub] = _stage(cfg, f"parity {fmt} {sub}", lambda: check_parity(
                 out / sub, options=options, traces=traces, select=names), timings)  # fmt: skip
     res.timings = timings
@@ -266,12 +266,6 @@ def _smoke_quantize(cfg: MainJobConfig, artifact: str) -> dict[str, Any]:
     graph, fmt = artifact.split("-")[:2]
     hr = {} if (fmt, graph) in _SMOKE_HR_BUDGET else {"hr_budget_db": None}
     return {**_SMOKE_QUANTIZE, **hr} if cfg.smoke else {}
-
-
-def _smoke(cfg: MainJobConfig, key: str, common: dict[str, Any], specific: dict[str, dict[str, Any]]) -> dict:
-    """A stage's smoke settings: the common ones, then those of ``key`` (its format or graph); none outside the
-    smoke."""
-    return {**common, **specific.get(key, {})} if cfg.smoke else {}
 
 
 def _export_plan(cfg: MainJobConfig, fmt: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

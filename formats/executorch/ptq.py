@@ -26,7 +26,7 @@ import copy
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -108,14 +108,14 @@ def _module_path(node: torch.fx.Node) -> str:
     return path or node.name
 
 
-def _in_units(node: torch.fx.Node, units: Iterable[str]) -> bool:
+def _in_units(node: torch.fx.Node, units: Collection[str]) -> bool:
     """Whether ``node``'s layer belongs to one of ``units``: its block (:func:`unit_of`) is one of them.
 
     Exact, not by prefix: a block's name can be a prefix of other blocks' names. The layers the fused pipeline's
     denoiser graph calls itself form the block ``denoiser``; by prefix, keeping it float kept the whole UNet float
     (45 % of the pipeline's weights, session 12) while the recipe counted those few layers alone.
     """
-    return unit_of(_module_path(node)) in set(units)
+    return unit_of(_module_path(node)) in units
 
 
 def _is_candidate(node: torch.fx.Node, targets: set[Any]) -> bool:
@@ -234,7 +234,7 @@ class PT2EQuant:
         for t in self.op_types:
             for overload in PT2E_OP_TYPES[t]:
                 q.set_operator_type(overload, self.config)
-        floats = tuple(sorted(set(float_units) | set(self.pinned)))
+        floats = frozenset(float_units) | frozenset(self.pinned)
         # set_module_name(name, None) is refused by this XNNPACKQuantizer ("not supported yet"); its public
         # filter function has the same effect: nodes inside a float block are not annotated
         q.set_filter_function(lambda n: not _in_units(n, floats))
