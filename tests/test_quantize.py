@@ -544,6 +544,17 @@ def test_hr_budget_holds_an_upper_confidence_bound_of_the_mean_loss():
         HRBudget(0.3, lambda o: [0.0], confidence=0.3)
 
 
+def test_hr_budget_counts_a_patch_that_int8_improves_as_no_loss():
+    """Gains on some patches do not pay for losses on others: losses (1.0, 0.2) with a gain of 1.5 on a third
+    patch are a mean loss of 0.4, not -0.1 (the all-INT8 bundled encoder passed its budget that way)."""
+    outs = [{"y": np.array([1.0, -1.5, 0.2])}]
+    loss = HRBudget(0.3, lambda o: o[0]["y"]).measure(outs)
+    assert loss.mean == pytest.approx(0.4)
+    assert loss.bound == pytest.approx(0.4 + 1.6449 * np.std([1.0, 0.0, 0.2], ddof=1) / 3**0.5, abs=1e-4)
+    assert HRBudget(0.3, lambda o: o[0]["y"], confidence=0.5).score(40.0, outs, 30.0)[0] < 30.0
+    assert HRBudget(0.3, lambda o: [-0.5, -0.2], confidence=0.5).measure(outs) == (0.0, 0.0)
+
+
 def test_recipe_round_trip_and_errors(tmp_path):
     r = Recipe()
     r.set("encoder", "onnx", BackendRecipe(op_types=["Conv"], float_units=["encoder.conv_in"], psnr=31.25))
