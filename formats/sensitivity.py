@@ -405,7 +405,9 @@ def find_float_units(
         budget: most sensitivity evaluations (:func:`rank_units`).
         progress: tqdm bars.
         hr: the HR budget a configuration must also hold (None: the PSNR floor alone). The ranking stays by PSNR
-            vs fp32 on the sensitivity patches.
+            vs fp32 on the sensitivity patches. With a budget, every block float is measured before the sweep:
+            when even that misses the criteria, the search stops there (every block float, not met) instead of
+            ranking and walking to it (session 13: the ONNX denoiser, whose float blocks keep INT8 weights).
 
     Returns:
         The search result (float units include ``pinned``; its ``psnr`` is the real PSNR vs fp32 and each trace
@@ -428,6 +430,17 @@ def find_float_units(
         _annotate(trace, measured[-1:])
         return SearchResult(pinned, measured[-1][0], first >= target, trace, measured[-1][1]), []
     loss0 = measured[-1][1]
+    if hr is not None:  # every block float is the most the search can do: one evaluation says if it is enough
+        every = frozenset(pinned) | frozenset(units)
+        if held(every) < target:
+            psnr, loss = measured[-1]
+            logger.warning("out of reach: with all %d blocks float the held-out patches lose %.2f dB vs HR (bound "
+                           "%.2f, budget %.2f dB; PSNR %.2f dB, floor %.1f dB); keeping every block float, the "
+                           "closest to it, without the sensitivity sweep", len(every), loss.mean, loss.bound,
+                           hr.budget_db, psnr, target)  # fmt: skip
+            trace = [{"float_units": len(pinned), "added": None}, {"float_units": len(every), "added": "all"}]
+            _annotate(trace, measured)
+            return SearchResult(pinned + sorted(every - set(pinned)), psnr, False, trace, loss), []
     logger.info("all blocks INT8: %.2f dB (floor %.1f dB)%s on held-out patches; measuring block sensitivity",
                 measured[-1][0], target, "" if hr is None else f", {loss0.mean:.2f} dB lost vs HR (bound "
                 f"{loss0.bound:.2f}, budget {hr.budget_db:.2f} dB)")  # fmt: skip

@@ -505,6 +505,30 @@ def test_hr_budget_keeps_blocks_float_the_psnr_floor_alone_would_quantize():
     assert res.trace[0]["hr_loss_db"] == pytest.approx(0.9) and all("hr_loss_db" in t for t in res.trace)
 
 
+def test_hr_budget_out_of_reach_stops_at_every_block_float_without_a_sweep():
+    """When every block float still loses more than the budget, the search measures that once and stops there
+    (not met), with no sensitivity sweep; a budget in reach still searches (one evaluation more)."""
+    loss = {"a": 0.3, "b": 0.1}  # HR dB lost because of each quantized block, on top of a floor that float keeps
+    calls = {"sens": 0, "hold": 0}
+    sens, hold = [{"s": 1}], [{"h": 1}]
+
+    def run(floats: frozenset[str], feeds):
+        calls["sens" if feeds is sens else "hold"] += 1
+        return [{"y": np.array([40.0, 0.2 + sum(v for u, v in loss.items() if u not in floats)])}]
+
+    kw = dict(sens_feeds=sens, sens_refs=[{}], hold_feeds=hold, hold_refs=[{}], ranges={}, target=30.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sens_mod, "worst_psnr", lambda outs, refs, ranges: float(outs[0]["y"][0]))
+        res, ranking = find_float_units(run, {u: (1, 1) for u in loss}, ["p"],
+                                        hr=HRBudget(0.1, lambda outs: [float(outs[0]["y"][1])]), **kw)  # fmt: skip
+        assert not res.met and res.excluded == ["p", "a", "b"] and ranking == [] and calls["sens"] == 0
+        assert calls["hold"] == 2 and res.hr_loss.mean == pytest.approx(0.2)
+        assert [t["float_units"] for t in res.trace] == [1, 3] and res.trace[1]["hr_loss_db"] == pytest.approx(0.2)
+        res, ranking = find_float_units(run, {u: (1, 1) for u in loss}, ["p"],
+                                        hr=HRBudget(0.35, lambda outs: [float(outs[0]["y"][1])]), **kw)  # fmt: skip
+    assert res.met and res.excluded == ["p", "a"] and ranking and calls["sens"] > 0
+
+
 def test_component_hr_budget_judges_the_rest_of_the_fp32_chain(tiny_models):
     """A component's held-out outputs reach HR through the rest of the fp32 chain: fed the reference's own latents,
     the tail gives the reference pipeline's image (5 patches: one full batch of the tail and a remainder)."""
