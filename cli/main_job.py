@@ -248,12 +248,13 @@ def _lane_process(cfg: MainJobConfig, fmt: str, threads: int, level: int) -> Any
 # values, and the deeper search it forced took the default tier's smoke from ~10 to ~15 min (session 12)
 _SMOKE_QUANTIZE: dict[str, Any] = {"holdout_patches": 4, "sensitivity_patches": 2, "sensitivity_budget": 8,
                                    "parity_gate": False, "weight_only": False, "hr_confidence": 0.5}
-# The HR budget (quantize_artifact's default) is held by the smoke's ONNX encoder (judged through the rest of the
-# fp32 chain) and decoder. The other INT8 graphs keep the PSNR floor: the fused ONNX pipeline's 95-block sweep and
+# The HR budget (quantize_artifact's default) is held by the smoke's ONNX decoder (judged through the rest of the
+# fp32 chain). The other INT8 graphs keep the PSNR floor (the ONNX encoder since session 14: with gains counted
+# as 0 it searches, and the tier grew from 19.2 to 23.6 min): the fused ONNX pipeline's 95-block sweep and
 # search took ~3 min of its lane (session 12's tier), the ONNX denoiser's (66 blocks, a third of the budget) ~2 min,
 # the PT2E decoders' ~1 min each; test_quantize covers every component's budget, the PT2E search, its sharing
 # between formats and its repair loop.
-_SMOKE_HR_BUDGET = {("onnx", "encoder"), ("onnx", "decoder")}
+_SMOKE_HR_BUDGET = {("onnx", "decoder")}
 # one whole image of one tile for every format (the lanes' parity took ~5 min of the tier with 9-tile images for
 # ONNX and ExecuTorch); seams between tiles: test_runtime and test_parity
 _SMOKE_PARITY: dict[str, Any] = {"patches": 1, "whole_images": 1, "max_side": 64}

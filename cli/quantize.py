@@ -57,7 +57,7 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--hr-budget", type=_budget, default=DEFAULT_HR_BUDGET_DB, metavar="DB|none",
                    help="also a budget for the recipe search: PSNR-Y vs HR lost against fp32, mean over the held-out "
-                   "patches (default: %(default)s dB; none: the PSNR floor alone); a component (encoder, denoiser, "
+                   "patches, a patch that INT8 improves counting as 0 (default: %(default)s dB; none: the PSNR floor alone); a component (encoder, denoiser, "
                    "decoder) is judged through the rest of the fp32 chain and holds a third of it, so that the "
                    "three INT8 components chained stay within the budget")  # fmt: skip
     p.add_argument("--hr-confidence", type=float, default=HR_CONFIDENCE, metavar="P",

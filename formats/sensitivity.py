@@ -429,7 +429,7 @@ def find_float_units(
         trace = [{"float_units": len(pinned), "added": None, "psnr": _db(first)}]
         _annotate(trace, measured[-1:])
         return SearchResult(pinned, measured[-1][0], first >= target, trace, measured[-1][1]), []
-    loss0 = measured[-1][1]
+    psnr0, loss0 = measured[-1]
     if hr is not None:  # every block float is the most the search can do: one evaluation says if it is enough
         every = frozenset(pinned) | frozenset(units)
         if held(every) < target:
@@ -442,7 +442,7 @@ def find_float_units(
             _annotate(trace, measured)
             return SearchResult(pinned + sorted(every - set(pinned)), psnr, False, trace, loss), []
     logger.info("all blocks INT8: %.2f dB (floor %.1f dB)%s on held-out patches; measuring block sensitivity",
-                measured[-1][0], target, "" if hr is None else f", {loss0.mean:.2f} dB lost vs HR (bound "
+                psnr0, target, "" if hr is None else f", {loss0.mean:.2f} dB lost vs HR (bound "
                 f"{loss0.bound:.2f}, budget {hr.budget_db:.2f} dB)")  # fmt: skip
     ranking = rank_units(lambda ex: worst_psnr(run(ex | frozenset(pinned), sens_feeds), sens_refs, ranges), units,
                          target=target, budget=budget, progress=progress)  # fmt: skip

@@ -104,7 +104,7 @@ class _FakeModels:
 
 def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--smoke``: every format exports pipeline + components in fp32; INT8 of the ONNX pipeline and components
-    and of the ExecuTorch and Core ML encoders only, the HR budget on the ONNX encoder and decoder only; small
+    and of the ExecuTorch and Core ML encoders only, the HR budget on the ONNX decoder only; small
     calibration, parity and benchmark settings. Without it, the full job's plan."""
     calls: dict[str, list] = {"export": [], "quantize": [], "parity": [], "bench": []}
     _stub_stages(monkeypatch, tmp_path, calls)
@@ -119,7 +119,7 @@ def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
                and kw["weight_only"] is False for _, kw in calls["quantize"])  # fmt: skip
     # the HR budget's searches run on the ONNX encoder and decoder; the other INT8 graphs keep the PSNR floor
     budget = sorted(name for name, kw in calls["quantize"] if kw.get("hr_budget_db", "default") is not None)
-    assert budget == ["decoder-onnx-fp32-t64", "encoder-onnx-fp32-t64"], budget
+    assert budget == ["decoder-onnx-fp32-t64"], budget
     assert all(kw["options"].patches == 1 and kw["options"].whole_images == 1 for kw in calls["parity"])
     (bench,) = calls["bench"]
     assert bench.repeats == 1 and bench.teacher_steps == 15 and bench.max_images == 1

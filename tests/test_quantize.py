@@ -8,6 +8,8 @@ tests/conftest.py has it, else from a module export here.
 
 from __future__ import annotations
 
+import logging
+
 import functools
 import hashlib
 import json
@@ -480,7 +482,7 @@ def test_search_exclusions_smallest_passing_prefix():
     assert pinned.excluded == ["a"] and pinned.met
 
 
-def test_hr_budget_keeps_blocks_float_the_psnr_floor_alone_would_quantize():
+def test_hr_budget_keeps_blocks_float_the_psnr_floor_alone_would_quantize(caplog):
     """A configuration must meet the PSNR floor and the HR budget; the result and the trace carry the real PSNR
     and the HR loss of what was measured."""
     gains = {"a": 0.5, "b": 0.2, "c": 0.05}  # PSNR vs fp32 already above the floor with everything INT8
@@ -499,7 +501,10 @@ def test_hr_budget_keeps_blocks_float_the_psnr_floor_alone_would_quantize():
         plain, ranking = find_float_units(run, {u: (1, 1) for u in gains}, [], **kw)
         assert plain.excluded == [] and plain.met and plain.hr_loss is None and ranking == []
         hr = HRBudget(0.25, lambda outs: [float(outs[0]["y"][1])])
-        res, _ = find_float_units(run, {u: (1, 1) for u in gains}, [], hr=hr, **kw)
+        with caplog.at_level(logging.INFO, logger=sens_mod.__name__):
+            res, _ = find_float_units(run, {u: (1, 1) for u in gains}, [], hr=hr, **kw)
+    # the log reports the all-INT8 evaluation, not the every-block-float one measured after it
+    assert "all blocks INT8: 39.25 dB" in caplog.text, caplog.text
     assert res.met and res.hr_loss.bound <= 0.25 and set(res.excluded) == {"a", "b"}, res
     assert res.psnr == pytest.approx(40.0 - 0.05)  # the real PSNR vs fp32, not the search's score
     assert res.trace[0]["hr_loss_db"] == pytest.approx(0.9) and all("hr_loss_db" in t for t in res.trace)
