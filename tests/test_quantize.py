@@ -221,6 +221,44 @@ def test_compress_add_constants():
     assert np.abs(got_w - got).max() < 0.01 * np.abs(got).max()  # inputs reach -100 (mask)
 
 
+def _attention_model(keys: int) -> onnx.ModelProto:
+    """x (1, keys, 8) -> q/k/v projections (MatMul with weights) -> scores -> scale -> softmax -> weighted sum ->
+    output projection; shape-inferred, with named nodes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {n: numpy_helper.from_array(rng.normal(0, 0.3, (8, 8)).astype(np.float32), n) for n in ("wq", "wk", "wv", "wo")}
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+             helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+             helper.make_node("Mul", ["s", "scale"], ["s2"], name="scale"),
+             helper.make_node("Softmax", ["s2"], ["p"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["p", "v"], ["o"], name="mix"),
+             helper.make_node("MatMul", ["o", "wo"], ["y"], name="proj")]  # fmt: skip
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, keys, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, keys, 8])],
+                              [*w.values(), numpy_helper.from_array(np.array(0.35, np.float32), "scale")])  # fmt: skip
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_long_attention_keeps_its_weightless_matmuls_float():
+    """The scores and the weighted sum of an attention over >= 256 keys are pinned float (diffuse attention is not
+    representable in UINT8); the projections are not, and a 64-key (Swin window) attention is not pinned."""
+    from tadsr.formats.onnx.ptq import LONG_ATTENTION_KEYS, long_attention_nodes
+
+    names = ["q", "k", "v", "scores", "mix", "proj"]
+    long = long_attention_nodes(_attention_model(LONG_ATTENTION_KEYS), names)
+    assert sorted(long) == ["mix", "scores"] and "256 keys" in long["mix"]
+    assert long_attention_nodes(_attention_model(64), names) == {}
+    # the reason: the calibrated range [0, max] comes from peaked rows (textured patches); on it, a diffuse row's
+    # weights over 4096 keys round to nothing
+    step = 0.5 / 255
+    p = np.full(4096, 1 / 4096, np.float32)
+    assert np.round(p[1:] / step).max() == 0
+
+
 def test_weight_bytes_counts_external_tensors(tmp_path):
     """Sizes by dtype come from shapes, so tensors kept in a .data file are counted (they were 0 before)."""
     from onnx import TensorProto, helper, numpy_helper

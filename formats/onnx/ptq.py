@@ -25,7 +25,10 @@ Units: each candidate node is labelled with the module path of its weight (``...
 ``<block>/matmul``, so the search can keep attention float while the block's projections stay INT8.
 
 Always float (``pinned``): the layer whose output reaches the VQ codebook search (``ArgMin``) or the
-denoiser's ``x0`` output through non-quantized ops, so that the nearest-code search sees an fp32 latent.
+denoiser's ``x0`` output through non-quantized ops, so that the nearest-code search sees an fp32 latent; and the
+weight-less MatMuls of an attention whose softmax spans ``LONG_ATTENTION_KEYS`` keys or more (the autoencoder's
+global attention): UINT8 probabilities cannot hold diffuse attention (PT2E, for ExecuTorch and Core ML, never
+quantizes these matmuls either).
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
 from tadsr.formats.sensitivity import BackendRecipe, SearchResult, unit_of, worst_psnr
 from tadsr.formats.spec import QuantizeJob
 
-__all__ = ["METHODS", "DEFAULT_OP_TYPES", "OnnxPTQ", "quantize_onnx", "quantize_job"]
+__all__ = ["METHODS", "DEFAULT_OP_TYPES", "LONG_ATTENTION_KEYS", "OnnxPTQ", "long_attention_nodes", "quantize_onnx",
+           "quantize_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,14 @@ CALIB_CHUNK = 4
 # ops a float latent passes through unchanged in kind on its way to the VQ argmin / the x0 output
 _PASS_THROUGH = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Einsum", "Pow",
                  "ReduceSum", "Sub", "Add", "Mul", "Div", "Neg", "Slice", "Concat", "Clip", "Expand"}  # fmt: skip
+# Attention whose softmax spans at least this many keys keeps its two weight-less MatMuls float (pinned): the
+# autoencoder's global attention (4096 keys at tile 64; the Swin windows have 64). With UINT8 per-tensor
+# probabilities the step is max/255, and on smooth content the attention is diffuse (every weight ~1/N): the INT8
+# decoder's attention shifted a blurred green photo by +9/-8 levels in R/G (its proj_out 51 % off) while the
+# textured held-out patches lost nothing. The MatMuls carry no weights, so keeping them float costs no size.
+LONG_ATTENTION_KEYS = 256
+_ATTENTION_PASS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast", "Mul", "Div",
+                   "Add", "Sub", "Where", "Expand"}  # fmt: skip
 
 
 def _method(name: str) -> Any:
@@ -158,6 +170,59 @@ def pinned_nodes(model: onnx.ModelProto, candidates: Sequence[str]) -> dict[str,
     return pinned
 
 
+def long_attention_nodes(model: onnx.ModelProto, candidates: Sequence[str],
+                         min_keys: int = LONG_ATTENTION_KEYS) -> dict[str, str]:  # fmt: skip
+    """Weight-less candidate MatMuls around a Softmax over at least ``min_keys`` keys: the scores that feed it and
+    the weighted sum that reads it (through reshapes, scaling and bias adds).
+
+    Needs the shape-inferred model (``quant_pre_process`` output): the key count is the last dimension of the
+    Softmax input. A Softmax whose input shape is unknown is left alone.
+    """
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}  # fmt: skip
+    inits = {t.name for t in model.graph.initializer}
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    cand = set(candidates)
+
+    def weightless(node: onnx.NodeProto) -> bool:
+        return node.op_type == "MatMul" and node.name in cand and not any(i in inits for i in node.input)
+
+    pinned: dict[str, str] = {}
+    for sm in model.graph.node:
+        if sm.op_type != "Softmax":
+            continue
+        keys = (shapes.get(sm.input[0]) or [0])[-1]
+        if keys < min_keys:
+            continue
+        why = (f"attention over {keys} keys: a uniform row's weight (1/{keys}) is under one UINT8 step of the "
+               "probabilities, so diffuse attention (smooth content) rounds to 0 and shifts colours")  # fmt: skip
+        up, seen = [sm.input[0]], set()  # the scores: upstream through reshapes, scaling, bias
+        while up:
+            node = by_output.get(up.pop())
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            if weightless(node):
+                pinned[node.name] = why
+            elif node.op_type in _ATTENTION_PASS:
+                up += [i for i in node.input if i in by_output]
+        down = list(sm.output)  # the weighted sum: downstream through reshapes
+        while down:
+            for node in readers.get(down.pop(), []):
+                if node.name in seen:
+                    continue
+                seen.add(node.name)
+                if weightless(node):
+                    pinned[node.name] = why
+                elif node.op_type in _ATTENTION_PASS:
+                    down += list(node.output)
+    return pinned
+
+
 @dataclass
 class _Candidate:
     name: str
@@ -231,7 +296,8 @@ class OnnxPTQ:
                 # INT8-sensitive layers and can stay float while the block's convolutions are quantized
                 unit = unit_of(path) if own or params else f"{unit_of(path)}/{n.op_type.lower()}"
                 self.candidates[n.name] = _Candidate(n.name, n.op_type, path, unit, params)
-        self.pinned = pinned_nodes(model, list(self.candidates))
+        self.pinned = {**long_attention_nodes(model, list(self.candidates)),
+                       **pinned_nodes(model, list(self.candidates))}  # fmt: skip
         self.output_names = [o.name for o in model.graph.output]
         self.calib_cache = self.work / f"ranges-{method}.json"
         logger.info("onnx pre-process: %d candidate nodes in %d blocks (%d pinned float), %d initializers "
