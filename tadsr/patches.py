@@ -114,7 +114,9 @@ def _is_image(p: Path) -> bool:
 
 
 def _rel(p: Path, root: Path) -> str:
-    return p.relative_to(root).as_posix()
+    """``p`` relative to ``root``; its name when it lies elsewhere (a prepared :class:`ImageFolder` may list images of
+    several folders, e.g. the default held-out set)."""
+    return p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name
 
 
 def _find_lr(hr: Path, hr_root: Path, lr_root: Path, scale: int) -> Path | None:

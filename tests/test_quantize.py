@@ -491,6 +491,29 @@ def test_holdout_overlap_check_sees_a_changed_file(tmp_path):
     assert _file_key(f, {}) != first  # next comparison: read again
 
 
+def test_default_holdout_has_smooth_sky_patches_away_from_calibration():
+    """Without the photo set's validation split, the default held-out set adds the shipped dusk-sky crop to the
+    textured scikit-image samples: its patches are drawn, they are smoother than the samples', and none is a
+    calibration patch (the check runs across the two folders)."""
+    pytest.importorskip("skimage")
+    from tadsr.patches import default_calibration_dir, sample_patches
+    from tadsr.quantize import calibration as cal
+
+    src = cal.default_holdout_source()
+    if isinstance(src, Path):
+        pytest.skip("the source checkout has data/photos/val")
+    shipped = [p.hr for p in src.images if p.hr.parent == cal._shipped_holdout()]
+    assert [p.name for p in shipped] == ["skimage_rocket_right.png"]
+    calib = sample_patches(default_calibration_dir(), num_patches=48, tile=64, seed=0)
+    ps, info = cal.sample_holdout(seed=0, calibration=calib)
+    assert "skimage_rocket_right.png" in info["files"] and len(info["files"]) == 6
+    sky = [i for i, o in enumerate(ps.origins) if o.path == shipped[0]]
+    assert sky
+    # smoothness: mean absolute difference of neighbouring LR pixels
+    grad = [float(np.abs(np.diff(lr, axis=-1)).mean()) for lr in ps.lr]
+    assert max(grad[i] for i in sky) < np.median([g for i, g in enumerate(grad) if i not in sky])
+
+
 # ------------------------------------------------------------------------------------------ recipe helpers
 
 
