@@ -65,7 +65,7 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "that it also holds on other noise (default: %(default)s; 0.5: the mean itself)")  # fmt: skip
     p.add_argument("--recipe", type=Path, metavar="FILE", help="reuse a recipe.json instead of searching")
     p.add_argument("--holdout", type=Path, metavar="DIR", help="held-out image folder (default: the photo set's "
-                   "validation images)")  # fmt: skip
+                   "validation images, else scikit-image's sample photos and the shipped dusk sky)")  # fmt: skip
     p.add_argument("--holdout-patches", type=int, default=16, help="held-out patches (default: %(default)s)")
     p.add_argument("--sensitivity-patches", type=int, default=4,
                    help="calibration patches per block in the sensitivity sweep (default: %(default)s)")  # fmt: skip
