@@ -41,7 +41,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,22 @@ def long_attention_nodes(model: onnx.ModelProto, candidates: Sequence[str],
     def weightless(node: onnx.NodeProto) -> bool:
         return node.op_type == "MatMul" and node.name in cand and not any(i in inits for i in node.input)
 
+    def upstream(t: str) -> list[onnx.NodeProto]:
+        return [by_output[t]] if t in by_output else []
+
+    def walk(tensors: list[str], nodes_of: Callable[[str], list[onnx.NodeProto]], onward: Callable[[onnx.NodeProto],
+             Sequence[str]], why: str, seen: set[str]) -> None:  # fmt: skip
+        """Pin the first weight-less MatMuls reached from ``tensors`` through ``_ATTENTION_PASS`` ops."""
+        while tensors:
+            for node in nodes_of(tensors.pop()):
+                if node.name in seen:
+                    continue
+                seen.add(node.name)
+                if weightless(node):
+                    pinned[node.name] = why
+                elif node.op_type in _ATTENTION_PASS:
+                    tensors += list(onward(node))
+
     pinned: dict[str, str] = {}
     for sm in model.graph.node:
         if sm.op_type != "Softmax":
@@ -200,26 +216,9 @@ def long_attention_nodes(model: onnx.ModelProto, candidates: Sequence[str],
             continue
         why = (f"attention over {keys} keys: a uniform row's weight (1/{keys}) is under one UINT8 step of the "
                "probabilities, so diffuse attention (smooth content) rounds to 0 and shifts colours")  # fmt: skip
-        up, seen = [sm.input[0]], set()  # the scores: upstream through reshapes, scaling, bias
-        while up:
-            node = by_output.get(up.pop())
-            if node is None or node.name in seen:
-                continue
-            seen.add(node.name)
-            if weightless(node):
-                pinned[node.name] = why
-            elif node.op_type in _ATTENTION_PASS:
-                up += [i for i in node.input if i in by_output]
-        down = list(sm.output)  # the weighted sum: downstream through reshapes
-        while down:
-            for node in readers.get(down.pop(), []):
-                if node.name in seen:
-                    continue
-                seen.add(node.name)
-                if weightless(node):
-                    pinned[node.name] = why
-                elif node.op_type in _ATTENTION_PASS:
-                    down += list(node.output)
+        seen: set[str] = set()
+        walk([sm.input[0]], upstream, lambda n: n.input, why, seen)  # the scores: through reshapes, scaling, bias
+        walk(list(sm.output), lambda t: readers.get(t, []), lambda n: n.output, why, seen)  # the weighted sum
     return pinned
 
 
