@@ -747,28 +747,69 @@ def test_pt2e_float_block_is_its_own_layers_not_every_block_under_its_name():
     assert pq.int8_fraction(["den"]) == pytest.approx(share, abs=1e-4)
 
 
-def test_pt2e_simulator_starts_from_the_all_int8_convert_calibration(monkeypatch):
-    """After an all-INT8 convert, the simulator on the same patches takes that calibrated graph (one calibration
-    pass, not two) and gives the freshly calibrated simulator's outputs; other patches are calibrated anew."""
+class _Cat(torch.nn.Module):
+    """Two blocks whose outputs meet in a cat (its inputs share one observer) and a float-able head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.blocks = torch.nn.ModuleList(torch.nn.Conv2d(3, 4, 3, padding=1) for _ in range(2))
+        with torch.no_grad():
+            self.blocks[0].weight.mul_(0.1)  # the cat's first input spans less than the second
+        self.head = torch.nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([torch.nn.functional.silu(b(x)) for b in self.blocks], dim=1))
+
+
+class _Folded(torch.nn.Module):
+    """A conv whose weight the graph computes (a scale folded in, as the mobile rewrites do): a per-channel
+    observer watches a computed node, not a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3) * 0.2)
+        self.scale = torch.nn.Parameter(torch.rand(4, 1, 1, 1) + 0.5)
+        self.head = torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.nn.functional.conv2d(x, self.weight * self.scale, padding=1))
+
+
+@pytest.mark.parametrize("toy", [_Toy, _Cat, _Folded])
+def test_pt2e_one_calibration_pass_for_every_recipe(monkeypatch, toy):
+    """The patches run once per feeds list: every later convert and the simulator fill their observers from the
+    recorded ranges, and give bit for bit what a calibration pass would (other patches: a new pass)."""
     from tadsr.formats.executorch.ptq import PT2EQuant
 
     g = torch.Generator().manual_seed(1)
     feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(3)]
-    make = lambda: PT2EQuant(_Toy().eval(), (torch.zeros(1, 3, 8, 8),), output_names=["y"], rewrites="none")  # noqa: E731
-    fresh = make().simulator(feeds)
+    make = lambda: PT2EQuant(toy().eval(), (torch.zeros(1, 3, 8, 8),), output_names=["y"], rewrites="none")  # noqa: E731
+    reference = make()
+    fresh = reference.simulator(feeds)
     passes = []
     calibrate = PT2EQuant._calibrate
     monkeypatch.setattr(PT2EQuant, "_calibrate", staticmethod(lambda *a: passes.append(1) or calibrate(*a)))
     pq = make()
     pq.convert(sorted(pq.pinned), feeds)
     sim = pq.simulator(feeds)
-    assert len(passes) == 1
-    for floats in (frozenset(), frozenset({"blocks.0"})):
-        for a, b in zip(sim.run(floats, feeds), fresh.run(floats, feeds), strict=True):
+    units = sorted(pq.units())
+    for floats in ([], units[:1], units[1:]):
+        got = pq.convert(floats, feeds)
+        prepared = reference._prepare(floats)  # the old way: run the patches through this recipe's graph
+        calibrate(prepared, feeds, False)
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        want = convert_pt2e(prepared)
+        x = torch.from_numpy(feeds[0]["x"])
+        with torch.no_grad():
+            np.testing.assert_array_equal(got(x).numpy(), want(x).numpy(), err_msg=f"float {floats}")
+        for a, b in zip(sim.run(frozenset(floats), feeds), fresh.run(frozenset(floats), feeds), strict=True):
             np.testing.assert_array_equal(a["y"], b["y"])
-    pq.convert(sorted(pq.pinned), feeds)
-    pq.simulator(list(feeds))  # not the list the convert calibrated on
-    assert len(passes) == 3
+    assert len(passes) == 1
+    pq.simulator(list(feeds))  # not the list the table was recorded on
+    assert len(passes) == 2
 
 
 def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_graph():

@@ -9,7 +9,9 @@ the same set the fp32 export applies) and ``torch.export``:
 * :meth:`PT2EQuant.convert` is the real thing for a recipe: ``XNNPACKQuantizer`` with
   ``set_operator_type(<overload>, config)`` for the quantized op types (conv2d, conv_transpose2d, linear, cat;
   XNNPACK's quantizer has no matmul pattern, so attention stays float) and a filter function leaving the
-  float blocks unannotated, ``prepare_pt2e``, calibration on every patch, ``convert_pt2e``.
+  float blocks unannotated, ``prepare_pt2e``, calibration on every patch, ``convert_pt2e``. The patches run once
+  per graph: later recipes (and the simulator) fill their observers from the ranges recorded in that pass
+  (:class:`~tadsr.formats.executorch.ranges.RangeTable`, ``minmax``).
 
 :func:`quantize_executorch` lowers a converted graph with ``to_edge_transform_and_lower`` and the
 ``XnnpackPartitioner`` and writes ``<graph>.pte``.
@@ -37,6 +39,7 @@ from torch import nn
 
 from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
+from tadsr.formats.executorch.ranges import RangeTable
 from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
 from tadsr.formats.sensitivity import BackendRecipe, hr_trace, unit_of, worst_psnr
 from tadsr.formats.spec import QuantizeJob
@@ -50,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 SCHEME = "weights int8 symmetric per-channel, activations int8 asymmetric per-tensor (PT2E, XNNPACKQuantizer)"
 PERCENTILE = 99.999
+RANGE_METHODS = ("minmax",)  # calibration methods whose observers a RangeTable rebuilds
 # recipe op type -> aten overloads (XNNPACKQuantizer matches the overload, not the packet)
 PT2E_OP_TYPES: dict[str, tuple[Any, ...]] = {
     "conv2d": (torch.ops.aten.conv2d.default,),
@@ -202,9 +206,7 @@ class PT2EQuant:
                 self.layers[n.name] = (path, params)
         self.pinned = _pinned(self.exported, self.targets, output_names)
         self.constants: dict[str, Any] = {}  # int8_add_constants statistics of the last convert()
-        # the calibrated prepared graph of the last convert() with only the pinned blocks float (the simulator's
-        # annotation), and the feeds it was calibrated on: simulator() on the same feeds starts from it
-        self._calibrated: tuple[Any, torch.fx.GraphModule] | None = None
+        self._table: RangeTable | None = None  # the observed ranges over the last calibration feeds
         logger.info("pt2e: %d candidate layers in %d blocks (%d pinned float), rewrites %s, %.1fs", len(self.layers),
                     len(self.units()), len(self.pinned), report.to_dict(), time.perf_counter() - t0)  # fmt: skip
 
@@ -253,41 +255,49 @@ class PT2EQuant:
             for f in tqdm(feeds, desc="calibrate", unit="patch", disable=not progress):
                 prepared(*(torch.from_numpy(np.ascontiguousarray(v)) for v in f.values()))
 
+    def calibrated(self, float_units: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], *,
+                   progress: bool = False) -> tuple[torch.fx.GraphModule, str]:  # fmt: skip
+        """Prepared with ``float_units`` (and the pinned blocks) float and calibrated on ``feeds``, and how.
+
+        The first call on a feeds list (the same object) records the ranges every observer of the all-INT8
+        annotation watches, in one pass (:class:`~tadsr.formats.executorch.ranges.RangeTable`); this and later
+        calls on those feeds fill their observers from it instead of running the patches again. Observers the
+        table cannot rebuild are calibrated by running the patches; so are the histogram methods (no table).
+        """
+        prepared = self._prepare(float_units)
+        if self.method in RANGE_METHODS:
+            if self._table is None or self._table.feeds is not feeds:
+                self._table = RangeTable(self._prepare([]), feeds, lambda gm, fs: self._calibrate(gm, fs, progress))
+            if self._table.fill(prepared):
+                return prepared, "filled from the range table"
+        self._calibrate(prepared, feeds, progress)
+        return prepared, "calibrated"
+
     def convert(self, float_units: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], *,
                 progress: bool = False) -> torch.fx.GraphModule:  # fmt: skip
-        """Prepare with ``float_units`` (and pinned blocks) float, calibrate on ``feeds``, convert.
+        """Prepare with ``float_units`` (and pinned blocks) float, calibrate on ``feeds`` (:meth:`calibrated`),
+        convert.
 
         The converted graph's large float ``add`` constants are then stored INT8 (:func:`int8_add_constants`;
-        statistics in ``self.constants``), so the graph every caller measures is the one that ships. With only the
-        pinned blocks float, a copy of the calibrated graph is kept for :meth:`simulator` on the same ``feeds``.
+        statistics in ``self.constants``), so the graph every caller measures is the one that ships.
         """
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         t0 = time.perf_counter()
-        prepared = self._prepare(float_units)
-        self._calibrate(prepared, feeds, progress)
-        self._calibrated = (feeds, copy.deepcopy(prepared)) if set(float_units) <= set(self.pinned) else None
+        prepared, how = self.calibrated(float_units, feeds, progress=progress)
         converted = convert_pt2e(prepared)
         self.constants = int8_add_constants(converted)
-        logger.info("pt2e convert (%s, %d float blocks) on %d patches: %.1fs; %d add constants INT8 (%.2f -> %.2f MB)",
-                    self.method, len(float_units), len(feeds), time.perf_counter() - t0, self.constants["tensors"],
-                    self.constants["fp32_bytes"] / 1e6, self.constants["int8_bytes"] / 1e6)  # fmt: skip
+        logger.info("pt2e convert (%s, %d float blocks, %s on %d patches): %.1fs; %d add constants INT8 (%.2f -> "
+                    "%.2f MB)", self.method, len(float_units), how, len(feeds), time.perf_counter() - t0,
+                    self.constants["tensors"], self.constants["fp32_bytes"] / 1e6,
+                    self.constants["int8_bytes"] / 1e6)  # fmt: skip
         return converted
 
     def simulator(self, feeds: Sequence[Mapping[str, np.ndarray]], *, progress: bool = False) -> FakeQuantSim:
-        """Prepare with every candidate annotated, calibrate once, and wrap as a :class:`FakeQuantSim`.
-
-        After :meth:`convert` with only the pinned blocks float on the same ``feeds`` (the same list object), its
-        calibrated graph is taken instead: the same annotation calibrated on the same patches, so the same
-        observers, without a second calibration pass.
-        """
+        """Prepare with every candidate annotated, calibrate (:meth:`calibrated`: after :meth:`convert` on the same
+        feeds, without running them again), and wrap as a :class:`FakeQuantSim`."""
         t0 = time.perf_counter()
-        kept, self._calibrated = self._calibrated, None
-        if kept is not None and kept[0] is feeds:
-            prepared, how = kept[1], "taken from the all-INT8 convert"
-        else:
-            prepared, how = self._prepare([]), "calibrated"
-            self._calibrate(prepared, feeds, progress)
+        prepared, how = self.calibrated([], feeds, progress=progress)
         sim = FakeQuantSim(prepared, self.targets, self.output_names)
         logger.info("pt2e simulator: %d observers %s on %d patches in %.1fs", len(sim.owners), how, len(feeds),
                     time.perf_counter() - t0)  # fmt: skip
