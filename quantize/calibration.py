@@ -44,6 +44,7 @@ from tadsr.patches import (
     ImagePair,
     PatchSet,
     default_calibration_dir,
+    shipped_holdout_dir,
     sample_patches,
 )
 
@@ -283,13 +284,6 @@ def load_calibration(
     return CalibrationSet(runs=runs, info=info, patches=ps)
 
 
-def _shipped_holdout() -> Path:
-    """The shipped held-out supplement (``tadsr/data/holdout``), in a source checkout or an installation."""
-    import tadsr
-
-    return Path(tadsr.__file__).resolve().parent / "data" / "holdout"
-
-
 def default_holdout_source() -> ImageFolder | Path:
     """Images never used by the shipped calibration set.
 
@@ -311,7 +305,7 @@ def default_holdout_source() -> ImageFolder | Path:
                          "and the source checkout's data/photos/val is absent)") from e  # fmt: skip
     data = Path(skimage.__file__).resolve().parent / "data"
     files = [data / f for f in _SKIMAGE_HOLDOUT if (data / f).is_file()]
-    files += sorted(_shipped_holdout().glob("*.png"))
+    files += sorted(shipped_holdout_dir().glob("*.png"))
     if not files:
         raise InputError(f"no held-out images found in {data}; pass a folder with --holdout DIR")
     return ImageFolder(root=data, layout="folder", images=tuple(ImagePair(p) for p in files))

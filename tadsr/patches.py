@@ -35,6 +35,7 @@ __all__ = [
     "PatchOrigin",
     "PatchSet",
     "default_calibration_dir",
+    "shipped_holdout_dir",
     "find_images",
     "sample_patches",
 ]  # fmt: skip
@@ -423,3 +424,9 @@ def default_calibration_dir() -> Path:
     if not path.is_dir():
         raise InputError(f"shipped calibration set {path} is missing; reinstall tadsr-mobile")
     return path
+
+
+def shipped_holdout_dir() -> Path:
+    """The held-out supplement shipped with the package: ``tadsr/data/holdout`` (a smooth dusk sky, outside the
+    calibration crops of its photo), which the default held-out set adds to scikit-image's sample photos."""
+    return Path(__file__).resolve().parent / "data" / "holdout"
