@@ -493,13 +493,13 @@ def test_default_holdout_has_smooth_sky_patches_away_from_calibration():
     textured scikit-image samples: its patches are drawn, they are smoother than the samples', and none is a
     calibration patch (the check runs across the two folders)."""
     pytest.importorskip("skimage")
-    from tadsr.patches import default_calibration_dir, sample_patches
+    from tadsr.patches import default_calibration_dir, sample_patches, shipped_holdout_dir
     from tadsr.quantize import calibration as cal
 
     src = cal.default_holdout_source()
     if isinstance(src, Path):
         pytest.skip("the source checkout has data/photos/val")
-    shipped = [p.hr for p in src.images if p.hr.parent == cal._shipped_holdout()]
+    shipped = [p.hr for p in src.images if p.hr.parent == shipped_holdout_dir()]
     assert [p.name for p in shipped] == ["skimage_rocket_right.png"]
     calib = sample_patches(default_calibration_dir(), num_patches=48, tile=64, seed=0)
     ps, info = cal.sample_holdout(seed=0, calibration=calib)
