@@ -677,18 +677,52 @@ class _Toy(torch.nn.Module):
         return self.head(x)
 
 
-def test_pt2e_simulator_matches_convert():
-    """The switchable fake-quant simulator equals prepare/convert_pt2e with the same blocks float."""
+class _Mix(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([torch.nn.functional.silu(a), torch.nn.functional.silu(b)], dim=1))
+
+
+class _CatInBlock(torch.nn.Module):
+    """Two blocks whose outputs a third block concatenates, as the fused pipeline's ``denoiser`` block holds the
+    UNet's skip concatenations (XNNPACK's cat annotator ignores the filter function that keeps a block float)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.blocks = torch.nn.ModuleList(torch.nn.Conv2d(3, 4, 3, padding=1) for _ in range(2))
+        self.mix = _Mix()
+        self.head = torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mix(self.blocks[0](x), self.blocks[1](x)))
+
+
+@pytest.mark.parametrize("toy", [_Toy, _CatInBlock])
+def test_pt2e_simulator_matches_convert(toy):
+    """The switchable fake-quant simulator equals prepare/convert_pt2e with the same blocks float, and a float
+    block is float in the converted graph: no INT8 rounding around its concatenation."""
     from tadsr.formats.executorch.ptq import PT2EQuant
 
     g = torch.Generator().manual_seed(0)
     feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(3)]
     method = "percentile"  # the observer tadsr adds; minmax / entropy are torchao's
-    pq = PT2EQuant(_Toy().eval(), (torch.zeros(1, 3, 8, 8),), output_names=["y"], rewrites="none", method=method)
-    assert set(pq.units()) == {"blocks.0", "blocks.1", "head"}
+    pq = PT2EQuant(toy().eval(), (torch.zeros(1, 3, 8, 8),), output_names=["y"], rewrites="none", method=method)
+    blocks = {_Toy: ["blocks.0", "blocks.1", "head"], _CatInBlock: ["blocks.0", "blocks.1", "head", "mix", "mix.conv"]}[toy]
+    assert sorted(pq.units()) == blocks
     sim = pq.simulator(feeds)
-    for floats in ([], ["blocks.1"]):
+    # the cat is the block mix's own layer; not ["blocks.1"] alone with the cat toy: x feeds both blocks through
+    # one observer, which the simulator switches for both (a known approximation of the simulator)
+    configs = ([], ["blocks.1"]) if toy is _Toy else ([], ["blocks.0", "blocks.1"], ["mix", "mix.conv"])
+    for floats in configs:
         converted = pq.convert(floats, feeds)
+        (cat,) = [n for n in converted.graph.nodes if n.target == torch.ops.aten.cat.default] or [None]
+        if cat is not None:
+            rounded = [a for a in [*cat.args[0], *cat.users] if "quantize_per_tensor" in str(a.target)]
+            assert bool(rounded) == ("mix" not in floats), (floats, rounded)
         with torch.no_grad():
             want = [converted(torch.from_numpy(f["x"])).numpy() for f in feeds]
         got = [o["y"] for o in sim.run(frozenset(floats), feeds)]
