@@ -153,3 +153,40 @@ def test_official_denoiser_partitions(tmp_path):
         ref = g(*spec.example_inputs(0)).numpy()
     got = ExecuTorchRunner(tmp_path / res.files[0], spec.to_dict()).run(_feeds(spec, 0))["x0"]
     assert np.abs(got - ref).max() < 1e-3
+
+
+def test_shallow_provenance_keeps_debug_handles_and_program():
+    """Cutting ``from_node`` chains to their oldest ancestor leaves every debug handle's name and the ``.pte``
+    bytes as they were (ExecuTorch names a debug handle after the oldest ancestor) while the chains get short."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.debug_handle_utils import get_greatest_ancestor_node_identifier
+
+    from tadsr.formats.executorch.export import shallow_provenance
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(8, 3, 1)).eval()
+    x = (torch.randn(1, 3, 16, 16),)
+
+    def program():  # a few passes deep, as a PT2E-converted graph is when it is lowered
+        ep = torch.export.export(net, x, strict=False)
+        for _ in range(3):
+            ep = torch.export.export(ep.module(), x, strict=False).run_decompositions({})
+        return ep
+
+    def depth(n):
+        d, src = 0, n.meta["from_node"][-1]
+        while src.from_node:
+            d, src = d + 1, src.from_node[-1]
+        return d
+
+    deep, cut = program(), program()
+    nodes = [n for n in cut.graph.nodes if "from_node" in n.meta]
+    assert max(depth(n) for n in nodes) >= 2
+    before = [get_greatest_ancestor_node_identifier(n) for n in nodes]  # graph ids: of this program's graphs
+    assert shallow_provenance(cut) > 0
+    kept = [n for n in cut.graph.nodes if "from_node" in n.meta]
+    assert [get_greatest_ancestor_node_identifier(n) for n in kept] == before
+    assert max(depth(n) for n in kept) == 0
+    lower = [to_edge_transform_and_lower(p, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+             for p in (deep, cut)]  # fmt: skip
+    assert lower[0] == lower[1]
