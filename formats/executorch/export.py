@@ -36,7 +36,7 @@ from tadsr.formats.artifact import BackendResult
 from tadsr.formats.graphs import GraphSpec
 from tadsr.formats.rewrites import apply_rewrites
 
-__all__ = ["export_executorch", "partition_info", "shallow_provenance", "BACKENDS"]
+__all__ = ["export_executorch", "partition_info", "BACKENDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,33 +101,6 @@ def partition_info(edge: Any) -> dict[str, Any]:
         "ops_outside": dict(outside.most_common()),
         "n_ops_outside": sum(outside.values()),
     }
-
-
-def shallow_provenance(ep: Any) -> int:
-    """Cut every node's ``from_node`` history down to its oldest ancestor, in place; returns the nodes cut.
-
-    ``torch.fx`` records where each node came from as a chain of ``NodeSource`` objects, one link per pass
-    (export, PT2E prepare and convert, the re-export, each edge and XNNPACK pass), and every pass that creates a
-    node deep-copies its whole chain. Lowering a PT2E-converted graph thus spends a growing share of its time copying
-    history (session 16's profile of an fp32 decoder lowering: 9 of 49 s). ExecuTorch reads the chain once, to name
-    a node's debug handle after its oldest ancestor (``get_greatest_ancestor_node_identifier``); that ancestor
-    is kept, so the debug handles (and the program) are the same.
-    """
-    cut = 0
-    for gm in ep.graph_module.modules():
-        if not isinstance(gm, torch.fx.GraphModule):
-            continue
-        for n in gm.graph.nodes:
-            chain = n.meta.get("from_node")
-            if not chain:
-                continue
-            root = chain[-1]
-            while root.from_node:
-                root = root.from_node[-1]
-            if len(chain) > 1 or chain[0] is not root:
-                n.meta["from_node"] = [root]
-                cut += 1
-    return cut
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -202,7 +175,6 @@ def export_executorch(
     from executorch.exir import to_edge_transform_and_lower
 
     t0 = time.perf_counter()
-    shallow_provenance(ep)
     try:
         edge = to_edge_transform_and_lower(ep, partitioner=[_partitioner(backend, precision)])
     except (ConfigError, ExportError):
