@@ -568,8 +568,6 @@ def quantize_executorch(
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    from tadsr.formats.executorch.export import shallow_provenance
-
     # out variants of quantized_decomposed ops that run outside XNNPACK (dequantize of INT8 Add constants)
     import executorch.kernels.quantized  # noqa: F401
 
@@ -577,7 +575,6 @@ def quantize_executorch(
     try:
         with torch.no_grad():
             program = torch.export.export(converted, tuple(example), strict=False)
-        shallow_provenance(program)  # the converted graph's history is deep: a share of the lowering copies it
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         outside = Counter(str(n.target) for n in edge.exported_program().graph.nodes
                           if n.op == "call_function" and "executorch_call_delegate" not in str(n.target)
