@@ -9,8 +9,9 @@ the same set the fp32 export applies) and ``torch.export``:
 * :meth:`PT2EQuant.convert` is the real thing for a recipe: ``XNNPACKQuantizer`` with
   ``set_operator_type(<overload>, config)`` for the quantized op types (conv2d, conv_transpose2d, linear, cat;
   XNNPACK's quantizer has no matmul pattern, so attention stays float) and a filter function leaving the
-  float blocks unannotated, ``prepare_pt2e``, calibration on every patch, ``convert_pt2e``. The patches run once
-  per graph: later recipes (and the simulator) fill their observers from the ranges recorded in that pass
+  float blocks unannotated (its ``cat`` annotator ignores the filter; :func:`_filtered_xnnpack_quantizer`),
+  ``prepare_pt2e``, calibration on every patch, ``convert_pt2e``. The patches run once per graph: later recipes
+  (and the simulator) fill their observers from the ranges recorded in that pass
   (:class:`~tadsr.formats.executorch.ranges.RangeTable`, ``minmax``).
 
 :func:`quantize_executorch` lowers a converted graph with ``to_edge_transform_and_lower`` and the
