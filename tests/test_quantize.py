@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import copy
 import functools
 import hashlib
 import json
@@ -699,6 +700,53 @@ class _CatInBlock(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.mix(self.blocks[0](x), self.blocks[1](x)))
+
+
+class _ConvBN(torch.nn.Module):
+    """A conv + batch norm + relu: the one pattern the conv-bn annotators exist for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+@pytest.mark.parametrize("toy", [_Toy, _ConvBN])
+def test_pt2e_quantizer_skips_conv_bn_patterns_only_without_batch_norm(monkeypatch, toy):
+    """Without a batch_norm in the graph the conv-bn annotators (a torch.export of their pattern per call) are
+    skipped; the annotation is the stock quantizer's either way."""
+    from executorch.backends.xnnpack.quantizer import xnnpack_quantizer_utils as xqu
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    from tadsr.formats.executorch.ptq import PT2E_OP_TYPES, PT2EQuant
+
+    pq = PT2EQuant(toy().eval(), (torch.zeros(1, 3, 8, 8),), output_names=["y"], rewrites="none")
+    has_bn = any("batch_norm" in str(n.target) for n in pq.exported.graph.nodes)
+    assert has_bn == (toy is _ConvBN)
+
+    def annotations(quantizer) -> dict[str, tuple]:
+        gm = quantizer.annotate(copy.deepcopy(pq.exported))
+        return {n.name: (sorted(a.name for a in n.meta[Q_ANNOTATION_KEY].input_qspec_map),
+                         n.meta[Q_ANNOTATION_KEY].output_qspec is not None)
+                for n in gm.graph.nodes if Q_ANNOTATION_KEY in n.meta}  # fmt: skip
+
+    stock = XNNPACKQuantizer()
+    for t in pq.op_types:
+        for overload in PT2E_OP_TYPES[t]:
+            stock.set_operator_type(overload, pq.config)
+    want = annotations(stock)
+    exports = []
+    pattern = xqu._get_aten_graph_module_for_pattern
+    monkeypatch.setattr(xqu, "_get_aten_graph_module_for_pattern", lambda *a, **k: exports.append(1) or pattern(*a, **k))
+    got = annotations(pq.quantizer([]))
+    assert got == want and want
+    assert (len(exports) > 0) == has_bn
 
 
 @pytest.mark.parametrize("toy", [_Toy, _CatInBlock])
