@@ -4,7 +4,8 @@ Steps of :func:`export_onnx`, each recorded in ``BackendResult.info``:
 
 1. ``torch.export.export(graph, spec.example_inputs(), strict=False)`` with the spec's static shapes, then
    ``torch.onnx.export(program, dynamo=True, opset_version=opset)`` with the spec's input and output names and
-   the exporter's own onnxscript optimizer (constant folding, dead code removal, rewrites; ``optimize``).
+   the exporter's own onnxscript optimizer (constant folding, dead code removal, rewrites; ``optimize``), less
+   the rewrite rules of ``SKIPPED_REWRITE_RULES`` (the same bytes on our graphs, half the export time).
 2. ``onnx.checker.check_model(full_check=True)`` (structure plus strict shape inference).
 3. onnxsim. It is kept only if onnxsim succeeds *and* ONNX Runtime gives the same outputs for the simplified
    and the plain model on ``spec.example_inputs()`` (max abs difference <= ``SIMPLIFY_ATOL``); otherwise the
@@ -140,6 +141,30 @@ def _quiet_exporter_logs() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+# onnxscript rewrite rules left out of the exporter's optimizer. SlicesSplit (Slice pairs -> one Split) matches a
+# two-output pattern by trying every pair of Slice nodes of the graph, for every node: on the tiny denoiser it took
+# 16 s a pass, about half of torch.onnx.export, and never fired. Session 18 checked that the optimized model is
+# byte for byte the same without it for every tiny, light, colour-fix and bundled graph; a graph where it would
+# fire keeps its Slices (the same numbers, one op more).
+SKIPPED_REWRITE_RULES = frozenset({"SlicesSplit"})
+
+
+@contextlib.contextmanager
+def _rewrite_rules_without(names: frozenset[str]) -> Iterator[None]:
+    """onnxscript's default rewrite rules (what ``ONNXProgram.optimize`` applies) without the rules ``names``."""
+    from onnxscript import rewriter
+
+    saved = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if saved is None:  # another onnxscript layout: its own optimizer, unchanged
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in saved if getattr(r, "name", None) not in names)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = saved
+
+
 def _to_onnx(graph: nn.Module, spec: GraphSpec, opset: int, optimize: bool) -> onnx.ModelProto:
     """torch.export + dynamo ONNX exporter; the exporter's stdout chatter goes to DEBUG."""
     args = spec.example_inputs()
@@ -154,9 +179,12 @@ def _to_onnx(graph: nn.Module, spec: GraphSpec, opset: int, optimize: bool) -> o
                 opset_version=opset,
                 input_names=[s.name for s in spec.inputs],
                 output_names=[s.name for s in spec.outputs],
-                optimize=optimize,
+                optimize=False,
                 verbose=False,
             )
+            if optimize:
+                with _rewrite_rules_without(SKIPPED_REWRITE_RULES):
+                    onnx_program.optimize()  # what optimize=True runs, less the skipped rules
     except Exception as e:  # the exporters raise many unrelated types; name the step and keep the cause
         raise ExportError(f"ONNX export of graph {spec.name!r} failed in torch.export / torch.onnx.export: {e}") from e
     finally:
