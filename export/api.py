@@ -39,6 +39,7 @@ from tadsr.formats.artifact import (
     staged_artifact,
     write_manifest,
 )
+from tadsr.formats.fx_meta import shared_node_sources
 from tadsr.formats.graphs import COMPONENTS, GRAPH_NAMES, check_tile, make_graphs
 from tadsr.formats.registry import FORMAT_NAMES, get_format
 from tadsr.parity.hops import (
@@ -322,7 +323,8 @@ def _export_one(
     t0 = time.perf_counter()
     logger.info("exporting %s ...", name)
     with staged_artifact(out_dir, name) as stage:
-        backend = exporter(graph, spec, stage.path, precision=prec, progress=progress, **opts)
+        with shared_node_sources():
+            backend = exporter(graph, spec, stage.path, precision=prec, progress=progress, **opts)
         if not isinstance(backend, BackendResult) or backend.format != fmt:
             raise ExportError(f"export_{fmt} returned {backend!r}, expected a BackendResult with format {fmt!r}")
         t_export = time.perf_counter() - t0

@@ -42,6 +42,7 @@ import torch
 from tadsr.errors import CheckpointError, ConfigError, ExportError, InputError, TadsrError
 from tadsr.export.api import _remove_empty, prepare_out_dir
 from tadsr.formats.artifact import BackendResult, artifact_name, build_manifest, staged_artifact, write_manifest
+from tadsr.formats.fx_meta import shared_node_sources
 from tadsr.formats.graphs import make_graph
 from tadsr.parity.hops import (
     Floor,
@@ -591,9 +592,10 @@ def quantize_artifact(
     out_dir = Path(out_dir)
     created = prepare_out_dir(out_dir)
     try:
-        paths = _quantize(parent, rec, calib, num_patches, seed, method, target_psnr, out_dir, holdout,
-                          holdout_patches, sensitivity_patches, sensitivity_budget, parity_gate, threads, progress,
-                          captures or CaptureCache())  # fmt: skip
+        with shared_node_sources():
+            paths = _quantize(parent, rec, calib, num_patches, seed, method, target_psnr, out_dir, holdout,
+                              holdout_patches, sensitivity_patches, sensitivity_budget, parity_gate, threads,
+                              progress, captures or CaptureCache())  # fmt: skip
     except BaseException:  # Ctrl-C included: leave no empty output folder behind
         _remove_empty(created)
         raise

@@ -153,3 +153,33 @@ def test_official_denoiser_partitions(tmp_path):
         ref = g(*spec.example_inputs(0)).numpy()
     got = ExecuTorchRunner(tmp_path / res.files[0], spec.to_dict()).run(_feeds(spec, 0))["x0"]
     assert np.abs(got - ref).max() < 1e-3
+
+
+def test_shared_node_sources_same_program_and_restored(tmp_path):
+    """Inside ``shared_node_sources`` fx provenance is shared instead of deep-copied (nesting restores the outer
+    state); a toy lowers to the same .pte bytes with and without it."""
+    import copy
+
+    from torch import nn
+    from torch.fx.traceback import NodeSource
+
+    from tadsr.formats.fx_meta import shared_node_sources
+    from tadsr.formats.graphs import GraphSpec, TensorSpec
+
+    src = [NodeSource(None, "p")]
+    assert copy.deepcopy(src)[0] is not src[0]
+    with shared_node_sources():
+        with shared_node_sources():
+            assert copy.deepcopy(src)[0] is src[0]
+        assert copy.deepcopy(src)[0] is src[0]
+    assert copy.deepcopy(src)[0] is not src[0] and "__deepcopy__" not in NodeSource.__dict__
+
+    torch.manual_seed(0)
+    toy = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 3, 1)).eval()
+    spec = GraphSpec("toy", 8, 1, (TensorSpec("x", (1, 3, 8, 8)),), (TensorSpec("y", (1, 3, 8, 8)),))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "shared").mkdir()
+    plain = export_executorch(toy, spec, tmp_path / "plain")
+    with shared_node_sources():
+        shared = export_executorch(toy, spec, tmp_path / "shared")
+    assert (tmp_path / "plain" / plain.files[0]).read_bytes() == (tmp_path / "shared" / shared.files[0]).read_bytes()
