@@ -38,8 +38,14 @@ def _torch_reference(models: tadsr.Models, lr: np.ndarray, seed: int) -> np.ndar
     )
 
 
-def test_same_sr_on_ort_and_torch(tiny_models, tiny_onnx_artifacts: Path, lr_image: np.ndarray) -> None:
-    ref = _torch_reference(tiny_models, lr_image, seed=5)
+@pytest.fixture(scope="module")
+def torch_sr(tiny_models, lr_image: np.ndarray) -> np.ndarray:
+    """The PyTorch reference's tiled SR of ``lr_image`` with seed 5 (shared by the tests that compare with it)."""
+    return _torch_reference(tiny_models, lr_image, seed=5)
+
+
+def test_same_sr_on_ort_and_torch(tiny_onnx_artifacts: Path, lr_image: np.ndarray, torch_sr: np.ndarray) -> None:
+    ref = torch_sr
     fused = MobileSRPipeline.from_path(tiny_onnx_artifacts / "pipeline-onnx-fp32-t64").upscale(lr_image, seed=5)
     comps = MobileSRPipeline(
         {g: tiny_onnx_artifacts / f"{g}-onnx-fp32-t64" for g in ("encoder", "denoiser", "decoder")}
@@ -52,10 +58,10 @@ def test_same_sr_on_ort_and_torch(tiny_models, tiny_onnx_artifacts: Path, lr_ima
 
 
 def test_same_sr_with_an_executorch_stage(
-    tiny_models, tiny_executorch_encoder: Path, tiny_onnx_artifacts: Path, lr_image: np.ndarray
+    tiny_executorch_encoder: Path, tiny_onnx_artifacts: Path, lr_image: np.ndarray, torch_sr: np.ndarray
 ) -> None:
     """ExecuTorch encoder + ORT denoiser/decoder through the whole-image tiler vs the PyTorch reference."""
-    ref = _torch_reference(tiny_models, lr_image, seed=5)
+    ref = torch_sr
     mixed = MobileSRPipeline(
         {"encoder": tiny_executorch_encoder, **{g: tiny_onnx_artifacts / f"{g}-onnx-fp32-t64" for g in ("denoiser", "decoder")}}
     ).upscale(lr_image, seed=5)
