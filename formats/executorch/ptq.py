@@ -323,10 +323,11 @@ def _filtered_xnnpack_quantizer() -> Any:
 
     class FilteredXNNPACKQuantizer(XNNPACKQuantizer):
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            if not any("batch_norm" in str(n.target) for n in model.graph.nodes if n.op == "call_function"):
-                # the conv-bn annotators export their pattern graphs with dynamo on every call (12 strict exports,
-                # ~7 s a prepare on the CI CPU, session 18) and can only match a batch_norm: skipped without one
-                self.SUPPORTED_PATTERNS = [p for p in XNNPACKQuantizer.SUPPORTED_PATTERNS if "_bn" not in p.name]
+            # the conv-bn annotators export their pattern graphs with dynamo on every call (12 strict exports,
+            # ~7 s a prepare on the CI CPU, session 18) and can only match a batch_norm: skipped without one
+            # (set for every graph, so that one instance annotating two graphs does not keep the first's choice)
+            has_bn = any("batch_norm" in str(n.target) for n in model.graph.nodes if n.op == "call_function")
+            self.SUPPORTED_PATTERNS = [p for p in XNNPACKQuantizer.SUPPORTED_PATTERNS if has_bn or "_bn" not in p.name]
             model = self._annotate_for_quantization_config(model)
             if self.filter_fn is not None:
                 for n in model.graph.nodes:
