@@ -8,6 +8,8 @@ them with torch); the cheap encoder lowering is ``tiny_executorch_encoder``. The
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -155,9 +157,10 @@ def test_official_denoiser_partitions(tmp_path):
     assert np.abs(got - ref).max() < 1e-3
 
 
-def test_shared_node_sources_same_program_and_restored(tmp_path):
+def test_shared_node_sources_same_program_and_restored(tmp_path, monkeypatch):
     """Inside ``shared_node_sources`` fx provenance is shared instead of deep-copied (nesting restores the outer
-    state); a toy lowers to the same .pte bytes with and without it."""
+    state); a toy lowers to the same .pte bytes with it and the exporter's lean XNNPACK pass list as without
+    both."""
     import copy
 
     from torch import nn
@@ -179,7 +182,56 @@ def test_shared_node_sources_same_program_and_restored(tmp_path):
     spec = GraphSpec("toy", 8, 1, (TensorSpec("x", (1, 3, 8, 8)),), (TensorSpec("y", (1, 3, 8, 8)),))
     (tmp_path / "plain").mkdir()
     (tmp_path / "shared").mkdir()
+    import tadsr.formats.executorch.export as et_export
+
+    entered = []
+    lean = et_export.lean_xnnpack_passes
+    monkeypatch.setattr(et_export, "lean_xnnpack_passes", lambda: entered.append(1) or contextlib.nullcontext())
     plain = export_executorch(toy, spec, tmp_path / "plain")
+    monkeypatch.setattr(et_export, "lean_xnnpack_passes", lambda: entered.append(2) or lean())
     with shared_node_sources():
         shared = export_executorch(toy, spec, tmp_path / "shared")
+    assert entered == [1, 2]  # the exporter lowers inside it
     assert (tmp_path / "plain" / plain.files[0]).read_bytes() == (tmp_path / "shared" / shared.files[0]).read_bytes()
+
+
+def test_lean_xnnpack_passes_drop_only_passes_without_their_ops(monkeypatch):
+    """Inside ``lean_xnnpack_passes`` XNNPACK's delegate runs its pass list without the passes whose ops the
+    partition lacks (batch norm, 1-d convolution, PReLU) and with the others; the .pte bytes do not change, an
+    explicit pass list is left alone, and the pass manager is restored."""
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torch import nn
+
+    from tadsr.formats.executorch.passes import lean_xnnpack_passes
+
+    ran: list[set[str]] = []
+    transform = XNNPACKPassManager.transform
+    monkeypatch.setattr(XNNPACKPassManager, "transform", lambda self: ran.append({p.__name__ for p in self.passes})
+                        or transform(self))  # fmt: skip
+
+    def lower(module: nn.Module, shape: tuple[int, ...], lean: bool) -> tuple[bytes, set[str]]:
+        torch.manual_seed(0)
+        ep = torch.export.export(module.eval(), (torch.randn(shape),), strict=False)
+        ran.clear()
+        with lean_xnnpack_passes() if lean else contextlib.nullcontext():
+            buffer = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+        assert ran, "no XNNPACK partition was lowered"
+        return buffer, set().union(*ran)
+
+    four = {"FuseBatchNormPass", "DecomposeBatchNorm", "Conv1dUnsqueezePass", "PReLUReshapePass"}
+    cases = [(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.SiLU()), (1, 3, 8, 8), four),
+             (nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.PReLU()), (1, 3, 8, 8), {"Conv1dUnsqueezePass"}),
+             (nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU()), (1, 3, 8), four - {"Conv1dUnsqueezePass"})]  # fmt: skip
+    for module, shape, skipped in cases:
+        stock_bytes, stock = lower(module, shape, lean=False)
+        lean_bytes, lean = lower(module, shape, lean=True)
+        assert four <= stock and stock - lean == skipped and lean <= stock, (module, stock - lean)
+        assert lean_bytes == stock_bytes, module
+    init = XNNPACKPassManager.__init__
+    with lean_xnnpack_passes(), lean_xnnpack_passes():
+        assert XNNPACKPassManager(ep := torch.export.export(nn.Conv2d(3, 3, 1), (torch.randn(1, 3, 4, 4),)),
+                                  passes=[nn.Module]).passes == [nn.Module]  # fmt: skip (an explicit list: as given)
+    assert XNNPACKPassManager.__init__ is init and four <= {p.__name__ for p in XNNPACKPassManager(ep).passes}
+

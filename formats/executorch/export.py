@@ -33,6 +33,7 @@ from torch import nn
 from tadsr import fileio
 from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
+from tadsr.formats.executorch.passes import lean_xnnpack_passes
 from tadsr.formats.graphs import GraphSpec
 from tadsr.formats.rewrites import apply_rewrites
 
@@ -176,7 +177,8 @@ def export_executorch(
 
     t0 = time.perf_counter()
     try:
-        edge = to_edge_transform_and_lower(ep, partitioner=[_partitioner(backend, precision)])
+        with lean_xnnpack_passes():
+            edge = to_edge_transform_and_lower(ep, partitioner=[_partitioner(backend, precision)])
     except (ConfigError, ExportError):
         raise
     except Exception as e:  # exir/partitioner/preprocess errors have no common base

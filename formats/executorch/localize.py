@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tadsr.errors import ConfigError
+from tadsr.formats.executorch.passes import lean_xnnpack_passes
 from tadsr.formats.fx_meta import shared_node_sources
 from tadsr.formats.localize import (
     GraphTrace,
@@ -71,7 +72,7 @@ def localize_executorch(
     taps = {u.outputs[-1]: u.name for u in trace.units if u.outputs}
     own = trace.run(inputs, keep=list(taps))
     ref = ref_trace.run(inputs, keep=[u.outputs[-1] for u in ref_trace.units if u.outputs])
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), shared_node_sources():
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), shared_node_sources(), lean_xnnpack_passes():
         ep, specs = tap_intermediate_outputs_(trace.program, (lambda n: n.name in taps, FULL_TENSOR))
         parts = []
         if backend == "xnnpack":

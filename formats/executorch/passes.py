@@ -1,0 +1,83 @@
+"""XNNPACK's graph passes, without the ones that cannot match the graph they are given.
+
+ExecuTorch's XNNPACK backend runs its whole pass list on every delegated partition (``XNNPACKPassManager``), and
+each pass re-traces the whole program with fake tensors, whether or not it finds anything to rewrite. Four of the
+passes only rewrite ops that our graphs do not have: batch norm (``FuseBatchNormPass``, ``DecomposeBatchNorm``),
+1-d convolution (``Conv1dUnsqueezePass``) and PReLU (``PReLUReshapePass``). Inside :func:`lean_xnnpack_passes`
+the pass manager leaves each of them out of a program that has none of its ops; a program that has them gets the
+stock list. Skipping a pass that finds nothing changes no byte of the .pte (checked on the tiny and bundled graphs,
+fp32 and INT8). Measured (session 18 scratch, this 2-core CPU, 1 thread): the tiny decoder's ExecuTorch export
+36.5 / 44.5 -> 31.8 / 33.9 s, the tiny denoiser's 138.5 -> 128.1 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = ["lean_xnnpack_passes", "needless_passes"]
+
+
+def _target_name(node: Any) -> str:
+    return str(getattr(node.target, "__name__", node.target))
+
+
+def _has_batch_norm(nodes: list[Any]) -> bool:
+    return any("batch_norm" in _target_name(n) for n in nodes)
+
+
+def _has_prelu(nodes: list[Any]) -> bool:
+    return any("prelu" in _target_name(n) for n in nodes)
+
+
+def _has_non_2d_convolution(nodes: list[Any]) -> bool:
+    """A convolution whose output is not 4-d (or whose shape is unknown): the 1-d case the pass unsqueezes."""
+    for n in nodes:
+        if "convolution" in _target_name(n):
+            val = n.meta.get("val")
+            if getattr(val, "ndim", None) != 4:
+                return True
+    return False
+
+
+# pass class name -> "the program has something this pass may rewrite"
+_TRIGGERS: dict[str, Callable[[list[Any]], bool]] = {
+    "FuseBatchNormPass": _has_batch_norm,
+    "DecomposeBatchNorm": _has_batch_norm,
+    "Conv1dUnsqueezePass": _has_non_2d_convolution,
+    "PReLUReshapePass": _has_prelu,
+}
+
+
+def needless_passes(program: Any, passes: list[type]) -> list[type]:
+    """The passes of ``passes`` that cannot match any call in ``program`` (an ``ExportedProgram``)."""
+    nodes = [n for gm in program.graph_module.modules() if hasattr(gm, "graph")
+             for n in gm.graph.nodes if n.op == "call_function"]  # fmt: skip
+    return [p for p in passes if p.__name__ in _TRIGGERS and not _TRIGGERS[p.__name__](nodes)]
+
+
+@contextlib.contextmanager
+def lean_xnnpack_passes() -> Iterator[None]:
+    """Inside the block, ``XNNPACKPassManager`` built with the default pass list drops :func:`needless_passes`.
+
+    An explicit pass list is left alone. Nests, and restores the class on exit. Without ExecuTorch it does nothing.
+    """
+    try:
+        from executorch.backends.xnnpack._passes import XNNPACKPassManager
+    except ImportError:
+        yield
+        return
+    stock = XNNPACKPassManager.__init__
+
+    def init(self: Any, exported_program: Any, passes: Any = None) -> None:
+        stock(self, exported_program, passes)
+        if not passes:
+            skip = needless_passes(exported_program, self.passes)
+            self.passes = [p for p in self.passes if p not in skip]
+
+    XNNPACKPassManager.__init__ = init
+    try:
+        yield
+    finally:
+        XNNPACKPassManager.__init__ = stock
