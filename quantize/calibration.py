@@ -39,6 +39,7 @@ from tadsr import fileio
 from tadsr.errors import InputError
 from tadsr.parity.hops import RUN_ARRAYS, ParityCase, ReferenceRuns
 from tadsr.pipeline import Models, OneStepPipeline, make_noise
+from tadsr.threads import fixed_threads
 from tadsr.patches import (
     ImageFolder,
     ImagePair,
@@ -156,16 +157,17 @@ def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", prog
     latent = (1, models.preset.vq.embed_dim, t, t)
     rows: dict[str, list[np.ndarray]] = {k: [] for k in RUN_ARRAYS}
     starts = range(0, n, _CAPTURE_BATCH)
-    for s in tqdm(starts, desc="capture", unit="batch", disable=not progress):
-        x = torch.from_numpy(np.ascontiguousarray(lr[s : s + _CAPTURE_BATCH], dtype=np.float32))
-        noise = torch.cat([make_noise(latent, noise_seed(seed, i)) for i in range(s, s + x.shape[0])])
-        lr_p, hw = pipe.prepare(x)
-        z_y = pipe.encode(lr_p)
-        x0 = pipe.denoise(z_y, noise, lr_p)
-        vals = {"lr": lr_p, "noise": noise, "z_y": z_y, "x_t": pipe.schedule.prior_sample(z_y, noise), "x0": x0,
-                "sr": pipe.decode(x0, hw)}  # fmt: skip
-        for k, v in vals.items():
-            rows[k].append(v.detach().cpu().numpy().astype(np.float32))
+    with fixed_threads():  # the captures set the INT8 scales: the same on every run of this machine
+        for s in tqdm(starts, desc="capture", unit="batch", disable=not progress):
+            x = torch.from_numpy(np.ascontiguousarray(lr[s : s + _CAPTURE_BATCH], dtype=np.float32))
+            noise = torch.cat([make_noise(latent, noise_seed(seed, i)) for i in range(s, s + x.shape[0])])
+            lr_p, hw = pipe.prepare(x)
+            z_y = pipe.encode(lr_p)
+            x0 = pipe.denoise(z_y, noise, lr_p)
+            vals = {"lr": lr_p, "noise": noise, "z_y": z_y, "x_t": pipe.schedule.prior_sample(z_y, noise), "x0": x0,
+                    "sr": pipe.decode(x0, hw)}  # fmt: skip
+            for k, v in vals.items():
+                rows[k].append(v.detach().cpu().numpy().astype(np.float32))
     arrays = {k: np.concatenate(v) for k, v in rows.items()}
     return ReferenceRuns(**arrays, source=source)
 

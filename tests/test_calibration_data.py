@@ -321,3 +321,25 @@ def test_dep5_match_by_file_name_ignores_wildcards() -> None:
     assert photos._dep5_match(stanzas, "debian/x")[0] == "Expat"
     assert not photos._is_licence_ok("") and not photos._is_licence_ok("All rights reserved")
     assert photos._is_licence_ok("CC-BY-SA-3.0") and photos._is_licence_ok("Public domain (NASA)")
+
+
+def test_captures_do_not_depend_on_the_thread_count(tiny_models) -> None:
+    """The reference captures (whose ranges set the INT8 scales) are the same bytes whatever torch's thread count
+    in the calling process: with 2 threads a convolution splits its work differently and the last bits move
+    (the bundled model's captures differed by 2e-6, and by a codebook flip in one HR output, session 19)."""
+    import torch
+
+    from tadsr.quantize.calibration import capture
+
+    lr = np.random.default_rng(3).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(capture(tiny_models, lr, seed=0))
+            assert torch.get_num_threads() == n  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(before)
+    for k in ("z_y", "x0", "sr"):
+        assert np.array_equal(getattr(runs[0], k), getattr(runs[1], k)), k

@@ -40,10 +40,12 @@ from torch import nn
 
 from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
+from tadsr.formats.executorch.passes import lean_xnnpack_passes
 from tadsr.formats.executorch.ranges import RangeTable
 from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
 from tadsr.formats.sensitivity import BackendRecipe, hr_trace, unit_of, worst_psnr
 from tadsr.formats.spec import QuantizeJob
+from tadsr.threads import fixed_threads
 
 __all__ = [
     "PT2E_OP_TYPES", "PT2EQuant", "FakeQuantSim", "int8_add_constants", "pt2e_recipe", "quantize_executorch",
@@ -250,7 +252,7 @@ class PT2EQuant:
     def _calibrate(prepared: torch.fx.GraphModule, feeds: Sequence[Mapping[str, np.ndarray]], progress: bool) -> None:
         from tqdm.auto import tqdm
 
-        with torch.no_grad():
+        with torch.no_grad(), fixed_threads():  # observer ranges set the scales: the same on every run
             for f in tqdm(feeds, desc="calibrate", unit="patch", disable=not progress):
                 prepared(*(torch.from_numpy(np.ascontiguousarray(v)) for v in f.values()))
 
@@ -584,7 +586,8 @@ def quantize_executorch(
     try:
         with torch.no_grad():
             program = torch.export.export(converted, tuple(example), strict=False)
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        with lean_xnnpack_passes():
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         outside = Counter(str(n.target) for n in edge.exported_program().graph.nodes
                           if n.op == "call_function" and "executorch_call_delegate" not in str(n.target)
                           and "getitem" not in str(n.target))  # fmt: skip
