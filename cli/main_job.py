@@ -246,8 +246,10 @@ def _lane_process(cfg: MainJobConfig, fmt: str, threads: int, level: int) -> Any
 # one its verdict and the exit code says whether all passed, so one run shows every failure.
 # hr_confidence 0.5: the budget holds the mean; on 4 held-out patches a 95 % bound is mostly the spread of 4
 # values, and the deeper search it forced took the default tier's smoke from ~10 to ~15 min (session 12)
+# The Core ML encoder also gets its W8 (weight-only) twin, as in the full job: test_quantize checks both of the
+# smoke's Core ML encoders instead of converting the tiny one twice more (~60 s of the tier, session 19).
 _SMOKE_QUANTIZE: dict[str, Any] = {"holdout_patches": 4, "sensitivity_patches": 2, "sensitivity_budget": 8,
-                                   "parity_gate": False, "weight_only": False, "hr_confidence": 0.5}
+                                   "parity_gate": False, "hr_confidence": 0.5}
 # The HR budget (quantize_artifact's default) is held by the smoke's ONNX decoder (judged through the rest of the
 # fp32 chain). The other INT8 graphs keep the PSNR floor (the ONNX encoder since session 14: with gains counted
 # as 0 it searches, and the tier grew from 19.2 to 23.6 min): the fused ONNX pipeline's 95-block sweep and

@@ -29,13 +29,13 @@ COMPONENTS = ("encoder", "denoiser", "decoder")
 TILE = 64
 
 # The INT8 artifacts of the smoke (cli/main_job._SMOKE_INT8): the ONNX fused pipeline and components, and the
-# encoder alone for ExecuTorch and Core ML (their INT8 pipelines take minutes to lower or convert; W8A8 only: the
-# smoke skips Core ML's W8 weight-only twin, which test_quantize covers on tiny). A kind is "pipeline",
-# "components" (a runnable set of three) or one component's name.
+# encoder alone for ExecuTorch and Core ML (their INT8 pipelines take minutes to lower or convert), Core ML's in
+# W8A8 ("int8") and weight-only ("w8"). A kind is "pipeline", "components" (a runnable set of three) or one
+# component's name.
 INT8_SETS = {
     "onnx": [("pipeline", "int8"), ("components", "int8")],
     "executorch": [("encoder", "int8")],
-    "coreml": [("encoder", "int8")],  # W8 (weight-only): test_quantize::test_coreml_w8a8_and_w8
+    "coreml": [("encoder", "int8"), ("encoder", "w8")],  # both also checked by test_quantize::test_coreml_w8a8_and_w8
 }
 RUN_SETS = [pytest.param(fmt, kind, prec, id=f"{fmt}-{kind}-{prec}")
             for fmt in FORMATS for kind, prec in [("pipeline", "fp32"), ("components", "fp32"), *INT8_SETS[fmt]]]

@@ -2,8 +2,9 @@
 
 Every quantization here is calibrated on 4 real patches of the shipped set (the library warns below 32) and
 judged on 2 held-out patches, with a 1-patch sensitivity sweep: the machinery is the production path, only the
-sample sizes are small. The fp32 artifacts come from the session fixture ``tiny_onnx_artifacts`` when
-tests/conftest.py has it, else from a module export here.
+sample sizes are small. Several tests check the INT8 artifacts of the tier's ``tadsr all --smoke`` run (the
+bundled model, 8 calibration patches) instead of quantizing tiny graphs again: the ONNX graphs, their recipe
+reuse, the ExecuTorch encoder and the Core ML W8A8 / W8 encoders.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import pytest
 import torch
 
 from tadsr.errors import ConfigError, InputError
-from tadsr.formats.graphs import GRAPH_NAMES
 from tadsr.parity.hops import load_floors
 from tadsr.cli import quantize as qcli
 from tadsr.formats import sensitivity as sens_mod
@@ -45,34 +45,6 @@ SMALL = {"num_patches": 4, "holdout_patches": 2, "sensitivity_patches": 1, "thre
 # for the tests about lowering, conversion and search sharing rather than the HR budget (test_onnx_int8_graph and
 # the HR tests cover it): a component's budget runs the rest of the fp32 chain at each held-out evaluation
 SMALL_NO_HR = {**SMALL, "hr_budget_db": None}
-
-
-@pytest.fixture(scope="module")
-def fp32_onnx(request, single_thread, tiny_models, tmp_path_factory):
-    """graph -> fp32 ONNX artifact folder (tile 64)."""
-    try:
-        out = Path(request.getfixturevalue("tiny_onnx_artifacts"))
-    except pytest.FixtureLookupError:
-        from tadsr.export.api import export_model
-
-        out = tmp_path_factory.mktemp("fp32-onnx")
-        export_model(tiny_models, graphs=("pipeline", "components"), tile=64, out_dir=out, n_real=1,
-                     backend_options={"onnx": {"optimize": False}})  # fmt: skip
-    return {name: out / f"{name}-onnx-fp32-t64" for name in GRAPH_NAMES}
-
-
-@pytest.fixture(scope="module")
-def int8_onnx(fp32_onnx, tmp_path_factory):
-    """graph -> INT8 artifact folder, made on first use."""
-    out = tmp_path_factory.mktemp("int8-onnx")
-    made: dict[str, Path] = {}
-
-    def get(graph: str) -> Path:
-        if graph not in made:
-            (made[graph],) = quantize_artifact(fp32_onnx[graph], out_dir=out, **SMALL)
-        return made[graph]
-
-    return get
 
 
 def _sha(path: Path) -> str:
@@ -149,13 +121,17 @@ def test_onnx_int8_graph(graph, tiny_all):
     assert all(np.isfinite(v).all() for v in out.values())
 
 
-def test_onnx_int8_deterministic_and_recipe_reuse(fp32_onnx, int8_onnx, tmp_path):
-    """Same folder + seed: identical scales and file hash; --recipe skips the search and reproduces the file."""
-    first = int8_onnx("decoder")
-    (again,) = quantize_artifact(fp32_onnx["decoder"], out_dir=tmp_path, recipe=first / RECIPE_NAME, **SMALL)
+def test_onnx_int8_deterministic_and_recipe_reuse(tiny_all, tmp_path):
+    """The smoke's ONNX decoder (bundled model, HR-budget search) quantized again from its fp32 parent with its
+    recipe.json and the smoke's settings: no search, the same scales and the same file, byte for byte."""
+    from tadsr.cli.main_job import _SMOKE_QUANTIZE, SMOKE_DEFAULTS
+
+    first, parent = _smoke_int8(tiny_all, "decoder")
+    kw = {**_SMOKE_QUANTIZE, "num_patches": SMOKE_DEFAULTS["num_patches"], "threads": 1}
+    (again,) = quantize_artifact(parent, out_dir=tmp_path, recipe=first / RECIPE_NAME, **kw)
     a, b = first / "decoder.onnx", again / "decoder.onnx"
     sa, sb = _scales(a), _scales(b)
-    assert sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
+    assert sa and sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
     assert _sha(a) == _sha(b)
     m1, m2 = read_manifest(first), read_manifest(again)
     assert m1["calibration"]["content_hash"] == m2["calibration"]["content_hash"]
@@ -163,7 +139,8 @@ def test_onnx_int8_deterministic_and_recipe_reuse(fp32_onnx, int8_onnx, tmp_path
     assert r1.source in ("auto", "all") and r2.source == "file" and r2.target_psnr is None
     assert r2.float_units == r1.float_units and r2.psnr == pytest.approx(r1.psnr, abs=1e-3)
     with pytest.raises(ConfigError, match="no entry for graph 'encoder'"):
-        quantize_artifact(fp32_onnx["encoder"], out_dir=tmp_path, recipe=first / RECIPE_NAME, **SMALL)
+        quantize_artifact(tiny_all.out / "artifacts" / "encoder-onnx-fp32-t64", out_dir=tmp_path,
+                          recipe=first / RECIPE_NAME, **kw)  # fmt: skip
 
 
 def test_onnx_int8_from_external_data_artifact(tiny_models, single_thread, tmp_path):
@@ -309,26 +286,31 @@ def test_executorch_int8_lowers_and_runs(tiny_all):
     assert worst >= floor - SMALL_CALIB_MARGIN_DB, worst
 
 
-def test_coreml_w8a8_and_w8(fp32_encoder, tmp_path):
+def test_coreml_w8a8_and_w8(tiny_all):
+    """The Core ML encoders of the tier's ``tadsr all --smoke`` (bundled model, 8 calibration patches): W8A8
+    (``int8``: quantize / dequantize ops) and its weight-only twin (``w8``), from one quantize call."""
     import coremltools as ct
 
-    w8a8, w8 = quantize_artifact(fp32_encoder["coreml"], out_dir=tmp_path, **SMALL_NO_HR)
-    assert (w8a8.name, w8.name) == ("encoder-coreml-int8-t64", "encoder-coreml-w8-t64")
+    parent = tiny_all.out / "artifacts" / "encoder-coreml-fp32-t64"
+    w8a8, w8 = (tiny_all.out / "int8" / f"encoder-coreml-{p}-t64" for p in ("int8", "w8"))
+    reference = load_runner(parent, backend="coreml-sim")
     for art, want in ((w8a8, ("quantize", "dequantize", "constexpr_affine_dequantize")), (w8, ())):
         m = read_manifest(art)
+        assert m["parent"] == str(parent.resolve()) and m["precision"] == art.name.split("-")[2]
         pkg = art / m["files"][0]["name"]
         spec = ct.utils.load_spec(str(pkg))  # the spec loads (no Core ML runtime needed)
         assert spec.WhichOneof("Type") == "mlProgram"
         assert not (pkg / "executorch_debug_handle_mapping.json").exists()  # debug map not shipped
         ops = m["backend_info"]["mil_ops"]
         assert all(ops.get(o, 0) > 0 for o in want), ops
+        if not want:  # weight-only: activations stay float
+            assert not ops.get("quantize", 0) and ops.get("constexpr_affine_dequantize", 0) > 0, ops
         assert m["parity_passed"], m["parity"]
-        floor = next(iter(load_floors(m["precision"], "encoder", "tiny").values())).psnr
+        floor = next(iter(load_floors(m["precision"], "encoder", m["preset"]["name"]).values())).psnr
         fid = next(iter(m["quantization"]["fidelity"].values()))
         assert fid["psnr"] >= floor, (art.name, fid)
         # measured here through the simulator, not read from the manifest
-        worst = _worst_latent_psnr(load_runner(art, backend="coreml-sim"),
-                                   load_runner(fp32_encoder["coreml"], backend="coreml-sim"))  # fmt: skip
+        worst = _worst_latent_psnr(load_runner(art, backend="coreml-sim"), reference)
         assert worst >= floor - SMALL_CALIB_MARGIN_DB, (art.name, worst)
 
 
@@ -349,9 +331,10 @@ def test_pt2e_search_is_shared_between_executorch_and_core_ml(fp32_encoder, tmp_
     assert r_cm.psnr is not None and r_cm.int8_fraction == r_et.int8_fraction  # measured on its own graph
 
 
-# The int8 floors of numerics.json assume >= 32 calibration crops; SMALL calibrates on 4. On the three held-out
-# photos below the encoder then measured 29.5 dB (ExecuTorch INT8) and 29.1 dB (Core ML W8A8) vs fp32 (floor 30),
-# while its manifest (2 held-out patches) passed; the independent check allows the floor minus this margin.
+# The int8 floors of numerics.json assume >= 32 calibration crops; SMALL calibrates on 4 and the smoke on 8. On the
+# three held-out photos below the tiny encoder then measured 29.5 dB (ExecuTorch INT8) and 29.1 dB (Core ML W8A8)
+# vs fp32 (floor 30), while its manifest (2 held-out patches) passed; the independent check allows the floor minus
+# this margin.
 SMALL_CALIB_MARGIN_DB = 3.0
 
 
