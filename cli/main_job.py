@@ -271,15 +271,24 @@ def _smoke_quantize(cfg: MainJobConfig, artifact: str) -> dict[str, Any]:
     return {**_SMOKE_QUANTIZE, **hr} if cfg.smoke else {}
 
 
+# The smoke's ExecuTorch lane lowers the fused pipeline and the encoder only: its denoiser and decoder components
+# took 191 s of the lane (session 18's smoke: pipeline 357 s, denoiser 157 s, encoder 25 s, decoder 34 s, on two
+# cores shared with the tier), and the fused pipeline lowers the same networks (tests/test_export_executorch.py
+# checks its partitions: the denoiser inside one). The ExecuTorch component set runs in test_runtime and
+# test_light_formats; the full job exports every graph.
+_SMOKE_GRAPHS = {"executorch": ("pipeline", "encoder")}
+
+
 def _export_plan(cfg: MainJobConfig, fmt: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(graphs, precisions) exported for ``fmt``.
 
     The full job exports the components (per-stage latency, INT8 per component) for ONNX and ExecuTorch, the
     fused pipeline everywhere, and Core ML in fp32 and fp16; the smoke exports pipeline + components in fp32 for
-    every format.
+    ONNX and Core ML, and the pipeline + the encoder (the base of its INT8) for ExecuTorch (see
+    :data:`_SMOKE_GRAPHS`).
     """
     if cfg.smoke:
-        return ("pipeline", "components"), ("fp32",)
+        return _SMOKE_GRAPHS.get(fmt, ("pipeline", "components")), ("fp32",)
     if fmt == "coreml":
         return ("pipeline",), ("fp32", "fp16")
     return ("pipeline", "components"), ("fp32",)

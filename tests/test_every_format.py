@@ -2,7 +2,8 @@
 
 One ``tadsr all --smoke`` run (the session fixture ``tiny_all`` in conftest.py; ``TADSR_TINY_ALL_DIR`` reuses a
 finished one) on the shipped ``bundled`` model (smaller than the ``tiny`` preset and trained, so the INT8 floors
-are met; random ``tiny`` weights miss them) exports the fused pipeline and the three components to ONNX, ExecuTorch and Core ML, makes the
+are met; random ``tiny`` weights miss them) exports the fused pipeline to ONNX, ExecuTorch and Core ML, with the
+three components for ONNX and Core ML and the encoder for ExecuTorch (cli/main_job._SMOKE_GRAPHS), makes the
 INT8 of the ONNX pipeline and components and of the ExecuTorch and Core ML encoders, checks parity and benchmarks. These tests read its
 folder: every artifact is there with the files its manifest lists (sha256-checked), loads in a fresh process
 through :mod:`tadsr.runtime` and upscales a small image, and every parity verdict passed.
@@ -26,6 +27,9 @@ from tadsr.runtime.runner import read_manifest, verify_files
 
 FORMATS = ("onnx", "executorch", "coreml")
 COMPONENTS = ("encoder", "denoiser", "decoder")
+# the fp32 components the smoke exports per format (cli/main_job._SMOKE_GRAPHS: ExecuTorch lowers the fused
+# pipeline and the encoder; its denoiser's single partition is checked inside the pipeline by test_export_executorch)
+FP32_COMPONENTS = {"onnx": COMPONENTS, "executorch": ("encoder",), "coreml": COMPONENTS}
 TILE = 64
 
 # The INT8 artifacts of the smoke (cli/main_job._SMOKE_INT8): the ONNX fused pipeline and components, and the
@@ -37,8 +41,10 @@ INT8_SETS = {
     "executorch": [("encoder", "int8")],
     "coreml": [("encoder", "int8"), ("encoder", "w8")],  # both also checked by test_quantize::test_coreml_w8a8_and_w8
 }
+FP32_SETS = {fmt: [("pipeline", "fp32"), *([("components", "fp32")] if FP32_COMPONENTS[fmt] == COMPONENTS else
+                   [(g, "fp32") for g in FP32_COMPONENTS[fmt]])] for fmt in FORMATS}  # fmt: skip
 RUN_SETS = [pytest.param(fmt, kind, prec, id=f"{fmt}-{kind}-{prec}")
-            for fmt in FORMATS for kind, prec in [("pipeline", "fp32"), ("components", "fp32"), *INT8_SETS[fmt]]]
+            for fmt in FORMATS for kind, prec in [*FP32_SETS[fmt], *INT8_SETS[fmt]]]
 
 
 def _graphs(kind: str) -> tuple[str, ...]:
@@ -90,9 +96,11 @@ def test_export_pipeline(tiny_all, fmt: str) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_export_components(tiny_all, fmt: str) -> None:
-    for graph in COMPONENTS:
+    for graph in FP32_COMPONENTS[fmt]:
         manifest = _complete(_folder(tiny_all.out, graph, fmt, "fp32"))
         assert manifest["graph"]["name"] == graph and manifest["parity_passed"] is True
+    written = {d.name for d in (tiny_all.out / "artifacts").glob(f"*-{fmt}-*")}
+    assert written == {_folder(tiny_all.out, g, fmt, "fp32").name for g in ("pipeline", *FP32_COMPONENTS[fmt])}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -165,7 +173,7 @@ def test_parity_verdict(tiny_all, fmt: str, group: str) -> None:
     entries = [e for e in _parity(tiny_all.out) if e["format"] == fmt and e["precision"] in precisions]
     checked = {Path(e["path"]).name for e in entries if "path" in e}
     if group == "fp32":
-        want = {_folder(tiny_all.out, g, fmt, "fp32").name for g in ("pipeline", *COMPONENTS)}
+        want = {_folder(tiny_all.out, g, fmt, "fp32").name for g in ("pipeline", *FP32_COMPONENTS[fmt])}
     else:
         want = {_folder(tiny_all.out, g, fmt, p).name for k, p in INT8_SETS[fmt] for g in _graphs(k)}
     assert want <= checked, f"parity checked no verdict for {sorted(want - checked)}"

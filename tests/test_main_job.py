@@ -49,7 +49,7 @@ def _stub_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: dict[st
 
     def export(models, **kw):
         calls["export"].append(kw)
-        graphs = ["pipeline", "encoder", "denoiser", "decoder"] if "components" in kw["graphs"] else ["pipeline"]
+        graphs = [n for g in kw["graphs"] for n in (("encoder", "denoiser", "decoder") if g == "components" else (g,))]
         return [SimpleNamespace(precision=p, path=_artifact(kw["out_dir"] / f"{g}-{kw['formats'][0]}-{p}-t64",
                                                             sources=models.sources))
                 for g in graphs for p in kw["precisions"]]  # fmt: skip
@@ -103,14 +103,16 @@ class _FakeModels:
 
 
 def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--smoke``: every format exports pipeline + components in fp32; INT8 of the ONNX pipeline and components
+    """``--smoke``: every format exports the pipeline and components in fp32 (ExecuTorch: the encoder alone); INT8 of the ONNX pipeline and components
     and of the ExecuTorch and Core ML encoders only, the HR budget on the ONNX decoder only; small
     calibration, parity and benchmark settings. Without it, the full job's plan."""
     calls: dict[str, list] = {"export": [], "quantize": [], "parity": [], "bench": []}
     _stub_stages(monkeypatch, tmp_path, calls)
     assert main(["-q", "all", "--jobs", "1", "--smoke", "--out", str(tmp_path / "smoke")]) == 0
     assert [(c["formats"], c["graphs"], c["precisions"]) for c in calls["export"]] == [
-        ((fmt,), ("pipeline", "components"), ("fp32",)) for fmt in ("onnx", "executorch", "coreml")]
+        ((fmt,), graphs, ("fp32",)) for fmt, graphs in (("onnx", ("pipeline", "components")),
+                                                        ("executorch", ("pipeline", "encoder")),
+                                                        ("coreml", ("pipeline", "components")))]  # fmt: skip
     assert all(c["n_real"] == 1 for c in calls["export"])
     assert sorted(name for name, _ in calls["quantize"]) == sorted(
         ["pipeline-onnx-fp32-t64", "encoder-onnx-fp32-t64", "denoiser-onnx-fp32-t64", "decoder-onnx-fp32-t64",
