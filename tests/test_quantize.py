@@ -1097,3 +1097,52 @@ def test_capture_cache_on_disk_is_shared_and_waited_for(monkeypatch, tmp_path):
     assert len(calls) == 4
     cal.CaptureCache(tmp_path, salt="edited tadsr").get(manifest, None, calib, hold)
     assert len(calls) == 6
+
+
+class _CatBetweenInt8(torch.nn.Module):
+    """Two INT8 convs concatenated straight into a third (a UNet skip concatenation): with the ``cat``'s block
+    float, XNNPACK sees dequantize -> cat -> quantize with two input scales and one output scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.blocks = torch.nn.ModuleList(torch.nn.Conv2d(3, 4, 3, padding=1) for _ in range(2))
+        with torch.no_grad():
+            self.blocks[1].weight.mul_(4.0)  # the second input spans more than the first: other scale
+        self.mix = _CatConv()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.blocks[0](x), self.blocks[1](x))
+
+
+class _CatConv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 3, 1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([a, b], dim=1))
+
+
+def test_float_cat_between_int8_blocks_lowers_and_loads(tmp_path):
+    """A recipe that keeps a ``cat``'s block float between INT8 convs lowers to a .pte that ExecuTorch loads and
+    that computes the converted graph (the main job's fused ExecuTorch pipeline failed to load here, session 19:
+    "Failed to create cat2 node ... xnn_status_invalid_parameter")."""
+    from tadsr.formats.executorch.ptq import PT2EQuant, quantize_executorch
+    from tadsr.formats.graphs import GraphSpec, TensorSpec
+    from tadsr.runtime.executorch_runner import ExecuTorchRunner
+
+    g = torch.Generator().manual_seed(0)
+    feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(3)]
+    pq = PT2EQuant(_CatBetweenInt8().eval(), (torch.zeros(1, 3, 8, 8),), output_names=["y"], rewrites="none")
+    converted = pq.convert(["mix"], feeds)
+    (cat,) = [n for n in converted.graph.nodes if n.target == torch.ops.aten.cat.default]
+    scales = {float(a.args[1]) for a in [*cat.args[0], *cat.users]}
+    assert len(scales) > 1, scales  # dequantize -> cat -> quantize on more than one scale: refused as QS8
+    res = quantize_executorch(converted, (torch.zeros(1, 3, 8, 8),), tmp_path, name="toy", output_names=["y"])
+    spec = GraphSpec("toy", 8, 1, (TensorSpec("x", (1, 3, 8, 8)),), (TensorSpec("y", (1, 3, 8, 8)),)).to_dict()
+    runner = ExecuTorchRunner(tmp_path / res.files[0], spec, threads=1)
+    for f in feeds:
+        with torch.no_grad():
+            want = converted(torch.from_numpy(f["x"])).numpy()
+        np.testing.assert_allclose(runner.run(f)["y"], want, atol=0.05)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tadsr.errors import ConfigError
-from tadsr.formats.executorch.passes import lean_xnnpack_passes
+from tadsr.formats.executorch.passes import lean_xnnpack_passes, xnnpack_partitioner
 from tadsr.formats.fx_meta import shared_node_sources
 from tadsr.formats.localize import (
     GraphTrace,
@@ -76,9 +76,7 @@ def localize_executorch(
         ep, specs = tap_intermediate_outputs_(trace.program, (lambda n: n.name in taps, FULL_TENSOR))
         parts = []
         if backend == "xnnpack":
-            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-            parts = [XnnpackPartitioner()]
+            parts = [xnnpack_partitioner()]
         edge = to_edge_transform_and_lower(ep, partitioner=parts)
         strip_taps_(edge)
         buffer = edge.to_executorch().buffer

@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["lean_xnnpack_passes", "needless_passes"]
+__all__ = ["lean_xnnpack_passes", "mixed_scale_cat", "needless_passes", "xnnpack_partitioner"]
 
 
 def _target_name(node: Any) -> str:
@@ -81,3 +81,53 @@ def lean_xnnpack_passes() -> Iterator[None]:
         yield
     finally:
         XNNPACKPassManager.__init__ = stock
+
+
+def _per_tensor_qparams(node: Any) -> tuple[float, int] | None:
+    """(scale, zero point) of a per-tensor quantize / dequantize node with constant parameters, else None."""
+    if "per_tensor" not in _target_name(node) or len(node.args) < 3:
+        return None
+    scale, zero_point = node.args[1], node.args[2]
+    if not isinstance(scale, (int, float)) or not isinstance(zero_point, int):
+        return None
+    return float(scale), int(zero_point)
+
+
+def mixed_scale_cat(node: Any) -> bool:
+    """Whether ``node`` (a ``cat``) sits between dequantize inputs and one quantize user with differing parameters.
+
+    XNNPACK's partitioner lowers such a ``dequantize -> cat -> quantize`` to a QS8 concatenation, whose inputs and
+    output must share one scale and zero point; with differing ones the program fails to load ("Failed to create
+    cat2 node ... xnn_status_invalid_parameter"). A float ``cat`` between INT8 blocks (a recipe's float block)
+    has that shape.
+    """
+    inputs = node.all_input_nodes
+    if len(inputs) < 2 or not all("dequantize" in _target_name(i) for i in inputs) or len(node.users) != 1:
+        return False
+    (user,) = node.users
+    if "quantize" not in _target_name(user) or "dequantize" in _target_name(user):
+        return False
+    params = [_per_tensor_qparams(n) for n in (*inputs, user)]
+    return None not in params and len(set(params)) > 1
+
+
+def xnnpack_partitioner() -> Any:
+    """``XnnpackPartitioner`` whose ``cat`` stays float where its quantized neighbours disagree on the scale.
+
+    Such a ``cat`` (see :func:`mixed_scale_cat`) is delegated in fp32 with its dequantize and quantize neighbours
+    as explicit conversions: what the INT8 graph computes (and the recipe search simulated), instead of a QS8
+    concatenation XNNPACK refuses at load time. Every other node is partitioned as the stock partitioner does.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import CatConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class FloatMixedScaleCat(CatConfig):
+        def get_node_and_deps(self, node: Any, ep: Any) -> list[Any]:
+            if mixed_scale_cat(node):
+                return [node]
+            return super().get_node_and_deps(node, ep)
+
+    configs = [FloatMixedScaleCat if c is CatConfig else c for c in ALL_PARTITIONER_CONFIGS]
+    assert FloatMixedScaleCat in configs, "executorch's XNNPACK partitioner has no CatConfig"
+    return XnnpackPartitioner(configs=configs)

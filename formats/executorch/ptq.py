@@ -40,7 +40,7 @@ from torch import nn
 
 from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
-from tadsr.formats.executorch.passes import lean_xnnpack_passes
+from tadsr.formats.executorch.passes import lean_xnnpack_passes, xnnpack_partitioner
 from tadsr.formats.executorch.ranges import RangeTable
 from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
 from tadsr.formats.sensitivity import BackendRecipe, hr_trace, unit_of, worst_psnr
@@ -576,7 +576,6 @@ def quantize_executorch(
     Raises:
         ExportError: export, lowering or serialization failed.
     """
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     # out variants of quantized_decomposed ops that run outside XNNPACK (dequantize of INT8 Add constants)
@@ -587,7 +586,7 @@ def quantize_executorch(
         with torch.no_grad():
             program = torch.export.export(converted, tuple(example), strict=False)
         with lean_xnnpack_passes():
-            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner()])
         outside = Counter(str(n.target) for n in edge.exported_program().graph.nodes
                           if n.op == "call_function" and "executorch_call_delegate" not in str(n.target)
                           and "getitem" not in str(n.target))  # fmt: skip
