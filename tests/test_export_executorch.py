@@ -237,3 +237,23 @@ def test_lean_xnnpack_passes_drop_only_passes_without_their_ops(monkeypatch):
                                   passes=[nn.Module]).passes == [nn.Module]  # fmt: skip (an explicit list: as given)
     assert XNNPACKPassManager.__init__ is init and four <= {p.__name__ for p in XNNPACKPassManager(ep).passes}
 
+
+
+@pytest.mark.parametrize("second_scale, float_input, mixed", [(0.1, False, False), (0.3, False, True), (0.3, True, False)])
+def test_xnnpack_partitioner_keeps_a_mixed_scale_cat_float(second_scale, float_input, mixed):
+    """dequantize -> cat -> quantize on more than one scale is kept out of XNNPACK's QS8 concatenation (which
+    needs one scale and fails to load otherwise); equal scales, or a float input, keep the stock partitioning."""
+    import torch.fx as fx
+    import torchao.quantization.pt2e  # noqa: F401 (registers the quantized_decomposed ops)
+
+    from tadsr.formats.executorch.passes import mixed_scale_cat
+
+    dq, q = (torch.ops.quantized_decomposed.dequantize_per_tensor.default,
+             torch.ops.quantized_decomposed.quantize_per_tensor.default)  # fmt: skip
+    g = fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    da = g.call_function(dq, (a, 0.1, 0, -128, 127, torch.int8))
+    db = b if float_input else g.call_function(dq, (b, second_scale, 0, -128, 127, torch.int8))
+    cat = g.call_function(torch.ops.aten.cat.default, ([da, db], 1))
+    g.output(g.call_function(q, (cat, 0.1, 0, -128, 127, torch.int8)))
+    assert mixed_scale_cat(cat) is mixed

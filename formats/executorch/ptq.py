@@ -314,13 +314,17 @@ def _filtered_xnnpack_quantizer() -> Any:
     connection to INT8, which the search's simulator (where a float block is float) did not: session 17 measured
     the converted pipeline 0.2-0.3 dB further from HR than the simulator on every rounding draw, the gap behind
     the repair rounds and the recipes that missed the HR budget. Here a ``cat`` the filter rejects loses its
-    annotation before the annotations propagate.
+    annotation before the annotations propagate, unless one of its inputs is INT8: XNNPACK cannot concatenate an
+    INT8 tensor in float, so that cat stays INT8 with one shared scale (as before session 17).
 
     On a graph without ``batch_norm`` it also skips the conv-bn patterns: they cannot match, and their annotators
     build their pattern graphs with ``torch.export`` on every call, most of the cost of a ``prepare_pt2e``.
     """
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import propagate_annotation
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import (
+        _is_share_obs_or_fq_op,
+        propagate_annotation,
+    )
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
     class FilteredXNNPACKQuantizer(XNNPACKQuantizer):
@@ -332,9 +336,27 @@ def _filtered_xnnpack_quantizer() -> Any:
             self.SUPPORTED_PATTERNS = [p for p in XNNPACKQuantizer.SUPPORTED_PATTERNS if has_bn or "_bn" not in p.name]
             model = self._annotate_for_quantization_config(model)
             if self.filter_fn is not None:
-                for n in model.graph.nodes:
+                quantized: dict[Any, bool] = {}
+
+                def quantized_output(n: Any) -> bool:
+                    """Whether ``n``'s output will be INT8 (its own annotation, or propagated from its input)."""
+                    if not isinstance(n, torch.fx.Node):
+                        return False
+                    if n not in quantized:
+                        ann = n.meta.get(Q_ANNOTATION_KEY)
+                        quantized[n] = bool(ann is not None and ann.output_qspec is not None) or (
+                            n.op == "call_function" and _is_share_obs_or_fq_op(n.target) and bool(n.args)
+                            and quantized_output(n.args[0]))  # fmt: skip
+                    return quantized[n]
+
+                for n in model.graph.nodes:  # graph order: a cat's inputs are decided before the cat
                     if n.op == "call_function" and n.target == torch.ops.aten.cat.default and not self.filter_fn(n):
-                        n.meta.pop(Q_ANNOTATION_KEY, None)
+                        # a float cat fed by an INT8 tensor keeps its INT8 annotation (one shared scale): XNNPACK
+                        # has no float concatenation of INT8 inputs (a mixed dequantize -> cat fails to load,
+                        # "cat2 ... xnn_status_invalid_parameter": the main job's fused pipeline, session 19)
+                        if not any(quantized_output(a) for a in n.all_input_nodes):
+                            n.meta.pop(Q_ANNOTATION_KEY, None)
+                            quantized[n] = False
             propagate_annotation(model)
             return model
 
