@@ -692,6 +692,31 @@ class _CatInBlock(torch.nn.Module):
         return self.head(self.mix(self.blocks[0](x), self.blocks[1](x)))
 
 
+class _MixFed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = torch.nn.Conv2d(8, 3, 1)
+
+    def forward(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([a, self.b(x)], dim=1))
+
+
+class _CatFedByInt8(torch.nn.Module):
+    """A block ``mix`` that concatenates another block's conv output with its own conv's (``mix.b``): kept
+    float, its cat still takes the INT8 input, so the converted graph rounds ``mix.b``'s output to the cat's
+    shared scale (XNNPACK has no float cat of INT8 tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.blocks = torch.nn.ModuleList([torch.nn.Conv2d(3, 4, 3, padding=1)])
+        self.mix = _MixFed()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.blocks[0](x), x)
+
+
 class _ConvBN(torch.nn.Module):
     """A conv + batch norm + relu: the one pattern the conv-bn annotators exist for."""
 
@@ -739,34 +764,42 @@ def test_pt2e_quantizer_skips_conv_bn_patterns_only_without_batch_norm(monkeypat
     assert (len(exports) > 0) == has_bn
 
 
-@pytest.mark.parametrize("toy", [_Toy, _CatInBlock])
+@pytest.mark.parametrize("toy", [_Toy, _CatInBlock, _CatFedByInt8])
 def test_pt2e_simulator_matches_convert(toy):
     """The switchable fake-quant simulator equals prepare/convert_pt2e with the same blocks float, and a float
-    block is float in the converted graph: no INT8 rounding around its concatenation."""
+    block is float in the converted graph: no INT8 rounding around its concatenation, unless an INT8 tensor
+    feeds it (then its float inputs are rounded too, and the simulator rounds them); a tensor that an INT8 and
+    a float block both read is rounded on the INT8 block's edge only."""
     from tadsr.formats.executorch.ptq import PT2EQuant
 
     g = torch.Generator().manual_seed(0)
     feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(3)]
     method = "percentile"  # the observer tadsr adds; minmax / entropy are torchao's
     pq = PT2EQuant(toy().eval(), (torch.zeros(1, 3, 8, 8),), output_names=["y"], rewrites="none", method=method)
-    blocks = {_Toy: ["blocks.0", "blocks.1", "head"], _CatInBlock: ["blocks.0", "blocks.1", "head", "mix", "mix.conv"]}[toy]
+    blocks = {_Toy: ["blocks.0", "blocks.1", "head"], _CatInBlock: ["blocks.0", "blocks.1", "head", "mix", "mix.conv"],
+              _CatFedByInt8: ["blocks.0", "mix", "mix.b", "mix.conv"]}[toy]  # fmt: skip
     assert sorted(pq.units()) == blocks
     sim = pq.simulator(feeds)
-    # the cat is the block mix's own layer; not ["blocks.1"] alone with the cat toy: x feeds both blocks through
-    # one observer, which the simulator switches for both (a known approximation of the simulator)
-    configs = ([], ["blocks.1"]) if toy is _Toy else ([], ["blocks.0", "blocks.1"], ["mix", "mix.conv"])
-    for floats in configs:
-        converted = pq.convert(floats, feeds)
+    # the cat is the block mix's own layer; {config: whether the converted cat is INT8}
+    configs = {
+        _Toy: {(): None, ("blocks.1",): None},
+        # x feeds both blocks through one observer: with blocks.1 float, only blocks.0's edge is rounded
+        _CatInBlock: {(): True, ("blocks.1",): True, ("blocks.0", "blocks.1"): True, ("mix", "mix.conv"): False},
+        _CatFedByInt8: {(): True, ("mix", "mix.b"): True, ("blocks.0", "mix"): True, ("blocks.0", "mix", "mix.b"): False},
+    }[toy]
+    for floats, int8_cat in configs.items():
+        converted = pq.convert(list(floats), feeds)
         (cat,) = [n for n in converted.graph.nodes if n.target == torch.ops.aten.cat.default] or [None]
+        assert (cat is None) == (int8_cat is None)
         if cat is not None:
-            rounded = [a for a in [*cat.args[0], *cat.users] if "quantize_per_tensor" in str(a.target)]
-            assert bool(rounded) == ("mix" not in floats), (floats, rounded)
+            rounded = [a for a in cat.args[0] if "dequantize_per_tensor" in str(a.target)]
+            assert bool(rounded) == int8_cat, (floats, rounded)
         with torch.no_grad():
             want = [converted(torch.from_numpy(f["x"])).numpy() for f in feeds]
         got = [o["y"] for o in sim.run(frozenset(floats), feeds)]
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f"{method} float {floats}")
-    assert pq.int8_fraction(["head"]) < 1.0 == pq.int8_fraction([])
+    assert pq.int8_fraction(["head" if "head" in blocks else "mix.conv"]) < 1.0 == pq.int8_fraction([])
 
 
 class _Den(torch.nn.Module):
