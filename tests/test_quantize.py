@@ -705,16 +705,21 @@ class _MixFed(torch.nn.Module):
 class _CatFedByInt8(torch.nn.Module):
     """A block ``mix`` that concatenates another block's conv output with its own conv's (``mix.b``): kept
     float, its cat still takes the INT8 input, so the converted graph rounds ``mix.b``'s output to the cat's
-    shared scale (XNNPACK has no float cat of INT8 tensors)."""
+    shared scale (XNNPACK has no float cat of INT8 tensors). ``head`` also reads ``blocks.0``'s output, whose
+    range is a quarter of ``mix.b``'s: with the cat float, that edge is rounded on its own range."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(7)
         self.blocks = torch.nn.ModuleList([torch.nn.Conv2d(3, 4, 3, padding=1)])
         self.mix = _MixFed()
+        with torch.no_grad():
+            self.mix.b.weight.mul_(4.0)
+        self.head = torch.nn.Conv2d(4, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mix(self.blocks[0](x), x)
+        a = self.blocks[0](x)
+        return self.mix(a, x) + self.head(a)
 
 
 class _ConvBN(torch.nn.Module):
@@ -764,20 +769,22 @@ def test_pt2e_quantizer_skips_conv_bn_patterns_only_without_batch_norm(monkeypat
     assert (len(exports) > 0) == has_bn
 
 
-@pytest.mark.parametrize("toy", [_Toy, _CatInBlock, _CatFedByInt8])
-def test_pt2e_simulator_matches_convert(toy):
+@pytest.mark.parametrize(("toy", "method"), [(_Toy, "percentile"), (_CatInBlock, "percentile"),
+                                             (_CatFedByInt8, "minmax")])  # fmt: skip
+def test_pt2e_simulator_matches_convert(toy, method):
     """The switchable fake-quant simulator equals prepare/convert_pt2e with the same blocks float, and a float
     block is float in the converted graph: no INT8 rounding around its concatenation, unless an INT8 tensor
     feeds it (then its float inputs are rounded too, and the simulator rounds them); a tensor that an INT8 and
-    a float block both read is rounded on the INT8 block's edge only."""
+    a float block both read is rounded on the INT8 block's edge only, and a float cat's tensors on their own
+    ranges (min/max calibration, the default: the range table has them; a histogram method keeps the shared one).
+    "percentile" is the observer tadsr adds; minmax / entropy are torchao's."""
     from tadsr.formats.executorch.ptq import PT2EQuant
 
     g = torch.Generator().manual_seed(0)
     feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(3)]
-    method = "percentile"  # the observer tadsr adds; minmax / entropy are torchao's
     pq = PT2EQuant(toy().eval(), (torch.zeros(1, 3, 8, 8),), output_names=["y"], rewrites="none", method=method)
     blocks = {_Toy: ["blocks.0", "blocks.1", "head"], _CatInBlock: ["blocks.0", "blocks.1", "head", "mix", "mix.conv"],
-              _CatFedByInt8: ["blocks.0", "mix", "mix.b", "mix.conv"]}[toy]  # fmt: skip
+              _CatFedByInt8: ["blocks.0", "head", "mix", "mix.b", "mix.conv"]}[toy]  # fmt: skip
     assert sorted(pq.units()) == blocks
     sim = pq.simulator(feeds)
     # the cat is the block mix's own layer; {config: whether the converted cat is INT8}
@@ -785,7 +792,8 @@ def test_pt2e_simulator_matches_convert(toy):
         _Toy: {(): None, ("blocks.1",): None},
         # x feeds both blocks through one observer: with blocks.1 float, only blocks.0's edge is rounded
         _CatInBlock: {(): True, ("blocks.1",): True, ("blocks.0", "blocks.1"): True, ("mix", "mix.conv"): False},
-        _CatFedByInt8: {(): True, ("mix", "mix.b"): True, ("blocks.0", "mix"): True, ("blocks.0", "mix", "mix.b"): False},
+        _CatFedByInt8: {(): True, ("mix", "mix.b"): True, ("blocks.0", "mix"): True, ("blocks.0", "mix", "mix.b"): False,
+                        ("blocks.0", "mix", "mix.b", "mix.conv"): False},  # fmt: skip
     }[toy]
     for floats, int8_cat in configs.items():
         converted = pq.convert(list(floats), feeds)
@@ -799,7 +807,7 @@ def test_pt2e_simulator_matches_convert(toy):
         got = [o["y"] for o in sim.run(frozenset(floats), feeds)]
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f"{method} float {floats}")
-    assert pq.int8_fraction(["head" if "head" in blocks else "mix.conv"]) < 1.0 == pq.int8_fraction([])
+    assert pq.int8_fraction(["head"]) < 1.0 == pq.int8_fraction([])
 
 
 class _Den(torch.nn.Module):
@@ -1051,6 +1059,22 @@ def test_int8_add_constants_graph_executorch_coreml(tmp_path):
     assert ml.info["mil_ops"].get("constexpr_affine_dequantize", 0) >= 1, ml.info["mil_ops"]
     sim = load_mlpackage(tmp_path / "toy_ml.mlpackage")
     np.testing.assert_allclose(sim.predict({"x": x.numpy()})["y"], got.numpy(), atol=1e-4)
+
+
+def test_pt2e_simulator_stores_add_constants_int8_as_convert_does():
+    """The recipe search's simulator computes what the converted graph ships: its large add-only constants INT8
+    (the tiny denoiser's x0 was 0.44 of 3.9 apart with every block INT8 before, session 20)."""
+    from tadsr.formats.executorch.ptq import PT2EQuant
+
+    g = torch.Generator().manual_seed(2)
+    feeds = [{"x": torch.randn(1, 3, 64, 64, generator=g).numpy()} for _ in range(2)]
+    pq = PT2EQuant(_ToyAddConstants().eval(), (torch.zeros(1, 3, 64, 64),), output_names=["y"], rewrites="none")
+    converted = pq.convert([], feeds)
+    assert pq.constants["tensors"] == 1
+    got = pq.simulator(feeds).run(frozenset(), feeds)
+    with torch.no_grad():
+        for f, o in zip(feeds, got, strict=True):
+            np.testing.assert_array_equal(o["y"], converted(torch.from_numpy(f["x"])).numpy())
 
 
 def test_rank_units_coarse_to_fine():

@@ -299,7 +299,11 @@ class PT2EQuant:
         feeds, without running them again), and wrap as a :class:`FakeQuantSim`."""
         t0 = time.perf_counter()
         prepared, how = self.calibrated([], feeds, progress=progress)
-        sim = FakeQuantSim(prepared, self.targets, self.output_names)
+        table = self._table if self._table is not None and self._table.feeds is feeds else None
+        sim = FakeQuantSim(prepared, self.targets, self.output_names, table.ranges if table else None)
+        # what :meth:`convert` ships: without it, the tiny denoiser's simulated x0 was 0.44 (of 3.9) from the
+        # converted graph's with every block INT8, and exactly equal with it
+        int8_add_constants(sim.gm)
         logger.info("pt2e simulator: %d observers %s on %d patches in %.1fs", len(sim.owners), how, len(feeds),
                     time.perf_counter() - t0)  # fmt: skip
         return sim
@@ -406,8 +410,11 @@ class FakeQuantSim:
     the simulator's 0.241 for the same recipe).
     """
 
-    def __init__(self, prepared: torch.fx.GraphModule, targets: set[Any], output_names: Sequence[str]) -> None:
-        """See the class docstring."""
+    def __init__(self, prepared: torch.fx.GraphModule, targets: set[Any], output_names: Sequence[str],
+                 ranges: Mapping[str, tuple[float, float]] | None = None) -> None:  # fmt: skip
+        """See the class docstring. ``ranges``: the calibration range of every observed tensor
+        (:class:`~tadsr.formats.executorch.ranges.RangeTable`), to give a cat's tensors their own scales in the
+        recipes that leave it float (:meth:`_cat_scales`); without it they keep the cat's shared scale."""
         self.gm = prepared
         self.output_names = list(output_names)
         self.edges = _split_observer_edges(prepared)
@@ -430,6 +437,7 @@ class FakeQuantSim:
             cats = {m.name for m in near if isinstance(m, torch.fx.Node) and m.op == "call_function"
                     and m.target == cat}  # fmt: skip
             self.cat_owners[str(n.target)] = self.cat_owners.get(str(n.target), set()) | cats
+        self._groups = _cat_groups(prepared, self.cats, ranges) if ranges is not None else []
         for name in self.owners:  # after the walk above, which recognises observers by type
             setattr(prepared, name, _FakeQuant(getattr(prepared, name)))
 
@@ -438,6 +446,7 @@ class FakeQuantSim:
     ) -> list[dict[str, np.ndarray]]:
         """Outputs ``{name: array}`` per feed with ``float_units`` float."""
         kept = self.int8_cats(float_units)
+        self._cat_scales(kept)
         for name, units in self.owners.items():
             on = bool(units - float_units or self.cat_owners[name] & kept)
             getattr(self.gm, name).enabled = on if units else True
@@ -450,6 +459,37 @@ class FakeQuantSim:
         return outs
 
 
+    def _cat_scales(self, kept: set[str]) -> None:
+        """Set the scale of every observer of a cat's shared group for the cats ``kept`` INT8.
+
+        With every block annotated (the prepared graph here), a cat's inputs and output share one observer and
+        so one range. When the cat stays float, the converted graph observes each of those tensors on its own (a
+        float skip tensor that an INT8 conv also reads gets the range of that tensor alone): the tiny denoiser's
+        simulated x0 was 0.28 (of 4.1) from the converted one's for such a recipe, and equal with this.
+        """
+        for group in self._groups:
+            parent = {t: t for t in group.tensors}
+
+            def root(t: str) -> str:
+                while parent[t] != t:
+                    parent[t] = parent[parent[t]]
+                    t = parent[t]
+                return t
+
+            for links in [group.links] + [ts for c, ts in group.cats.items() if c in kept]:
+                for a, b in links:
+                    parent[root(a)] = root(b)
+            span: dict[str, tuple[float, float]] = {}
+            for t in group.tensors:
+                lo, hi = group.ranges[t]
+                r = root(t)
+                span[r] = (min(lo, span[r][0]), max(hi, span[r][1])) if r in span else (lo, hi)
+            for name, t in group.observers.items():
+                fq = getattr(self.gm, name)
+                scale, zp = group.qparams(span[root(t)])
+                fq.scale.copy_(scale)
+                fq.zero_point.copy_(zp)
+
     def int8_cats(self, float_units: Collection[str]) -> set[str]:
         """The ``cat`` nodes that stay INT8 with ``float_units`` float: those of a quantized block, and those of a
         float block fed by an INT8 layer or cat (the rule of :func:`_filtered_xnnpack_quantizer`)."""
@@ -459,6 +499,66 @@ class FakeQuantSim:
                                               for f, u, is_cat in feeders):  # fmt: skip
                 kept.add(name)
         return kept
+
+
+class _CatGroup:
+    """An observer group of the all-annotated graph that concatenations tie together (see
+    :meth:`FakeQuantSim._cat_scales`): its observer nodes and the tensor each watches, what links the tensors
+    whatever the recipe (a reshape / permute ... and its input), and per cat the links it adds when INT8."""
+
+    def __init__(self, template: nn.Module, ranges: Mapping[str, tuple[float, float]]) -> None:
+        """See the class docstring."""
+        self.template = copy.deepcopy(template)
+        self.ranges = ranges
+        self.observers: dict[str, str] = {}  # observer node target -> watched tensor (node name)
+        self.tensors: set[str] = set()
+        self.links: list[tuple[str, str]] = []
+        self.cats: dict[str, list[tuple[str, str]]] = {}
+        self._cache: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def qparams(self, span: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) the group's observer computes after seeing ``span``."""
+        if span not in self._cache:
+            obs = copy.deepcopy(self.template)
+            obs.reset_min_max_vals()
+            with torch.no_grad():
+                obs(torch.tensor(span, dtype=torch.float32))
+            scale, zp = obs.calculate_qparams()
+            self._cache[span] = (scale.detach().float().reshape(-1), zp.detach().to(torch.int32).reshape(-1))
+        return self._cache[span]
+
+
+def _cat_groups(gm: torch.fx.GraphModule, cats: Collection[str],
+                ranges: Mapping[str, tuple[float, float]]) -> list[_CatGroup]:  # fmt: skip
+    """The observer groups of ``gm`` (prepared, all annotated) that hold a cat's input or output, when the table
+    has every tensor they watch and their observer is a per-tensor min/max one."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import _is_share_obs_or_fq_op
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    from tadsr.formats.executorch.ranges import observed_node, observer_groups
+
+    out = []
+    for mod, watched in observer_groups(gm):
+        names = {w.name for w in watched}
+        if type(mod) is not MinMaxObserver or not (names & set(cats)) or not names <= set(ranges):
+            continue
+        group = _CatGroup(mod, ranges)
+        group.tensors = names
+        for n in gm.graph.nodes:
+            if n.op == "call_module" and getattr(gm, str(n.target), None) is mod:
+                group.observers[str(n.target)] = observed_node(gm, n).name
+        for w in watched:
+            if w.name in cats:
+                ins = [observed_node(gm, a) if a.op == "call_module" else a for a in w.all_input_nodes]
+                group.cats[w.name] = [(a.name, w.name) for a in ins if a.name in names]
+            elif w.op == "call_function" and _is_share_obs_or_fq_op(w.target) and w.args:
+                src = w.args[0]
+                if isinstance(src, torch.fx.Node) and src.op == "call_module":
+                    src = observed_node(gm, src)
+                if isinstance(src, torch.fx.Node) and src.name in names:
+                    group.links.append((src.name, w.name))
+        out.append(group)
+    return out
 
 
 def _split_observer_edges(gm: torch.fx.GraphModule) -> int:
