@@ -106,14 +106,17 @@ def run_lanes(
     """Run ``worker(*args(fmt, threads))`` for every format, each in a fresh spawned process, at most ``jobs`` at
     once and while their estimated peaks fit ``budget_gb`` (a lane that does not fit alone runs alone).
 
-    ``threads``: each lane's thread count (default: its share of the usable CPUs). The first lane that raises
-    stops the others (terminated) and its exception is raised here.
+    ``threads``: each lane's thread count (default: its share of the usable CPUs). A lane that raises does not
+    stop the others: they run to their end (their finished stages are in the run's cache, so ``--resume`` reuses
+    them; session 19's main job lost its ONNX lane's work to the ExecuTorch lane's failure), then the first
+    failure is raised here. An interrupt (Ctrl-C) terminates every lane.
     """
     threads = threads or max(1, usable_cpus() // max(1, jobs))
     queue = sorted(fmts, key=lambda f: -LANE_WEIGHT.get(f, 0))
     ctx = multiprocessing.get_context("spawn")
     running: dict[str, tuple[Any, Any, float]] = {}  # fmt -> (pool, async result, start time)
     done: dict[str, LaneResult] = {}
+    failed: dict[str, BaseException] = {}
     try:
         while queue or running:
             while queue and admit(list(running), queue[0], estimates, budget_gb, jobs):
@@ -131,6 +134,11 @@ def run_lanes(
                 pool, res, t0 = running.pop(fmt)
                 try:
                     out = res.get()
+                except Exception as e:  # noqa: BLE001 - the lane's own error, raised below once the others end
+                    failed[fmt] = e
+                    log.error("lane %s failed after %.1f s: %s: %s%s", fmt, time.perf_counter() - t0,
+                              type(e).__name__, e, "; the other lanes go on" if queue or running else "")  # fmt: skip
+                    continue
                 finally:
                     pool.close()
                     pool.join()
@@ -142,6 +150,11 @@ def run_lanes(
         for pool, _, _ in running.values():
             pool.terminate()
             pool.join()
+    if failed:
+        if done:
+            log.info("lanes finished: %s; failed: %s (a rerun with --resume reuses the finished stages)",
+                     ", ".join(done), ", ".join(failed))  # fmt: skip
+        raise next(iter(failed.values()))
     return {f: done[f] for f in fmts}
 
 
