@@ -13,18 +13,19 @@ denoiser and fused pipeline in fp32 and the tiny INT8 encoder). Measured (sessio
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-__all__ = ["lean_xnnpack_passes", "mixed_scale_cat", "needless_passes", "xnnpack_partitioner"]
+__all__ = ["has_batch_norm", "lean_xnnpack_passes", "mixed_scale_cat", "needless_passes", "xnnpack_partitioner"]
 
 
 def _target_name(node: Any) -> str:
     return str(getattr(node.target, "__name__", node.target))
 
 
-def _has_batch_norm(nodes: list[Any]) -> bool:
-    return any("batch_norm" in _target_name(n) for n in nodes)
+def has_batch_norm(nodes: Iterable[Any]) -> bool:
+    """Whether any call among ``nodes`` is a batch norm (what the conv-bn passes and annotators need)."""
+    return any(n.op == "call_function" and "batch_norm" in _target_name(n) for n in nodes)
 
 
 def _has_prelu(nodes: list[Any]) -> bool:
@@ -43,8 +44,8 @@ def _has_non_2d_convolution(nodes: list[Any]) -> bool:
 
 # pass class name -> "the program has something this pass may rewrite"
 _TRIGGERS: dict[str, Callable[[list[Any]], bool]] = {
-    "FuseBatchNormPass": _has_batch_norm,
-    "DecomposeBatchNorm": _has_batch_norm,
+    "FuseBatchNormPass": has_batch_norm,
+    "DecomposeBatchNorm": has_batch_norm,
     "Conv1dUnsqueezePass": _has_non_2d_convolution,
     "PReLUReshapePass": _has_prelu,
 }

@@ -40,7 +40,7 @@ from torch import nn
 
 from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
-from tadsr.formats.executorch.passes import lean_xnnpack_passes, xnnpack_partitioner
+from tadsr.formats.executorch.passes import has_batch_norm, lean_xnnpack_passes, xnnpack_partitioner
 from tadsr.formats.executorch.ranges import RangeTable
 from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
 from tadsr.formats.sensitivity import BackendRecipe, hr_trace, unit_of, worst_psnr
@@ -336,7 +336,7 @@ def _filtered_xnnpack_quantizer() -> Any:
             # the conv-bn annotators export their pattern graphs with dynamo on every call (12 strict exports,
             # ~7 s a prepare on the CI CPU, session 18) and can only match a batch_norm: skipped without one
             # (set for every graph, so that one instance annotating two graphs does not keep the first's choice)
-            has_bn = any("batch_norm" in str(n.target) for n in model.graph.nodes if n.op == "call_function")
+            has_bn = has_batch_norm(model.graph.nodes)
             self.SUPPORTED_PATTERNS = [p for p in XNNPACKQuantizer.SUPPORTED_PATTERNS if has_bn or "_bn" not in p.name]
             model = self._annotate_for_quantization_config(model)
             if self.filter_fn is not None:
