@@ -12,9 +12,16 @@ import torch
 from torch import nn
 
 from tadsr.formats.executorch.ptq import _is_candidate, _module_path
+from tadsr.formats.executorch.ranges import _is_observer, observed_node, observer_groups
 from tadsr.formats.sensitivity import unit_of
 
 __all__ = ["FakeQuantSim"]
+
+
+def _qparams(obs: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A calibrated observer's (scale, zero point) as flat float32 / int32 tensors."""
+    scale, zp = obs.calculate_qparams()
+    return scale.detach().float().reshape(-1), zp.detach().to(torch.int32).reshape(-1)
 
 
 class _FakeQuant(nn.Module):
@@ -23,9 +30,9 @@ class _FakeQuant(nn.Module):
     def __init__(self, obs: nn.Module) -> None:
         """See the class docstring."""
         super().__init__()
-        scale, zp = obs.calculate_qparams()
-        self.register_buffer("scale", scale.detach().float().reshape(-1))
-        self.register_buffer("zero_point", zp.detach().to(torch.int32).reshape(-1))
+        scale, zp = _qparams(obs)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zp)
         self.qmin, self.qmax = int(obs.quant_min), int(obs.quant_max)
         self.per_channel = obs.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
         self.axis = int(getattr(obs, "ch_axis", 0))
@@ -60,7 +67,7 @@ class FakeQuantSim:
         recipes that leave it float (:meth:`_cat_scales`); without it they keep the cat's shared scale."""
         self.gm = prepared
         self.output_names = list(output_names)
-        self.edges = _split_observer_edges(prepared)
+        _split_observer_edges(prepared)
         self.owners: dict[str, set[str]] = {}
         self.cat_owners: dict[str, set[str]] = {}  # observer -> the cats next to it (node names)
         # cat node name -> (its block, the quantized layers that feed it: (node name, block, is a cat))
@@ -100,7 +107,6 @@ class FakeQuantSim:
                 ys = y if isinstance(y, (tuple, list)) else (y,)
                 outs.append({k: t.numpy() for k, t in zip(self.output_names, ys, strict=True)})
         return outs
-
 
     def _cat_scales(self, kept: set[str]) -> None:
         """Set the scale of every observer of a cat's shared group for the cats ``kept`` INT8.
@@ -166,8 +172,7 @@ class _CatGroup:
             obs.reset_min_max_vals()
             with torch.no_grad():
                 obs(torch.tensor(span, dtype=torch.float32))
-            scale, zp = obs.calculate_qparams()
-            self._cache[span] = (scale.detach().float().reshape(-1), zp.detach().to(torch.int32).reshape(-1))
+            self._cache[span] = _qparams(obs)
         return self._cache[span]
 
 
@@ -178,8 +183,10 @@ def _cat_groups(gm: torch.fx.GraphModule, cats: Collection[str],
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import _is_share_obs_or_fq_op
     from torchao.quantization.pt2e.observer import MinMaxObserver
 
-    from tadsr.formats.executorch.ranges import observed_node, observer_groups
-
+    nodes_of: dict[int, list[torch.fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and _is_observer(mod := getattr(gm, str(n.target), None)):
+            nodes_of.setdefault(id(mod), []).append(n)
     out = []
     for mod, watched in observer_groups(gm):
         names = {w.name for w in watched}
@@ -187,9 +194,8 @@ def _cat_groups(gm: torch.fx.GraphModule, cats: Collection[str],
             continue
         group = _CatGroup(mod, ranges)
         group.tensors = names
-        for n in gm.graph.nodes:
-            if n.op == "call_module" and getattr(gm, str(n.target), None) is mod:
-                group.observers[str(n.target)] = observed_node(gm, n).name
+        for n in nodes_of[id(mod)]:
+            group.observers[str(n.target)] = observed_node(gm, n).name
         for w in watched:
             if w.name in cats:
                 ins = [observed_node(gm, a) if a.op == "call_module" else a for a in w.all_input_nodes]
@@ -248,9 +254,3 @@ def _upstream_candidate(gm: torch.fx.GraphModule, node: Any, targets: set[Any]) 
         else:
             return None
     return None
-
-
-def _is_observer(m: Any) -> bool:
-    from torchao.quantization.pt2e.observer import ObserverBase
-
-    return isinstance(m, ObserverBase)
