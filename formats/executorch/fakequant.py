@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tadsr.formats.executorch.ptq import _is_candidate, _module_path
+from tadsr.formats.executorch.ptq import _eager, _is_candidate, _module_path
 from tadsr.formats.executorch.ranges import _is_observer, observed_node, observer_groups
 from tadsr.formats.sensitivity import unit_of
 
@@ -100,13 +100,7 @@ class FakeQuantSim:
         for name, units in self.owners.items():
             on = bool(units - float_units or self.cat_owners[name] & kept)
             getattr(self.gm, name).enabled = on if units else True
-        outs = []
-        with torch.no_grad():
-            for f in feeds:
-                y = self.gm(*(torch.from_numpy(np.ascontiguousarray(v)) for v in f.values()))
-                ys = y if isinstance(y, (tuple, list)) else (y,)
-                outs.append({k: t.numpy() for k, t in zip(self.output_names, ys, strict=True)})
-        return outs
+        return _eager(self.gm, self.output_names)(feeds)
 
     def _cat_scales(self, kept: set[str]) -> None:
         """Set the scale of every observer of a cat's shared group for the cats ``kept`` INT8.

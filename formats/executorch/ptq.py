@@ -302,9 +302,9 @@ class PT2EQuant:
         feeds, without running them again), and wrap as a :class:`FakeQuantSim`."""
         t0 = time.perf_counter()
         prepared, how = self.calibrated([], feeds, progress=progress)
-        table = self._table if self._table is not None and self._table.feeds is feeds else None
         from tadsr.formats.executorch.fakequant import FakeQuantSim
 
+        table = self._table if self._table is not None and self._table.feeds is feeds else None
         sim = FakeQuantSim(prepared, self.targets, self.output_names, table.ranges if table else None)
         # what :meth:`convert` ships: without it, the tiny denoiser's simulated x0 was 0.44 (of 3.9) from the
         # converted graph's with every block INT8, and exactly equal with it
