@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stages: list[tuple[str, float, cProfile.Profile]] = []
 
-    def profiled_stage(cfg: Any, name: str, fn: Any) -> Any:
+    def profiled_stage(cfg: Any, name: str, fn: Any, timings: dict[str, float] | None = None) -> Any:
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
@@ -102,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             prof.disable()
         wall = time.perf_counter() - t0
-        cfg.timings[name] = round(wall, 1)
+        (cfg.timings if timings is None else timings)[name] = round(wall, 1)
         stages.append((name, wall, prof))
         print(f"# stage {name}: {wall:.1f} s", file=sys.stderr, flush=True)
         return out
 
-    mj._stage = profiled_stage  # every stage of run_main_job goes through _stage
-    cmd = ["-q", "all", "--out", str(args.out)]
+    mj._stage = profiled_stage  # every stage of run_main_job goes through _stage (same signature)
+    # one lane at a time, in this process: stages of lane processes would escape the profiler
+    cmd = ["-q", "all", "--out", str(args.out), "--jobs", "1"]
     cmd += ["--smoke"] if args.smoke else []
     cmd += ["--format", *args.formats] if args.formats else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
