@@ -64,6 +64,9 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="the budget holds the mean loss's one-sided upper confidence bound at this confidence, so "
                    "that it also holds on other noise (default: %(default)s; 0.5: the mean itself)")  # fmt: skip
     p.add_argument("--recipe", type=Path, metavar="FILE", help="reuse a recipe.json instead of searching")
+    p.add_argument("--no-shipped-recipes", dest="shipped_recipes", action="store_false",
+                   help="search even when a recipe shipped with the model was searched under the same conditions "
+                   "(default: start from it, measure it, search only when it misses the criteria)")  # fmt: skip
     p.add_argument("--holdout", type=Path, metavar="DIR", help="held-out image folder (default: the photo set's "
                    "validation images, else scikit-image's sample photos and the shipped dusk sky)")  # fmt: skip
     p.add_argument("--holdout-patches", type=int, default=16, help="held-out patches (default: %(default)s)")
@@ -98,6 +101,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         hr_budget_db=args.hr_budget,
         hr_confidence=args.hr_confidence,
         recipe=args.recipe,
+        shipped_recipes=args.shipped_recipes,
         out_dir=args.out,
         holdout=args.holdout,
         holdout_patches=args.holdout_patches,

@@ -497,8 +497,9 @@ class BackendRecipe:
         psnr: measured worst-patch PSNR vs fp32 on the held-out patches.
         int8_fraction: share of the quantizable weight parameters stored as INT8.
         source: ``"auto"`` (searched here), ``"shared"`` (searched by another format's quantize call of the same
-            run on the same PT2E graph, patches and criteria; measured here), ``"file"`` (from ``--recipe``) or
-            ``"all"`` (nothing excluded).
+            run on the same PT2E graph, patches and criteria; measured here), ``"shipped"`` (searched under the same
+            weights, patches and criteria by the bundled model's main job, :mod:`tadsr.quantize.shipped`; measured
+            here), ``"file"`` (from ``--recipe``) or ``"all"`` (nothing excluded).
         sensitivity: per-unit table (most sensitive first), when measured.
         search: the evaluated configurations.
         hr_budget_db: the budget the search also held (PSNR-Y vs HR lost against the fp32 artifact, mean over the

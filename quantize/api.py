@@ -85,7 +85,7 @@ DEFAULT_HR_BUDGET_DB = 0.3
 # share of the budget: three INT8 components chained then stay within it (their losses about add up). Session 12,
 # with the budget on the decoder alone: the ONNX INT8 components chained lost 1.30 dB, the fused pipeline 0.07.
 HR_BUDGET_SHARE = {"pipeline": 1.0, "encoder": 1 / 3, "denoiser": 1 / 3, "decoder": 1 / 3}
-HR_TAIL_BATCH = 4  # held-out patches per call of the fp32 chain's tail (bounds its memory at official size)
+HR_TAIL_BATCH = 1  # held-out patches per call of the fp32 chain's tail (batching only slows the autoencoder)
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class _Parent:
     weight_only: bool = True  # also the weight-only variant (Core ML W8)
     hr_budget: float | None = None  # PSNR-Y vs HR the INT8 image may lose against fp32 (None: no such criterion)
     hr_confidence: float = HR_CONFIDENCE  # confidence of the bound the budget holds
+    use_shipped: bool = True  # start from a shipped recipe searched under the same conditions
 
 
 def find_fp32_artifact(path: Path) -> Path:
@@ -211,6 +212,7 @@ class _Ctx:
     hr_budget: float | None = None
     hr_confidence: float = HR_CONFIDENCE
     captures: CaptureCache | None = None  # the run's shared store (captures, and searches shared between formats)
+    use_shipped: bool = True  # start from a shipped recipe searched under the same conditions (tadsr.quantize.shipped)
     _hr: HRBudget | None = field(default=None, repr=False)  # built on first use (it runs the fp32 chain once)
 
     @property
@@ -283,6 +285,26 @@ class _Ctx:
         logger.info("%s: recipe search shared from %s (same graph, patches and criteria); not searched again",
                     self.name, found.get("by", "another format"))  # fmt: skip
         return _search_from_dict(found)
+
+    def shipped_search(self, backend_key: str) -> tuple[SearchResult, list] | None:
+        """The recipe shipped for this graph and backend (:mod:`tadsr.quantize.shipped`), as a search's outcome, when
+        it was searched under this call's exact conditions; None: none. The caller measures it before using it."""
+        from tadsr.quantize import shipped
+
+        if self.recipe is not None or not self.use_shipped:
+            return None
+        m, hr = self.parent.manifest, self.hr()
+        entry = shipped.lookup(shipped.conditions(
+            graph=self.name, backend=backend_key, preset=m["preset"]["name"], sources=m["sources"],
+            tile=self.parent.tile, method=self.method, target=self.target,
+            hr_budget=None if hr is None else hr.budget_db, hr_confidence=None if hr is None else hr.confidence,
+            calib_hash=self.calib.patches.content_hash, calib_seed=self.calib.info["seed"],
+            hold_hash=self.hold.patches.content_hash, hold_seed=self.hold.info["seed"]))  # fmt: skip
+        if entry is None:
+            return None
+        logger.info("%s/%s: starting from the shipped recipe (%d float blocks), searched under the same weights, "
+                    "patches and criteria; measuring it here", self.name, backend_key, len(entry.float_units))  # fmt: skip
+        return shipped.to_search(entry)
 
     def write(self, backend_key: str, precision: str, entry: BackendRecipe, build: Callable[[Path], BackendResult],
               fake_quant: Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]] | None,
@@ -521,6 +543,7 @@ def quantize_artifact(
     weight_only: bool = True,
     hr_budget_db: float | None = DEFAULT_HR_BUDGET_DB,
     hr_confidence: float = HR_CONFIDENCE,
+    shipped_recipes: bool = True,
 ) -> list[Path]:
     """Make the INT8 artifact(s) of an fp32 artifact folder.
 
@@ -556,6 +579,10 @@ def quantize_artifact(
             measured and recorded).
         hr_confidence: the budget holds the mean loss's one-sided upper confidence bound at this confidence
             (:class:`~tadsr.formats.sensitivity.HRBudget`), so that it also holds on other noise; 0.5: the mean.
+        shipped_recipes: without ``recipe``, start from the recipe shipped for this graph and backend when it was
+            searched under this call's exact conditions (:mod:`tadsr.quantize.shipped`: the bundled model's; same
+            weights, patches and criteria). It is measured on the held-out patches and searched anew when it misses
+            the criteria here. False: always search.
 
     Returns:
         The new artifact folders: ``<graph>-<format>-int8-t<tile>`` (and ``<graph>-coreml-w8-t<tile>``, the
@@ -585,6 +612,7 @@ def quantize_artifact(
     parent.weight_only = weight_only
     parent.hr_budget = None if hr_budget_db is None else float(hr_budget_db)
     parent.hr_confidence = float(hr_confidence)
+    parent.use_shipped = bool(shipped_recipes)
     rec = recipe if isinstance(recipe, Recipe) or recipe is None else load_recipe(Path(recipe))
     if rec is not None and rec.get(parent.graph, parent.fmt) is None:  # fail before any model work
         have = {g: sorted(b) for g, b in rec.graphs.items()}
@@ -627,6 +655,7 @@ def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patch
     ctx.hr_budget = parent.hr_budget
     ctx.hr_confidence = parent.hr_confidence
     ctx.captures = captures
+    ctx.use_shipped = parent.use_shipped
     try:
         paths = get_format(parent.fmt).hook("quantize")(ctx)
     finally:

@@ -957,6 +957,9 @@ def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_gr
         def meets(self, psnr, outs):
             return psnr >= self.target, None
 
+        def shipped_search(self, backend_key):
+            return None
+
         def shared_search(self, units, pinned, share):
             assert set(units) == {"head", "blocks.0", "blocks.1"} and share[0] == "pt2e"
             return searched, ranking
@@ -970,6 +973,108 @@ def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_gr
     assert entry.float_units == ["head", "blocks.1", "blocks.0"], entry.float_units
     assert [t.get("added") for t in entry.search[1:]] == [["head"], ["blocks.1", "blocks.0"]]
     assert all(t["graph"] == "converted" for t in entry.search[1:]) and entry.psnr >= 200.0
+
+
+@pytest.mark.parametrize("meets", [True, False])
+def test_pt2e_recipe_starts_from_a_shipped_recipe_and_searches_when_it_misses(meets):
+    """A recipe shipped for the same conditions is converted and judged on the converted graph: when it meets the
+    criteria it is the recipe (no search, not shared); when it misses them, the search runs as without it."""
+    from types import SimpleNamespace
+
+    from tadsr.formats.executorch.ptq import pt2e_recipe
+    from tadsr.formats.sensitivity import SearchResult, UnitSensitivity
+
+    g = torch.Generator().manual_seed(3)
+    feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(3)]
+    toy = _Toy().eval()
+    with torch.no_grad():
+        refs = [{"y": toy(torch.from_numpy(f["x"])).numpy()} for f in feeds]
+    # every block float is the fp32 graph (meets 200 dB); with the blocks INT8 the converted graph misses it
+    units = ["head", "blocks.1", "blocks.0"] if meets else ["head"]
+    shipped = SearchResult(units, 99.0, True, [{"float_units": len(units), "psnr": 99.0}])
+    ranking = [UnitSensitivity("head", 30.0, 1, 1, ("head",))]
+    searched = []
+
+    class Job:  # the QuantizeJob surface pt2e_recipe uses
+        name, method, progress, ranges, parent_outputs, graph = "toy", "minmax", False, {}, refs, toy
+
+        target = 200.0
+        spec = SimpleNamespace(example_inputs=lambda: (torch.zeros(1, 3, 8, 8),), outputs=[SimpleNamespace(name="y")])
+        calib = SimpleNamespace(feeds=lambda name: feeds)
+        hold = SimpleNamespace(cases=lambda name: [SimpleNamespace(inputs=f) for f in feeds])
+
+        def entry(self, backend):
+            return None
+
+        def entry_units(self, entry, known, pinned):
+            assert set(entry.float_units) <= set(known) | set(pinned)
+            return list(entry.float_units)
+
+        def hr(self):
+            return None
+
+        def meets(self, psnr, outs):
+            return psnr >= self.target, None
+
+        def shipped_search(self, backend_key):
+            assert backend_key == "executorch"
+            return shipped, ranking
+
+        def shared_search(self, units, pinned, share):
+            assert not meets, "a shipped recipe that meets the criteria is not looked up elsewhere"
+            return None
+
+        def search(self, run, units, pinned, fp32_run, share=None):
+            searched.append(units)
+            return SearchResult(["head"], 10.0, False, [{"float_units": 1, "psnr": 10.0}]), ranking
+
+    _, entry, _ = pt2e_recipe(Job(), "executorch", "none")
+    if meets:
+        assert entry.source == "shipped" and not searched
+        assert entry.float_units == ["head", "blocks.1", "blocks.0"] and entry.psnr >= 200.0
+        assert entry.search[-1]["added"] == "shipped" and entry.search[-1]["graph"] == "converted"
+    else:
+        assert searched and entry.source == "auto" and entry.psnr < 200.0
+
+
+def test_onnx_int8_starts_from_the_shipped_recipe_of_the_same_conditions(tiny_onnx_artifacts, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    """A recipe collected from an INT8 folder (``python -m tadsr.quantize.shipped``) is used by a quantize call
+    under the same conditions without a search, and the same file results; other conditions (another PSNR floor)
+    or ``shipped_recipes=False`` search."""
+    import tadsr.quantize.shipped as shipped
+    from tadsr.formats import sensitivity
+    from tadsr.quantize.calibration import CaptureCache
+
+    parent = tiny_onnx_artifacts / "encoder-onnx-fp32-t64"
+    kw = {**SMALL_NO_HR, "target_psnr": 40.0, "parity_gate": False,  # 40 dB: the tiny encoder searches
+          "captures": CaptureCache()}  # fmt: skip
+    (first,) = quantize_artifact(parent, out_dir=tmp_path / "a", **kw)
+    r1 = load_recipe(first).get("encoder", "onnx")
+    assert r1.source == "auto" and r1.psnr >= 40.0, r1
+    store = tmp_path / "shipped.json"
+    assert shipped.main([str(tmp_path / "a"), str(store)]) == 0
+    monkeypatch.setattr(shipped, "SHIPPED_PATH", store)
+    calls = []
+    real = sensitivity.find_float_units
+    monkeypatch.setattr("tadsr.quantize.api.find_float_units", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (again,) = quantize_artifact(parent, out_dir=tmp_path / "b", **kw)
+    r2 = load_recipe(again).get("encoder", "onnx")
+    assert not calls and r2.source == "shipped" and r2.float_units == r1.float_units, r2
+    assert r2.target_psnr == 40.0 and r2.psnr == pytest.approx(r1.psnr, abs=1e-3)
+    assert _sha(first / "encoder.onnx") == _sha(again / "encoder.onnx")
+
+    class Searched(Exception):
+        pass
+
+    def search(*a, **k):
+        raise Searched
+
+    monkeypatch.setattr("tadsr.quantize.api.find_float_units", search)
+    with pytest.raises(Searched):  # another floor: not the shipped recipe's conditions
+        quantize_artifact(parent, out_dir=tmp_path / "c", **{**kw, "target_psnr": 39.0})
+    with pytest.raises(Searched):
+        quantize_artifact(parent, out_dir=tmp_path / "d", shipped_recipes=False, **kw)
 
 
 def test_float_block_weights_stored_int8_for_core_ml(tmp_path):

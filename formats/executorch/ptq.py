@@ -603,9 +603,40 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
     hold = [c.inputs for c in job.hold.cases(job.name)]
     sens: list[dict[str, Any]] = []
     share = ["pt2e", *BACKEND_REWRITES.get(rewrites, (rewrites,)), *pq.op_types]  # same graph: ExecuTorch, Core ML
+    weights: dict[str, Any] = {}
+
+    def convert(float_units: list[str]) -> tuple[torch.fx.GraphModule, list[dict[str, np.ndarray]]]:
+        nonlocal weights
+        gm = pq.convert(float_units, calib, progress=job.progress)
+        if float_weights_int8:
+            weights = int8_float_weights(gm, [u for u in float_units if u not in pq.pinned], pq.targets)
+            logger.info("%s: the weights of %d float-block layers stored INT8 (%.2f -> %.2f MB, max error %.2g)",
+                        job.name, weights["tensors"], weights["fp32_bytes"] / 1e6, weights["int8_bytes"] / 1e6,
+                        weights["max_abs_error"])  # fmt: skip
+        return gm, _eager(gm, out_names)(hold)
+
+    def judge(outs: list[dict[str, np.ndarray]]) -> tuple[float, bool, Any]:
+        psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
+        return (psnr, *job.meets(psnr, outs))
+
+    source = ""
+    if not given and (shipped := job.shipped_search(backend_key)) is not None:
+        units = job.entry_units(BackendRecipe(op_types=list(pq.op_types), float_units=shipped[0].excluded),
+                                pq.units(), pq.pinned)  # fmt: skip
+        converted, outs = convert(list(units))
+        psnr, met, loss = judge(outs)
+        if met:  # the converted graph is the judge, as for a search's recipe
+            trace = [*shipped[0].trace, {"float_units": len(units), "added": "shipped", "psnr": round(psnr, 3),
+                                         **hr_trace(loss), "graph": "converted"}]  # fmt: skip
+            source, sens = "shipped", [r.to_dict() for r in shipped[1]]
+        else:
+            logger.warning("%s/%s: the shipped recipe misses the criteria here (%.2f dB); searching", job.name,
+                           backend_key, psnr)  # fmt: skip
     if given:
         units, source, trace = job.entry_units(given, pq.units(), pq.pinned), "file", list(given.search)
         sens = list(given.sensitivity)
+    elif source == "shipped":
+        pass  # converted and measured above
     elif (shared := job.shared_search(pq.units(), pq.pinned, share)) is not None:
         # another format of this run searched this very PT2E graph: convert its recipe, measure it here
         units, source, trace = shared[0].excluded, "shared", list(shared[0].trace)
@@ -623,23 +654,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
                                          _eager(pq.exported, out_names), share)  # fmt: skip
             units, source, trace = result.excluded, "auto", trace + result.trace
             sens = [r.to_dict() for r in ranking]
-    weights: dict[str, Any] = {}
-
-    def convert(float_units: list[str]) -> tuple[torch.fx.GraphModule, list[dict[str, np.ndarray]]]:
-        nonlocal weights
-        gm = pq.convert(float_units, calib, progress=job.progress)
-        if float_weights_int8:
-            weights = int8_float_weights(gm, [u for u in float_units if u not in pq.pinned], pq.targets)
-            logger.info("%s: the weights of %d float-block layers stored INT8 (%.2f -> %.2f MB, max error %.2g)",
-                        job.name, weights["tensors"], weights["fp32_bytes"] / 1e6, weights["int8_bytes"] / 1e6,
-                        weights["max_abs_error"])  # fmt: skip
-        return gm, _eager(gm, out_names)(hold)
-
-    def judge(outs: list[dict[str, np.ndarray]]) -> tuple[float, bool, Any]:
-        psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
-        return (psnr, *job.meets(psnr, outs))
-
-    if source != "all":  # a new graph to measure (the all-INT8 one was measured above)
+    if source not in ("all", "shipped"):  # a new graph to measure (the all-INT8 / shipped one was measured above)
         converted, outs = convert(list(units))
     psnr, met, loss = judge(outs)
     # The search judged fake-quantized graphs; the converted one can land on the other side of the criteria (a

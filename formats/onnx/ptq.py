@@ -53,7 +53,7 @@ from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
 from tadsr.formats.onnx.export import PROTOBUF_LIMIT, save_model, unshare_initializers
 from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
-from tadsr.formats.sensitivity import BackendRecipe, SearchResult, unit_of, worst_psnr
+from tadsr.formats.sensitivity import BackendRecipe, SearchResult, hr_trace, unit_of, worst_psnr
 from tadsr.formats.spec import QuantizeJob
 
 __all__ = ["METHODS", "DEFAULT_OP_TYPES", "LONG_ATTENTION_KEYS", "OnnxPTQ", "long_attention_nodes", "quantize_onnx",
@@ -664,10 +664,24 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
         result = SearchResult(units, psnr, True, list(given.search), job.meets(psnr, outs)[1])
         sens, source = given.sensitivity, "file"
     else:
-        extra_nodes = []
-        result, ranking = job.search(ptq.run_variant, ptq.units(), ptq.pinned_units(),
-                                     lambda feeds: ptq.run(job.parent_file, feeds))  # fmt: skip
-        sens, source = [r.to_dict() for r in ranking], "auto" if ranking else "all"
+        extra_nodes, source = [], ""
+        if (shipped := job.shipped_search("onnx")) is not None:  # measured here; searched when it misses
+            units = job.entry_units(BackendRecipe(op_types=list(ptq.op_types), float_units=shipped[0].excluded),
+                                    ptq.units(), ptq.pinned_units())  # fmt: skip
+            outs = ptq.run_variant(frozenset(units), hold)
+            psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
+            met, loss = job.meets(psnr, outs)
+            trace = [*shipped[0].trace, {"float_units": len(units), "added": "shipped", "psnr": round(psnr, 3),
+                                         **hr_trace(loss)}]  # fmt: skip
+            if met:
+                result, ranking, source = SearchResult(units, psnr, True, trace, loss), shipped[1], "shipped"
+            else:
+                logger.warning("%s: the shipped recipe misses the criteria here (%.2f dB); searching", job.name, psnr)
+        if not source:
+            result, ranking = job.search(ptq.run_variant, ptq.units(), ptq.pinned_units(),
+                                         lambda feeds: ptq.run(job.parent_file, feeds))  # fmt: skip
+            source = "auto" if ranking else "all"
+        sens = [r.to_dict() for r in ranking]
     floats = ptq.float_nodes(result.excluded, extra_nodes)
     entry = BackendRecipe(op_types=list(ptq.op_types), float_units=result.excluded, float_nodes=floats,
                           pinned=ptq.pinned_units(), method=method, scheme=SCHEME,

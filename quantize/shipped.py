@@ -1,0 +1,137 @@
+"""INT8 recipes shipped with the bundled model: a search made once, reused on every run whose conditions match.
+
+A recipe search (sensitivity sweep, then the smallest float set that meets the criteria) depends on the weights,
+the graph, the calibration and held-out patches and the criteria, not on the run. The bundled model ships the
+recipes its main job found (``tadsr/weights/int8_recipes.json``), one per (graph, backend), each with the
+conditions it was searched under. A quantize call whose conditions are the same (:func:`conditions`: same weights
+by sha256, tile, method, PSNR floor, HR budget and confidence, calibration and held-out patches by content hash)
+starts from the shipped recipe instead of searching: it still builds the graph with it and measures it on the
+held-out patches, and searches when the criteria are not met there (a toolkit change that moves the numerics).
+The recipe's record says ``source: shipped``.
+
+Regenerate after retraining the bundled model or changing the quantizers (from a finished main job)::
+
+    python -m tadsr.quantize.shipped out/int8        # writes tadsr/weights/int8_recipes.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tadsr import fileio
+from tadsr.formats.sensitivity import BackendRecipe, HRLoss, SearchResult, UnitSensitivity
+
+__all__ = ["SHIPPED_PATH", "collect", "conditions", "lookup", "to_search"]
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_PATH = Path(__file__).resolve().parent.parent / "tadsr" / "weights" / "int8_recipes.json"
+SCHEMA = 1
+
+
+def conditions(*, graph: str, backend: str, preset: str, sources: Mapping[str, Any], tile: int, method: str,
+               target: float | None, hr_budget: float | None, hr_confidence: float | None, calib_hash: str,
+               calib_seed: int, hold_hash: str, hold_seed: int) -> dict[str, Any]:  # fmt: skip
+    """What a search's outcome depends on, as one JSON-ready dict (equal dicts: the same search)."""
+    return {"graph": graph, "backend": backend, "preset": preset, "tile": int(tile), "method": method,
+            "sources": {k: (v.get("sha256") if isinstance(v, Mapping) else v) for k, v in sorted(sources.items())},
+            "target_psnr": None if target is None else round(float(target), 3),
+            "hr_budget_db": None if hr_budget is None else round(float(hr_budget), 4),
+            "hr_confidence": None if hr_budget is None or hr_confidence is None else round(float(hr_confidence), 4),
+            "calibration": [calib_hash, int(calib_seed)],
+            "heldout": [hold_hash, int(hold_seed)]}  # fmt: skip
+
+
+def _manifest_conditions(manifest: Mapping[str, Any], backend: str, entry: BackendRecipe) -> dict[str, Any]:
+    """The conditions an INT8 artifact's recipe was searched under, from its manifest."""
+    return conditions(graph=manifest["graph"]["name"], backend=backend, preset=manifest["preset"]["name"],
+                      sources=manifest["sources"], tile=manifest["graph"]["tile"], method=entry.method,
+                      target=entry.target_psnr, hr_budget=entry.hr_budget_db, hr_confidence=entry.hr_confidence,
+                      calib_hash=manifest["calibration"]["content_hash"], calib_seed=manifest["calibration"]["seed"],
+                      hold_hash=manifest["heldout"]["content_hash"], hold_seed=manifest["heldout"]["seed"])  # fmt: skip
+
+
+def collect(int8_dir: Path) -> list[dict[str, Any]]:
+    """The searched recipes of every INT8 artifact folder under ``int8_dir`` (``source`` auto, shared, all or
+    shipped) that met their criteria, with the conditions their manifests record; recipes taken from a ``--recipe``
+    file (no criteria held) and searches out of reach are skipped."""
+    from tadsr.formats.sensitivity import load_recipe
+
+    out = []
+    for folder in sorted(p for p in Path(int8_dir).iterdir() if (p / "recipe.json").is_file()):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for graph, backends in load_recipe(folder / "recipe.json").graphs.items():
+            for backend, entry in backends.items():
+                if entry.source not in ("auto", "shared", "all", "shipped") or not _met(entry):
+                    continue
+                cond = _manifest_conditions(manifest, backend, entry)
+                if cond["graph"] != graph:
+                    continue
+                out.append({"conditions": cond, "recipe": entry.to_dict(), "from": folder.name})
+    return out
+
+
+def _met(entry: BackendRecipe) -> bool:
+    """Whether a searched recipe met its criteria (a search out of reach records its closest configuration)."""
+    if entry.target_psnr is None or entry.psnr is None or entry.psnr < entry.target_psnr:
+        return False
+    return entry.hr_budget_db is None or (entry.hr_bound_db is not None and entry.hr_bound_db <= entry.hr_budget_db)
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        logger.warning("ignoring the unreadable shipped recipes %s (%s)", path, e)
+        return []
+    return list(data.get("recipes", [])) if data.get("schema") == SCHEMA else []
+
+
+def lookup(cond: Mapping[str, Any], path: Path | None = None) -> BackendRecipe | None:
+    """The shipped recipe searched under exactly ``cond`` (None: none)."""
+    for item in _load(SHIPPED_PATH if path is None else Path(path)):
+        if item.get("conditions") == dict(cond):
+            return BackendRecipe.from_dict(item["recipe"], where=f"shipped recipe {item.get('from')}")
+    return None
+
+
+def to_search(entry: BackendRecipe) -> tuple[SearchResult, list[UnitSensitivity]]:
+    """A shipped recipe in the form of a search's outcome (float units, trace, ranking)."""
+    loss = None if entry.hr_loss_db is None else HRLoss(float(entry.hr_loss_db), float(entry.hr_bound_db or 0.0))
+    result = SearchResult(list(entry.float_units), float(entry.psnr or 0.0), True, list(entry.search), loss)
+    ranking = [UnitSensitivity(r["unit"], float(r["psnr"]), int(r["layers"]), int(r["params"]),
+                               tuple(r.get("members", [r["unit"]]))) for r in entry.sensitivity]  # fmt: skip
+    return result, ranking
+
+
+def write(items: list[dict[str, Any]], path: Path | None = None) -> Path:
+    path = SHIPPED_PATH if path is None else Path(path)
+    doc = {"schema": SCHEMA, "doc": "INT8 recipes searched by the bundled model's main job (tadsr.quantize.shipped)",
+           "recipes": items}  # fmt: skip
+    fileio.write_with(path, lambda f: f.write((json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (1, 2):
+        print("usage: python -m tadsr.quantize.shipped INT8_DIR [OUT_JSON]", file=sys.stderr)
+        return 2
+    items = collect(Path(args[0]))
+    path = write(items, Path(args[1]) if len(args) == 2 else None)
+    for it in items:
+        c = it["conditions"]
+        print(f"{c['graph']}/{c['backend']}: {len(it['recipe']['float_units'])} float units ({it['from']})")
+    print(f"wrote {len(items)} recipes to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
