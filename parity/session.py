@@ -127,11 +127,14 @@ def runner_kwargs(fmt: str, threads: int | None) -> dict[str, Any]:
 
 class TraceCache:
     """torch.export traces for localisation (a few seconds to a minute each), kept across :func:`check_parity`
-    calls by the caller that owns this object (``tadsr all``, the benchmarks): the ``kept`` last used ones."""
+    calls by the caller that owns this object (``tadsr all``, the benchmarks): the ``kept`` last used ones; and the
+    whole-image references of the weights the manifests name (the fp32 and the INT8 folders of one model are
+    compared with the same tiled reference images, computed once)."""
 
     def __init__(self, kept: int = 4) -> None:
         self.kept = kept
         self._traces: OrderedDict[tuple, GraphTrace] = OrderedDict()
+        self.whole_refs: dict[tuple, tuple[np.ndarray, list[np.ndarray]]] = {}
 
     def get(self, key: tuple) -> GraphTrace | None:
         if key not in self._traces:
@@ -161,8 +164,10 @@ class Session:
         self._runs: dict[tuple[str, int], ReferenceRuns] = {}
         self._traces: dict[tuple[str, int, str, str], GraphTrace] = {}
         # whole-image references (image, latents per tile) by (model key, image, tile, overlap, seed): every set
-        # of one model (pipeline and components, fp32 and fp16, INT8 and W8) is compared with the same one
-        self.whole_refs: dict[tuple, tuple[np.ndarray, list[np.ndarray]]] = {}
+        # of one model (pipeline and components, fp32 and fp16, INT8 and W8) is compared with the same one; kept
+        # across calls by ``traces`` when the reference comes from the manifests (the model key names the weights)
+        shared = traces is not None and ref.from_manifest
+        self.whole_refs: dict[tuple, tuple[np.ndarray, list[np.ndarray]]] = traces.whole_refs if shared else {}
 
     def key(self, manifest: Mapping[str, Any]) -> str:
         if not self.ref.from_manifest:

@@ -4,6 +4,8 @@ tiler and noise; an image below its floor is analysed for near-tie VQ code flips
 
 from __future__ import annotations
 
+import hashlib
+
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -136,7 +138,8 @@ def _check_image(s: SetCheck, name: str, lr: np.ndarray, mobile: Any, models: Mo
         got = mobile.upscale(lr, seed=kw["seed"], overlap=kw["overlap"])
     finally:
         mobile.runners.update(inner)
-    rkey = (session.key(next(iter(manifests.values()))), name, lr.shape, s.tile, overlap, session.opts.seed)
+    rkey = (session.key(next(iter(manifests.values()))), name, hashlib.sha256(lr.tobytes()).hexdigest(), s.tile,
+            overlap, session.opts.seed)  # fmt: skip
     if rkey in session.whole_refs:
         want, kept = session.whole_refs[rkey]
         ref_x0.extend(kept)

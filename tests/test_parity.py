@@ -239,3 +239,25 @@ def test_whole_image_reference_is_computed_once_per_image_for_all_sets(clean_run
     assert len(result.sets) == 2 and all(len(s.images) == 1 for s in result.sets)
     assert ref_upscales == 1  # was one per set
     assert all(s.passed for s in result.sets)
+
+
+def test_whole_image_reference_is_shared_between_calls_through_the_trace_cache(tiny_onnx_artifacts, monkeypatch):
+    """``tadsr all`` checks its fp32 and its INT8 folders in two calls with one :class:`TraceCache`: the second call
+    compares with the whole-image reference of the first (the same weights and image) instead of upscaling again;
+    calls without a shared cache each compute their own."""
+    import tadsr.runtime.tiling as tiling
+    from tadsr.parity.session import TraceCache
+
+    calls: list[str] = []
+    real = tiling.upscale_tiled
+    monkeypatch.setattr(tiling, "upscale_tiled", lambda lr, run_tiles, **kw: calls.append(
+        getattr(run_tiles, "__name__", "")) or real(lr, run_tiles, **kw))  # fmt: skip
+    pipe = ["pipeline-onnx-fp32-t64"]
+    opts = ParityOptions(**{**FAST, "patches": 0})
+    traces = TraceCache()
+    first = check_parity(tiny_onnx_artifacts, options=opts, traces=traces, select=pipe)
+    again = check_parity(tiny_onnx_artifacts, options=opts, traces=traces, select=pipe)
+    assert calls.count("ref_tiles") == 1 and first.passed and again.passed
+    assert again.sets[0].images[0].psnr == first.sets[0].images[0].psnr
+    check_parity(tiny_onnx_artifacts, options=opts, select=pipe)
+    assert calls.count("ref_tiles") == 2
