@@ -69,6 +69,7 @@ class MainJobConfig:
     memory_budget_gb: float | None = None  # None: 85 % of the memory available at the start
     lane_threads: int | None = None  # threads per lane process (None: the usable CPUs / jobs)
     resume: bool = False  # reuse export / INT8 stages an earlier run into ``out`` finished with the same inputs
+    shipped_recipes: bool = True  # start INT8 from the recipes shipped for the same conditions (tadsr.quantize.shipped)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -190,12 +191,12 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
         if e["precision"] != "fp32" or not _quantized(cfg, name):
             continue
         key = stage_key(parent=_file_digests(out / "artifacts" / name), artifact=name, calib=cfg.calib,
-                        num_patches=cfg.num_patches, smoke=cfg.smoke)  # fmt: skip
+                        num_patches=cfg.num_patches, smoke=cfg.smoke, shipped=cfg.shipped_recipes)  # fmt: skip
         int8 = done.reusable(f"quantize {name}", key, out / "int8")
         if int8 is None:
             written = _stage(cfg, f"quantize {name}", lambda: quantize_artifact(
                 out / "artifacts" / name, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8",
-                threads=cfg.threads, progress=cfg.progress, captures=captures,
+                threads=cfg.threads, progress=cfg.progress, captures=captures, shipped_recipes=cfg.shipped_recipes,
                 **_smoke_quantize(cfg, name)), timings)  # fmt: skip
             int8 = [{"name": Path(p).name, "precision": "int8"} for p in written]
             done.record(f"quantize {name}", key, int8)
@@ -204,7 +205,7 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
     traces = TraceCache()  # one trace cache for the fp32 and the INT8 folders (a trace is the same torch graph)
     for sub, names in (("artifacts", res.fp32), ("int8", res.int8)):
         if names:
-            options = ParityOptions(threads=cfg.threads, **(_SMOKE_PARITY if cfg.smoke else {}))
+            options = ParityOptions(threads=cfg.threads, **(_SMOKE_PARITY if cfg.smoke else _FULL_PARITY))
             res.parity[sub] = _stage(cfg, f"parity {fmt} {sub}", lambda: check_parity(
                 out / sub, options=options, traces=traces, select=names), timings)  # fmt: skip
     res.timings = timings
@@ -260,6 +261,10 @@ _SMOKE_HR_BUDGET = {("onnx", "decoder")}
 # one whole image of one tile for every format (the lanes' parity took ~5 min of the tier with 9-tile images for
 # ONNX and ExecuTorch); seams between tiles: test_runtime and test_parity
 _SMOKE_PARITY: dict[str, Any] = {"patches": 1, "whole_images": 1, "max_side": 64}
+# whole images of 128 LR px (121 x 128; padded to 128, 3 x 3 tiles of 64 at overlap 16): every kind of seam and
+# a partial last tile are in them. The parity verb's 160 px (4 x 4 tiles) made the whole-image checks ~70 % of the
+# main job's ONNX parity stages (session 21 profile: 195 of 284 s), for no case the 3 x 3 grid lacks.
+_FULL_PARITY: dict[str, Any] = {"max_side": 128}
 _SMOKE_BENCH: dict[str, Any] = {"max_images": 1, "hr_crop": 256, "warmup": 0}
 SMOKE_DEFAULTS: dict[str, Any] = {"num_patches": 8, "repeats": 1, "teacher_steps": 15}  # the shipped schedule: 1 tile
 
@@ -370,6 +375,9 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="reuse the export and INT8 stages an earlier run into --out finished with the same model, "
                    "settings, tool versions and tadsr sources (intact folders only); parity and bench run again")
+    p.add_argument("--no-shipped-recipes", dest="shipped_recipes", action="store_false",
+                   help="search every INT8 recipe, even those the bundled model ships for the same conditions "
+                   "(default: start from a shipped recipe, measure it, search only when it misses the criteria)")
     p.add_argument("--smoke", action="store_true",
                    help="reduced configuration for CI (minutes on 2 cores): every format, pipeline + components "
                    "fp32, INT8 of the pipelines (and ONNX components), few calibration/parity cases")  # fmt: skip
@@ -393,5 +401,6 @@ def _run(args: argparse.Namespace) -> int:
         data=args.data, calib=args.calib, num_patches=args.num_patches, repeats=args.repeats, threads=args.threads,
         teacher_steps=args.teacher_steps, smoke=args.smoke, progress=sys.stderr.isatty(), jobs=args.jobs,
         memory_budget_gb=args.memory_budget_gb, resume=args.resume, lane_threads=args.lane_threads,
+        shipped_recipes=args.shipped_recipes,
     )  # fmt: skip
     return run_main_job(cfg)
