@@ -137,7 +137,8 @@ class QuantizeJob(Protocol):
 
     def entry_units(self, entry: Any, known: Mapping[str, Any], pinned: Mapping[str, str]) -> list[str]: ...
 
-    def shipped_search(self, backend_key: str) -> Any: ...  # (SearchResult, ranking) shipped for these conditions
+    def shipped_search(self, backend_key: str, units: Mapping[str, tuple[int, int]],
+                       pinned: Mapping[str, str]) -> Any: ...  # (SearchResult, ranking) shipped for these conditions
 
     def search(self, run: Callable, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],
                fp32_run: Callable[[Sequence[Mapping[str, Any]]], list], share: Sequence[str] | None = None,

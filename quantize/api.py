@@ -286,9 +286,11 @@ class _Ctx:
                     self.name, found.get("by", "another format"))  # fmt: skip
         return _search_from_dict(found)
 
-    def shipped_search(self, backend_key: str) -> tuple[SearchResult, list] | None:
+    def shipped_search(self, backend_key: str, units: Mapping[str, tuple[int, int]],
+                       pinned: Mapping[str, str]) -> tuple[SearchResult, list] | None:  # fmt: skip
         """The recipe shipped for this graph and backend (:mod:`tadsr.quantize.shipped`), as a search's outcome, when
-        it was searched under this call's exact conditions; None: none. The caller measures it before using it."""
+        it was searched under this call's exact conditions and names only blocks of this graph (``units``,
+        ``pinned``); None: none. The caller measures it before using it."""
         from tadsr.quantize import shipped
 
         if self.recipe is not None or not self.use_shipped:
@@ -301,6 +303,11 @@ class _Ctx:
             calib_hash=self.calib.patches.content_hash, calib_seed=self.calib.info["seed"],
             hold_hash=self.hold.patches.content_hash, hold_seed=self.hold.info["seed"]))  # fmt: skip
         if entry is None:
+            return None
+        unknown = [u for u in entry.float_units if u not in units and u not in pinned]
+        if unknown:
+            logger.warning("%s/%s: the shipped recipe keeps blocks float that this graph does not have (%s); "
+                           "searching", self.name, backend_key, unknown[:3])  # fmt: skip
             return None
         logger.info("%s/%s: starting from the shipped recipe (%d float blocks), searched under the same weights, "
                     "patches and criteria; measuring it here", self.name, backend_key, len(entry.float_units))  # fmt: skip

@@ -957,7 +957,7 @@ def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_gr
         def meets(self, psnr, outs):
             return psnr >= self.target, None
 
-        def shipped_search(self, backend_key):
+        def shipped_search(self, backend_key, units, pinned):
             return None
 
         def shared_search(self, units, pinned, share):
@@ -1006,18 +1006,14 @@ def test_pt2e_recipe_starts_from_a_shipped_recipe_and_searches_when_it_misses(me
         def entry(self, backend):
             return None
 
-        def entry_units(self, entry, known, pinned):
-            assert set(entry.float_units) <= set(known) | set(pinned)
-            return list(entry.float_units)
-
         def hr(self):
             return None
 
         def meets(self, psnr, outs):
             return psnr >= self.target, None
 
-        def shipped_search(self, backend_key):
-            assert backend_key == "executorch"
+        def shipped_search(self, backend_key, units, pinned):
+            assert backend_key == "executorch" and set(units) == {"head", "blocks.0", "blocks.1"}
             return shipped, ranking
 
         def shared_search(self, units, pinned, share):
@@ -1075,6 +1071,11 @@ def test_onnx_int8_starts_from_the_shipped_recipe_of_the_same_conditions(tiny_on
         quantize_artifact(parent, out_dir=tmp_path / "c", **{**kw, "target_psnr": 39.0})
     with pytest.raises(Searched):
         quantize_artifact(parent, out_dir=tmp_path / "d", shipped_recipes=False, **kw)
+    doc = json.loads(store.read_text())  # a block this graph does not have (a renamed module): searched, no error
+    doc["recipes"][0]["recipe"]["float_units"].append("encoder.no_such_block")
+    store.write_text(json.dumps(doc))
+    with pytest.raises(Searched):
+        quantize_artifact(parent, out_dir=tmp_path / "e", **kw)
 
 
 def test_float_block_weights_stored_int8_for_core_ml(tmp_path):

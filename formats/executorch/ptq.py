@@ -620,9 +620,8 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
         return (psnr, *job.meets(psnr, outs))
 
     source = ""
-    if not given and (shipped := job.shipped_search(backend_key)) is not None:
-        units = job.entry_units(BackendRecipe(op_types=list(pq.op_types), float_units=shipped[0].excluded),
-                                pq.units(), pq.pinned)  # fmt: skip
+    if not given and (shipped := job.shipped_search(backend_key, pq.units(), pq.pinned)) is not None:
+        units = shipped[0].excluded
         converted, outs = convert(list(units))
         psnr, met, loss = judge(outs)
         if met:  # the converted graph is the judge, as for a search's recipe

@@ -665,9 +665,8 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
         sens, source = given.sensitivity, "file"
     else:
         extra_nodes, source = [], ""
-        if (shipped := job.shipped_search("onnx")) is not None:  # measured here; searched when it misses
-            units = job.entry_units(BackendRecipe(op_types=list(ptq.op_types), float_units=shipped[0].excluded),
-                                    ptq.units(), ptq.pinned_units())  # fmt: skip
+        if (shipped := job.shipped_search("onnx", ptq.units(), ptq.pinned_units())) is not None:
+            units = shipped[0].excluded  # measured here; searched when it misses
             outs = ptq.run_variant(frozenset(units), hold)
             psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
             met, loss = job.meets(psnr, outs)
