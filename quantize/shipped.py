@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from importlib import resources
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ __all__ = ["SHIPPED_PATH", "collect", "conditions", "lookup", "to_search"]
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_PATH = Path(__file__).resolve().parent.parent / "tadsr" / "weights" / "int8_recipes.json"
+SHIPPED_PATH = Path(str(resources.files("tadsr") / "weights" / "int8_recipes.json"))  # beside the bundled weights
 SCHEMA = 1
 
 
