@@ -152,6 +152,12 @@ class UnitSensitivity:
             d["members"] = list(self.members)
         return d
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> UnitSensitivity:
+        """The inverse of :meth:`to_dict` (a group without ``members`` is the unit itself)."""
+        members = tuple(d.get("members", [d["unit"]]))
+        return cls(d["unit"], float(d["psnr"]), int(d["layers"]), int(d["params"]), members)
+
 
 def _db(x: float) -> float:
     return 999.0 if math.isinf(x) else round(float(x), 3)

@@ -5,7 +5,6 @@ tiler and noise; an image below its floor is analysed for near-tie VQ code flips
 from __future__ import annotations
 
 import hashlib
-
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path

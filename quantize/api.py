@@ -511,9 +511,7 @@ def _search_to_dict(result: SearchResult, ranking: Sequence[UnitSensitivity]) ->
 def _search_from_dict(d: Mapping[str, Any]) -> tuple[SearchResult, list[UnitSensitivity]]:
     result = SearchResult(list(d["excluded"]), float(d["psnr"]), bool(d["met"]), list(d["trace"]),
                           None if d["hr_loss"] is None else HRLoss(*d["hr_loss"]))  # fmt: skip
-    ranking = [UnitSensitivity(r["unit"], float(r["psnr"]), int(r["layers"]), int(r["params"]),
-                               tuple(r.get("members", [r["unit"]]))) for r in d["ranking"]]  # fmt: skip
-    return result, ranking
+    return result, [UnitSensitivity.from_dict(r) for r in d["ranking"]]
 
 
 def _search(ctx: _Ctx, run: Callable, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],

@@ -107,9 +107,7 @@ def to_search(entry: BackendRecipe) -> tuple[SearchResult, list[UnitSensitivity]
     """A shipped recipe in the form of a search's outcome (float units, trace, ranking)."""
     loss = None if entry.hr_loss_db is None else HRLoss(float(entry.hr_loss_db), float(entry.hr_bound_db or 0.0))
     result = SearchResult(list(entry.float_units), float(entry.psnr or 0.0), True, list(entry.search), loss)
-    ranking = [UnitSensitivity(r["unit"], float(r["psnr"]), int(r["layers"]), int(r["params"]),
-                               tuple(r.get("members", [r["unit"]]))) for r in entry.sensitivity]  # fmt: skip
-    return result, ranking
+    return result, [UnitSensitivity.from_dict(r) for r in entry.sensitivity]
 
 
 def write(items: list[dict[str, Any]], path: Path | None = None) -> Path:

@@ -633,6 +633,15 @@ def test_hr_budget_counts_a_patch_that_int8_improves_as_no_loss():
     assert HRBudget(0.3, lambda o: [-0.5, -0.2], confidence=0.5).measure(outs) == (0.0, 0.0)
 
 
+def test_unit_sensitivity_round_trips_through_its_dict():
+    """A ranking stored in a recipe or a shared search reads back as it was: a group keeps its members, a single
+    block (stored without them) is its own member."""
+    from tadsr.formats.sensitivity import UnitSensitivity
+
+    for u in (UnitSensitivity("blocks", 31.25, 2, 8, ("blocks.1", "blocks.0")), UnitSensitivity("head", 30.5, 1, 4, ("head",))):
+        assert UnitSensitivity.from_dict(json.loads(json.dumps(u.to_dict()))) == u
+
+
 def test_recipe_round_trip_and_errors(tmp_path):
     r = Recipe()
     r.set("encoder", "onnx", BackendRecipe(op_types=["Conv"], float_units=["encoder.conv_in"], psnr=31.25))
@@ -925,41 +934,49 @@ def test_pt2e_one_calibration_pass_for_every_recipe(monkeypatch, toy):
     assert len(passes) == 2
 
 
+class _ToyJob:
+    """The QuantizeJob surface pt2e_recipe uses, on :class:`_Toy` with ``n`` random 8x8 feeds (calibration and
+    held-out alike), a 200 dB floor and no HR budget; a test overrides the recipe lookups it is about."""
+
+    name, method, progress, ranges, target = "toy", "minmax", False, {}, 200.0
+
+    def __init__(self, seed: int, n: int) -> None:
+        from types import SimpleNamespace
+
+        g = torch.Generator().manual_seed(seed)
+        feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(n)]
+        self.graph = _Toy().eval()
+        with torch.no_grad():
+            self.parent_outputs = [{"y": self.graph(torch.from_numpy(f["x"])).numpy()} for f in feeds]
+        self.spec = SimpleNamespace(example_inputs=lambda: (torch.zeros(1, 3, 8, 8),),
+                                    outputs=[SimpleNamespace(name="y")])  # fmt: skip
+        self.calib = SimpleNamespace(feeds=lambda name: feeds)
+        self.hold = SimpleNamespace(cases=lambda name: [SimpleNamespace(inputs=f) for f in feeds])
+
+    def entry(self, backend):
+        return None
+
+    def hr(self):
+        return None
+
+    def meets(self, psnr, outs):
+        return psnr >= self.target, None
+
+    def shipped_search(self, backend_key, units, pinned):
+        return None
+
+
 def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_graph():
     """A PT2E recipe taken from another format's search is converted and judged on the converted graph; when it
     misses the criteria there, the next most sensitive blocks go float (1, then 2) until it meets them."""
-    from types import SimpleNamespace
-
     from tadsr.formats.executorch.ptq import pt2e_recipe
     from tadsr.formats.sensitivity import SearchResult, UnitSensitivity
 
-    g = torch.Generator().manual_seed(2)
-    feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(4)]
-    toy = _Toy().eval()
-    with torch.no_grad():
-        refs = [{"y": toy(torch.from_numpy(f["x"])).numpy()} for f in feeds]
     # the ranking's groups list their blocks (a group left whole, "blocks", is its members, in their order)
     ranking = [UnitSensitivity("head", 30.0, 1, 1, ("head",)), UnitSensitivity("blocks", 31.0, 2, 2, ("blocks.1", "blocks.0"))]
     searched = SearchResult([], 99.0, True, [{"float_units": 0, "added": None, "psnr": 99.0}])
 
-    class Job:  # the QuantizeJob surface pt2e_recipe uses
-        name, method, progress, target, ranges, parent_outputs, graph = "toy", "minmax", False, 200.0, {}, refs, toy
-        spec = SimpleNamespace(example_inputs=lambda: (torch.zeros(1, 3, 8, 8),), outputs=[SimpleNamespace(name="y")])
-        calib = SimpleNamespace(feeds=lambda name: feeds)
-        hold = SimpleNamespace(cases=lambda name: [SimpleNamespace(inputs=f) for f in feeds])
-
-        def entry(self, backend):
-            return None
-
-        def hr(self):
-            return None
-
-        def meets(self, psnr, outs):
-            return psnr >= self.target, None
-
-        def shipped_search(self, backend_key, units, pinned):
-            return None
-
+    class Job(_ToyJob):
         def shared_search(self, units, pinned, share):
             assert set(units) == {"head", "blocks.0", "blocks.1"} and share[0] == "pt2e"
             return searched, ranking
@@ -967,7 +984,7 @@ def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_gr
         def search(self, *a, **k):
             raise AssertionError("a shared search is not searched again")
 
-    _, entry, _ = pt2e_recipe(Job(), "coreml", "none")
+    _, entry, _ = pt2e_recipe(Job(seed=2, n=4), "coreml", "none")
     assert entry.source == "shared"
     # 200 dB: only the float graph meets it, so every block goes float, in ranking order, 1 then up to 2 at a time
     assert entry.float_units == ["head", "blocks.1", "blocks.0"], entry.float_units
@@ -979,39 +996,16 @@ def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_gr
 def test_pt2e_recipe_starts_from_a_shipped_recipe_and_searches_when_it_misses(meets):
     """A recipe shipped for the same conditions is converted and judged on the converted graph: when it meets the
     criteria it is the recipe (no search, not shared); when it misses them, the search runs as without it."""
-    from types import SimpleNamespace
-
     from tadsr.formats.executorch.ptq import pt2e_recipe
     from tadsr.formats.sensitivity import SearchResult, UnitSensitivity
 
-    g = torch.Generator().manual_seed(3)
-    feeds = [{"x": torch.randn(1, 3, 8, 8, generator=g).numpy()} for _ in range(3)]
-    toy = _Toy().eval()
-    with torch.no_grad():
-        refs = [{"y": toy(torch.from_numpy(f["x"])).numpy()} for f in feeds]
     # every block float is the fp32 graph (meets 200 dB); with the blocks INT8 the converted graph misses it
     units = ["head", "blocks.1", "blocks.0"] if meets else ["head"]
     shipped = SearchResult(units, 99.0, True, [{"float_units": len(units), "psnr": 99.0}])
     ranking = [UnitSensitivity("head", 30.0, 1, 1, ("head",))]
     searched = []
 
-    class Job:  # the QuantizeJob surface pt2e_recipe uses
-        name, method, progress, ranges, parent_outputs, graph = "toy", "minmax", False, {}, refs, toy
-
-        target = 200.0
-        spec = SimpleNamespace(example_inputs=lambda: (torch.zeros(1, 3, 8, 8),), outputs=[SimpleNamespace(name="y")])
-        calib = SimpleNamespace(feeds=lambda name: feeds)
-        hold = SimpleNamespace(cases=lambda name: [SimpleNamespace(inputs=f) for f in feeds])
-
-        def entry(self, backend):
-            return None
-
-        def hr(self):
-            return None
-
-        def meets(self, psnr, outs):
-            return psnr >= self.target, None
-
+    class Job(_ToyJob):
         def shipped_search(self, backend_key, units, pinned):
             assert backend_key == "executorch" and set(units) == {"head", "blocks.0", "blocks.1"}
             return shipped, ranking
@@ -1024,7 +1018,7 @@ def test_pt2e_recipe_starts_from_a_shipped_recipe_and_searches_when_it_misses(me
             searched.append(units)
             return SearchResult(["head"], 10.0, False, [{"float_units": 1, "psnr": 10.0}]), ranking
 
-    _, entry, _ = pt2e_recipe(Job(), "executorch", "none")
+    _, entry, _ = pt2e_recipe(Job(seed=3, n=3), "executorch", "none")
     if meets:
         assert entry.source == "shipped" and not searched
         assert entry.float_units == ["head", "blocks.1", "blocks.0"] and entry.psnr >= 200.0
