@@ -965,6 +965,9 @@ class _ToyJob:
     def shipped_search(self, backend_key, units, pinned):
         return None
 
+    def shared_search(self, units, pinned, share):
+        return None
+
 
 def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_graph():
     """A PT2E recipe taken from another format's search is converted and judged on the converted graph; when it
@@ -1025,6 +1028,38 @@ def test_pt2e_recipe_starts_from_a_shipped_recipe_and_searches_when_it_misses(me
         assert entry.search[-1]["added"] == "shipped" and entry.search[-1]["graph"] == "converted"
     else:
         assert searched and entry.source == "auto" and entry.psnr < 200.0
+
+
+def test_pt2e_fake_quant_hop_reuses_the_held_out_outputs_and_judges_with_fixed_threads():
+    """The fake-quant run pt2e_recipe returns answers the held-out patches (asked again as new arrays, as the
+    write's hop does) from the outputs that judged the converted graph, without a second pass; other feeds run.
+    The graph runs with the reproducible thread count whatever the caller's, so a recipe's judgement (and a
+    shipped recipe's) does not depend on ``--threads``."""
+    from tadsr.formats.executorch.ptq import pt2e_recipe
+    from tadsr.threads import REPRODUCIBLE_THREADS
+
+    job = _ToyJob(seed=4, n=3)
+    job.target = 0.0  # all blocks INT8 meet it: no search
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        converted, _, (fq, _, _) = pt2e_recipe(job, "executorch", "none")
+        threads: list[int] = []
+        converted.register_forward_pre_hook(lambda m, a: threads.append(torch.get_num_threads()))
+        feeds = [{"x": c.inputs["x"].copy()} for c in job.hold.cases("toy")]
+        again = fq(feeds)
+        assert threads == [], "the held-out patches ran through the converted graph a second time"
+        with torch.no_grad():
+            want = [converted(torch.from_numpy(f["x"])).numpy() for f in feeds]
+        for got, w in zip(again, want, strict=True):
+            np.testing.assert_array_equal(got["y"], w)
+        threads.clear()
+        other = fq([{"x": feeds[0]["x"] + 1.0}])
+        assert threads == [REPRODUCIBLE_THREADS]
+        with torch.no_grad():
+            np.testing.assert_array_equal(other[0]["y"], converted(torch.from_numpy(feeds[0]["x"] + 1.0)).numpy())
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_onnx_int8_starts_from_the_shipped_recipe_of_the_same_conditions(tiny_onnx_artifacts, tmp_path,

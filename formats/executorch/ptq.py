@@ -564,11 +564,17 @@ FeedsRun = Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndar
 
 
 def _eager(gm: nn.Module, out_names: Sequence[str]) -> FeedsRun:
-    """Run a (converted) torch graph on a list of feeds."""
+    """Run a (converted) torch graph on a list of feeds, with the reproducible thread count.
+
+    These outputs judge a recipe (PSNR vs fp32 and the HR budget, where a VQ codebook near-tie flips with the
+    last bit): the judgement must not depend on the caller's threads. With 2 threads instead of the main job's
+    lanes' 1, the shipped ExecuTorch pipeline recipe missed the criteria in ``tadsr quantize`` (session 22) and
+    a full search ran.
+    """
 
     def run(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         outs = []
-        with torch.no_grad():
+        with torch.no_grad(), fixed_threads():
             for f in feeds:
                 y = gm(*(torch.from_numpy(np.ascontiguousarray(v)) for v in f.values()))
                 ys = y if isinstance(y, (tuple, list)) else (y,)
@@ -576,6 +582,22 @@ def _eager(gm: nn.Module, out_names: Sequence[str]) -> FeedsRun:
         return outs
 
     return run
+
+
+def _remembering(run: FeedsRun, feeds: Sequence[Mapping[str, np.ndarray]],
+                 outs: list[dict[str, np.ndarray]]) -> FeedsRun:  # fmt: skip
+    """``run``, answering from ``outs`` when asked for feeds equal in content to ``feeds`` (whose outputs they are).
+
+    ``pt2e_recipe`` has just run the converted graph on the held-out patches to judge it; the write's fake-quant
+    hop asks for the same patches again (as new arrays: compared by content), a second pass through the graph.
+    """
+
+    def answer(asked: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        same = len(asked) == len(feeds) and all(
+            a.keys() == f.keys() and all(np.array_equal(a[k], f[k]) for k in f) for a, f in zip(asked, feeds))
+        return [dict(o) for o in outs] if same else run(asked)
+
+    return answer
 
 
 REPAIR_STEPS = 3  # most conversions after the searched one when it misses the criteria (1 + 2 + 4 blocks more)
@@ -685,7 +707,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
     # graph rewrites, then the INT8 constants (and float blocks' INT8 weights)
     applied = {**pq.rewrites, "int8_add_constants": dict(pq.constants),
                **({"int8_float_weights": weights} if weights else {})}  # fmt: skip
-    return converted, entry, (_eager(converted, out_names), applied, example)
+    return converted, entry, (_remembering(_eager(converted, out_names), hold, outs), applied, example)
 
 
 def quantize_job(job: QuantizeJob) -> list[Path]:
