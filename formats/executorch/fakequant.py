@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tadsr.formats.executorch.ptq import _eager, _is_candidate, _module_path
+from tadsr.formats.executorch.ptq import _eager, _is_candidate, _module_path, cat_stays_int8
 from tadsr.formats.executorch.ranges import _is_observer, observed_node, observer_groups
 from tadsr.formats.sensitivity import unit_of
 
@@ -134,12 +134,12 @@ class FakeQuantSim:
                 fq.zero_point.copy_(zp)
 
     def int8_cats(self, float_units: Collection[str]) -> set[str]:
-        """The ``cat`` nodes that stay INT8 with ``float_units`` float: those of a quantized block, and those of a
-        float block fed by an INT8 layer or cat (the rule of :func:`_filtered_xnnpack_quantizer`)."""
+        """The ``cat`` nodes that stay INT8 with ``float_units`` float (:func:`cat_stays_int8`, the converted
+        graph's rule)."""
         kept: set[str] = set()
         for name, (unit, feeders) in self.cats.items():  # graph order: a cat's feeders are decided before it
-            if unit not in float_units or any(f in kept if is_cat else u not in float_units
-                                              for f, u, is_cat in feeders):  # fmt: skip
+            if cat_stays_int8(unit in float_units, (f in kept if is_cat else u not in float_units
+                                                    for f, u, is_cat in feeders)):  # fmt: skip
                 kept.add(name)
         return kept
 

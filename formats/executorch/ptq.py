@@ -314,6 +314,17 @@ class PT2EQuant:
         return sim
 
 
+def cat_stays_int8(in_float_block: bool, int8_inputs: Iterable[bool]) -> bool:
+    """Whether a ``cat`` is INT8 (inputs and output on one shared scale): when its block is INT8, or when one of
+    its inputs is, whatever its block: XNNPACK has no float concatenation of INT8 inputs (a mixed dequantize ->
+    cat fails to load, "cat2 ... xnn_status_invalid_parameter": the main job's fused pipeline, session 19).
+
+    The one rule of the converted graph (:func:`_filtered_xnnpack_quantizer`) and of the search's simulator
+    (:meth:`~tadsr.formats.executorch.fakequant.FakeQuantSim.int8_cats`), which must agree.
+    """
+    return not in_float_block or any(int8_inputs)
+
+
 def _filtered_xnnpack_quantizer() -> Any:
     """An ``XNNPACKQuantizer`` whose ``cat`` annotation obeys the filter function, as its other annotators do.
 
@@ -359,13 +370,10 @@ def _filtered_xnnpack_quantizer() -> Any:
                     return quantized[n]
 
                 for n in model.graph.nodes:  # graph order: a cat's inputs are decided before the cat
-                    if n.op == "call_function" and n.target == torch.ops.aten.cat.default and not self.filter_fn(n):
-                        # a float cat fed by an INT8 tensor keeps its INT8 annotation (one shared scale): XNNPACK
-                        # has no float concatenation of INT8 inputs (a mixed dequantize -> cat fails to load,
-                        # "cat2 ... xnn_status_invalid_parameter": the main job's fused pipeline, session 19)
-                        if not any(quantized_output(a) for a in n.all_input_nodes):
-                            n.meta.pop(Q_ANNOTATION_KEY, None)
-                            quantized[n] = False
+                    if n.op == "call_function" and n.target == torch.ops.aten.cat.default and not cat_stays_int8(
+                            not self.filter_fn(n), (quantized_output(a) for a in n.all_input_nodes)):  # fmt: skip
+                        n.meta.pop(Q_ANNOTATION_KEY, None)
+                        quantized[n] = False
             propagate_annotation(model)
             return model
 
@@ -594,7 +602,8 @@ def _remembering(run: FeedsRun, feeds: Sequence[Mapping[str, np.ndarray]],
 
     def answer(asked: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         same = len(asked) == len(feeds) and all(
-            a.keys() == f.keys() and all(np.array_equal(a[k], f[k]) for k in f) for a, f in zip(asked, feeds))
+            a.keys() == f.keys() and all(np.array_equal(a[k], f[k]) for k in f) for a, f in zip(asked, feeds)
+        )
         return [dict(o) for o in outs] if same else run(asked)
 
     return answer
