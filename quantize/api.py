@@ -286,6 +286,17 @@ class _Ctx:
                     self.name, found.get("by", "another format"))  # fmt: skip
         return _search_from_dict(found)
 
+    def shared_ranges(self, share: Sequence[str], method: str) -> dict[str, Any] | None:
+        if self.captures is None:
+            return None
+        found = self.captures.load_shared("ranges", _ranges_key(self, share, method))
+        return None if found is None else dict(found["ranges"])
+
+    def save_ranges(self, share: Sequence[str], method: str, ranges: dict[str, Any]) -> None:
+        if self.captures is not None:
+            self.captures.save_shared("ranges", _ranges_key(self, share, method),
+                                      {"ranges": ranges, "by": f"the {self.parent.fmt} quantize call"})  # fmt: skip
+
     def shipped_search(self, backend_key: str, units: Mapping[str, tuple[int, int]],
                        pinned: Mapping[str, str]) -> tuple[SearchResult, list] | None:  # fmt: skip
         """The recipe shipped for this graph and backend (:mod:`tadsr.quantize.shipped`), as a search's outcome, when
@@ -500,6 +511,14 @@ def _search_key(ctx: _Ctx, units: Mapping[str, tuple[int, int]], pinned: Mapping
                        list(share), ctx.method, ctx.target, ctx.hr_budget, ctx.hr_confidence, ctx.sens_patches,
                        ctx.sens_budget, ctx.calib.patches.content_hash, ctx.calib.info.get("seed"),
                        ctx.hold.patches.content_hash, ctx.hold.info.get("seed")], sort_keys=True, default=list)  # fmt: skip
+
+
+def _ranges_key(ctx: _Ctx, share: Sequence[str], method: str) -> str:
+    """What a graph's calibration ranges depend on: the graph (weights, tile, ``share``: rewrites and op types) and
+    the calibration feeds."""
+    m = ctx.parent.manifest
+    return json.dumps([ctx.name, m["preset"], m["sources"], ctx.parent.tile, list(share), method,
+                       ctx.calib.patches.content_hash, ctx.calib.info.get("seed")], sort_keys=True, default=list)  # fmt: skip
 
 
 def _search_to_dict(result: SearchResult, ranking: Sequence[UnitSensitivity]) -> dict[str, Any]:

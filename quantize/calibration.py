@@ -457,26 +457,35 @@ class CaptureCache:
     # shared recipe searches: formats whose INT8 graphs are the same PT2E graph (ExecuTorch and Core ML) search once
     def load_search(self, key: str) -> dict[str, Any] | None:
         """A recipe search another quantize call of this run stored under ``key`` (None: none, or no folder)."""
-        path = self._search_path(key)
+        return self.load_shared("searches", key)
+
+    def save_search(self, key: str, search: Mapping[str, Any]) -> None:
+        """Store a recipe search under ``key`` for the other quantize calls of this run (atomic; no folder: no-op)."""
+        self.save_shared("searches", key, search)
+
+    def load_shared(self, kind: str, key: str) -> dict[str, Any] | None:
+        """What another quantize call of this run stored as ``kind`` under ``key`` (None: nothing, or no folder)."""
+        path = self._shared_path(kind, key)
         if path is None or not path.is_file():
             return None
         try:
             return dict(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
-            logger.warning("ignoring the unreadable shared search %s (%s)", path, e)
+            logger.warning("ignoring the unreadable shared %s %s (%s)", kind, path, e)
             return None
 
-    def save_search(self, key: str, search: Mapping[str, Any]) -> None:
-        """Store a recipe search under ``key`` for the other quantize calls of this run (atomic; no folder: no-op)."""
-        path = self._search_path(key)
+    def save_shared(self, kind: str, key: str, data: Mapping[str, Any]) -> None:
+        """Store ``data`` as ``kind`` under ``key`` for the other quantize calls of this run (atomic, JSON; no
+        folder: no-op)."""
+        path = self._shared_path(kind, key)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fileio.write_with(path, lambda f: f.write(json.dumps(search, sort_keys=True).encode()))
+            fileio.write_with(path, lambda f: f.write(json.dumps(data, sort_keys=True).encode()))
 
-    def _search_path(self, key: str) -> Path | None:
+    def _shared_path(self, kind: str, key: str) -> Path | None:
         if self.folder is None:
             return None
-        return self.folder / "searches" / f"{hashlib.sha256((key + self.salt).encode()).hexdigest()[:32]}.json"
+        return self.folder / kind / f"{hashlib.sha256((key + self.salt).encode()).hexdigest()[:32]}.json"
 
 
 def _run_arrays(tag: str, runs: ReferenceRuns) -> dict[str, np.ndarray]:

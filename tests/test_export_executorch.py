@@ -199,7 +199,8 @@ def test_shared_node_sources_same_program_and_restored(tmp_path, monkeypatch):
 
 def test_lean_xnnpack_passes_drop_only_passes_without_their_ops(monkeypatch):
     """Inside ``lean_xnnpack_passes`` XNNPACK's delegate runs its pass list without the passes whose ops the
-    partition lacks (batch norm, 1-d convolution, PReLU) and with the others; the .pte bytes do not change, an
+    partition lacks (batch norm, 1-d convolution, PReLU, the ops of the SDPA and bilinear patterns, a cat of more
+    than 5 tensors) and with the others; the .pte bytes do not change, an
     explicit pass list is left alone, and the pass manager is restored."""
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -222,14 +223,28 @@ def test_lean_xnnpack_passes_drop_only_passes_without_their_ops(monkeypatch):
         assert ran, "no XNNPACK partition was lowered"
         return buffer, set().union(*ran)
 
+    class Attention(nn.Module):
+        """A bilinear upsample (its pass runs); sdpa and a 6-way cat, which the partitioner splits so that no
+        partition holds the whole SDPA pattern or the cat (their passes have nothing to do)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = x.flatten(2).transpose(1, 2)
+            a = torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(x.shape)
+            up = torch.nn.functional.interpolate(a, scale_factor=2, mode="bilinear", align_corners=False)
+            return torch.cat([up] * 6, dim=1)
+
     four = {"FuseBatchNormPass", "DecomposeBatchNorm", "Conv1dUnsqueezePass", "PReLUReshapePass"}
-    cases = [(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.SiLU()), (1, 3, 8, 8), four),
-             (nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.PReLU()), (1, 3, 8, 8), {"Conv1dUnsqueezePass"}),
-             (nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU()), (1, 3, 8), four - {"Conv1dUnsqueezePass"})]  # fmt: skip
+    patterns = {"DecomposeConcatenate", "ConvertToSDPAPass", "ConvertToUpsampleBilinear2d"}
+    seven = four | patterns
+    cases = [(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.SiLU()), (1, 3, 8, 8), seven),
+             (nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.PReLU()), (1, 3, 8, 8),
+              {"Conv1dUnsqueezePass"} | patterns),
+             (nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU()), (1, 3, 8), seven - {"Conv1dUnsqueezePass"}),
+             (Attention(), (1, 8, 4, 4), four | {"DecomposeConcatenate", "ConvertToSDPAPass"})]  # fmt: skip
     for module, shape, skipped in cases:
         stock_bytes, stock = lower(module, shape, lean=False)
         lean_bytes, lean = lower(module, shape, lean=True)
-        assert four <= stock and stock - lean == skipped and lean <= stock, (module, stock - lean)
+        assert seven <= stock and stock - lean == skipped and lean <= stock, (module, stock - lean)
         assert lean_bytes == stock_bytes, module
     init = XNNPACKPassManager.__init__
     with lean_xnnpack_passes(), lean_xnnpack_passes():

@@ -968,6 +968,46 @@ class _ToyJob:
     def shared_search(self, units, pinned, share):
         return None
 
+    def shared_ranges(self, share, method):
+        return None
+
+    def save_ranges(self, share, method, ranges):
+        pass
+
+
+def test_pt2e_range_table_is_recorded_once_for_the_formats_that_share_the_graph(monkeypatch):
+    """The second format's PT2E call on the same graph and patches restores the calibration ranges the first one
+    stored (as JSON, as between the lanes' processes) instead of running the patches, and converts to the same
+    graph; ranges naming nodes the graph lacks are ignored."""
+    import tadsr.formats.executorch.ptq as ptq
+
+    store: dict = {}
+    passes = []
+    table = ptq.RangeTable
+    monkeypatch.setattr(ptq, "RangeTable", type("Counted", (table,), {
+        "__init__": lambda self, *a, **k: passes.append(1) or table.__init__(self, *a, **k)}))  # fmt: skip
+
+    class Job(_ToyJob):
+        target = 0.0  # all INT8 meets it: one conversion per call
+
+        def shared_ranges(self, share, method):
+            return store.get((tuple(share), method))
+
+        def save_ranges(self, share, method, ranges):
+            store[(tuple(share), method)] = json.loads(json.dumps(ranges))
+
+    first, _, _ = ptq.pt2e_recipe(Job(seed=5, n=3), "executorch", "none")
+    assert len(passes) == 1 and len(store) == 1
+    second, _, _ = ptq.pt2e_recipe(Job(seed=5, n=3), "coreml", "none")
+    assert len(passes) == 1, "the second format ran the calibration patches again"
+    x = torch.from_numpy(Job(seed=5, n=3).calib.feeds("toy")[0]["x"])
+    with torch.no_grad():
+        np.testing.assert_array_equal(first(x).numpy(), second(x).numpy())
+    (key,) = store
+    store[key] = {**store[key], "not_a_node": [0.0, 1.0]}
+    ptq.pt2e_recipe(Job(seed=5, n=3), "coreml", "none")
+    assert len(passes) == 2
+
 
 def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_graph():
     """A PT2E recipe taken from another format's search is converted and judged on the converted graph; when it

@@ -42,12 +42,48 @@ def _has_non_2d_convolution(nodes: list[Any]) -> bool:
     return False
 
 
-# pass class name -> "the program has something this pass may rewrite"
+def _has_long_cat(nodes: list[Any]) -> bool:
+    """A concatenation of more than 5 tensors: what ``DecomposeConcatenate`` splits (XNNPACK's limit)."""
+    return any("cat" in _target_name(n) and n.args and len(n.args[0]) > 5 for n in nodes)
+
+
+def _pattern_ops(patterns: Callable[[], Iterable[Any]]) -> Callable[[list[Any]], bool]:
+    """A trigger: the program has every op of one of the pass's own pattern graphs (``patterns()``), which any
+    match needs. The clone and dim-order ops are left out: passes that run earlier remove or revert them."""
+
+    def needed(p: Any) -> set[str]:
+        names = {_target_name(n) for n in p.graph.nodes if n.op == "call_function"}
+        return {t for t in names if "dim_order" not in t and "clone" not in t}
+
+    def may_match(nodes: list[Any]) -> bool:
+        have = {_target_name(n) for n in nodes}
+        return any(needed(p) <= have for p in patterns())
+
+    return may_match
+
+
+def _sdpa_patterns() -> Iterable[Any]:
+    from executorch.backends.xnnpack.partition.graphs import sdpa
+
+    return sdpa.get_graphs()
+
+
+def _bilinear_patterns() -> Iterable[Any]:
+    from executorch.backends.xnnpack.partition.graphs import bilinear_2d
+
+    return bilinear_2d.get_graphs_dict()
+
+
+# pass class name -> "the program has something this pass may rewrite" (the passes below rewrite by pattern and
+# then re-trace the whole program whether or not they found anything: ~7 s each on the fused INT8 pipeline)
 _TRIGGERS: dict[str, Callable[[list[Any]], bool]] = {
     "FuseBatchNormPass": has_batch_norm,
     "DecomposeBatchNorm": has_batch_norm,
     "Conv1dUnsqueezePass": _has_non_2d_convolution,
     "PReLUReshapePass": _has_prelu,
+    "DecomposeConcatenate": _has_long_cat,
+    "ConvertToSDPAPass": _pattern_ops(_sdpa_patterns),
+    "ConvertToUpsampleBilinear2d": _pattern_ops(_bilinear_patterns),
 }
 
 

@@ -213,6 +213,8 @@ class PT2EQuant:
         self.pinned = _pinned(self.exported, self.targets, output_names)
         self.constants: dict[str, Any] = {}  # int8_add_constants statistics of the last convert()
         self._table: RangeTable | None = None  # the observed ranges over the last calibration feeds
+        # (load, save) of a range table recorded by another process on this graph and the calibration feeds
+        self.table_store: tuple[Callable[[], Mapping[str, Any] | None], Callable[[dict[str, Any]], None]] | None = None
         logger.info("pt2e: %d candidate layers in %d blocks (%d pinned float), rewrites %s, %.1fs", len(self.layers),
                     len(self.units()), len(self.pinned), report.to_dict(), time.perf_counter() - t0)  # fmt: skip
 
@@ -271,11 +273,26 @@ class PT2EQuant:
         prepared = self._prepare(float_units)
         if self.method in RANGE_METHODS:
             if self._table is None or self._table.feeds is not feeds:
-                self._table = RangeTable(self._prepare([]), feeds, lambda gm, fs: self._calibrate(gm, fs, progress))
+                self._table = self._range_table(feeds, progress)
             if self._table.fill(prepared):
                 return prepared, "filled from the range table"
         self._calibrate(prepared, feeds, progress)
         return prepared, "calibrated"
+
+    def _range_table(self, feeds: Sequence[Mapping[str, np.ndarray]], progress: bool) -> RangeTable:
+        """The range table of ``feeds``: restored from :attr:`table_store` when another process recorded it (and
+        it names only nodes of this graph), else recorded here in one pass and stored there."""
+        load, save = self.table_store or (None, None)
+        saved = load() if load is not None else None
+        names = {n.name for n in self.exported.graph.nodes}
+        if saved is not None and saved and set(saved) <= names:
+            logger.info("pt2e: the calibration ranges of %d tensors recorded by another format's call on this graph "
+                        "and these patches; not calibrated again", len(saved))  # fmt: skip
+            return RangeTable.restored(feeds, saved)
+        table = RangeTable(self._prepare([]), feeds, lambda gm, fs: self._calibrate(gm, fs, progress))
+        if save is not None and table.shareable():
+            save({k: list(v) for k, v in table.ranges.items()})
+        return table
 
     def convert(self, float_units: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], *,
                 progress: bool = False) -> torch.fx.GraphModule:  # fmt: skip
@@ -634,6 +651,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
     hold = [c.inputs for c in job.hold.cases(job.name)]
     sens: list[dict[str, Any]] = []
     share = ["pt2e", *BACKEND_REWRITES.get(rewrites, (rewrites,)), *pq.op_types]  # same graph: ExecuTorch, Core ML
+    pq.table_store = (lambda: job.shared_ranges(share, method), lambda r: job.save_ranges(share, method, r))
     weights: dict[str, Any] = {}
 
     def convert(float_units: list[str]) -> tuple[torch.fx.GraphModule, list[dict[str, np.ndarray]]]:

@@ -11,7 +11,9 @@ another kind that watches one tensor (the per-channel observer of a weight the g
 one) is kept as calibrated, and a graph prepared for another recipe gets a copy of it.
 
 The recipe search converts the fused pipeline up to five times (all INT8, the searched recipe, three repair
-rounds); each conversion used to run the 48 calibration patches through the whole graph again.
+rounds); each conversion used to run the 48 calibration patches through the whole graph again. The ExecuTorch and
+Core ML INT8 drivers quantize the same PT2E graph: in ``tadsr all`` the second format's call restores the table
+the first one recorded (:meth:`RangeTable.restored`, through the run's captures folder) instead of its own pass.
 
 Histogram observers (``entropy``, ``percentile``) cannot be rebuilt from a range: :meth:`RangeTable.fill`
 declines and the caller calibrates as before.
@@ -118,6 +120,20 @@ class RangeTable:
         prepared.recompile()
         run(prepared, feeds)
         self.ranges = {k: (r.lo, r.hi) for k, r in recorders.items() if r.lo <= r.hi}
+
+    @classmethod
+    def restored(cls, feeds: Sequence[Mapping[str, np.ndarray]],
+                 ranges: Mapping[str, Sequence[float]]) -> RangeTable:  # fmt: skip
+        """A table recorded elsewhere (another process's pass over the same graph and ``feeds``, ``ranges`` as
+        :attr:`ranges`); only a table without kept observers (:meth:`shareable`) can be restored."""
+        table = cls.__new__(cls)
+        table.feeds, table.observers = feeds, {}
+        table.ranges = {k: (float(v[0]), float(v[1])) for k, v in ranges.items()}
+        return table
+
+    def shareable(self) -> bool:
+        """Whether :attr:`ranges` alone restore this table (no calibrated observer of another kind is kept)."""
+        return not self.observers
 
     def fill(self, prepared: torch.fx.GraphModule) -> bool:
         """Calibrate the observers of ``prepared`` from the table; False (nothing changed) when one of them is not
