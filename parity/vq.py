@@ -30,6 +30,7 @@ flip cannot be reproduced that way and fails.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -388,15 +389,38 @@ def _sse(a: np.ndarray, b: np.ndarray) -> float:
     return float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).sum())
 
 
-def torch_decoder(autoencoder: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+DECODE_MEMO = 8  # code maps whose decodes a judge keeps
+
+
+def torch_decoder(autoencoder: torch.nn.Module, memo: int = DECODE_MEMO) -> Callable[[np.ndarray], np.ndarray]:
     """The reference decoder from codes: embedding lookup, post_quant_conv (none in a light autoencoder), decoder,
-    clamp to [-1, 1]."""
+    clamp to [-1, 1].
+
+    The last ``memo`` code maps' images are kept (read-only) and returned when the same map is decoded again: one
+    case's analysis decodes its final code map up to three times (the recovery's last step, the check that it
+    explains the image better, the like-with-like verdict), and an INT8 write judges each held-out case in two hops
+    (against the fp32 artifact and the reference) that recover the same maps. Each decode is a full decoder pass
+    (~1 s a 64 px tile on one core at bundled size): 128 decodes for the fused pipeline's 16 held-out cases.
+    """
     post = getattr(autoencoder, "post_quant_conv", None) or torch.nn.Identity()
+    kept: dict[tuple[tuple[int, ...], bytes], np.ndarray] = {}
 
     @torch.no_grad()
-    def decode(codes: np.ndarray) -> np.ndarray:
-        idx = torch.from_numpy(np.asarray(codes, np.int64))
+    def run(codes: np.ndarray) -> np.ndarray:
+        idx = torch.from_numpy(codes)
         zq = autoencoder.quantize.embedding(idx).permute(0, 3, 1, 2)
         return autoencoder.decoder(post(zq)).clamp(-1.0, 1.0).numpy().astype(np.float32)
+
+    def decode(codes: np.ndarray) -> np.ndarray:
+        c = np.ascontiguousarray(codes, np.int64)
+        key = (c.shape, hashlib.blake2b(c.tobytes(), digest_size=16).digest())
+        img = kept.pop(key, None)
+        if img is None:
+            img = run(c)
+            img.flags.writeable = False
+        kept[key] = img  # most recent last
+        while len(kept) > memo:
+            kept.pop(next(iter(kept)))
+        return img
 
     return decode

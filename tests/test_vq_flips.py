@@ -204,3 +204,35 @@ def test_one_flip_among_many_candidates_is_recovered_one_by_one(tied) -> None:
     far = int(((judge.codebook.astype(np.float64) - z) ** 2).sum(1).argmax())
     h = judged(far)
     assert not h.passed, h.describe()  # no near-tie code map reproduces it
+
+
+def test_torch_decoder_keeps_the_last_code_maps_decoded():
+    """The judge's decoder answers a code map it decoded recently from memory (read-only, the same image), decodes
+    a new one, and forgets the oldest beyond its memo size."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tadsr.parity.vq import torch_decoder
+
+    calls = []
+
+    class Decoder(torch.nn.Module):
+        def forward(self, z):
+            calls.append(1)
+            return z[:, :1].repeat_interleave(4, -1).repeat_interleave(4, -2)
+
+    torch.manual_seed(0)
+    ae = SimpleNamespace(quantize=SimpleNamespace(embedding=torch.nn.Embedding(16, 3)), decoder=Decoder())
+    decode = torch_decoder(ae, memo=2)
+    a, b, c = (np.full((1, 2, 2), k, np.int64) for k in (1, 2, 3))
+    first = decode(a)
+    again = decode(a.copy())
+    assert len(calls) == 1 and again is first and not first.flags.writeable
+    decode(b)
+    decode(a)  # still kept (most recent of 2)
+    assert len(calls) == 2
+    decode(c)  # forgets b, the least recently used
+    decode(b)
+    assert len(calls) == 4
+    np.testing.assert_array_equal(decode(a), first)
