@@ -148,8 +148,8 @@ class QuantizeJob(Protocol):
     def shared_search(self, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],
                       share: Sequence[str]) -> tuple[Any, list] | None: ...  # fmt: skip
 
-    # calibration ranges (name -> [min, max]) another format's call recorded on the same ``share`` graph and
-    # calibration patches (None: record them here), and storing them for the others
+    # the calibration range table (RangeTable.to_saved) another format's call recorded on the same ``share`` graph
+    # and calibration patches (None: record it here), and storing it for the others
     def shared_ranges(self, share: Sequence[str], method: str) -> dict[str, Any] | None: ...
 
     def save_ranges(self, share: Sequence[str], method: str, ranges: dict[str, Any]) -> None: ...

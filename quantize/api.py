@@ -290,12 +290,12 @@ class _Ctx:
         if self.captures is None:
             return None
         found = self.captures.load_shared("ranges", _ranges_key(self, share, method))
-        return None if found is None else dict(found["ranges"])
+        return None if found is None else found["table"]
 
     def save_ranges(self, share: Sequence[str], method: str, ranges: dict[str, Any]) -> None:
         if self.captures is not None:
             self.captures.save_shared("ranges", _ranges_key(self, share, method),
-                                      {"ranges": ranges, "by": f"the {self.parent.fmt} quantize call"})  # fmt: skip
+                                      {"table": ranges, "by": f"the {self.parent.fmt} quantize call"})  # fmt: skip
 
     def shipped_search(self, backend_key: str, units: Mapping[str, tuple[int, int]],
                        pinned: Mapping[str, str]) -> tuple[SearchResult, list] | None:  # fmt: skip

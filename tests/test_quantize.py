@@ -975,20 +975,40 @@ class _ToyJob:
         pass
 
 
-def test_pt2e_range_table_is_recorded_once_for_the_formats_that_share_the_graph(monkeypatch):
-    """The second format's PT2E call on the same graph and patches restores the calibration ranges the first one
-    stored (as JSON, as between the lanes' processes) instead of running the patches, and converts to the same
-    graph; ranges naming nodes the graph lacks are ignored."""
+class _ComputedWeight(torch.nn.Module):
+    """A convolution whose weight the graph computes (weight x gain, as a folded norm): its per-channel weight
+    observer is calibrated by running the graph, and a range table keeps it as an observer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.gain = torch.nn.Parameter(torch.rand(3, 1, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(x, self.conv.weight * self.gain, self.conv.bias, padding=1)
+
+
+@pytest.mark.parametrize("computed", [False, True])
+def test_pt2e_range_table_is_recorded_once_for_the_formats_that_share_the_graph(monkeypatch, computed):
+    """The second format's PT2E call on the same graph and patches restores the calibration range table the first
+    one stored (as JSON, as between the lanes' processes; with a computed weight, its observer's state too)
+    instead of running the patches, and converts to the same graph; a table naming nodes the graph lacks is
+    ignored."""
     import tadsr.formats.executorch.ptq as ptq
 
     store: dict = {}
     passes = []
-    table = ptq.RangeTable
-    monkeypatch.setattr(ptq, "RangeTable", type("Counted", (table,), {
-        "__init__": lambda self, *a, **k: passes.append(1) or table.__init__(self, *a, **k)}))  # fmt: skip
+    calibrate = ptq.PT2EQuant._calibrate  # every pass of the patches through a prepared graph
+    monkeypatch.setattr(ptq.PT2EQuant, "_calibrate", staticmethod(lambda *a: passes.append(1) or calibrate(*a)))
 
     class Job(_ToyJob):
         target = 0.0  # all INT8 meets it: one conversion per call
+
+        def __init__(self, seed: int, n: int) -> None:
+            super().__init__(seed, n)
+            if computed:
+                self.graph = _ComputedWeight().eval()
 
         def shared_ranges(self, share, method):
             return store.get((tuple(share), method))
@@ -998,13 +1018,14 @@ def test_pt2e_range_table_is_recorded_once_for_the_formats_that_share_the_graph(
 
     first, _, _ = ptq.pt2e_recipe(Job(seed=5, n=3), "executorch", "none")
     assert len(passes) == 1 and len(store) == 1
+    assert bool(next(iter(store.values()))["observers"]) == computed
     second, _, _ = ptq.pt2e_recipe(Job(seed=5, n=3), "coreml", "none")
     assert len(passes) == 1, "the second format ran the calibration patches again"
     x = torch.from_numpy(Job(seed=5, n=3).calib.feeds("toy")[0]["x"])
     with torch.no_grad():
         np.testing.assert_array_equal(first(x).numpy(), second(x).numpy())
     (key,) = store
-    store[key] = {**store[key], "not_a_node": [0.0, 1.0]}
+    store[key] = {**store[key], "ranges": {**store[key]["ranges"], "not_a_node": [0.0, 1.0]}}
     ptq.pt2e_recipe(Job(seed=5, n=3), "coreml", "none")
     assert len(passes) == 2
 

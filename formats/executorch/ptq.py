@@ -214,7 +214,7 @@ class PT2EQuant:
         self.constants: dict[str, Any] = {}  # int8_add_constants statistics of the last convert()
         self._table: RangeTable | None = None  # the observed ranges over the last calibration feeds
         # (load, save) of a range table recorded by another process on this graph and the calibration feeds
-        self.table_store: tuple[Callable[[], Mapping[str, Any] | None], Callable[[dict[str, Any]], None]] | None = None
+        self.table_store: tuple[Callable[[], dict[str, Any] | None], Callable[[dict[str, Any]], None]] | None = None
         logger.info("pt2e: %d candidate layers in %d blocks (%d pinned float), rewrites %s, %.1fs", len(self.layers),
                     len(self.units()), len(self.pinned), report.to_dict(), time.perf_counter() - t0)  # fmt: skip
 
@@ -284,14 +284,16 @@ class PT2EQuant:
         it names only nodes of this graph), else recorded here in one pass and stored there."""
         load, save = self.table_store or (None, None)
         saved = load() if load is not None else None
-        names = {n.name for n in self.exported.graph.nodes}
-        if saved is not None and saved and set(saved) <= names:
-            logger.info("pt2e: the calibration ranges of %d tensors recorded by another format's call on this graph "
-                        "and these patches; not calibrated again", len(saved))  # fmt: skip
-            return RangeTable.restored(feeds, saved)
+        if saved is not None:
+            table = RangeTable.restored(feeds, saved)
+            if table.names() and table.names() <= {n.name for n in self.exported.graph.nodes}:
+                logger.info("pt2e: the calibration ranges of %d tensors (and %d observers) recorded by another "
+                            "format's call on this graph and these patches; not calibrated again", len(table.ranges),
+                            len(saved.get("observers", {})))  # fmt: skip
+                return table
         table = RangeTable(self._prepare([]), feeds, lambda gm, fs: self._calibrate(gm, fs, progress))
-        if save is not None and table.shareable():
-            save({k: list(v) for k, v in table.ranges.items()})
+        if save is not None:
+            save(table.to_saved())
         return table
 
     def convert(self, float_units: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], *,

@@ -103,6 +103,7 @@ class RangeTable:
         from torchao.quantization.pt2e.observer import MinMaxObserver
 
         self.feeds = feeds  # identity is the key: fill() is valid for these very feeds
+        self._states: dict[str, Any] = {}  # a restored table's kept observers, as saved (see restored())
         recorders: dict[str, _Range] = {}
         self.observers: dict[str, nn.Module] = {}  # a watched node -> its calibrated observer (not per-tensor min/max)
         for mod, nodes in observer_groups(prepared):
@@ -122,18 +123,40 @@ class RangeTable:
         self.ranges = {k: (r.lo, r.hi) for k, r in recorders.items() if r.lo <= r.hi}
 
     @classmethod
-    def restored(cls, feeds: Sequence[Mapping[str, np.ndarray]],
-                 ranges: Mapping[str, Sequence[float]]) -> RangeTable:  # fmt: skip
-        """A table recorded elsewhere (another process's pass over the same graph and ``feeds``, ``ranges`` as
-        :attr:`ranges`); only a table without kept observers (:meth:`shareable`) can be restored."""
+    def restored(cls, feeds: Sequence[Mapping[str, np.ndarray]], saved: Mapping[str, Any]) -> RangeTable:
+        """A table recorded elsewhere (another process's pass over the same graph and ``feeds``), from
+        :meth:`to_saved`; its kept observers are rebuilt in :meth:`fill` from their saved state."""
         table = cls.__new__(cls)
         table.feeds, table.observers = feeds, {}
-        table.ranges = {k: (float(v[0]), float(v[1])) for k, v in ranges.items()}
+        table.ranges = {k: (float(v[0]), float(v[1])) for k, v in saved["ranges"].items()}
+        table._states = dict(saved.get("observers", {}))
         return table
 
-    def shareable(self) -> bool:
-        """Whether :attr:`ranges` alone restore this table (no calibrated observer of another kind is kept)."""
-        return not self.observers
+    def to_saved(self) -> dict[str, Any]:
+        """The table as JSON-able data for :meth:`restored`: the ranges, and each kept observer's type and state."""
+        states = {name: {"type": type(m).__name__, "config": [str(c) for c in _config(m)],
+                         "state": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
+                                       "values": v.detach().flatten().tolist()} for k, v in m.state_dict().items()
+                                   if k in _SEEN}}
+                  for name, m in self.observers.items()}  # fmt: skip
+        return {"ranges": {k: list(v) for k, v in self.ranges.items()}, "observers": states}
+
+    def names(self) -> set[str]:
+        """The graph nodes the table knows."""
+        return set(self.ranges) | set(self.observers) | set(self._states)
+
+    def _twin(self, name: str, mod: nn.Module) -> nn.Module | None:
+        """The calibrated observer of node ``name`` for ``mod``: kept here, or rebuilt from a restored state."""
+        twin = self.observers.get(name)
+        state = self._states.get(name)
+        if (twin is None and state is not None and state["type"] == type(mod).__name__
+                and state.get("config") == [str(c) for c in _config(mod)]):  # fmt: skip
+            twin = copy.deepcopy(mod)  # its configuration; what it has seen is the recorded state
+            for k, v in state["state"].items():
+                if k in _SEEN:
+                    setattr(twin, k, torch.tensor(v["values"], dtype=getattr(torch, v["dtype"])).reshape(v["shape"]))
+            self.observers[name] = twin
+        return twin
 
     def fill(self, prepared: torch.fx.GraphModule) -> bool:
         """Calibrate the observers of ``prepared`` from the table; False (nothing changed) when one of them is not
@@ -143,7 +166,7 @@ class RangeTable:
         plan: list[tuple[nn.Module, list[torch.Tensor]]] = []
         swap: dict[int, nn.Module] = {}  # id(observer) -> the table's calibrated twin
         for mod, nodes in observer_groups(prepared):
-            twin = self.observers.get(nodes[0].name) if len(nodes) == 1 else None
+            twin = self._twin(nodes[0].name, mod) if len(nodes) == 1 else None
             if twin is not None and type(twin) is type(mod) and _config(twin) == _config(mod):
                 swap[id(mod)] = twin
                 continue
@@ -166,6 +189,9 @@ class RangeTable:
             if n.op == "call_module" and (key := id(_attr(prepared, str(n.target)))) in swap:
                 setattr(prepared, str(n.target), copies.setdefault(key, copy.deepcopy(swap[key])))
         return True
+
+
+_SEEN = ("min_val", "max_val")  # the state a min/max observer (per tensor or per channel) accumulates
 
 
 def _config(m: nn.Module) -> tuple[Any, ...]:
