@@ -502,23 +502,26 @@ def _entry_units(entry: BackendRecipe, known: Mapping[str, Any], pinned: Mapping
     return list(entry.float_units)
 
 
+def _calibrated_graph(ctx: _Ctx, share: Sequence[str], method: str) -> list[Any]:
+    """The graph (weights, tile, ``share``: rewrites and op types) and its calibration (method, feeds): what its
+    calibration ranges depend on, and the first part of what a recipe search on it depends on."""
+    m = ctx.parent.manifest
+    return [ctx.name, m["preset"], m["sources"], ctx.parent.tile, list(share), method, ctx.calib.patches.content_hash,
+            ctx.calib.info.get("seed")]  # fmt: skip
+
+
 def _search_key(ctx: _Ctx, units: Mapping[str, tuple[int, int]], pinned: Mapping[str, str],
                 share: Sequence[str]) -> str:  # fmt: skip
     """What a recipe search depends on besides the reference outputs of the format's own fp32 artifact (which agree
     across formats to far below the INT8 error)."""
-    m = ctx.parent.manifest
-    return json.dumps([ctx.name, m["preset"], m["sources"], ctx.parent.tile, sorted(units.items()), sorted(pinned),
-                       list(share), ctx.method, ctx.target, ctx.hr_budget, ctx.hr_confidence, ctx.sens_patches,
-                       ctx.sens_budget, ctx.calib.patches.content_hash, ctx.calib.info.get("seed"),
+    return json.dumps([*_calibrated_graph(ctx, share, ctx.method), sorted(units.items()), sorted(pinned), ctx.target,
+                       ctx.hr_budget, ctx.hr_confidence, ctx.sens_patches, ctx.sens_budget,
                        ctx.hold.patches.content_hash, ctx.hold.info.get("seed")], sort_keys=True, default=list)  # fmt: skip
 
 
 def _ranges_key(ctx: _Ctx, share: Sequence[str], method: str) -> str:
-    """What a graph's calibration ranges depend on: the graph (weights, tile, ``share``: rewrites and op types) and
-    the calibration feeds."""
-    m = ctx.parent.manifest
-    return json.dumps([ctx.name, m["preset"], m["sources"], ctx.parent.tile, list(share), method,
-                       ctx.calib.patches.content_hash, ctx.calib.info.get("seed")], sort_keys=True, default=list)  # fmt: skip
+    """What a graph's calibration ranges depend on (:func:`_calibrated_graph`)."""
+    return json.dumps(_calibrated_graph(ctx, share, method), sort_keys=True, default=list)
 
 
 def _search_to_dict(result: SearchResult, ranking: Sequence[UnitSensitivity]) -> dict[str, Any]:
