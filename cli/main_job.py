@@ -205,7 +205,10 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
     traces = TraceCache()  # one trace cache for the fp32 and the INT8 folders (a trace is the same torch graph)
     for sub, names in (("artifacts", res.fp32), ("int8", res.int8)):
         if names:
-            options = ParityOptions(threads=cfg.threads, **(_SMOKE_PARITY if cfg.smoke else _FULL_PARITY))
+            # gate_tiles: the tile hops of a folder this run has just written come from its write's parity gate
+            # where that gate ran the same cases (the fp32 exports); whole images always run
+            options = ParityOptions(threads=cfg.threads, gate_tiles=True,
+                                    **(_SMOKE_PARITY if cfg.smoke else _FULL_PARITY))  # fmt: skip
             res.parity[sub] = _stage(cfg, f"parity {fmt} {sub}", lambda: check_parity(
                 out / sub, options=options, traces=traces, select=names), timings)  # fmt: skip
     res.timings = timings

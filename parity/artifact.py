@@ -37,7 +37,7 @@ from tadsr.parity.hops import (
     vq_judge,
 )
 from tadsr.parity.records import ArtifactCheck, Check
-from tadsr.parity.session import ParityOptions, Session, runner_kwargs
+from tadsr.parity.session import ParityOptions, Session, real_patches, runner_kwargs
 from tadsr.runtime.runner import BACKENDS, CheckedRunner, RunnerSpec, load_runner, read_manifest, verify_files
 
 logger = logging.getLogger(__name__)
@@ -154,12 +154,48 @@ def check_artifact(path: Path, session: Session) -> ArtifactCheck:
     return res
 
 
+def _gate_hops(res: ArtifactCheck, manifest: Mapping[str, Any], verified: bool, session: Session,
+               outputs: Sequence[str]) -> list[HopResult] | None:  # fmt: skip
+    """The tile hops the artifact's write-time parity gate recorded, when that gate ran exactly this check
+    (:attr:`ParityOptions.gate_tiles`); None: run them."""
+    opts = session.opts
+    if not (opts.gate_tiles and verified and session.ref.from_manifest and opts.backend is None) or opts.diagnose:
+        return None
+    inputs = manifest.get("parity_inputs") or {}
+    if not (manifest.get("parity_gate") and manifest.get("parity_passed")):
+        return None
+    models = session.models(manifest)[0]
+    cases = [f"seeded-{opts.seed}"] + [f"real-{i}" for i in range(opts.patches)]
+    if inputs.get("cases") != cases or inputs.get("real") != real_patches(res.tile, models.preset.scale, opts)[1]:
+        return None
+    preset = models.preset.name
+    floors = {HOP_REFERENCE: load_floors("fp32", res.graph, preset)}
+    floors[runtime_hop(res.format)] = floors[end_to_end_hop(res.format)] = load_floors(res.precision, res.graph, preset)
+    recorded = {(h["hop"], h["inputs"], h["output"]): h for h in manifest.get("parity") or [] if h["hop"] in floors}
+    hops = []
+    for hop, fl in floors.items():  # the check's hops in its order; each recorded under today's floors
+        for kind in ("seeded", "real") if opts.patches else ("seeded",):
+            for name in outputs:
+                rec = recorded.get((hop, kind, name))
+                if rec is None or Floor.from_dict(rec.get("floor") or {}) != fl.get(name):
+                    return None
+                hops.append(HopResult.from_dict(rec))
+    return hops
+
+
 def _check_numerics(res: ArtifactCheck, manifest: dict[str, Any], verified: bool, session: Session) -> None:
     opts = session.opts
     models, warnings = session.models(manifest)
     res.reference_warnings = warnings
     module, gspec = session.graph(manifest, res.graph, res.tile)
     res.checks += _interface_check(manifest, gspec)
+    gated = _gate_hops(res, manifest, verified, session, [s.name for s in gspec.outputs])
+    if gated is not None:
+        res.outputs += gated
+        res.real_source = str(manifest["parity_inputs"]["real"])
+        res.checks.append(Check("tiles", True, "the seeded and real tiles' hops are those the write's parity gate "
+                                "recorded in the manifest: the same cases, reference and floors, on these files"))  # fmt: skip
+        return
     runner = _open_runner(res.path, manifest, verified, opts)
     runs = session.runs(manifest, res.tile)
     with torch.no_grad():

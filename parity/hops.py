@@ -36,7 +36,7 @@ import torch
 
 from tadsr.errors import ConfigError, InputError, ParityError
 from tadsr.parity.vq import CaseFlips, FlipBudget, VQCompare, VQJudge, VQView, torch_decoder
-from tadsr.metrics import db_json, error_stats
+from tadsr.metrics import db_from_json, db_json, error_stats
 from tadsr.pipeline import DEFAULT_SEED, Models, OneStepPipeline, make_noise
 
 __all__ = [
@@ -104,6 +104,13 @@ class Floor:
     source: str = ""
     flips: FlipBudget | None = None
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Floor:
+        """A floor as :meth:`HopResult.to_dict` records it."""
+        fb = d.get("flips")
+        return cls(d.get("max_abs"), d.get("psnr"), str(d.get("why", "")), str(d.get("source", "")),
+                   FlipBudget.from_dict(fb) if isinstance(fb, dict) else None)  # fmt: skip
+
     def accepts(self, max_abs: float, psnr: float) -> bool:
         ok_abs = self.max_abs is None or max_abs <= self.max_abs
         ok_psnr = self.psnr is None or psnr >= self.psnr
@@ -152,9 +159,7 @@ def load_floors(precision: str, graph: str, preset: str | None = None) -> dict[s
     out: dict[str, Floor] = {}
     for name, f in entry.items():
         if isinstance(f, dict):
-            fb = f.get("flips")
-            out[name] = Floor(f.get("max_abs"), f.get("psnr"), f.get("why", ""), source,
-                              FlipBudget.from_dict(fb) if isinstance(fb, dict) else None)  # fmt: skip
+            out[name] = Floor.from_dict({**f, "source": source})
     return out
 
 
@@ -426,6 +431,18 @@ class HopResult:
                 "ssim": db_json(self.ssim, 6), "data_range": db_json(self.data_range),
                 "qsteps": db_json(self.qsteps, 4), "floor": floor, "passed": self.passed,
                 "worst_case": self.worst_case, "flips": flips_record(self.flips, self.flips_source)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> HopResult:
+        """A hop read back from a manifest's ``parity`` or a ``parity.json`` (:meth:`to_dict`)."""
+        fl = d.get("flips")
+        return cls(str(d["hop"]), str(d["inputs"]), str(d["output"]), int(d["n"]), db_from_json(d.get("max_abs")),
+                   db_from_json(d.get("mean_abs")), db_from_json(d.get("psnr")), db_from_json(d.get("data_range")),
+                   Floor.from_dict(d.get("floor") or {}), bool(d["passed"]), str(d.get("worst_case", "")),
+                   None if fl is None else [CaseFlips.from_dict(c) for c in fl.get("cases") or []],
+                   "" if fl is None else str(fl.get("codes_from", "")),
+                   None if d.get("ssim") is None else db_from_json(d["ssim"]),
+                   None if d.get("qsteps") is None else float(d["qsteps"]))  # fmt: skip
 
     def flip_summary(self) -> str:
         """``"N near-tie flips of M positions, max gap g"`` over the cases, or ``""``."""

@@ -97,6 +97,11 @@ class ParityOptions:
         diagnose: localise every artifact, not only failing ones.
         backend: runner backend override (e.g. ``"coreml-sim"``).
         threads: intra-op threads for ONNX Runtime and torch (None: library defaults).
+        gate_tiles: take an artifact's tile hops from its write-time parity gate (the manifest's ``parity``)
+            instead of running them again, where that gate ran exactly this check: files verified by sha256,
+            the same cases (seed, real patches and their content hash), the reference the manifest names, the
+            floors of today's numerics.json, no backend override and no diagnosis asked. ``tadsr all`` sets it
+            for the folders it has just written; whole images always run.
     """
 
     seed: int = 0
@@ -108,6 +113,7 @@ class ParityOptions:
     diagnose: bool = False
     backend: str | None = None
     threads: int | None = None
+    gate_tiles: bool = False
 
     def __post_init__(self) -> None:
         if self.seed < 0 or self.patches < 0 or self.whole_images < 0 or self.max_side < 1 or self.overlap < 0:
@@ -194,7 +200,7 @@ class Session:
         k = (self.key(manifest), tile)
         if k not in self._runs:
             models = self.models(manifest)[0]
-            lrs, source = _real_patches(tile, models.preset.scale, self.opts)
+            lrs, source = real_patches(tile, models.preset.scale, self.opts)
             self._runs[k] = reference_runs_on(models, lrs, source)
         return self._runs[k]
 
@@ -219,7 +225,8 @@ class Session:
         return self._traces[k]
 
 
-def _real_patches(tile: int, scale: int, opts: ParityOptions) -> tuple[np.ndarray, str]:
+def real_patches(tile: int, scale: int, opts: ParityOptions) -> tuple[np.ndarray, str]:
+    """The real LR patches of a check (``opts.images``, or the shipped calibration set) and their description."""
     if opts.images is None:
         return real_lr_patches(tile, scale, opts.patches)
     from tadsr.patches import sample_patches

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tadsr.metrics import error_stats
+from tadsr.metrics import db_from_json, error_stats
 
 __all__ = ["FlipBudget", "CaseFlips", "VQView", "VQJudge", "VQCompare", "nearest_codes", "code_gaps", "torch_decoder"]
 
@@ -136,6 +136,16 @@ class CaseFlips:
                 "psnr": num(self.psnr), "same_codes_psnr": num(self.same_codes_psnr),
                 "latent_psnr": num(self.latent_psnr),
                 "passed": self.passed, "note": self.note}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CaseFlips:
+        """A case read back from a manifest or report (:meth:`to_dict`; the gaps kept there, 999 dB = identical)."""
+        def num(x: float | None) -> float | None:
+            return None if x is None else db_from_json(x)
+
+        return cls(str(d["case"]), int(d["positions"]), int(d["flipped"]), int(d["near_tie"]), float(d["max_gap"]),
+                   [float(g) for g in d.get("gaps") or []], str(d.get("codes_from", "")), num(d.get("same_codes_psnr")),
+                   num(d.get("latent_psnr")), bool(d["passed"]), str(d.get("note", "")), num(d.get("psnr")))  # fmt: skip
 
 
 def _rows(z: np.ndarray) -> np.ndarray:

@@ -69,7 +69,7 @@ class ErrorStats:
 
 
 # "Identical" is +inf dB. JSON has no inf, so every report writes it as IDENTICAL_DB (999 dB), and text says
-# "identical". These three are the only place that rule lives.
+# "identical". These four are the only place that rule lives.
 IDENTICAL_DB = 999.0
 
 
@@ -81,6 +81,14 @@ def db_json(x: float | None, digits: int = 6) -> float | None:
     if math.isinf(x):
         return IDENTICAL_DB if x > 0 else -IDENTICAL_DB
     return float(f"{x:.{digits}g}")
+
+
+def db_from_json(x: float | None) -> float:
+    """The inverse of :func:`db_json` for a value read back from a report: +/-999 -> +/-inf, None -> NaN."""
+    if x is None:
+        return math.nan
+    x = float(x)
+    return math.copysign(math.inf, x) if abs(x) >= IDENTICAL_DB else x
 
 
 def db_text(x: float | None, digits: int = 1) -> str:

@@ -123,6 +123,7 @@ def test_smoke_plans_the_reduced_run(tmp_path: Path, monkeypatch: pytest.MonkeyP
     budget = sorted(name for name, kw in calls["quantize"] if kw.get("hr_budget_db", "default") is not None)
     assert budget == ["decoder-onnx-fp32-t64"], budget
     assert all(kw["options"].patches == 1 and kw["options"].whole_images == 1 for kw in calls["parity"])
+    assert all(kw["options"].gate_tiles for kw in calls["parity"])  # the fp32 exports' gates ran these cases
     (bench,) = calls["bench"]
     assert bench.repeats == 1 and bench.teacher_steps == 15 and bench.max_images == 1
     summary = (tmp_path / "smoke" / "SUMMARY.md").read_text()

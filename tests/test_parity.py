@@ -261,3 +261,39 @@ def test_whole_image_reference_is_shared_between_calls_through_the_trace_cache(t
     assert again.sets[0].images[0].psnr == first.sets[0].images[0].psnr
     check_parity(tiny_onnx_artifacts, options=opts, select=pipe)
     assert calls.count("ref_tiles") == 2
+
+
+def test_gate_tiles_are_the_write_gates_hops_only_where_that_gate_ran_this_check(tiny_onnx_artifacts, tmp_path,
+                                                                                  monkeypatch) -> None:
+    """``gate_tiles`` (``tadsr all``): an artifact whose write-time gate ran this check's cases, reference and
+    floors on these files gets that gate's hops from its manifest, without running a tile; other cases, another
+    floor or a modified file are run again."""
+    import tadsr.parity.artifact as artifact
+
+    ran: list[int] = []
+    real = artifact.run_cases_vq
+    monkeypatch.setattr(artifact, "run_cases_vq", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    opts = {**FAST, "whole_images": 0, "gate_tiles": True}
+    res = check_parity(tiny_onnx_artifacts, options=ParityOptions(**opts))
+    assert res.passed and not ran
+    for a in res.artifacts:
+        manifest = json.loads((a.path / "manifest.json").read_text())
+        assert [c.name for c in a.checks] == ["integrity", "interface", "constants", "tiles"]
+        assert [o.to_dict() for o in a.outputs] == manifest["parity"]
+        assert a.real_source == manifest["parity_inputs"]["real"]
+    assert len(res.artifacts[0].outputs) == 6  # 3 hops x seeded / real, as a check that runs them reports
+    # two real patches: not the cases the gate ran
+    res = check_parity(tiny_onnx_artifacts, options=ParityOptions(**{**opts, "patches": 2}),
+                       select=["encoder-onnx-fp32-t64"])  # fmt: skip
+    assert res.passed and len(ran) == 1 and [c.name for c in res.artifacts[0].checks][-1] == "constants"
+    # a floor that is not today's numerics.json
+    d = _copy(tiny_onnx_artifacts, tmp_path, "encoder")
+    m = json.loads((d / "manifest.json").read_text())
+    m["parity"][-1]["floor"]["psnr"] = 10.0
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert check_parity(d, options=ParityOptions(**opts)).passed and len(ran) == 2
+    # a modified file: integrity fails and the tiles are run (and diagnosed)
+    d = _copy(tiny_onnx_artifacts, tmp_path / "mod", "decoder")
+    _scale_initializer(d, "decoder", "decoder.up.1.block.0.conv1.weight", 1.5, fix_sha=False)
+    res = check_parity(d, options=ParityOptions(**opts))
+    assert not res.passed and len(ran) == 3 and not res.artifacts[0].checks[0].passed
