@@ -283,3 +283,35 @@ def test_tiny_graph_fp16_packages(tiny_models, tmp_path, name):
     assert c["fp16"] > 0.8 * (c["fp16"] + c["fp32"])
     if name == "decoder":  # the VQ search stays fp32 (discrete choice)
         assert any(r.startswith("discrete") for r in res.info["fp16"]["kept_layers"].values())
+
+
+def test_conversion_validates_the_converted_program_once(monkeypatch):
+    """``convert_validated_once``: coremltools' per-pass ``Program.validate`` is off during the conversion and runs
+    once on the converted program (a broken result still fails); the package is the one a stock conversion writes,
+    and the method is restored afterwards."""
+    from coremltools.converters.mil.mil.program import Program
+
+    from tadsr.formats.coreml.export import convert_validated_once
+
+    class Toy(nn.Module):
+        def forward(self, x):
+            return torch.relu(nn.functional.conv2d(x, torch.ones(2, 3, 3, 3), padding=1)) * 2 + 1
+
+    x = torch.rand(1, 3, 8, 8)
+    ep = torch.export.export(Toy(), (x,)).run_decompositions({})
+    kw = {"convert_to": "mlprogram", "minimum_deployment_target": ct.target.iOS17, "skip_model_load": True,
+          "inputs": [ct.TensorType(name="x", shape=tuple(x.shape))], "compute_precision": ct.precision.FLOAT32}
+    stock = Program.validate
+    seen: list[int] = []
+    monkeypatch.setattr(Program, "validate", lambda self, check_essential_scope=False: seen.append(id(self)))
+    ml = ct.convert(ep, **kw)
+    assert len(seen) > 5  # the stock conversion validates after every pass
+    seen.clear()
+    mine = convert_validated_once(ep, **kw)
+    assert seen == [id(mine._mil_program)]
+    assert mine.get_spec().SerializeToString() == ml.get_spec().SerializeToString()
+    assert Program.validate is not stock  # our counting stand-in came back, not the no-op
+    monkeypatch.setattr(Program, "validate", lambda self, check_essential_scope=False: (_ for _ in ()).throw(
+        ValueError("Var x not visible")))  # fmt: skip
+    with pytest.raises(ValueError, match="not visible"):
+        convert_validated_once(ep, **kw)

@@ -87,14 +87,14 @@ def coreml_w8a8(
     """
     import coremltools as ct
 
-    from tadsr.formats.coreml.export import pass_pipeline
+    from tadsr.formats.coreml.export import convert_validated_once, pass_pipeline
 
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
             program = torch.export.export(converted, tuple(example), strict=False).run_decompositions({})
         with _quiet():
-            ml = ct.convert(
+            ml = convert_validated_once(
                 program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
                 inputs=[ct.TensorType(name=n, shape=tuple(x.shape)) for n, x in zip(input_names, example, strict=True)],
                 outputs=[ct.TensorType(name=n) for n in output_names], compute_precision=ct.precision.FLOAT32,
