@@ -202,7 +202,11 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
             done.record(f"quantize {name}", key, int8)
         made[name] = [f["name"] for f in int8]
     res.int8 = [n for e in exported for n in made.get(e["name"], [])]
-    traces = TraceCache()  # one trace cache for the fp32 and the INT8 folders (a trace is the same torch graph)
+    # one trace cache for the fp32 and the INT8 folders (a trace is the same torch graph); the whole-image
+    # references on disk beside the captures, for the other lanes
+    from tadsr.cli.resume import source_digest
+
+    traces = TraceCache(refs_folder=out / ".cache" / "whole_refs", salt=source_digest())
     for sub, names in (("artifacts", res.fp32), ("int8", res.int8)):
         if names:
             # gate_tiles: the tile hops of a folder this run has just written come from its write's parity gate

@@ -5,6 +5,7 @@ localisation traces; :class:`TraceCache` keeps traces across calls for the calle
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from tadsr import fileio
 from tadsr.config import get_preset
 from tadsr.errors import ConfigError, InputError
 from tadsr.formats.localize import GraphTrace, trace_graph, trace_program
@@ -131,16 +133,57 @@ def runner_kwargs(fmt: str, threads: int | None) -> dict[str, Any]:
     return get_format(fmt).runner_kwargs(threads) if fmt in FORMAT_NAMES else {}
 
 
+class WholeRefs(dict):
+    """Whole-image references by key (image, latents per tile), kept in memory and, with ``folder``, on disk
+    (``<folder>/<key digest>.npz``, written atomically, ``salt`` mixed into the name): the format lanes of one
+    ``tadsr all`` run are separate processes and compare with the same references."""
+
+    def __init__(self, folder: Path | None = None, salt: str = "") -> None:
+        super().__init__()
+        self.folder = None if folder is None else Path(folder)
+        self.salt = salt
+
+    def _path(self, key: tuple) -> Path | None:
+        if self.folder is None:
+            return None
+        return self.folder / f"{hashlib.sha256((json.dumps(key) + self.salt).encode()).hexdigest()[:32]}.npz"
+
+    def __contains__(self, key: object) -> bool:
+        if super().__contains__(key):
+            return True
+        path = self._path(key) if isinstance(key, tuple) else None
+        if path is None or not path.is_file():
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                value = (z["image"], [z[f"x0_{i}"] for i in range(int(z["tiles"]))])
+        except (OSError, KeyError, ValueError) as e:
+            logger.warning("ignoring the unreadable whole-image reference %s (%s)", path, e)
+            return False
+        super().__setitem__(key, value)
+        return True
+
+    def __setitem__(self, key: tuple, value: tuple[np.ndarray, list[np.ndarray]]) -> None:
+        super().__setitem__(key, value)
+        path = self._path(key)
+        if path is not None:
+            image, x0s = value
+            arrays = {"image": image, "tiles": np.array(len(x0s)), **{f"x0_{i}": x for i, x in enumerate(x0s)}}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fileio.write_with(path, lambda f: np.savez(f, **arrays))
+
+
 class TraceCache:
     """torch.export traces for localisation (a few seconds to a minute each), kept across :func:`check_parity`
     calls by the caller that owns this object (``tadsr all``, the benchmarks): the ``kept`` last used ones; and the
     whole-image references of the weights the manifests name (the fp32 and the INT8 folders of one model are
-    compared with the same tiled reference images, computed once)."""
+    compared with the same tiled reference images, computed once; with ``refs_folder`` also across processes,
+    see :class:`WholeRefs`)."""
 
-    def __init__(self, kept: int = 4) -> None:
+    def __init__(self, kept: int = 4, refs_folder: Path | None = None, salt: str = "") -> None:
         self.kept = kept
         self._traces: OrderedDict[tuple, GraphTrace] = OrderedDict()
-        self.whole_refs: dict[tuple, tuple[np.ndarray, list[np.ndarray]]] = {}
+        self.whole_refs: WholeRefs = WholeRefs(refs_folder, salt)
 
     def get(self, key: tuple) -> GraphTrace | None:
         if key not in self._traces:

@@ -263,6 +263,32 @@ def test_whole_image_reference_is_shared_between_calls_through_the_trace_cache(t
     assert calls.count("ref_tiles") == 2
 
 
+def test_whole_image_reference_is_shared_between_processes_through_a_folder(tiny_onnx_artifacts, tmp_path,
+                                                                             monkeypatch) -> None:
+    """``tadsr all``'s lanes are processes: a :class:`TraceCache` with ``refs_folder`` finds the reference another
+    one stored there (same image, tiles, noise and latents) instead of upscaling again; another salt (another
+    toolkit version) or an unreadable file computes anew."""
+    import tadsr.runtime.tiling as tiling
+    from tadsr.parity.session import TraceCache
+
+    calls: list[str] = []
+    real = tiling.upscale_tiled
+    monkeypatch.setattr(tiling, "upscale_tiled", lambda lr, run_tiles, **kw: calls.append(
+        getattr(run_tiles, "__name__", "")) or real(lr, run_tiles, **kw))  # fmt: skip
+    pipe, opts = ["pipeline-onnx-fp32-t64"], ParityOptions(**{**FAST, "patches": 0})
+    folder = tmp_path / "refs"
+    first = check_parity(tiny_onnx_artifacts, options=opts, traces=TraceCache(refs_folder=folder, salt="a"), select=pipe)
+    (stored,) = folder.glob("*.npz")
+    again = check_parity(tiny_onnx_artifacts, options=opts, traces=TraceCache(refs_folder=folder, salt="a"), select=pipe)
+    assert calls.count("ref_tiles") == 1 and again.passed
+    assert again.sets[0].images[0].psnr == first.sets[0].images[0].psnr
+    check_parity(tiny_onnx_artifacts, options=opts, traces=TraceCache(refs_folder=folder, salt="b"), select=pipe)
+    assert calls.count("ref_tiles") == 2
+    stored.write_bytes(b"not an npz")
+    assert check_parity(tiny_onnx_artifacts, options=opts, traces=TraceCache(refs_folder=folder, salt="a"),
+                        select=pipe).passed and calls.count("ref_tiles") == 3  # fmt: skip
+
+
 def test_gate_tiles_are_the_write_gates_hops_only_where_that_gate_ran_this_check(tiny_onnx_artifacts, tmp_path,
                                                                                   monkeypatch) -> None:
     """``gate_tiles`` (``tadsr all``): an artifact whose write-time gate ran this check's cases, reference and
