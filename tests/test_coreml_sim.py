@@ -880,20 +880,6 @@ def test_conv_paths_agree(groups: int, strides: list[int], dil: list[int]) -> No
     np.testing.assert_allclose(_conv_torch(xp, w, groups, strides, dil), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("groups, strides, dil", [(1, [2, 2], [1, 1]), (2, [2, 1], [1, 2])])
-def test_conv_transpose_paths_agree(groups: int, strides: list[int], dil: list[int]) -> None:
-    """conv_transpose's numpy path (per tap, for a process without torch) gives torch's result, which the kernel
-    uses when the process has torch (the op tests above run that one)."""
-    from tadsr.runtime.coreml_sim.kernels.linear import _conv_transpose_per_tap
-
-    rng = np.random.default_rng(0)
-    x, w = rng.normal(size=(1, 8, 5, 6)).astype(np.float32), rng.normal(size=(8, 6 // groups, 3, 2)).astype(np.float32)
-    ref = F.conv_transpose2d(torch.from_numpy(x), torch.from_numpy(w), stride=strides, dilation=dil, groups=groups)
-    full = list(ref.shape[2:])
-    np.testing.assert_allclose(_conv_transpose_per_tap(x, w, groups, strides, dil, full), ref.numpy(), atol=1e-4,
-                               rtol=0)  # fmt: skip
-
-
 def test_half_conversions_through_torch_are_bit_identical_to_numpy() -> None:
     """The simulator's fp16 <-> fp32 conversions go through torch when the process has it: the same bits as
     numpy's (NaN payloads aside), for normal, subnormal, overflowing, halfway, NaN and inf values."""

@@ -17,8 +17,7 @@ import numpy as np
 from tadsr.runtime.coreml_sim.errors import CoreMLSimError, UnsupportedOpError
 from tadsr.runtime.coreml_sim.reader import Op
 
-__all__ = ["Args", "Kernel", "as_dtype", "axes_param", "collect_kernels", "kernel", "per_axis", "torch_no_grad",
-           "torch_view"]
+__all__ = ["Args", "Kernel", "as_dtype", "axes_param", "collect_kernels", "kernel", "per_axis"]
 
 _HALF = (np.dtype(np.float16), np.dtype(np.float32))
 _TORCH_CAST_MIN = 4096  # elements: below it numpy's conversion is as fast as the round trip through torch
@@ -43,23 +42,6 @@ def as_dtype(v: np.ndarray, dtype: Any) -> np.ndarray:
             t = torch.from_numpy(np.ascontiguousarray(v))
         return t.to(torch.float16 if dtype == np.float16 else torch.float32).numpy()
     return v.astype(dtype)
-
-
-def torch_view(v: np.ndarray) -> Any:
-    """A torch view of a float32 array, for kernels that use torch when the process already has it (the simulator
-    itself never imports torch). Read-only arrays (the program's constants) are viewed too: torch only reads them."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(np.ascontiguousarray(v, np.float32))
-
-
-def torch_no_grad() -> Any:
-    """``torch.no_grad()`` for those kernels."""
-    import torch
-
-    return torch.no_grad()
 
 
 class Args:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+import warnings
+from typing import Any
 
 import numpy as np
 
-from tadsr.runtime.coreml_sim.kernels.base import Args, kernel, torch_no_grad, torch_view
+from tadsr.runtime.coreml_sim.kernels.base import Args, kernel
 
 
 @kernel("linear")
@@ -24,11 +26,6 @@ def _k_matmul(a: Args) -> np.ndarray:
         x = np.swapaxes(x, -1, -2) if x.ndim > 1 else x
     if a.py("transpose_y", False):
         y = np.swapaxes(y, -1, -2) if y.ndim > 1 else y
-    if max(x.ndim, y.ndim) > 2 and "torch" in sys.modules:  # numpy loops over a stack of small matrices: 5-10x
-        import torch
-
-        with torch_no_grad():
-            return torch.matmul(torch_view(x), torch_view(y)).numpy()
     return np.matmul(x, y)
 
 
@@ -85,9 +82,19 @@ def _conv_torch(xp: np.ndarray, w: np.ndarray, groups: int, strides: list[int], 
     import torch.nn.functional as F
 
     conv = F.conv2d if xp.ndim == 4 else F.conv1d
-    x_t, w_t = (torch_view(v) for v in (xp, w))
+    x_t, w_t = (_tensor(v) for v in (xp, w))
     with torch.no_grad():
         return conv(x_t, w_t, stride=strides, dilation=dil, groups=groups).numpy()
+
+
+def _tensor(v: np.ndarray) -> Any:
+    """A torch view of a float32 array. Read-only arrays (the program's constants) are viewed too: torch only
+    reads them here."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(v, np.float32))
 
 
 def _conv2d_im2col(xp: np.ndarray, w: np.ndarray, groups: int, strides: list[int], dil: list[int],
@@ -132,29 +139,8 @@ def _k_conv_transpose(a: Args) -> np.ndarray:
     if a.py("pad_type", "valid") not in ("valid", "custom"):
         raise a.unsupported("conv_transpose with pad_type 'same' / 'same_lower'")
     pads = _spatial_pads(a, list(x.shape[2:]), ksz, strides)
+    n, cin, cog = x.shape[0], x.shape[1], w.shape[1]
     full = [(i - 1) * s + (k - 1) * d + 1 for i, s, k, d in zip(x.shape[2:], strides, ksz, dil, strict=True)]
-    if nsp in (1, 2) and "torch" in sys.modules:  # torch's transposed convolution: ~15x the per-tap loop
-        import torch.nn.functional as F
-
-        conv_t = F.conv_transpose2d if nsp == 2 else F.conv_transpose1d
-        with torch_no_grad():
-            out = conv_t(torch_view(x), torch_view(w), stride=strides, dilation=dil, groups=groups).numpy()
-    else:
-        out = _conv_transpose_per_tap(x, w, groups, strides, dil, full)
-    out = out[(slice(None),) * 2 + tuple(slice(b, f - e) for (b, e), f in zip(pads, full, strict=True))]
-    target = a.op.outputs[0].shape
-    if target is not None and tuple(out.shape) != target:  # output_shape asks for extra rows at the end
-        grow = [(0, t - o) for o, t in zip(out.shape, target, strict=True)]
-        out = np.pad(out, grow)
-    if a.has("bias"):
-        out = out + a["bias"].reshape([1, -1] + [1] * nsp)
-    return out
-
-
-def _conv_transpose_per_tap(x: np.ndarray, w: np.ndarray, groups: int, strides: list[int], dil: list[int],
-                            full: list[int]) -> np.ndarray:  # fmt: skip
-    """Transposed convolution without padding (output size ``full``) as one matmul per kernel tap, scattered."""
-    n, cin, cog, ksz = x.shape[0], x.shape[1], w.shape[1], list(w.shape[2:])
     out = np.zeros((n, groups, cog, *full), dtype=np.float32)
     xg = x.reshape(n, groups, cin // groups, -1)
     wg = w.reshape(groups, cin // groups, cog, *ksz)
@@ -164,7 +150,15 @@ def _conv_transpose_per_tap(x: np.ndarray, w: np.ndarray, groups: int, strides: 
             slice(p * d, p * d + s * (i - 1) + 1, s) for p, d, s, i in zip(pos, dil, strides, x.shape[2:], strict=True)
         )
         out[(slice(None),) * 3 + sl] += contrib
-    return out.reshape(n, groups * cog, *full)
+    out = out.reshape(n, groups * cog, *full)
+    out = out[(slice(None),) * 2 + tuple(slice(b, f - e) for (b, e), f in zip(pads, full, strict=True))]
+    target = a.op.outputs[0].shape
+    if target is not None and tuple(out.shape) != target:  # output_shape asks for extra rows at the end
+        grow = [(0, t - o) for o, t in zip(out.shape, target, strict=True)]
+        out = np.pad(out, grow)
+    if a.has("bias"):
+        out = out + a["bias"].reshape([1, -1] + [1] * nsp)
+    return out
 
 
 @kernel("avg_pool", "max_pool", "l2_pool")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from tadsr.runtime.coreml_sim.kernels.base import Args, axes_param, kernel, torch_no_grad, torch_view
+from tadsr.runtime.coreml_sim.kernels.base import Args, axes_param, kernel
 
 
 def _normalize(a: Args, x: np.ndarray, axes: tuple[int, ...], eps: float) -> np.ndarray:
@@ -63,11 +62,6 @@ def _k_l2_norm(a: Args) -> np.ndarray:
 @kernel("softmax")
 def _k_softmax(a: Args) -> np.ndarray:
     x, axis = a["x"], int(a.py("axis", -1))
-    if "torch" in sys.modules and x.size >= 4096:  # torch's vectorised exp: ~5x numpy's on attention scores
-        import torch
-
-        with torch_no_grad():
-            return torch.softmax(torch_view(x), dim=axis).numpy()
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
 
