@@ -51,6 +51,7 @@ __all__ = [
     "Recipe",
     "unit_of",
     "worst_psnr",
+    "shipped_trace",
     "rank_units",
     "search_exclusions",
     "find_float_units",
@@ -483,6 +484,13 @@ def hr_trace(loss: HRLoss | None) -> dict[str, float]:
     """A trace entry's HR fields: ``hr_loss_db`` (mean) and ``hr_bound_db`` (what the budget held); none without
     a budget."""
     return {} if loss is None else {"hr_loss_db": round(loss.mean, 3), "hr_bound_db": round(loss.bound, 3)}
+
+
+def shipped_trace(shipped: SearchResult, psnr: float, loss: HRLoss | None, **extra: Any) -> list[dict[str, Any]]:
+    """The search trace of a shipped recipe measured here: its own trace, then the measurement (``"added":
+    "shipped"``), as both PTQ drivers record it."""
+    return [*shipped.trace, {"float_units": len(shipped.excluded), "added": "shipped", "psnr": round(psnr, 3),
+                             **hr_trace(loss), **extra}]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- recipe

@@ -53,7 +53,7 @@ from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
 from tadsr.formats.onnx.export import PROTOBUF_LIMIT, save_model, unshare_initializers
 from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
-from tadsr.formats.sensitivity import BackendRecipe, SearchResult, hr_trace, unit_of, worst_psnr
+from tadsr.formats.sensitivity import BackendRecipe, SearchResult, shipped_trace, unit_of, worst_psnr
 from tadsr.formats.spec import QuantizeJob
 
 __all__ = ["METHODS", "DEFAULT_OP_TYPES", "LONG_ATTENTION_KEYS", "OnnxPTQ", "long_attention_nodes", "quantize_onnx",
@@ -670,8 +670,7 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
             outs = ptq.run_variant(frozenset(units), hold)
             psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
             met, loss = job.meets(psnr, outs)
-            trace = [*shipped[0].trace, {"float_units": len(units), "added": "shipped", "psnr": round(psnr, 3),
-                                         **hr_trace(loss)}]  # fmt: skip
+            trace = shipped_trace(shipped[0], psnr, loss)
             if met:
                 result, ranking, source = SearchResult(units, psnr, True, trace, loss), shipped[1], "shipped"
             else:
