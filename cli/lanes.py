@@ -112,7 +112,7 @@ def run_lanes(
     failure is raised here. An interrupt (Ctrl-C) terminates every lane.
     """
     threads = threads or max(1, usable_cpus() // max(1, jobs))
-    queue = sorted(fmts, key=lambda f: -LANE_WEIGHT.get(f, 0))
+    queue = sorted(fmts, key=lambda f: -LANE_WEIGHT.get(f.partition(":")[0], 0))  # a lane: <format>[:<group>]
     ctx = multiprocessing.get_context("spawn")
     running: dict[str, tuple[Any, Any, float]] = {}  # fmt -> (pool, async result, start time)
     done: dict[str, LaneResult] = {}

@@ -107,9 +107,14 @@ def run_main_job(cfg: MainJobConfig) -> int:
     models = _stage(cfg, "load", lambda: _load(cfg, load_models))
     params_m = sum(p.numel() for net in (models.student, models.autoencoder, models.light_autoencoder)
                    if net is not None for p in net.parameters()) / 1e6  # fmt: skip
-    estimates = {f: lanes.lane_memory_gb(f, params_m) for f in cfg.formats}
     budget = cfg.memory_budget_gb if cfg.memory_budget_gb is not None else 0.85 * lanes.available_memory_gb()
-    jobs = lanes.choose_jobs(estimates, budget, lanes.usable_cpus(), cfg.jobs)
+    cpus = lanes.usable_cpus()
+    names = _lane_names(cfg, min(cpus, cfg.jobs or cpus))
+    estimates = {n: lanes.lane_memory_gb(lane_format(n), params_m) for n in names}
+    jobs = lanes.choose_jobs(estimates, budget, cpus, cfg.jobs)
+    if jobs == 1 and len(names) > len(cfg.formats):  # split lanes that cannot run side by side: one per format
+        names = list(cfg.formats)
+        estimates = {n: lanes.lane_memory_gb(n, params_m) for n in names}
     t0 = time.perf_counter()
     if jobs == 1:
         captures = _capture_cache(out)  # one model: every artifact is calibrated from the same captures
@@ -119,9 +124,10 @@ def run_main_job(cfg: MainJobConfig) -> int:
             done[f] = _lane(cfg, f, models, captures)
             done[f].wall_s, done[f].estimate_gb = round(time.perf_counter() - t1, 1), round(estimates[f], 1)
     else:
-        log.info("== %d format lanes, %d at once (memory budget %.1f GB) ==", len(cfg.formats), jobs, budget)
+        log.info("== %d lanes (%s), %d at once (memory budget %.1f GB) ==", len(names), ", ".join(names), jobs,
+                 budget)  # fmt: skip
         level = logging.getLogger("tadsr").getEffectiveLevel()
-        done = lanes.run_lanes(cfg.formats, _lane_process, lambda f, threads: (cfg, f, threads, level),
+        done = lanes.run_lanes(names, _lane_process, lambda f, threads: (cfg, f, threads, level),
                                estimates=estimates, budget_gb=budget, jobs=jobs, threads=cfg.lane_threads)  # fmt: skip
     cfg.timings["format lanes"] = round(time.perf_counter() - t0, 1)
     for res in done.values():
@@ -157,8 +163,33 @@ def _capture_cache(out: Path) -> Any:
     return CaptureCache(Path(out) / ".cache" / "captures", salt=source_digest())
 
 
-def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
-    """One format's chain: export, INT8 of its fp32 artifacts, parity of its folders. Export and INT8 stages an
+def lane_format(lane: str) -> str:
+    """The format of a lane (``onnx``, or ``onnx:pipeline`` for the part of it that handles one graph group)."""
+    return lane.partition(":")[0]
+
+
+def _lane_names(cfg: MainJobConfig, slots: int) -> list[str]:
+    """The job's lanes: one per format, except where there are fewer formats than ``slots`` (the lanes that may
+    run at once: the usable CPUs, or fewer with ``--jobs``). Then a format that exports more than one graph group
+    (the fused pipeline and the components) becomes one lane per group (``onnx:pipeline``,
+    ``onnx:components``), the first formats first, until every slot has a lane: the quick path
+    ``tadsr all --format onnx`` runs its two halves side by side instead of leaving a core idle. The groups share
+    nothing but the captures and the whole-image references, which lanes share on disk anyway."""
+    names: list[str] = []
+    spare = slots - len(cfg.formats)
+    for fmt in cfg.formats:
+        graphs = _export_plan(cfg, fmt)[0]
+        if spare > 0 and len(graphs) > 1:
+            names += [f"{fmt}:{g}" for g in graphs]
+            spare -= len(graphs) - 1
+        else:
+            names.append(fmt)
+    return names
+
+
+def _lane(cfg: MainJobConfig, lane: str, models: Any, captures: Any) -> Any:
+    """One lane's chain: export, INT8 of its fp32 artifacts, parity of its folders, for a format (``lane`` is its
+    name) or one graph group of it (``<format>:<group>``, see :func:`_lane_names`). Export and INT8 stages an
     earlier run finished with the same inputs are reused with ``cfg.resume`` (:mod:`tadsr.cli.resume`)."""
     from tadsr.export.api import export_model
     from tadsr.parity.check import ParityOptions, TraceCache, check_parity
@@ -168,20 +199,22 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
     from tadsr.cli.resume import ResumeLog, stage_key
 
     out = Path(cfg.out)
-    res = LaneResult(fmt)
+    fmt, _, group = lane.partition(":")
+    res = LaneResult(lane)
     timings: dict[str, float] = {}
-    done = ResumeLog(out, fmt, cfg.resume)
+    done = ResumeLog(out, lane.replace(":", "_"), cfg.resume)
     graphs, precisions = _export_plan(cfg, fmt)
+    graphs = (group,) if group else graphs
     sources = {k: v.get("sha256") for k, v in models.sources.items()}
     export_key = stage_key(sources=sources, preset=cfg.preset, format=fmt, graphs=graphs, precisions=precisions,
                            tile=cfg.tile, smoke=cfg.smoke)  # fmt: skip
-    exported = done.reusable(f"export {fmt}", export_key, out / "artifacts")
+    exported = done.reusable(f"export {lane}", export_key, out / "artifacts")
     if exported is None:
-        written = _stage(cfg, f"export {fmt}", lambda: export_model(
+        written = _stage(cfg, f"export {lane}", lambda: export_model(
             models, formats=(fmt,), graphs=graphs, tile=cfg.tile, precisions=precisions, out_dir=out / "artifacts",
             progress=cfg.progress, **({"n_real": 1} if cfg.smoke else {})), timings)  # fmt: skip
         exported = [{"name": r.path.name, "precision": r.precision} for r in written]
-        done.record(f"export {fmt}", export_key, exported)
+        done.record(f"export {lane}", export_key, exported)
     res.fp32 = [e["name"] for e in exported]
     # the fused pipeline last: ExecuTorch then finds the PT2E search the Core ML lane made of the same graph
     # (shared through the captures folder) instead of running its own; the INT8 folders are listed in export order
@@ -213,7 +246,7 @@ def _lane(cfg: MainJobConfig, fmt: str, models: Any, captures: Any) -> Any:
             # where that gate ran the same cases (the fp32 exports); whole images always run
             options = ParityOptions(threads=cfg.threads, gate_tiles=True,
                                     **(_SMOKE_PARITY if cfg.smoke else _FULL_PARITY))  # fmt: skip
-            res.parity[sub] = _stage(cfg, f"parity {fmt} {sub}", lambda: check_parity(
+            res.parity[sub] = _stage(cfg, f"parity {lane} {sub}", lambda: check_parity(
                 out / sub, options=options, traces=traces, select=names), timings)  # fmt: skip
     res.timings = timings
     return res
@@ -229,7 +262,7 @@ def _file_digests(folder: Path) -> dict[str, Any]:
             "sources": manifest.get("sources")}  # fmt: skip
 
 
-def _lane_process(cfg: MainJobConfig, fmt: str, threads: int, level: int) -> Any:
+def _lane_process(cfg: MainJobConfig, lane: str, threads: int, level: int) -> Any:
     """A lane in its own process (:func:`tadsr.cli.lanes.run_lanes`): its logging, its threads, its models."""
     import dataclasses
 
@@ -241,10 +274,10 @@ def _lane_process(cfg: MainJobConfig, fmt: str, threads: int, level: int) -> Any
 
     configure_logging(level)
     for h in logging.getLogger().handlers:
-        h.setFormatter(logging.Formatter(f"%(levelname)s [{fmt}] %(name)s: %(message)s"))
+        h.setFormatter(logging.Formatter(f"%(levelname)s [{lane}] %(name)s: %(message)s"))
     torch.set_num_threads(threads)
     cfg = dataclasses.replace(cfg, threads=cfg.threads or threads, progress=False, timings={})
-    res = _lane(cfg, fmt, _load(cfg, load_models), _capture_cache(cfg.out))
+    res = _lane(cfg, lane, _load(cfg, load_models), _capture_cache(cfg.out))
     res.peak_rss_gb = peak_rss_gb()
     return res
 
@@ -347,7 +380,8 @@ def _lane_lines(done: list[Any], jobs: int, budget_gb: float) -> list[str]:
     """The lane table: how the format lanes ran (in parallel processes or one after the other), their wall time
     and measured peak RSS beside the estimate the scheduler used."""
     how = (f"{jobs} at once in separate processes" if jobs > 1 else "one after the other in this process")
-    lines = [f"Format lanes (export -> INT8 -> parity of one format): {how}; memory budget {budget_gb:.1f} GB.", "",
+    lines = [f"Lanes (export -> INT8 -> parity of one format, or of one graph group of it): {how}; memory budget "
+             f"{budget_gb:.1f} GB.", "",
              "| lane | wall s | peak RSS GB | estimated GB |", "|---|---|---|---|"]  # fmt: skip
     for r in done:
         rss = "-" if r.peak_rss_gb is None else f"{r.peak_rss_gb:.2f}"

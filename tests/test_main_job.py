@@ -207,3 +207,35 @@ def test_a_stage_key_changes_with_its_inputs_and_the_toolkit(monkeypatch: pytest
     assert len(resume.source_digest()) == 64
     monkeypatch.setattr(resume, "source_digest", lambda: "edited")
     assert resume.stage_key(format="onnx", tile=64) != key
+
+
+def test_a_single_format_runs_its_graph_groups_as_lanes_side_by_side(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """With fewer formats than CPUs (the quick path ``--format onnx`` on 2 cores) a format that exports the fused
+    pipeline and the components becomes one lane per group; each lane exports, quantizes and checks its own
+    group only. With as many formats as slots (the README's main job on 2 cores) or one slot, one lane per format."""
+    from tadsr.cli.main_job import MainJobConfig, _lane, _lane_names, lane_format
+
+    cfg = MainJobConfig(out=tmp_path / "out", formats=("onnx",))
+    assert _lane_names(cfg, 2) == ["onnx:pipeline", "onnx:components"] and _lane_names(cfg, 1) == ["onnx"]
+    two = MainJobConfig(out=tmp_path / "out", formats=("onnx", "coreml"))
+    assert _lane_names(two, 2) == ["onnx", "coreml"]
+    assert _lane_names(two, 4) == ["onnx:pipeline", "onnx:components", "coreml"]  # Core ML: the pipeline alone
+    assert _lane_names(MainJobConfig(out=tmp_path, formats=("onnx", "executorch", "coreml")), 2) == [
+        "onnx", "executorch", "coreml"]  # fmt: skip
+    assert [lane_format(n) for n in ("onnx", "onnx:components")] == ["onnx", "onnx"]
+
+    calls: dict[str, list] = {"export": [], "quantize": [], "parity": [], "bench": []}
+    _stub_stages(monkeypatch, tmp_path, calls)
+    for lane, graphs in (("onnx:pipeline", ["pipeline"]), ("onnx:components", ["encoder", "denoiser", "decoder"])):
+        for recorded in calls.values():
+            recorded.clear()
+        res = _lane(cfg, lane, _FakeModels(), captures=None)
+        assert res.fmt == lane and [c["graphs"] for c in calls["export"]] == [(lane.split(":")[1],)]
+        assert [name for name, _ in calls["quantize"]] == [f"{g}-onnx-fp32-t64" for g in graphs]
+        assert [kw["select"] for kw in calls["parity"]] == [[f"{g}-onnx-{p}-t64" for g in graphs]
+                                                            for p in ("fp32", "int8")]  # fmt: skip
+        assert set(res.timings) == {f"export {lane}", *(f"quantize {g}-onnx-fp32-t64" for g in graphs),
+                                    f"parity {lane} artifacts", f"parity {lane} int8"}  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "out" / ".resume").iterdir()) == ["onnx_components.json",
+                                                                                "onnx_pipeline.json"]  # fmt: skip
