@@ -19,12 +19,15 @@ import logging
 import multiprocessing
 import os
 import resource
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["LaneResult", "admit", "available_memory_gb", "choose_jobs", "lane_memory_gb", "run_lanes"]
+__all__ = ["LaneResult", "admit", "available_memory_gb", "choose_jobs", "lane_memory_gb", "lane_share", "run_lanes"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,28 @@ def admit(running: Sequence[str], fmt: str, estimates: Mapping[str, float], budg
     return len(running) < jobs and sum(estimates[f] for f in running) + estimates[fmt] <= budget_gb
 
 
+# the file a lane process reads its current thread share from (run_lanes raises it when other lanes finish)
+SHARE_ENV = "TADSR_LANE_SHARE"
+
+
+def lane_share() -> int | None:
+    """The thread share :func:`run_lanes` last gave the lanes still running (None outside a lane, or where the
+    lanes' threads were fixed with ``threads``)."""
+    path = os.environ.get(SHARE_ENV)
+    if not path:
+        return None
+    try:
+        return int(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_share(path: Path, threads: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(threads))
+    os.replace(tmp, path)
+
+
 def run_lanes(
     fmts: Sequence[str], worker: Callable[..., LaneResult], args: Callable[[str, int], tuple], *,
     estimates: Mapping[str, float], budget_gb: float, jobs: int, poll_s: float = 0.5, threads: int | None = None,
@@ -106,12 +131,19 @@ def run_lanes(
     """Run ``worker(*args(fmt, threads))`` for every format, each in a fresh spawned process, at most ``jobs`` at
     once and while their estimated peaks fit ``budget_gb`` (a lane that does not fit alone runs alone).
 
-    ``threads``: each lane's thread count (default: its share of the usable CPUs). A lane that raises does not
+    ``threads``: each lane's thread count (default: its share of the usable CPUs; then, once no lane is left to
+    start, a lane that ends gives its CPUs to those still running, which take them from their next stage on
+    through :func:`lane_share`: the last lane of the main job no longer runs on one core while the other idles).
+    A lane that raises does not
     stop the others: they run to their end (their finished stages are in the run's cache, so ``--resume`` reuses
     them; session 19's main job lost its ONNX lane's work to the ExecuTorch lane's failure), then the first
     failure is raised here. An interrupt (Ctrl-C) terminates every lane.
     """
+    grow = threads is None
     threads = threads or max(1, usable_cpus() // max(1, jobs))
+    share_dir = Path(tempfile.mkdtemp(prefix="tadsr-lanes-"))
+    share, given = share_dir / "threads", threads
+    _write_share(share, threads)
     queue = sorted(fmts, key=lambda f: -LANE_WEIGHT.get(f.partition(":")[0], 0))  # a lane: <format>[:<group>]
     ctx = multiprocessing.get_context("spawn")
     running: dict[str, tuple[Any, Any, float]] = {}  # fmt -> (pool, async result, start time)
@@ -124,8 +156,8 @@ def run_lanes(
                 if estimates[fmt] > budget_gb:
                     log.warning("the %s lane's estimated peak (%.1f GB) exceeds the memory budget (%.1f GB); it "
                                 "runs alone", fmt, estimates[fmt], budget_gb)  # fmt: skip
-                with _blas_threads(threads):  # numpy's BLAS reads it at start-up: one pool per lane's share
-                    pool = ctx.Pool(1)
+                with _blas_threads(threads), _environ(SHARE_ENV, str(share) if grow else None):
+                    pool = ctx.Pool(1)  # numpy's BLAS reads its threads at start-up: one pool per lane's share
                 running[fmt] = (pool, pool.apply_async(worker, args(fmt, threads)), time.perf_counter())
                 log.info("lane %s started (%d thread%s, estimated peak %.1f GB)", fmt, threads,
                          "" if threads == 1 else "s", estimates[fmt])  # fmt: skip
@@ -146,16 +178,38 @@ def run_lanes(
                 out.estimate_gb = round(estimates[fmt], 1)
                 done[fmt] = out
                 log.info("lane %s done in %.1f s (peak RSS %.1f GB)", fmt, out.wall_s, out.peak_rss_gb or 0.0)
+            if grow and running and not queue and usable_cpus() // len(running) > given:
+                given = usable_cpus() // len(running)
+                _write_share(share, given)
+                log.info("lanes %s take %d threads each from their next stage on", ", ".join(running), given)
     finally:
         for pool, _, _ in running.values():
             pool.terminate()
             pool.join()
+        shutil.rmtree(share_dir, ignore_errors=True)
     if failed:
         if done:
             log.info("lanes finished: %s; failed: %s (a rerun with --resume reuses the finished stages)",
                      ", ".join(done), ", ".join(failed))  # fmt: skip
         raise next(iter(failed.values()))
     return {f: done[f] for f in fmts}
+
+
+@contextlib.contextmanager
+def _environ(key: str, value: str | None) -> Iterator[None]:
+    """``key`` set to ``value`` (None: unset) inside the block, restored after."""
+    saved = os.environ.get(key)
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
 
 
 @contextlib.contextmanager

@@ -68,12 +68,15 @@ class MainJobConfig:
     jobs: int | None = None  # format lanes at once (None: from the CPUs and the memory budget)
     memory_budget_gb: float | None = None  # None: 85 % of the memory available at the start
     lane_threads: int | None = None  # threads per lane process (None: the usable CPUs / jobs)
+    grow_threads: bool = False  # a lane process: take the CPUs of finished lanes (tadsr.cli.lanes.lane_share)
     resume: bool = False  # reuse export / INT8 stages an earlier run into ``out`` finished with the same inputs
     shipped_recipes: bool = True  # start INT8 from the recipes shipped for the same conditions (tadsr.quantize.shipped)
     timings: dict[str, float] = field(default_factory=dict)
 
 
 def _stage(cfg: MainJobConfig, name: str, fn: Any, timings: dict[str, float] | None = None) -> Any:
+    if cfg.grow_threads:
+        _take_freed_cpus(cfg)
     log.info("== %s ==", name)
     t0 = time.perf_counter()
     out = fn()
@@ -81,6 +84,22 @@ def _stage(cfg: MainJobConfig, name: str, fn: Any, timings: dict[str, float] | N
     timings[name] = round(time.perf_counter() - t0, 1)
     log.info("%s done in %.1f s", name, timings[name])
     return out
+
+
+def _take_freed_cpus(cfg: MainJobConfig) -> None:
+    """In a lane process: once the other lanes have finished, the stages to come run on the threads
+    :func:`tadsr.cli.lanes.run_lanes` now gives this lane (torch's and the runtimes', which read ``cfg.threads``
+    when a stage starts; numpy's BLAS keeps the threads it started with)."""
+    from tadsr.cli.lanes import lane_share
+
+    n = lane_share()
+    if n is None or n <= (cfg.threads or 1):
+        return
+    import torch
+
+    torch.set_num_threads(n)
+    cfg.threads = n
+    log.info("%d threads from this stage on (the other lanes have finished)", n)
 
 
 def run_main_job(cfg: MainJobConfig) -> int:
@@ -244,10 +263,10 @@ def _lane(cfg: MainJobConfig, lane: str, models: Any, captures: Any) -> Any:
         if names:
             # gate_tiles: the tile hops of a folder this run has just written come from its write's parity gate
             # where that gate ran the same cases (the fp32 exports); whole images always run
-            options = ParityOptions(threads=cfg.threads, gate_tiles=True,
-                                    **(_SMOKE_PARITY if cfg.smoke else _FULL_PARITY))  # fmt: skip
             res.parity[sub] = _stage(cfg, f"parity {lane} {sub}", lambda: check_parity(
-                out / sub, options=options, traces=traces, select=names), timings)  # fmt: skip
+                out / sub, options=ParityOptions(threads=cfg.threads, gate_tiles=True,
+                                                 **(_SMOKE_PARITY if cfg.smoke else _FULL_PARITY)),
+                traces=traces, select=names), timings)  # fmt: skip (threads: read when the stage starts)
     res.timings = timings
     return res
 
@@ -276,7 +295,8 @@ def _lane_process(cfg: MainJobConfig, lane: str, threads: int, level: int) -> An
     for h in logging.getLogger().handlers:
         h.setFormatter(logging.Formatter(f"%(levelname)s [{lane}] %(name)s: %(message)s"))
     torch.set_num_threads(threads)
-    cfg = dataclasses.replace(cfg, threads=cfg.threads or threads, progress=False, timings={})
+    cfg = dataclasses.replace(cfg, threads=cfg.threads or threads, grow_threads=cfg.threads is None,
+                              progress=False, timings={})  # fmt: skip
     res = _lane(cfg, lane, _load(cfg, load_models), _capture_cache(cfg.out))
     res.peak_rss_gb = peak_rss_gb()
     return res
@@ -406,8 +426,9 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed runs per system (default: 5; smoke: 1)")
     p.add_argument("--threads", type=int, help="runtime threads (default: library defaults)")
     p.add_argument("--teacher-steps", type=int, help="teacher sampling steps (default: 15, the shipped schedule)")
-    p.add_argument("--jobs", type=int, help="format lanes (export -> INT8 -> parity of one format) run at once in "
-                   "separate processes (default: one per CPU, as the memory budget allows; 1: all in this process)")
+    p.add_argument("--jobs", type=int, help="lanes (export -> INT8 -> parity of one format; with fewer formats than "
+                   "CPUs, of its pipeline or its components) run at once in separate processes (default: one per "
+                   "CPU, as the memory budget allows; 1: all in this process)")
     p.add_argument("--memory-budget", type=float, dest="memory_budget_gb", metavar="GB",
                    help="peak memory the lanes running at once may need together, by their estimates "
                    "(default: 85%% of the memory available at the start)")  # fmt: skip

@@ -239,3 +239,30 @@ def test_a_single_format_runs_its_graph_groups_as_lanes_side_by_side(tmp_path: P
                                     f"parity {lane} artifacts", f"parity {lane} int8"}  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "out" / ".resume").iterdir()) == ["onnx_components.json",
                                                                                 "onnx_pipeline.json"]  # fmt: skip
+
+
+def test_a_lane_stage_starts_on_the_cpus_the_finished_lanes_left(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """In a lane process whose threads were not fixed, a stage starts on the thread share run_lanes gives it now
+    (torch's and cfg.threads, which the runtimes read); a fixed ``--threads`` or a smaller share changes nothing."""
+    import torch
+
+    from tadsr.cli import lanes
+    from tadsr.cli.main_job import MainJobConfig, _stage
+
+    share = tmp_path / "threads"
+    share.write_text("2")
+    monkeypatch.setenv(lanes.SHARE_ENV, str(share))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cfg = MainJobConfig(out=tmp_path, threads=1, grow_threads=True)
+        assert _stage(cfg, "a", lambda: (cfg.threads, torch.get_num_threads())) == (2, 2)
+        share.write_text("1")
+        assert _stage(cfg, "b", lambda: cfg.threads) == 2  # never fewer
+        torch.set_num_threads(1)
+        fixed = MainJobConfig(out=tmp_path, threads=1)  # --threads 1 (grow_threads stays False)
+        share.write_text("2")
+        assert _stage(fixed, "c", lambda: (fixed.threads, torch.get_num_threads())) == (1, 1)
+    finally:
+        torch.set_num_threads(before)
