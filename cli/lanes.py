@@ -216,17 +216,8 @@ def _environ(key: str, value: str | None) -> Iterator[None]:
 def _blas_threads(threads: int) -> Iterator[None]:
     """Spawned children start with OpenBLAS / MKL limited to ``threads`` (the environment they inherit; restored
     here after). Without it each lane's numpy (the Core ML simulator's matmuls) starts a thread per core."""
-    keys = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: str(threads) for k in keys})
-    try:
+    with _environ("OPENBLAS_NUM_THREADS", str(threads)), _environ("MKL_NUM_THREADS", str(threads)):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def peak_rss_gb() -> float:
