@@ -178,8 +178,8 @@ def run_lanes(
                 out.estimate_gb = round(estimates[fmt], 1)
                 done[fmt] = out
                 log.info("lane %s done in %.1f s (peak RSS %.1f GB)", fmt, out.wall_s, out.peak_rss_gb or 0.0)
-            if grow and running and not queue and usable_cpus() // len(running) > given:
-                given = usable_cpus() // len(running)
+            if grow and running and not queue and (freed := usable_cpus() // len(running)) > given:
+                given = freed
                 _write_share(share, given)
                 log.info("lanes %s take %d threads each from their next stage on", ", ".join(running), given)
     finally:

@@ -129,11 +129,10 @@ def run_main_job(cfg: MainJobConfig) -> int:
     budget = cfg.memory_budget_gb if cfg.memory_budget_gb is not None else 0.85 * lanes.available_memory_gb()
     cpus = lanes.usable_cpus()
     names = _lane_names(cfg, min(cpus, cfg.jobs or cpus))
-    estimates = {n: lanes.lane_memory_gb(lane_format(n), params_m) for n in names}
-    jobs = lanes.choose_jobs(estimates, budget, cpus, cfg.jobs)
-    if jobs == 1 and len(names) > len(cfg.formats):  # split lanes that cannot run side by side: one per format
+    jobs = lanes.choose_jobs(_estimates(names, params_m), budget, cpus, cfg.jobs)
+    if jobs == 1:  # lanes that cannot run side by side: one per format
         names = list(cfg.formats)
-        estimates = {n: lanes.lane_memory_gb(n, params_m) for n in names}
+    estimates = _estimates(names, params_m)
     t0 = time.perf_counter()
     if jobs == 1:
         captures = _capture_cache(out)  # one model: every artifact is calibrated from the same captures
@@ -180,6 +179,13 @@ def _capture_cache(out: Path) -> Any:
     from tadsr.cli.resume import source_digest
 
     return CaptureCache(Path(out) / ".cache" / "captures", salt=source_digest())
+
+
+def _estimates(names: list[str], params_m: float) -> dict[str, float]:
+    """Each lane's estimated peak RSS (GB), from its format and the networks' size."""
+    from tadsr.cli import lanes
+
+    return {n: lanes.lane_memory_gb(lane_format(n), params_m) for n in names}
 
 
 def lane_format(lane: str) -> str:
