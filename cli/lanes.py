@@ -18,7 +18,6 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -52,7 +51,8 @@ class LaneResult:
     int8: list[str] = field(default_factory=list)
     parity: dict[str, Any] = field(default_factory=dict)  # "artifacts" / "int8" -> ParityResult (absent: none)
     wall_s: float = 0.0
-    peak_rss_gb: float | None = None  # the lane's own process (None when it ran in the main process)
+    peak_rss_gb: float | None = None  # its own process's; in the main process, its stages' largest (None: unknown)
+    stage_rss: dict[str, float] = field(default_factory=dict)  # peak RSS (GB) of each of its stages alone
     estimate_gb: float = 0.0
 
 
@@ -221,7 +221,8 @@ def _blas_threads(threads: int) -> Iterator[None]:
 
 
 def peak_rss_gb() -> float:
-    """Peak RSS of this process and of its finished children, in GB (Linux: ru_maxrss is in KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(own, kids) * 1024 / 1e9, 2)
+    """Peak RSS of this process over its life (its stages' resets of the kernel's mark included,
+    :mod:`tadsr.memory`) and of its finished children, in GB."""
+    from tadsr.memory import lifetime_peak
+
+    return round(lifetime_peak(children=True) / 1e9, 2)

@@ -72,17 +72,27 @@ class MainJobConfig:
     resume: bool = False  # reuse export / INT8 stages an earlier run into ``out`` finished with the same inputs
     shipped_recipes: bool = True  # start INT8 from the recipes shipped for the same conditions (tadsr.quantize.shipped)
     timings: dict[str, float] = field(default_factory=dict)
+    stage_rss: dict[str, float] = field(default_factory=dict)  # peak RSS (GB) of each stage alone (Linux)
 
 
-def _stage(cfg: MainJobConfig, name: str, fn: Any, timings: dict[str, float] | None = None) -> Any:
+def _stage(cfg: MainJobConfig, name: str, fn: Any, timings: dict[str, float] | None = None,
+           rss: dict[str, float] | None = None) -> Any:  # fmt: skip
+    """Run one stage: its wall time into ``timings`` and its own peak RSS (GB; Linux, the kernel's high-water
+    mark restarted when the stage starts, :mod:`tadsr.memory`) into ``rss`` (default: the job's)."""
+    from tadsr import memory
+
     if cfg.grow_threads:
         _take_freed_cpus(cfg)
     log.info("== %s ==", name)
+    measured = memory.reset_peak()
     t0 = time.perf_counter()
     out = fn()
     timings = cfg.timings if timings is None else timings
     timings[name] = round(time.perf_counter() - t0, 1)
-    log.info("%s done in %.1f s", name, timings[name])
+    peak = memory.peak_since_reset() if measured else None
+    if peak is not None:
+        (cfg.stage_rss if rss is None else rss)[name] = round(peak / 1e9, 2)
+    log.info("%s done in %.1f s%s", name, timings[name], "" if peak is None else f", peak RSS {peak / 1e9:.2f} GB")
     return out
 
 
@@ -141,6 +151,7 @@ def run_main_job(cfg: MainJobConfig) -> int:
             t1 = time.perf_counter()
             done[f] = _lane(cfg, f, models, captures)
             done[f].wall_s, done[f].estimate_gb = round(time.perf_counter() - t1, 1), round(estimates[f], 1)
+            done[f].peak_rss_gb = max(done[f].stage_rss.values(), default=None)  # while it ran, in this process
     else:
         log.info("== %d lanes (%s), %d at once (memory budget %.1f GB) ==", len(names), ", ".join(names), jobs,
                  budget)  # fmt: skip
@@ -150,6 +161,7 @@ def run_main_job(cfg: MainJobConfig) -> int:
     cfg.timings["format lanes"] = round(time.perf_counter() - t0, 1)
     for res in done.values():
         cfg.timings.update(res.timings)
+        cfg.stage_rss.update(res.stage_rss)
     parity = []
     for sub in ("artifacts", "int8"):
         parts = [r.parity[sub] for r in done.values() if sub in r.parity]
@@ -227,6 +239,7 @@ def _lane(cfg: MainJobConfig, lane: str, models: Any, captures: Any) -> Any:
     fmt, _, group = lane.partition(":")
     res = LaneResult(lane)
     timings: dict[str, float] = {}
+    rss: dict[str, float] = {}
     done = ResumeLog(out, lane.replace(":", "_"), cfg.resume)
     graphs, precisions = _export_plan(cfg, fmt)
     graphs = (group,) if group else graphs
@@ -237,7 +250,7 @@ def _lane(cfg: MainJobConfig, lane: str, models: Any, captures: Any) -> Any:
     if exported is None:
         written = _stage(cfg, f"export {lane}", lambda: export_model(
             models, formats=(fmt,), graphs=graphs, tile=cfg.tile, precisions=precisions, out_dir=out / "artifacts",
-            progress=cfg.progress, **({"n_real": 1} if cfg.smoke else {})), timings)  # fmt: skip
+            progress=cfg.progress, **({"n_real": 1} if cfg.smoke else {})), timings, rss)  # fmt: skip
         exported = [{"name": r.path.name, "precision": r.precision} for r in written]
         done.record(f"export {lane}", export_key, exported)
     res.fp32 = [e["name"] for e in exported]
@@ -255,7 +268,7 @@ def _lane(cfg: MainJobConfig, lane: str, models: Any, captures: Any) -> Any:
             written = _stage(cfg, f"quantize {name}", lambda: quantize_artifact(
                 out / "artifacts" / name, calib=cfg.calib, num_patches=cfg.num_patches, out_dir=out / "int8",
                 threads=cfg.threads, progress=cfg.progress, captures=captures, shipped_recipes=cfg.shipped_recipes,
-                **_smoke_quantize(cfg, name)), timings)  # fmt: skip
+                **_smoke_quantize(cfg, name)), timings, rss)  # fmt: skip
             int8 = [{"name": Path(p).name, "precision": "int8"} for p in written]
             done.record(f"quantize {name}", key, int8)
         made[name] = [f["name"] for f in int8]
@@ -272,8 +285,8 @@ def _lane(cfg: MainJobConfig, lane: str, models: Any, captures: Any) -> Any:
             res.parity[sub] = _stage(cfg, f"parity {lane} {sub}", lambda: check_parity(
                 out / sub, options=ParityOptions(threads=cfg.threads, gate_tiles=True,
                                                  **(_SMOKE_PARITY if cfg.smoke else _FULL_PARITY)),
-                traces=traces, select=names), timings)  # fmt: skip (threads: read when the stage starts)
-    res.timings = timings
+                traces=traces, select=names), timings, rss)  # fmt: skip (threads: read when the stage starts)
+    res.timings, res.stage_rss = timings, rss
     return res
 
 
@@ -388,7 +401,10 @@ def _summary(out: Path, cfg: MainJobConfig, done: list[Any], parity: list, bench
         f"preset `{cfg.preset}`{' (random weights)' if cfg.init else ''}, tile {cfg.tile}, formats "
         f"{', '.join(cfg.formats)}{' (smoke: reduced configuration)' if cfg.smoke else ''}"
         + (f"; light autoencoder ({'shipped' if cfg.light is True else cfg.light})" if cfg.light else ""), "",
-        "| stage | seconds |", "|---|---|", *(f"| {k} | {v} |" for k, v in cfg.timings.items()), "",
+        "| stage | seconds | peak RSS GB |", "|---|---|---|",
+        *(f"| {k} | {v} | {cfg.stage_rss.get(k, '-')} |" for k, v in cfg.timings.items()), "",
+        "Peak RSS per stage: that stage alone, in the process that ran it (its lane's, or this one's), with what "
+        "the process already held (Linux; `-`: not measured).", "",
         *lane_lines,
         f"- fp32/fp16 artifacts: {len(fp32)} in `artifacts/`", f"- INT8 artifacts: {len(int8)} in `int8/`",
         f"- parity: {'PASS' if all(p.passed for p in parity) else 'FAIL'} (`parity/artifacts/parity.md`, "

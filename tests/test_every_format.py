@@ -77,6 +77,9 @@ def test_tadsr_all_smoke(tiny_all) -> None:
                                                                          ("parity", " int8"))]  # fmt: skip
     for stage in ("load", "format lanes", *stages, "bench"):
         assert f"| {stage} |" in summary, f"SUMMARY.md lacks the {stage!r} stage"
+    for stage in ("load", *stages, "bench"):  # each with its own peak RSS (GB)
+        row = next(line for line in summary.splitlines() if line.startswith(f"| {stage} |"))
+        assert float(row.split("|")[3]) > 0.1, row
     # the format lanes ran side by side in their own processes (the tier asks for all three at once: conftest),
     # each with its measured peak RSS
     assert "3 at once in separate processes" in summary

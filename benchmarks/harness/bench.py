@@ -43,7 +43,6 @@ import dataclasses
 import gc
 import logging
 import os
-import resource
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -66,12 +65,12 @@ from tadsr.bench.systems import (
     System,
     TorchSystem,
     find_artifact_sets,
-    maxrss_bytes,
     measure_latency,
     probe_memory,
     runner_options,
     timing_stats,
 )
+from tadsr.memory import lifetime_peak
 from tadsr.bench.verdicts import compute_ratios, do_nothing_baseline, judge_sanity
 from tadsr.errors import ConfigError, InputError, TadsrError
 from tadsr.provenance import uses_light_autoencoder
@@ -459,7 +458,7 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
         "ratios": compute_ratios(results),
         "warnings": _warnings(cfg, machine, results, models),
         "wall_s": round(time.perf_counter() - t_start, 2),
-        "process_ru_maxrss_bytes": maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
+        "process_peak_rss_bytes": lifetime_peak(),  # the bench's systems reset the kernel's mark (tadsr.memory)
     }
     files = write_report(report, crops, Path(cfg.out_dir))
     return BenchResult(report=report, systems=results, files=files)

@@ -34,6 +34,7 @@ import numpy as np
 
 from tadsr.formats.registry import get_format
 from tadsr.imresize import imresize
+from tadsr.memory import maxrss_bytes, peak_since_reset, reset_peak, rss_bytes
 from tadsr.provenance import uses_light_autoencoder
 from tadsr.runtime.artifacts import COMPONENTS, ArtifactSet, find_artifact_sets
 from tadsr.runtime.tiling import tile_noise, upscale_tiled
@@ -51,7 +52,6 @@ __all__ = [
     "measure_latency",
     "InProcessMemory",
     "probe_memory",
-    "rss_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -310,48 +310,18 @@ def measure_latency(system: System, lr: np.ndarray, noise: np.ndarray, *, warmup
     return {k: timing_stats([p[k] for p in passes]) for k in ("e2e", *system.stages)}
 
 
-def rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def _hwm_reset() -> bool:
-    """Reset the peak-RSS mark (Linux ``clear_refs`` 5); False where not supported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _hwm() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def maxrss_bytes(ru_maxrss: int) -> int:
-    return int(ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
-
-
 class InProcessMemory:
     """Peak RSS while one system is loaded and run in this process."""
 
     def __enter__(self) -> InProcessMemory:
         gc.collect()
-        self.reset = _hwm_reset()
+        self.reset = reset_peak()
         self.before = rss_bytes() if self.reset else maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.reset:
-            peak = _hwm() or 0
+            peak = peak_since_reset() or 0
             self.result = {
                 "method": "inprocess-vmhwm",
                 "peak_rss_bytes": peak,
@@ -414,15 +384,15 @@ def _probe_child(spec: dict[str, Any]) -> dict[str, Any]:
     system.load()
     gc.collect()
     rss_load = rss_bytes()
-    hwm_load = _hwm()  # this process's own peak so far: imports + loading (Linux)
-    reset = _hwm_reset()
+    hwm_load = peak_since_reset()  # this process's own peak so far: imports + loading (Linux)
+    reset = reset_peak()
     tile = int(spec["tile"])
     rng = np.random.default_rng(spec["seed"])
     lr = rng.uniform(-1, 1, (1, 3, tile, tile)).astype(np.float32)
     noise = tile_noise(spec["seed"], 0, 0, system.noise_shape(tile))[None]
     for _ in range(2):
         system.run_tiles(lr, noise)
-    run = _hwm() if reset else None
+    run = peak_since_reset() if reset else None
     if hwm_load is not None and run is not None:
         lifetime = max(hwm_load, run)
     else:  # no /proc: getrusage (macOS reports bytes; a child's own figure there)
