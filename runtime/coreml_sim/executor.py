@@ -74,6 +74,16 @@ class SimProgram:
                 self._record(op.type)
             else:
                 self._ops.append(op)
+        # after which op each variable is read for the last time (program outputs: never dropped)
+        last: dict[str, int] = {}
+        for i, op in enumerate(self._ops):
+            for bs in op.inputs.values():
+                last.update((b, i) for b in bs if isinstance(b, str))
+        outputs = set(outputs)
+        self._drop_after: list[list[str]] = [[] for _ in self._ops]
+        for name, i in last.items():
+            if name not in outputs and name not in consts:
+                self._drop_after[i].append(name)
 
     def _record(self, op_type: str) -> None:
         if self.trace is not None:
@@ -128,10 +138,15 @@ class SimProgram:
         inputs: Mapping[str, np.ndarray],
         precision: str,
         observe: Callable[[Op, Args, tuple[Any, ...], list[np.ndarray], Callable[[Any], Any]], None] | None = None,
+        *,
+        keep_all: bool = True,
     ) -> dict[str, np.ndarray]:
         """Run every op in order at ``precision``; return all variables (inputs and op outputs) by name.
 
         ``observe(op, args, raw results, stored results, lookup)`` is called after each op (fp16 report).
+        ``keep_all=False`` drops each variable after the last op that reads it and returns the program outputs
+        (and the variables no op reads): the memory of the live activations, not of every one (at official size
+        every activation of a tile held at once is many GB).
         """
         env = self._feeds(inputs, precision)
 
@@ -145,7 +160,7 @@ class SimProgram:
             raise CoreMLSimError(f"variable '{binding}' is used before it is defined")
 
         with np.errstate(all="ignore"):
-            for op in self._ops:
+            for i, op in enumerate(self._ops):
                 round16 = (
                     precision == "as_written" and op.type != "cast" and any(v.dtype is np.float16 for v in op.outputs)
                 )
@@ -161,6 +176,10 @@ class SimProgram:
                 env.update((v.name, s) for v, s in zip(op.outputs, stored, strict=True))
                 if observe is not None:
                     observe(op, args, raws, stored, lookup)
+                if not keep_all:
+                    del args, raw, raws, stored
+                    for name in self._drop_after[i]:
+                        env.pop(name, None)
         return env
 
     def predict(
@@ -176,7 +195,7 @@ class SimProgram:
         Returns:
             Output name -> array (float16 outputs stay float16 in "as_written", become float32 in "fp32").
         """
-        env = self.execute(inputs, precision)
+        env = self.execute(inputs, precision, keep_all=intermediates)
         if intermediates:
             return env
         return {name: env[name] for name in self._outputs}
