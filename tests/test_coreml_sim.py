@@ -930,3 +930,5 @@ def test_predict_holds_only_the_live_activations(tmp_path: Path) -> None:
     assert set(out) == {f"a{n - 1}"} and np.array_equal(out[f"a{n - 1}"], everything[f"a{n - 1}"])
     assert np.all(out[f"a{n - 1}"] == n) and len(everything) == n + 1
     assert live < 6 * x.nbytes, f"peak {live / 2**20:.0f} MB for a {x.nbytes / 2**20:.0f} MB tensor"
+    some = program.predict({"x": x}, intermediates=lambda name: name in ("a3", "a7"))  # localisation keeps a few
+    assert sorted(some) == ["a23", "a3", "a7"] and np.all(some["a3"] == 4) and np.all(some["a7"] == 8)

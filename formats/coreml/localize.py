@@ -36,19 +36,26 @@ def localize_coreml(
     """
     from tadsr.runtime.coreml_sim import load_mlpackage
 
+    def base(name: str) -> str:
+        return re.sub(r"(_cast_fp(16|32))+$", "", name)
+
     prog = load_mlpackage(path)
-    env = prog.predict({k: np.asarray(v) for k, v in inputs.items()}, precision="as_written", intermediates=True)
+    # only the variables a unit comparison can use (at official size every activation of a tile is many GB)
+    usable = set(trace.candidates()) | set(trace.graph_outputs.values())
+    env = prog.predict({k: np.asarray(v) for k, v in inputs.items()}, precision="as_written",
+                       intermediates=lambda name: base(name) in usable)  # fmt: skip
     observed: dict[str, np.ndarray] = {}
     for name, val in env.items():
         if isinstance(val, np.ndarray) and val.dtype.kind == "f":
-            observed.setdefault(re.sub(r"(_cast_fp(16|32))+$", "", name), val.astype(np.float32))
+            observed.setdefault(base(name), val.astype(np.float32))
+    del env
     for fx_name, out_name in trace.graph_outputs.items():
         if out_name in observed:
             observed.setdefault(fx_name, observed[out_name])
     wanted = [n for n in trace.candidates() if n in observed]
     own = trace.run(inputs, keep=wanted)
     ref = ref_trace.run(inputs, keep=[u.outputs[-1] for u in ref_trace.units if u.outputs])
-    hit = len(trace.node_names & set(observed))
+    hit = len(trace.node_names & {base(n) for n in prog.variable_names})
     method = (f"coreml_sim intermediates (numpy model of Core ML: fp16 ops rounded as written); MIL variables "
               f"matched to the converted program's torch.export nodes by name ({hit} of {len(trace.node_names)}), "
               "units compared with the export-ready graph's")  # fmt: skip

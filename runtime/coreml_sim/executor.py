@@ -140,13 +140,15 @@ class SimProgram:
         observe: Callable[[Op, Args, tuple[Any, ...], list[np.ndarray], Callable[[Any], Any]], None] | None = None,
         *,
         keep_all: bool = True,
+        keep: Callable[[str], bool] | None = None,
     ) -> dict[str, np.ndarray]:
         """Run every op in order at ``precision``; return all variables (inputs and op outputs) by name.
 
         ``observe(op, args, raw results, stored results, lookup)`` is called after each op (fp16 report).
         ``keep_all=False`` drops each variable after the last op that reads it and returns the program outputs
         (and the variables no op reads): the memory of the live activations, not of every one (at official size
-        every activation of a tile held at once is many GB).
+        every activation of a tile held at once is many GB); ``keep`` then also keeps the variables whose name
+        it accepts.
         """
         env = self._feeds(inputs, precision)
 
@@ -179,22 +181,33 @@ class SimProgram:
                 if not keep_all:
                     del args, raw, raws, stored
                     for name in self._drop_after[i]:
-                        env.pop(name, None)
+                        if keep is None or not keep(name):
+                            env.pop(name, None)
         return env
 
+    @property
+    def variable_names(self) -> list[str]:
+        """Names of every variable the program computes (op outputs, in execution order)."""
+        return [v.name for op in self._ops for v in op.outputs]
+
     def predict(
-        self, inputs: Mapping[str, np.ndarray], *, precision: Precision = "as_written", intermediates: bool = False
-    ) -> dict[str, np.ndarray]:
+        self, inputs: Mapping[str, np.ndarray], *, precision: Precision = "as_written",
+        intermediates: bool | Callable[[str], bool] = False,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
         """Run the program.
 
         Args:
             inputs: input name -> array with the declared shape (cast to the declared dtype).
             precision: "as_written" (fp16 ops in fp16, see module docstring) or "fp32" (everything float32).
-            intermediates: also return every op output (keyed by variable name), not just the program outputs.
+            intermediates: also return every op output (keyed by variable name), not just the program outputs;
+                a function of the name: the op outputs it accepts (the others are dropped once read: memory).
 
         Returns:
             Output name -> array (float16 outputs stay float16 in "as_written", become float32 in "fp32").
         """
+        if callable(intermediates):
+            env = self.execute(inputs, precision, keep_all=False, keep=intermediates)
+            return {k: v for k, v in env.items() if k in self._outputs or intermediates(k)}
         env = self.execute(inputs, precision, keep_all=intermediates)
         if intermediates:
             return env
