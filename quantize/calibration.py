@@ -413,8 +413,7 @@ class CaptureCache:
             calib, hold: ``(PatchSet, info)`` from :func:`sample_calibration` / :func:`sample_holdout`.
             progress: progress bars.
         """
-        key = json.dumps([manifest["preset"], manifest["sources"], calib[0].content_hash, calib[1]["seed"],
-                          hold[0].content_hash, hold[1]["seed"]], sort_keys=True)  # fmt: skip
+        key = self._key_of(manifest, calib, hold)
         if key == self._key and self._sets is not None:
             logger.info("reusing the calibration and held-out captures of this model")
             return self._sets
@@ -427,6 +426,18 @@ class CaptureCache:
         self._sets = compute() if self.folder is None else self._shared(key, calib, hold, compute)
         self._key = key
         return self._sets
+
+    @staticmethod
+    def _key_of(manifest: Mapping[str, Any], calib: tuple, hold: tuple) -> str:
+        return json.dumps([manifest["preset"], manifest["sources"], calib[0].content_hash, calib[1]["seed"],
+                           hold[0].content_hash, hold[1]["seed"]], sort_keys=True)  # fmt: skip
+
+    def file_for(self, manifest: Mapping[str, Any], calib: tuple, hold: tuple) -> Path | None:
+        """The file :meth:`get`'s captures of these arguments are shared in (None: no folder)."""
+        if self.folder is None:
+            return None
+        digest = hashlib.sha256((self._key_of(manifest, calib, hold) + self.salt).encode()).hexdigest()[:32]
+        return self.folder / f"{digest}.npz"
 
     def _shared(self, key: str, calib: tuple, hold: tuple, compute: Callable[[], tuple]) -> tuple:
         import fcntl

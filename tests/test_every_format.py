@@ -184,3 +184,18 @@ def test_parity_verdict(tiny_all, fmt: str, group: str) -> None:
     assert not runnable or any("kind" in e for e in entries), f"no whole-image set check for {fmt} {group}"
     failed = [Path(e["path"]).name if "path" in e else f"{e['kind']} set" for e in entries if not e["passed"]]
     assert not failed, f"{fmt} {group} parity failures: {failed}"
+
+
+def test_captures_prefilled_before_split_lanes_are_the_ones_int8_reads(tiny_all) -> None:
+    """The quick path captures once before its graph-group lanes start (cli/main_job._prefill_captures); the
+    lanes' INT8 stages only read them if the key is the one they compute from their fp32 artifact's manifest and
+    patches. The smoke's INT8 stages wrote their captures under that key: the prefill's request must name the
+    same file."""
+    from tadsr.cli.main_job import MainJobConfig, _capture_cache, capture_request
+    from tadsr.cli.main_job import SMOKE_DEFAULTS
+    from tadsr.pipeline import load_models
+
+    cfg = MainJobConfig(out=tiny_all.out, smoke=True, num_patches=SMOKE_DEFAULTS["num_patches"])
+    manifest, calib, hold = capture_request(cfg, load_models(preset="bundled"))
+    shared = sorted(p.name for p in (tiny_all.out / ".cache" / "captures").glob("*.npz"))
+    assert shared and _capture_cache(tiny_all.out).file_for(manifest, calib, hold).name in shared, shared
