@@ -427,7 +427,7 @@ def _summary(out: Path, cfg: MainJobConfig, done: list[Any], parity: list, bench
         f"{', '.join(cfg.formats)}{' (smoke: reduced configuration)' if cfg.smoke else ''}"
         + (f"; light autoencoder ({'shipped' if cfg.light is True else cfg.light})" if cfg.light else ""), "",
         "| stage | seconds | peak RSS GB |", "|---|---|---|",
-        *(f"| {k} | {v} | {cfg.stage_rss.get(k, '-')} |" for k, v in cfg.timings.items()), "",
+        *(f"| {k} | {v} | {_gb(cfg.stage_rss.get(k))} |" for k, v in cfg.timings.items()), "",
         "Peak RSS per stage: that stage alone, in the process that ran it (its lane's, or this one's), with what "
         "the process already held (Linux; `-`: not measured).", "",
         *lane_lines,
@@ -443,6 +443,10 @@ def _summary(out: Path, cfg: MainJobConfig, done: list[Any], parity: list, bench
     print("\n".join(lines))
 
 
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _lane_lines(done: list[Any], jobs: int, budget_gb: float) -> list[str]:
     """The lane table: how the format lanes ran (in parallel processes or one after the other), their wall time
     and measured peak RSS beside the estimate the scheduler used."""
@@ -451,8 +455,7 @@ def _lane_lines(done: list[Any], jobs: int, budget_gb: float) -> list[str]:
              f"{budget_gb:.1f} GB.", "",
              "| lane | wall s | peak RSS GB | estimated GB |", "|---|---|---|---|"]  # fmt: skip
     for r in done:
-        rss = "-" if r.peak_rss_gb is None else f"{r.peak_rss_gb:.2f}"
-        lines.append(f"| {r.fmt} | {r.wall_s} | {rss} | {r.estimate_gb} |")
+        lines.append(f"| {r.fmt} | {r.wall_s} | {_gb(r.peak_rss_gb)} | {r.estimate_gb} |")
     return lines + [""]
 
 
