@@ -154,5 +154,8 @@ class QuantizeJob(Protocol):
 
     def save_ranges(self, share: Sequence[str], method: str, ranges: dict[str, Any]) -> None: ...
 
+    # ONNX Runtime calibration ranges shipped with the model for this exact key (None: calibrate here)
+    def shipped_ranges(self, key: str) -> dict[str, Any] | None: ...
+
     def write(self, backend_key: str, precision: str, entry: Any, build: Callable[[Path], Any],
               fake_quant: Callable[[Sequence[Mapping[str, Any]]], list] | None) -> Path: ...  # fmt: skip

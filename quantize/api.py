@@ -297,6 +297,13 @@ class _Ctx:
             self.captures.save_shared("ranges", _ranges_key(self, share, method),
                                       {"table": ranges, "by": f"the {self.parent.fmt} quantize call"})  # fmt: skip
 
+    def shipped_ranges(self, key: str) -> dict[str, Any] | None:
+        """ORT calibration ranges shipped for ``key`` (:func:`tadsr.quantize.shipped.lookup_ranges`), unless the
+        caller asked for no shipped data (``shipped_recipes=False``)."""
+        from tadsr.quantize import shipped
+
+        return shipped.lookup_ranges(key) if self.use_shipped else None
+
     def shipped_search(self, backend_key: str, units: Mapping[str, tuple[int, int]],
                        pinned: Mapping[str, str]) -> tuple[SearchResult, list] | None:  # fmt: skip
         """The recipe shipped for this graph and backend (:mod:`tadsr.quantize.shipped`), as a search's outcome, when

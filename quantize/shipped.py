@@ -12,6 +12,13 @@ The recipe's record says ``source: shipped``.
 Regenerate after retraining the bundled model or changing the quantizers (from a finished main job)::
 
     python -m tadsr.quantize.shipped out/int8        # writes tadsr/weights/int8_recipes.json
+
+The ONNX graphs' calibration ranges ship the same way (``tadsr/weights/onnx_calibration_ranges.json``), keyed by
+everything ORT's ranges are a function of (:func:`tadsr.formats.onnx.ptq.ranges_key`): a call with the same key
+reads them instead of calibrating and writes the same file; any other model, feeds, method or ORT version
+calibrates. Every ONNX INT8 folder records its ranges and key (``calibration_ranges.json``)::
+
+    python -m tadsr.quantize.shipped --ranges out/int8   # writes tadsr/weights/onnx_calibration_ranges.json
 """
 
 from __future__ import annotations
@@ -27,12 +34,17 @@ from typing import Any
 from tadsr import fileio
 from tadsr.formats.sensitivity import BackendRecipe, HRLoss, SearchResult, UnitSensitivity
 
-__all__ = ["SHIPPED_PATH", "collect", "conditions", "lookup", "to_search"]
+__all__ = ["RANGES_PATH", "SHIPPED_PATH", "collect", "collect_ranges", "conditions", "lookup", "lookup_ranges",
+           "to_search"]
 
 logger = logging.getLogger(__name__)
 
 SHIPPED_PATH = Path(str(resources.files("tadsr") / "weights" / "int8_recipes.json"))  # beside the bundled weights
 SCHEMA = 1
+# ONNX Runtime's calibration ranges of the bundled model's ONNX graphs, by the key of everything they are a
+# function of (tadsr.formats.onnx.ptq.ranges_key: the pre-processed model's bytes, the feeds' bytes, method, ORT
+# version): a quantize call with the same key reads them instead of calibrating (the same ranges, so the same file)
+RANGES_PATH = Path(str(resources.files("tadsr") / "weights" / "onnx_calibration_ranges.json"))
 
 
 def conditions(*, graph: str, backend: str, preset: str, sources: Mapping[str, Any], tile: int, method: str,
@@ -118,10 +130,54 @@ def write(items: list[dict[str, Any]], path: Path | None = None) -> Path:
     return path
 
 
+def collect_ranges(int8_dir: Path) -> dict[str, Any]:
+    """Key -> ORT calibration cache of every ONNX INT8 artifact folder under ``int8_dir`` that calibrated."""
+    from tadsr.formats.onnx.ptq import RANGES_NAME
+
+    out = {}
+    for path in sorted(Path(int8_dir).glob(f"*/{RANGES_NAME}")):
+        item = json.loads(path.read_text())
+        out[item["key"]] = {"from": path.parent.name, "ort_cache": item["ort_cache"]}
+    return out
+
+
+_ranges_cache: dict[Path, dict[str, Any]] = {}
+
+
+def lookup_ranges(key: str, path: Path | None = None) -> dict[str, Any] | None:
+    """The ORT calibration cache shipped for ``key`` (None: none)."""
+    path = RANGES_PATH if path is None else Path(path)
+    if path not in _ranges_cache:
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError) as e:
+            logger.warning("ignoring the unreadable shipped calibration ranges %s (%s)", path, e)
+            data = {}
+        _ranges_cache[path] = dict(data.get("ranges", {})) if data.get("schema") == SCHEMA else {}
+    found = _ranges_cache[path].get(key)
+    return None if found is None else dict(found["ort_cache"])
+
+
+def write_ranges(items: Mapping[str, Any], path: Path | None = None) -> Path:
+    path = RANGES_PATH if path is None else Path(path)
+    doc = {"schema": SCHEMA, "doc": "ONNX Runtime calibration ranges of the bundled model's main job, by key "
+           "(tadsr.quantize.shipped)", "ranges": dict(items)}  # fmt: skip
+    fileio.write_with(path, lambda f: f.write((json.dumps(doc, sort_keys=True) + "\n").encode()))
+    _ranges_cache.pop(path, None)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "--ranges":  # the ONNX calibration ranges only (e.g. from the quick path's folder)
+        if len(args) not in (2, 3):
+            print("usage: python -m tadsr.quantize.shipped --ranges INT8_DIR [OUT_JSON]", file=sys.stderr)
+            return 2
+        ranges = collect_ranges(Path(args[1]))
+        print(f"wrote {len(ranges)} range tables to {write_ranges(ranges, Path(args[2]) if len(args) == 3 else None)}")
+        return 0
     if len(args) not in (1, 2):
-        print("usage: python -m tadsr.quantize.shipped INT8_DIR [OUT_JSON]", file=sys.stderr)
+        print("usage: python -m tadsr.quantize.shipped [--ranges] INT8_DIR [OUT_JSON]", file=sys.stderr)
         return 2
     items = collect(Path(args[0]))
     path = write(items, Path(args[1]) if len(args) == 2 else None)

@@ -1169,6 +1169,40 @@ def test_onnx_int8_starts_from_the_shipped_recipe_of_the_same_conditions(tiny_on
         quantize_artifact(parent, out_dir=tmp_path / "e", **kw)
 
 
+def test_onnx_calibration_ranges_shipped_for_the_same_model_and_feeds_give_the_same_file(tiny_onnx_artifacts,
+                                                                                          tmp_path, monkeypatch):  # fmt: skip
+    """The ranges an ONNX INT8 folder records (``calibration_ranges.json``, collected by ``python -m
+    tadsr.quantize.shipped --ranges``) replace ORT's calibration in a call with the same key (model, feeds,
+    method, ORT version): no calibration run, the same bytes. Other feeds (another seed) calibrate; so does
+    ``shipped_recipes=False``."""
+    import tadsr.quantize.shipped as shipped
+    from tadsr.formats.onnx import ptq
+    from tadsr.quantize.calibration import CaptureCache
+
+    parent = tiny_onnx_artifacts / "encoder-onnx-fp32-t64"
+    kw = {**SMALL_NO_HR, "parity_gate": False, "captures": CaptureCache()}
+    (first,) = quantize_artifact(parent, out_dir=tmp_path / "a", **kw)
+    recorded = json.loads((first / ptq.RANGES_NAME).read_text())
+    assert recorded["source"] == "calibrated" and recorded["ort_cache"]
+    store = tmp_path / "ranges.json"
+    assert shipped.main(["--ranges", str(tmp_path / "a"), str(store)]) == 0
+    monkeypatch.setattr(shipped, "RANGES_PATH", store)
+    calibrations = []
+    real = ptq.OnnxPTQ._quantize
+    monkeypatch.setattr(ptq.OnnxPTQ, "_quantize",
+                        lambda self, out, exclude, reader: calibrations.append(reader is not None) or
+                        real(self, out, exclude, reader))  # fmt: skip
+    (again,) = quantize_artifact(parent, out_dir=tmp_path / "b", **kw)
+    assert not any(calibrations), "calibrated although the ranges were shipped for this key"
+    assert json.loads((again / ptq.RANGES_NAME).read_text())["source"] == "shipped"
+    assert read_manifest(again)["backend_info"]["calibration_ranges"]["source"] == "shipped"
+    assert _sha(first / "encoder.onnx") == _sha(again / "encoder.onnx")
+    for other in ({"seed": 1}, {"shipped_recipes": False}):
+        calibrations.clear()
+        quantize_artifact(parent, out_dir=tmp_path / f"c{len(other)}{list(other)[0]}", **{**kw, **other})
+        assert any(calibrations), other
+
+
 def test_float_block_weights_stored_int8_for_core_ml(tmp_path):
     """A block the recipe keeps float keeps float activations but stores its weights INT8 + dequantize (Core ML:
     constexpr_affine_dequantize): one more INT8 weight in the package, output within the weights' rounding, the

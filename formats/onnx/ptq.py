@@ -56,13 +56,14 @@ from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
 from tadsr.formats.sensitivity import BackendRecipe, SearchResult, shipped_trace, unit_of, worst_psnr
 from tadsr.formats.spec import QuantizeJob
 
-__all__ = ["METHODS", "DEFAULT_OP_TYPES", "LONG_ATTENTION_KEYS", "OnnxPTQ", "long_attention_nodes", "quantize_onnx",
-           "quantize_job"]
+__all__ = ["METHODS", "DEFAULT_OP_TYPES", "LONG_ATTENTION_KEYS", "RANGES_NAME", "OnnxPTQ", "long_attention_nodes",
+           "quantize_onnx", "quantize_job", "ranges_key"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES = ("Conv", "Gemm", "MatMul")
+RANGES_NAME = "calibration_ranges.json"  # in an ONNX INT8 artifact folder: the ranges and their key
 SCHEME = "weights int8 symmetric per-channel, activations uint8 asymmetric per-tensor (QDQ)"
 _EXTRA = {"WeightSymmetric": True, "ActivationSymmetric": False}
 # calibration runs ``CALIB_CHUNK`` patches at a time: ORT's calibrators keep every intermediate tensor of a
@@ -252,8 +253,10 @@ class OnnxPTQ:
         method: str = "minmax",
         op_types: Sequence[str] = DEFAULT_OP_TYPES,
         threads: int | None = None,
+        known_ranges: Callable[[str], dict[str, Any] | None] | None = None,
     ) -> None:
-        """See the class docstring."""
+        """See the class docstring. ``known_ranges(key)``: ranges ORT computed before for :attr:`ranges_key` (the
+        pre-processed model's bytes, the calibration feeds' bytes, the method and ORT's version), or None."""
         from onnxruntime.quantization import quant_pre_process
 
         self.method = method
@@ -303,9 +306,18 @@ class OnnxPTQ:
                     "unshared, %.1fs", len(self.candidates), len(self.units()), len(self.pinned), unshared,
                     time.perf_counter() - t0)  # fmt: skip
         t1 = time.perf_counter()
-        self._quantize(self.work / "calibrated.onnx", [], _Feeds(calib_feeds))
-        (self.work / "calibrated.onnx").unlink(missing_ok=True)
-        logger.info("onnx calibration (%s) on %d patches: %.1fs", method, len(calib_feeds), time.perf_counter() - t1)
+        self.ranges_key = ranges_key(self.pre_path, calib_feeds, method, self.op_types)
+        known = None if known_ranges is None else known_ranges(self.ranges_key)
+        self.ranges_source = "calibrated" if known is None else "shipped"
+        if known is not None:  # the same model and feeds: ORT's cache file as it wrote it then
+            self.calib_cache.write_text(json.dumps(known))
+            logger.info("onnx calibration (%s): the ranges shipped for this model and these %d patches (key %s)",
+                        method, len(calib_feeds), self.ranges_key[:12])  # fmt: skip
+        else:
+            self._quantize(self.work / "calibrated.onnx", [], _Feeds(calib_feeds))
+            (self.work / "calibrated.onnx").unlink(missing_ok=True)
+            logger.info("onnx calibration (%s) on %d patches: %.1fs", method, len(calib_feeds),
+                        time.perf_counter() - t1)  # fmt: skip
         self._base: onnx.ModelProto | None = None  # shape-inferred model for in-memory variants
         self.finished: dict[str, Any] = {}  # statistics of the post-QDQ steps of the last build
         self._ranges: Any = None
@@ -640,6 +652,23 @@ def quantize_onnx(
     return BackendResult(files=files, format="onnx", precision="int8", info=info)
 
 
+def ranges_key(model: Path, feeds: Sequence[Mapping[str, np.ndarray]], method: str, op_types: Sequence[str]) -> str:
+    """What ORT's calibration ranges are a function of: the pre-processed model's files, the feeds' bytes, the
+    method, the op types and options, and ORT's version (a digest)."""
+    import onnxruntime
+
+    h = hashlib.sha256(json.dumps([method, list(op_types), _EXTRA, CALIB_CHUNK, onnxruntime.__version__]).encode())
+    for f in sorted(Path(model).parent.glob(f"{Path(model).name}*")):  # the graph and its external data
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    for feed in feeds:
+        for k in sorted(feed):
+            a = np.ascontiguousarray(feed[k])
+            h.update(f"{k}{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def cleanup(ptq: OnnxPTQ) -> None:
     """Remove the work folder."""
     shutil.rmtree(ptq.work, ignore_errors=True)
@@ -654,7 +683,8 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
     given = job.entry("onnx")
     method = given.method if given else job.method
     ptq = OnnxPTQ(job.parent_file, job.work / "onnx", job.calib.feeds(job.name), method=method,
-                  op_types=given.op_types if given else DEFAULT_OP_TYPES, threads=job.threads)  # fmt: skip
+                  op_types=given.op_types if given else DEFAULT_OP_TYPES, threads=job.threads,
+                  known_ranges=job.shipped_ranges)  # fmt: skip
     hold = [c.inputs for c in job.hold.cases(job.name)]
     if given:
         units = job.entry_units(given, ptq.units(), ptq.pinned_units())
@@ -690,6 +720,11 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
             "float_units": entry.float_units, "method": method}  # fmt: skip
 
     def build(folder: Path) -> BackendResult:
-        return quantize_onnx(ptq, entry, job.parent_file, folder, name=job.name, metadata=meta)
+        result = quantize_onnx(ptq, entry, job.parent_file, folder, name=job.name, metadata=meta)
+        # the activation ranges the file was built from, with their key (tadsr.quantize.shipped collects them)
+        ranges = {"key": ptq.ranges_key, "source": ptq.ranges_source, "ort_cache": json.loads(ptq.calib_cache.read_text())}
+        (folder / RANGES_NAME).write_text(json.dumps(ranges, sort_keys=True) + "\n")
+        result.info["calibration_ranges"] = {"key": ptq.ranges_key, "source": ptq.ranges_source, "file": RANGES_NAME}
+        return result
 
     return [job.write("onnx", "int8", entry, build, None)]
