@@ -488,8 +488,10 @@ def add_all_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="reuse the export and INT8 stages an earlier run into --out finished with the same model, "
                    "settings, tool versions and tadsr sources (intact folders only); parity and bench run again")
     p.add_argument("--no-shipped-recipes", dest="shipped_recipes", action="store_false",
-                   help="search every INT8 recipe, even those the bundled model ships for the same conditions "
-                   "(default: start from a shipped recipe, measure it, search only when it misses the criteria)")
+                   help="search every INT8 recipe and calibrate every ONNX graph, even where the bundled model "
+                   "ships a recipe or ONNX Runtime's ranges for the same conditions (default: start from a shipped "
+                   "recipe, measure it, search only when it misses the criteria; read shipped ranges of the same "
+                   "model and calibration feeds)")  # fmt: skip
     p.add_argument("--smoke", action="store_true",
                    help="reduced configuration for CI (minutes on 2 cores): every format, pipeline + components "
                    "fp32, INT8 of the pipelines (and ONNX components), few calibration/parity cases")  # fmt: skip

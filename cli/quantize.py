@@ -65,8 +65,9 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "that it also holds on other noise (default: %(default)s; 0.5: the mean itself)")  # fmt: skip
     p.add_argument("--recipe", type=Path, metavar="FILE", help="reuse a recipe.json instead of searching")
     p.add_argument("--no-shipped-recipes", dest="shipped_recipes", action="store_false",
-                   help="search even when a recipe shipped with the model was searched under the same conditions "
-                   "(default: start from it, measure it, search only when it misses the criteria)")  # fmt: skip
+                   help="search even when a recipe shipped with the model was searched under the same conditions, "
+                   "and calibrate even when ONNX Runtime's ranges ship for the same model and feeds (default: start "
+                   "from the recipe, measure it, search only when it misses the criteria; read the ranges)")  # fmt: skip
     p.add_argument("--holdout", type=Path, metavar="DIR", help="held-out image folder (default: the photo set's "
                    "validation images, else scikit-image's sample photos and the shipped dusk sky)")  # fmt: skip
     p.add_argument("--holdout-patches", type=int, default=16, help="held-out patches (default: %(default)s)")

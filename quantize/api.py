@@ -616,7 +616,8 @@ def quantize_artifact(
         shipped_recipes: without ``recipe``, start from the recipe shipped for this graph and backend when it was
             searched under this call's exact conditions (:mod:`tadsr.quantize.shipped`: the bundled model's; same
             weights, patches and criteria). It is measured on the held-out patches and searched anew when it misses
-            the criteria here. False: always search.
+            the criteria here. Also: ONNX graphs read the calibration ranges shipped for their exact key (model
+            and feeds' bytes, method, ORT version) instead of calibrating. False: always search and calibrate.
 
     Returns:
         The new artifact folders: ``<graph>-<format>-int8-t<tile>`` (and ``<graph>-coreml-w8-t<tile>``, the
