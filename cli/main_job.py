@@ -196,13 +196,15 @@ def _capture_cache(out: Path) -> Any:
 
 
 def _prefill_captures(cfg: MainJobConfig, models: Any) -> None:
-    """Capture the calibration and held-out data once, on every CPU, before lanes that would otherwise need them at
-    the same time start: the two graph-group lanes of one format reach INT8 together, and one of them waited for
-    the other's capture on one core (74 s of the quick path, session 24). The lanes then read them from the shared
-    folder. The key is the one each INT8 stage computes from its fp32 artifact's manifest (the preset and the
+    """Capture the calibration and held-out data once, in one process per CPU, before lanes that would otherwise
+    need them at the same time start: the two graph-group lanes of one format reach INT8 together, and one of them
+    waited for the other's capture on one core (74 s of the quick path, session 24; a capture runs on one thread,
+    :func:`tadsr.quantize.calibration.capture`). The lanes then read them from the shared folder. The key is the one each INT8 stage computes from its fp32 artifact's manifest (the preset and the
     networks' sources as export records them) and the patches it samples (:func:`tadsr.quantize.api`)."""
+    from tadsr.cli.lanes import usable_cpus
+
     manifest, calib, hold = capture_request(cfg, models)
-    _capture_cache(cfg.out).get(manifest, models, calib, hold, cfg.progress)
+    _capture_cache(cfg.out).get(manifest, models, calib, hold, cfg.progress, workers=usable_cpus())
 
 
 def capture_request(cfg: MainJobConfig, models: Any) -> tuple[dict[str, Any], tuple, tuple]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -138,8 +139,8 @@ def _io(graph: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return GRAPH_IO[graph]
 
 
-@torch.no_grad()
-def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", progress: bool = False) -> ReferenceRuns:
+def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", progress: bool = False,
+            workers: int = 1) -> ReferenceRuns:  # fmt: skip
     """Run the fp32 reference pipeline stage by stage on LR patches and keep every graph's inputs.
 
     Args:
@@ -148,21 +149,49 @@ def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", prog
         seed: noise seed; patch ``i`` gets ``make_noise(.., noise_seed(seed, i))``.
         source: description stored in the result.
         progress: tqdm bar over batches.
+        workers: processes sharing the patches (this one and ``workers - 1`` spawned ones), each on the one
+            thread every capture runs on: the same arrays, in about ``1 / workers`` of the time on idle CPUs.
 
     Returns:
         :class:`~tadsr.parity.hops.ReferenceRuns` with ``lr, noise, z_y, x_t, x0, sr``.
     """
-    pipe = OneStepPipeline(models)
     n, _, t, _ = lr.shape
     if t % models.preset.pad_multiple:
         raise InputError(f"tile {t} is not a multiple of {models.preset.pad_multiple}")
+    bounds = np.linspace(0, n, min(max(workers, 1), n) + 1).astype(int) if n else np.array([0, 0])
+    if len(bounds) <= 2:
+        arrays = _capture_rows(models, lr, seed, 0, progress)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # the networks as plain pickle bytes: multiprocessing's pickler hands tensors over in shared memory once
+        # torch.multiprocessing is imported, and a child read NaN weights that way under pytest
+        blob = pickle.dumps(models)
+        with ProcessPoolExecutor(len(bounds) - 2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            others = [pool.submit(_capture_part, blob, lr[a:b], seed, int(a))
+                      for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]  # fmt: skip
+            parts = [_capture_rows(models, lr[: bounds[1]], seed, 0, progress), *(f.result() for f in others)]
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in RUN_ARRAYS}
+    return ReferenceRuns(**arrays, source=source)
+
+
+def _capture_part(models: bytes, lr: np.ndarray, seed: int, start: int) -> dict[str, np.ndarray]:
+    return _capture_rows(pickle.loads(models), lr, seed, start, False)
+
+
+@torch.no_grad()
+def _capture_rows(models: Models, lr: np.ndarray, seed: int, start: int, progress: bool) -> dict[str, np.ndarray]:
+    """:func:`capture`'s arrays for patches ``start ..`` of a set (``lr`` holds them; noise by set index)."""
+    pipe = OneStepPipeline(models)
+    n, _, t, _ = lr.shape
     latent = (1, models.preset.vq.embed_dim, t, t)
     rows: dict[str, list[np.ndarray]] = {k: [] for k in RUN_ARRAYS}
     starts = range(0, n, _CAPTURE_BATCH)
     with fixed_threads():  # the captures set the INT8 scales: the same on every run of this machine
         for s in tqdm(starts, desc="capture", unit="batch", disable=not progress):
             x = torch.from_numpy(np.ascontiguousarray(lr[s : s + _CAPTURE_BATCH], dtype=np.float32))
-            noise = torch.cat([make_noise(latent, noise_seed(seed, i)) for i in range(s, s + x.shape[0])])
+            noise = torch.cat([make_noise(latent, noise_seed(seed, start + i)) for i in range(s, s + x.shape[0])])
             lr_p, hw = pipe.prepare(x)
             z_y = pipe.encode(lr_p)
             x0 = pipe.denoise(z_y, noise, lr_p)
@@ -170,8 +199,7 @@ def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", prog
                     "sr": pipe.decode(x0, hw)}  # fmt: skip
             for k, v in vals.items():
                 rows[k].append(v.detach().cpu().numpy().astype(np.float32))
-    arrays = {k: np.concatenate(v) for k, v in rows.items()}
-    return ReferenceRuns(**arrays, source=source)
+    return {k: np.concatenate(v) if v else np.zeros((0,), np.float32) for k, v in rows.items()}
 
 
 def _distinct(patches: PatchSet) -> int:
@@ -262,6 +290,7 @@ def load_calibration(
     seed: int = 0,
     patches: tuple[PatchSet, dict[str, Any]] | None = None,
     progress: bool = False,
+    workers: int = 1,
 ) -> CalibrationSet:
     """Sample calibration patches (:func:`sample_calibration`) and capture every graph's inputs.
 
@@ -273,6 +302,7 @@ def load_calibration(
         seed: sampling seed; also seeds the noise.
         patches: already sampled patches and description (then ``source``/``num_patches`` are unused).
         progress: progress bars.
+        workers: processes sharing the capture (:func:`capture`).
 
     Raises:
         InputError: see :func:`sample_calibration`.
@@ -282,7 +312,8 @@ def load_calibration(
         patches = sample_calibration(source, num_patches=num_patches, tile=tile, scale=models.preset.scale, seed=seed,
                                      progress=progress)  # fmt: skip
     ps, info = patches
-    runs = capture(models, ps.lr, seed=info["seed"], source=f"calibration {info['source']}", progress=progress)
+    runs = capture(models, ps.lr, seed=info["seed"], source=f"calibration {info['source']}", progress=progress,
+                   workers=workers)  # fmt: skip
     logger.info("calibration: %d patches from %s (hash %s), graph inputs captured in %.1fs", len(ps),
                 info["source"], ps.content_hash[:12], time.perf_counter() - t0)  # fmt: skip
     return CalibrationSet(runs=runs, info=info, patches=ps)
@@ -358,6 +389,7 @@ def load_holdout(
     calibration: CalibrationSet | None = None,
     patches: tuple[PatchSet, dict[str, Any]] | None = None,
     progress: bool = False,
+    workers: int = 1,
 ) -> CalibrationSet:
     """Held-out patches (:func:`sample_holdout`) with every graph's reference inputs and outputs.
 
@@ -370,6 +402,7 @@ def load_holdout(
         calibration: the calibration set; a held-out patch identical to one of its patches is an error.
         patches: already sampled held-out patches and description.
         progress: progress bars.
+        workers: processes sharing the capture (:func:`capture`).
 
     Raises:
         InputError: unusable folder, or overlap with the calibration patches.
@@ -379,7 +412,8 @@ def load_holdout(
         patches = sample_holdout(source, num_patches=num_patches, tile=tile, scale=models.preset.scale, seed=seed,
                                  calibration=calib, progress=progress)  # fmt: skip
     ps, info = patches
-    runs = capture(models, ps.lr, seed=info["seed"], source=f"held-out {info['source']}", progress=progress)
+    runs = capture(models, ps.lr, seed=info["seed"], source=f"held-out {info['source']}", progress=progress,
+                   workers=workers)  # fmt: skip
     return CalibrationSet(runs=runs, info=info, patches=ps)
 
 
@@ -404,7 +438,7 @@ class CaptureCache:
         self.salt = salt  # mixed into the file names: the caller's code version, so that an edit captures anew
 
     def get(self, manifest: Mapping[str, Any], models: Models, calib: tuple, hold: tuple,
-            progress: bool = False) -> tuple[CalibrationSet, CalibrationSet]:  # fmt: skip
+            progress: bool = False, workers: int = 1) -> tuple[CalibrationSet, CalibrationSet]:  # fmt: skip
         """The captures for these weights (the artifact's ``manifest``) and sampled patches, captured if new.
 
         Args:
@@ -412,6 +446,7 @@ class CaptureCache:
             models: the rebuilt networks.
             calib, hold: ``(PatchSet, info)`` from :func:`sample_calibration` / :func:`sample_holdout`.
             progress: progress bars.
+            workers: processes sharing a capture that has to be made (:func:`capture`).
         """
         key = self._key_of(manifest, calib, hold)
         if key == self._key and self._sets is not None:
@@ -420,8 +455,8 @@ class CaptureCache:
         self._key, self._sets = None, None  # drop the previous model's captures before capturing
 
         def compute() -> tuple[CalibrationSet, CalibrationSet]:
-            return (load_calibration(models, patches=calib, progress=progress),
-                    load_holdout(models, patches=hold, progress=progress))  # fmt: skip
+            return (load_calibration(models, patches=calib, progress=progress, workers=workers),
+                    load_holdout(models, patches=hold, progress=progress, workers=workers))  # fmt: skip
 
         self._sets = compute() if self.folder is None else self._shared(key, calib, hold, compute)
         self._key = key

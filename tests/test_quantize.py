@@ -450,8 +450,8 @@ def test_capture_cache_is_owned_by_the_caller(monkeypatch, tmp_path):
     from tadsr.quantize import calibration as cal
 
     calls = []
-    monkeypatch.setattr(cal, "load_calibration", lambda models, patches, progress: calls.append("c") or "calib")
-    monkeypatch.setattr(cal, "load_holdout", lambda models, patches, progress: calls.append("h") or "hold")
+    monkeypatch.setattr(cal, "load_calibration", lambda models, patches, progress, workers: calls.append("c") or "calib")
+    monkeypatch.setattr(cal, "load_holdout", lambda models, patches, progress, workers: calls.append("h") or "hold")
     manifest = {"preset": {"name": "tiny"}, "sources": {"student": {"sha256": "a"}}}
     calib = (SimpleNamespace(content_hash="x"), {"seed": 0})
     hold = (SimpleNamespace(content_hash="y"), {"seed": 1})
@@ -464,6 +464,18 @@ def test_capture_cache_is_owned_by_the_caller(monkeypatch, tmp_path):
     cal.CaptureCache().get(manifest, None, calib, hold)  # a new cache knows nothing
     assert len(calls) == 6
     assert not hasattr(qapi, "_CAPTURES")
+
+
+def test_capture_shared_between_processes_gives_the_same_arrays(tiny_models):
+    """capture(workers=2) splits the patches between this process and a spawned one (each on its one thread, the
+    noise by the patch's index in the whole set): bit-identical to capturing them all here."""
+    from tadsr.quantize.calibration import capture
+
+    lr = np.random.default_rng(0).uniform(-1, 1, (3, 3, 64, 64)).astype(np.float32)
+    one = capture(tiny_models, lr, seed=5)
+    two = capture(tiny_models, lr, seed=5, workers=2)
+    for k in ("lr", "noise", "z_y", "x_t", "x0", "sr"):
+        np.testing.assert_array_equal(getattr(two, k), getattr(one, k), err_msg=k)
 
 
 def test_holdout_overlap_check_sees_a_changed_file(tmp_path):
@@ -1356,7 +1368,7 @@ def test_capture_cache_on_disk_is_shared_and_waited_for(monkeypatch, tmp_path):
     calls = []
 
     def fake(kind):
-        def load(models, patches, progress):
+        def load(models, patches, progress, workers=1):
             calls.append(kind)
             time.sleep(0.5)  # long enough for the other thread to reach the lock
             rng = np.random.default_rng(len(calls))
