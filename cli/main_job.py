@@ -143,6 +143,8 @@ def run_main_job(cfg: MainJobConfig) -> int:
     if jobs == 1:  # lanes that cannot run side by side: one per format
         names = list(cfg.formats)
     estimates = _estimates(names, params_m)
+    if jobs > 1 and any(":" in n for n in names) and not cfg.resume:
+        _stage(cfg, "captures", lambda: _prefill_captures(cfg, models))
     t0 = time.perf_counter()
     if jobs == 1:
         captures = _capture_cache(out)  # one model: every artifact is calibrated from the same captures
@@ -153,8 +155,6 @@ def run_main_job(cfg: MainJobConfig) -> int:
             done[f].wall_s, done[f].estimate_gb = round(time.perf_counter() - t1, 1), round(estimates[f], 1)
             done[f].peak_rss_gb = max(done[f].stage_rss.values(), default=None)  # while it ran, in this process
     else:
-        if any(":" in n for n in names) and not cfg.resume:
-            _stage(cfg, "captures", lambda: _prefill_captures(cfg, models))
         log.info("== %d lanes (%s), %d at once (memory budget %.1f GB) ==", len(names), ", ".join(names), jobs,
                  budget)  # fmt: skip
         level = logging.getLogger("tadsr").getEffectiveLevel()
@@ -199,8 +199,9 @@ def _prefill_captures(cfg: MainJobConfig, models: Any) -> None:
     """Capture the calibration and held-out data once, in one process per CPU, before lanes that would otherwise
     need them at the same time start: the two graph-group lanes of one format reach INT8 together, and one of them
     waited for the other's capture on one core (74 s of the quick path, session 24; a capture runs on one thread,
-    :func:`tadsr.quantize.calibration.capture`). The lanes then read them from the shared folder. The key is the one each INT8 stage computes from its fp32 artifact's manifest (the preset and the
-    networks' sources as export records them) and the patches it samples (:func:`tadsr.quantize.api`)."""
+    :func:`tadsr.quantize.calibration.capture`). The lanes then read them from the shared folder. The key is the
+    one each INT8 stage computes from its fp32 artifact's manifest (the preset and the networks' sources as export
+    records them) and the patches it samples (:func:`tadsr.quantize.api`)."""
     from tadsr.cli.lanes import usable_cpus
 
     manifest, calib, hold = capture_request(cfg, models)
