@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         art, int8 = args.work / fmt / "artifacts", args.work / fmt / "int8"
         if "export" in args.stages:
             stage(f"export {fmt}", [*tadsr, "export", *model, "--format", fmt, "--graphs", *graphs, "--precision",
-                                    *precisions, "--tile", "64", "--out", str(art), "--no-progress", "--no-parity-gate"])  # fmt: skip
-        fp32 = sorted(p for p in art.glob(f"*-{fmt}-fp32-t64") if (p / "manifest.json").is_file()) if art.is_dir() else []
+                                    *precisions, "--tile", "64", "--out", str(art), "--no-progress",
+                                    "--no-parity-gate"])  # fmt: skip
+        fp32 = sorted(p for p in art.glob(f"*-{fmt}-fp32-t64") if (p / "manifest.json").is_file())
         if "quantize" in args.stages:
             for folder in sorted(fp32, key=lambda p: p.name.startswith("pipeline-")):  # the main job's order
                 stage(f"quantize {folder.name}", [
@@ -142,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if "parity" in args.stages:
             for sub, folder in (("artifacts", art), ("int8", int8)):
                 if folder.is_dir() and any(folder.iterdir()):
-                    stage(f"parity {fmt} {sub}", [*tadsr, "parity", *model, "--max-side", "128", *threads,
-                                                  "--report", str(args.work / fmt / f"parity_{sub}"), str(folder)])  # fmt: skip
+                    stage(f"parity {fmt} {sub}", [*tadsr, "parity", *model, "--max-side", "128", *threads, "--report",
+                                                  str(args.work / fmt / f"parity_{sub}"), str(folder)])  # fmt: skip
     if "bench" in args.stages:
         folders = [str(p) for f in args.formats for p in (args.work / f / "artifacts", args.work / f / "int8")
                    if p.is_dir() and any(p.iterdir())]  # fmt: skip

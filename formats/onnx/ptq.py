@@ -660,7 +660,9 @@ def ranges_key(model: Path, feeds: Sequence[Mapping[str, np.ndarray]], method: s
     h = hashlib.sha256(json.dumps([method, list(op_types), _EXTRA, CALIB_CHUNK, onnxruntime.__version__]).encode())
     for f in sorted(Path(model).parent.glob(f"{Path(model).name}*")):  # the graph and its external data
         h.update(f.name.encode())
-        h.update(f.read_bytes())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
     for feed in feeds:
         for k in sorted(feed):
             a = np.ascontiguousarray(feed[k])
@@ -722,7 +724,8 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
     def build(folder: Path) -> BackendResult:
         result = quantize_onnx(ptq, entry, job.parent_file, folder, name=job.name, metadata=meta)
         # the activation ranges the file was built from, with their key (tadsr.quantize.shipped collects them)
-        ranges = {"key": ptq.ranges_key, "source": ptq.ranges_source, "ort_cache": json.loads(ptq.calib_cache.read_text())}
+        ranges = {"key": ptq.ranges_key, "source": ptq.ranges_source,
+                  "ort_cache": json.loads(ptq.calib_cache.read_text())}  # fmt: skip
         (folder / RANGES_NAME).write_text(json.dumps(ranges, sort_keys=True) + "\n")
         result.info["calibration_ranges"] = {"key": ptq.ranges_key, "source": ptq.ranges_source, "file": RANGES_NAME}
         return result
