@@ -22,6 +22,9 @@ shorter than that can be missed), and the largest single process's own peak from
 
     python benchmarks/official_stages.py --work /tmp/official --formats coreml onnx executorch \\
         > benchmarks/results/official_stages.md
+
+An export stage is skipped with ``--stages quantize ...`` and the artifacts of an earlier run in ``--work`` are
+quantized.
 """
 
 from __future__ import annotations
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", nargs="+", default=["coreml", "onnx", "executorch"])
     ap.add_argument("--stages", nargs="+", default=["export", "quantize", "parity", "bench"],
                     choices=["export", "quantize", "parity", "bench"])  # fmt: skip
+    ap.add_argument("--int8-graphs", nargs="+", default=None, choices=["pipeline", "encoder", "denoiser", "decoder"],
+                    help="the fp32 graphs to quantize (default: every one exported; the fused pipeline is the largest)")
     ap.add_argument("--num-patches", type=int, default=8, help="calibration patches (main job: all 48 shipped)")
     ap.add_argument("--holdout-patches", type=int, default=4, help="held-out patches (main job: 16)")
     ap.add_argument("--threads", type=int, default=None, help="runtime threads (default: the libraries')")
@@ -133,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             stage(f"export {fmt}", [*tadsr, "export", *model, "--format", fmt, "--graphs", *graphs, "--precision",
                                     *precisions, "--tile", "64", "--out", str(art), "--no-progress",
                                     "--no-parity-gate"])  # fmt: skip
-        fp32 = sorted(p for p in art.glob(f"*-{fmt}-fp32-t64") if (p / "manifest.json").is_file())
+        fp32 = sorted(p for p in art.glob(f"*-{fmt}-fp32-t64") if (p / "manifest.json").is_file()
+                      and (args.int8_graphs is None or p.name.split("-")[0] in args.int8_graphs))  # fmt: skip
         if "quantize" in args.stages:
             for folder in sorted(fp32, key=lambda p: p.name.startswith("pipeline-")):  # the main job's order
                 stage(f"quantize {folder.name}", [
