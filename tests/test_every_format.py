@@ -186,16 +186,33 @@ def test_parity_verdict(tiny_all, fmt: str, group: str) -> None:
     assert not failed, f"{fmt} {group} parity failures: {failed}"
 
 
+def prefill_mismatches(out: Path, smoke: bool) -> list[str]:
+    """Where the quick path's prefill request (cli/main_job.capture_request) differs from what the INT8 stages of
+    the finished job in ``out`` recorded: their parent's preset and sources, their calibration and held-out patches
+    (content hash, seed). Empty: the prefill's captures are the ones they read."""
+    from tadsr.cli.main_job import SMOKE_DEFAULTS, MainJobConfig, capture_request
+    from tadsr.pipeline import load_models
+
+    cfg = MainJobConfig(out=out, smoke=smoke, num_patches=SMOKE_DEFAULTS["num_patches"] if smoke else None)
+    manifest, calib, hold = capture_request(cfg, load_models(preset="bundled"))
+    bad = []
+    for folder in sorted((out / "int8").glob("*-onnx-int8-t64")):
+        int8 = read_manifest(folder)
+        parent = read_manifest(out / "artifacts" / folder.name.replace("-int8-", "-fp32-"))
+        for what, mine, theirs in (("model", [manifest["preset"], manifest["sources"]],
+                                    [parent["preset"], parent["sources"]]),
+                                   ("calibration", [calib[0].content_hash, calib[1]["seed"]],
+                                    [int8["calibration"]["content_hash"], int8["calibration"]["seed"]]),
+                                   ("held-out", [hold[0].content_hash, hold[1]["seed"]],
+                                    [int8["heldout"]["content_hash"], int8["heldout"]["seed"]])):  # fmt: skip
+            if json.dumps(mine, sort_keys=True) != json.dumps(theirs, sort_keys=True):
+                bad.append(f"{folder.name}: {what}")
+    return bad
+
+
 def test_captures_prefilled_before_split_lanes_are_the_ones_int8_reads(tiny_all) -> None:
     """The quick path captures once before its graph-group lanes start (cli/main_job._prefill_captures); the
     lanes' INT8 stages only read them if the key is the one they compute from their fp32 artifact's manifest and
-    patches. The smoke's INT8 stages wrote their captures under that key: the prefill's request must name the
-    same file."""
-    from tadsr.cli.main_job import MainJobConfig, _capture_cache, capture_request
-    from tadsr.cli.main_job import SMOKE_DEFAULTS
-    from tadsr.pipeline import load_models
-
-    cfg = MainJobConfig(out=tiny_all.out, smoke=True, num_patches=SMOKE_DEFAULTS["num_patches"])
-    manifest, calib, hold = capture_request(cfg, load_models(preset="bundled"))
-    shared = sorted(p.name for p in (tiny_all.out / ".cache" / "captures").glob("*.npz"))
-    assert shared and _capture_cache(tiny_all.out).file_for(manifest, calib, hold).name in shared, shared
+    their patches. The smoke's ONNX INT8 stages recorded theirs: the prefill's request must be the same."""
+    assert list((tiny_all.out / "int8").glob("*-onnx-int8-t64")), "no ONNX INT8 folder in the smoke"
+    assert prefill_mismatches(tiny_all.out, smoke=True) == []
