@@ -1215,6 +1215,24 @@ def test_onnx_calibration_ranges_shipped_for_the_same_model_and_feeds_give_the_s
         assert any(calibrations), other
 
 
+@pytest.mark.parametrize("graph", ["encoder", "pipeline"])
+def test_onnx_calibration_computes_the_ranges_quantize_static_computes(tiny_onnx_artifacts, tmp_path, graph):
+    """OnnxPTQ calibrates with ORT's calibrator alone (not a whole quantize_static call, which also built an INT8
+    model and held more copies of the graph): the same range table, entry for entry."""
+    from tadsr.formats.onnx import ptq
+
+    rng = np.random.default_rng(0)
+    folder = tiny_onnx_artifacts / f"{graph}-onnx-fp32-t64"
+    specs = read_manifest(folder)["graph"]["inputs"]
+    feeds = [{t["name"]: rng.uniform(-1, 1, t["shape"]).astype(np.float32) for t in specs} for _ in range(4)]
+    lean = ptq.OnnxPTQ(folder / f"{graph}.onnx", tmp_path / "lean", feeds)
+    mine = json.loads(lean.calib_cache.read_text())
+    lean.calib_cache = tmp_path / "static-ranges.json"  # no cache file: quantize_static calibrates itself
+    lean._quantize(tmp_path / "static.onnx", [], ptq._Feeds(feeds))
+    theirs = json.loads(lean.calib_cache.read_text())
+    assert mine == theirs and len(json.dumps(mine)) > 100
+
+
 def test_float_block_weights_stored_int8_for_core_ml(tmp_path):
     """A block the recipe keeps float keeps float activations but stores its weights INT8 + dequantize (Core ML:
     constexpr_affine_dequantize): one more INT8 weight in the package, output within the weights' rounding, the
