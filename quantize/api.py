@@ -684,6 +684,7 @@ def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patch
                sensitivity_budget, threads, progress, parity_gate, out_dir)  # fmt: skip
     run, ctx.parent_engine = _runner(parent.path, parent.fmt, threads)
     ctx.parent_outputs = run_cases(run, hold.cases(spec.name))
+    del run  # the fp32 runtime's session (its weights, its arena): ~2 GB at official size, idle from here on
     work = Path(tempfile.mkdtemp(prefix=f".tadsr-quantize-{secrets.token_hex(3)}-", dir=out_dir))
     ctx.work = work
     ctx.weight_only = parent.weight_only
