@@ -69,23 +69,41 @@ def _rss(pid: int) -> int:
         return 0
 
 
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = [x for x in f.read().decode(errors="replace").splitlines() if x.startswith(("INFO", "WARN"))]
+        return lines[-1][:160] if lines else ""
+    except OSError:
+        return ""
+
+
 def run_stage(cmd: list[str], log: Path) -> dict[str, float | int]:
-    """Run ``cmd`` (its output into ``log``); its wall time, exit code and peak RSS (sampled tree, wait4)."""
+    """Run ``cmd`` (its output into ``log``); its wall time, exit code and peak RSS (sampled tree, wait4). The
+    RSS trace (``<log>.rss.tsv``: seconds, GB, the stage's last log line) records every 0.25 GB move and the peak."""
     peak = [0]
     t0 = time.perf_counter()
+    trace = open(Path(f"{log}.rss.tsv"), "w")  # noqa: SIM115 (closed below, after the sampler)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         done = threading.Event()
 
         def sample() -> None:
+            last = 0
             while not done.wait(0.1):
-                peak[0] = max(peak[0], sum(_rss(p) for p in _tree(proc.pid)))
+                now = sum(_rss(p) for p in _tree(proc.pid))
+                if now > peak[0] + 0.05 * GB or abs(now - last) > 0.25 * GB:
+                    trace.write(f"{time.perf_counter() - t0:.1f}\t{now / GB:.2f}\t{_last_line(log)}\n")
+                    last = now
+                peak[0] = max(peak[0], now)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         done.set()
         sampler.join()
+        trace.close()
         proc.returncode = os.waitstatus_to_exitcode(status)
     return {"wall_s": round(time.perf_counter() - t0, 1), "rc": proc.returncode, "tree_gb": peak[0] / GB,
             "process_gb": usage.ru_maxrss * 1024 / GB}  # fmt: skip
