@@ -224,8 +224,8 @@ def _blas_threads(threads: int) -> Iterator[None]:
 
 
 def peak_rss_gb() -> float:
-    """Peak RSS of this process over its life (its stages' resets of the kernel's mark included,
-    :mod:`tadsr.memory`) and of its finished children, in GB."""
+    """Peak RSS of this process since its last reset of the kernel's mark (:mod:`tadsr.memory`; its whole life
+    without one) and of its finished children, in GB."""
     from tadsr.memory import lifetime_peak
 
     return round(lifetime_peak(children=True) / 1e9, 2)

@@ -84,7 +84,7 @@ def _stage(cfg: MainJobConfig, name: str, fn: Any, timings: dict[str, float] | N
     if cfg.grow_threads:
         _take_freed_cpus(cfg)
     log.info("== %s ==", name)
-    measured = memory.reset_peak()
+    measured = memory.reset_peak() is not None
     t0 = time.perf_counter()
     out = fn()
     timings = cfg.timings if timings is None else timings
@@ -345,7 +345,7 @@ def _lane_process(cfg: MainJobConfig, lane: str, threads: int, level: int) -> An
     cfg = dataclasses.replace(cfg, threads=cfg.threads or threads, grow_threads=cfg.threads is None,
                               progress=False, timings={})  # fmt: skip
     res = _lane(cfg, lane, _load(cfg, load_models), _capture_cache(cfg.out))
-    res.peak_rss_gb = peak_rss_gb()
+    res.peak_rss_gb = max(peak_rss_gb(), *res.stage_rss.values())  # each stage restarted the kernel's mark
     return res
 
 

@@ -141,20 +141,15 @@ def collect_ranges(int8_dir: Path) -> dict[str, Any]:
     return out
 
 
-_ranges_cache: dict[Path, dict[str, Any]] = {}
-
-
 def lookup_ranges(key: str, path: Path | None = None) -> dict[str, Any] | None:
     """The ORT calibration cache shipped for ``key`` (None: none)."""
     path = RANGES_PATH if path is None else Path(path)
-    if path not in _ranges_cache:
-        try:
-            data = json.loads(path.read_text()) if path.is_file() else {}
-        except (OSError, ValueError) as e:
-            logger.warning("ignoring the unreadable shipped calibration ranges %s (%s)", path, e)
-            data = {}
-        _ranges_cache[path] = dict(data.get("ranges", {})) if data.get("schema") == SCHEMA else {}
-    found = _ranges_cache[path].get(key)
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        logger.warning("ignoring the unreadable shipped calibration ranges %s (%s)", path, e)
+        return None
+    found = dict(data.get("ranges", {})).get(key) if data.get("schema") == SCHEMA else None
     return None if found is None else dict(found["ort_cache"])
 
 
@@ -163,7 +158,6 @@ def write_ranges(items: Mapping[str, Any], path: Path | None = None) -> Path:
     doc = {"schema": SCHEMA, "doc": "ONNX Runtime calibration ranges of the bundled model's main job, by key "
            "(tadsr.quantize.shipped)", "ranges": dict(items)}  # fmt: skip
     fileio.write_with(path, lambda f: f.write((json.dumps(doc, sort_keys=True) + "\n").encode()))
-    _ranges_cache.pop(path, None)
     return path
 
 

@@ -1,14 +1,14 @@
-"""Resident memory of this process: now, peak since a mark, and the peak over the process's whole life.
+"""Resident memory of this process: now, and peak since a mark.
 
 Linux keeps a high-water mark of each process's RSS (``VmHWM`` in ``/proc/self/status``) that writing ``5`` to
 ``/proc/self/clear_refs`` restarts (Linux 4.0+). :func:`reset_peak` restarts it so that :func:`peak_since_reset`
-is the peak of one stage or one system alone. The mark is also what ``getrusage`` reports as ``ru_maxrss``, for
-this process and, once they exit, for its children, so :func:`reset_peak` first folds the current mark into a
-process-wide maximum and :func:`lifetime_peak` returns that, not ``ru_maxrss``. Tools that read the mark from
-outside (``/usr/bin/time -v``) see only the peak since the last reset.
+is the peak of one stage or one system alone; it returns the mark it cleared, for a caller that keeps the
+process's peak over several resets (``tadsr all`` keeps each stage's). The mark is also what ``getrusage``
+reports as ``ru_maxrss`` (for this process, and for its children once they exit), and what ``/usr/bin/time -v``
+reads from outside: after a reset those are the peak since the reset.
 
-Elsewhere (macOS, a ``/proc`` that refuses the write) the functions return None / False and callers fall back
-to ``ru_maxrss``.
+Elsewhere (macOS, a ``/proc`` that refuses the write) the functions return None and callers fall back to
+``ru_maxrss``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import resource
 import sys
 
 __all__ = ["lifetime_peak", "maxrss_bytes", "peak_since_reset", "reset_peak", "rss_bytes"]
-
-_folded = 0  # the largest high-water mark this process had before one of its resets, bytes
 
 
 def _status(field: str) -> int | None:
@@ -39,19 +37,17 @@ def peak_since_reset() -> int | None:
     return _status("VmHWM:")
 
 
-def reset_peak() -> bool:
-    """Restart the high-water mark (after folding it into :func:`lifetime_peak`); False where not supported."""
-    global _folded
+def reset_peak() -> int | None:
+    """Restart the high-water mark; the mark it cleared (bytes), or None where not supported."""
     mark = peak_since_reset()
     if mark is None:
-        return False
-    _folded = max(_folded, mark)
+        return None
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
     except OSError:
-        return False
-    return True
+        return None
+    return mark
 
 
 def maxrss_bytes(ru_maxrss: int) -> int:
@@ -60,9 +56,9 @@ def maxrss_bytes(ru_maxrss: int) -> int:
 
 
 def lifetime_peak(children: bool = False) -> int:
-    """Peak resident memory of this process over its life, resets included (and of its finished children with
-    ``children``: each child's own figure is its peak since its last reset), bytes."""
-    own = max(_folded, peak_since_reset() or 0, maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    """Peak resident memory of this process since its last :func:`reset_peak` (its whole life without one), and
+    of its finished children with ``children`` (each child's figure is its own peak since its last reset), bytes."""
+    own = max(peak_since_reset() or 0, maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
     if children:
         own = max(own, maxrss_bytes(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
     return own

@@ -1200,10 +1200,9 @@ def test_onnx_calibration_ranges_shipped_for_the_same_model_and_feeds_give_the_s
     assert shipped.main(["--ranges", str(tmp_path / "a"), str(store)]) == 0
     monkeypatch.setattr(shipped, "RANGES_PATH", store)
     calibrations = []
-    real = ptq.OnnxPTQ._quantize
-    monkeypatch.setattr(ptq.OnnxPTQ, "_quantize",
-                        lambda self, out, exclude, reader: calibrations.append(reader is not None) or
-                        real(self, out, exclude, reader))  # fmt: skip
+    real = ptq.OnnxPTQ._calibrate
+    monkeypatch.setattr(ptq.OnnxPTQ, "_calibrate",
+                        lambda self, reader, opset: calibrations.append(True) or real(self, reader, opset))  # fmt: skip
     (again,) = quantize_artifact(parent, out_dir=tmp_path / "b", **kw)
     assert not any(calibrations), "calibrated although the ranges were shipped for this key"
     assert json.loads((again / ptq.RANGES_NAME).read_text())["source"] == "shipped"

@@ -458,7 +458,7 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
         "ratios": compute_ratios(results),
         "warnings": _warnings(cfg, machine, results, models),
         "wall_s": round(time.perf_counter() - t_start, 2),
-        "process_peak_rss_bytes": lifetime_peak(),  # the bench's systems reset the kernel's mark (tadsr.memory)
+        "process_peak_rss_bytes": lifetime_peak(),  # since the last system's reset of the kernel's mark (tadsr.memory)
     }
     files = write_report(report, crops, Path(cfg.out_dir))
     return BenchResult(report=report, systems=results, files=files)
