@@ -345,7 +345,7 @@ def _lane_process(cfg: MainJobConfig, lane: str, threads: int, level: int) -> An
     cfg = dataclasses.replace(cfg, threads=cfg.threads or threads, grow_threads=cfg.threads is None,
                               progress=False, timings={})  # fmt: skip
     res = _lane(cfg, lane, _load(cfg, load_models), _capture_cache(cfg.out))
-    res.peak_rss_gb = max(peak_rss_gb(), *res.stage_rss.values())  # each stage restarted the kernel's mark
+    res.peak_rss_gb = max([peak_rss_gb(), *res.stage_rss.values()])  # each stage restarted the kernel's mark
     return res
 
 
