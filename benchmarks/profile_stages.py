@@ -93,21 +93,27 @@ def main(argv: list[str] | None = None) -> int:
 
     stages: list[tuple[str, float, cProfile.Profile]] = []
 
-    def profiled_stage(cfg: Any, name: str, fn: Any, timings: dict[str, float] | None = None) -> Any:
+    real_stage = mj._stage
+
+    def profiled_stage(cfg: Any, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """The main job's own ``_stage`` (timing, peak RSS), with ``fn`` run under a fresh profiler."""
         prof = cProfile.Profile()
         t0 = time.perf_counter()
-        prof.enable()
-        try:
-            out = fn()
-        finally:
-            prof.disable()
+
+        def profiled() -> Any:
+            prof.enable()
+            try:
+                return fn()
+            finally:
+                prof.disable()
+
+        out = real_stage(cfg, name, profiled, *args, **kwargs)
         wall = time.perf_counter() - t0
-        (cfg.timings if timings is None else timings)[name] = round(wall, 1)
         stages.append((name, wall, prof))
         print(f"# stage {name}: {wall:.1f} s", file=sys.stderr, flush=True)
         return out
 
-    mj._stage = profiled_stage  # every stage of run_main_job goes through _stage (same signature)
+    mj._stage = profiled_stage  # every stage of run_main_job goes through _stage
     # one lane at a time, in this process: stages of lane processes would escape the profiler
     cmd = ["-q", "all", "--out", str(args.out), "--jobs", "1"]
     cmd += ["--smoke"] if args.smoke else []
