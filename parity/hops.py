@@ -266,6 +266,8 @@ class ReferenceRuns:
             "pipeline": (("lr", "noise"), {"sr": "sr"}),
         }[graph]
         latent = one["x0"] if graph in ("decoder", "pipeline") else None
+        if any(one[v].size == 0 for v in outs.values()):
+            raise ValueError(f"these runs ({self.source}) were captured without the decoder: no {graph} reference")
         return ParityCase(f"real-{i}", "real", {k: one[k] for k in ins}, {k: one[v] for k, v in outs.items()},
                           latent)  # fmt: skip
 

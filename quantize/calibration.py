@@ -84,7 +84,6 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "decoder": (("x0",), ("sr",)),
     "pipeline": (("lr", "noise"), ("sr",)),
 }
-_OUTPUT_SOURCE = {"z_y": "z_y", "x0": "x0", "sr": "sr"}
 # skimage sample photos that are not in the photo set's train split (grass is in its val split); used for
 # held-out patches when the repository's data/photos/val is not available (installed wheel)
 _SKIMAGE_HOLDOUT = ("grass.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "retina.jpg")
@@ -123,11 +122,6 @@ class CalibrationSet:
         """Like :meth:`feeds`, one patch at a time."""
         yield from self.feeds(graph)
 
-    def references(self, graph: str) -> list[dict[str, np.ndarray]]:
-        """The reference pipeline's outputs for ``graph`` per patch: ``[{output name: (1, ...) array}]``."""
-        outs = _io(graph)[1]
-        return [{o: getattr(self.runs, _OUTPUT_SOURCE[o])[i : i + 1] for o in outs} for i in range(len(self))]
-
     def cases(self, graph: str) -> list[ParityCase]:
         """Parity cases (kind ``"real"``) for :func:`tadsr.parity.hops.compare`."""
         return [self.runs.case(graph, i) for i in range(len(self))]
@@ -140,7 +134,7 @@ def _io(graph: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", progress: bool = False,
-            workers: int = 1) -> ReferenceRuns:  # fmt: skip
+            workers: int = 1, decode: bool = True) -> ReferenceRuns:  # fmt: skip
     """Run the fp32 reference pipeline stage by stage on LR patches and keep every graph's inputs.
 
     Args:
@@ -151,6 +145,8 @@ def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", prog
         progress: tqdm bar over batches.
         workers: processes sharing the patches (this one and ``workers - 1`` spawned ones), each on the one
             thread every capture runs on: the same arrays, in about ``1 / workers`` of the time on idle CPUs.
+        decode: also run the decoder (``sr``). False: ``sr`` is empty (``(N, 0)``), for captures that feed graphs
+            and are never compared with the image (calibration: the decoder is ~60 % of a reference run).
 
     Returns:
         :class:`~tadsr.parity.hops.ReferenceRuns` with ``lr, noise, z_y, x_t, x0, sr``.
@@ -160,7 +156,7 @@ def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", prog
         raise InputError(f"tile {t} is not a multiple of {models.preset.pad_multiple}")
     bounds = np.linspace(0, n, min(max(workers, 1), n) + 1).astype(int) if n else np.array([0, 0])
     if len(bounds) <= 2:
-        arrays = _capture_rows(models, lr, seed, 0, progress)
+        arrays = _capture_rows(models, lr, seed, 0, progress, decode)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -169,19 +165,20 @@ def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", prog
         # torch.multiprocessing is imported, and a child read NaN weights that way under pytest
         blob = pickle.dumps(models)
         with ProcessPoolExecutor(len(bounds) - 2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            others = [pool.submit(_capture_part, blob, lr[a:b], seed, int(a))
+            others = [pool.submit(_capture_part, blob, lr[a:b], seed, int(a), decode)
                       for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]  # fmt: skip
-            parts = [_capture_rows(models, lr[: bounds[1]], seed, 0, progress), *(f.result() for f in others)]
+            parts = [_capture_rows(models, lr[: bounds[1]], seed, 0, progress, decode), *(f.result() for f in others)]
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in RUN_ARRAYS}
     return ReferenceRuns(**arrays, source=source)
 
 
-def _capture_part(models: bytes, lr: np.ndarray, seed: int, start: int) -> dict[str, np.ndarray]:
-    return _capture_rows(pickle.loads(models), lr, seed, start, False)
+def _capture_part(models: bytes, lr: np.ndarray, seed: int, start: int, decode: bool) -> dict[str, np.ndarray]:
+    return _capture_rows(pickle.loads(models), lr, seed, start, False, decode)
 
 
 @torch.no_grad()
-def _capture_rows(models: Models, lr: np.ndarray, seed: int, start: int, progress: bool) -> dict[str, np.ndarray]:
+def _capture_rows(models: Models, lr: np.ndarray, seed: int, start: int, progress: bool,
+                  decode: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
     """:func:`capture`'s arrays for patches ``start ..`` of a set (``lr`` holds them; noise by set index)."""
     pipe = OneStepPipeline(models)
     n, _, t, _ = lr.shape
@@ -196,7 +193,7 @@ def _capture_rows(models: Models, lr: np.ndarray, seed: int, start: int, progres
             z_y = pipe.encode(lr_p)
             x0 = pipe.denoise(z_y, noise, lr_p)
             vals = {"lr": lr_p, "noise": noise, "z_y": z_y, "x_t": pipe.schedule.prior_sample(z_y, noise), "x0": x0,
-                    "sr": pipe.decode(x0, hw)}  # fmt: skip
+                    "sr": pipe.decode(x0, hw) if decode else x0.new_zeros((x0.shape[0], 0))}  # fmt: skip
             for k, v in vals.items():
                 rows[k].append(v.detach().cpu().numpy().astype(np.float32))
     return {k: np.concatenate(v) if v else np.zeros((0,), np.float32) for k, v in rows.items()}
@@ -312,8 +309,9 @@ def load_calibration(
         patches = sample_calibration(source, num_patches=num_patches, tile=tile, scale=models.preset.scale, seed=seed,
                                      progress=progress)  # fmt: skip
     ps, info = patches
+    # the graphs' inputs only: no calibration image is ever compared, so the decoder's last run is skipped
     runs = capture(models, ps.lr, seed=info["seed"], source=f"calibration {info['source']}", progress=progress,
-                   workers=workers)  # fmt: skip
+                   workers=workers, decode=False)  # fmt: skip
     logger.info("calibration: %d patches from %s (hash %s), graph inputs captured in %.1fs", len(ps),
                 info["source"], ps.content_hash[:12], time.perf_counter() - t0)  # fmt: skip
     return CalibrationSet(runs=runs, info=info, patches=ps)

@@ -478,6 +478,30 @@ def test_capture_shared_between_processes_gives_the_same_arrays(tiny_models):
         np.testing.assert_array_equal(getattr(two, k), getattr(one, k), err_msg=k)
 
 
+def test_calibration_capture_skips_the_decoder_and_feeds_the_same_inputs(tiny_models, monkeypatch):
+    """Calibration captures only feed graphs: ``decode=False`` never runs the decoder, gives the same graph inputs
+    (also split across two processes) and an empty ``sr`` that no parity case can be built from."""
+    from tadsr.pipeline import OneStepPipeline
+    from tadsr.quantize.calibration import capture
+
+    lr = np.random.default_rng(1).uniform(-1, 1, (3, 3, 64, 64)).astype(np.float32)
+    full = capture(tiny_models, lr, seed=2)
+    two = capture(tiny_models, lr, seed=2, workers=2, decode=False)
+    decoded: list[int] = []
+    real_decode = OneStepPipeline.decode
+    monkeypatch.setattr(OneStepPipeline, "decode", lambda self, *a: decoded.append(1) or real_decode(self, *a))
+    lean = capture(tiny_models, lr, seed=2, decode=False)
+    assert not decoded
+    for runs in (lean, two):
+        for k in ("lr", "noise", "z_y", "x_t", "x0"):
+            np.testing.assert_array_equal(getattr(runs, k), getattr(full, k), err_msg=k)
+        assert runs.sr.shape == (3, 0)
+        assert runs.case("denoiser", 1).reference["x0"].shape == full.x0[1:2].shape
+        for graph in ("decoder", "pipeline"):
+            with pytest.raises(ValueError, match="without the decoder"):
+                runs.case(graph, 0)
+
+
 def test_holdout_overlap_check_sees_a_changed_file(tmp_path):
     """The image hash memo lives for one comparison: rewriting a file changes its key next time."""
     from tadsr.quantize.calibration import _file_key
