@@ -414,6 +414,7 @@ def _write(
             raise
         except Exception as e:  # runtimes raise their own types (e.g. XNNPACK refusing a node at load time)
             raise ExportError(f"the {precision} {p.fmt} artifact {name} was written but does not run: {e}") from e
+        del run  # its session and arena: the VQ views below open their own (the parent's at official size: GBs)
         floors = load_floors("int8", spec.name, ctx.models.preset.name)
         report = ParityReport(spec.name, [], ctx.hold.runs.source)
         vq_parent = vq_ref = None

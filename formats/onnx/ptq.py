@@ -34,6 +34,7 @@ quantizes these matmuls either).
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import logging
@@ -451,6 +452,12 @@ class OnnxPTQ:
         self.finish(model, self.float_nodes(float_units, extra_nodes))
         return model
 
+    def release(self) -> None:
+        """Drop what only the search uses (the shape-inferred model of :meth:`variant` and its ranges): about the
+        model's size again, held otherwise through the build and the checks of the written file."""
+        self._base = self._ranges = None
+        gc.collect()
+
     def session(self, path: Path | bytes) -> Any:
         """A CPU ``InferenceSession`` of a model file or serialized model."""
         import onnxruntime as ort
@@ -763,4 +770,5 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
         result.info["calibration_ranges"] = {"key": ptq.ranges_key, "source": ptq.ranges_source, "file": RANGES_NAME}
         return result
 
+    ptq.release()
     return [job.write("onnx", "int8", entry, build, None)]
