@@ -16,7 +16,7 @@ import secrets
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class BackendResult:
         info: backend facts for the manifest (opset, simplified or not and why, partitions, ops outside
             delegates, layers kept in fp32, ...); JSON-serialisable.
         warnings: human-readable warnings (also logged), e.g. "onnxsim changed outputs; kept the plain file".
+        measured: outputs on the held-out cases that the recipe search measured on a model identical to the written
+            one but for its metadata (ONNX INT8), or None; not part of the manifest.
     """
 
     files: list[str]
@@ -62,9 +64,10 @@ class BackendResult:
     precision: str
     info: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    measured: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(replace(self, measured=None)).items() if k != "measured"}
 
 
 def tool_versions() -> dict[str, str | None]:

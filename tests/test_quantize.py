@@ -1256,6 +1256,56 @@ def test_onnx_calibration_computes_the_ranges_quantize_static_computes(tiny_onnx
     assert mine == theirs and len(json.dumps(mine)) > 100
 
 
+def test_onnx_int8_build_hands_over_the_outputs_its_last_variant_measured(tiny_onnx_artifacts, tmp_path):
+    """The file built for the float set the search ran last is that variant's model (bytes equal but for the
+    metadata written later): the build hands the variant's held-out outputs over, and the file reproduces them
+    bit for bit. Another float set or other feeds: nothing handed over."""
+    from tadsr.formats.onnx import ptq
+
+    rng = np.random.default_rng(0)
+    folder = tiny_onnx_artifacts / "encoder-onnx-fp32-t64"
+    specs = read_manifest(folder)["graph"]["inputs"]
+    feeds = [{t["name"]: rng.uniform(-1, 1, t["shape"]).astype(np.float32) for t in specs} for _ in range(3)]
+    q = ptq.OnnxPTQ(folder / "encoder.onnx", tmp_path / "w", feeds)
+    units = sorted(q.units())[:2]
+    outs = q.run_variant(frozenset(units), feeds)
+    q.release()
+    built = q.build(units, tmp_path / "a.onnx", feeds=feeds)
+    assert q.built_measured is outs
+    for got, want in zip(q.run(built, feeds), outs, strict=True):
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    q.build(units, tmp_path / "b.onnx", feeds=feeds[:2])
+    assert q.built_measured is None
+    q.build(units[:1], tmp_path / "c.onnx", feeds=feeds)
+    assert q.built_measured is None
+
+
+def test_int8_write_runs_one_case_when_it_reproduces_the_measured_outputs():
+    """The write runs the held-out cases the search already measured on the same model only when the file's own
+    first run differs from it; otherwise one case."""
+    from types import SimpleNamespace
+
+    from tadsr.quantize.api import _held_out_outputs
+
+    cases = [SimpleNamespace(inputs={"x": np.full((1, 2), float(i), np.float32)}) for i in range(4)]
+    calls = []
+
+    def run(inputs):
+        calls.append(1)
+        return {"y": inputs["x"] * 2}
+
+    measured = [{"y": c.inputs["x"] * 2} for c in cases]
+    got = _held_out_outputs(run, cases, measured, "t")
+    assert len(calls) == 1 and all(np.array_equal(g["y"], m["y"]) for g, m in zip(got, measured, strict=True))
+    calls.clear()
+    off = [{"y": m["y"] + (i == 0)} for i, m in enumerate(measured)]
+    got = _held_out_outputs(run, cases, off, "t")
+    assert len(calls) == 1 + len(cases) and np.array_equal(got[0]["y"], measured[0]["y"])
+    calls.clear()
+    _held_out_outputs(run, cases, None, "t")
+    assert len(calls) == len(cases)
+
+
 def test_float_block_weights_stored_int8_for_core_ml(tmp_path):
     """A block the recipe keeps float keeps float activations but stores its weights INT8 + dequantize (Core ML:
     constexpr_affine_dequantize): one more INT8 weight in the package, output within the weights' rounding, the

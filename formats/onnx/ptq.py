@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -323,6 +322,8 @@ class OnnxPTQ:
         self._base: onnx.ModelProto | None = None  # shape-inferred model for in-memory variants
         self.finished: dict[str, Any] = {}  # statistics of the post-QDQ steps of the last build
         self._ranges: Any = None
+        self._measured: tuple[Any, ...] | None = None  # the last in-memory variant run: floats, digests, outputs
+        self.built_measured: list[dict[str, np.ndarray]] | None = None
 
     # ------------------------------------------------------------------------------------------ structure
     def units(self) -> dict[str, tuple[int, int]]:
@@ -417,12 +418,15 @@ class OnnxPTQ:
         weights = weight_only_int8(model, [n for n in float_nodes if n not in self.pinned])
         return {"int8_add_constants": constants, "weight_only_int8": weights}
 
-    def build(self, float_units: Sequence[str], out: Path, *, extra_nodes: Sequence[str] = ()) -> Path:
-        """Write the INT8 model with ``float_units`` (and pinned / ``extra_nodes``) float to ``out``."""
+    def build(self, float_units: Sequence[str], out: Path, *, extra_nodes: Sequence[str] = (),
+              feeds: Sequence[Mapping[str, np.ndarray]] = ()) -> Path:  # fmt: skip
+        """Write the INT8 model with ``float_units`` (and pinned / ``extra_nodes``) float to ``out``;
+        :attr:`built_measured`: :meth:`measured` on ``feeds``."""
         floats = self.float_nodes(float_units, extra_nodes)
         path = self._quantize(Path(out), floats, None)
         model = onnx.load(str(path))
         self.finished = self.finish(model, floats)
+        self.built_measured = self.measured(model, floats, feeds) if feeds else None
         save_model(model, path, threshold=PROTOBUF_LIMIT)
         return path
 
@@ -485,7 +489,29 @@ class OnnxPTQ:
             finally:
                 for p in (path, path.with_name(path.name + ".data")):
                     p.unlink(missing_ok=True)
-        return self.run(self.variant(sorted(float_units), extra_nodes=extra_nodes).SerializeToString(), feeds)
+        data = self.variant(sorted(float_units), extra_nodes=extra_nodes).SerializeToString()
+        outs = self.run(data, feeds)
+        self._measured = (self.float_nodes(sorted(float_units), extra_nodes), hashlib.sha256(data).hexdigest(),
+                          _feeds_digest(feeds), outs)  # fmt: skip
+        return outs
+
+    def measured(self, model: onnx.ModelProto, float_nodes: Sequence[str],
+                 feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]] | None:  # fmt: skip
+        """The outputs on ``feeds`` of the last variant :meth:`run_variant` ran, when ``model`` (with these float
+        nodes) serializes to that variant's very bytes; else None."""
+        m = self._measured
+        if m is None or set(m[0]) != set(float_nodes) or m[2] != _feeds_digest(feeds):
+            return None
+        return m[3] if hashlib.sha256(model.SerializeToString()).hexdigest() == m[1] else None
+
+
+def _feeds_digest(feeds: Sequence[Mapping[str, np.ndarray]]) -> str:
+    h = hashlib.sha256()
+    for feed in feeds:
+        for k in sorted(feed):
+            h.update(f"{k}{feed[k].dtype}{feed[k].shape}".encode())
+            h.update(np.ascontiguousarray(feed[k]).tobytes())
+    return h.hexdigest()
 
 
 def _is_big(path: Path) -> bool:
@@ -633,6 +659,7 @@ def quantize_onnx(
     *,
     name: str,
     metadata: Mapping[str, Any] | None = None,
+    feeds: Sequence[Mapping[str, np.ndarray]] = (),
 ) -> BackendResult:
     """Write ``out_dir/<name>.onnx``: the calibrated QDQ INT8 model with the recipe's float units.
 
@@ -643,15 +670,17 @@ def quantize_onnx(
         out_dir: existing folder (the staged artifact).
         name: file stem (the graph name).
         metadata: extra ``tadsr.*`` metadata (calibration hash, recipe summary); must be deterministic.
+        feeds: the held-out inputs the search ran its last variant on (:meth:`OnnxPTQ.measured`).
 
     Returns:
-        BackendResult (format ``onnx``, precision ``int8``) with node counts, bytes by dtype and output scales.
+        BackendResult (format ``onnx``, precision ``int8``) with node counts, bytes by dtype and output scales
+        (and ``measured``: the search's outputs on ``feeds`` when the file is its last variant).
     """
     if list(recipe.op_types) != ptq.op_types or recipe.method != ptq.method:
         raise ConfigError(f"recipe ({recipe.op_types}, {recipe.method}) does not match the calibrated "
                           f"quantizer ({ptq.op_types}, {ptq.method})")  # fmt: skip
     t0 = time.perf_counter()
-    tmp = ptq.build(recipe.float_units, ptq.work / "final.onnx", extra_nodes=recipe.float_nodes)
+    tmp = ptq.build(recipe.float_units, ptq.work / "final.onnx", extra_nodes=recipe.float_nodes, feeds=feeds)
     model = onnx.load(str(tmp))
     _set_metadata(model, onnx.load(str(fp32_path), load_external_data=False), dict(metadata or {}))
     try:
@@ -689,7 +718,7 @@ def quantize_onnx(
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     logger.info("onnx int8 %s: %d of %d candidate nodes quantized, %.2f MB, sha256 %s", name,
                 info["quantized_nodes"], len(ptq.candidates), path.stat().st_size / 1e6, digest[:12])  # fmt: skip
-    return BackendResult(files=files, format="onnx", precision="int8", info=info)
+    return BackendResult(files=files, format="onnx", precision="int8", info=info, measured=ptq.built_measured)
 
 
 def ranges_key(model: Path, feeds: Sequence[Mapping[str, np.ndarray]], method: str, op_types: Sequence[str]) -> str:
@@ -709,11 +738,6 @@ def ranges_key(model: Path, feeds: Sequence[Mapping[str, np.ndarray]], method: s
             h.update(f"{k}{a.dtype}{a.shape}".encode())
             h.update(a.tobytes())
     return h.hexdigest()
-
-
-def cleanup(ptq: OnnxPTQ) -> None:
-    """Remove the work folder."""
-    shutil.rmtree(ptq.work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -762,7 +786,7 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
             "float_units": entry.float_units, "method": method}  # fmt: skip
 
     def build(folder: Path) -> BackendResult:
-        result = quantize_onnx(ptq, entry, job.parent_file, folder, name=job.name, metadata=meta)
+        result = quantize_onnx(ptq, entry, job.parent_file, folder, name=job.name, metadata=meta, feeds=hold)
         # the activation ranges the file was built from, with their key (tadsr.quantize.shipped collects them)
         ranges = {"key": ptq.ranges_key, "source": ptq.ranges_source,
                   "ort_cache": json.loads(ptq.calib_cache.read_text())}  # fmt: skip
