@@ -28,13 +28,10 @@ GOAL_RSS_GIB = 2.0
 
 def _peak_rss_gib() -> float:
     """This process's own peak RSS (VmHWM). ru_maxrss of an exec'ed child can include its parent's pages."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # KiB -> GiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    from tadsr import memory
+
+    peak = memory.peak_since_reset() or memory.maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak / 2**30
 
 
 def _child(args: argparse.Namespace) -> None:
