@@ -270,6 +270,34 @@ def test_onnx_clean_file_has_no_divergence(toy_onnx, onnx_trace, inputs):
     assert all(u.psnr > 100 for u in loc.units)
 
 
+@pytest.mark.parametrize("threshold", [1024, 0])
+def test_onnx_tap_of_a_file_with_external_weights(toy_onnx, inputs, tmp_path, monkeypatch, threshold):
+    """A file whose weights are in a data file (official-size exports: tensors over 1 KB) is tapped without loading
+    its weights into Python: ORT reads them from beside the file, wherever the caller's working directory is; with
+    every tensor there (shape constants too, which ORT cannot read that way) they are loaded. The tapped and graph
+    outputs are those of the same model stored inline."""
+    from tadsr.formats.onnx.localize import OnnxTap
+
+    m = onnx.load(str(toy_onnx))
+    name = next(n.output[0] for n in m.graph.node if n.op_type == "Conv")
+    folder = tmp_path / "art"
+    folder.mkdir()
+    onnx.save_model(m, str(folder / "pipeline.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="pipeline.onnx.data", size_threshold=threshold)  # fmt: skip
+    stored = onnx.load(str(folder / "pipeline.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in stored.graph.initializer)
+    monkeypatch.chdir(tmp_path)  # not the artifact's folder
+    feeds = {k: np.asarray(v, np.float32) for k, v in inputs.items()}
+    loads = []
+    real = onnx.load_external_data_for_model
+    monkeypatch.setattr(onnx, "load_external_data_for_model", lambda *a: loads.append(1) or real(*a))
+    inline, external = OnnxTap(toy_onnx, [name]).run(feeds), OnnxTap(folder / "pipeline.onnx", [name]).run(feeds)
+    assert len(loads) == (threshold == 0)
+    assert name in external and inline.keys() == external.keys()
+    for k in inline:
+        np.testing.assert_array_equal(external[k], inline[k], err_msg=k)
+
+
 @pytest.mark.parametrize(
     ("initializer", "unit", "stage"),
     [
