@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tadsr import memory
 from tadsr.errors import CheckpointError, ConfigError, ExportError, InputError, TadsrError
 from tadsr.export.api import _remove_empty, prepare_out_dir
 from tadsr.formats.artifact import BackendResult, artifact_name, build_manifest, staged_artifact, write_manifest
@@ -415,6 +416,7 @@ def _write(
         except Exception as e:  # runtimes raise their own types (e.g. XNNPACK refusing a node at load time)
             raise ExportError(f"the {precision} {p.fmt} artifact {name} was written but does not run: {e}") from e
         del run  # its session and arena: the VQ views below open their own (the parent's at official size: GBs)
+        memory.trim()
         floors = load_floors("int8", spec.name, ctx.models.preset.name)
         report = ParityReport(spec.name, [], ctx.hold.runs.source)
         vq_parent = vq_ref = None

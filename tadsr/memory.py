@@ -13,10 +13,11 @@ Elsewhere (macOS, a ``/proc`` that refuses the write) the functions return None 
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 
-__all__ = ["lifetime_peak", "maxrss_bytes", "peak_since_reset", "reset_peak", "rss_bytes"]
+__all__ = ["lifetime_peak", "maxrss_bytes", "peak_since_reset", "reset_peak", "rss_bytes", "trim"]
 
 
 def _status(field: str) -> int | None:
@@ -62,3 +63,14 @@ def lifetime_peak(children: bool = False) -> int:
     if children:
         own = max(own, maxrss_bytes(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
     return own
+
+
+def trim() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``): after a phase that freed many
+    allocations (an ONNX Runtime session run without its arena, a loaded model), the allocator otherwise keeps
+    them resident. False where there is no glibc (macOS, musl)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
