@@ -84,7 +84,7 @@ def _stage(cfg: MainJobConfig, name: str, fn: Any, timings: dict[str, float] | N
     if cfg.grow_threads:
         _take_freed_cpus(cfg)
     log.info("== %s ==", name)
-    measured = memory.reset_peak() is not None
+    measured = memory.reset_peak()
     t0 = time.perf_counter()
     out = fn()
     timings = cfg.timings if timings is None else timings

@@ -2,13 +2,12 @@
 
 Linux keeps a high-water mark of each process's RSS (``VmHWM`` in ``/proc/self/status``) that writing ``5`` to
 ``/proc/self/clear_refs`` restarts (Linux 4.0+). :func:`reset_peak` restarts it so that :func:`peak_since_reset`
-is the peak of one stage or one system alone; it returns the mark it cleared, for a caller that keeps the
-process's peak over several resets (``tadsr all`` keeps each stage's). The mark is also what ``getrusage``
-reports as ``ru_maxrss`` (for this process, and for its children once they exit), and what ``/usr/bin/time -v``
-reads from outside: after a reset those are the peak since the reset.
+is the peak of one stage or one system alone (``tadsr all`` records each stage's). The mark is also what
+``getrusage`` reports as ``ru_maxrss`` (for this process, and for its children once they exit), and what
+``/usr/bin/time -v`` reads from outside: after a reset those are the peak since the reset.
 
-Elsewhere (macOS, a ``/proc`` that refuses the write) the functions return None and callers fall back to
-``ru_maxrss``.
+Elsewhere (macOS, a ``/proc`` that refuses the write) the functions return None / False and callers fall back
+to ``ru_maxrss``.
 """
 
 from __future__ import annotations
@@ -38,17 +37,16 @@ def peak_since_reset() -> int | None:
     return _status("VmHWM:")
 
 
-def reset_peak() -> int | None:
-    """Restart the high-water mark; the mark it cleared (bytes), or None where not supported."""
-    mark = peak_since_reset()
-    if mark is None:
-        return None
+def reset_peak() -> bool:
+    """Restart the high-water mark; False where not supported."""
+    if peak_since_reset() is None:
+        return False
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
     except OSError:
-        return None
-    return mark
+        return False
+    return True
 
 
 def maxrss_bytes(ru_maxrss: int) -> int:

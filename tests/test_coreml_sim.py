@@ -921,7 +921,7 @@ def test_predict_holds_only_the_live_activations(tmp_path: Path) -> None:
 
     program = load_mlpackage(_mil_package(prog, tmp_path / "chain.mlpackage"))
     x = np.zeros((1, 16, 512, 512), np.float32)
-    if memory.reset_peak() is None:
+    if not memory.reset_peak():
         pytest.skip("no resettable RSS high-water mark here (Linux /proc/self/clear_refs)")
     base = memory.rss_bytes()
     out = program.predict({"x": x})

@@ -277,7 +277,7 @@ def test_each_stage_records_its_own_peak_rss(tmp_path: Path) -> None:
     from tadsr import memory
     from tadsr.cli.main_job import MainJobConfig, _stage
 
-    if memory.reset_peak() is None:
+    if not memory.reset_peak():
         pytest.skip("no resettable RSS high-water mark here (Linux /proc/self/clear_refs)")
     cfg = MainJobConfig(out=tmp_path)
 

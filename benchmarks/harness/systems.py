@@ -315,7 +315,7 @@ class InProcessMemory:
 
     def __enter__(self) -> InProcessMemory:
         gc.collect()
-        self.reset = reset_peak() is not None
+        self.reset = reset_peak()
         self.before = rss_bytes() if self.reset else maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         return self
 
@@ -385,7 +385,7 @@ def _probe_child(spec: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     rss_load = rss_bytes()
     hwm_load = peak_since_reset()  # this process's own peak so far: imports + loading (Linux)
-    reset = reset_peak() is not None
+    reset = reset_peak()
     tile = int(spec["tile"])
     rng = np.random.default_rng(spec["seed"])
     lr = rng.uniform(-1, 1, (1, 3, tile, tile)).astype(np.float32)
