@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 # development machine (173.9 M parameters: ExecuTorch lowering 12.9 GB, ONNX export + INT8 12.6 GB, Core ML W8A8
 # conversion 19.2 GB). Session 25 measured each official-size stage in its own process (benchmarks/
 # official_stages.py): ExecuTorch export 6.3 / INT8 pipeline 10.0 GB, Core ML export 4.8 / W8A8 + W8 7.9 GB, ONNX
-# export 8.6 / INT8 pipeline 13.0 GB. A lane runs its stages in one process, which can hold more than its largest
-# stage; the slopes stay at the older whole-lane peaks until a whole official-size lane is measured.
+# export 8.6 / INT8 pipeline 13.0 GB (11.6 GB in session 26). A lane runs its stages in one process, which can hold
+# more than its largest stage; the slopes stay at the older whole-lane peaks until a whole official-size lane is
+# measured.
 BASE_GB = 4.0
 PER_MPARAM_GB = {"onnx": 0.050, "executorch": 0.051, "coreml": 0.088}
 # the order lanes start in: the longest first, so that the short ones fill in beside it
