@@ -101,18 +101,17 @@ class OnnxTap:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        cpu = ["CPUExecutionProvider"]
+        folder, cpu, session = str(Path(path).resolve().parent), ["CPUExecutionProvider"], None
         if external:
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                          str(Path(path).resolve().parent))  # fmt: skip
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
             try:
-                self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=cpu)
+                session = ort.InferenceSession(model.SerializeToString(), opts, providers=cpu)
             except Exception as e:  # e.g. a small constant that shape inference reads stored in the data file
                 logger.debug("ORT could not open %s's graph with its weights beside it (%s); loading them", path, e)
-                onnx.load_external_data_for_model(model, str(Path(path).resolve().parent))
-                external = False
-        if not external:
-            self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=cpu)
+                onnx.load_external_data_for_model(model, folder)
+        if session is None:
+            session = ort.InferenceSession(model.SerializeToString(), opts, providers=cpu)
+        self.session = session
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
