@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +139,15 @@ def _db(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.1f}"
 
 
+def _float_blocks(q: Mapping[str, Any]) -> str:
+    """``"18"``, or ``"18 (16 dynamic)"`` when some float blocks run dynamic INT8."""
+    n, dyn = len(q.get("float_units") or []), len(q.get("dynamic_units") or [])
+    return f"{n} ({dyn} dynamic)" if dyn else str(n)
+
+
 def format_summary(paths: Sequence[Path], manifests: Sequence[dict[str, Any]]) -> str:
     """One line per artifact: size vs fp32, INT8 share of weights, PSNR vs fp32, PSNR-Y lost vs HR (with its
-    budget), float blocks, parity."""
+    budget), float blocks (and how many of them run dynamic INT8), parity."""
     rows = [("artifact", "MB", "x fp32", "int8 w", "PSNR dB", "HR loss dB", "float blocks", "parity")]
     for p, m in zip(paths, manifests, strict=True):
         q = m.get("quantization", {})
@@ -150,6 +156,6 @@ def format_summary(paths: Sequence[Path], manifests: Sequence[dict[str, Any]]) -
         frac = q.get("int8_fraction")
         rows.append((p.name, f"{size / 1e6:.2f}", f"{size / max(q.get('parent_bytes', 0), 1):.2f}",
                      "-" if frac is None else f"{100 * frac:.0f}%", _db(fid.get("psnr")), _hr(q),
-                     str(len(q.get("float_units") or [])), "ok" if m.get("parity_passed") else "FAIL"))  # fmt: skip
+                     _float_blocks(q), "ok" if m.get("parity_passed") else "FAIL"))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

@@ -264,6 +264,8 @@ class SearchResult:
         trace: every evaluated configuration ``{"float_units": k, "psnr": dB}`` (+ ``hr_loss_db`` and
             ``hr_bound_db``).
         hr_loss: PSNR-Y vs HR lost against fp32 with those units float (None: no HR budget).
+        dynamic: those of ``excluded`` that run with dynamic INT8 activations (a shipped recipe's
+            :attr:`BackendRecipe.dynamic_units`; a search leaves it empty).
     """
 
     excluded: list[str]
@@ -271,6 +273,7 @@ class SearchResult:
     met: bool
     trace: list[dict[str, Any]] = field(default_factory=list)
     hr_loss: HRLoss | None = None
+    dynamic: list[str] = field(default_factory=list)
 
 
 def search_exclusions(
@@ -503,6 +506,9 @@ class BackendRecipe:
     Attributes:
         op_types: quantized operator types (ONNX op types, or ``conv2d``/``linear``/``matmul`` for PT2E).
         float_units: blocks kept float (see :func:`unit_of`), most sensitive first; includes ``pinned``.
+        dynamic_units: those of ``float_units`` whose convolutions and linears still store INT8 weights and run
+            INT8 with activation ranges taken from each input at run time (ExecuTorch/XNNPACK ``qd8``): float
+            activations between layers, a quarter of the float weights' size.
         float_nodes: backend node names kept float (derived from ``float_units`` plus any listed by hand).
         pinned: units that are always float, with the reason (e.g. the layer feeding the VQ argmin).
         method: calibration method (``minmax``, ``entropy``, ``percentile``).
@@ -539,6 +545,7 @@ class BackendRecipe:
     hr_loss_db: float | None = None
     hr_bound_db: float | None = None
     hr_confidence: float | None = None
+    dynamic_units: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key in ("hr_loss_db", "hr_bound_db"):
@@ -569,9 +576,12 @@ class BackendRecipe:
             raise ConfigError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
         if not isinstance(d.get("op_types"), list) or not d["op_types"]:
             raise ConfigError(f"{where}: 'op_types' must be a non-empty list of operator types")
-        for key in ("float_units", "float_nodes"):
+        for key in ("float_units", "float_nodes", "dynamic_units"):
             if not isinstance(d.get(key, []), list) or not all(isinstance(x, str) for x in d.get(key, [])):
                 raise ConfigError(f"{where}: {key!r} must be a list of names")
+        stray = [u for u in d.get("dynamic_units", []) if u not in d.get("float_units", []) or u in d.get("pinned", {})]
+        if stray:
+            raise ConfigError(f"{where}: dynamic_units {stray} must be float units that are not pinned")
         return cls(**dict(d))
 
 

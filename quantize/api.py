@@ -501,6 +501,7 @@ def _extra(ctx: _Ctx, backend_key: str, entry: BackendRecipe, backend: BackendRe
             "recipe_psnr": entry.psnr,
             "int8_fraction": entry.int8_fraction,
             "float_units": entry.float_units,
+            "dynamic_units": entry.dynamic_units,
             "hr_budget_db": entry.hr_budget_db,
             "hr_loss_db": entry.hr_loss_db,
             "hr_bound_db": entry.hr_bound_db,

@@ -116,9 +116,10 @@ def lookup(cond: Mapping[str, Any], path: Path | None = None) -> BackendRecipe |
 
 
 def to_search(entry: BackendRecipe) -> tuple[SearchResult, list[UnitSensitivity]]:
-    """A shipped recipe in the form of a search's outcome (float units, trace, ranking)."""
+    """A shipped recipe in the form of a search's outcome (float units and those of them dynamic, trace, ranking)."""
     loss = None if entry.hr_loss_db is None else HRLoss(float(entry.hr_loss_db), float(entry.hr_bound_db or 0.0))
-    result = SearchResult(list(entry.float_units), float(entry.psnr or 0.0), True, list(entry.search), loss)
+    result = SearchResult(list(entry.float_units), float(entry.psnr or 0.0), True, list(entry.search), loss,
+                          list(entry.dynamic_units))
     return result, [UnitSensitivity.from_dict(r) for r in entry.sensitivity]
 
 

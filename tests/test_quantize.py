@@ -1128,6 +1128,73 @@ def test_pt2e_recipe_starts_from_a_shipped_recipe_and_searches_when_it_misses(me
         assert searched and entry.source == "auto" and entry.psnr < 200.0
 
 
+@pytest.mark.parametrize("target", [20.0, 200.0])
+def test_pt2e_recipe_runs_float_blocks_dynamic_int8_when_that_still_meets_the_criteria(target):
+    """ExecuTorch: once a float set meets the criteria, its blocks' layers run dynamic INT8 (INT8 weights, each
+    activation's range taken from the tensor at run time) in one more conversion, kept only when that graph
+    still meets them; Core ML (no dynamic activations) never tries."""
+    from tadsr.formats.executorch.ptq import pt2e_recipe
+    from tadsr.formats.sensitivity import SearchResult
+
+    units = ["head", "blocks.1", "blocks.0"]  # every block float: the fp32 graph, which meets any floor
+
+    class Job(_ToyJob):
+        def shipped_search(self, backend_key, known, pinned):
+            return SearchResult(list(units), 99.0, True, [{"float_units": 3, "psnr": 99.0}]), []
+
+    job = Job(seed=4, n=3)
+    job.target = target
+    converted, entry, _ = pt2e_recipe(job, "executorch", "none", dynamic=True)
+    dynamic_nodes = [n for n in converted.graph.nodes if "choose_qparams" in str(n.target)]
+    trial = entry.search[-1]
+    assert trial["dynamic"] == units and trial["graph"] == "converted"
+    if target == 20.0:  # dynamic INT8 of the toy is ~40 dB from fp32
+        assert entry.dynamic_units == units and len(dynamic_nodes) == 3 and entry.int8_fraction == 1.0
+        assert 20.0 <= entry.psnr < 200.0 and trial["psnr"] == round(entry.psnr, 3)
+    else:  # only the float graph meets 200 dB: the trial is recorded and the blocks stay float
+        assert entry.dynamic_units == [] and not dynamic_nodes and entry.int8_fraction == 0.0
+        assert entry.psnr >= 200.0 > trial["psnr"]
+    _, core, _ = pt2e_recipe(job, "coreml", "none")
+    assert core.dynamic_units == [] and not any("dynamic" in t for t in core.search)
+
+
+def test_executorch_lowers_dynamic_int8_blocks_into_xnnpack_smaller_than_float(tmp_path, monkeypatch):
+    """A recipe's dynamic units lower into the XNNPACK delegate (no layer left outside it), store INT8 weights
+    (a smaller file than with the blocks float) and run in the ExecuTorch runtime as the converted graph does.
+    Their conversion needs no calibration pass of its own (dynamic ranges are not observed)."""
+    from executorch.runtime import Runtime
+
+    from tadsr.formats.executorch.ptq import PT2EQuant, quantize_executorch
+
+    torch.manual_seed(0)
+    graph = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(32, 32, 3, padding=1),
+                                torch.nn.SiLU(), torch.nn.Conv2d(32, 3, 3, padding=1)).eval()  # fmt: skip
+    example = (torch.zeros(1, 3, 16, 16),)
+    g = torch.Generator().manual_seed(0)
+    feeds = [{"x": torch.randn(1, 3, 16, 16, generator=g).numpy()} for _ in range(2)]
+    pq = PT2EQuant(graph, example, output_names=["y"], rewrites="none")
+    passes = []
+    calibrate = PT2EQuant._calibrate
+    monkeypatch.setattr(PT2EQuant, "_calibrate", staticmethod(lambda *a: passes.append(1) or calibrate(*a)))
+    units = sorted(pq.units())
+    sizes = {}
+    for name, dyn in (("float", []), ("dynamic", units)):
+        gm = pq.convert(units, feeds, dynamic_units=dyn)
+        res = quantize_executorch(gm, example, tmp_path, name=name, output_names=["y"])
+        sizes[name] = (tmp_path / f"{name}.pte").stat().st_size
+        assert not [op for op in res.info["ops_outside_delegates"] if "conv" in op], res.info
+        x = torch.from_numpy(feeds[0]["x"])
+        method = Runtime.get().load_program(tmp_path / f"{name}.pte").load_method("forward")
+        got = method.execute([x])[0].numpy()
+        with torch.no_grad():
+            want, fp32 = gm(x).numpy(), graph(x).numpy()
+        np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max())
+        if dyn:
+            assert 0 < np.abs(got - fp32).max() < 0.1 * np.abs(fp32).max()
+    assert sizes["dynamic"] < sizes["float"] - 3 * 32 * 9 * 32, sizes  # 3x the middle conv's weight bytes saved
+    assert len(passes) == 1  # the range table's one pass
+
+
 def test_pt2e_fake_quant_hop_reuses_the_held_out_outputs_and_judges_with_fixed_threads():
     """The fake-quant run pt2e_recipe returns answers the held-out patches (asked again as new arrays, as the
     write's hop does) from the outputs that judged the converted graph, without a second pass; other feeds run.

@@ -108,6 +108,14 @@ def quant_config(method: str) -> Any:
     return replace(base, input_activation=act, output_activation=act)
 
 
+def dynamic_quant_config() -> Any:
+    """XNNPACK's dynamic INT8 (``qd8``): per-channel INT8 weights, each activation's range taken from the tensor
+    itself at run time (no calibration); XNNPACKQuantizer annotates only convolutions and linears with it."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+
+    return get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
+
+
 def _module_path(node: torch.fx.Node) -> str:
     """Innermost module path of a node (its own name when it belongs to no submodule)."""
     stack = node.meta.get("nn_module_stack")
@@ -229,15 +237,17 @@ class PT2EQuant:
                 acc[1] += params
         return {u: (a[0], a[1]) for u, a in out.items()}
 
-    def int8_fraction(self, float_units: Sequence[str]) -> float:
-        """Share of the candidate layers' weight parameters that are INT8 with ``float_units`` float."""
-        floats = set(float_units) | set(self.pinned)
+    def int8_fraction(self, float_units: Sequence[str], dynamic_units: Sequence[str] = ()) -> float:
+        """Share of the candidate layers' weight parameters stored INT8 with ``float_units`` float (those of them in
+        ``dynamic_units`` store INT8 weights)."""
+        floats = (set(float_units) - set(dynamic_units)) | set(self.pinned)
         total = sum(p for _, p in self.layers.values())
         kept = sum(p for path, p in self.layers.values() if unit_of(path) in floats)
         return round(1.0 - kept / total, 4) if total else 0.0
 
-    def quantizer(self, float_units: Sequence[str]) -> Any:
-        """The XNNPACKQuantizer for the op types, leaving ``float_units`` and the pinned blocks unannotated."""
+    def quantizer(self, float_units: Sequence[str], dynamic_units: Sequence[str] = ()) -> Any:
+        """The XNNPACKQuantizer for the op types, leaving ``float_units`` and the pinned blocks unannotated, and
+        the convolutions and linears of ``dynamic_units`` (float units) dynamic INT8 (:func:`dynamic_quant_config`)."""
         q = _filtered_xnnpack_quantizer()
         for t in self.op_types:
             for overload in PT2E_OP_TYPES[t]:
@@ -246,12 +256,22 @@ class PT2EQuant:
         # set_module_name(name, None) is refused by this XNNPACKQuantizer ("not supported yet"); its public
         # filter function has the same effect: nodes inside a float block are not annotated
         q.set_filter_function(lambda n: not _in_units(n, floats))
-        return q
+        dynamic = frozenset(dynamic_units) - frozenset(self.pinned)
+        if not dynamic:
+            return q
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+        from torchao.quantization.pt2e.quantizer import ComposableQuantizer
 
-    def _prepare(self, float_units: Sequence[str]) -> torch.fx.GraphModule:
+        dq = XNNPACKQuantizer()
+        dq.set_global(dynamic_quant_config())
+        # a layer's weight and bias are get_attr nodes of no module: the layer's own node decides
+        dq.set_filter_function(lambda n: n.op == "get_attr" or _in_units(n, dynamic))
+        return ComposableQuantizer([q, dq])
+
+    def _prepare(self, float_units: Sequence[str], dynamic_units: Sequence[str] = ()) -> torch.fx.GraphModule:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-        return prepare_pt2e(copy.deepcopy(self.exported), self.quantizer(float_units))
+        return prepare_pt2e(copy.deepcopy(self.exported), self.quantizer(float_units, dynamic_units))
 
     @staticmethod
     def _calibrate(prepared: torch.fx.GraphModule, feeds: Sequence[Mapping[str, np.ndarray]], progress: bool) -> None:
@@ -262,15 +282,17 @@ class PT2EQuant:
                 prepared(*(torch.from_numpy(np.ascontiguousarray(v)) for v in f.values()))
 
     def calibrated(self, float_units: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], *,
-                   progress: bool = False) -> tuple[torch.fx.GraphModule, str]:  # fmt: skip
-        """Prepared with ``float_units`` (and the pinned blocks) float and calibrated on ``feeds``, and how.
+                   progress: bool = False,
+                   dynamic_units: Sequence[str] = ()) -> tuple[torch.fx.GraphModule, str]:  # fmt: skip
+        """Prepared with ``float_units`` (and the pinned blocks) float, ``dynamic_units`` dynamic INT8, and
+        calibrated on ``feeds``, and how.
 
         The first call on a feeds list (the same object) records the ranges every observer of the all-INT8
         annotation watches, in one pass (:class:`~tadsr.formats.executorch.ranges.RangeTable`); this and later
         calls on those feeds fill their observers from it instead of running the patches again. Observers the
         table cannot rebuild are calibrated by running the patches; so are the histogram methods (no table).
         """
-        prepared = self._prepare(float_units)
+        prepared = self._prepare(float_units, dynamic_units)
         if self.method in RANGE_METHODS:
             if self._table is None or self._table.feeds is not feeds:
                 self._table = self._range_table(feeds, progress)
@@ -297,9 +319,9 @@ class PT2EQuant:
         return table
 
     def convert(self, float_units: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], *,
-                progress: bool = False) -> torch.fx.GraphModule:  # fmt: skip
-        """Prepare with ``float_units`` (and pinned blocks) float, calibrate on ``feeds`` (:meth:`calibrated`),
-        convert.
+                progress: bool = False, dynamic_units: Sequence[str] = ()) -> torch.fx.GraphModule:  # fmt: skip
+        """Prepare with ``float_units`` (and pinned blocks) float and ``dynamic_units`` dynamic INT8, calibrate on
+        ``feeds`` (:meth:`calibrated`), convert.
 
         The converted graph's large float ``add`` constants are then stored INT8 (:func:`int8_add_constants`;
         statistics in ``self.constants``), so the graph every caller measures is the one that ships.
@@ -307,11 +329,12 @@ class PT2EQuant:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         t0 = time.perf_counter()
-        prepared, how = self.calibrated(float_units, feeds, progress=progress)
+        prepared, how = self.calibrated(float_units, feeds, progress=progress, dynamic_units=dynamic_units)
         converted = convert_pt2e(prepared)
         self.constants = int8_add_constants(converted)
-        logger.info("pt2e convert (%s, %d float blocks, %s on %d patches): %.1fs; %d add constants INT8 (%.2f -> "
-                    "%.2f MB)", self.method, len(float_units), how, len(feeds), time.perf_counter() - t0,
+        logger.info("pt2e convert (%s, %d float blocks, %d dynamic, %s on %d patches): %.1fs; %d add constants INT8 "
+                    "(%.2f -> %.2f MB)", self.method, len(float_units), len(dynamic_units), how, len(feeds),
+                    time.perf_counter() - t0,
                     self.constants["tensors"], self.constants["fp32_bytes"] / 1e6,
                     self.constants["int8_bytes"] / 1e6)  # fmt: skip
         return converted
@@ -631,12 +654,14 @@ def _remembering(run: FeedsRun, feeds: Sequence[Mapping[str, np.ndarray]],
 REPAIR_STEPS = 3  # most conversions after the searched one when it misses the criteria (1 + 2 + 4 blocks more)
 
 
-def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
-                float_weights_int8: bool = False) -> tuple[Any, BackendRecipe, tuple[Any, Any, Any]]:  # fmt: skip
+def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *, float_weights_int8: bool = False,
+                dynamic: bool = False) -> tuple[Any, BackendRecipe, tuple[Any, Any, Any]]:  # fmt: skip
     """Search (or take) the PT2E recipe of ``job`` and convert the graph with it (ExecuTorch and Core ML INT8).
 
     ``float_weights_int8``: the weights of the blocks the recipe keeps float (pinned ones aside) are stored INT8
     (:func:`int8_float_weights`, Core ML) before the converted graph is measured.
+    ``dynamic``: the float blocks' convolutions and linears may run dynamic INT8 (XNNPACK): once the float set
+    meets the criteria, all of them are made dynamic in one more conversion, kept when it still meets them.
 
     Returns:
         ``(converted graph, recipe entry, (fake-quant run, applied rewrites, example inputs))``.
@@ -656,9 +681,10 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
     pq.table_store = (lambda: job.shared_ranges(share, method), lambda r: job.save_ranges(share, method, r))
     weights: dict[str, Any] = {}
 
-    def convert(float_units: list[str]) -> tuple[torch.fx.GraphModule, list[dict[str, np.ndarray]]]:
+    def convert(float_units: list[str],
+                dyn: Sequence[str] = ()) -> tuple[torch.fx.GraphModule, list[dict[str, np.ndarray]]]:  # fmt: skip
         nonlocal weights
-        gm = pq.convert(float_units, calib, progress=job.progress)
+        gm = pq.convert(float_units, calib, progress=job.progress, dynamic_units=dyn)
         if float_weights_int8:
             weights = int8_float_weights(gm, [u for u in float_units if u not in pq.pinned], pq.targets)
             logger.info("%s: the weights of %d float-block layers stored INT8 (%.2f -> %.2f MB, max error %.2g)",
@@ -670,10 +696,10 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
         psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
         return (psnr, *job.meets(psnr, outs))
 
-    source = ""
+    source, dyn = "", list(given.dynamic_units) if given and dynamic else []
     if not given and (shipped := job.shipped_search(backend_key, pq.units(), pq.pinned)) is not None:
-        units = shipped[0].excluded
-        converted, outs = convert(list(units))
+        units, dyn = shipped[0].excluded, list(shipped[0].dynamic) if dynamic else []
+        converted, outs = convert(list(units), dyn)
         psnr, met, loss = judge(outs)
         if met:  # the converted graph is the judge, as for a search's recipe
             trace = shipped_trace(shipped[0], psnr, loss, graph="converted")
@@ -681,6 +707,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
         else:
             logger.warning("%s/%s: the shipped recipe misses the criteria here (%.2f dB); searching", job.name,
                            backend_key, psnr)  # fmt: skip
+            dyn = []
     if given:
         units, source, trace = job.entry_units(given, pq.units(), pq.pinned), "file", list(given.search)
         sens = list(given.sensitivity)
@@ -704,7 +731,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
             units, source, trace = result.excluded, "auto", trace + result.trace
             sens = [r.to_dict() for r in ranking]
     if source not in ("all", "shipped"):  # a new graph to measure (the all-INT8 / shipped one was measured above)
-        converted, outs = convert(list(units))
+        converted, outs = convert(list(units), dyn)
     psnr, met, loss = judge(outs)
     # The search judged fake-quantized graphs; the converted one can land on the other side of the criteria (a
     # VQ pipeline's loss moves by ~0.1 dB with any small numerical change). It is the judge: keep the next most
@@ -723,10 +750,22 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
         psnr, met, loss = judge(outs)
         trace.append({"float_units": len(units), "added": added, "psnr": round(psnr, 3), **hr_trace(loss),
                       "graph": "converted"})  # fmt: skip
+    layers = pq.units()
+    if dynamic and met and not given and not dyn and (cands := [u for u in units if layers.get(u, (0, 0))[1]]):
+        # float blocks need float activations, not float weights: the same layers with dynamic INT8 activations
+        trial, t_outs = convert(list(units), cands)
+        t_psnr, t_met, t_loss = judge(t_outs)
+        trace.append({"float_units": len(units), "dynamic": cands, "psnr": round(t_psnr, 3), **hr_trace(t_loss),
+                      "graph": "converted"})  # fmt: skip
+        if t_met:
+            converted, outs, psnr, loss, dyn = trial, t_outs, t_psnr, t_loss, cands
+        else:
+            logger.info("%s/%s: dynamic INT8 in the float blocks misses the criteria (%.2f dB); they stay float",
+                        job.name, backend_key, t_psnr)  # fmt: skip
     entry = BackendRecipe(op_types=list(pq.op_types), float_units=list(units), pinned=dict(pq.pinned), method=method,
                           scheme=SCHEME, target_psnr=None if given else job.target, psnr=psnr,
-                          int8_fraction=pq.int8_fraction(units), source=source, sensitivity=sens,
-                          search=trace).set_hr(None if given else job.hr(), loss)  # fmt: skip
+                          int8_fraction=pq.int8_fraction(units, dyn), source=source, sensitivity=sens,
+                          search=trace, dynamic_units=list(dyn)).set_hr(None if given else job.hr(), loss)  # fmt: skip
     if not given and not met:
         logger.warning("%s/%s: the converted graph reaches %.2f dB on held-out patches (target %.1f dB)%s: the "
                        "search's criteria are not met", job.name, backend_key, psnr, job.target,
@@ -741,7 +780,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *,
 def quantize_job(job: QuantizeJob) -> list[Path]:
     """The ExecuTorch slice's INT8 driver (registry ``quantize`` hook): PT2E (XNNPACK quantizer) -> recipe ->
     convert -> XNNPACK ``.pte``, written through ``job.write``."""
-    converted, entry, (fq, rewrites, example) = pt2e_recipe(job, "executorch", "xnnpack")
+    converted, entry, (fq, rewrites, example) = pt2e_recipe(job, "executorch", "xnnpack", dynamic=True)
     out_names = [o.name for o in job.spec.outputs]
     info = {"rewrites": rewrites, "int8_fraction": entry.int8_fraction}
 

@@ -160,12 +160,15 @@ class RangeTable:
 
     def fill(self, prepared: torch.fx.GraphModule) -> bool:
         """Calibrate the observers of ``prepared`` from the table; False (nothing changed) when one of them is not
-        a per-tensor min/max observer of recorded tensors or of constants, and the caller must calibrate."""
+        a per-tensor min/max observer of recorded tensors or of constants, and the caller must calibrate. Dynamic
+        activations' placeholders (a recipe's dynamic units) need nothing."""
         from torchao.quantization.pt2e.observer import MinMaxObserver
 
         plan: list[tuple[nn.Module, list[torch.Tensor]]] = []
         swap: dict[int, nn.Module] = {}  # id(observer) -> the table's calibrated twin
         for mod, nodes in observer_groups(prepared):
+            if getattr(mod, "is_dynamic", False):
+                continue  # a dynamic activation's placeholder: its range is taken from each input at run time
             twin = self._twin(nodes[0].name, mod) if len(nodes) == 1 else None
             if twin is not None and type(twin) is type(mod) and _config(twin) == _config(mod):
                 swap[id(mod)] = twin
