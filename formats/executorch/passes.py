@@ -15,6 +15,13 @@ rest (``ConvertToLinearPass``, ``FuseActivationPass``, ``PropagateCustomMetaPass
 ``RemoveRedundantCopyPass``, ...) end with a re-trace whether or not they changed the graph: inside the block that
 re-trace runs only when the graph differs from the one last traced (:func:`_retrace_when_changed`). The bundled
 fp32 denoiser's lowering (session 24, 1 thread, both runs side by side): 52.2 -> 44.9 s, the same bytes.
+
+The block also bounds one walk of ``ChannelsLastTaggedReshapePass`` (:func:`_bounded_dynamic_nhwc`): to give a
+dynamically quantized convolution its NHWC input, executorch 1.5 walks back from the dequantize through
+``args[0]`` until a node has no node argument, past the quantize into ordinary compute, inserts the NHWC copy
+there and re-routes every use of that node. Whenever anything but a convolution or SiLU precedes the layer (a
+reshape, a scalar multiply: a GroupNorm, the bicubic upsampling) the program lowers and then fails on its first
+``execute()`` (``xnn_status_invalid_parameter``); the walk here stops at the float tensor the quantize reads.
 """
 
 from __future__ import annotations
@@ -160,19 +167,58 @@ def _retrace_when_changed(pass_: type, state: dict[str, Any]) -> type:
     return lean
 
 
+def _bounded_dynamic_nhwc(stock: Callable[..., None]) -> Callable[..., None]:
+    """``ChannelsLastTaggedReshapePass.input_to_nhwc`` whose dynamic-quant case copies to NHWC the float tensor that
+    the dequantize's own quantize chain reads (and routes only that chain through the copy), not the first node
+    found by following ``args[0]`` to the graph's start; every other case is the stock method."""
+    import torch
+    from executorch.backends.xnnpack._passes.channels_last_tagged_reshape_pass import (
+        ChannelsLastTaggedReshapePass as Pass,
+        InputDimOrder,
+    )
+    from executorch.backends.xnnpack.utils.quant_utils import is_dynamic_qdq, is_qparam, is_quant
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    def input_to_nhwc(self: Any, graph_module: Any, input_node: Any, target_node: Any) -> None:
+        if (not is_dynamic_qdq(input_node) or Pass.PARTNER_NODE in input_node.meta
+                or self.input_dim_order(input_node, InputDimOrder.NHWC)):  # fmt: skip
+            return stock(self, graph_module, input_node, target_node)
+        source = input_node
+        while is_dynamic_qdq(source):  # dequantize -> quantize -> the float tensor
+            source = source.args[0]
+        copy = source.meta.get(Pass.PARTNER_NODE)
+        if copy is None or not Pass.is_nhwc_node(copy):
+            with graph_module.graph.inserting_after(source):
+                copy = self.create_call_function_node(graph_module=graph_module, args=(source,),
+                                                      target=exir_ops.edge.aten._to_copy.default,
+                                                      memory_format=torch.channels_last)  # fmt: skip
+            Pass.mark_as_nhwc_node(copy)
+            self.make_partners(source, copy)
+        for user in list(source.users):  # the dynamic quantization of this tensor (choose_qparams, quantize)
+            if user is not copy and (is_quant(user) or is_qparam(user)):
+                user.replace_input_with(source, copy)
+
+    return input_to_nhwc
+
+
 @contextlib.contextmanager
 def lean_xnnpack_passes() -> Iterator[None]:
     """Inside the block, ``XNNPACKPassManager`` built with the default pass list drops :func:`needless_passes`
-    and re-traces only changed graphs (:func:`_retrace_when_changed`).
+    and re-traces only changed graphs (:func:`_retrace_when_changed`), and the channels-last pass walks back from a
+    dynamically quantized input only to its quantize (:func:`_bounded_dynamic_nhwc`).
 
     An explicit pass list is left alone. Nests, and restores the class on exit. Without ExecuTorch it does nothing.
     """
     try:
         from executorch.backends.xnnpack._passes import XNNPACKPassManager
+        from executorch.backends.xnnpack._passes.channels_last_tagged_reshape_pass import (
+            ChannelsLastTaggedReshapePass as ChannelsLast,
+        )
     except ImportError:
         yield
         return
     stock = XNNPACKPassManager.__init__
+    stock_nhwc = ChannelsLast.input_to_nhwc
 
     def init(self: Any, exported_program: Any, passes: Any = None) -> None:
         stock(self, exported_program, passes)
@@ -182,10 +228,12 @@ def lean_xnnpack_passes() -> Iterator[None]:
             self.passes = [_retrace_when_changed(p, state) for p in self.passes if p not in skip]
 
     XNNPACKPassManager.__init__ = init
+    ChannelsLast.input_to_nhwc = _bounded_dynamic_nhwc(stock_nhwc)
     try:
         yield
     finally:
         XNNPACKPassManager.__init__ = stock
+        ChannelsLast.input_to_nhwc = stock_nhwc
 
 
 def _per_tensor_qparams(node: Any) -> tuple[float, int] | None:
