@@ -12,6 +12,7 @@ The recipe's record says ``source: shipped``.
 Regenerate after retraining the bundled model or changing the quantizers (from a finished main job)::
 
     python -m tadsr.quantize.shipped out/int8        # writes tadsr/weights/int8_recipes.json
+    python -m tadsr.quantize.shipped --update et/int8  # replaces only the (graph, backend) entries found there
 
 The ONNX graphs' calibration ranges ship the same way (``tadsr/weights/onnx_calibration_ranges.json``), keyed by
 everything ORT's ranges are a function of (:func:`tadsr.formats.onnx.ptq.ranges_key`): a call with the same key
@@ -162,8 +163,21 @@ def write_ranges(items: Mapping[str, Any], path: Path | None = None) -> Path:
     return path
 
 
+def merged(items: list[dict[str, Any]], old: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``items`` plus the entries of ``old`` for the (graph, backend) pairs ``items`` does not have (e.g. one
+    format's INT8 folder re-run after a quantizer change: the other formats' recipes stay)."""
+    def pair(item: Mapping[str, Any]) -> tuple[Any, Any]:
+        return item["conditions"]["graph"], item["conditions"]["backend"]
+
+    new = {pair(it) for it in items}
+    kept = [it for it in old if pair(it) not in new]
+    return sorted(kept + items, key=lambda it: (it["conditions"]["graph"], it["conditions"]["backend"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    update = bool(args) and args[0] == "--update"
+    args = args[1:] if update else args
     if args and args[0] == "--ranges":  # the ONNX calibration ranges only (e.g. from the quick path's folder)
         if len(args) not in (2, 3):
             print("usage: python -m tadsr.quantize.shipped --ranges INT8_DIR [OUT_JSON]", file=sys.stderr)
@@ -172,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(ranges)} range tables to {write_ranges(ranges, Path(args[2]) if len(args) == 3 else None)}")
         return 0
     if len(args) not in (1, 2):
-        print("usage: python -m tadsr.quantize.shipped [--ranges] INT8_DIR [OUT_JSON]", file=sys.stderr)
+        print("usage: python -m tadsr.quantize.shipped [--ranges | --update] INT8_DIR [OUT_JSON]", file=sys.stderr)
         return 2
     items = collect(Path(args[0]))
-    path = write(items, Path(args[1]) if len(args) == 2 else None)
+    out = Path(args[1]) if len(args) == 2 else SHIPPED_PATH
+    if update:
+        items = merged(items, _load(out))
+    path = write(items, out)
     for it in items:
         c = it["conditions"]
         print(f"{c['graph']}/{c['backend']}: {len(it['recipe']['float_units'])} float units ({it['from']})")

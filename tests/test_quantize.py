@@ -1092,6 +1092,29 @@ def test_pt2e_recipe_converts_a_shared_search_and_repairs_it_on_the_converted_gr
     assert all(t["graph"] == "converted" for t in entry.search[1:]) and entry.psnr >= 200.0
 
 
+def test_shipped_update_replaces_only_the_pairs_it_brings_and_carries_dynamic_units(tmp_path):
+    """``--update``: a re-run format's recipes replace that format's entries, the others stay; a shipped entry's
+    dynamic units come back with it as a search's outcome."""
+    from tadsr.quantize import shipped
+
+    def item(graph, backend, **recipe):
+        cond = {"graph": graph, "backend": backend, "tile": 64}
+        return {"conditions": cond, "recipe": BackendRecipe(op_types=["conv2d"], **recipe).to_dict(), "from": "x"}
+
+    path = shipped.write([item("pipeline", "executorch", float_units=["a"]), item("pipeline", "onnx", float_units=["b"]),
+                          item("decoder", "executorch", float_units=[])], tmp_path / "r.json")  # fmt: skip
+    new = [item("pipeline", "executorch", float_units=["a", "c"], dynamic_units=["c"])]
+    shipped.write(shipped.merged(new, shipped._load(path)), path)
+    got = {(it["conditions"]["graph"], it["conditions"]["backend"]): it for it in shipped._load(path)}
+    assert sorted(got) == [("decoder", "executorch"), ("pipeline", "executorch"), ("pipeline", "onnx")]
+    assert got[("pipeline", "onnx")]["recipe"]["float_units"] == ["b"]
+    entry = shipped.lookup(got[("pipeline", "executorch")]["conditions"], path)
+    result, _ = shipped.to_search(entry)
+    assert result.excluded == ["a", "c"] and result.dynamic == ["c"]
+    with pytest.raises(ConfigError, match="dynamic_units"):
+        BackendRecipe.from_dict({"op_types": ["conv2d"], "float_units": ["a"], "dynamic_units": ["z"]})
+
+
 @pytest.mark.parametrize("meets", [True, False])
 def test_pt2e_recipe_starts_from_a_shipped_recipe_and_searches_when_it_misses(meets):
     """A recipe shipped for the same conditions is converted and judged on the converted graph: when it meets the
