@@ -652,6 +652,7 @@ def _remembering(run: FeedsRun, feeds: Sequence[Mapping[str, np.ndarray]],
 
 
 REPAIR_STEPS = 3  # most conversions after the searched one when it misses the criteria (1 + 2 + 4 blocks more)
+DYNAMIC_STEPS = 3  # most conversions with float blocks dynamic INT8 (all of them, the less sensitive 1/2, 1/4)
 
 
 def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *, float_weights_int8: bool = False,
@@ -661,7 +662,8 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *, float_weig
     ``float_weights_int8``: the weights of the blocks the recipe keeps float (pinned ones aside) are stored INT8
     (:func:`int8_float_weights`, Core ML) before the converted graph is measured.
     ``dynamic``: the float blocks' convolutions and linears may run dynamic INT8 (XNNPACK): once the float set
-    meets the criteria, all of them are made dynamic in one more conversion, kept when it still meets them.
+    meets the criteria, all of them are made dynamic in one more conversion, kept when it still meets them; else
+    the less sensitive half, then quarter (:data:`DYNAMIC_STEPS`).
 
     Returns:
         ``(converted graph, recipe entry, (fake-quant run, applied rewrites, example inputs))``.
@@ -751,17 +753,20 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *, float_weig
         trace.append({"float_units": len(units), "added": added, "psnr": round(psnr, 3), **hr_trace(loss),
                       "graph": "converted"})  # fmt: skip
     layers = pq.units()
-    if dynamic and met and not given and not dyn and (cands := [u for u in units if layers.get(u, (0, 0))[1]]):
-        # float blocks need float activations, not float weights: the same layers with dynamic INT8 activations
-        trial, t_outs = convert(list(units), cands)
+    cands = [u for u in units if layers.get(u, (0, 0))[1]] if dynamic and met and not given and not dyn else []
+    # float blocks need float activations, not float weights: their layers with dynamic INT8 activations, all of
+    # them, else the less sensitive half, else quarter (a recipe lists its float blocks most sensitive first)
+    for k in range(DYNAMIC_STEPS if cands else 0):
+        tried = cands[len(cands) * (2**k - 1) // 2**k :]
+        trial, t_outs = convert(list(units), tried)
         t_psnr, t_met, t_loss = judge(t_outs)
-        trace.append({"float_units": len(units), "dynamic": cands, "psnr": round(t_psnr, 3), **hr_trace(t_loss),
+        trace.append({"float_units": len(units), "dynamic": tried, "psnr": round(t_psnr, 3), **hr_trace(t_loss),
                       "graph": "converted"})  # fmt: skip
         if t_met:
-            converted, outs, psnr, loss, dyn = trial, t_outs, t_psnr, t_loss, cands
-        else:
-            logger.info("%s/%s: dynamic INT8 in the float blocks misses the criteria (%.2f dB); they stay float",
-                        job.name, backend_key, t_psnr)  # fmt: skip
+            converted, outs, psnr, loss, dyn = trial, t_outs, t_psnr, t_loss, tried
+            break
+        logger.info("%s/%s: dynamic INT8 in %d float blocks misses the criteria (%.2f dB)", job.name, backend_key,
+                    len(tried), t_psnr)  # fmt: skip
     entry = BackendRecipe(op_types=list(pq.op_types), float_units=list(units), pinned=dict(pq.pinned), method=method,
                           scheme=SCHEME, target_psnr=None if given else job.target, psnr=psnr,
                           int8_fraction=pq.int8_fraction(units, dyn), source=source, sensitivity=sens,
