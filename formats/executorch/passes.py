@@ -19,9 +19,9 @@ fp32 denoiser's lowering (session 24, 1 thread, both runs side by side): 52.2 ->
 The block also bounds one walk of ``ChannelsLastTaggedReshapePass`` (:func:`_bounded_dynamic_nhwc`): to give a
 dynamically quantized convolution its NHWC input, executorch 1.5 walks back from the dequantize through
 ``args[0]`` until a node has no node argument, past the quantize into ordinary compute, inserts the NHWC copy
-there and re-routes every use of that node. Whenever anything but a convolution or SiLU precedes the layer (a
-reshape, a scalar multiply: a GroupNorm, the bicubic upsampling) the program lowers and then fails on its first
-``execute()`` (``xnn_status_invalid_parameter``); the walk here stops at the float tensor the quantize reads.
+there and re-routes every use of that node. With a reshape or a scalar multiply before the layer (as after a
+GroupNorm or the bicubic upsampling) the program lowered and then failed on its first ``execute()``
+(``xnn_status_invalid_parameter``; tested); the walk here stops at the float tensor the quantize reads.
 """
 
 from __future__ import annotations
