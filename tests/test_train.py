@@ -229,6 +229,27 @@ def test_autoencoder_smoke_and_resume(photos: Path, tmp_path: Path, caplog: pyte
     assert res2.steps == 3 and json.loads((tmp_path / "ae/state.json").read_text())["step"] == 3
 
 
+def test_autoencoder_decoder_refit_keeps_every_latent(photos: Path, tmp_path: Path) -> None:
+    """part='decoder' changes post_quant_conv + decoder only: encoder, quant_conv and codebook stay bit for bit."""
+    pairs = load_pairs(photos, "train")
+    base = train_autoencoder(AEConfig(preset="test-micro", steps=1, batch=1, crop=CROP, final_crop=CROP, amp=False),
+                             pairs, tmp_path / "base", DEV)  # fmt: skip
+    cfg = AEConfig(preset="test-micro", steps=3, batch=1, crop=CROP, final_crop=CROP, amp=False, lr=1e-2,
+                   restart_every=1, part="decoder")  # fmt: skip
+    with pytest.raises(ConfigError, match="init"):
+        train_autoencoder(cfg, pairs, tmp_path / "no_init", DEV)
+    res = train_autoencoder(cfg, pairs, tmp_path / "dec", DEV, init=base.weights)
+    before, after = load_state_dict(base.weights), load_state_dict(res.weights)
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if k.split(".")[0] in ("encoder", "quant_conv", "quantize")]
+    trained = [k for k in before if k.split(".")[0] in ("decoder", "post_quant_conv")]
+    assert frozen and trained and len(frozen) + len(trained) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert sum(not torch.equal(before[k], after[k]) for k in trained) > len(trained) // 2
+    with pytest.raises(ConfigError, match="part"):
+        AEConfig(part="encoder")  # type: ignore[arg-type]
+
+
 def test_teacher_smoke_resume_equals_straight_run(photos: Path, tmp_path: Path) -> None:
     pairs = load_pairs(photos, "train")
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 
 from tadsr.checkpoint import load_state_dict, save_safetensors
 from tadsr.config import VQConfig, get_preset
+from tadsr.errors import ConfigError
 from tadsr.models.vqgan import VQModelTorch
 from tadsr.train.common import (
     DistEnv,
@@ -78,6 +80,13 @@ class AEConfig:
     log_every: int = 50
     save_every: int = 500
     time_limit_s: float | None = None
+    # "all": train everything; "decoder": refit post_quant_conv + decoder from ``init`` with the encoder,
+    # quant_conv and codebook frozen, so every latent (and the teacher and student trained on them) stays valid.
+    part: Literal["all", "decoder"] = "all"
+
+    def __post_init__(self) -> None:
+        if self.part not in ("all", "decoder"):
+            raise ConfigError(f"autoencoder part must be 'all' or 'decoder', not {self.part!r}")
 
 
 @dataclass(frozen=True)
@@ -96,15 +105,17 @@ class AEResult:
 class _AEStep(nn.Module):
     """Training forward (one module, so DDP can wrap it): x -> (x_rec, z, e, idx)."""
 
-    def __init__(self, model: VQModelTorch, amp: bool, cpu_amp: bool = False) -> None:
+    def __init__(self, model: VQModelTorch, amp: bool, cpu_amp: bool = False, frozen_encoder: bool = False) -> None:
         super().__init__()
         self.model = model
         self.amp = amp
         self.cpu_amp = cpu_amp
+        self.frozen_encoder = frozen_encoder
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        with autocast(x.device, self.amp, self.cpu_amp):
-            z = self.model.encode(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
+            with autocast(x.device, self.amp, self.cpu_amp):
+                z = self.model.encode(x)
         z = z.float()
         idx = self.model.quantize.indices(z)
         e = self.model.quantize.embedding(idx).permute(0, 3, 1, 2)
@@ -212,13 +223,20 @@ def train_autoencoder(
     if init is not None:
         model.load_state_dict(load_state_dict(init), strict=True)
         log.info("autoencoder: initialised from %s", init)
+    decoder_only = cfg.part == "decoder"
+    if decoder_only and init is None and not (resume and StageCheckpoint(out_dir).exists()):
+        raise ConfigError("part='decoder' refits the decoder of an existing autoencoder: give init (--init)")
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_mod: nn.Module = _AEStep(model, cfg.amp, cfg.cpu_amp)
+    if decoder_only:
+        for mod in (model.encoder, model.quant_conv, model.quantize):
+            mod.requires_grad_(False)
+    params = [q for q in model.parameters() if q.requires_grad]
+    step_mod: nn.Module = _AEStep(model, cfg.amp, cfg.cpu_amp, frozen_encoder=decoder_only)
     if dist.enabled:
         step_mod = nn.parallel.DistributedDataParallel(step_mod, device_ids=[device] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ckpt = StageCheckpoint(out_dir)
     step, elapsed = 0, 0.0
     metrics_resumed: dict[str, float] = {}
@@ -250,11 +268,13 @@ def train_autoencoder(
         l_fft = fft_loss(x_rec, x) if cfg.fft_weight else x.new_zeros(())
         l_cb = F.mse_loss(e, z.detach())
         l_commit = F.mse_loss(z, e.detach())
-        loss = l1 + cfg.ssim_weight * l_ssim + cfg.fft_weight * l_fft + l_cb + cfg.beta * l_commit
+        loss = l1 + cfg.ssim_weight * l_ssim + cfg.fft_weight * l_fft
+        if not decoder_only:  # with the codebook and encoder frozen these two terms have no gradient
+            loss = loss + l_cb + cfg.beta * l_commit
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
         counts = torch.bincount(idx.flatten(), minlength=vq_cfg.n_embed).float()
@@ -268,7 +288,7 @@ def train_autoencoder(
         if step % cfg.restart_every == 0:
             used = float((usage > 0).float().mean())
             restarted = 0
-            if prog < cfg.restart_until:
+            if prog < cfg.restart_until and not decoder_only:
                 gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, 0, step, stream=3))
                 restarted = _restart_dead(model, usage, z, opt, gen)
             meter.add({"usage": used, "restarted": restarted})
@@ -291,14 +311,17 @@ def train_autoencoder(
     final = out_dir / "final.safetensors"
     if dist.is_main:
         model.eval()
-        with torch.no_grad():
-            zs = torch.cat([model.encode(_batch(pairs, cfg, dist, _SPECIAL + 1 + i, cfg.final_crop, device)).float()
-                            for i in range(4)])  # fmt: skip
-        shift, scale = standardize_latent_(model, zs)
-        meta = {"stage": "autoencoder", "preset": cfg.preset, "steps": str(step),
-                "latent_shift": str(shift), "latent_scale": str(scale)}  # fmt: skip
+        meta = {"stage": "autoencoder", "preset": cfg.preset, "steps": str(step)}
+        if decoder_only:  # the latent is that of the initial weights, already standardised: leave it as it is
+            meta["part"] = "decoder"
+        else:
+            with torch.no_grad():
+                zs = torch.cat([model.encode(_batch(pairs, cfg, dist, _SPECIAL + 1 + i, cfg.final_crop, device))
+                                .float() for i in range(4)])  # fmt: skip
+            shift, scale = standardize_latent_(model, zs)
+            meta |= {"latent_shift": str(shift), "latent_scale": str(scale)}
         save_safetensors(model.state_dict(), final, meta)
-        log.info("autoencoder: %d steps in %.0f s; latent standardised (shift %s, scale %.4g) -> %s", step, seconds,
+        log.info("autoencoder (%s): %d steps in %.0f s; latent shift %s, scale %.4g -> %s", cfg.part, step, seconds,
                  [round(v, 4) for v in shift], scale, final)  # fmt: skip
     if dist.enabled:
         torch.distributed.barrier()
@@ -352,11 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m tadsr.train.autoencoder --photos DIR --out DIR [--device cuda] [--steps N]``."""
     p = argparse.ArgumentParser(prog="python -m tadsr.train.autoencoder", description=__doc__.splitlines()[0])
     add_common_args(p)
+    p.add_argument("--part", choices=("all", "decoder"), default="all",
+                   help="decoder: refit post_quant_conv + decoder of --init on the photos, encoder and codebook "
+                        "frozen (latents unchanged, so the teacher and student stay valid)")  # fmt: skip
+    p.add_argument("--crop", type=int, help="HR crop size for the whole run (default: 128, then 256 at the end)")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     torch.set_num_threads(args.threads)
     dist, device = init_distributed(args.device)
-    cfg = AEConfig(**overrides(args))  # type: ignore[arg-type]
+    extra: dict[str, object] = {"part": args.part}
+    if args.crop is not None:
+        extra |= {"crop": args.crop, "final_crop": args.crop}
+    cfg = AEConfig(**overrides(args), **extra)  # type: ignore[arg-type]
     pairs = load_pairs(args.photos, "train", min_side=cfg.final_crop)
     res = train_autoencoder(cfg, pairs, args.out, device, dist, resume=not args.fresh, init=args.init)
     if dist.is_main:
