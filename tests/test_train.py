@@ -250,6 +250,24 @@ def test_autoencoder_decoder_refit_keeps_every_latent(photos: Path, tmp_path: Pa
         AEConfig(part="encoder")  # type: ignore[arg-type]
 
 
+def test_autoencoder_blur_frac_feeds_bicubic_of_the_lr(photos: Path) -> None:
+    from tadsr.models.ops import bicubic_x4_reference
+    from tadsr.train.autoencoder import _batch
+    from tadsr.train.common import DistEnv, step_seed
+
+    pairs = load_pairs(photos, "train")
+    cfg = AEConfig(preset="test-micro", batch=4, crop=CROP, blur_frac=0.5)
+    x = _batch(pairs, cfg, DistEnv(), 7, CROP, DEV)
+    hr, lr = sample_crops(pairs, np.random.default_rng(step_seed(cfg.seed, 0, 7, stream=1)), 4, CROP)
+    ref_hr = torch.from_numpy(hr).float() / 127.5 - 1
+    ref_blur = bicubic_x4_reference(torch.from_numpy(lr).float() / 127.5 - 1)
+    torch.testing.assert_close(x[:2], ref_blur[:2])
+    torch.testing.assert_close(x[2:], ref_hr[2:])
+    assert not torch.allclose(ref_blur[:2], ref_hr[:2], atol=1e-2)
+    with pytest.raises(ConfigError, match="blur_frac"):
+        AEConfig(blur_frac=1.5)
+
+
 def test_teacher_smoke_resume_equals_straight_run(photos: Path, tmp_path: Path) -> None:
     pairs = load_pairs(photos, "train")
     torch.manual_seed(0)

@@ -32,6 +32,7 @@ from torch import nn
 from tadsr.checkpoint import load_state_dict, save_safetensors
 from tadsr.config import VQConfig, get_preset
 from tadsr.errors import ConfigError
+from tadsr.models.ops import bicubic_x4_reference
 from tadsr.models.vqgan import VQModelTorch
 from tadsr.train.common import (
     DistEnv,
@@ -83,10 +84,15 @@ class AEConfig:
     # "all": train everything; "decoder": refit post_quant_conv + decoder from ``init`` with the encoder,
     # quant_conv and codebook frozen, so every latent (and the teacher and student trained on them) stays valid.
     part: Literal["all", "decoder"] = "all"
+    # fraction of each batch whose crops are the bicubic x4 of their LR (what the do-nothing path and a
+    # denoiser's early latents look like) instead of the HR crop; each is reconstructed as it is
+    blur_frac: float = 0.0
 
     def __post_init__(self) -> None:
         if self.part not in ("all", "decoder"):
             raise ConfigError(f"autoencoder part must be 'all' or 'decoder', not {self.part!r}")
+        if not 0.0 <= self.blur_frac <= 1.0:
+            raise ConfigError(f"blur_frac must be in [0, 1], not {self.blur_frac}")
 
 
 @dataclass(frozen=True)
@@ -196,8 +202,12 @@ _SPECIAL = 10**9  # step numbers of batches outside the training sequence (codeb
 
 def _batch(pairs: PhotoPairs, cfg: AEConfig, dist: DistEnv, step: int, crop: int, device: torch.device) -> torch.Tensor:
     rng = np.random.default_rng(step_seed(cfg.seed, dist.rank, step, stream=1))
-    hr, _ = sample_crops(pairs, rng, cfg.batch, crop)
-    return to_unit(hr, device)
+    hr, lr = sample_crops(pairs, rng, cfg.batch, crop)
+    x = to_unit(hr, device)
+    n_blur = round(cfg.blur_frac * cfg.batch)
+    if n_blur:
+        x[:n_blur] = bicubic_x4_reference(to_unit(lr[:n_blur], device))
+    return x
 
 
 def train_autoencoder(
@@ -378,12 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=("all", "decoder"), default="all",
                    help="decoder: refit post_quant_conv + decoder of --init on the photos, encoder and codebook "
                         "frozen (latents unchanged, so the teacher and student stay valid)")  # fmt: skip
+    p.add_argument("--blur-frac", type=float, default=0.0,
+                   help="fraction of each batch given as the bicubic x4 of its LR crop instead of the HR crop")
     p.add_argument("--crop", type=int, help="HR crop size for the whole run (default: 128, then 256 at the end)")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     torch.set_num_threads(args.threads)
     dist, device = init_distributed(args.device)
-    extra: dict[str, object] = {"part": args.part}
+    extra: dict[str, object] = {"part": args.part, "blur_frac": args.blur_frac}
     if args.crop is not None:
         extra |= {"crop": args.crop, "final_crop": args.crop}
     cfg = AEConfig(**overrides(args), **extra)  # type: ignore[arg-type]
