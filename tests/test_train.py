@@ -250,6 +250,24 @@ def test_autoencoder_decoder_refit_keeps_every_latent(photos: Path, tmp_path: Pa
         AEConfig(part="encoder")  # type: ignore[arg-type]
 
 
+def test_autoencoder_cli_refits_the_decoder_of_init(photos: Path, tmp_path: Path) -> None:
+    from tadsr.train.autoencoder import main as ae_main
+
+    pairs = load_pairs(photos, "train")
+    base = train_autoencoder(AEConfig(preset="test-micro", steps=1, batch=1, crop=CROP, final_crop=CROP, amp=False),
+                             pairs, tmp_path / "base", DEV)  # fmt: skip
+    args = ["--photos", str(photos), "--out", str(tmp_path / "cli"), "--preset", "test-micro", "--steps", "2",
+            "--batch", "2", "--crop", str(CROP), "--threads", "1", "--lr", "1e-2", "--part", "decoder",
+            "--blur-frac", "0.5", "--init", str(base.weights)]  # fmt: skip
+    assert ae_main(args) == 0
+    state = json.loads((tmp_path / "cli/state.json").read_text())
+    assert state["config"]["part"] == "decoder" and state["config"]["blur_frac"] == 0.5
+    assert state["config"]["crop"] == state["config"]["final_crop"] == CROP
+    before, after = load_state_dict(base.weights), load_state_dict(tmp_path / "cli/final.safetensors")
+    assert torch.equal(before["quantize.embedding.weight"], after["quantize.embedding.weight"])
+    assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+
+
 def test_autoencoder_blur_frac_feeds_bicubic_of_the_lr(photos: Path) -> None:
     from tadsr.models.ops import bicubic_x4_reference
     from tadsr.train.autoencoder import _batch
