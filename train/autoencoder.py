@@ -54,6 +54,9 @@ __all__ = ["AEConfig", "AEResult", "train_autoencoder", "standardize_latent_", "
 log = logging.getLogger(__name__)
 
 
+PARTS = ("all", "decoder")  # what a run trains (AEConfig.part)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AEConfig:
     """Recipe of the autoencoder stage."""
@@ -83,13 +86,13 @@ class AEConfig:
     time_limit_s: float | None = None
     # "all": train everything; "decoder": refit post_quant_conv + decoder from ``init`` with the encoder,
     # quant_conv and codebook frozen, so every latent (and the teacher and student trained on them) stays valid.
-    part: Literal["all", "decoder"] = "all"
+    part: Literal["all", "decoder"] = "all"  # one of PARTS
     # fraction of each batch whose crops are the bicubic x4 of their LR (what the do-nothing path and a
     # denoiser's early latents look like) instead of the HR crop; each is reconstructed as it is
     blur_frac: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.part not in ("all", "decoder"):
+        if self.part not in PARTS:
             raise ConfigError(f"autoencoder part must be 'all' or 'decoder', not {self.part!r}")
         if not 0.0 <= self.blur_frac <= 1.0:
             raise ConfigError(f"blur_frac must be in [0, 1], not {self.blur_frac}")
@@ -111,17 +114,15 @@ class AEResult:
 class _AEStep(nn.Module):
     """Training forward (one module, so DDP can wrap it): x -> (x_rec, z, e, idx)."""
 
-    def __init__(self, model: VQModelTorch, amp: bool, cpu_amp: bool = False, frozen_encoder: bool = False) -> None:
+    def __init__(self, model: VQModelTorch, amp: bool, cpu_amp: bool = False) -> None:
         super().__init__()
         self.model = model
         self.amp = amp
         self.cpu_amp = cpu_amp
-        self.frozen_encoder = frozen_encoder
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
-            with autocast(x.device, self.amp, self.cpu_amp):
-                z = self.model.encode(x)
+        with autocast(x.device, self.amp, self.cpu_amp):
+            z = self.model.encode(x)
         z = z.float()
         idx = self.model.quantize.indices(z)
         e = self.model.quantize.embedding(idx).permute(0, 3, 1, 2)
@@ -234,20 +235,20 @@ def train_autoencoder(
         model.load_state_dict(load_state_dict(init), strict=True)
         log.info("autoencoder: initialised from %s", init)
     decoder_only = cfg.part == "decoder"
-    if decoder_only and init is None and not (resume and StageCheckpoint(out_dir).exists()):
+    ckpt = StageCheckpoint(out_dir)
+    if decoder_only and init is None and not (resume and ckpt.exists()):
         raise ConfigError("part='decoder' refits the decoder of an existing autoencoder: give init (--init)")
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if decoder_only:
+    if decoder_only:  # no gradient reaches them, so autograd records nothing of the encoder's forward either
         for mod in (model.encoder, model.quant_conv, model.quantize):
             mod.requires_grad_(False)
     params = [q for q in model.parameters() if q.requires_grad]
-    step_mod: nn.Module = _AEStep(model, cfg.amp, cfg.cpu_amp, frozen_encoder=decoder_only)
+    step_mod: nn.Module = _AEStep(model, cfg.amp, cfg.cpu_amp)
     if dist.enabled:
         step_mod = nn.parallel.DistributedDataParallel(step_mod, device_ids=[device] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    ckpt = StageCheckpoint(out_dir)
     step, elapsed = 0, 0.0
     metrics_resumed: dict[str, float] = {}
     if resume and ckpt.exists():
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m tadsr.train.autoencoder --photos DIR --out DIR [--device cuda] [--steps N]``."""
     p = argparse.ArgumentParser(prog="python -m tadsr.train.autoencoder", description=__doc__.splitlines()[0])
     add_common_args(p)
-    p.add_argument("--part", choices=("all", "decoder"), default="all",
+    p.add_argument("--part", choices=PARTS, default="all",
                    help="decoder: refit post_quant_conv + decoder of --init on the photos, encoder and codebook "
                         "frozen (latents unchanged, so the teacher and student stay valid)")  # fmt: skip
     p.add_argument("--blur-frac", type=float, default=0.0,
