@@ -121,6 +121,34 @@ def test_distill_cli_writes_final_and_resume_flag(photos: Path, tiny_ae: VQModel
     assert main(["distill-ae", *common, "--steps", "4"]) == 2  # another light config than the checkpoint's
 
 
+def test_distill_cli_init_and_training_options(photos: Path, tiny_ae: VQModelTorch, tmp_path: Path) -> None:
+    """--init starts from the given light weights (a zero learning rate keeps them); the shared training flags
+    (bf16 autocast on the CPU, channels-last, a pause) are taken, not refused; an --init of another light
+    config is a usage error."""
+    ae_file = tmp_path / "ae.safetensors"
+    save_safetensors(tiny_ae.state_dict(), ae_file)
+    start = LightAutoencoder(light_config("tiny"))
+    torch.manual_seed(3)
+    for p in start.parameters():
+        p.data.normal_(0, 0.05)
+    init = tmp_path / "start.safetensors"
+    save_safetensors(start.state_dict(), init, {META_CONFIG: light_config("tiny").to_json()})
+    common = ["--autoencoder", str(ae_file), "--photos", str(photos), "--preset", "tiny", "--pool-size", "2",
+              "--crop", "64", "--batch", "2", "--threads", "1", "--steps", "2"]  # fmt: skip
+    assert main(["distill-ae", *common, "--out", str(tmp_path / "a"), "--init", str(init), "--lr", "0"]) == 0
+    kept = load_state_dict(tmp_path / "a" / "final.safetensors")
+    for k, v in start.state_dict().items():
+        if k != "quantize.embedding.weight":  # the codebook is always the frozen autoencoder's
+            torch.testing.assert_close(kept[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert torch.equal(kept["quantize.embedding.weight"], tiny_ae.quantize.embedding.weight)
+    assert main(["distill-ae", *common, "--out", str(tmp_path / "b"), "--init", str(init), "--cpu-bf16",
+                 "--channels-last", "--pause-minutes", "5"]) == 0  # fmt: skip
+    moved = load_state_dict(tmp_path / "b" / "final.safetensors")
+    assert any(not torch.equal(moved[k], v) for k, v in start.state_dict().items() if k != "quantize.embedding.weight")
+    assert main(["distill-ae", *common, "--out", str(tmp_path / "c"), "--init", str(init),
+                 "--light", "dec_ch=8"]) == 2  # fmt: skip
+
+
 # -- pipeline, graphs, export --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def light_models():  # noqa: ANN201

@@ -50,9 +50,11 @@ from tadsr.train.common import (
     RunningMean,
     StageCheckpoint,
     StepPlanner,
+    autocast,
     init_distributed,
     setup_logging,
     step_seed,
+    to_memory_format,
     warmup_cosine,
 )
 from tadsr.train.data import PhotoPairs, grid_crops, load_pairs, sample_crops, to_unit
@@ -89,6 +91,10 @@ class DistillAEConfig:
     save_every: int = 500
     val_crops: int = 8
     time_limit_s: float | None = None
+    pause_after_s: float | None = None  # end this run after so many seconds (checkpoint; resume continues)
+    amp: bool = True  # bf16 autocast on CUDA
+    cpu_amp: bool = False  # bf16 autocast on the CPU as well (AVX-512 BF16 / AMX CPUs)
+    channels_last: bool = False  # channels-last memory layout for the light networks and their inputs
     light: dict[str, Any] = dataclasses.field(default_factory=dict)  # LightAEConfig overrides
 
 
@@ -247,9 +253,14 @@ def _window_batch(pool: TargetPool, cfg: DistillAEConfig, g: torch.Generator) ->
 def distill_light_ae(
     cfg: DistillAEConfig, ae: VQModelTorch, pool: TargetPool, out_dir: Path, device: torch.device,
     dist: DistEnv = DistEnv(), *, val_pool: TargetPool | None = None, resume: bool = True,
-    ae_source: dict[str, str] | None = None,
+    ae_source: dict[str, str] | None = None, init: Path | None = None,
 ) -> DistillAEResult:  # fmt: skip
-    """Train (or resume) a light autoencoder against the frozen ``ae``; write ``out_dir/final.safetensors``."""
+    """Train (or resume) a light autoencoder against the frozen ``ae``; write ``out_dir/final.safetensors``.
+
+    ``init``: start a fresh run from these light-autoencoder weights (e.g. the shipped one, to distil it further or
+    from a refit decoder) instead of random ones; its light config must be this run's. A checkpoint in ``out_dir``
+    takes precedence (resume).
+    """
     out_dir = Path(out_dir)
     lcfg = light_config(cfg.preset, **cfg.light)
     if lcfg.n_embed != ae.cfg.n_embed or lcfg.embed_dim != ae.cfg.embed_dim:
@@ -257,9 +268,18 @@ def distill_light_ae(
                           f"embed_dim {ae.cfg.embed_dim})")  # fmt: skip
     torch.manual_seed(cfg.seed)
     net = LightAutoencoder(lcfg)
+    if init is not None and not (resume and StageCheckpoint(out_dir).exists()):
+        start = load_light_autoencoder(init)
+        if start.cfg != lcfg:
+            raise ConfigError(f"--init {init} is a light autoencoder of another config ({start.cfg}; this run: "
+                              f"{lcfg}); pass the matching --light overrides")  # fmt: skip
+        net.load_state_dict(start.state_dict())
+        log.info("distill-ae: initialised from %s", init)
     net.quantize.embedding.weight.data.copy_(ae.quantize.embedding.weight.detach().cpu())
     net.quantize.requires_grad_(False)
     net = net.to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     step_mod: nn.Module = _Step(net)
     if dist.enabled:
         step_mod = nn.parallel.DistributedDataParallel(step_mod, device_ids=[device] if device.type == "cuda" else None)
@@ -279,7 +299,8 @@ def distill_light_ae(
         step, elapsed = int(st["step"]), float(st["elapsed_s"])
         metrics, val = dict(st.get("metrics", {})), dict(st.get("val", {}))
         log.info("distill-ae: resumed %s at step %d", out_dir, step)
-    planner = StepPlanner(cfg.steps, cfg.time_limit_s, elapsed_s=elapsed, device=device)
+    planner = StepPlanner(cfg.steps, cfg.time_limit_s, elapsed_s=elapsed, device=device,
+                          pause_after_s=cfg.pause_after_s)
     meter = RunningMean()
     t_run = time.perf_counter()
     emb = net.quantize.embedding
@@ -293,8 +314,10 @@ def distill_light_ae(
             gr["lr"] = cfg.lr * warmup_cosine(step, prog, cfg.warmup)
         g = torch.Generator().manual_seed(step_seed(cfg.seed, dist.rank, step, stream=5))
         b = _window_batch(pool, cfg, g)
-        zq = emb(b["idx"]).permute(0, 3, 1, 2)
-        z_pred, img = step_mod(b["lr"], zq)
+        zq = to_memory_format(emb(b["idx"]).permute(0, 3, 1, 2), cfg.channels_last)
+        with autocast(device, cfg.amp, cfg.cpu_amp):
+            z_pred, img = step_mod(to_memory_format(b["lr"], cfg.channels_last), zq)
+        z_pred, img = z_pred.float(), img.float()
         l_lat = F.mse_loss(z_pred, b["zy"])
         l_img = (img - b["target"]).abs().mean()
         loss = cfg.latent_weight * l_lat + cfg.image_weight * l_img
@@ -402,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
                              rank=dist.rank, world=dist.world, with_zy=cfg.zy_frac > 0)  # fmt: skip
     val_pool = _val_pool(ae, args.photos, cfg, device) if dist.is_main else None
     res = distill_light_ae(cfg, ae, pool, args.out, device, dist, val_pool=val_pool, resume=not args.fresh,
-                           ae_source=src)  # fmt: skip
+                           ae_source=src, init=args.init)  # fmt: skip
     if dist.is_main:
         log.info("done: %s", res)
     return 0
