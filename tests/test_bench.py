@@ -78,6 +78,8 @@ def test_report_structure(bench):
     c = report["conditions"]
     assert (c["tile"], c["overlap"], c["seed"], c["repeats"], c["teacher_steps"]) == (64, 16, 0, 2, 15)
     assert c["threads"]["torch"] == 1 and c["threads"]["onnxruntime_intra_op"] == 1
+    assert "executorch_threadpool" not in c["threads"]  # only the benchmarked formats' runtimes are asked
+    assert "ONNX Runtime intra-op 1" in bench.files["markdown"].read_text()
     assert [i["hr_size"] for i in c["data"]["images"]] == [[96, 80], [96, 80]]
     systems = {s["name"]: s for s in report["systems"]}
     assert set(systems) == EXPECTED

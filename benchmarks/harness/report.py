@@ -79,6 +79,10 @@ def _rss(s: Mapping[str, Any]) -> str:
     return "-" if not m.get("peak_rss_bytes") else f"{m['peak_rss_bytes'] / _MB:.0f}"
 
 
+# the thread records of the runtimes benchmarked (bench records those of the formats it ran)
+_RUNTIME_THREADS = (("onnxruntime_intra_op", "ONNX Runtime intra-op"), ("executorch_threadpool", "ExecuTorch pool"))
+
+
 def _details(report: Mapping[str, Any]) -> list[str]:
     m, c, v = report["machine"], report["conditions"], report["versions"]
     th = c["threads"]
@@ -88,8 +92,9 @@ def _details(report: Mapping[str, Any]) -> list[str]:
         f"- **Machine**: {m['cpu']} ({m['arch']}), {m['cores_logical']} logical cores ({m['cores_usable']} usable), "
         f"{m['os']}, Python {m['python']}; load average {m['load_avg_start']} at start, {m['load_avg_end']} at end",
         "- **Libraries**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
-        f"- **Threads**: torch {th['torch']}, ONNX Runtime intra-op {th['onnxruntime_intra_op']}, ExecuTorch pool "
-        f"{th['executorch_threadpool']} (requested: {th['requested'] or 'defaults'})",
+        "- **Threads**: " + ", ".join([f"torch {th['torch']}", *(f"{label} {th[k]}" for k, label in _RUNTIME_THREADS
+                                                                 if k in th)])
+        + f" (requested: {th['requested'] or 'defaults'})",
         f"- **Model**: preset `{c['preset']}`; "
         + "; ".join(f"{k}: {s.get('path')}" for k, s in c["model_sources"].items()),
         f"- **Tiles**: {c['tile']}x{c['tile']} LR (x{c['scale']}), overlap {c['overlap']}, {c['blend']} blend, noise "
