@@ -489,6 +489,17 @@ def hr_trace(loss: HRLoss | None) -> dict[str, float]:
     return {} if loss is None else {"hr_loss_db": round(loss.mean, 3), "hr_bound_db": round(loss.bound, 3)}
 
 
+def takes_shipped(shipped: SearchResult, met: bool, where: str) -> bool:
+    """Whether a shipped recipe measured here is taken as the search's outcome: when it meets the criteria, or when
+    its search found them out of reach (every block float) and it misses them here too, which is what a search would
+    conclude again under the same conditions (its first, all-INT8 measurement missed there; every block float is
+    the closest it gets)."""
+    if not met and not shipped.met:
+        logger.warning("%s: out of reach here as where the shipped recipe was searched (every block float misses "
+                       "the criteria); keeping it without searching again", where)  # fmt: skip
+    return met or not shipped.met
+
+
 def shipped_trace(shipped: SearchResult, psnr: float, loss: HRLoss | None, **extra: Any) -> list[dict[str, Any]]:
     """The search trace of a shipped recipe measured here: its own trace, then the measurement (``"added":
     "shipped"``), as both PTQ drivers record it."""

@@ -72,8 +72,9 @@ def _manifest_conditions(manifest: Mapping[str, Any], backend: str, entry: Backe
 
 def collect(int8_dir: Path) -> list[dict[str, Any]]:
     """The searched recipes of every INT8 artifact folder under ``int8_dir`` (``source`` auto, shared, all or
-    shipped) that met their criteria, with the conditions their manifests record; recipes taken from a ``--recipe``
-    file (no criteria held) and searches out of reach are skipped."""
+    shipped) that met their criteria or found them out of reach (every block float misses them: a call under the
+    same conditions then skips the search, :func:`tadsr.formats.sensitivity.takes_shipped`), with the conditions
+    their manifests record; recipes taken from a ``--recipe`` file (no criteria held) are skipped."""
     from tadsr.formats.sensitivity import load_recipe
 
     out = []
@@ -81,7 +82,8 @@ def collect(int8_dir: Path) -> list[dict[str, Any]]:
         manifest = json.loads((folder / "manifest.json").read_text())
         for graph, backends in load_recipe(folder / "recipe.json").graphs.items():
             for backend, entry in backends.items():
-                if entry.source not in ("auto", "shared", "all", "shipped") or not _met(entry):
+                if entry.source not in ("auto", "shared", "all", "shipped") or not (_met(entry)
+                                                                                    or _out_of_reach(entry)):
                     continue
                 cond = _manifest_conditions(manifest, backend, entry)
                 if cond["graph"] != graph:
@@ -95,6 +97,11 @@ def _met(entry: BackendRecipe) -> bool:
     if entry.target_psnr is None or entry.psnr is None or entry.psnr < entry.target_psnr:
         return False
     return entry.hr_budget_db is None or (entry.hr_bound_db is not None and entry.hr_bound_db <= entry.hr_budget_db)
+
+
+def _out_of_reach(entry: BackendRecipe) -> bool:
+    """Whether a search ended out of reach: every block float, measured, still missing the criteria."""
+    return not _met(entry) and entry.target_psnr is not None and any(t.get("added") == "all" for t in entry.search)
 
 
 def _load(path: Path) -> list[dict[str, Any]]:
@@ -119,7 +126,7 @@ def lookup(cond: Mapping[str, Any], path: Path | None = None) -> BackendRecipe |
 def to_search(entry: BackendRecipe) -> tuple[SearchResult, list[UnitSensitivity]]:
     """A shipped recipe in the form of a search's outcome (float units and those of them dynamic, trace, ranking)."""
     loss = None if entry.hr_loss_db is None else HRLoss(float(entry.hr_loss_db), float(entry.hr_bound_db or 0.0))
-    result = SearchResult(list(entry.float_units), float(entry.psnr or 0.0), True, list(entry.search), loss,
+    result = SearchResult(list(entry.float_units), float(entry.psnr or 0.0), _met(entry), list(entry.search), loss,
                           list(entry.dynamic_units))
     return result, [UnitSensitivity.from_dict(r) for r in entry.sensitivity]
 

@@ -1151,6 +1151,43 @@ def test_pt2e_recipe_starts_from_a_shipped_recipe_and_searches_when_it_misses(me
         assert searched and entry.source == "auto" and entry.psnr < 200.0
 
 
+@pytest.mark.parametrize("reach", ["out of reach", "met there"])
+def test_a_shipped_out_of_reach_outcome_is_kept_without_a_search_when_it_misses_here_too(reach):
+    """A recipe shipped from a search that found the criteria out of reach (every block float, not met) and that
+    misses them here too is the search's outcome (source shipped, not met, no search); a shipped recipe that met
+    them there and misses here still searches. ``collect`` ships the out-of-reach outcome, with its verdict."""
+    from tadsr.formats.executorch.ptq import pt2e_recipe
+    from tadsr.formats.sensitivity import SearchResult
+    from tadsr.quantize import shipped as shipped_mod
+
+    units = ["head", "blocks.1", "blocks.0"]
+    met_there = reach == "met there"
+    trace = [{"float_units": 0, "added": None, "psnr": 20.0}, {"float_units": 3, "added": "all", "psnr": 50.0}]
+    searched = []
+
+    class Job(_ToyJob):
+        def meets(self, psnr, outs):
+            return False, None  # nothing meets the criteria here
+
+        def shipped_search(self, backend_key, known, pinned):
+            return SearchResult(list(units), 50.0, met_there, trace), []
+
+        def search(self, run, units_, pinned, fp32_run, share=None):
+            searched.append(1)
+            return SearchResult(list(units), 50.0, False, trace), []
+
+    _, entry, _ = pt2e_recipe(Job(seed=5, n=2), "executorch", "none")
+    assert bool(searched) == met_there
+    if not met_there:
+        assert entry.source == "shipped" and entry.float_units == units and entry.search[-1]["added"] == "shipped"
+    recipe = BackendRecipe(op_types=["conv2d"], float_units=units, source="all", target_psnr=60.0, psnr=50.0,
+                           search=trace)  # fmt: skip
+    assert shipped_mod._out_of_reach(recipe) and not shipped_mod._met(recipe)
+    assert shipped_mod.to_search(recipe)[0].met is False
+    assert not shipped_mod._out_of_reach(BackendRecipe(op_types=["conv2d"], float_units=[], source="all",
+                                                       target_psnr=60.0, psnr=50.0, search=trace[:1]))  # fmt: skip
+
+
 @pytest.mark.parametrize("target", [20.0, 200.0])
 def test_pt2e_recipe_runs_float_blocks_dynamic_int8_when_that_still_meets_the_criteria(target):
     """ExecuTorch: once a float set meets the criteria, its blocks' layers run dynamic INT8 (INT8 weights, each

@@ -43,7 +43,7 @@ from tadsr.formats.artifact import BackendResult
 from tadsr.formats.executorch.passes import has_batch_norm, lean_xnnpack_passes, xnnpack_partitioner
 from tadsr.formats.executorch.ranges import RangeTable
 from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
-from tadsr.formats.sensitivity import BackendRecipe, hr_trace, shipped_trace, unit_of, worst_psnr
+from tadsr.formats.sensitivity import BackendRecipe, hr_trace, shipped_trace, takes_shipped, unit_of, worst_psnr
 from tadsr.formats.spec import QuantizeJob
 from tadsr.threads import fixed_threads
 
@@ -703,7 +703,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *, float_weig
         units, dyn = shipped[0].excluded, list(shipped[0].dynamic) if dynamic else []
         converted, outs = convert(list(units), dyn)
         psnr, met, loss = judge(outs)
-        if met:  # the converted graph is the judge, as for a search's recipe
+        if takes_shipped(shipped[0], met, f"{job.name}/{backend_key}"):  # the converted graph is the judge
             trace = shipped_trace(shipped[0], psnr, loss, graph="converted")
             source, sens = "shipped", [r.to_dict() for r in shipped[1]]
         else:

@@ -54,7 +54,7 @@ from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
 from tadsr.formats.onnx.export import PROTOBUF_LIMIT, save_model, unshare_initializers
 from tadsr.formats.int8 import ADD_CONSTANT_MIN_ELEMENTS, symmetric_int8
-from tadsr.formats.sensitivity import BackendRecipe, SearchResult, shipped_trace, unit_of, worst_psnr
+from tadsr.formats.sensitivity import BackendRecipe, SearchResult, shipped_trace, takes_shipped, unit_of, worst_psnr
 from tadsr.formats.spec import QuantizeJob
 
 __all__ = ["METHODS", "DEFAULT_OP_TYPES", "LONG_ATTENTION_KEYS", "RANGES_NAME", "OnnxPTQ", "long_attention_nodes",
@@ -769,8 +769,8 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
             psnr = worst_psnr(outs, job.parent_outputs, job.ranges)
             met, loss = job.meets(psnr, outs)
             trace = shipped_trace(shipped[0], psnr, loss)
-            if met:
-                result, ranking, source = SearchResult(units, psnr, True, trace, loss), shipped[1], "shipped"
+            if takes_shipped(shipped[0], met, f"{job.name}/onnx"):
+                result, ranking, source = SearchResult(units, psnr, met, trace, loss), shipped[1], "shipped"
             else:
                 logger.warning("%s: the shipped recipe misses the criteria here (%.2f dB); searching", job.name, psnr)
         if not source:
