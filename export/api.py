@@ -49,7 +49,6 @@ from tadsr.parity.hops import (
     ParityReport,
     ReferenceRuns,
     VQCompare,
-    artifact_view,
     compare,
     end_to_end_hop,
     load_floors,
@@ -57,6 +56,7 @@ from tadsr.parity.hops import (
     reference_runs,
     reference_view,
     run_cases,
+    run_cases_viewed,
     run_cases_vq,
     runtime_hop,
     vq_judge,
@@ -332,15 +332,16 @@ def _export_one(
                       sources=models.sources)  # fmt: skip
         write_manifest(stage.path, build_manifest(**common))
         runner = load_runner(stage.path)
-        outs = run_cases(runner.run, cases)
+        judge = vq_judge(models, spec.name, prec, spec.constants.get("color_fix", "none"))
+        vq2 = vq3 = None
+        if judge is not None and views is not None:  # outputs, latents and codes in one run per case
+            outs, mine = run_cases_viewed(runner.run, stage.path, runner.manifest, cases)
+            vq2, vq3 = VQCompare(judge, mine, views[0]), VQCompare(judge, mine, views[1])
+        else:
+            outs = run_cases(runner.run, cases)
         floors = load_floors(prec, spec.name, p.name)
         ranges = {s.name: s.value_range for s in spec.outputs}
         report = ParityReport(spec.name, list(hop1), source)
-        judge = vq_judge(models, spec.name, prec, spec.constants.get("color_fix", "none"))
-        vq2 = vq3 = None
-        if judge is not None and views is not None:
-            mine = artifact_view(stage.path, runner.manifest, cases, outs)
-            vq2, vq3 = VQCompare(judge, mine, views[0]), VQCompare(judge, mine, views[1])
         report.hops += compare(runtime_hop(fmt), outs, eager, cases, floors, ranges, vq2)
         report.hops += compare(end_to_end_hop(fmt), outs, [c.reference for c in cases], cases, floors, ranges, vq3)
         extra = {"parity_inputs": {"real": source, "cases": [c.name for c in cases]}, "parity_gate": gate}

@@ -26,13 +26,14 @@ from tadsr.parity.hops import (
     HopResult,
     ParityCase,
     VQCompare,
-    artifact_view,
     case_groups,
     end_to_end_hop,
     load_floors,
     make_cases,
     reference_view,
+    run_cases,
     run_cases_vq,
+    run_cases_viewed,
     runtime_hop,
     vq_judge,
 )
@@ -204,7 +205,13 @@ def _check_numerics(res: ArtifactCheck, manifest: dict[str, Any], verified: bool
 
     eager, eager_view = run_cases_vq(TorchRunner.from_graph(module, gspec, threads=opts.threads).run, cases, module,
                                      models)  # fmt: skip
-    outs = [runner.run({k: v.copy() for k, v in c.inputs.items()}) for c in cases]
+    fix = gspec.constants.get("color_fix", "none")
+    judge32, judge = vq_judge(models, res.graph, "fp32", fix), vq_judge(models, res.graph, res.precision, fix)
+    mine = None
+    if judge is not None and judge32 is not None and eager_view is not None:  # outputs and view in one run
+        outs, mine = run_cases_viewed(runner.run, res.path, manifest, cases, threads=opts.threads or 1)
+    else:
+        outs = run_cases(runner.run, cases)
     refs = [c.reference for c in cases]
     ranges = {s.name: s.value_range for s in gspec.outputs}
     preset = models.preset.name
@@ -214,11 +221,8 @@ def _check_numerics(res: ArtifactCheck, manifest: dict[str, Any], verified: bool
         scales = {k: v["scale"] for k, v in res.quant_scales.items()}
     floors = load_floors(res.precision, res.graph, preset)
     vq1 = vq2 = vq3 = None
-    fix = gspec.constants.get("color_fix", "none")
-    judge32, judge = vq_judge(models, res.graph, "fp32", fix), vq_judge(models, res.graph, res.precision, fix)
     if judge is not None and judge32 is not None and eager_view is not None:
         ref_view = reference_view(models, cases)
-        mine = artifact_view(res.path, manifest, cases, outs, threads=opts.threads or 1)
         vq1 = VQCompare(judge32, eager_view, ref_view)
         if mine is not None:
             vq2, vq3 = VQCompare(judge, mine, eager_view), VQCompare(judge, mine, ref_view)

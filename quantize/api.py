@@ -54,8 +54,10 @@ from tadsr.parity.hops import (
     load_floors,
     reference_view,
     run_cases,
+    run_cases_viewed,
     vq_judge,
 )
+from tadsr.parity.vq import VQView
 from tadsr.pipeline import Models
 from tadsr.provenance import models_from_manifest
 from tadsr.quantize.calibration import CalibrationSet, CaptureCache, sample_calibration, sample_holdout
@@ -208,6 +210,7 @@ class _Ctx:
     out_dir: Path
     parent_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     parent_engine: str = ""
+    parent_view: VQView | None = None  # the parent's latents and codes on the held-out cases, where tapped
     work: Path = Path()
     weight_only: bool = True
     hr_budget: float | None = None
@@ -423,7 +426,8 @@ def _write(
         judge = vq_judge(ctx.models, spec.name, "int8", spec.constants.get("color_fix", "none"))
         if judge is not None:
             mine = artifact_view(stage.path, read_manifest(stage.path), cases, outs)
-            theirs = artifact_view(p.path, p.manifest, cases, ctx.parent_outputs)
+            theirs = ctx.parent_view if ctx.parent_view is not None else artifact_view(p.path, p.manifest, cases,
+                                                                                       ctx.parent_outputs)  # fmt: skip
             vq_parent = None if mine is None or theirs is None else VQCompare(judge, mine, theirs)
             vq_ref = None if mine is None else VQCompare(judge, mine, reference_view(ctx.models, cases))
         report.hops += compare(f"fp32 {p.fmt} ({ctx.parent_engine}) -> {precision} {p.fmt} ({engine})", outs,
@@ -703,7 +707,13 @@ def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patch
     ctx = _Ctx(parent, models, graph, spec, calib_set, hold, method, target, rec, sensitivity_patches,
                sensitivity_budget, threads, progress, parity_gate, out_dir)  # fmt: skip
     run, ctx.parent_engine = _runner(parent.path, parent.fmt, threads)
-    ctx.parent_outputs = run_cases(run, hold.cases(spec.name))
+    cases = hold.cases(spec.name)
+    if vq_judge(models, spec.name, "int8", spec.constants.get("color_fix", "none")) is not None:
+        # the write's flip-aware hop reads the parent's latents and codes: one tapped run per case gives both
+        ctx.parent_outputs, ctx.parent_view = run_cases_viewed(run, parent.path, parent.manifest, cases,
+                                                               threads=threads)  # fmt: skip
+    else:
+        ctx.parent_outputs = run_cases(run, cases)
     del run  # the fp32 runtime's session (its weights, its arena): ~2 GB at official size, idle from here on
     work = Path(tempfile.mkdtemp(prefix=f".tadsr-quantize-{secrets.token_hex(3)}-", dir=out_dir))
     ctx.work = work

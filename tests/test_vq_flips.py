@@ -178,6 +178,41 @@ def test_onnx_artifact_exposes_its_latent_and_codes(tiny_models, tiny_onnx_artif
     assert artifact_view(tiny_onnx_artifacts / "encoder-onnx-fp32-t64", enc, cases, outs) is None
 
 
+
+
+def test_outputs_and_view_in_one_tapped_run_per_case(tiny_models, tiny_onnx_artifacts) -> None:
+    """``run_cases_viewed``: the plain file runs on the first case only when its tapped run reproduces it; the
+    outputs and the view are then what ``run_cases`` and ``artifact_view`` give. A run the tapped one does not
+    reproduce (here: offset outputs) runs every case plain, and no codes are taken from the tapped run."""
+    from tadsr.parity.hops import artifact_view, make_cases, run_cases, run_cases_viewed
+    from tadsr.runtime.runner import load_runner
+
+    path = tiny_onnx_artifacts / "pipeline-onnx-fp32-t64"
+    runner = load_runner(path)
+    _, spec = make_graph(tiny_models, "pipeline", 64)
+    cases, _ = make_cases(tiny_models, spec, n_real=2)
+    calls = []
+
+    def counted(feeds):
+        calls.append(1)
+        return runner.run(feeds)
+
+    outs, view = run_cases_viewed(counted, path, runner.manifest, cases)
+    plain = run_cases(runner.run, cases)
+    assert len(calls) == 1 and len(outs) == len(cases) == 3
+    for o, p in zip(outs, plain, strict=True):
+        assert o.keys() == p.keys() and all(np.array_equal(o[k], p[k]) and o[k].dtype == p[k].dtype for k in o)
+    ref = artifact_view(path, runner.manifest, cases, plain)
+    assert view.source == ref.source and all(np.array_equal(a, b) for a, b in zip(view.codes, ref.codes, strict=True))
+    calls.clear()
+
+    def offset(feeds):
+        calls.append(1)
+        return {k: v + 1e-3 for k, v in runner.run(feeds).items()}
+
+    outs, view = run_cases_viewed(offset, path, runner.manifest, cases)
+    assert len(calls) == 3 and all(c is None for c in view.codes) and "did not reproduce" in view.source
+    assert all(np.array_equal(o["sr"], p["sr"] + 1e-3) for o, p in zip(outs, plain, strict=True))
 def test_one_flip_among_many_candidates_is_recovered_one_by_one(tied) -> None:
     """An unexposed fused program (ExecuTorch, Core ML) with one true near-tie flip among thousands of candidate
     positions (the latent floor's reach): trying every candidate at once does not find it (each flip's change
