@@ -56,11 +56,11 @@ from tadsr.parity.hops import (
     reference_runs,
     reference_view,
     run_cases,
-    run_cases_viewed,
     run_cases_vq,
     runtime_hop,
     vq_judge,
 )
+from tadsr.parity.taps import run_cases_viewed
 from tadsr.pipeline import Models
 from tadsr.runtime.runner import load_runner
 from tadsr.formats.torch_ref import TorchRunner

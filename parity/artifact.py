@@ -33,10 +33,10 @@ from tadsr.parity.hops import (
     reference_view,
     run_cases,
     run_cases_vq,
-    run_cases_viewed,
     runtime_hop,
     vq_judge,
 )
+from tadsr.parity.taps import run_cases_viewed
 from tadsr.parity.records import ArtifactCheck, Check
 from tadsr.parity.session import ParityOptions, Session, real_patches, runner_kwargs
 from tadsr.runtime.runner import BACKENDS, CheckedRunner, RunnerSpec, load_runner, read_manifest, verify_files

@@ -49,14 +49,13 @@ from tadsr.parity.hops import (
     Floor,
     ParityReport,
     VQCompare,
-    artifact_view,
     compare,
     load_floors,
     reference_view,
     run_cases,
-    run_cases_viewed,
     vq_judge,
 )
+from tadsr.parity.taps import artifact_view, run_cases_viewed
 from tadsr.parity.vq import VQView
 from tadsr.pipeline import Models
 from tadsr.provenance import models_from_manifest

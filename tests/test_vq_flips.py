@@ -159,7 +159,8 @@ def test_flips_beyond_the_budget_fail(tied) -> None:
 
 @pytest.mark.parametrize("graph", ["decoder", "pipeline"])
 def test_onnx_artifact_exposes_its_latent_and_codes(tiny_models, tiny_onnx_artifacts, graph: str) -> None:
-    from tadsr.parity.hops import artifact_view, make_cases, run_cases
+    from tadsr.parity.hops import make_cases, run_cases
+    from tadsr.parity.taps import artifact_view
     from tadsr.runtime.runner import load_runner
 
     path = tiny_onnx_artifacts / f"{graph}-onnx-fp32-t64"
@@ -184,7 +185,8 @@ def test_outputs_and_view_in_one_tapped_run_per_case(tiny_models, tiny_onnx_arti
     """``run_cases_viewed``: the plain file runs on the first case only when its tapped run reproduces it; the
     outputs and the view are then what ``run_cases`` and ``artifact_view`` give. A run the tapped one does not
     reproduce (here: offset outputs) runs every case plain, and no codes are taken from the tapped run."""
-    from tadsr.parity.hops import artifact_view, make_cases, run_cases, run_cases_viewed
+    from tadsr.parity.hops import make_cases, run_cases
+    from tadsr.parity.taps import artifact_view, run_cases_viewed
     from tadsr.runtime.runner import load_runner
 
     path = tiny_onnx_artifacts / "pipeline-onnx-fp32-t64"

@@ -1,0 +1,160 @@
+"""The artifact side of the flip-aware hops: an ONNX file re-run with its VQ lookup's latent and codes tapped as
+extra outputs (:func:`artifact_view`), and its outputs and that view from one run per case where the tapped run
+stands in for the plain one (:func:`run_cases_viewed`). Other formats expose neither (:mod:`tadsr.parity.vq`
+recovers their codes from the image)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tadsr.parity.hops import VQ_GRAPHS, ParityCase, run_cases
+from tadsr.parity.vq import VQView
+
+__all__ = ["artifact_view", "run_cases_viewed"]
+
+logger = logging.getLogger(__name__)
+
+
+def _onnx_codes_tensor(model: Any, n_embed: int, dim: int) -> tuple[str | None, list[str]]:
+    """The code map the ONNX graph's embedding lookup reads (Gather on the codebook), else its ArgMin outputs."""
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    shapes[n.output[0]] = tuple(a.t.dims)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type != "Gather":
+            continue
+        src = n.input[0]
+        while src not in shapes and src in producer and producer[src].op_type in ("Cast", "Identity",
+                                                                                 "DequantizeLinear"):  # fmt: skip
+            src = producer[src].input[0]
+        if shapes.get(src) == (n_embed, dim):
+            return n.input[1], []
+    return None, [n.output[0] for n in model.graph.node if n.op_type == "ArgMin"]
+
+
+@dataclass
+class _Tapped:
+    """Every case's run of an ONNX file with its VQ lookup's tensors fetched too (:func:`_tap_runs`)."""
+
+    runs: list[dict[str, np.ndarray]]
+    graph: str
+    lat_name: str | None
+    codes_name: str | None
+    argmins: list[str]
+    hw: tuple[int, int]
+
+
+def _tap_runs(path: Path, manifest: Mapping[str, Any], cases: Sequence[ParityCase],
+              threads: int | None) -> _Tapped | VQView | None:  # fmt: skip
+    """The file run on every case with its latent and codes tapped (ONNX); a :class:`VQView` saying why nothing
+    is exposed (other formats, no lookup found); None for graphs without the lookup."""
+    graph = str(manifest["graph"]["name"])
+    if graph not in VQ_GRAPHS:
+        return None
+    n = len(cases)
+    fmt = str(manifest.get("format"))
+    if fmt != "onnx":
+        return VQView.unexposed(n, f"{fmt} program exposes no latent or codes")
+    import onnx
+
+    from tadsr.formats.localize import OnnxTap, onnx_codebook_input
+
+    file = Path(path) / manifest["files"][0]["name"]
+    latent_shape = next(tuple(t["shape"]) for t in manifest["graph"]["inputs"] if t["name"] in ("noise", "x0"))
+    model = onnx.load(str(file), load_external_data=False)
+    ne = int((manifest.get("preset") or {}).get("vq", {}).get("n_embed", 0) or 0)
+    codes_name, argmins = _onnx_codes_tensor(model, ne, int(latent_shape[1])) if ne else (None, [])
+    if codes_name is None and not ne:
+        argmins = [nd.output[0] for nd in model.graph.node if nd.op_type == "ArgMin"]
+    lat_name = onnx_codebook_input(file, latent_shape)  # decoder: its input as the lookup reads it, if cast
+    names = [x for x in (lat_name, codes_name, *argmins) if x]
+    if not names:
+        return VQView.unexposed(n, "onnx graph: no codebook lookup found to tap")
+    tap = OnnxTap(file, names, threads=threads)
+    return _Tapped([tap.run(c.inputs) for c in cases], graph, lat_name, codes_name, list(argmins),
+                   (int(latent_shape[-2]), int(latent_shape[-1])))  # fmt: skip
+
+
+def _view(t: _Tapped, cases: Sequence[ParityCase], outputs: Sequence[Mapping[str, np.ndarray]]) -> VQView:
+    """The latents and codes of tapped runs; a case's codes only where its tapped run reproduced ``outputs``."""
+    lats: list[np.ndarray | None] = []
+    codes: list[np.ndarray | None] = []
+    mismatch = 0
+    h, w = t.hw
+    for c, out, r in zip(cases, outputs, t.runs, strict=True):
+        lat = np.asarray(r[t.lat_name], np.float32) if t.lat_name and t.lat_name in r else None
+        if lat is not None and t.graph == "decoder":  # the decoder's own input as its lookup reads it, or nothing
+            x0 = np.asarray(c.inputs["x0"], np.float32)
+            lat = lat if np.abs(lat - x0).max() <= 0.05 * max(float(np.ptp(x0)), 1e-6) else None
+        lats.append(lat)
+        if t.codes_name and t.codes_name in r:
+            cm = np.asarray(r[t.codes_name]).astype(np.int64)
+        elif t.argmins and all(a in r for a in t.argmins):
+            cm = np.concatenate([np.asarray(r[a]).reshape(-1) for a in t.argmins]).astype(np.int64)
+        else:
+            cm = None
+        if cm is not None and cm.size == h * w and _reproduces(r, out):
+            codes.append(cm.reshape(1, h, w))
+        else:
+            mismatch += cm is not None
+            codes.append(None)
+    what = " and ".join(x for x in (("latent" if t.lat_name else ""), ("codes" if t.codes_name or t.argmins else ""))
+                        if x)  # fmt: skip
+    src = f"onnx file re-run with its {what} tapped as extra outputs"
+    if mismatch:
+        src += f" (in {mismatch} case(s) the tapped run did not reproduce the artifact's output: codes not used)"
+    return VQView(lats, codes, src)
+
+
+def _reproduces(tapped: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> bool:
+    """Whether a tapped run's outputs are bit for bit the plain run's ``out``."""
+    return all(k in tapped and np.array_equal(np.asarray(tapped[k], np.float32), np.asarray(v, np.float32))
+               for k, v in out.items())  # fmt: skip
+
+
+def artifact_view(
+    path: Path, manifest: Mapping[str, Any], cases: Sequence[ParityCase], outputs: Sequence[Mapping[str, np.ndarray]],
+    *, threads: int | None = 1,
+) -> VQView | None:  # fmt: skip
+    """The artifact's latent and codes at its VQ lookup, per case (None for graphs without the lookup).
+
+    ONNX: the tensor the codebook search reads (fused graphs) and the code map the embedding lookup reads are
+    added as graph outputs in memory and the file is run again (the file itself is not changed); the codes are
+    used only where that run reproduces the artifact's own output exactly, else they are recovered from the
+    image. ExecuTorch (delegated) and Core ML programs expose neither: their codes are recovered from the image
+    among the near-tie alternatives that the latent floor allows (:mod:`tadsr.parity.vq`).
+    """
+    t = _tap_runs(path, manifest, cases, threads)
+    return _view(t, cases, outputs) if isinstance(t, _Tapped) else t
+
+
+def run_cases_viewed(
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], path: Path, manifest: Mapping[str, Any],
+    cases: Sequence[ParityCase], *, threads: int | None = 1,
+) -> tuple[list[dict[str, np.ndarray]], VQView | None]:  # fmt: skip
+    """``(run_cases(run, cases), artifact_view(...))`` of the file ``run`` runs, with one run of it per case where
+    its tapped run can stand in for the plain one: the plain run goes on the first case only, and when the tapped
+    run reproduces it bit for bit, the tapped runs' outputs are the file's on the other cases too (the same graph,
+    so the same kernels for every input); else every case runs plain as well."""
+    t = _tap_runs(path, manifest, cases, threads)
+    if not isinstance(t, _Tapped) or not cases:
+        return run_cases(run, cases), t
+    first = run_cases(run, cases[:1])[0]
+    if _reproduces(t.runs[0], first):
+        outs = [first, *({k: np.asarray(r[k]).astype(v.dtype, copy=False) for k, v in first.items()}
+                         for r in t.runs[1:])]  # fmt: skip
+    else:
+        logger.info("%s: the tapped run does not reproduce the file's output; running every case plain too",
+                    Path(path).name)  # fmt: skip
+        outs = [first, *run_cases(run, cases[1:])]
+    return outs, _view(t, cases, outs)
