@@ -28,8 +28,11 @@ from tadsr.train.data import load_pairs
 from tadsr.train.distill_ae import DistillAEConfig, build_target_pool, distill_light_ae
 
 DEV = torch.device("cpu")
-# shipped bundled light vs full pipeline on the first shipped calibration photo (measured 28.45 dB, colour 0.044)
-PSNR_VS_FULL_FLOOR = 26.0
+# shipped bundled light vs full pipeline on 16 shipped calibration crops (session 29's light autoencoder: PSNR mean
+# 30.62 dB, mean-colour shift 0.074 mean / 0.167 largest; the session-18 one it replaced: 28.81 dB, 0.079 / 0.171)
+PSNR_VS_FULL_FLOOR = 29.5
+COLOUR_SHIFT_MEAN = 0.08
+COLOUR_SHIFT_MAX = 0.2
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -253,6 +256,9 @@ def _zeros(preset: str, part: str) -> dict[str, torch.Tensor]:
 
 # -- the shipped light autoencoder -----------------------------------------------------------------------------------
 def test_shipped_bundled_light_autoencoder_loads_and_keeps_colours() -> None:
+    """The shipped light autoencoder loads with the bundled model and its pipeline follows the full one on the
+    top-left 64-px crops of 16 shipped calibration photos: PSNR against the full pipeline and the per-crop shift of
+    the mean colour (largest channel) stay within floors below what the shipped file measures."""
     from tadsr.pipeline import bundled_weight_path
 
     path = bundled_weight_path(get_preset("bundled"), "light_autoencoder")
@@ -261,11 +267,13 @@ def test_shipped_bundled_light_autoencoder_loads_and_keeps_colours() -> None:
     assert light.sources["light_autoencoder"]["path"] == "bundled:bundled_light_autoencoder.safetensors"
     assert light.light_autoencoder.cfg == light_config("bundled")
     full = load_models(preset="bundled")
-    photo = sorted((Path(__file__).resolve().parents[1] / "tadsr" / "data" / "calib").glob("*.png"))[0]
-    lr = torch.from_numpy(np.asarray(Image.open(photo).convert("RGB"))[:64, :64].copy()).permute(2, 0, 1)[None]
-    lr = lr.float() / 127.5 - 1
-    noise = make_noise((1, 3, 64, 64), 0)
-    a, b = OneStepPipeline(full)(lr, noise=noise), OneStepPipeline(light)(lr, noise=noise)
-    psnr = 10 * torch.log10(4 / (a - b).square().mean())
-    colour = (a.mean(dim=(2, 3)) - b.mean(dim=(2, 3))).abs().max()
-    assert psnr > PSNR_VS_FULL_FLOOR and colour < 0.05, (float(psnr), float(colour))
+    photos = sorted((Path(__file__).resolve().parents[1] / "tadsr" / "data" / "calib").glob("*.png"))[:16]
+    crops = [np.asarray(Image.open(p).convert("RGB"))[:64, :64] for p in photos]
+    lr = torch.from_numpy(np.stack(crops).copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    noise = make_noise((len(crops), 3, 64, 64), 0)
+    with torch.no_grad():
+        a, b = OneStepPipeline(full)(lr, noise=noise), OneStepPipeline(light)(lr, noise=noise)
+    psnr = 10 * torch.log10(4 / (a - b).square().mean(dim=(1, 2, 3)))
+    colour = (a.mean(dim=(2, 3)) - b.mean(dim=(2, 3))).abs().amax(dim=1)
+    assert psnr.mean() > PSNR_VS_FULL_FLOOR and colour.mean() < COLOUR_SHIFT_MEAN and colour.max() < COLOUR_SHIFT_MAX, (
+        psnr.tolist(), colour.tolist())  # fmt: skip
