@@ -208,7 +208,8 @@ def _check_numerics(res: ArtifactCheck, manifest: dict[str, Any], verified: bool
     fix = gspec.constants.get("color_fix", "none")
     judge32, judge = vq_judge(models, res.graph, "fp32", fix), vq_judge(models, res.graph, res.precision, fix)
     mine = None
-    if judge is not None and judge32 is not None and eager_view is not None:  # outputs and view in one run
+    flip_aware = judge is not None and judge32 is not None and eager_view is not None
+    if flip_aware:  # outputs and the artifact's VQ view in one run per case
         outs, mine = run_cases_viewed(runner.run, res.path, manifest, cases, threads=opts.threads or 1)
     else:
         outs = run_cases(runner.run, cases)
@@ -221,7 +222,7 @@ def _check_numerics(res: ArtifactCheck, manifest: dict[str, Any], verified: bool
         scales = {k: v["scale"] for k, v in res.quant_scales.items()}
     floors = load_floors(res.precision, res.graph, preset)
     vq1 = vq2 = vq3 = None
-    if judge is not None and judge32 is not None and eager_view is not None:
+    if flip_aware:
         ref_view = reference_view(models, cases)
         vq1 = VQCompare(judge32, eager_view, ref_view)
         if mine is not None:

@@ -268,7 +268,8 @@ def distill_light_ae(
                           f"embed_dim {ae.cfg.embed_dim})")  # fmt: skip
     torch.manual_seed(cfg.seed)
     net = LightAutoencoder(lcfg)
-    if init is not None and not (resume and StageCheckpoint(out_dir).exists()):
+    ckpt = StageCheckpoint(out_dir)
+    if init is not None and not (resume and ckpt.exists()):
         start = load_light_autoencoder(init)
         if start.cfg != lcfg:
             raise ConfigError(f"--init {init} is a light autoencoder of another config ({start.cfg}; this run: "
@@ -286,7 +287,6 @@ def distill_light_ae(
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema = Ema(net, cfg.ema_rate)
-    ckpt = StageCheckpoint(out_dir)
     step, elapsed = 0, 0.0
     metrics: dict[str, float] = {}
     val: dict[str, float] = {}
