@@ -56,7 +56,7 @@ from tadsr.parity.hops import (
     vq_judge,
 )
 from tadsr.parity.taps import artifact_view, run_cases_viewed
-from tadsr.parity.vq import VQView
+from tadsr.parity.vq import VQJudge, VQView
 from tadsr.pipeline import Models
 from tadsr.provenance import models_from_manifest
 from tadsr.quantize.calibration import CalibrationSet, CaptureCache, sample_calibration, sample_holdout
@@ -210,6 +210,7 @@ class _Ctx:
     parent_outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
     parent_engine: str = ""
     parent_view: VQView | None = None  # the parent's latents and codes on the held-out cases, where tapped
+    judge: VQJudge | None = None  # the flip-aware judge of this graph's INT8 outputs (None: no VQ lookup in it)
     work: Path = Path()
     weight_only: bool = True
     hr_budget: float | None = None
@@ -422,7 +423,7 @@ def _write(
         floors = load_floors("int8", spec.name, ctx.models.preset.name)
         report = ParityReport(spec.name, [], ctx.hold.runs.source)
         vq_parent = vq_ref = None
-        judge = vq_judge(ctx.models, spec.name, "int8", spec.constants.get("color_fix", "none"))
+        judge = ctx.judge
         if judge is not None:
             mine = artifact_view(stage.path, read_manifest(stage.path), cases, outs)
             theirs = ctx.parent_view if ctx.parent_view is not None else artifact_view(p.path, p.manifest, cases,
@@ -707,7 +708,8 @@ def _quantize(parent: _Parent, rec: Recipe | None, calib: Path | None, num_patch
                sensitivity_budget, threads, progress, parity_gate, out_dir)  # fmt: skip
     run, ctx.parent_engine = _runner(parent.path, parent.fmt, threads)
     cases = hold.cases(spec.name)
-    if vq_judge(models, spec.name, "int8", spec.constants.get("color_fix", "none")) is not None:
+    ctx.judge = vq_judge(models, spec.name, "int8", spec.constants.get("color_fix", "none"))
+    if ctx.judge is not None:
         # the write's flip-aware hop reads the parent's latents and codes: one tapped run per case gives both
         ctx.parent_outputs, ctx.parent_view = run_cases_viewed(run, parent.path, parent.manifest, cases,
                                                                threads=threads)  # fmt: skip

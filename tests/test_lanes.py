@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -89,28 +90,37 @@ def test_lane_processes_start_blas_with_their_thread_share() -> None:
     assert os.environ.get("OPENBLAS_NUM_THREADS") == before  # the parent's environment is restored
 
 
-def _share_worker(fmt: str, threads: int) -> lanes.LaneResult:
-    """The onnx lane ends at once; the other waits (up to 20 s) for its share to grow past its start."""
+def _share_worker(fmt: str, threads: int, seen: str) -> lanes.LaneResult:
+    """The onnx lane ends once the other has read its first share (``seen`` appears; a lane process can take seconds
+    to start on a loaded machine); the other then waits (up to 20 s) for its share to grow past its start."""
     first = lanes.lane_share()
     deadline = time.monotonic() + 20
-    while fmt != "onnx" and first is not None and (lanes.lane_share() or 0) <= first and time.monotonic() < deadline:
-        time.sleep(0.05)
+    if fmt == "onnx":
+        while first is not None and not os.path.exists(seen) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        with open(seen, "w") as f:
+            f.write(str(first))
+        while first is not None and (lanes.lane_share() or 0) <= first and time.monotonic() < deadline:
+            time.sleep(0.05)
     return lanes.LaneResult(fmt, {"threads": threads, "first": first or 0, "last": lanes.lane_share() or 0})
 
 
-def test_a_finished_lane_gives_its_cpus_to_the_lanes_still_running(monkeypatch: pytest.MonkeyPatch,
+def test_a_finished_lane_gives_its_cpus_to_the_lanes_still_running(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     """Once no lane is left to start, the lanes still running are given the CPUs of the finished ones (their next
     stage reads it, :func:`tadsr.cli.lanes.lane_share`); threads fixed by the caller are left alone."""
     monkeypatch.setattr(lanes, "usable_cpus", lambda: 4)
     est = {"onnx": 1, "coreml": 1}
     with caplog.at_level(logging.INFO, logger="tadsr.cli.lanes"):
-        done = lanes.run_lanes(["onnx", "coreml"], _share_worker, lambda fmt, threads: (fmt, threads),
+        done = lanes.run_lanes(["onnx", "coreml"], _share_worker, lambda fmt, threads: (fmt, threads,
+                                                                                        str(tmp_path / "seen1")),
                                estimates=est, budget_gb=10, jobs=2, poll_s=0.05)  # fmt: skip
     assert {f: (r.timings["threads"], r.timings["first"], r.timings["last"]) for f, r in done.items()} == {
         "onnx": (2, 2, 2), "coreml": (2, 2, 4)}  # fmt: skip
     assert "lanes coreml take 4 threads each" in caplog.text
-    fixed = lanes.run_lanes(["onnx", "coreml"], _share_worker, lambda fmt, threads: (fmt, threads),
+    fixed = lanes.run_lanes(["onnx", "coreml"], _share_worker, lambda fmt, threads: (fmt, threads,
+                                                                                     str(tmp_path / "seen2")),
                             estimates=est, budget_gb=10, jobs=2, poll_s=0.05, threads=1)  # fmt: skip
     assert all(r.timings["first"] == r.timings["last"] == 0 for r in fixed.values())  # no share file
     assert lanes.SHARE_ENV not in os.environ
