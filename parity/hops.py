@@ -654,7 +654,8 @@ def vq_judge(models: Models, graph: str, precision: str, color_fix: str = "none"
 
 def _torch_codes(models: Models, z: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return models.autoencoder.quantize.indices(torch.from_numpy(np.asarray(z, np.float32)), _VQ_CHUNK).numpy()
+        q = models.autoencoder.quantize
+        return q.indices(torch.from_numpy(np.asarray(z, np.float32)), q.search_rows(_VQ_CHUNK)).numpy()
 
 
 def reference_view(models: Models, cases: Sequence[ParityCase]) -> VQView:
@@ -669,9 +670,9 @@ def run_cases_vq(
     models: Models,
 ) -> tuple[list, VQView | None]:  # fmt: skip
     """:func:`run_cases` on an export-ready torch graph, keeping the latent its VQ lookup reads (None: no lookup)."""
-    from tadsr.formats.graphs import DecoderGraph
+    from tadsr.formats.graphs import DecoderGraph, LightDecoderGraph
 
-    dec = next((m for m in module.modules() if isinstance(m, DecoderGraph)), None)
+    dec = next((m for m in module.modules() if isinstance(m, (DecoderGraph, LightDecoderGraph))), None)
     if dec is None:
         return run_cases(run, cases), None
     seen: list[np.ndarray] = []

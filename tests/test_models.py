@@ -177,3 +177,25 @@ def test_teacher_needs_teacher_and_known_steps(tiny_models) -> None:
     with pytest.raises(tadsr.ConfigError, match="no 7-step teacher"):
         tadsr.TeacherPipeline(m, steps=7)
     assert np.isfinite(tadsr.TeacherPipeline(m, steps=4)(torch.zeros(1, 3, 64, 64), seed=0).numpy()).all()
+
+
+def test_eager_codebook_search_runs_in_cache_sized_blocks_with_the_same_codes(monkeypatch) -> None:
+    """``VectorQuantizer.forward`` (every eager decode) searches ``search_rows`` pixels at a time: the codes are those
+    of one whole distance table (each pixel's distances are computed alone)."""
+    from torch import nn
+
+    from tadsr.models import vqgan
+
+    vq = vqgan.VectorQuantizer(4096, 3)
+    nn.init.normal_(vq.embedding.weight)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 3, 32, 32, generator=g)
+    assert vq.search_rows() == vqgan.SEARCH_BLOCK_ELEMS // 4096 and vq.search_rows(10) == 10
+    calls: list[int] = []
+    real = vq.indices
+    monkeypatch.setattr(vq, "indices", lambda z, chunk=None: calls.append(chunk) or real(z, chunk))
+    with torch.no_grad():
+        zq, idx = vq(z, chunk=4096)
+    assert calls == [vq.search_rows()] and calls[0] < z.shape[2] * z.shape[3]
+    assert torch.equal(idx, real(z))
+    torch.testing.assert_close(zq, vq.embedding(idx).permute(0, 3, 1, 2), rtol=0, atol=1e-6)

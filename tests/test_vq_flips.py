@@ -273,3 +273,20 @@ def test_torch_decoder_keeps_the_last_code_maps_decoded():
     decode(b)
     assert len(calls) == 4
     np.testing.assert_array_equal(decode(a), first)
+
+
+@pytest.mark.parametrize("graph", ["decoder", "pipeline"])
+def test_light_graphs_expose_their_latent_and_codes(graph: str) -> None:
+    """The light decoder's lookup is seen too (session 30: it was not, so a light pipeline's near-tie flips were held
+    to the plain image floor and failed the export gate at official size)."""
+    from tadsr.parity.hops import make_cases
+    from tadsr.pipeline import load_models
+
+    models = load_models(preset="tiny", init="random", light_autoencoder=True)
+    module, spec = make_graph(models, graph, 64)
+    cases, _ = make_cases(models, spec, n_real=0)
+    _, view = run_cases_vq(TorchRunner.from_graph(module, spec).run, cases, module, models)
+    assert view is not None and view.codes[0] is not None and view.codes[0].shape == (1, 64, 64)
+    with torch.no_grad():
+        expect = models.light_autoencoder.quantize.indices(torch.from_numpy(view.latents[0])).numpy()
+    assert (view.codes[0] == expect).all()

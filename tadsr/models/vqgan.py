@@ -159,12 +159,24 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+# Elements of the (pixels x n_embed) distance table that the eager search computes at a time (1 MiB of fp32): the
+# block stays in the CPU cache through the five passes over it (matmul, two adds, scale, argmin). One table for a
+# 64-px tile (4096 x 4096 codes, 64 MiB) goes to memory and back on each pass: 3x slower on the 2-core CI machine.
+SEARCH_BLOCK_ELEMS = 1 << 18
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-codebook-entry quantiser (key ``embedding``); the straight-through form of upstream."""
 
     def __init__(self, n_embed: int, embed_dim: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(n_embed, embed_dim)
+
+    def search_rows(self, chunk: int | None = None) -> int:
+        """Pixels per distance table in the eager search: cache-sized, and at most ``chunk`` (same codes either way:
+        each pixel's distances are computed alone)."""
+        rows = max(1, SEARCH_BLOCK_ELEMS // self.embedding.num_embeddings)
+        return rows if chunk is None else max(1, min(int(chunk), rows))
 
     def indices(self, z: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """(B, C, h, w) latent -> (B, h, w) int64 code indices.
@@ -188,8 +200,9 @@ class VectorQuantizer(nn.Module):
         return torch.cat(idx).reshape(b, h, w)
 
     def forward(self, z: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantise (B, C, h, w) -> (z_q (B, C, h, w), indices (B, h, w))."""
-        idx = self.indices(z, chunk)
+        """Quantise (B, C, h, w) -> (z_q (B, C, h, w), indices (B, h, w)); the search runs in cache-sized blocks of
+        at most ``chunk`` pixels (:meth:`search_rows`; the export graphs call :meth:`indices` with their own chunk)."""
+        idx = self.indices(z, self.search_rows(chunk))
         zq = self.embedding(idx).permute(0, 3, 1, 2)
         zq = z + (zq - z).detach()
         return zq, idx
