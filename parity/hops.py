@@ -658,6 +658,15 @@ def _torch_codes(models: Models, z: np.ndarray) -> np.ndarray:
         return q.indices(torch.from_numpy(np.asarray(z, np.float32)), q.search_rows(_VQ_CHUNK)).numpy()
 
 
+def reference_codes(models: Models, z: np.ndarray) -> np.ndarray:
+    """The codes the reference pipeline picks for the latent ``z (1, C, h, w)``: its decoder's quantiser (the light
+    one when loaded, as :func:`vq_judge` decodes with), ``(1, h, w)`` int64."""
+    ae = models.light_autoencoder if models.light_autoencoder is not None else models.autoencoder
+    with torch.no_grad():
+        q = ae.quantize
+        return q.indices(torch.from_numpy(np.asarray(z, np.float32)), q.search_rows(_VQ_CHUNK)).numpy()
+
+
 def reference_view(models: Models, cases: Sequence[ParityCase]) -> VQView:
     """The reference pipeline's latents (from the cases) and codes (its own quantiser on them)."""
     lats = [c.latent for c in cases]

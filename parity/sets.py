@@ -152,6 +152,8 @@ def _check_image(s: SetCheck, name: str, lr: np.ndarray, mobile: Any, models: Mo
     if img.passed or not np.isfinite(got).all():
         return img
     x0s, why = _artifact_x0(s, rec, manifests, session)
+    if x0s is None and s.kind == "pipeline":  # a fused program without its latent: codes from its tile images
+        return _recovered_flips(img, s, rec, ref_x0, models, manifests, got, lr, kw, why)
     if x0s is None or len(x0s) != len(ref_x0):
         img.note = f"below the floor; code flips not checked: {why or 'tile count mismatch'}"
         return img
@@ -188,6 +190,58 @@ def _check_image(s: SetCheck, name: str, lr: np.ndarray, mobile: Any, models: Mo
         f"{flips.flipped} of {flips.codes} VQ codes flipped ({flips.explained} explained as near-ties by the "
         f"latent difference); latents x0 agree to {db_str(lat)} dB (floor {den_floor:g}); against the reference "
         f"decoder on the artifact's own latents (same codes) the image is at {db_str(alt.psnr)} dB: {verdict}"
+    )
+    return img
+
+
+def _recovered_flips(img: ImageCheck, s: SetCheck, rec: Mapping[str, _Recorder], ref_x0: Sequence[np.ndarray],
+                     models: Models, manifests: Mapping[str, Mapping[str, Any]], got: np.ndarray, lr: np.ndarray,
+                     kw: Mapping[str, Any], why: str) -> ImageCheck:  # fmt: skip
+    """Flip analysis of a whole image through a fused program that exposes no latent (ExecuTorch, Core ML).
+
+    Each tile's codes are recovered from the program's own tile image (:meth:`tadsr.parity.vq.VQJudge.analyse`:
+    only near-tie alternatives of the reference codes within the latent floor's reach are candidates, verified by
+    decoding). The image then passes when every tile's flips are near-ties within the flip budget and the whole
+    image equals, within the floor, the reference decoder run on the recovered codes through the same tiler. A
+    perturbed weight or a wrong constant cannot be reproduced by near-tie codes and still fails.
+    """
+    from tadsr.parity.hops import reference_codes, vq_judge
+    from tadsr.parity.vq import FlipBudget
+    from tadsr.runtime.tiling import upscale_tiled
+
+    calls = rec["pipeline"].calls
+    fix = str(manifests["pipeline"].get("graph", {}).get("constants", {}).get("color_fix", "none"))
+    judge = vq_judge(models, "pipeline", s.precision, fix)
+    if judge is None or s.floor is None or len(calls) != len(ref_x0):
+        reason = "a colour-fixed image is not a function of the codes alone" if judge is None and fix != "none" \
+            else ("no image floor" if s.floor is None else "tile count mismatch")
+        img.note = f"below the floor; code flips not checked: {why}; {reason}"
+        return img
+    budget = s.floor.flips or FlipBudget(0.0, 1e-6, "no flip budget in numerics.json: any flip fails")
+    codes, flips, notes = [], CodeFlips(), []
+    for i, ((_, out), z) in enumerate(zip(calls, ref_x0, strict=True)):
+        c_r = reference_codes(models, z)
+        cf = judge.analyse(f"tile {i}", out["sr"], judge.decode(c_r), None, None, z, c_r, s.floor, budget,
+                           f"fused {s.format} program")  # fmt: skip
+        codes.append(cf.codes if cf.codes is not None else c_r)
+        flips += CodeFlips(cf.positions, cf.flipped, cf.near_tie, cf.max_gap)
+        if cf.flipped > budget.max_fraction * cf.positions:
+            notes.append(f"tile {i}: {cf.flipped} flips exceed the budget of {budget.max_fraction:g} of the positions")
+    it = iter(codes)
+
+    def same_codes(lr_t: np.ndarray, noise: np.ndarray) -> np.ndarray:  # reference decoder on the recovered codes
+        return judge.decode(next(it))
+
+    alt = error_stats(got, upscale_tiled(lr, same_codes, **kw), 2.0)
+    img.code_flips, img.same_codes_psnr = flips, alt.psnr
+    same = s.floor.accepts(alt.max_abs, alt.psnr)
+    img.passed = bool(flips.flipped > 0 and flips.all_explained and same and not notes)
+    verdict = ("near-tie code flips, not an export error" if img.passed
+               else "; ".join(notes) or "not explained by near-tie code flips")  # fmt: skip
+    img.note = (
+        f"{flips.flipped} of {flips.codes} VQ codes flipped, recovered from the program's tile images among near-tie "
+        f"alternatives of the reference codes ({why}); against the reference decoder on those codes the image is at "
+        f"{db_str(alt.psnr)} dB: {verdict}"
     )
     return img
 

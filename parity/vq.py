@@ -34,7 +34,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -106,6 +106,7 @@ class CaseFlips:
     passed: bool
     note: str = ""
     psnr: float | None = None
+    codes: np.ndarray | None = field(default=None, repr=False, compare=False)  # the tested side's, not serialised
 
     @property
     def not_near_tie(self) -> int:
@@ -279,7 +280,7 @@ class VQJudge:
         order = np.argsort(-gaps)
         return CaseFlips(case, positions, int(flip.size), int(near.sum()), float(gaps.max()) if flip.size else 0.0,
                          [float(g) for g in gaps[order]], codes_from, same_psnr, lat_psnr, passed, note,
-                         raw.psnr)  # fmt: skip
+                         raw.psnr, b.reshape(a.shape))  # fmt: skip
 
     def _budget(self, z_r: np.ndarray) -> float:
         if self.latent_budget is not None:
