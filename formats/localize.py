@@ -86,12 +86,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # network roots: their children are the blocks (their own ops are glue); pass-through containers are skipped
+# (the light autoencoder's graphs and networks, tadsr.models.light_ae, are named like the full ones)
 _ROOTS = {"PipelineGraph": "", "EncoderGraph": "", "DenoiserGraph": "", "DecoderGraph": "", "UNetModelSwin": "",
-          "Encoder": "encoder.", "Decoder": "decoder.", "VQModelTorch": ""}  # fmt: skip
+          "Encoder": "encoder.", "Decoder": "decoder.", "VQModelTorch": "", "LightEncoderGraph": "",
+          "LightDecoderGraph": "", "LightEncoder": "encoder.", "LightDecoder": "decoder."}  # fmt: skip
 _PASS_THROUGH = ("ModuleList", "Sequential", "ModuleDict")
-_INDEXED = ("input_blocks", "output_blocks", "down", "up")  # ModuleLists whose items are the blocks
-_GRAPH_WRAPPERS = ("PipelineGraph", "EncoderGraph", "DenoiserGraph", "DecoderGraph")
-_STAGE_OF_WRAPPER = {"EncoderGraph": "encoder", "DenoiserGraph": "denoiser", "DecoderGraph": "decoder"}
+_INDEXED = ("input_blocks", "output_blocks", "down", "up", "blocks")  # lists whose items are the blocks
+_DECODER_WRAPPERS = ("DecoderGraph", "LightDecoderGraph")
+_GRAPH_WRAPPERS = ("PipelineGraph", "EncoderGraph", "DenoiserGraph", "LightEncoderGraph", *_DECODER_WRAPPERS)
+_STAGE_OF_WRAPPER = {"EncoderGraph": "encoder", "LightEncoderGraph": "encoder", "DenoiserGraph": "denoiser",
+                     "DecoderGraph": "decoder", "LightDecoderGraph": "decoder"}  # fmt: skip
 _PSNR_JSON_INF = 999.0
 NAME_VARIANTS = ("onnx", "core_aten", "empty", "none")
 
@@ -202,7 +206,7 @@ def make_units(gm: torch.fx.GraphModule, graph: str) -> list[Unit]:
 
 
 def _glue_key(path: str, cls: str, started: set[str]) -> tuple[str, str, str] | None:
-    if cls == "DecoderGraph":
+    if cls in _DECODER_WRAPPERS:
         return ("clamp" if path in started else "quantize"), "", "decoder"
     if cls == "PipelineGraph":
         # between the encoder (started) and the denoiser (its wrapper not started yet)

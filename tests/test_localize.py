@@ -419,3 +419,32 @@ def test_executorch_relowering_checks_toolchain_and_flags_a_different_file(toy, 
     assert loc.observed == len(UNITS) and loc.first is None, loc.summary()
     assert "not edits of the file" in loc.notes[0]
     assert "does not compute what a fresh lowering" in loc.notes[1]
+
+
+@pytest.mark.parametrize("graph", ["pipeline", "encoder", "decoder"])
+def test_light_graphs_units_are_blocks_with_their_stages(graph: str) -> None:
+    """The light autoencoder's graphs (tadsr.models.light_ae) are cut into blocks like the full ones: before session
+    31 the light encoder graph raised KeyError, and in the light pipeline each whole light network was one unit of
+    stage 'pipeline' (no 'quantize' / 'clamp' step), so a parity diagnosis could not name the block that diverged.
+    Every light weight's unit (unit_of_tensor) is one of the graph's units."""
+    from tadsr.formats.graphs import make_graph
+    from tadsr.pipeline import load_models
+
+    models = load_models(preset="tiny", init="random", light_autoencoder=True)
+    module, spec = make_graph(models, graph, 64)
+    ep = torch.export.export(module.eval(), tuple(torch.zeros(t.shape) for t in spec.inputs))
+    units = make_units(ep.graph_module, graph)
+    names = [u.name for u in units]
+    stages = {u.name: u.stage for u in units}
+    if graph in ("pipeline", "encoder"):
+        assert names[:3] == ["encoder.conv_in", "encoder.blocks.0", "encoder.conv_out"], names
+    if graph in ("pipeline", "decoder"):
+        k = names.index("quantize")
+        assert names[k : k + 3] == ["quantize", "decoder.conv_in", "decoder.blocks.0"] and names[-1] == "clamp", names
+    assert set(stages.values()) <= {"encoder", "prior sample", "input scaling", "denoiser", "decoder"}, stages
+    assert all(stages[n] == n.split(".")[0] for n in names if n.split(".")[0] in ("encoder", "decoder")), stages
+    light = [n for n, _ in module.named_parameters() if n.split(".")[0] in ("encoder", "decoder", "quantize")]
+    assert light
+    for name in light:  # the light autoencoder's weights (the UNet's time embedding is folded, not a unit)
+        unit, stage = unit_of_tensor(name, graph)
+        assert stages.get(unit) == stage, (name, unit, stage, names)
