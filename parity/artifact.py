@@ -156,9 +156,15 @@ def check_artifact(path: Path, session: Session) -> ArtifactCheck:
 
 
 def _gate_hops(res: ArtifactCheck, manifest: Mapping[str, Any], verified: bool, session: Session,
-               outputs: Sequence[str]) -> list[HopResult] | None:  # fmt: skip
-    """The tile hops the artifact's write-time parity gate recorded, when that gate ran exactly this check
-    (:attr:`ParityOptions.gate_tiles`); None: run them."""
+               outputs: Sequence[str]) -> tuple[list[HopResult], str, str] | None:  # fmt: skip
+    """The tile hops the artifact's write-time parity gate recorded, with what they are and where their real inputs
+    came from, when that gate gave this check's verdict (:attr:`ParityOptions.gate_tiles`); None: run them.
+
+    An fp32 / fp16 export's gate ran exactly this check's cases, reference and floors. An INT8 write's gate
+    (:mod:`tadsr.quantize`) judged every held-out tile against the fp32 artifact it was quantized from and against
+    the reference, at the INT8 floors and flip-aware, on more tiles (16) than the check's seeded and real ones:
+    its hops are taken where every output has both under today's floors.
+    """
     opts = session.opts
     if not (opts.gate_tiles and verified and session.ref.from_manifest and opts.backend is None) or opts.diagnose:
         return None
@@ -166,13 +172,16 @@ def _gate_hops(res: ArtifactCheck, manifest: Mapping[str, Any], verified: bool, 
     if not (manifest.get("parity_gate") and manifest.get("parity_passed")):
         return None
     models = session.models(manifest)[0]
+    preset = models.preset.name
+    recorded_list = list(manifest.get("parity") or [])
+    if res.precision == "int8":
+        return _int8_gate_hops(recorded_list, inputs, load_floors("int8", res.graph, preset), outputs)
     cases = [f"seeded-{opts.seed}"] + [f"real-{i}" for i in range(opts.patches)]
     if inputs.get("cases") != cases or inputs.get("real") != real_patches(res.tile, models.preset.scale, opts)[1]:
         return None
-    preset = models.preset.name
     floors = {HOP_REFERENCE: load_floors("fp32", res.graph, preset)}
     floors[runtime_hop(res.format)] = floors[end_to_end_hop(res.format)] = load_floors(res.precision, res.graph, preset)
-    recorded = {(h["hop"], h["inputs"], h["output"]): h for h in manifest.get("parity") or [] if h["hop"] in floors}
+    recorded = {(h["hop"], h["inputs"], h["output"]): h for h in recorded_list if h["hop"] in floors}
     hops = []
     for hop, fl in floors.items():  # the check's hops in its order; each recorded under today's floors
         for kind in ("seeded", "real") if opts.patches else ("seeded",):
@@ -181,7 +190,28 @@ def _gate_hops(res: ArtifactCheck, manifest: Mapping[str, Any], verified: bool, 
                 if rec is None or Floor.from_dict(rec.get("floor") or {}) != fl.get(name):
                     return None
                 hops.append(HopResult.from_dict(rec))
-    return hops
+    return (hops, "the seeded and real tiles' hops are those the write's parity gate recorded in the manifest: the "
+            "same cases, reference and floors, on these files", str(inputs["real"]))  # fmt: skip
+
+
+def _int8_gate_hops(recorded: Sequence[Mapping[str, Any]], inputs: Mapping[str, Any], floors: Mapping[str, Floor],
+                    outputs: Sequence[str]) -> tuple[list[HopResult], str, str] | None:  # fmt: skip
+    """The INT8 write gate's held-out hops (fp32 artifact -> INT8, reference -> INT8) of every output, each passed
+    under today's INT8 floor; None where one is missing, failed or judged by another floor."""
+    held, cases = inputs.get("heldout"), inputs.get("cases") or []
+    if not held or not cases:
+        return None
+    hops = []
+    for first in ("fp32 ", "reference torch -> "):  # against the fp32 artifact, then end to end
+        for name in outputs:
+            rec = next((h for h in recorded if h["hop"].startswith(first) and h["hop"] != HOP_REFERENCE
+                        and h["output"] == name), None)  # fmt: skip
+            if rec is None or not rec.get("passed") or Floor.from_dict(rec.get("floor") or {}) != floors.get(name):
+                return None
+            hops.append(HopResult.from_dict(rec))
+    return (hops, f"the INT8 write's parity gate judged {len(cases)} held-out tiles against the fp32 artifact and the "
+            "reference at today's int8 floors (recorded in the manifest, on these files); the seeded and real tiles "
+            "are not run again", str(held))  # fmt: skip
 
 
 def _check_numerics(res: ArtifactCheck, manifest: dict[str, Any], verified: bool, session: Session) -> None:
@@ -192,10 +222,11 @@ def _check_numerics(res: ArtifactCheck, manifest: dict[str, Any], verified: bool
     res.checks += _interface_check(manifest, gspec)
     gated = _gate_hops(res, manifest, verified, session, [s.name for s in gspec.outputs])
     if gated is not None:
-        res.outputs += gated
-        res.real_source = str(manifest["parity_inputs"]["real"])
-        res.checks.append(Check("tiles", True, "the seeded and real tiles' hops are those the write's parity gate "
-                                "recorded in the manifest: the same cases, reference and floors, on these files"))  # fmt: skip
+        hops, note, res.real_source = gated
+        res.outputs += hops
+        res.checks.append(Check("tiles", True, note))
+        if res.precision == "int8":
+            res.quant_scales = _output_scales(res.path, manifest, [s.name for s in gspec.outputs])
         return
     runner = _open_runner(res.path, manifest, verified, opts)
     runs = session.runs(manifest, res.tile)

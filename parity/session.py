@@ -102,8 +102,10 @@ class ParityOptions:
         gate_tiles: take an artifact's tile hops from its write-time parity gate (the manifest's ``parity``)
             instead of running them again, where that gate ran exactly this check: files verified by sha256,
             the same cases (seed, real patches and their content hash), the reference the manifest names, the
-            floors of today's numerics.json, no backend override and no diagnosis asked. ``tadsr all`` sets it
-            for the folders it has just written; whole images always run.
+            floors of today's numerics.json, no backend override and no diagnosis asked; for an INT8 artifact, where
+            its write's gate judged every held-out tile against the fp32 artifact and the reference under today's
+            INT8 floors (more tiles than the check's). ``tadsr all`` sets it for the folders it has just written;
+            whole images always run.
     """
 
     seed: int = 0

@@ -397,3 +397,32 @@ def test_unexposed_fused_program_whole_image_flips_are_recovered_from_its_tiles(
         assert img.passed and result.passed, img.note
         assert 1 <= img.code_flips.flipped == img.code_flips.explained <= len(flipped), img.note
         assert img.same_codes_psnr >= 80, img.note
+
+
+def test_int8_tiles_come_from_the_write_gates_held_out_hops(tiny_all, tmp_path, monkeypatch) -> None:
+    """``tadsr all`` takes an INT8 artifact's tile verdict from its write's parity gate, which judged 16 held-out
+    tiles against the fp32 artifact and the reference at the INT8 floors (session 31: the parity stage ran the
+    seeded and real tiles again, 19 s for the fused ONNX pipeline of the quick path). Every INT8 artifact of the
+    smoke run was judged that way; a hop recorded under another floor is run again."""
+    import tadsr.parity.artifact as artifact
+
+    report = json.loads((tiny_all.out / "parity" / "int8" / "parity.json").read_text())
+    assert report["artifacts"]
+    for a in report["artifacts"]:
+        tiles = [c for c in a["checks"] if c["name"] == "tiles"]
+        assert tiles and "held-out tiles" in tiles[0]["detail"], (a["path"], a["checks"])
+        assert {o["hop"].split(" -> ")[0].split()[0] for o in a["outputs"]} == {"fp32", "reference"}, a["outputs"]
+    ran: list[int] = []
+    real = artifact.run_cases_vq
+    monkeypatch.setattr(artifact, "run_cases_vq", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    d = tmp_path / "encoder-onnx-int8-t64"
+    shutil.copytree(tiny_all.out / "int8" / d.name, d)
+    opts = ParityOptions(**{**FAST, "whole_images": 0, "gate_tiles": True})
+    res = check_parity(d, options=opts)
+    assert res.passed and not ran and res.artifacts[0].checks[-1].name == "tiles"
+    m = json.loads((d / "manifest.json").read_text())
+    first = next(h for h in m["parity"] if h["hop"].startswith("fp32 "))
+    first["floor"]["psnr"] = 10.0  # not today's INT8 floor
+    (d / "manifest.json").write_text(json.dumps(m))
+    res = check_parity(d, options=opts)
+    assert res.passed and ran and res.artifacts[0].checks[-1].name == "constants"
