@@ -400,7 +400,10 @@ def _sse(a: np.ndarray, b: np.ndarray) -> float:
     return float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).sum())
 
 
-DECODE_MEMO = 8  # code maps whose decodes a judge keeps
+# code maps whose decodes a judge keeps: an INT8 write judges its 16 held-out cases in two hops (against the fp32
+# artifact, then the reference) with the same tested codes, so 16 would decode each map once; an image is 0.8 MB
+# for a 64 px tile
+DECODE_MEMO = 32
 
 
 def torch_decoder(autoencoder: torch.nn.Module, memo: int = DECODE_MEMO) -> Callable[[np.ndarray], np.ndarray]:
@@ -411,7 +414,7 @@ def torch_decoder(autoencoder: torch.nn.Module, memo: int = DECODE_MEMO) -> Call
     case's analysis decodes its final code map up to three times (the recovery's last step, the check that it
     explains the image better, the like-with-like verdict), and an INT8 write judges each held-out case in two hops
     (against the fp32 artifact and the reference) that recover the same maps. Each decode is a full decoder pass
-    (~1 s a 64 px tile on one core at bundled size): 128 decodes for the fused pipeline's 16 held-out cases.
+    (~0.3 s a 64 px tile on one core at bundled size); with fewer than 16 kept, the second hop decoded all 16 again.
     """
     post = getattr(autoencoder, "post_quant_conv", None) or torch.nn.Identity()
     kept: dict[tuple[tuple[int, ...], bytes], np.ndarray] = {}
