@@ -407,8 +407,9 @@ def test_int8_tiles_come_from_the_write_gates_held_out_hops(tiny_all, tmp_path, 
     import tadsr.parity.artifact as artifact
 
     report = json.loads((tiny_all.out / "parity" / "int8" / "parity.json").read_text())
-    assert report["artifacts"]
-    for a in report["artifacts"]:
+    int8 = [a for a in report["artifacts"] if a["precision"] == "int8"]  # (Core ML W8 weight-only: its own floors)
+    assert len(int8) >= 4, [a["path"] for a in report["artifacts"]]
+    for a in int8:
         tiles = [c for c in a["checks"] if c["name"] == "tiles"]
         assert tiles and "held-out tiles" in tiles[0]["detail"], (a["path"], a["checks"])
         assert {o["hop"].split(" -> ")[0].split()[0] for o in a["outputs"]} == {"fp32", "reference"}, a["outputs"]
