@@ -652,12 +652,6 @@ def vq_judge(models: Models, graph: str, precision: str, color_fix: str = "none"
     return VQJudge(book, torch_decoder(ae), ("sr",), lat_floor, None, graph == "decoder", precision != "fp32")
 
 
-def _torch_codes(models: Models, z: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        q = models.autoencoder.quantize
-        return q.indices(torch.from_numpy(np.asarray(z, np.float32)), q.search_rows(_VQ_CHUNK)).numpy()
-
-
 def reference_codes(models: Models, z: np.ndarray) -> np.ndarray:
     """The codes the reference pipeline picks for the latent ``z (1, C, h, w)``: its decoder's quantiser (the light
     one when loaded, as :func:`vq_judge` decodes with), ``(1, h, w)`` int64."""
@@ -670,7 +664,7 @@ def reference_codes(models: Models, z: np.ndarray) -> np.ndarray:
 def reference_view(models: Models, cases: Sequence[ParityCase]) -> VQView:
     """The reference pipeline's latents (from the cases) and codes (its own quantiser on them)."""
     lats = [c.latent for c in cases]
-    return VQView(lats, [None if z is None else _torch_codes(models, z) for z in lats],
+    return VQView(lats, [None if z is None else reference_codes(models, z) for z in lats],
                   "reference pipeline (latent and codes in torch)")  # fmt: skip
 
 

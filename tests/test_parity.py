@@ -386,7 +386,7 @@ def test_unexposed_fused_program_whole_image_flips_are_recovered_from_its_tiles(
     monkeypatch.setattr(rp, "MobileSRPipeline", Pipeline)
     monkeypatch.setattr(sets, "onnx_codebook_input", lambda *a, **k: None)
     root = _only_pipeline(tiny_onnx_artifacts, tmp_path)
-    result = check_parity(root, options=ParityOptions(**{**FAST, "max_side": 100}))
+    result = check_parity(root, options=ParityOptions(**{**FAST, "gate_tiles": True}))
     (s,) = result.sets
     (img,) = s.images
     assert flipped and img.psnr < 80, img  # the flip is visible against the plain reference
