@@ -212,9 +212,10 @@ def _recovered_flips(img: ImageCheck, s: SetCheck, rec: Mapping[str, _Recorder],
     calls = rec["pipeline"].calls
     fix = str(manifests["pipeline"].get("graph", {}).get("constants", {}).get("color_fix", "none"))
     judge = vq_judge(models, "pipeline", s.precision, fix)
-    if judge is None or s.floor is None or len(calls) != len(ref_x0):
-        reason = "a colour-fixed image is not a function of the codes alone" if judge is None and fix != "none" \
-            else ("no image floor" if s.floor is None else "tile count mismatch")
+    reason = ("a colour-fixed image is not a function of the codes alone" if judge is None
+              else "no image floor" if s.floor is None
+              else "tile count mismatch" if len(calls) != len(ref_x0) else "")  # fmt: skip
+    if reason:
         img.note = f"below the floor; code flips not checked: {why}; {reason}"
         return img
     budget = s.floor.flips or FlipBudget(0.0, 1e-6, "no flip budget in numerics.json: any flip fails")
@@ -223,7 +224,7 @@ def _recovered_flips(img: ImageCheck, s: SetCheck, rec: Mapping[str, _Recorder],
         c_r = reference_codes(models, z)
         cf = judge.analyse(f"tile {i}", out["sr"], judge.decode(c_r), None, None, z, c_r, s.floor, budget,
                            f"fused {s.format} program")  # fmt: skip
-        codes.append(cf.codes if cf.codes is not None else c_r)
+        codes.append(cf.codes)  # the tested side's codes (analyse always sets them)
         flips += CodeFlips(cf.positions, cf.flipped, cf.near_tie, cf.max_gap)
         if cf.flipped > budget.max_fraction * cf.positions:
             notes.append(f"tile {i}: {cf.flipped} flips exceed the budget of {budget.max_fraction:g} of the positions")
