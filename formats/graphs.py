@@ -154,7 +154,10 @@ class DecoderGraph(nn.Module):
         self.chunk = chunk
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        idx = self.quantize.indices(x0, self.chunk)
+        return self.from_codes(self.quantize.indices(x0, self.chunk))
+
+    def from_codes(self, idx: torch.Tensor) -> torch.Tensor:
+        """``(B, h, w)`` code indices -> sr: the graph after its codebook search."""
         zq = self.quantize.embedding(idx).permute(0, 3, 1, 2)
         return self.decoder(self.post_quant_conv(zq)).clamp(-1.0, 1.0)
 
@@ -180,7 +183,10 @@ class LightDecoderGraph(nn.Module):
         self.chunk = chunk
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        idx = self.quantize.indices(x0, self.chunk)
+        return self.from_codes(self.quantize.indices(x0, self.chunk))
+
+    def from_codes(self, idx: torch.Tensor) -> torch.Tensor:
+        """``(B, h, w)`` code indices -> sr: the graph after its codebook search."""
         zq = self.quantize.embedding(idx).permute(0, 3, 1, 2)
         return self.decoder(zq).clamp(-1.0, 1.0)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -636,9 +637,43 @@ def test_component_hr_budget_judges_the_rest_of_the_fp32_chain(tiny_models):
         assert len(got) == n
         for i, o in enumerate(got):
             np.testing.assert_allclose(o["sr"], runs.sr[i : i + 1], atol=1e-4, err_msg=f"{graph} patch {i}")
+        if graph == "denoiser":  # its own codes: every patch but the checked first is the captured image
+            assert np.array_equal(got[1]["sr"], runs.sr[1:2])
     # the shares of the three components add up to the whole budget
     assert sum(HR_BUDGET_SHARE[g] for g in ("encoder", "denoiser", "decoder")) == pytest.approx(1.0)
     assert HR_BUDGET_SHARE["pipeline"] == 1.0
+
+
+def test_hr_tail_reuses_the_captured_image_only_for_the_references_own_codes(tiny_models):
+    """The HR baseline of a component's fp32 parent costs no decoder run where its codes are the reference's: the
+    captured image stands in, after one decode has shown that the tail's decoder reproduces it. Other codes are
+    decoded, and a capture the decoder does not reproduce (another decoder) is never reused."""
+    from types import SimpleNamespace
+
+    from tadsr.quantize.api import sr_tail
+    from tadsr.quantize.calibration import capture
+
+    lr = np.random.default_rng(1).uniform(-1, 1, (4, 3, 64, 64)).astype(np.float32)
+    runs = capture(tiny_models, lr, seed=5)
+    outs = [{"x0": runs.x0[i : i + 1]} for i in range(4)]
+    tail = sr_tail(tiny_models, "denoiser", SimpleNamespace(runs=runs), 64)
+    got = tail(outs)
+    assert tail.reference_images.verified and tail.reference_images.reused == 3
+    for i in range(4):
+        np.testing.assert_allclose(got[i]["sr"], runs.sr[i : i + 1], atol=1e-4)
+    # far-off latents: other codes, decoded (not the captured images)
+    far = [{"x0": runs.x0[i : i + 1] + 0.5} for i in range(4)]
+    before = tail.reference_images.reused
+    moved = tail(far)
+    assert tail.reference_images.reused == before
+    assert all(not np.allclose(m["sr"], runs.sr[i : i + 1], atol=1e-3) for i, m in enumerate(moved))
+    # captured images that are not this decoder's: the check fails and every patch is decoded
+    wrong = dataclasses.replace(runs, sr=runs.sr + 0.01)
+    tail2 = sr_tail(tiny_models, "denoiser", SimpleNamespace(runs=wrong), 64)
+    got2 = tail2(outs)
+    assert tail2.reference_images.verified is False and tail2.reference_images.reused == 0
+    for i in range(4):
+        np.testing.assert_allclose(got2[i]["sr"], runs.sr[i : i + 1], atol=1e-4)
 
 
 def test_hr_budget_holds_an_upper_confidence_bound_of_the_mean_loss():
