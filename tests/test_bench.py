@@ -309,3 +309,25 @@ def test_sanity_metrics_and_red_rows(bench):
     # random weights: the student cannot explain its input
     student = next(s for s in report["systems"] if s["name"] == "torch-student")
     assert student["fidelity"]["sanity"]["fail"] and "❌ FAIL torch-student: " in md
+
+
+def test_fidelity_passes_count_as_warm_up(data_dir, tiny_models, tmp_path, monkeypatch):
+    """Each system's fidelity passes (same tile size, before its timed ones) stand in for its warm-up passes: with
+    two images and ``warmup=3`` one untimed pass is left; without images all three run."""
+    import tadsr.bench.bench as bench_mod
+
+    seen: list[int] = []
+    real = bench_mod.measure_latency
+
+    def spy(*a, **kw):
+        seen.append(kw["warmup"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bench_mod, "measure_latency", spy)
+    for data, want in ((data_dir, 1), (None, 3)):
+        seen.clear()
+        cfg = BenchConfig(out_dir=tmp_path / f"r{want}", data=data, artifacts=(), preset="tiny", init="random",
+                          teacher_steps=0, threads=1, repeats=1, warmup=3, memory="off", grid_crop=64,
+                          max_images=2, hr_crop=64)  # fmt: skip
+        run_bench(cfg, models=tiny_models)
+        assert seen and set(seen) == {want}, (data, seen)

@@ -99,7 +99,8 @@ def _details(report: Mapping[str, Any]) -> list[str]:
         + "; ".join(f"{k}: {s.get('path')}" for k, s in c["model_sources"].items()),
         f"- **Tiles**: {c['tile']}x{c['tile']} LR (x{c['scale']}), overlap {c['overlap']}, {c['blend']} blend, noise "
         f"seed {c['seed']} (same tiles and noise for every system; teacher T={c['teacher_steps']})",
-        f"- **Latency**: {c['latency_input']}; {c['warmup']} warm-up + median / p90 of {c['repeats']} timed runs",
+        f"- **Latency**: {c['latency_input']}; {c['warmup']} warm-up (the fidelity passes count) + median / p90 of "
+        f"{c['repeats']} timed runs",
         f"- **Memory**: {c['memory']} (see report.json for the method per system)",
         f"- **Fidelity**: {c['metrics']}; data: {data.get('source', 'none')} ({data.get('lr_source', '-')} LR): "
         f"{imgs or '-'}",
