@@ -368,13 +368,16 @@ _SMOKE_HR_BUDGET = {("onnx", "decoder")}
 # one whole image of one tile for every format (the lanes' parity took ~5 min of the tier with 9-tile images for
 # ONNX and ExecuTorch); seams between tiles: test_runtime and test_parity
 _SMOKE_PARITY: dict[str, Any] = {"patches": 1, "whole_images": 1, "max_side": 64}
-# whole images of 128 LR px (121 x 128; padded to 128, 3 x 3 tiles of 64 at overlap 16): every kind of seam and
-# a partial last tile are in them. The parity verb's 160 px (4 x 4 tiles) made the whole-image checks ~70 % of the
-# main job's ONNX parity stages (session 21 profile: 195 of 284 s), for no case the 3 x 3 grid lacks. One such image
-# per artifact set: the parity verb's second image adds content, not seams, and content is what the real patches
-# of the tile hops (and the INT8 write gate's 16 held-out patches) cover; it was ~1/4 of the quick path's parity
-# stages (session 29 profile: 25 of 73 s).
-_FULL_PARITY: dict[str, Any] = {"max_side": 128, "whole_images": 1}
+# one whole image per artifact set, a strip of 57 x 121 LR px (padded to 64 x 128: 1 x 3 tiles of 64 at overlap 16):
+# reflect padding on both axes, a partial last tile, the middle tile blended on both sides, the crop back. What a
+# whole image adds to the tile hops is the artifact inside the tiler (its noise per tile, the padding, the crop);
+# the blend itself is the tiler's code on both sides of the comparison, its seams in both directions covered by
+# test_runtime and test_parity. The 121 x 128 image before (3 x 3 tiles) took 9 tile runs per artifact and 9 of the
+# reference: ~25 of the ~130 s of each quick-path lane (session 32), for no case the strip lacks but the other
+# seam direction. The parity verb keeps 160 px (4 x 4 tiles) and two images; the parity verb's second image adds
+# content, not seams, and content is what the real patches of the tile hops (and the INT8 write gate's 16 held-out
+# patches) cover.
+_FULL_PARITY: dict[str, Any] = {"max_side": 121, "max_rows": 57, "whole_images": 1}
 _SMOKE_BENCH: dict[str, Any] = {"max_images": 1, "hr_crop": 256, "warmup": 0}
 SMOKE_DEFAULTS: dict[str, Any] = {"num_patches": 8, "repeats": 1, "teacher_steps": 15}  # the shipped schedule: 1 tile
 

@@ -94,7 +94,9 @@ class ParityOptions:
         images: folder of images: real patches are cut from it (MATLAB bicubic /scale), and its images are the
             whole-image inputs; None: the shipped calibration set for both.
         whole_images: number of whole images per pipeline artifact / component set (0: none).
-        max_side: whole images are centre-cropped to at most this many LR pixels per side (runtime bound).
+        max_side: whole images are centre-cropped to at most this many LR pixels per side (runtime bound): the
+            width, and ``max_side - 7`` rows (an odd height: a partial last tile).
+        max_rows: a lower cap on the rows (None: ``max_side - 7``), for a strip of tiles instead of a grid.
         overlap: LR overlap between tiles.
         diagnose: localise every artifact, not only failing ones.
         backend: runner backend override (e.g. ``"coreml-sim"``).
@@ -113,6 +115,7 @@ class ParityOptions:
     images: Path | None = None
     whole_images: int = 2
     max_side: int = 160
+    max_rows: int | None = None
     overlap: int = 16
     diagnose: bool = False
     backend: str | None = None
@@ -122,6 +125,8 @@ class ParityOptions:
     def __post_init__(self) -> None:
         if self.seed < 0 or self.patches < 0 or self.whole_images < 0 or self.max_side < 1 or self.overlap < 0:
             raise ConfigError("seed, --patches, --whole-images and --overlap must be >= 0, --max-side >= 1")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError(f"max_rows must be >= 1, got {self.max_rows}")
         if self.images is not None and not Path(self.images).is_dir():
             raise InputError(f"--images {self.images} is not a folder of images")
 

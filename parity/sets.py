@@ -43,7 +43,8 @@ def whole_images(opts: ParityOptions, n: int) -> list[tuple[str, np.ndarray]]:
         rgb = read_image(f).rgb
         h, w = rgb.shape[:2]
         # odd-ish sizes on purpose: several tiles, partial last tiles, padding
-        ch, cw = min(h, opts.max_side - 7), min(w, opts.max_side)
+        rows = opts.max_side - 7 if opts.max_rows is None else min(opts.max_rows, opts.max_side - 7)
+        ch, cw = min(h, rows), min(w, opts.max_side)
         y, x = (h - ch) // 2, (w - cw) // 2
         out.append((f.name, to_model(rgb[y : y + ch, x : x + cw])))
     return out

@@ -427,3 +427,17 @@ def test_int8_tiles_come_from_the_write_gates_held_out_hops(tiny_all, tmp_path, 
     (d / "manifest.json").write_text(json.dumps(m))
     res = check_parity(d, options=opts)
     assert res.passed and ran and res.artifacts[0].checks[-1].name == "constants"
+
+
+def test_main_job_whole_image_is_a_padded_strip_of_three_tiles():
+    """The main job's whole image: 57 x 121 LR (a partial tile on both axes, padded to 64 x 128), three tiles of 64
+    in a row at overlap 16; ``max_rows`` caps the rows only, and the parity verb's default stays a 153 x 160 grid."""
+    from tadsr.cli.main_job import _FULL_PARITY
+    from tadsr.parity.sets import whole_images
+
+    [(_, img)] = whole_images(ParityOptions(**_FULL_PARITY), 1)
+    assert img.shape == (1, 3, 57, 121)
+    [(_, img)] = whole_images(ParityOptions(whole_images=1), 1)
+    assert img.shape == (1, 3, 153, 160)
+    with pytest.raises(ConfigError, match="max_rows"):
+        ParityOptions(max_rows=0)
