@@ -57,6 +57,8 @@ class BackendResult:
         warnings: human-readable warnings (also logged), e.g. "onnxsim changed outputs; kept the plain file".
         measured: outputs on the held-out cases that the recipe search measured on a model identical to the written
             one but for its metadata (ONNX INT8), or None; not part of the manifest.
+        measured_taps: the intermediate tensors that run also fetched, per case (ONNX INT8: the VQ lookup's latent
+            and codes), or None; not part of the manifest.
     """
 
     files: list[str]
@@ -65,9 +67,11 @@ class BackendResult:
     info: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     measured: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    measured_taps: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(replace(self, measured=None)).items() if k != "measured"}
+        return {k: v for k, v in asdict(replace(self, measured=None, measured_taps=None)).items()
+                if k not in ("measured", "measured_taps")}  # fmt: skip
 
 
 def tool_versions() -> dict[str, str | None]:

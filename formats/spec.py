@@ -157,5 +157,9 @@ class QuantizeJob(Protocol):
     # ONNX Runtime calibration ranges shipped with the model for this exact key (None: calibrate here)
     def shipped_ranges(self, key: str) -> dict[str, Any] | None: ...
 
+    # ``tap(onnx model) -> tensor names`` of its VQ lookup that a search run should also fetch, so that the written
+    # file's flip-aware view needs no second run (None: nothing to tap, no VQ judge for this graph)
+    def vq_taps(self) -> Callable[[Any], Sequence[str]] | None: ...
+
     def write(self, backend_key: str, precision: str, entry: Any, build: Callable[[Path], Any],
               fake_quant: Callable[[Sequence[Mapping[str, Any]]], list] | None) -> Path: ...  # fmt: skip

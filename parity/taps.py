@@ -16,9 +16,12 @@ import numpy as np
 from tadsr.parity.hops import VQ_GRAPHS, ParityCase, run_cases
 from tadsr.parity.vq import VQView
 
-__all__ = ["artifact_view", "run_cases_viewed"]
+__all__ = ["TapPlan", "artifact_view", "run_cases_viewed", "tap_plan", "view_of_tapped_runs"]
 
 logger = logging.getLogger(__name__)
+
+# how a view from the INT8 search's tapped run names itself in reports (the file reproduced that run's outputs)
+SEARCH_RUN = "the INT8 search's run of the same model (the file reproduces its outputs)"
 
 
 def _onnx_codes_tensor(model: Any, n_embed: int, dim: int) -> tuple[str | None, list[str]]:
@@ -54,12 +57,45 @@ class _Tapped:
     hw: tuple[int, int]
 
 
+@dataclass
+class TapPlan:
+    """The tensors of an ONNX graph's VQ lookup to fetch as extra outputs (:func:`tap_plan`)."""
+
+    graph: str
+    lat_name: str | None
+    codes_name: str | None
+    argmins: list[str]
+    hw: tuple[int, int]
+
+    @property
+    def names(self) -> list[str]:
+        return [x for x in (self.lat_name, self.codes_name, *self.argmins) if x]
+
+
+def tap_plan(model: Any, manifest: Mapping[str, Any]) -> TapPlan | str | None:
+    """What to tap in the ONNX ``model`` (a ``ModelProto``, its weights may stay in a data file) of an artifact
+    with this ``manifest``'s graph and preset: the latent its codebook search reads and its code map. None for
+    graphs without the lookup; a string saying why nothing can be tapped (no lookup found)."""
+    from tadsr.formats.localize import onnx_codebook_input
+
+    graph = str(manifest["graph"]["name"])
+    if graph not in VQ_GRAPHS:
+        return None
+    latent_shape = next(tuple(t["shape"]) for t in manifest["graph"]["inputs"] if t["name"] in ("noise", "x0"))
+    ne = int((manifest.get("preset") or {}).get("vq", {}).get("n_embed", 0) or 0)
+    codes_name, argmins = _onnx_codes_tensor(model, ne, int(latent_shape[1])) if ne else (None, [])
+    if codes_name is None and not ne:
+        argmins = [nd.output[0] for nd in model.graph.node if nd.op_type == "ArgMin"]
+    lat_name = onnx_codebook_input(model, latent_shape)  # decoder: its input as the lookup reads it, if cast
+    plan = TapPlan(graph, lat_name, codes_name, list(argmins), (int(latent_shape[-2]), int(latent_shape[-1])))
+    return plan if plan.names else "onnx graph: no codebook lookup found to tap"
+
+
 def _tap_runs(path: Path, manifest: Mapping[str, Any], cases: Sequence[ParityCase],
               threads: int | None) -> _Tapped | VQView | None:  # fmt: skip
     """The file run on every case with its latent and codes tapped (ONNX); a :class:`VQView` saying why nothing
     is exposed (other formats, no lookup found); None for graphs without the lookup."""
-    graph = str(manifest["graph"]["name"])
-    if graph not in VQ_GRAPHS:
+    if str(manifest["graph"]["name"]) not in VQ_GRAPHS:
         return None
     n = len(cases)
     fmt = str(manifest.get("format"))
@@ -67,25 +103,39 @@ def _tap_runs(path: Path, manifest: Mapping[str, Any], cases: Sequence[ParityCas
         return VQView.unexposed(n, f"{fmt} program exposes no latent or codes")
     import onnx
 
-    from tadsr.formats.localize import OnnxTap, onnx_codebook_input
+    from tadsr.formats.localize import OnnxTap
 
     file = Path(path) / manifest["files"][0]["name"]
-    latent_shape = next(tuple(t["shape"]) for t in manifest["graph"]["inputs"] if t["name"] in ("noise", "x0"))
-    model = onnx.load(str(file), load_external_data=False)
-    ne = int((manifest.get("preset") or {}).get("vq", {}).get("n_embed", 0) or 0)
-    codes_name, argmins = _onnx_codes_tensor(model, ne, int(latent_shape[1])) if ne else (None, [])
-    if codes_name is None and not ne:
-        argmins = [nd.output[0] for nd in model.graph.node if nd.op_type == "ArgMin"]
-    lat_name = onnx_codebook_input(file, latent_shape)  # decoder: its input as the lookup reads it, if cast
-    names = [x for x in (lat_name, codes_name, *argmins) if x]
-    if not names:
-        return VQView.unexposed(n, "onnx graph: no codebook lookup found to tap")
-    tap = OnnxTap(file, names, threads=threads)
-    return _Tapped([tap.run(c.inputs) for c in cases], graph, lat_name, codes_name, list(argmins),
-                   (int(latent_shape[-2]), int(latent_shape[-1])))  # fmt: skip
+    plan = tap_plan(onnx.load(str(file), load_external_data=False), manifest)
+    if not isinstance(plan, TapPlan):
+        return None if plan is None else VQView.unexposed(n, plan)
+    tap = OnnxTap(file, plan.names, threads=threads)
+    return _Tapped([tap.run(c.inputs) for c in cases], plan.graph, plan.lat_name, plan.codes_name, plan.argmins,
+                   plan.hw)  # fmt: skip
 
 
-def _view(t: _Tapped, cases: Sequence[ParityCase], outputs: Sequence[Mapping[str, np.ndarray]]) -> VQView:
+def view_of_tapped_runs(path: Path, manifest: Mapping[str, Any], cases: Sequence[ParityCase],
+                        outputs: Sequence[Mapping[str, np.ndarray]],
+                        taps: Sequence[Mapping[str, np.ndarray]]) -> VQView | None:  # fmt: skip
+    """:func:`artifact_view` from tensors another run already tapped (``taps``, per case) on a model identical to
+    the ONNX file but for its metadata, whose outputs are ``outputs`` (the INT8 search's last variant, which the
+    written file reproduced): the same view without running the file again. None when ``taps`` lack a tensor the
+    file's lookup would be tapped at (the caller then runs :func:`artifact_view`)."""
+    import onnx
+
+    if str(manifest.get("format")) != "onnx" or len(taps) != len(cases):
+        return None
+    file = Path(path) / manifest["files"][0]["name"]
+    plan = tap_plan(onnx.load(str(file), load_external_data=False), manifest)
+    if not isinstance(plan, TapPlan) or any(n not in t for t in taps for n in plan.names):
+        return None
+    runs = [{**{n: t[n] for n in plan.names}, **o} for t, o in zip(taps, outputs, strict=True)]
+    return _view(_Tapped(runs, plan.graph, plan.lat_name, plan.codes_name, plan.argmins, plan.hw), cases, outputs,
+                 SEARCH_RUN)  # fmt: skip
+
+
+def _view(t: _Tapped, cases: Sequence[ParityCase], outputs: Sequence[Mapping[str, np.ndarray]],
+          run: str = "onnx file re-run") -> VQView:  # fmt: skip
     """The latents and codes of tapped runs; a case's codes only where its tapped run reproduced ``outputs``."""
     lats: list[np.ndarray | None] = []
     codes: list[np.ndarray | None] = []
@@ -110,7 +160,7 @@ def _view(t: _Tapped, cases: Sequence[ParityCase], outputs: Sequence[Mapping[str
             codes.append(None)
     what = " and ".join(x for x in (("latent" if t.lat_name else ""), ("codes" if t.codes_name or t.argmins else ""))
                         if x)  # fmt: skip
-    src = f"onnx file re-run with its {what} tapped as extra outputs"
+    src = f"{run} with its {what} tapped as extra outputs"
     if mismatch:
         src += f" (in {mismatch} case(s) the tapped run did not reproduce the artifact's output: codes not used)"
     return VQView(lats, codes, src)

@@ -55,7 +55,7 @@ from tadsr.parity.hops import (
     run_cases,
     vq_judge,
 )
-from tadsr.parity.taps import artifact_view, run_cases_viewed
+from tadsr.parity.taps import artifact_view, run_cases_viewed, view_of_tapped_runs
 from tadsr.parity.vq import VQJudge, VQView
 from tadsr.pipeline import Models
 from tadsr.provenance import models_from_manifest
@@ -340,6 +340,21 @@ class _Ctx:
                     "patches and criteria; measuring it here", self.name, backend_key, len(entry.float_units))  # fmt: skip
         return shipped.to_search(entry)
 
+    def vq_taps(self) -> Callable[[Any], Sequence[str]] | None:
+        """The VQ lookup's tensors of an ONNX model of this graph (:func:`tadsr.parity.taps.tap_plan`), where the
+        write judges flips (None: it does not)."""
+        from tadsr.parity.taps import TapPlan, tap_plan
+
+        if self.judge is None:
+            return None
+        manifest = self.parent.manifest
+
+        def names(model: Any) -> list[str]:
+            plan = tap_plan(model, manifest)
+            return plan.names if isinstance(plan, TapPlan) else []
+
+        return names
+
     def write(self, backend_key: str, precision: str, entry: BackendRecipe, build: Callable[[Path], BackendResult],
               fake_quant: Callable[[Sequence[Mapping[str, np.ndarray]]], list[dict[str, np.ndarray]]] | None,
               ) -> Path:  # fmt: skip
@@ -462,7 +477,7 @@ def _write(
         cases = ctx.hold.cases(spec.name)
         try:
             run, engine = _runner(stage.path, p.fmt, ctx.threads)
-            outs = _held_out_outputs(run, cases, backend.measured, name)
+            outs, searched = _held_out_outputs(run, cases, backend.measured, name)
         except TadsrError:
             raise
         except Exception as e:  # runtimes raise their own types (e.g. XNNPACK refusing a node at load time)
@@ -474,7 +489,12 @@ def _write(
         vq_parent = vq_ref = None
         judge = ctx.judge
         if judge is not None:
-            mine = artifact_view(stage.path, read_manifest(stage.path), cases, outs)
+            written = read_manifest(stage.path)
+            mine = None
+            if searched and backend.measured_taps is not None:  # the search's run of this very model tapped it
+                mine = view_of_tapped_runs(stage.path, written, cases, outs, backend.measured_taps)
+            if mine is None:
+                mine = artifact_view(stage.path, written, cases, outs)
             theirs = ctx.parent_view if ctx.parent_view is not None else artifact_view(p.path, p.manifest, cases,
                                                                                        ctx.parent_outputs)  # fmt: skip
             vq_parent = None if mine is None or theirs is None else VQCompare(judge, mine, theirs)
@@ -509,19 +529,21 @@ def _write(
 
 
 def _held_out_outputs(run: Callable[[dict[str, np.ndarray]], dict], cases: Sequence[Any],
-                      measured: Sequence[Mapping[str, np.ndarray]] | None, name: str) -> list[dict[str, np.ndarray]]:  # fmt: skip
-    """The written artifact's outputs on the held-out cases. Where the recipe search already ran a model identical
-    to the file but for its metadata on them (``measured``), the file runs the first case only: when it reproduces
-    that output bit for bit, the others are taken as measured; else every case runs."""
+                      measured: Sequence[Mapping[str, np.ndarray]] | None,
+                      name: str) -> tuple[list[dict[str, np.ndarray]], bool]:  # fmt: skip
+    """The written artifact's outputs on the held-out cases, and whether they are the search's. Where the recipe
+    search already ran a model identical to the file but for its metadata on them (``measured``), the file runs the
+    first case only: when it reproduces that output bit for bit, the others are taken as measured; else every case
+    runs."""
     if measured is not None and len(measured) == len(cases) and cases:
         first = run_cases(run, cases[:1])[0]
         if first.keys() == measured[0].keys() and all(np.array_equal(first[k], measured[0][k]) for k in first):
             logger.info("%s: the file reproduces the search's output on the first held-out case; the other %d are "
                         "the search's", name, len(cases) - 1)  # fmt: skip
-            return [first, *(dict(m) for m in measured[1:])]
+            return [first, *(dict(m) for m in measured[1:])], True
         logger.info("%s: the file does not reproduce the search's output on the first held-out case; running all",
                     name)  # fmt: skip
-    return run_cases(run, cases)
+    return run_cases(run, cases), False
 
 
 def _fidelity(report: ParityReport) -> dict[str, Any]:

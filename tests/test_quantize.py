@@ -1717,3 +1717,25 @@ def test_float_cat_between_int8_blocks_lowers_and_loads(tmp_path):
         with torch.no_grad():
             want = converted(torch.from_numpy(f["x"])).numpy()
         np.testing.assert_allclose(runner.run(f)["y"], want, atol=0.05)
+
+
+def test_onnx_int8_write_takes_the_vq_view_from_the_search_run(tiny_onnx_artifacts, tmp_path, monkeypatch):
+    """The INT8 decoder's write judges flips with the latent and codes its search's run of the same model tapped
+    (the file is not run again on every held-out case), and the verdicts are those of the file re-run tapped."""
+    import tadsr.parity.taps as taps
+    from tadsr.quantize import api
+
+    parent = tiny_onnx_artifacts / "decoder-onnx-fp32-t64"
+    kw = {**SMALL_NO_HR, "holdout_patches": 3, "parity_gate": False, "target_psnr": 10.0}  # no search: one variant
+    reruns = []
+    real = api.artifact_view
+    monkeypatch.setattr(api, "artifact_view", lambda path, *a, **k: reruns.append(Path(path).name) or real(path, *a, **k))
+    (tapped,) = quantize_artifact(parent, out_dir=tmp_path / "a", **kw)
+    assert not reruns, reruns  # neither the file (the search's run tapped it) nor the parent (its export view)
+    monkeypatch.setattr(api._Ctx, "vq_taps", lambda self: None)
+    (rerun,) = quantize_artifact(parent, out_dir=tmp_path / "b", **kw)
+    assert len(reruns) == 1, reruns  # no taps: the written file runs again
+    text_a, text_b = ((d / "manifest.json").read_text() for d in (tapped, rerun))
+    assert taps.SEARCH_RUN in text_a and taps.SEARCH_RUN not in text_b
+    hops_a, hops_b = (json.loads(t.replace(taps.SEARCH_RUN, "onnx file re-run"))["parity"] for t in (text_a, text_b))
+    assert hops_a == hops_b

@@ -121,12 +121,13 @@ class OnnxTap:
         return {k: np.asarray(v) for k, v in zip(self.outputs, self.session.run(self.outputs, feeds), strict=True)}
 
 
-def onnx_codebook_input(path: Path, shape: Sequence[int]) -> str | None:
+def onnx_codebook_input(path: Path | Any, shape: Sequence[int]) -> str | None:
     """Name of the latent that a VQ graph's codebook search reads: the nearest tensor of ``shape`` upstream of
-    the (first) ArgMin, e.g. the denoised latent ``x0`` inside a fused pipeline graph. None if there is none."""
+    the (first) ArgMin, e.g. the denoised latent ``x0`` inside a fused pipeline graph. None if there is none.
+    ``path``: an ONNX file, or a loaded ``ModelProto`` (not modified)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:  # best effort

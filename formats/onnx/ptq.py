@@ -321,8 +321,12 @@ class OnnxPTQ:
         self._base: onnx.ModelProto | None = None  # shape-inferred model for in-memory variants
         self.finished: dict[str, Any] = {}  # statistics of the post-QDQ steps of the last build
         self._ranges: Any = None
-        self._measured: tuple[Any, ...] | None = None  # the last in-memory variant run: floats, digests, outputs
+        self._measured: tuple[Any, ...] | None = None  # the last in-memory variant run: floats, digests, outputs, taps
         self.built_measured: list[dict[str, np.ndarray]] | None = None
+        self.built_taps: list[dict[str, np.ndarray]] | None = None
+        # ``tap(model) -> tensor names``: intermediate tensors each in-memory variant run also fetches (the caller's
+        # VQ lookup), kept with its outputs so that the written file need not run again to expose them
+        self.tap: Callable[[onnx.ModelProto], Sequence[str]] | None = None
 
     # ------------------------------------------------------------------------------------------ structure
     def units(self) -> dict[str, tuple[int, int]]:
@@ -432,6 +436,7 @@ class OnnxPTQ:
         model = onnx.load(str(path))
         self.finished = self.finish(model, floats)
         self.built_measured = self.measured(model, floats, feeds) if feeds else None
+        self.built_taps = self._measured[4] if self.built_measured is not None and self._measured else None
         save_model(model, path, threshold=PROTOBUF_LIMIT)
         return path
 
@@ -494,10 +499,27 @@ class OnnxPTQ:
             finally:
                 for p in (path, path.with_name(path.name + ".data")):
                     p.unlink(missing_ok=True)
-        data = self.variant(sorted(float_units), extra_nodes=extra_nodes).SerializeToString()
-        outs = self.run(data, feeds)
+        model = self.variant(sorted(float_units), extra_nodes=extra_nodes)
+        data = model.SerializeToString()
+        names = [n for n in dict.fromkeys(self.tap(model) if self.tap is not None else ()) if n not in
+                 self.output_names]  # fmt: skip
+        taps = None
+        if names:  # the same model with the tapped tensors as extra graph outputs (the digest is the plain one's)
+            from tadsr.formats.onnx.localize import _onnx_elem_types
+
+            types = _onnx_elem_types(model)
+            model.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT),
+                                                                         None) for n in names)  # fmt: skip
+            sess = self.session(model.SerializeToString())
+            del model.graph.output[len(self.output_names) :]
+            fetch = [*self.output_names, *names]
+            runs = [dict(zip(fetch, sess.run(fetch, dict(f)), strict=True)) for f in feeds]
+            outs = [{k: r[k] for k in self.output_names} for r in runs]
+            taps = [{k: r[k] for k in names} for r in runs]
+        else:
+            outs = self.run(data, feeds)
         self._measured = (self.float_nodes(sorted(float_units), extra_nodes), hashlib.sha256(data).hexdigest(),
-                          _feeds_digest(feeds), outs)  # fmt: skip
+                          _feeds_digest(feeds), outs, taps)  # fmt: skip
         return outs
 
     def measured(self, model: onnx.ModelProto, float_nodes: Sequence[str],
@@ -725,7 +747,8 @@ def quantize_onnx(
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     logger.info("onnx int8 %s: %d of %d candidate nodes quantized, %.2f MB, sha256 %s", name,
                 info["quantized_nodes"], len(ptq.candidates), path.stat().st_size / 1e6, digest[:12])  # fmt: skip
-    return BackendResult(files=files, format="onnx", precision="int8", info=info, measured=ptq.built_measured)
+    return BackendResult(files=files, format="onnx", precision="int8", info=info, measured=ptq.built_measured,
+                         measured_taps=ptq.built_taps)  # fmt: skip
 
 
 def ranges_key(model: Path, feeds: Sequence[Mapping[str, np.ndarray]], method: str, op_types: Sequence[str]) -> str:
@@ -754,6 +777,7 @@ def quantize_job(job: QuantizeJob) -> list[Path]:
                   op_types=given.op_types if given else DEFAULT_OP_TYPES, threads=job.threads,
                   known_ranges=job.shipped_ranges)  # fmt: skip
     hold = [c.inputs for c in job.hold.cases(job.name)]
+    ptq.tap = job.vq_taps()  # the written file's VQ view then comes from the search's run of the same model
     if given:
         units = job.entry_units(given, ptq.units(), ptq.pinned_units())
         extra_nodes = [n for n in given.float_nodes if n not in ptq.float_nodes(units)]
