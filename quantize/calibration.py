@@ -27,7 +27,7 @@ import json
 import logging
 import pickle
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ __all__ = [
     "CaptureCache",
     "noise_seed",
     "capture",
+    "capture_sets",
+    "capture_both",
     "sample_calibration",
     "sample_holdout",
     "load_calibration",
@@ -151,25 +153,37 @@ def capture(models: Models, lr: np.ndarray, *, seed: int, source: str = "", prog
     Returns:
         :class:`~tadsr.parity.hops.ReferenceRuns` with ``lr, noise, z_y, x_t, x0, sr``.
     """
-    n, _, t, _ = lr.shape
-    if t % models.preset.pad_multiple:
-        raise InputError(f"tile {t} is not a multiple of {models.preset.pad_multiple}")
-    bounds = np.linspace(0, n, min(max(workers, 1), n) + 1).astype(int) if n else np.array([0, 0])
-    if len(bounds) <= 2:
-        arrays = _capture_rows(models, lr, seed, 0, progress, decode)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    return ReferenceRuns(**capture_sets(models, [(lr, seed, decode)], progress=progress, workers=workers)[0],
+                         source=source)  # fmt: skip
 
-        # the networks as plain pickle bytes: multiprocessing's pickler hands tensors over in shared memory once
-        # torch.multiprocessing is imported, and a child read NaN weights that way under pytest
-        blob = pickle.dumps(models)
-        with ProcessPoolExecutor(len(bounds) - 2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            others = [pool.submit(_capture_part, blob, lr[a:b], seed, int(a), decode)
-                      for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]  # fmt: skip
-            parts = [_capture_rows(models, lr[: bounds[1]], seed, 0, progress, decode), *(f.result() for f in others)]
-        arrays = {k: np.concatenate([p[k] for p in parts]) for k in RUN_ARRAYS}
-    return ReferenceRuns(**arrays, source=source)
+
+def capture_sets(models: Models, sets: Sequence[tuple[np.ndarray, int, bool]], *, progress: bool = False,
+                 workers: int = 1) -> list[dict[str, np.ndarray]]:  # fmt: skip
+    """:func:`capture`'s arrays of several patch sets ``(lr, seed, decode)`` at once: each set is shared between
+    ``workers`` processes as :func:`capture` shares one, and the spawned processes start once for all the sets
+    (a start imports torch and unpickles the networks: ~2 s on the 2-core machine)."""
+    for lr, _, _ in sets:
+        if lr.shape[2] % models.preset.pad_multiple:
+            raise InputError(f"tile {lr.shape[2]} is not a multiple of {models.preset.pad_multiple}")
+    bounds = [np.linspace(0, len(lr), min(max(workers, 1), len(lr)) + 1).astype(int) if len(lr) else np.array([0, 0])
+              for lr, _, _ in sets]  # fmt: skip
+    extra = max((len(b) - 2 for b in bounds), default=0)
+    if extra <= 0:
+        return [_capture_rows(models, lr, seed, 0, progress, decode) for lr, seed, decode in sets]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # the networks as plain pickle bytes: multiprocessing's pickler hands tensors over in shared memory once
+    # torch.multiprocessing is imported, and a child read NaN weights that way under pytest
+    blob = pickle.dumps(models)
+    with ProcessPoolExecutor(extra, mp_context=multiprocessing.get_context("spawn")) as pool:
+        others = [[pool.submit(_capture_part, blob, lr[a:b], seed, int(a), decode)
+                   for a, b in zip(bd[1:-1], bd[2:], strict=True)]
+                  for (lr, seed, decode), bd in zip(sets, bounds, strict=True)]  # fmt: skip
+        firsts = [_capture_rows(models, lr[: bd[1]], seed, 0, progress, decode)
+                  for (lr, seed, decode), bd in zip(sets, bounds, strict=True)]  # fmt: skip
+        parts = [[first, *(f.result() for f in fs)] for first, fs in zip(firsts, others, strict=True)]
+    return [{k: np.concatenate([p[k] for p in ps]) for k in RUN_ARRAYS} for ps in parts]
 
 
 def _capture_part(models: bytes, lr: np.ndarray, seed: int, start: int, decode: bool) -> dict[str, np.ndarray]:
@@ -415,6 +429,21 @@ def load_holdout(
     return CalibrationSet(runs=runs, info=info, patches=ps)
 
 
+def capture_both(models: Models, calib: tuple, hold: tuple, *, progress: bool = False,
+                 workers: int = 1) -> tuple[CalibrationSet, CalibrationSet]:  # fmt: skip
+    """The calibration and held-out sets of sampled patches ``(PatchSet, info)`` captured together
+    (:func:`capture_sets`: one process pool for both): the calibration runs feed graphs only (no decode), the
+    held-out ones are compared with the image (every stage)."""
+    t0 = time.perf_counter()
+    (cp, ci), (hp, hi) = calib, hold
+    c_arrays, h_arrays = capture_sets(models, [(cp.lr, ci["seed"], False), (hp.lr, hi["seed"], True)],
+                                      progress=progress, workers=workers)  # fmt: skip
+    logger.info("captures: %d calibration patches (graph inputs) and %d held-out patches (every stage) in %.1fs",
+                len(cp), len(hp), time.perf_counter() - t0)  # fmt: skip
+    return (CalibrationSet(ReferenceRuns(**c_arrays, source=f"calibration {ci['source']}"), ci, cp),
+            CalibrationSet(ReferenceRuns(**h_arrays, source=f"held-out {hi['source']}"), hi, hp))  # fmt: skip
+
+
 class CaptureCache:
     """Calibration and held-out captures, reused by a caller that quantizes several artifacts of one model.
 
@@ -453,8 +482,7 @@ class CaptureCache:
         self._key, self._sets = None, None  # drop the previous model's captures before capturing
 
         def compute() -> tuple[CalibrationSet, CalibrationSet]:
-            return (load_calibration(models, patches=calib, progress=progress, workers=workers),
-                    load_holdout(models, patches=hold, progress=progress, workers=workers))  # fmt: skip
+            return capture_both(models, calib, hold, progress=progress, workers=workers)
 
         self._sets = compute() if self.folder is None else self._shared(key, calib, hold, compute)
         self._key = key

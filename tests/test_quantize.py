@@ -451,8 +451,7 @@ def test_capture_cache_is_owned_by_the_caller(monkeypatch, tmp_path):
     from tadsr.quantize import calibration as cal
 
     calls = []
-    monkeypatch.setattr(cal, "load_calibration", lambda models, patches, progress, workers: calls.append("c") or "calib")
-    monkeypatch.setattr(cal, "load_holdout", lambda models, patches, progress, workers: calls.append("h") or "hold")
+    monkeypatch.setattr(cal, "capture_both", lambda models, c, h, progress, workers: calls.extend("ch") or ("calib", "hold"))
     manifest = {"preset": {"name": "tiny"}, "sources": {"student": {"sha256": "a"}}}
     calib = (SimpleNamespace(content_hash="x"), {"seed": 0})
     hold = (SimpleNamespace(content_hash="y"), {"seed": 1})
@@ -477,6 +476,32 @@ def test_capture_shared_between_processes_gives_the_same_arrays(tiny_models):
     two = capture(tiny_models, lr, seed=5, workers=2)
     for k in ("lr", "noise", "z_y", "x_t", "x0", "sr"):
         np.testing.assert_array_equal(getattr(two, k), getattr(one, k), err_msg=k)
+
+
+def test_capture_sets_share_one_pool_and_give_each_sets_arrays(tiny_models, monkeypatch):
+    """The calibration and held-out captures of a CaptureCache go through one process pool (one start for both
+    sets), each set split as capture() splits it alone: the same arrays."""
+    import concurrent.futures
+
+    from tadsr.quantize.calibration import capture, capture_sets
+
+    pools = []
+    real = concurrent.futures.ProcessPoolExecutor
+
+    class Counting(real):
+        def __init__(self, *a, **k):
+            pools.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Counting)
+    rng = np.random.default_rng(3)
+    a, b = (rng.uniform(-1, 1, (n, 3, 64, 64)).astype(np.float32) for n in (3, 2))
+    got = capture_sets(tiny_models, [(a, 5, False), (b, 7, True)], workers=2)
+    assert len(pools) == 1
+    for arrays, (lr, seed, decode) in zip(got, [(a, 5, False), (b, 7, True)], strict=True):
+        alone = capture(tiny_models, lr, seed=seed, decode=decode)
+        for k in ("lr", "noise", "z_y", "x_t", "x0", "sr"):
+            np.testing.assert_array_equal(arrays[k], getattr(alone, k), err_msg=k)
 
 
 def test_calibration_capture_skips_the_decoder_and_feeds_the_same_inputs(tiny_models, monkeypatch):
@@ -1646,8 +1671,8 @@ def test_capture_cache_on_disk_is_shared_and_waited_for(monkeypatch, tmp_path):
                                       patches=patches[0])  # fmt: skip
         return load
 
-    monkeypatch.setattr(cal, "load_calibration", fake("c"))
-    monkeypatch.setattr(cal, "load_holdout", fake("h"))
+    monkeypatch.setattr(cal, "capture_both", lambda models, c, h, progress, workers: (
+        fake("c")(models, c, progress, workers), fake("h")(models, h, progress, workers)))  # fmt: skip
     manifest = {"preset": {"name": "tiny"}, "sources": {"student": {"sha256": "a"}}}
     calib = (SimpleNamespace(content_hash="x"), {"seed": 0})
     hold = (SimpleNamespace(content_hash="y"), {"seed": 1})
