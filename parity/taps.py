@@ -76,11 +76,12 @@ def tap_plan(model: Any, manifest: Mapping[str, Any]) -> TapPlan | str | None:
     """What to tap in the ONNX ``model`` (a ``ModelProto``, its weights may stay in a data file) of an artifact
     with this ``manifest``'s graph and preset: the latent its codebook search reads and its code map. None for
     graphs without the lookup; a string saying why nothing can be tapped (no lookup found)."""
-    from tadsr.formats.localize import onnx_codebook_input
+    from tadsr.formats.onnx.localize import onnx_codebook_input, structure_only
 
     graph = str(manifest["graph"]["name"])
     if graph not in VQ_GRAPHS:
         return None
+    model = structure_only(model)  # names and shapes only: an official-size model's weights are not copied
     latent_shape = next(tuple(t["shape"]) for t in manifest["graph"]["inputs"] if t["name"] in ("noise", "x0"))
     ne = int((manifest.get("preset") or {}).get("vq", {}).get("n_embed", 0) or 0)
     codes_name, argmins = _onnx_codes_tensor(model, ne, int(latent_shape[1])) if ne else (None, [])

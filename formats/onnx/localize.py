@@ -72,6 +72,30 @@ def _onnx_elem_types(model: Any) -> dict[str, int]:
     return types
 
 
+def structure_only(model: Any, keep_bytes: int = 1024) -> Any:
+    """A copy of an ONNX model's graph for inspection (shape inference, tensor names and types) without its large
+    weights: initializers over ``keep_bytes`` keep their name, type and dims but no data (an official-size graph's
+    weights are ~1 GB; shape and constant tensors stay whole, shape inference reads them)."""
+    import onnx
+
+    light = onnx.ModelProto()
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(light, f, getattr(model, f))
+    light.opset_import.extend(model.opset_import)
+    g, src = light.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    for t in src.initializer:
+        if t.ByteSize() <= keep_bytes:
+            g.initializer.append(t)
+        else:
+            g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+    return light
+
+
 class OnnxTap:
     """An ONNX file opened in ONNX Runtime with some intermediate tensors added as graph outputs.
 

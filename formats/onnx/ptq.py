@@ -500,26 +500,25 @@ class OnnxPTQ:
                 for p in (path, path.with_name(path.name + ".data")):
                     p.unlink(missing_ok=True)
         model = self.variant(sorted(float_units), extra_nodes=extra_nodes)
-        data = model.SerializeToString()
+        digest = hashlib.sha256(model.SerializeToString()).hexdigest()  # of the plain model, as build() writes it
         names = [n for n in dict.fromkeys(self.tap(model) if self.tap is not None else ()) if n not in
                  self.output_names]  # fmt: skip
         taps = None
-        if names:  # the same model with the tapped tensors as extra graph outputs (the digest is the plain one's)
-            from tadsr.formats.onnx.localize import _onnx_elem_types
+        if names:  # the same model with the tapped tensors as extra graph outputs
+            from tadsr.formats.onnx.localize import _onnx_elem_types, structure_only
 
-            types = _onnx_elem_types(model)
+            types = _onnx_elem_types(structure_only(model))
             model.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT),
                                                                          None) for n in names)  # fmt: skip
             sess = self.session(model.SerializeToString())
-            del model.graph.output[len(self.output_names) :]
             fetch = [*self.output_names, *names]
             runs = [dict(zip(fetch, sess.run(fetch, dict(f)), strict=True)) for f in feeds]
             outs = [{k: r[k] for k in self.output_names} for r in runs]
             taps = [{k: r[k] for k in names} for r in runs]
         else:
-            outs = self.run(data, feeds)
-        self._measured = (self.float_nodes(sorted(float_units), extra_nodes), hashlib.sha256(data).hexdigest(),
-                          _feeds_digest(feeds), outs, taps)  # fmt: skip
+            outs = self.run(model.SerializeToString(), feeds)
+        self._measured = (self.float_nodes(sorted(float_units), extra_nodes), digest, _feeds_digest(feeds), outs,
+                          taps)  # fmt: skip
         return outs
 
     def measured(self, model: onnx.ModelProto, float_nodes: Sequence[str],
