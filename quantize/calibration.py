@@ -463,6 +463,15 @@ class CaptureCache:
         self._sets: tuple[CalibrationSet, CalibrationSet] | None = None
         self.folder = None if folder is None else Path(folder)
         self.salt = salt  # mixed into the file names: the caller's code version, so that an edit captures anew
+        self._patches: dict[Any, tuple] = {}
+
+    def patches(self, key: Any, sample: Callable[[], tuple]) -> tuple:
+        """The sampled patches of ``key`` (the sampling arguments), sampled once per cache: the quantize calls of
+        one job sample the same calibration and held-out patches (~1 s each time for the shipped sets). A cache
+        lives for one job; a folder changed on disk needs a new cache."""
+        if key not in self._patches:
+            self._patches[key] = sample()
+        return self._patches[key]
 
     def get(self, manifest: Mapping[str, Any], models: Models, calib: tuple, hold: tuple,
             progress: bool = False, workers: int = 1) -> tuple[CalibrationSet, CalibrationSet]:  # fmt: skip

@@ -163,7 +163,7 @@ def test_compress_add_constants():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from tadsr.formats.onnx.ptq import compress_add_constants, weight_only_int8
+    from tadsr.formats.onnx.weights import compress_add_constants, weight_only_int8
 
     rng = np.random.default_rng(0)
     bias = rng.normal(0, 2, (2, 64, 64)).astype(np.float32)
@@ -463,6 +463,11 @@ def test_capture_cache_is_owned_by_the_caller(monkeypatch, tmp_path):
     assert calls == ["c", "h", "c", "h"]
     cal.CaptureCache().get(manifest, None, calib, hold)  # a new cache knows nothing
     assert len(calls) == 6
+    sampled: list[int] = []
+    assert cache.patches(("a", 1), lambda: sampled.append(1) or "p") == "p"
+    assert cache.patches(("a", 1), lambda: sampled.append(1) or "q") == "p" and sampled == [1]  # sampled once
+    assert cache.patches(("a", 2), lambda: "other args") == "other args"
+    assert cal.CaptureCache().patches(("a", 1), lambda: "new cache") == "new cache"
     assert not hasattr(qapi, "_CAPTURES")
 
 
@@ -650,7 +655,7 @@ def test_component_hr_budget_judges_the_rest_of_the_fp32_chain(tiny_models):
     the tail gives the reference pipeline's image (5 patches: one full batch of the tail and a remainder)."""
     from types import SimpleNamespace
 
-    from tadsr.quantize.api import HR_TAIL_BATCH, sr_tail
+    from tadsr.quantize.hr_tail import HR_TAIL_BATCH, sr_tail
     from tadsr.quantize.calibration import capture
 
     lr = np.random.default_rng(0).uniform(-1, 1, (HR_TAIL_BATCH + 1, 3, 64, 64)).astype(np.float32)
@@ -675,7 +680,7 @@ def test_hr_tail_reuses_the_captured_image_only_for_the_references_own_codes(tin
     decoded, and a capture the decoder does not reproduce (another decoder) is never reused."""
     from types import SimpleNamespace
 
-    from tadsr.quantize.api import sr_tail
+    from tadsr.quantize.hr_tail import sr_tail
     from tadsr.quantize.calibration import capture
 
     lr = np.random.default_rng(1).uniform(-1, 1, (4, 3, 64, 64)).astype(np.float32)
