@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="runtime threads (default: the libraries')")
     ap.add_argument("--limit-gb", type=float, default=12.0)
     ap.add_argument("--preset", default="official-x4", help="model preset, random weights (tiny: a quick check)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="also run each stage under cProfile, its raw profile in this folder, and print where each "
+                    "stage's time goes (profile_stages.py's areas; cProfile slows the stage, its RSS is close)")
+    ap.add_argument("--top", type=int, default=10, help="functions listed per profiled stage")
     args = ap.parse_args(argv)
     model = ["--preset", args.preset, "--init", "random"]
     if not Path("/proc/self/status").exists():
@@ -141,11 +145,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; stages one at a time, each in "
           f"its own process; limit {args.limit_gb:g} GB", flush=True)  # fmt: skip
 
+    profiles: list[tuple[str, float, Path]] = []
+
     def stage(name: str, cmd: list[str]) -> None:
         logs = args.work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        r = run_stage(cmd, logs / (name.replace(" ", "_").replace(":", "_") + ".log"))
+        stem = name.replace(" ", "_").replace(":", "_")
+        run = cmd
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            run = [cmd[0], "-m", "cProfile", "-o", str(args.profile / f"{stem}.pstats"), *cmd[1:]]
+        r = run_stage(run, logs / f"{stem}.log")
         rows.append((name, r))
+        if args.profile is not None and r["rc"] == 0:
+            profiles.append((name, float(r["wall_s"]), args.profile / f"{stem}.pstats"))
         print(f"# {name}: {r['wall_s']} s, rc {r['rc']}, tree {r['tree_gb']:.2f} GB, process {r['process_gb']:.2f} GB"
               f" ({shlex.join(cmd[2:])})", flush=True)  # fmt: skip
 
@@ -187,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     worst = max((max(r["tree_gb"], r["process_gb"]) for _, r in rows), default=0.0)
     print(f"\nlargest stage peak: {worst:.2f} GB; stages over {args.limit_gb:g} GB: "
           f"{sum(max(r['tree_gb'], r['process_gb']) > args.limit_gb for _, r in rows)} of {len(rows)}")  # fmt: skip
+    if profiles:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from profile_stages import summarize
+
+        print("\nWhere each stage's time goes (cProfile of the stage's process; wall times above are under it)")
+        for name, wall, file in profiles:
+            print()
+            print("\n".join(summarize(name, wall, str(file), args.top)))
     return 0 if all(r["rc"] == 0 for _, r in rows) else 1
 
 

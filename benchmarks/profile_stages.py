@@ -58,7 +58,8 @@ def area_of(file: str, func: str) -> str:
     return "other (python, libraries)"
 
 
-def summarize(name: str, wall: float, prof: cProfile.Profile, top: int) -> list[str]:
+def summarize(name: str, wall: float, prof: cProfile.Profile | str, top: int) -> list[str]:
+    """Own time by area and the top functions of one stage's profile (a profiler, or a saved pstats file)."""
     st = pstats.Stats(prof)
     rows = st.stats  # type: ignore[attr-defined]
     by_area: dict[str, float] = {}

@@ -1503,14 +1503,15 @@ def test_int8_write_runs_one_case_when_it_reproduces_the_measured_outputs():
         return {"y": inputs["x"] * 2}
 
     measured = [{"y": c.inputs["x"] * 2} for c in cases]
-    got = _held_out_outputs(run, cases, measured, "t")
+    got, searched = _held_out_outputs(run, cases, measured, "t")
     assert len(calls) == 1 and all(np.array_equal(g["y"], m["y"]) for g, m in zip(got, measured, strict=True))
+    assert searched  # the search's outputs (and whatever its run tapped) stand for the file's
     calls.clear()
     off = [{"y": m["y"] + (i == 0)} for i, m in enumerate(measured)]
-    got = _held_out_outputs(run, cases, off, "t")
-    assert len(calls) == 1 + len(cases) and np.array_equal(got[0]["y"], measured[0]["y"])
+    got, searched = _held_out_outputs(run, cases, off, "t")
+    assert len(calls) == 1 + len(cases) and np.array_equal(got[0]["y"], measured[0]["y"]) and not searched
     calls.clear()
-    _held_out_outputs(run, cases, None, "t")
+    assert not _held_out_outputs(run, cases, None, "t")[1]
     assert len(calls) == len(cases)
 
 
