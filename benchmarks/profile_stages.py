@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# this checkout: the toolkit's packages live at its top level (tadsr.parity = parity/, ...), its libraries in a
+# site-packages folder that may sit inside it (.venv)
+_REPO = Path(__file__).resolve().parents[1].as_posix()
 # (area, path fragments of the function's file): the first match wins, so specific before general
 AREAS: list[tuple[str, tuple[str, ...]]] = [
     ("coreml-sim (numpy Core ML executor)", ("tadsr/runtime/coreml_sim", "runtime/coreml_sim")),
@@ -41,9 +44,11 @@ AREAS: list[tuple[str, tuple[str, ...]]] = [
     ("torch eager compute (reference pipeline, captures)", ("torch/nn", "torch/_tensor", "torch/functional",
                                                             "built-in method conv", "built-in method matmul",
                                                             "built-in method torch.", "torch/_ops")),
-    ("tadsr parity (flip analysis, comparison)", ("tadsr/parity",)),
-    ("tadsr formats / quantize / export (own code)", ("tadsr/formats", "tadsr/quantize", "tadsr/export")),
-    ("tadsr other", ("tadsr/",)),
+    ("tadsr parity (flip analysis, comparison)", ("tadsr/parity", f"{_REPO}/parity/")),
+    ("tadsr formats / quantize / export (own code)", ("tadsr/formats", "tadsr/quantize", "tadsr/export",
+                                                      f"{_REPO}/formats/", f"{_REPO}/quantize/",
+                                                      f"{_REPO}/export/")),  # fmt: skip
+    ("tadsr other", ("tadsr/", f"{_REPO}/")),
     ("numpy", ("numpy/",)),
     ("file and process I/O", ("built-in method io.", "method 'write'", "method 'read'", "posix.", "zipfile",
                               "shutil", "hashlib", "subprocess", "selectors")),
@@ -52,8 +57,9 @@ AREAS: list[tuple[str, tuple[str, ...]]] = [
 
 def area_of(file: str, func: str) -> str:
     key = f"{file}:{func}"
+    library = "site-packages/" in file
     for name, parts in AREAS:
-        if any(p in key for p in parts):
+        if any(p in key for p in parts if not (library and p.startswith(_REPO))):
             return name
     return "other (python, libraries)"
 
