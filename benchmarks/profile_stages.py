@@ -75,7 +75,8 @@ def summarize(name: str, wall: float, prof: cProfile.Profile | str, top: int) ->
         total += tt
         by_area[area_of(file, func)] = by_area.get(area_of(file, func), 0.0) + tt
         funcs.append((tt, ct, f"{Path(file).name}:{line}({func})" if file != "~" else func))
-    out = [f"## {name}: {wall:.1f} s wall, {total:.1f} s profiled (own time summed over functions)"]
+    walls = "wall not recorded" if wall != wall else f"{wall:.1f} s wall"  # NaN: a saved profile alone
+    out = [f"## {name}: {walls}, {total:.1f} s profiled (own time summed over functions)"]
     for a, t in sorted(by_area.items(), key=lambda kv: -kv[1]):
         if t >= 0.005 * max(total, 1e-9):
             out.append(f"  {100 * t / max(total, 1e-9):5.1f} %  {t:8.1f} s  {a}")
@@ -87,13 +88,21 @@ def summarize(name: str, wall: float, prof: cProfile.Profile | str, top: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="the main job's output folder")
+    ap.add_argument("--out", type=Path, help="the main job's output folder")
+    ap.add_argument("--summarize", type=Path, nargs="+", default=None,
+                    help="only print the areas and top functions of saved stage profiles (.pstats files)")
     ap.add_argument("--smoke", action="store_true", help="the reduced main job (tadsr all --smoke)")
     ap.add_argument("--format", dest="formats", nargs="+", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--top", type=int, default=8, help="functions listed per stage")
     ap.add_argument("--pstats", type=Path, default=None, help="also write each stage's raw profile here")
     args = ap.parse_args(argv)
+    if args.summarize:
+        for f in args.summarize:
+            print("\n".join(summarize(f.stem, float("nan"), str(f), args.top)) + "\n")
+        return 0
+    if args.out is None:
+        ap.error("--out is required (or --summarize)")
 
     import tadsr.cli.main_job as mj
     from tadsr.cli import main as tadsr_main
