@@ -46,18 +46,6 @@ def _onnx_codes_tensor(model: Any, n_embed: int, dim: int) -> tuple[str | None, 
 
 
 @dataclass
-class _Tapped:
-    """Every case's run of an ONNX file with its VQ lookup's tensors fetched too (:func:`_tap_runs`)."""
-
-    runs: list[dict[str, np.ndarray]]
-    graph: str
-    lat_name: str | None
-    codes_name: str | None
-    argmins: list[str]
-    hw: tuple[int, int]
-
-
-@dataclass
 class TapPlan:
     """The tensors of an ONNX graph's VQ lookup to fetch as extra outputs (:func:`tap_plan`)."""
 
@@ -70,6 +58,14 @@ class TapPlan:
     @property
     def names(self) -> list[str]:
         return [x for x in (self.lat_name, self.codes_name, *self.argmins) if x]
+
+
+@dataclass
+class _Tapped:
+    """Every case's run of an ONNX file (or of the same model) with its VQ lookup's tensors fetched too."""
+
+    runs: list[dict[str, np.ndarray]]
+    plan: TapPlan
 
 
 def tap_plan(model: Any, manifest: Mapping[str, Any]) -> TapPlan | str | None:
@@ -111,8 +107,7 @@ def _tap_runs(path: Path, manifest: Mapping[str, Any], cases: Sequence[ParityCas
     if not isinstance(plan, TapPlan):
         return None if plan is None else VQView.unexposed(n, plan)
     tap = OnnxTap(file, plan.names, threads=threads)
-    return _Tapped([tap.run(c.inputs) for c in cases], plan.graph, plan.lat_name, plan.codes_name, plan.argmins,
-                   plan.hw)  # fmt: skip
+    return _Tapped([tap.run(c.inputs) for c in cases], plan)
 
 
 def view_of_tapped_runs(path: Path, manifest: Mapping[str, Any], cases: Sequence[ParityCase],
@@ -131,8 +126,7 @@ def view_of_tapped_runs(path: Path, manifest: Mapping[str, Any], cases: Sequence
     if not isinstance(plan, TapPlan) or any(n not in t for t in taps for n in plan.names):
         return None
     runs = [{**{n: t[n] for n in plan.names}, **o} for t, o in zip(taps, outputs, strict=True)]
-    return _view(_Tapped(runs, plan.graph, plan.lat_name, plan.codes_name, plan.argmins, plan.hw), cases, outputs,
-                 SEARCH_RUN)  # fmt: skip
+    return _view(_Tapped(runs, plan), cases, outputs, SEARCH_RUN)
 
 
 def _view(t: _Tapped, cases: Sequence[ParityCase], outputs: Sequence[Mapping[str, np.ndarray]],
@@ -141,17 +135,17 @@ def _view(t: _Tapped, cases: Sequence[ParityCase], outputs: Sequence[Mapping[str
     lats: list[np.ndarray | None] = []
     codes: list[np.ndarray | None] = []
     mismatch = 0
-    h, w = t.hw
+    h, w = t.plan.hw
     for c, out, r in zip(cases, outputs, t.runs, strict=True):
-        lat = np.asarray(r[t.lat_name], np.float32) if t.lat_name and t.lat_name in r else None
-        if lat is not None and t.graph == "decoder":  # the decoder's own input as its lookup reads it, or nothing
+        lat = np.asarray(r[t.plan.lat_name], np.float32) if t.plan.lat_name and t.plan.lat_name in r else None
+        if lat is not None and t.plan.graph == "decoder":  # the decoder's own input as its lookup reads it, or nothing
             x0 = np.asarray(c.inputs["x0"], np.float32)
             lat = lat if np.abs(lat - x0).max() <= 0.05 * max(float(np.ptp(x0)), 1e-6) else None
         lats.append(lat)
-        if t.codes_name and t.codes_name in r:
-            cm = np.asarray(r[t.codes_name]).astype(np.int64)
-        elif t.argmins and all(a in r for a in t.argmins):
-            cm = np.concatenate([np.asarray(r[a]).reshape(-1) for a in t.argmins]).astype(np.int64)
+        if t.plan.codes_name and t.plan.codes_name in r:
+            cm = np.asarray(r[t.plan.codes_name]).astype(np.int64)
+        elif t.plan.argmins and all(a in r for a in t.plan.argmins):
+            cm = np.concatenate([np.asarray(r[a]).reshape(-1) for a in t.plan.argmins]).astype(np.int64)
         else:
             cm = None
         if cm is not None and cm.size == h * w and _reproduces(r, out):
@@ -159,7 +153,8 @@ def _view(t: _Tapped, cases: Sequence[ParityCase], outputs: Sequence[Mapping[str
         else:
             mismatch += cm is not None
             codes.append(None)
-    what = " and ".join(x for x in (("latent" if t.lat_name else ""), ("codes" if t.codes_name or t.argmins else ""))
+    p = t.plan
+    what = " and ".join(x for x in (("latent" if p.lat_name else ""), ("codes" if p.codes_name or p.argmins else ""))
                         if x)  # fmt: skip
     src = f"{run} with its {what} tapped as extra outputs"
     if mismatch:

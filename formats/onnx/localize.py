@@ -96,6 +96,21 @@ def structure_only(model: Any, keep_bytes: int = 1024) -> Any:
     return light
 
 
+def expose_outputs(model: Any, names: Sequence[str]) -> list[str]:
+    """Add the tensors ``names`` that nodes of ``model`` produce, and that are not outputs yet, as graph outputs, in
+    place, typed by shape inference on the graph without its large weights; returns the names added."""
+    import onnx
+
+    present = {o for n in model.graph.node for o in n.output}
+    existing = {o.name for o in model.graph.output}
+    added = [n for n in dict.fromkeys(names) if n in present and n not in existing]
+    if added:
+        types = _onnx_elem_types(structure_only(model))
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None)
+                                  for n in added)  # fmt: skip
+    return added
+
+
 class OnnxTap:
     """An ONNX file opened in ONNX Runtime with some intermediate tensors added as graph outputs.
 
@@ -113,13 +128,7 @@ class OnnxTap:
         # never holds them (official pipeline: 3.5 -> 0.9 GB to open, 3.6 -> 1.7 GB after a run)
         model = onnx.load(str(path), load_external_data=False)
         external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-        present = {o for n in model.graph.node for o in n.output}
-        existing = {o.name for o in model.graph.output}
-        types = _onnx_elem_types(model)
-        for n in dict.fromkeys(names):
-            if n in present and n not in existing:
-                elem = types.get(n, onnx.TensorProto.FLOAT)
-                model.graph.output.append(onnx.helper.make_tensor_value_info(n, elem, None))
+        expose_outputs(model, names)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:

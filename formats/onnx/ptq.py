@@ -53,6 +53,7 @@ from tadsr import memory
 from tadsr.errors import ConfigError, ExportError
 from tadsr.formats.artifact import BackendResult
 from tadsr.formats.onnx.export import PROTOBUF_LIMIT, save_model, unshare_initializers
+from tadsr.formats.onnx.localize import expose_outputs
 from tadsr.formats.onnx.weights import compress_add_constants, weight_only_int8
 from tadsr.formats.sensitivity import BackendRecipe, SearchResult, shipped_trace, takes_shipped, unit_of, worst_psnr
 from tadsr.formats.spec import QuantizeJob
@@ -501,15 +502,8 @@ class OnnxPTQ:
                     p.unlink(missing_ok=True)
         model = self.variant(sorted(float_units), extra_nodes=extra_nodes)
         digest = hashlib.sha256(model.SerializeToString()).hexdigest()  # of the plain model, as build() writes it
-        names = [n for n in dict.fromkeys(self.tap(model) if self.tap is not None else ()) if n not in
-                 self.output_names]  # fmt: skip
         taps = None
-        if names:  # the same model with the tapped tensors as extra graph outputs
-            from tadsr.formats.onnx.localize import _onnx_elem_types, structure_only
-
-            types = _onnx_elem_types(structure_only(model))
-            model.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT),
-                                                                         None) for n in names)  # fmt: skip
+        if self.tap is not None and (names := expose_outputs(model, self.tap(model))):  # tapped as extra outputs
             sess = self.session(model.SerializeToString())
             fetch = [*self.output_names, *names]
             runs = [dict(zip(fetch, sess.run(fetch, dict(f)), strict=True)) for f in feeds]
