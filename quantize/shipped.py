@@ -96,7 +96,11 @@ def _met(entry: BackendRecipe) -> bool:
     """Whether a searched recipe met its criteria (a search out of reach records its closest configuration)."""
     if entry.target_psnr is None or entry.psnr is None or entry.psnr < entry.target_psnr:
         return False
-    return entry.hr_budget_db is None or (entry.hr_bound_db is not None and entry.hr_bound_db <= entry.hr_budget_db)
+    # the record keeps the bound rounded to 3 decimals (BackendRecipe) while the budget is a component's exact third
+    # (0.3 / 3 = 0.09999999999999999): compare on the record's grid, or a bound the search held at 0.0996 reads 0.1
+    # and "misses" a 0.1 dB budget
+    return entry.hr_budget_db is None or (entry.hr_bound_db is not None
+                                          and entry.hr_bound_db <= round(entry.hr_budget_db, 3))
 
 
 def _out_of_reach(entry: BackendRecipe) -> bool:

@@ -1180,6 +1180,19 @@ def test_shipped_update_replaces_only_the_pairs_it_brings_and_carries_dynamic_un
         BackendRecipe.from_dict({"op_types": ["conv2d"], "float_units": ["a"], "dynamic_units": ["z"]})
 
 
+@pytest.mark.parametrize(("bound", "met"), [(0.0996, True), (0.1, True), (0.1006, False)])
+def test_a_component_recipe_at_its_third_of_the_budget_is_collected(bound, met):
+    """A component holds a third of the 0.3 dB budget (0.09999999999999999 dB); its record keeps the bound rounded
+    to 3 decimals, so a bound the search held at 0.0996 reads 0.1. Session 33's main job lost the ExecuTorch
+    denoiser's recipe from the shipped file that way. Judged on the record's grid it is met; 0.1006 is not."""
+    from tadsr.quantize import shipped
+
+    entry = BackendRecipe(op_types=["conv2d"], float_units=["a"], psnr=47.7, target_psnr=30.0, hr_bound_db=bound,
+                          hr_loss_db=0.06, hr_budget_db=0.3 / 3, hr_confidence=0.95)  # fmt: skip
+    assert shipped._met(entry) is met
+    assert shipped.to_search(entry)[0].met is met
+
+
 @pytest.mark.parametrize("meets", [True, False])
 def test_pt2e_recipe_starts_from_a_shipped_recipe_and_searches_when_it_misses(meets):
     """A recipe shipped for the same conditions is converted and judged on the converted graph: when it meets the
