@@ -1297,6 +1297,12 @@ def test_pt2e_recipe_runs_float_blocks_dynamic_int8_when_that_still_meets_the_cr
         assert entry.psnr >= 200.0 > max(t["psnr"] for t in trials)
     _, core, _ = pt2e_recipe(job, "coreml", "none")
     assert core.dynamic_units == [] and not any("dynamic" in t for t in core.search)
+    if target == 200.0:  # shipped with that trace (tried, none kept): measured, not tried again
+        outcome = SearchResult(list(units), entry.psnr, True, list(entry.search))
+        job.shipped_search = lambda backend_key, known, pinned: (outcome, [])
+        _, again, _ = pt2e_recipe(job, "executorch", "none", dynamic=True)
+        assert again.source == "shipped" and again.dynamic_units == []
+        assert again.search[:-1] == entry.search and "dynamic" not in again.search[-1]
 
 
 class _Reshaped(torch.nn.Module):

@@ -699,6 +699,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *, float_weig
         return (psnr, *job.meets(psnr, outs))
 
     source, dyn = "", list(given.dynamic_units) if given and dynamic else []
+    dyn_tried = False  # a shipped recipe whose search already tried dynamic INT8 in its float blocks
     if not given and (shipped := job.shipped_search(backend_key, pq.units(), pq.pinned)) is not None:
         units, dyn = shipped[0].excluded, list(shipped[0].dynamic) if dynamic else []
         converted, outs = convert(list(units), dyn)
@@ -706,6 +707,7 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *, float_weig
         if takes_shipped(shipped[0], met, f"{job.name}/{backend_key}"):  # the converted graph is the judge
             trace = shipped_trace(shipped[0], psnr, loss, graph="converted")
             source, sens = "shipped", [r.to_dict() for r in shipped[1]]
+            dyn_tried = any("dynamic" in t for t in shipped[0].trace)
         else:
             logger.warning("%s/%s: the shipped recipe misses the criteria here (%.2f dB); searching", job.name,
                            backend_key, psnr)  # fmt: skip
@@ -753,9 +755,13 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *, float_weig
         trace.append({"float_units": len(units), "added": added, "psnr": round(psnr, 3), **hr_trace(loss),
                       "graph": "converted"})  # fmt: skip
     layers = pq.units()
-    cands = [u for u in units if layers.get(u, (0, 0))[1]] if dynamic and met and not given and not dyn else []
+    cands = ([u for u in units if layers.get(u, (0, 0))[1]]
+             if dynamic and met and not given and not dyn and not dyn_tried else [])
     # float blocks need float activations, not float weights: their layers with dynamic INT8 activations, all of
-    # them, else the less sensitive half, else quarter (a recipe lists its float blocks most sensitive first)
+    # them, else the less sensitive half, else quarter (a recipe lists its float blocks most sensitive first); a
+    # shipped recipe whose search tried that and kept none (its trace says so) is not tried again: the same
+    # conditions give the same misses (session 33's main job: 3 more conversions each for the denoiser and the
+    # pipeline, 2 min of the ExecuTorch lane)
     for k in range(DYNAMIC_STEPS if cands else 0):
         tried = cands[len(cands) * (2**k - 1) // 2**k :]
         trial, t_outs = convert(list(units), tried)
