@@ -758,10 +758,8 @@ def pt2e_recipe(job: QuantizeJob, backend_key: str, rewrites: str, *, float_weig
     cands = ([u for u in units if layers.get(u, (0, 0))[1]]
              if dynamic and met and not given and not dyn and not dyn_tried else [])
     # float blocks need float activations, not float weights: their layers with dynamic INT8 activations, all of
-    # them, else the less sensitive half, else quarter (a recipe lists its float blocks most sensitive first); a
-    # shipped recipe whose search tried that and kept none (its trace says so) is not tried again: the same
-    # conditions give the same misses (session 33's main job: 3 more conversions each for the denoiser and the
-    # pipeline, 2 min of the ExecuTorch lane)
+    # them, else the less sensitive half, else quarter (a recipe lists its float blocks most sensitive first); not
+    # again where a shipped recipe's search tried that and kept none (its trace says so: the same misses)
     for k in range(DYNAMIC_STEPS if cands else 0):
         tried = cands[len(cands) * (2**k - 1) // 2**k :]
         trial, t_outs = convert(list(units), tried)
