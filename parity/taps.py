@@ -135,17 +135,18 @@ def _view(t: _Tapped, cases: Sequence[ParityCase], outputs: Sequence[Mapping[str
     lats: list[np.ndarray | None] = []
     codes: list[np.ndarray | None] = []
     mismatch = 0
-    h, w = t.plan.hw
+    p = t.plan
+    h, w = p.hw
     for c, out, r in zip(cases, outputs, t.runs, strict=True):
-        lat = np.asarray(r[t.plan.lat_name], np.float32) if t.plan.lat_name and t.plan.lat_name in r else None
-        if lat is not None and t.plan.graph == "decoder":  # the decoder's own input as its lookup reads it, or nothing
+        lat = np.asarray(r[p.lat_name], np.float32) if p.lat_name and p.lat_name in r else None
+        if lat is not None and p.graph == "decoder":  # the decoder's own input as its lookup reads it, or nothing
             x0 = np.asarray(c.inputs["x0"], np.float32)
             lat = lat if np.abs(lat - x0).max() <= 0.05 * max(float(np.ptp(x0)), 1e-6) else None
         lats.append(lat)
-        if t.plan.codes_name and t.plan.codes_name in r:
-            cm = np.asarray(r[t.plan.codes_name]).astype(np.int64)
-        elif t.plan.argmins and all(a in r for a in t.plan.argmins):
-            cm = np.concatenate([np.asarray(r[a]).reshape(-1) for a in t.plan.argmins]).astype(np.int64)
+        if p.codes_name and p.codes_name in r:
+            cm = np.asarray(r[p.codes_name]).astype(np.int64)
+        elif p.argmins and all(a in r for a in p.argmins):
+            cm = np.concatenate([np.asarray(r[a]).reshape(-1) for a in p.argmins]).astype(np.int64)
         else:
             cm = None
         if cm is not None and cm.size == h * w and _reproduces(r, out):
@@ -153,7 +154,6 @@ def _view(t: _Tapped, cases: Sequence[ParityCase], outputs: Sequence[Mapping[str
         else:
             mismatch += cm is not None
             codes.append(None)
-    p = t.plan
     what = " and ".join(x for x in (("latent" if p.lat_name else ""), ("codes" if p.codes_name or p.argmins else ""))
                         if x)  # fmt: skip
     src = f"{run} with its {what} tapped as extra outputs"
