@@ -9,6 +9,11 @@ Per iteration (batch of cached latent crops ``z0 = E(HR)``, ``z_y = E(bicubic_x4
    ``L = mean_CHW (x_s - z_tch)² + w_hsd mean_CHW(sg(g) x_s) - w_adv mean D(fake)`` with the HSD direction g
    from the frozen teacher at ``t_h ~ U{0, 1, 2}``; AdamW step on the student; EMA 0.999.
 
+Each term has a weight (``teacher_weight``, ``hsd_weight``, ``gan_weight``; upstream 1, 1, 0.02). ``gt_weight``
+adds ``mean_CHW (x_s - z0)²``, a regression to the GT latent that the spec does not have (train/DECISIONS.md);
+a term at weight 0 is not computed, so ``teacher_weight = hsd_weight = 0`` skips the T teacher calls per step
+and ``gan_weight = 0`` the discriminator.
+
 The teacher is frozen (eval, ``requires_grad`` off): gradients pass *through* it to the student, never into it.
 Choices on the spec's flagged points are in train/DECISIONS.md.
 
@@ -74,6 +79,8 @@ class DistillConfig:
     lr_d: float = 1e-4  # upstream 5e-5 (discriminator heads, constant)
     warmup: int = 50  # upstream 5000 (linear warm-up, then constant)
     ema_rate: float = 0.999
+    teacher_weight: float = 1.0  # regression to the teacher's T-step sample (the spec's L_reg)
+    gt_weight: float = 0.0  # regression to the GT latent z0 (not in the spec; train/DECISIONS.md)
     hsd_weight: float = 1.0
     gan_weight: float = 0.02
     hsd_t_max: int = 3  # t_h ~ U{0, 1, 2}
@@ -95,6 +102,10 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.hsd_noise not in ("gaussian", "uniform") or self.disc_noise not in ("gaussian", "uniform"):
             raise ValueError("hsd_noise and disc_noise must be 'gaussian' or 'uniform'")
+        weights = (self.teacher_weight, self.gt_weight, self.hsd_weight, self.gan_weight)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ValueError(f"loss weights must be >= 0 and not all 0, got teacher {self.teacher_weight}, "
+                             f"gt {self.gt_weight}, hsd {self.hsd_weight}, gan {self.gan_weight}")  # fmt: skip
 
 
 def _noise(kind: str, like: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -173,42 +184,48 @@ class Distiller:
         with autocast(self.device, cfg.amp, cfg.cpu_amp):
             x_s = self.student(sched.scale_input(x_T, T - 1), t_s, lq).float()
 
-        # -- discriminator step: real = GT latent, fake = student output, same t_d and noise ----------------
-        t_d = torch.randint(0, T - 1, (b,), generator=g, device=z0.device)
-        u_d = _noise(cfg.disc_noise, z0, g)
-        with torch.no_grad():
-            feat_r = self._features(perturb(sched, z0, zy, t_d, u_d), t_d, lq)
-        feat_f = self._features(perturb(sched, x_s, zy, t_d, u_d), t_d, lq)  # graph to x_s through the teacher
-        logits = self.disc([torch.cat([r, f.detach()]) for r, f in zip(feat_r, feat_f)], torch.cat([t_d, t_d]))
-        loss_d = hinge_d_loss(logits[:b], logits[b:])
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
+        logs: dict[str, torch.Tensor] = {}
+        loss = x_s.new_zeros(b)
+        feat_f, t_d = None, None
+        if cfg.gan_weight > 0:
+            # -- discriminator step: real = GT latent, fake = student output, same t_d and noise -------------
+            t_d = torch.randint(0, T - 1, (b,), generator=g, device=z0.device)
+            u_d = _noise(cfg.disc_noise, z0, g)
+            with torch.no_grad():
+                feat_r = self._features(perturb(sched, z0, zy, t_d, u_d), t_d, lq)
+            feat_f = self._features(perturb(sched, x_s, zy, t_d, u_d), t_d, lq)  # graph to x_s through the teacher
+            logits = self.disc([torch.cat([r, f.detach()]) for r, f in zip(feat_r, feat_f)], torch.cat([t_d, t_d]))
+            loss_d = hinge_d_loss(logits[:b], logits[b:])
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.opt_d.step()
+            logs.update(loss_d=loss_d.detach(), d_real=logits[:b].mean().detach(), d_fake=logits[b:].mean().detach())
 
         # -- student step ------------------------------------------------------------------------------------
-        z_tch = ddim_teacher_sample(self._teacher_x0, sched, x_T, zy, lq)
-        hsd = hsd_gradient(self._teacher_x0_fp32, sched, x_s, z_tch, zy, lq, g, t_max=cfg.hsd_t_max,
-                           noise=cfg.hsd_noise, double_scaling=cfg.hsd_double_scaling)  # fmt: skip
-        l_reg = (x_s - z_tch).square().flatten(1).mean(1)
-        l_hsd = hsd_loss(x_s, hsd.grad)
-        l_adv = generator_adv_loss(self.disc(feat_f, t_d))
-        loss = (l_reg + cfg.hsd_weight * l_hsd + cfg.gan_weight * l_adv).mean()
+        if cfg.teacher_weight > 0 or cfg.hsd_weight > 0:  # both need the teacher's T-step sample
+            z_tch = ddim_teacher_sample(self._teacher_x0, sched, x_T, zy, lq)
+            l_reg = (x_s - z_tch).square().flatten(1).mean(1)
+            loss = loss + cfg.teacher_weight * l_reg
+            logs.update(mse=l_reg.mean().detach(), teacher_mse_to_gt=(z_tch - z0).square().mean())
+            if cfg.hsd_weight > 0:
+                hsd = hsd_gradient(self._teacher_x0_fp32, sched, x_s, z_tch, zy, lq, g, t_max=cfg.hsd_t_max,
+                                   noise=cfg.hsd_noise, double_scaling=cfg.hsd_double_scaling)  # fmt: skip
+                l_hsd = hsd_loss(x_s, hsd.grad)
+                loss = loss + cfg.hsd_weight * l_hsd
+                logs.update(mse_hsd=l_hsd.mean().detach(), hsd_grad_rms=hsd.grad.square().mean().sqrt())
+        l_gt = (x_s - z0).square().flatten(1).mean(1)
+        if cfg.gt_weight > 0:
+            loss = loss + cfg.gt_weight * l_gt
+        if feat_f is not None:
+            l_adv = generator_adv_loss(self.disc(feat_f, t_d))
+            loss = loss + cfg.gan_weight * l_adv
+            logs["adv"] = l_adv.mean().detach()
+        loss = loss.mean()
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_g.step()
         self.ema.update(self.student_net)
-        return {
-            "loss": loss.detach(),
-            "mse": l_reg.mean().detach(),
-            "mse_hsd": l_hsd.mean().detach(),
-            "hsd_grad_rms": hsd.grad.square().mean().sqrt(),
-            "adv": l_adv.mean().detach(),
-            "loss_d": loss_d.detach(),
-            "d_real": logits[:b].mean().detach(),
-            "d_fake": logits[b:].mean().detach(),
-            "mse_to_gt": (x_s.detach() - z0).square().mean(),
-            "teacher_mse_to_gt": (z_tch - z0).square().mean(),
-        }
+        return {"loss": loss.detach(), **logs, "mse_to_gt": l_gt.mean().detach()}
 
     def checkpoint_parts(self) -> dict[str, object]:
         return {"model": self.student_net, "ema": self.ema, "extra": self.disc_net,
@@ -285,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hsd-noise", choices=("gaussian", "uniform"))
     p.add_argument("--disc-noise", choices=("gaussian", "uniform"))
     p.add_argument("--hsd-double-scaling", action="store_true", help="upstream's s_t² teacher input in HSD")
+    for name, help_ in (("teacher", "regression to the teacher's T-step sample (default 1)"),
+                        ("gt", "regression to the GT latent (default 0, not in the spec)"),
+                        ("hsd", "high-frequency score distillation (default 1)"),
+                        ("gan", "time-aware adversarial loss (default 0.02)")):  # fmt: skip
+        p.add_argument(f"--{name}-weight", type=float, help=f"loss weight: {help_}; 0 skips the term's work")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     torch.set_num_threads(args.threads)
@@ -296,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         extra["disc_noise"] = args.disc_noise
     if args.hsd_double_scaling:
         extra["hsd_double_scaling"] = True
+    for name in ("teacher", "gt", "hsd", "gan"):
+        if getattr(args, f"{name}_weight") is not None:
+            extra[f"{name}_weight"] = getattr(args, f"{name}_weight")
     cfg = DistillConfig(**overrides(args), **extra)  # type: ignore[arg-type]
     pool = pool_for(args.photos, args.autoencoder, cfg.preset, cfg.pool_size, cfg.seed, cfg.crop, device, dist)
     teacher = load_teacher(args.teacher, cfg.preset, device)
