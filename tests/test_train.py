@@ -400,6 +400,27 @@ def test_cpu_bf16_and_channels_last_options_run(tmp_path: Path) -> None:
     assert all(torch.isfinite(v) for v in out.values())
 
 
+def test_distill_gt_only_skips_the_teacher_and_regresses_to_the_gt_latent() -> None:
+    d = _distiller(teacher_weight=0.0, hsd_weight=0.0, gan_weight=0.0, gt_weight=1.0, lr=1e-2)
+    calls = []
+    d.teacher.register_forward_hook(lambda *a: calls.append(1))
+    disc_before = {k: v.clone() for k, v in d.disc_net.state_dict().items()}
+    z0, zy, lq = _pool(2).batch(torch.tensor([0, 1]))
+    first = [d.step(z0, zy, lq, torch.Generator().manual_seed(s)) for s in range(8)]
+    assert not calls  # neither the T-step sample, HSD nor the discriminator's features ran the teacher
+    assert all(torch.equal(disc_before[k], v) for k, v in d.disc_net.state_dict().items())
+    assert {"loss", "mse_to_gt"} == set(first[0]) and float(first[0]["loss"]) == float(first[0]["mse_to_gt"])
+    assert float(first[-1]["mse_to_gt"]) < 0.8 * float(first[0]["mse_to_gt"])  # the student moves towards z0
+    full = _distiller(gt_weight=0.5)
+    full.teacher.register_forward_hook(lambda *a: calls.append(1))
+    out = full.step(z0, zy, lq, torch.Generator().manual_seed(0))
+    assert calls and {"mse", "mse_hsd", "adv", "loss_d"} <= set(out)
+    with pytest.raises(ValueError, match="loss weights"):
+        DistillConfig(teacher_weight=0.0, hsd_weight=0.0, gan_weight=0.0)
+    with pytest.raises(ValueError, match="loss weights"):
+        DistillConfig(gt_weight=-1.0)
+
+
 def test_distill_init_from_existing_student(tmp_path: Path) -> None:
     from tadsr.checkpoint import save_safetensors
 
