@@ -306,6 +306,36 @@ def test_teacher_smoke_resume_equals_straight_run(photos: Path, tmp_path: Path) 
     assert all(torch.equal(a[k], b[k]) for k in a)  # identical to the uninterrupted run
 
 
+def test_latent_pool_cache_is_reused_only_for_the_same_inputs(
+    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    import tadsr.train.teacher as teacher_mod
+    from tadsr.checkpoint import save_safetensors
+    from tadsr.train.common import DistEnv
+
+    torch.manual_seed(0)
+    ae_path = tmp_path / "ae.safetensors"
+    save_safetensors(VQModelTorch(MICRO.vq).state_dict(), ae_path)
+    built = []
+    real_build = teacher_mod.build_latent_pool
+    monkeypatch.setattr(teacher_mod, "build_latent_pool", lambda *a, **k: built.append(1) or real_build(*a, **k))
+
+    def pool(seed: int = 0, crop: int = CROP) -> LatentPool:
+        return teacher_mod.pool_for(photos, ae_path, "test-micro", 3, seed, crop, DEV, DistEnv(), cache=tmp_path / "run")
+
+    first = pool()
+    assert len(built) == 1 and (tmp_path / "run/latent_pool.safetensors").is_file()
+    again = pool()  # the next run of the same stage folder: read back, not encoded
+    assert len(built) == 1
+    assert all(torch.equal(getattr(first, k), getattr(again, k)) for k in ("z0", "zy", "lq"))
+    pool(seed=1)  # another recipe: encoded again (and the cache now holds it)
+    assert len(built) == 2
+    torch.manual_seed(1)
+    save_safetensors(VQModelTorch(MICRO.vq).state_dict(), ae_path)  # another autoencoder at the same path
+    other = pool(seed=1)
+    assert len(built) == 3 and not torch.equal(other.z0, first.z0)
+
+
 def test_distill_smoke_resume_and_frozen_teacher(tmp_path: Path) -> None:
     pool = _pool(3)
     teacher = _teacher()

@@ -265,6 +265,9 @@ class LatentPool:
     def __len__(self) -> int:
         return int(self.z0.shape[0])
 
+    def to(self, device: torch.device | str) -> LatentPool:
+        return LatentPool(self.z0.to(device), self.zy.to(device), self.lq.to(device))
+
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = idx.to(self.z0.device)
         return self.z0[idx], self.zy[idx], self.lq[idx]

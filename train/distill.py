@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, f"{name}_weight") is not None:
             extra[f"{name}_weight"] = getattr(args, f"{name}_weight")
     cfg = DistillConfig(**overrides(args), **extra)  # type: ignore[arg-type]
-    pool = pool_for(args.photos, args.autoencoder, cfg.preset, cfg.pool_size, cfg.seed, cfg.crop, device, dist)
+    pool = pool_for(args.photos, args.autoencoder, cfg.preset, cfg.pool_size, cfg.seed, cfg.crop, device, dist,
+                    cache=args.out)
     teacher = load_teacher(args.teacher, cfg.preset, device)
     res = train_distill(cfg, pool, teacher, args.out, device, dist, resume=not args.fresh, init=args.init)
     if dist.is_main:

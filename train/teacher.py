@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,7 +44,7 @@ from tadsr.train.common import (
     step_generator,
     warmup_cosine,
 )
-from tadsr.train.data import LatentPool, build_latent_pool, load_pairs
+from tadsr.train.data import LatentPool, PhotoPairs, build_latent_pool, load_pairs
 
 __all__ = ["TeacherConfig", "StageResult", "train_teacher", "load_autoencoder", "main"]
 
@@ -175,12 +178,53 @@ def train_teacher(
 
 
 def pool_for(
-    photos: Path, autoencoder: Path, preset: str, n: int, seed: int, crop: int, device: torch.device, dist: DistEnv
-) -> LatentPool:
-    """Load the train photos and encode this rank's shard of the latent pool."""
+    photos: Path, autoencoder: Path, preset: str, n: int, seed: int, crop: int, device: torch.device, dist: DistEnv,
+    cache: Path | None = None,
+) -> LatentPool:  # fmt: skip
+    """Load the train photos and encode this rank's shard of the latent pool.
+
+    With ``cache`` (a stage folder), the pool is kept there as ``latent_pool[.rankR].safetensors`` and reused by
+    the next run when it was made from the same autoencoder file, train photos, size, seed, crop and rank: a
+    CPU run continued on another day skips the encoding (~20 min for 2048 crops on 2 cores).
+    """
     pairs = load_pairs(photos, "train", min_side=crop)
+    key = pool_key(autoencoder, pairs, preset=preset, n=n, seed=seed, crop=crop, rank=dist.rank, world=dist.world)
+    path = None
+    if cache is not None:
+        path = Path(cache) / ("latent_pool.safetensors" if dist.world == 1 else f"latent_pool.rank{dist.rank}.safetensors")
+        pool = load_pool(path, key)
+        if pool is not None:
+            return pool.to(device)
     ae = load_autoencoder(autoencoder, preset, device)
-    return build_latent_pool(ae, pairs, n, seed=seed, hr_size=crop, device=device, rank=dist.rank, world=dist.world)
+    pool = build_latent_pool(ae, pairs, n, seed=seed, hr_size=crop, device=device, rank=dist.rank, world=dist.world)
+    if path is not None:
+        save_safetensors({"z0": pool.z0, "zy": pool.zy, "lq": pool.lq}, path, {"key": key})
+    return pool
+
+
+def pool_key(autoencoder: Path, pairs: PhotoPairs, **recipe: object) -> str:
+    """Digest of what a latent pool depends on: the autoencoder file's bytes, the photos' pixels and the recipe."""
+    h = hashlib.sha256(Path(autoencoder).read_bytes())
+    for name, hr in zip(pairs.names, pairs.hr):
+        h.update(f"{name}:{hr.shape}".encode())
+        h.update(np.ascontiguousarray(hr).data)
+    h.update(json.dumps(recipe, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def load_pool(path: Path, key: str) -> LatentPool | None:
+    """The pool cached at ``path`` if it was made for ``key``; None (with the reason logged) otherwise."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("key") != key:
+            log.info("latent pool: %s was made from other inputs; encoding again", path)
+            return None
+        pool = LatentPool(f.get_tensor("z0"), f.get_tensor("zy"), f.get_tensor("lq"))
+    log.info("latent pool: %d crops from %s; %s", len(pool), path, {k: round(v, 4) for k, v in pool.stats().items()})
+    return pool
 
 
 def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -204,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     dist, device = init_distributed(args.device)
     extra = {"pool_size": args.pool_size} if args.pool_size else {}
     cfg = TeacherConfig(**overrides(args), **extra)  # type: ignore[arg-type]
-    pool = pool_for(args.photos, args.autoencoder, cfg.preset, cfg.pool_size, cfg.seed, cfg.crop, device, dist)
+    pool = pool_for(args.photos, args.autoencoder, cfg.preset, cfg.pool_size, cfg.seed, cfg.crop, device, dist,
+                    cache=args.out)
     res = train_teacher(cfg, pool, args.out, device, dist, resume=not args.fresh, init=args.init)
     if dist.is_main:
         log.info("done: %s", res)
