@@ -185,8 +185,19 @@ def merged(items: list[dict[str, Any]], old: list[dict[str, Any]]) -> list[dict[
     return sorted(kept + items, key=lambda it: (it["conditions"]["graph"], it["conditions"]["backend"]))
 
 
+USAGE = "usage: python -m tadsr.quantize.shipped [--ranges | --update] INT8_DIR [OUT_JSON]"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE + "\n\nCollects the met INT8 recipes (or, with --ranges, the ONNX calibration ranges) of a main "
+              "job's INT8 folder into the shipped JSON (--update: merged with what it holds).")  # fmt: skip
+        return 0
+    dirs = [a for a in args if not a.startswith("--")][:1]
+    if dirs and not Path(dirs[0]).is_dir():
+        print(f"error: {dirs[0]} is not a folder (the INT8 folder of a main job, e.g. out/int8)", file=sys.stderr)
+        return 2
     update = bool(args) and args[0] == "--update"
     args = args[1:] if update else args
     if args and args[0] == "--ranges":  # the ONNX calibration ranges only (e.g. from the quick path's folder)
@@ -197,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(ranges)} range tables to {write_ranges(ranges, Path(args[2]) if len(args) == 3 else None)}")
         return 0
     if len(args) not in (1, 2):
-        print("usage: python -m tadsr.quantize.shipped [--ranges | --update] INT8_DIR [OUT_JSON]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     items = collect(Path(args[0]))
     out = Path(args[1]) if len(args) == 2 else SHIPPED_PATH

@@ -1789,3 +1789,14 @@ def test_onnx_int8_write_takes_the_vq_view_from_the_search_run(tiny_onnx_artifac
     assert taps.SEARCH_RUN in text_a and taps.SEARCH_RUN not in text_b
     hops_a, hops_b = (json.loads(t.replace(taps.SEARCH_RUN, "onnx file re-run"))["parity"] for t in (text_a, text_b))
     assert hops_a == hops_b
+
+
+def test_shipped_cli_help_and_a_missing_folder_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import tadsr.quantize.shipped as shipped
+
+    store = tmp_path / "shipped.json"
+    assert shipped.main(["--help"]) == 0 and "usage:" in capsys.readouterr().out
+    for args in ([str(tmp_path / "nope")], ["--ranges", str(tmp_path / "nope")], ["--update", str(tmp_path / "nope")]):
+        assert shipped.main([*args, str(store)]) == 2
+        assert "is not a folder" in capsys.readouterr().err
+    assert not store.exists()  # nothing written
