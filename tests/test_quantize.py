@@ -110,9 +110,13 @@ def test_onnx_int8_graph(graph, tiny_all):
     fp32 = sum(f["bytes"] for f in parent["files"])
     w = m["backend_info"]["quantized_weights"]
     floats = m["backend_info"]["initializer_bytes"].get("FLOAT", 0)
-    print(f"{graph}: file {size / fp32:.3f}x fp32, quantized weights {w['ratio']:.3f}x, float constants "
-          f"{floats / 1e6:.2f} MB")  # fmt: skip
-    assert w["ratio"] <= 0.3
+    if w["ratio"] is None:  # the recipe keeps every block's activations float: no QDQ node's weights to count
+        assert q["int8_fraction"] == 0 and f"no node is INT8 in {graph}" in (tiny_all.out / "SUMMARY.md").read_text()
+        print(f"{graph}: every block float by the recipe; file {size / fp32:.3f}x fp32")
+    else:
+        print(f"{graph}: file {size / fp32:.3f}x fp32, quantized weights {w['ratio']:.3f}x, float constants "
+              f"{floats / 1e6:.2f} MB")  # fmt: skip
+        assert w["ratio"] <= 0.3
     assert size <= 0.3 * fp32 + floats, (size / fp32, floats)
     if graph in ("encoder", "decoder") and q["int8_fraction"] >= 0.95:
         assert size <= 0.3 * fp32, size / fp32
