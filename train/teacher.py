@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tadsr.checkpoint import load_state_dict, save_safetensors
+from tadsr.checkpoint import load_state_dict, save_safetensors, sha256_file
 from tadsr.config import UNetConfig, get_preset
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
@@ -204,7 +204,7 @@ def pool_for(
 
 def pool_key(autoencoder: Path, pairs: PhotoPairs, **recipe: object) -> str:
     """Digest of what a latent pool depends on: the autoencoder file's bytes, the photos' pixels and the recipe."""
-    h = hashlib.sha256(Path(autoencoder).read_bytes())
+    h = hashlib.sha256(sha256_file(autoencoder).encode())
     for name, hr in zip(pairs.names, pairs.hr):
         h.update(f"{name}:{hr.shape}".encode())
         h.update(np.ascontiguousarray(hr).data)
