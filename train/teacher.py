@@ -188,16 +188,16 @@ def pool_for(
     CPU run continued on another day skips the encoding (~20 min for 2048 crops on 2 cores).
     """
     pairs = load_pairs(photos, "train", min_side=crop)
-    key = pool_key(autoencoder, pairs, preset=preset, n=n, seed=seed, crop=crop, rank=dist.rank, world=dist.world)
-    path = None
-    if cache is not None:
+    key = path = None
+    if cache is not None:  # the key hashes every train photo: only worth it where a cache is kept
+        key = pool_key(autoencoder, pairs, preset=preset, n=n, seed=seed, crop=crop, rank=dist.rank, world=dist.world)
         path = Path(cache) / ("latent_pool.safetensors" if dist.world == 1 else f"latent_pool.rank{dist.rank}.safetensors")
         pool = load_pool(path, key)
         if pool is not None:
             return pool.to(device)
     ae = load_autoencoder(autoencoder, preset, device)
     pool = build_latent_pool(ae, pairs, n, seed=seed, hr_size=crop, device=device, rank=dist.rank, world=dist.world)
-    if path is not None:
+    if path is not None and key is not None:
         save_safetensors({"z0": pool.z0, "zy": pool.zy, "lq": pool.lq}, path, {"key": key})
     return pool
 
