@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tadsr.checkpoint import load_state_dict, save_safetensors
+from tadsr.checkpoint import load_state_dict, save_safetensors, sha256_file
 from tadsr.config import get_preset
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
@@ -85,10 +84,6 @@ RECIPES: dict[str, Recipe] = {
         val_max_crops=6,
     ),
 }
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -151,7 +146,7 @@ def build(
         dst = out / f"{stem}_{part}.safetensors"
         save_safetensors(load_state_dict(src), dst, {"preset": preset, "part": part, "recipe": recipe.name,
                                                      "seed": str(seed)})  # fmt: skip
-        files[dst.name] = {"bytes": dst.stat().st_size, "sha256": _sha(dst)}
+        files[dst.name] = {"bytes": dst.stat().st_size, "sha256": sha256_file(dst)}
 
     ae_res = None
     if reuse_autoencoder is not None:
