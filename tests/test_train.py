@@ -408,7 +408,10 @@ def test_distill_paused_run_resumes_to_the_straight_run(tmp_path: Path) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_cpu_bf16_and_channels_last_options_run(tmp_path: Path) -> None:
+def test_cpu_bf16_and_channels_last_options_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tadsr.train.common as common
+
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)  # bf16 autocast runs whatever this CPU is
     pool = _pool(3)
     cfg = TeacherConfig(preset="test-micro", steps=2, batch=2, warmup=1, amp=False, log_every=1)
     fp32 = train_teacher(cfg, pool, tmp_path / "fp32", DEV)
@@ -428,6 +431,25 @@ def test_cpu_bf16_and_channels_last_options_run(tmp_path: Path) -> None:
     p = _pool(2)
     out = d.step(p.z0, p.zy, p.lq, torch.Generator().manual_seed(0))
     assert all(torch.isfinite(v) for v in out.values())
+
+
+def test_cpu_bf16_falls_back_to_fp32_with_a_warning_on_a_cpu_without_native_bf16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    import tadsr.train.common as common
+
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: False)
+    pool = _pool(3)
+    cfg = TeacherConfig(preset="test-micro", steps=2, batch=2, warmup=1, amp=True, log_every=1)
+    fp32 = train_teacher(cfg, pool, tmp_path / "fp32", DEV)
+    with caplog.at_level(logging.WARNING, logger="tadsr.train.common"):
+        asked = train_teacher(TeacherConfig(**{**cfg.__dict__, "cpu_amp": True}), pool, tmp_path / "bf16", DEV)
+    assert "no native bf16" in caplog.text and "teacher" in caplog.text
+    a, b = load_state_dict(fp32.weights), load_state_dict(asked.weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # it ran fp32, bit for bit
+    state = json.loads((tmp_path / "bf16" / "state.json").read_text())
+    assert state["config"]["cpu_amp"] is False  # the record says what ran
+    assert common.resolve_cpu_amp(True, torch.device("cuda"), "x") is True  # CUDA is not this CPU's business
 
 
 def test_distill_gt_only_skips_the_teacher_and_regresses_to_the_gt_latent() -> None:

@@ -40,6 +40,7 @@ from tadsr.train.common import (
     StageCheckpoint,
     StepPlanner,
     autocast,
+    resolve_cpu_amp,
     to_memory_format,
     init_distributed,
     setup_logging,
@@ -228,6 +229,7 @@ def train_autoencoder(
         init: start a fresh run from these weights (e.g. the shipped autoencoder) instead of a random one.
     """
     out_dir = Path(out_dir)
+    cfg = dataclasses.replace(cfg, cpu_amp=resolve_cpu_amp(cfg.cpu_amp, device, "autoencoder"))
     vq_cfg = vq_cfg or get_preset(cfg.preset).vq
     torch.manual_seed(cfg.seed)
     model = VQModelTorch(vq_cfg)
@@ -353,7 +355,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
-    p.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU too (AVX-512 BF16 / AMX CPUs)")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="bf16 autocast on the CPU too, where the CPU has native bf16 (AVX-512 BF16 / AMX); "
+                        "elsewhere the stage warns and trains fp32, which is faster there")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help="channels-last memory layout")
     p.add_argument("--pause-minutes", type=float,
                    help="end this run after so many minutes with a checkpoint; run again to continue (the LR "

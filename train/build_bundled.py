@@ -72,6 +72,8 @@ RECIPES: dict[str, Recipe] = {
     # ~60 minutes on 2 CPU cores. bf16 autocast on the CPU (cpu_amp) where it was faster in
     # benchmarks/results/train_throughput_cpu.txt (AVX-512 BF16 CPU: autoencoder 1.12x, teacher 1.52x; distillation
     # 1.03x, left fp32); channels-last was slower or inconsistent there. --set teacher.cpu_amp=false to undo.
+    # On a CPU without native bf16 the stages train fp32 instead, with a warning (emulated bf16 ran the
+    # student step at 0.55x the fp32 speed on an Intel Xeon without AVX-512 BF16, session 35).
     "cpu": Recipe(
         name="cpu",
         ae=AEConfig(steps=1500, batch=8, crop=96, final_crop=256, final_frac=0.1, lr=1e-3, warmup=50,

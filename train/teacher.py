@@ -38,6 +38,7 @@ from tadsr.train.common import (
     StageCheckpoint,
     StepPlanner,
     autocast,
+    resolve_cpu_amp,
     to_memory_format,
     init_distributed,
     setup_logging,
@@ -103,6 +104,7 @@ def train_teacher(
     fresh run from existing teacher weights (continued training) instead of a random initialisation.
     """
     out_dir = Path(out_dir)
+    cfg = dataclasses.replace(cfg, cpu_amp=resolve_cpu_amp(cfg.cpu_amp, device, "teacher"))
     preset = get_preset(cfg.preset)
     sched = make_schedule(preset.schedule)  # the schedule the one-step student is distilled from (v1)
     torch.manual_seed(cfg.seed)
