@@ -194,11 +194,13 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["autoencoder", "teacher", "distill", "compile"],
                     help="'compile': the teacher eager vs torch.compile (its own run: compilation takes minutes)")
     args = ap.parse_args(argv)
-    with contextlib.ExitStack() as stack:
-        return _run(args, stack)
+    native = common.cpu_has_native_bf16()
+    # the bf16 rows measure bf16 whatever the CPU: that is how a CPU without native bf16 shows what it would cost
+    with mock.patch.object(common, "cpu_has_native_bf16", lambda: True):
+        return _run(args, native)
 
 
-def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
+def _run(args: argparse.Namespace, native_bf16: bool) -> int:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if cuda:
@@ -217,11 +219,8 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     if cuda:
         print(f"# device {torch.cuda.get_device_name(dev)}, CUDA {torch.version.cuda}")
-    native = common.cpu_has_native_bf16()
     refused = "no: the CPU bf16 rows run emulated bf16, which the training stages refuse here (they warn, train fp32)"
-    print(f"# native bf16 on this CPU (torch): {'yes' if native else refused}")
-    # the bf16 rows measure bf16 whatever the CPU: that is how a CPU without native bf16 shows what it would cost
-    stack.enter_context(mock.patch.object(common, "cpu_has_native_bf16", lambda: True))
+    print(f"# native bf16 on this CPU (torch): {'yes' if native_bf16 else refused}")
     print(f"# load average at start (1/5/15 min): {_load()}; preset {args.preset}; {steps} timed steps per setting "
           "after 1 warm-up step")  # fmt: skip
     rows: list[Row] = []
