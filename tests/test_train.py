@@ -450,6 +450,12 @@ def test_cpu_bf16_falls_back_to_fp32_with_a_warning_on_a_cpu_without_native_bf16
     state = json.loads((tmp_path / "bf16" / "state.json").read_text())
     assert state["config"]["cpu_amp"] is False  # the record says what ran
     assert common.resolve_cpu_amp(True, torch.device("cuda"), "x") is True  # CUDA is not this CPU's business
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tadsr.train.common"):
+        no_amp = TeacherConfig(**{**cfg.__dict__, "amp": False, "cpu_amp": True})
+        train_teacher(no_amp, pool, tmp_path / "no_amp", DEV)
+    assert "no native bf16" not in caplog.text  # --cpu-bf16 with --no-amp asks for no autocast: nothing to warn of
+    assert json.loads((tmp_path / "no_amp" / "state.json").read_text())["config"]["cpu_amp"] is False
 
 
 def test_distill_gt_only_skips_the_teacher_and_regresses_to_the_gt_latent() -> None:

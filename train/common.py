@@ -126,7 +126,8 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_cpu_amp(requested: bool, device: torch.device, stage: str) -> bool:
     """A stage's ``cpu_amp`` as it will run on ``device``: bf16 autocast on the CPU only where the CPU has native
-    bf16 (:func:`cpu_has_native_bf16`); asked for on another CPU, the stage runs fp32 and says so once."""
+    bf16 (:func:`cpu_has_native_bf16`); asked for on another CPU, the stage runs fp32 and says so once.
+    Callers pass ``cfg.amp and cfg.cpu_amp``: with autocast off (``--no-amp``) nothing is asked for, and no warning."""
     if not (requested and device.type == "cpu"):
         return requested
     if cpu_has_native_bf16():
