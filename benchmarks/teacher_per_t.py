@@ -1,0 +1,113 @@
+"""Where a teacher's error lies: its x0-prediction error at every timestep, per photo set, for several teachers.
+
+For each set, the same random aligned 256² crops (HR and MATLAB-bicubic LR) are encoded once through the
+autoencoder (``z0 = E(HR)``, ``z_y = E(bicubic x4(LR))``), noised to ``x_t`` with one fixed noise per crop, and each
+teacher predicts ``z0`` at every t = 0..T-1 (the training objective, without sampling). Printed: the latent MSE per t
+and set, one column per teacher, as Markdown. A set is a photo set (its ``val`` split) or a plain folder of images
+(``tadsr/data/bench``).
+
+    python benchmarks/teacher_per_t.py --set val=data/photos --set bench=tadsr/data/bench \\
+        --teacher shipped=tadsr/weights/bundled_teacher.safetensors \\
+        --teacher s36=train/candidates/bundled_teacher_s36.safetensors --crops 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tadsr.checkpoint import load_state_dict
+from tadsr.config import get_preset
+from tadsr.models.unet_swin import UNetModelSwin
+from tadsr.models.vqgan import VQModelTorch
+from tadsr.schedule import make_schedule
+from tadsr.train.data import PhotoPairs, build_latent_pool, degrade_x4, load_pairs
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "tadsr" / "weights"
+
+
+def _pairs(source: Path) -> PhotoPairs:
+    """The ``val`` split of a photo set, or every image of a plain folder (sides cut to multiples of 4)."""
+    if (source / "val").is_dir() or source.suffix == ".npz":
+        return load_pairs(source, "val", min_side=256)
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    if not files:
+        raise SystemExit(f"{source}: no val/ folder and no images")
+    hrs = []
+    for f in files:
+        img = np.asarray(Image.open(f).convert("RGB"))
+        hrs.append(img[: img.shape[0] // 4 * 4, : img.shape[1] // 4 * 4])
+    return PhotoPairs(tuple(f.stem for f in files), tuple(hrs), tuple(degrade_x4(h) for h in hrs))
+
+
+def _named(items: list[str], flag: str) -> dict[str, Path]:
+    out = {}
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} wants NAME=PATH, got {it!r}")
+        out[name] = Path(path)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", action="append", required=True, help="NAME=DIR (photo set or image folder)")
+    ap.add_argument("--teacher", action="append", required=True, help="NAME=teacher .safetensors")
+    ap.add_argument("--autoencoder", type=Path, default=WEIGHTS / "bundled_autoencoder.safetensors")
+    ap.add_argument("--preset", default="bundled")
+    ap.add_argument("--crops", type=int, default=32, help="random 256² crops per set")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    dev = torch.device("cpu")
+    p = get_preset(args.preset)
+    sched = make_schedule(p.schedule)
+    T = sched.num_steps
+    ae = VQModelTorch(p.vq)
+    ae.load_state_dict(load_state_dict(args.autoencoder), strict=True)
+    ae.eval().requires_grad_(False)
+    teachers = {}
+    for name, path in _named(args.teacher, "--teacher").items():
+        net = UNetModelSwin(p.unet)
+        net.load_state_dict(load_state_dict(path), strict=True)
+        teachers[name] = net.eval().requires_grad_(False)
+    sets = _named(args.set, "--set")
+    mse: dict[tuple[str, str], list[float]] = {}
+    with torch.inference_mode():
+        for sname, src in sets.items():
+            pool = build_latent_pool(ae, _pairs(src), args.crops, seed=args.seed, hr_size=256, device=dev)
+            g = torch.Generator().manual_seed(args.seed)
+            eps = torch.randn(pool.z0.shape, generator=g)
+            for tname, net in teachers.items():
+                per_t = []
+                for t in range(T):
+                    tt = torch.full((len(pool),), t, dtype=torch.long)
+                    x_t = sched.q_sample(pool.z0, pool.zy, tt, eps)
+                    errs = [
+                        (net(sched.scale_input_batch(x_t[i : i + 8], tt[i : i + 8]), tt[i : i + 8], pool.lq[i : i + 8])
+                         - pool.z0[i : i + 8]).square().flatten(1).mean(1)
+                        for i in range(0, len(pool), 8)
+                    ]  # fmt: skip
+                    per_t.append(float(torch.cat(errs).mean()))
+                mse[(sname, tname)] = per_t
+    cols = [(s, t) for s in sets for t in teachers]
+    print(f"# Teacher x0-prediction latent MSE per timestep ({args.crops} random 256² crops per set, seed {args.seed})\n")
+    print("| t | " + " | ".join(f"{s}: {t}" for s, t in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for t in range(T):
+        print(f"| {t} | " + " | ".join(f"{mse[c][t]:.4f}" for c in cols) + " |")
+    print("| mean | " + " | ".join(f"{np.mean(mse[c]):.4f}" for c in cols) + " |")
+    print(f"\n{time.perf_counter() - t0:.0f} s, torch threads {args.threads}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
