@@ -449,7 +449,8 @@ def test_cpu_bf16_falls_back_to_fp32_with_a_warning_on_a_cpu_without_native_bf16
     assert all(torch.equal(a[k], b[k]) for k in a)  # it ran fp32, bit for bit
     state = json.loads((tmp_path / "bf16" / "state.json").read_text())
     assert state["config"]["cpu_amp"] is False  # the record says what ran
-    assert common.resolve_cpu_amp(True, torch.device("cuda"), "x") is True  # CUDA is not this CPU's business
+    on_cuda = common.resolve_cpu_amp(TeacherConfig(cpu_amp=True), torch.device("cuda"), "x")
+    assert on_cuda.cpu_amp is True  # CUDA is not this CPU's business
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tadsr.train.common"):
         no_amp = TeacherConfig(**{**cfg.__dict__, "amp": False, "cpu_amp": True})

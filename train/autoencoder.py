@@ -229,7 +229,7 @@ def train_autoencoder(
         init: start a fresh run from these weights (e.g. the shipped autoencoder) instead of a random one.
     """
     out_dir = Path(out_dir)
-    cfg = dataclasses.replace(cfg, cpu_amp=resolve_cpu_amp(cfg.amp and cfg.cpu_amp, device, "autoencoder"))
+    cfg = resolve_cpu_amp(cfg, device, "autoencoder")
     vq_cfg = vq_cfg or get_preset(cfg.preset).vq
     torch.manual_seed(cfg.seed)
     model = VQModelTorch(vq_cfg)

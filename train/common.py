@@ -22,9 +22,10 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -111,6 +112,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+class _AmpFields(Protocol):
+    @property
+    def amp(self) -> bool: ...
+    @property
+    def cpu_amp(self) -> bool: ...
+
+
+_AmpConfig = TypeVar("_AmpConfig", bound=_AmpFields)
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), as torch's CPU backend reports it.
@@ -124,17 +135,17 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(c()) for c in checks if c is not None)
 
 
-def resolve_cpu_amp(requested: bool, device: torch.device, stage: str) -> bool:
-    """A stage's ``cpu_amp`` as it will run on ``device``: bf16 autocast on the CPU only where the CPU has native
-    bf16 (:func:`cpu_has_native_bf16`); asked for on another CPU, the stage runs fp32 and says so once.
-    Callers pass ``cfg.amp and cfg.cpu_amp``: with autocast off (``--no-amp``) nothing is asked for, and no warning."""
-    if not (requested and device.type == "cpu"):
-        return requested
-    if cpu_has_native_bf16():
-        return True
-    log.warning("%s: bf16 autocast on the CPU was asked for (--cpu-bf16 or the recipe), but this CPU has no native "
-                "bf16 (AVX-512 BF16 or AMX), where emulated bf16 is slower than fp32: training in fp32", stage)
-    return False
+def resolve_cpu_amp(cfg: _AmpConfig, device: torch.device, stage: str) -> _AmpConfig:
+    """``cfg`` with ``cpu_amp`` as the stage will run on ``device``: bf16 autocast on the CPU only when autocast is
+    on (``amp``; ``--no-amp`` asks for nothing) and the CPU has native bf16 (:func:`cpu_has_native_bf16`); asked
+    for on another CPU, the stage runs fp32 and says so once."""
+    asked = cfg.amp and cfg.cpu_amp
+    if asked and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("%s: bf16 autocast on the CPU was asked for (--cpu-bf16 or the recipe), but this CPU has no "
+                    "native bf16 (AVX-512 BF16 or AMX), where emulated bf16 is slower than fp32: training in fp32",
+                    stage)  # fmt: skip
+        asked = False
+    return dataclasses.replace(cfg, cpu_amp=asked)
 
 
 def autocast(device: torch.device, enabled: bool, cpu: bool = False) -> contextlib.AbstractContextManager[Any]:

@@ -243,7 +243,7 @@ def train_distill(
     ``bundled_student.safetensors``) instead of the teacher's; a checkpoint in ``out_dir`` takes precedence.
     """
     out_dir = Path(out_dir)
-    cfg = dataclasses.replace(cfg, cpu_amp=resolve_cpu_amp(cfg.amp and cfg.cpu_amp, device, "distill"))
+    cfg = resolve_cpu_amp(cfg, device, "distill")
     d = Distiller(cfg, teacher, device, dist)
     ckpt = StageCheckpoint(out_dir)
     step, elapsed, metrics = 0, 0.0, {}

@@ -263,7 +263,7 @@ def distill_light_ae(
     takes precedence (resume).
     """
     out_dir = Path(out_dir)
-    cfg = dataclasses.replace(cfg, cpu_amp=resolve_cpu_amp(cfg.amp and cfg.cpu_amp, device, "distill-ae"))
+    cfg = resolve_cpu_amp(cfg, device, "distill-ae")
     lcfg = light_config(cfg.preset, **cfg.light)
     if lcfg.n_embed != ae.cfg.n_embed or lcfg.embed_dim != ae.cfg.embed_dim:
         raise ConfigError(f"light config {lcfg} does not match the autoencoder (n_embed {ae.cfg.n_embed}, "

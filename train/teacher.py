@@ -104,7 +104,7 @@ def train_teacher(
     fresh run from existing teacher weights (continued training) instead of a random initialisation.
     """
     out_dir = Path(out_dir)
-    cfg = dataclasses.replace(cfg, cpu_amp=resolve_cpu_amp(cfg.amp and cfg.cpu_amp, device, "teacher"))
+    cfg = resolve_cpu_amp(cfg, device, "teacher")
     preset = get_preset(cfg.preset)
     sched = make_schedule(preset.schedule)  # the schedule the one-step student is distilled from (v1)
     torch.manual_seed(cfg.seed)
