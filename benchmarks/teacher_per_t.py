@@ -25,8 +25,9 @@ from tadsr.checkpoint import load_state_dict
 from tadsr.config import get_preset
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
-from tadsr.schedule import make_schedule
-from tadsr.train.data import PhotoPairs, build_latent_pool, degrade_x4, load_pairs
+from tadsr.schedule import Schedule, make_schedule
+from tadsr.train.common import chunks
+from tadsr.train.data import LatentPool, PhotoPairs, build_latent_pool, degrade_x4, load_pairs
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "tadsr" / "weights"
 
@@ -53,6 +54,14 @@ def _named(items: list[str], flag: str) -> dict[str, Path]:
             raise SystemExit(f"{flag} wants NAME=PATH, got {it!r}")
         out[name] = Path(path)
     return out
+
+
+def _x0_mse(net: UNetModelSwin, sched: Schedule, pool: LatentPool, x_t: torch.Tensor, t: int) -> float:
+    """Mean latent MSE of ``net``'s x0 prediction from ``x_t`` at timestep ``t`` over the pool (batches of 8)."""
+    tt = torch.full((len(pool),), t, dtype=torch.long)
+    errs = [(net(sched.scale_input_batch(x_t[s], tt[s]), tt[s], pool.lq[s]) - pool.z0[s]).square().flatten(1).mean(1)
+            for s in chunks(len(pool), 8)]  # fmt: skip
+    return float(torch.cat(errs).mean())
 
 
 def main() -> int:
@@ -86,20 +95,12 @@ def main() -> int:
             pool = build_latent_pool(ae, _pairs(src), args.crops, seed=args.seed, hr_size=256, device=dev)
             g = torch.Generator().manual_seed(args.seed)
             eps = torch.randn(pool.z0.shape, generator=g)
+            xs = [sched.q_sample(pool.z0, pool.zy, torch.full((len(pool),), t), eps) for t in range(T)]
             for tname, net in teachers.items():
-                per_t = []
-                for t in range(T):
-                    tt = torch.full((len(pool),), t, dtype=torch.long)
-                    x_t = sched.q_sample(pool.z0, pool.zy, tt, eps)
-                    errs = [
-                        (net(sched.scale_input_batch(x_t[i : i + 8], tt[i : i + 8]), tt[i : i + 8], pool.lq[i : i + 8])
-                         - pool.z0[i : i + 8]).square().flatten(1).mean(1)
-                        for i in range(0, len(pool), 8)
-                    ]  # fmt: skip
-                    per_t.append(float(torch.cat(errs).mean()))
-                mse[(sname, tname)] = per_t
+                mse[(sname, tname)] = [_x0_mse(net, sched, pool, x_t, t) for t, x_t in enumerate(xs)]
     cols = [(s, t) for s in sets for t in teachers]
-    print(f"# Teacher x0-prediction latent MSE per timestep ({args.crops} random 256² crops per set, seed {args.seed})\n")
+    title = f"Teacher x0-prediction latent MSE per timestep ({args.crops} random 256² crops per set, seed {args.seed})"
+    print(f"# {title}\n")
     print("| t | " + " | ".join(f"{s}: {t}" for s, t in cols) + " |")
     print("|---|" + "---|" * len(cols))
     for t in range(T):
