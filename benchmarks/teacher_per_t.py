@@ -6,6 +6,11 @@ teacher predicts ``z0`` at every t = 0..T-1 (the training objective, without sam
 and set, one column per teacher, as Markdown. A set is a photo set (its ``val`` split) or a plain folder of images
 (``tadsr/data/bench``).
 
+``--decode`` adds, for the predictions at t = T-1 (one step) and t = 0, what happens after the latent: the share of
+latent positions whose nearest codebook entry differs from that of ``z0`` (code flips), and the PSNR-Y of the decoded
+prediction, with and without the VQ lookup, against the decoded ``z0`` (the autoencoder's own reconstruction, so only
+the teacher's error is scored).
+
     python benchmarks/teacher_per_t.py --set val=data/photos --set bench=tadsr/data/bench \\
         --teacher shipped=tadsr/weights/bundled_teacher.safetensors \\
         --teacher s36=train/candidates/bundled_teacher_s36.safetensors --crops 32
@@ -23,6 +28,7 @@ from PIL import Image
 
 from tadsr.checkpoint import load_state_dict
 from tadsr.config import get_preset
+from tadsr.metrics import psnr_y_8bit
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
 from tadsr.schedule import Schedule, make_schedule
@@ -56,12 +62,21 @@ def _named(items: list[str], flag: str) -> dict[str, Path]:
     return out
 
 
-def _x0_mse(net: UNetModelSwin, sched: Schedule, pool: LatentPool, x_t: torch.Tensor, t: int) -> float:
-    """Mean latent MSE of ``net``'s x0 prediction from ``x_t`` at timestep ``t`` over the pool (batches of 8)."""
+def _x0_pred(net: UNetModelSwin, sched: Schedule, pool: LatentPool, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    """``net``'s x0 prediction from ``x_t`` at timestep ``t`` for the whole pool (batches of 8)."""
     tt = torch.full((len(pool),), t, dtype=torch.long)
-    errs = [(net(sched.scale_input_batch(x_t[s], tt[s]), tt[s], pool.lq[s]) - pool.z0[s]).square().flatten(1).mean(1)
-            for s in chunks(len(pool), 8)]  # fmt: skip
-    return float(torch.cat(errs).mean())
+    return torch.cat([net(sched.scale_input_batch(x_t[s], tt[s]), tt[s], pool.lq[s]) for s in chunks(len(pool), 8)])
+
+
+def _after_latent(ae: VQModelTorch, pred: torch.Tensor, z0: torch.Tensor) -> tuple[float, float, float]:
+    """(code-flip share, PSNR-Y quantised, PSNR-Y unquantised) of predictions against ``z0``, per-crop means."""
+    flips, pq, pu = [], [], []
+    for s in chunks(len(z0), 8):
+        flips.append((ae.quantize.indices(pred[s]) != ae.quantize.indices(z0[s])).float().flatten(1).mean(1))
+        ref = ae.decode(z0[s]).clamp(-1, 1).numpy()
+        for out, acc in ((ae.decode(pred[s]), pq), (ae.decode(pred[s], force_not_quantize=True), pu)):
+            acc += [psnr_y_8bit(o, r) for o, r in zip(out.clamp(-1, 1).numpy(), ref)]
+    return float(torch.cat(flips).mean()), float(np.mean(pq)), float(np.mean(pu))
 
 
 def main() -> int:
@@ -73,6 +88,7 @@ def main() -> int:
     ap.add_argument("--crops", type=int, default=32, help="random 256² crops per set")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode", action="store_true", help="also code flips and decoded PSNR-Y at t = T-1 and 0")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -90,6 +106,7 @@ def main() -> int:
         teachers[name] = net.eval().requires_grad_(False)
     sets = _named(args.set, "--set")
     mse: dict[tuple[str, str], list[float]] = {}
+    after: dict[tuple[str, str, int], tuple[float, float, float]] = {}
     with torch.inference_mode():
         for sname, src in sets.items():
             pool = build_latent_pool(ae, _pairs(src), args.crops, seed=args.seed, hr_size=256, device=dev)
@@ -97,7 +114,12 @@ def main() -> int:
             eps = torch.randn(pool.z0.shape, generator=g)
             xs = [sched.q_sample(pool.z0, pool.zy, torch.full((len(pool),), t), eps) for t in range(T)]
             for tname, net in teachers.items():
-                mse[(sname, tname)] = [_x0_mse(net, sched, pool, x_t, t) for t, x_t in enumerate(xs)]
+                mse[(sname, tname)] = []
+                for t, x_t in enumerate(xs):
+                    pred = _x0_pred(net, sched, pool, x_t, t)
+                    mse[(sname, tname)].append(float((pred - pool.z0).square().mean()))
+                    if args.decode and t in (0, T - 1):
+                        after[(sname, tname, t)] = _after_latent(ae, pred, pool.z0)
     cols = [(s, t) for s in sets for t in teachers]
     title = f"Teacher x0-prediction latent MSE per timestep ({args.crops} random 256² crops per set, seed {args.seed})"
     print(f"# {title}\n")
@@ -106,6 +128,12 @@ def main() -> int:
     for t in range(T):
         print(f"| {t} | " + " | ".join(f"{mse[c][t]:.4f}" for c in cols) + " |")
     print("| mean | " + " | ".join(f"{np.mean(mse[c]):.4f}" for c in cols) + " |")
+    if after:
+        print("\n## After the latent (against the decoded z0)\n")
+        print("| set | teacher | t | code flips | PSNR-Y, VQ lookup | PSNR-Y, no lookup |")
+        print("|---|---|---|---|---|---|")
+        for (s, tn, t), (fl, pq, pu) in sorted(after.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])):
+            print(f"| {s} | {tn} | {t} | {fl:.1%} | {pq:.2f} | {pu:.2f} |")
     print(f"\n{time.perf_counter() - t0:.0f} s, torch threads {args.threads}")
     return 0
 
