@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from tadsr.checkpoint import load_state_dict
 from tadsr.config import get_preset
@@ -33,23 +32,9 @@ from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
 from tadsr.schedule import Schedule, make_schedule
 from tadsr.train.common import chunks
-from tadsr.train.data import LatentPool, PhotoPairs, build_latent_pool, degrade_x4, load_pairs
+from tadsr.train.data import LatentPool, build_latent_pool, load_pairs
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "tadsr" / "weights"
-
-
-def _pairs(source: Path) -> PhotoPairs:
-    """The ``val`` split of a photo set, or every image of a plain folder (sides cut to multiples of 4)."""
-    if (source / "val").is_dir() or source.suffix == ".npz":
-        return load_pairs(source, "val", min_side=256)
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
-    if not files:
-        raise SystemExit(f"{source}: no val/ folder and no images")
-    hrs = []
-    for f in files:
-        img = np.asarray(Image.open(f).convert("RGB"))
-        hrs.append(img[: img.shape[0] // 4 * 4, : img.shape[1] // 4 * 4])
-    return PhotoPairs(tuple(f.stem for f in files), tuple(hrs), tuple(degrade_x4(h) for h in hrs))
 
 
 def _named(items: list[str], flag: str) -> dict[str, Path]:
@@ -109,7 +94,7 @@ def main() -> int:
     after: dict[tuple[str, str, int], tuple[float, float, float]] = {}
     with torch.inference_mode():
         for sname, src in sets.items():
-            pool = build_latent_pool(ae, _pairs(src), args.crops, seed=args.seed, hr_size=256, device=dev)
+            pool = build_latent_pool(ae, load_pairs(src, "val", min_side=256), args.crops, seed=args.seed, hr_size=256, device=dev)
             g = torch.Generator().manual_seed(args.seed)
             eps = torch.randn(pool.z0.shape, generator=g)
             xs = [sched.q_sample(pool.z0, pool.zy, torch.full((len(pool),), t), eps) for t in range(T)]

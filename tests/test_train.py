@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from tadsr.checkpoint import load_state_dict
-from tadsr.errors import ConfigError
+from tadsr.errors import ConfigError, InputError
 from tadsr.config import PRESETS, SCHEDULES, Preset, UNetConfig, VQConfig
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
@@ -202,6 +203,24 @@ def test_flips_commute_with_degradation() -> None:
     lr = degrade_x4(hr)
     np.testing.assert_array_equal(degrade_x4(np.ascontiguousarray(hr[:, ::-1])), lr[:, ::-1])
     np.testing.assert_array_equal(degrade_x4(np.ascontiguousarray(hr.transpose(1, 0, 2))), lr.transpose(1, 0, 2))
+
+
+def test_plain_image_folder_is_held_out(photos: Path, tmp_path: Path) -> None:
+    flat = tmp_path / "bench"
+    flat.mkdir()
+    for f in (photos / "val").iterdir():
+        shutil.copy(f, flat / f.name)
+    (flat / "notes.txt").write_text("not an image")
+    got, want = load_pairs(flat, "val"), load_pairs(photos, "val")
+    assert got.names == want.names == ("img0",)
+    np.testing.assert_array_equal(got.hr[0], want.hr[0])
+    np.testing.assert_array_equal(got.lr[0], want.lr[0])
+    with pytest.raises(InputError, match="plain image folder"):
+        load_pairs(flat, "train")
+    only_val = tmp_path / "only_val"
+    shutil.copytree(photos / "val", only_val / "val")
+    with pytest.raises(InputError, match="has no train/ folder"):
+        load_pairs(only_val, "train")
 
 
 def test_crops_are_aligned(photos: Path) -> None:

@@ -10,7 +10,9 @@ Sources accepted by :func:`load_pairs`:
 
 * a photo set folder written by :mod:`tadsr.train.photos` (``SOURCES.json`` + ``train/`` + ``val/``);
 * a folder with ``train/`` and ``val/`` sub-folders of images (no ``SOURCES.json``: tests, other data);
-* a ``.npz`` pack written by :func:`pack_photos` (``train/<name>`` and ``val/<name>`` uint8 HWC arrays).
+* a ``.npz`` pack written by :func:`pack_photos` (``train/<name>`` and ``val/<name>`` uint8 HWC arrays);
+* a plain folder of images (no ``train/`` or ``val/``): held-out images, e.g. ``tadsr/data/bench``; they are its
+  ``val`` split and it has no ``train`` split.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def _read_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _SUFFIXES)
+
+
 def _images_of(source: Path, split: Split) -> list[tuple[str, np.ndarray]]:
     if source.suffix == ".npz":
         with np.load(source) as z:
@@ -95,9 +101,15 @@ def _images_of(source: Path, split: Split) -> list[tuple[str, np.ndarray]]:
         paths = ps.train if split == "train" else ps.val
     else:
         sub = source / split
-        if not sub.is_dir():
+        plain = not (source / "train").is_dir() and not (source / "val").is_dir() and _image_files(source)
+        if plain and split == "val":
+            sub = source
+        elif plain:
+            raise InputError(f"{source} is a plain image folder: its images are held out (val), never trained on; "
+                             "pass a photo set (python -m tadsr.train.photos DIR) to train")  # fmt: skip
+        elif not sub.is_dir():
             raise InputError(f"{source} has no {split}/ folder; pass a photo set (python -m tadsr.train.photos DIR)")
-        paths = sorted(p for p in sub.iterdir() if p.suffix.lower() in _SUFFIXES)
+        paths = _image_files(sub)
     return [(p.stem, _read_rgb(p)) for p in paths]
 
 
@@ -105,7 +117,8 @@ def load_pairs(source: Path, split: Split, *, min_side: int = 0) -> PhotoPairs:
     """Load one split of a photo source and make its LR images.
 
     Args:
-        source: photo set folder, folder with train/ and val/, or a .npz pack (see module docstring).
+        source: photo set folder, folder with train/ and val/, .npz pack, or a plain image folder (its images are
+            ``val``; see module docstring).
         split: ``"train"`` or ``"val"``; never train on ``"val"``.
         min_side: drop photos whose shorter HR side is below this (they cannot hold a crop).
 
