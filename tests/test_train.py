@@ -221,6 +221,8 @@ def test_plain_image_folder_is_held_out(photos: Path, tmp_path: Path) -> None:
     shutil.copytree(photos / "val", only_val / "val")
     with pytest.raises(InputError, match="has no train/ folder"):
         load_pairs(only_val, "train")
+    with pytest.raises(InputError, match="not a photo set"):
+        load_pairs(flat / "img0.png", "val")
 
 
 def test_crops_are_aligned(photos: Path) -> None:

@@ -101,6 +101,9 @@ def _images_of(source: Path, split: Split) -> list[tuple[str, np.ndarray]]:
         paths = ps.train if split == "train" else ps.val
     else:
         sub = source / split
+        if not source.is_dir():
+            raise InputError(f"{source} is not a photo set: pass a folder or a .npz pack "
+                             "(python -m tadsr.train.photos DIR)")  # fmt: skip
         plain = not (source / "train").is_dir() and not (source / "val").is_dir() and _image_files(source)
         if plain and split == "val":
             sub = source
