@@ -79,7 +79,8 @@ def main() -> int:
     for i in range(n_img):
         for k in range(4):
             cells = [scores[(i, k, n)] for n in pipes]
-            print(f"| {pairs.names[i]} | {90 * k} | " + " | ".join(f"{np.mean(c):.2f} ({np.ptp(c):.2f})" for c in cells) + " |")
+            row = " | ".join(f"{np.mean(c):.2f} ({np.ptp(c):.2f})" for c in cells)
+            print(f"| {pairs.names[i]} | {90 * k} | {row} |")
     every = {n: np.mean([np.mean(v) for (_, _, m), v in scores.items() if m == n]) for n in pipes}
     stored = {n: np.mean([scores[(i, 0, n)][0] for i in range(n_img)]) for n in pipes}
     print("| **mean, all rotations and seeds** | | " + " | ".join(f"**{every[n]:.2f}**" for n in pipes) + " |")

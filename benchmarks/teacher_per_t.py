@@ -94,7 +94,8 @@ def main() -> int:
     after: dict[tuple[str, str, int], tuple[float, float, float]] = {}
     with torch.inference_mode():
         for sname, src in sets.items():
-            pool = build_latent_pool(ae, load_pairs(src, "val", min_side=256), args.crops, seed=args.seed, hr_size=256, device=dev)
+            pairs = load_pairs(src, "val", min_side=256)
+            pool = build_latent_pool(ae, pairs, args.crops, seed=args.seed, hr_size=256, device=dev)
             g = torch.Generator().manual_seed(args.seed)
             eps = torch.randn(pool.z0.shape, generator=g)
             xs = [sched.q_sample(pool.z0, pool.zy, torch.full((len(pool),), t), eps) for t in range(T)]
