@@ -33,7 +33,9 @@ from tadsr.checkpoint import load_state_dict, save_safetensors
 from tadsr.config import VQConfig, get_preset
 from tadsr.errors import ConfigError
 from tadsr.models.ops import bicubic_x4_reference
+from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
+from tadsr.schedule import make_schedule
 from tadsr.train.common import (
     DistEnv,
     RunningMean,
@@ -91,12 +93,20 @@ class AEConfig:
     # fraction of each batch whose crops are the bicubic x4 of their LR (what the do-nothing path and a
     # denoiser's early latents look like) instead of the HR crop; each is reconstructed as it is
     blur_frac: float = 0.0
+    # fraction of each batch (its last rows) decoded from the one-step student's latent of the crop's LR
+    # (``student`` of :func:`train_autoencoder`) with the HR crop as the target: the decoder learns the latents the
+    # product hands it. Only with part="decoder" (the student was trained on this encoder's latents).
+    student_frac: float = 0.0
 
     def __post_init__(self) -> None:
         if self.part not in PARTS:
             raise ConfigError(f"autoencoder part must be 'all' or 'decoder', not {self.part!r}")
         if not 0.0 <= self.blur_frac <= 1.0:
             raise ConfigError(f"blur_frac must be in [0, 1], not {self.blur_frac}")
+        if not 0.0 <= self.student_frac <= 1.0 or self.blur_frac + self.student_frac > 1.0:
+            raise ConfigError(f"student_frac must be in [0, 1 - blur_frac], not {self.student_frac}")
+        if self.student_frac and self.part != "decoder":
+            raise ConfigError("student_frac needs part='decoder': the student was trained on the frozen encoder")
 
 
 @dataclass(frozen=True)
@@ -121,9 +131,15 @@ class _AEStep(nn.Module):
         self.amp = amp
         self.cpu_amp = cpu_amp
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        with autocast(x.device, self.amp, self.cpu_amp):
-            z = self.model.encode(x)
+    def forward(
+        self, x: torch.Tensor, z_given: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``z_given``: decode these latents instead of encoding ``x`` (a frozen encoder's stand-in)."""
+        if z_given is None:
+            with autocast(x.device, self.amp, self.cpu_amp):
+                z = self.model.encode(x)
+        else:
+            z = z_given
         z = z.float()
         idx = self.model.quantize.indices(z)
         e = self.model.quantize.embedding(idx).permute(0, 3, 1, 2)
@@ -202,9 +218,13 @@ def standardize_latent_(model: VQModelTorch, z_samples: torch.Tensor) -> tuple[l
 _SPECIAL = 10**9  # step numbers of batches outside the training sequence (codebook init, latent stats)
 
 
-def _batch(pairs: PhotoPairs, cfg: AEConfig, dist: DistEnv, step: int, crop: int, device: torch.device) -> torch.Tensor:
+def _batch(
+    pairs: PhotoPairs, cfg: AEConfig, dist: DistEnv, step: int, crop: int, device: torch.device, n: int | None = None
+) -> torch.Tensor:
+    """``n`` (default: the batch) crops in [-1, 1]; the first ``blur_frac`` of the batch are the bicubic x4 of
+    their LR instead of HR."""
     rng = np.random.default_rng(step_seed(cfg.seed, dist.rank, step, stream=1))
-    hr, lr = sample_crops(pairs, rng, cfg.batch, crop)
+    hr, lr = sample_crops(pairs, rng, cfg.batch if n is None else n, crop)
     x = to_unit(hr, device)
     n_blur = round(cfg.blur_frac * cfg.batch)
     if n_blur:
@@ -212,9 +232,52 @@ def _batch(pairs: PhotoPairs, cfg: AEConfig, dist: DistEnv, step: int, crop: int
     return x
 
 
+def _student_rows(
+    pairs: PhotoPairs, cfg: AEConfig, dist: DistEnv, step: int, crop: int, n: int, tile: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HR crops (n, 3, S, S) and their LR (n, 3, S/4, S/4), ``S`` = ``crop`` rounded up to a multiple of ``tile``.
+
+    Whole tiles, not windows of them: the student needs a multiple of its tile, and the latent of a tile holds
+    that tile's normalisation (a window of it decodes to 11-20 dB where the window's own latent gives 25-30).
+    """
+    size = -(-crop // tile) * tile
+    rng = np.random.default_rng(step_seed(cfg.seed, dist.rank, step, stream=5))
+    hr, lr = sample_crops(pairs, rng, n, size)
+    return to_unit(hr, device), to_unit(lr, device)
+
+
+def _rec_losses(cfg: AEConfig, x_rec: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(L1, 1 - SSIM, |dFFT|) of a reconstruction."""
+    l_ssim = ssim_loss(x_rec, x) if cfg.ssim_weight else x.new_zeros(())
+    l_fft = fft_loss(x_rec, x) if cfg.fft_weight else x.new_zeros(())
+    return (x_rec - x).abs().mean(), l_ssim, l_fft
+
+
+class _StudentLatents:
+    """The one-step student's x0 for LR crops, as the pipeline computes it (frozen network, no gradient)."""
+
+    def __init__(self, path: Path, preset: str, model: VQModelTorch, device: torch.device) -> None:
+        p = get_preset(preset)
+        self.net = UNetModelSwin(p.unet)
+        self.net.load_state_dict(load_state_dict(path), strict=True)
+        self.net = self.net.to(device).eval().requires_grad_(False)
+        self.schedule = make_schedule(p.schedule)
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, lq: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """LR (n, 3, h, w) -> x0 (n, C, h, w), in the decoder's latent units (divided by the scale factor)."""
+        z_y = self.model.encode(bicubic_x4_reference(lq)).float()
+        noise = torch.randn(z_y.shape, generator=gen, device=z_y.device)
+        t_last = self.schedule.num_steps - 1
+        t = torch.full((lq.shape[0],), t_last, dtype=torch.int64, device=lq.device)
+        x_t = self.schedule.prior_sample(z_y, noise)
+        return self.net(self.schedule.scale_input(x_t, t_last), t, lq).float() / self.schedule.cfg.scale_factor
+
+
 def train_autoencoder(
     cfg: AEConfig, pairs: PhotoPairs, out_dir: Path, device: torch.device, dist: DistEnv = DistEnv(),
-    *, vq_cfg: VQConfig | None = None, resume: bool = True, init: Path | None = None,
+    *, vq_cfg: VQConfig | None = None, resume: bool = True, init: Path | None = None, student: Path | None = None,
 ) -> AEResult:  # fmt: skip
     """Train (or resume) the autoencoder; write ``out_dir/final.safetensors`` (standardised latent).
 
@@ -227,6 +290,7 @@ def train_autoencoder(
         vq_cfg: architecture; defaults to the preset's.
         resume: continue from ``out_dir`` when it holds a checkpoint.
         init: start a fresh run from these weights (e.g. the shipped autoencoder) instead of a random one.
+        student: one-step student weights (same preset) whose latents feed the last ``cfg.student_frac`` rows.
     """
     out_dir = Path(out_dir)
     cfg = resolve_cpu_amp(cfg, device, "autoencoder")
@@ -247,6 +311,15 @@ def train_autoencoder(
         for mod in (model.encoder, model.quant_conv, model.quantize):
             mod.requires_grad_(False)
     params = [q for q in model.parameters() if q.requires_grad]
+    if cfg.student_frac and student is None:
+        raise ConfigError("student_frac > 0 decodes the student's latents: give the student weights (--student)")
+    n_stu = round(cfg.student_frac * cfg.batch)
+    if n_stu and dist.enabled:
+        raise ConfigError("student_frac runs in one process (two decoder passes per step do not suit DDP)")
+    if n_stu >= cfg.batch:
+        raise ConfigError(f"student_frac {cfg.student_frac} leaves no encoded row in a batch of {cfg.batch}")
+    stu = _StudentLatents(student, cfg.preset, model, device) if n_stu else None
+    tile = 4 * get_preset(cfg.preset).pad_multiple  # HR side of the student's smallest input
     step_mod: nn.Module = _AEStep(model, cfg.amp, cfg.cpu_amp)
     if dist.enabled:
         step_mod = nn.parallel.DistributedDataParallel(step_mod, device_ids=[device] if device.type == "cuda" else None)
@@ -274,14 +347,23 @@ def train_autoencoder(
         crop = cfg.final_crop if prog >= 1 - cfg.final_frac else cfg.crop
         for gr in opt.param_groups:
             gr["lr"] = cfg.lr * warmup_cosine(step, prog, cfg.warmup)
-        x = to_memory_format(_batch(pairs, cfg, dist, step, crop, device), cfg.channels_last)
+        x = to_memory_format(_batch(pairs, cfg, dist, step, crop, device, n=cfg.batch - n_stu), cfg.channels_last)
         x_rec, z, e, idx = step_mod(x)
-        l1 = (x_rec - x).abs().mean()
-        l_ssim = ssim_loss(x_rec, x) if cfg.ssim_weight else x.new_zeros(())
-        l_fft = fft_loss(x_rec, x) if cfg.fft_weight else x.new_zeros(())
+        l1, l_ssim, l_fft = _rec_losses(cfg, x_rec, x)
+        loss = l1 + cfg.ssim_weight * l_ssim + cfg.fft_weight * l_fft
+        extra: dict[str, torch.Tensor] = {}
+        if stu is not None:  # the student's rows: its latent of the LR tile, decoded and scored against HR
+            hr_s, lq = _student_rows(pairs, cfg, dist, step, crop, n_stu, tile, device)
+            gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, dist.rank, step, stream=4))
+            hr_s = to_memory_format(hr_s, cfg.channels_last)
+            s_rec, _, _, s_idx = step_mod(hr_s, stu(lq, gen))
+            s_l1, s_ssim, s_fft = _rec_losses(cfg, s_rec, hr_s)
+            w = n_stu / cfg.batch
+            loss = (1 - w) * loss + w * (s_l1 + cfg.ssim_weight * s_ssim + cfg.fft_weight * s_fft)
+            idx = torch.cat([idx.flatten(), s_idx.flatten()])
+            extra = {"l1_student": s_l1, "psnr_student": _psnr(s_rec.detach(), hr_s)}
         l_cb = F.mse_loss(e, z.detach())
         l_commit = F.mse_loss(z, e.detach())
-        loss = l1 + cfg.ssim_weight * l_ssim + cfg.fft_weight * l_fft
         if not decoder_only:  # with the codebook and encoder frozen these two terms have no gradient
             loss = loss + l_cb + cfg.beta * l_commit
         opt.zero_grad(set_to_none=True)
@@ -297,7 +379,7 @@ def train_autoencoder(
         p = counts / counts.sum()
         perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
         meter.add({"loss": loss, "l1": l1, "ssim": 1 - l_ssim, "fft": l_fft, "codebook": l_cb,
-                   "psnr_rgb": _psnr(x_rec.detach(), x), "perplexity": perplexity})  # fmt: skip
+                   "psnr_rgb": _psnr(x_rec.detach(), x), "perplexity": perplexity} | extra)  # fmt: skip
         if step % cfg.restart_every == 0:
             used = float((usage > 0).float().mean())
             restarted = 0
@@ -327,6 +409,8 @@ def train_autoencoder(
         meta = {"stage": "autoencoder", "preset": cfg.preset, "steps": str(step)}
         if decoder_only:  # the latent is that of the initial weights, already standardised: leave it as it is
             meta["part"] = "decoder"
+            if student is not None:
+                meta |= {"student_frac": str(cfg.student_frac), "student": Path(student).name}
         else:
             with torch.no_grad():
                 zs = torch.cat([model.encode(_batch(pairs, cfg, dist, _SPECIAL + 1 + i, cfg.final_crop, device))
@@ -396,16 +480,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blur-frac", type=float, default=0.0,
                    help="fraction of each batch given as the bicubic x4 of its LR crop instead of the HR crop")
     p.add_argument("--crop", type=int, help="HR crop size for the whole run (default: 128, then 256 at the end)")
+    p.add_argument("--student", type=Path, help="one-step student weights whose latents --student-frac decodes")
+    p.add_argument("--student-frac", type=float, default=0.0,
+                   help="fraction of each batch decoded from the student's latent of its LR, scored against HR "
+                        "(with --part decoder; crop a multiple of the preset's tile)")  # fmt: skip
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     torch.set_num_threads(args.threads)
     dist, device = init_distributed(args.device)
-    extra: dict[str, object] = {"part": args.part, "blur_frac": args.blur_frac}
+    extra: dict[str, object] = {"part": args.part, "blur_frac": args.blur_frac, "student_frac": args.student_frac}
     if args.crop is not None:
         extra |= {"crop": args.crop, "final_crop": args.crop}
     cfg = AEConfig(**overrides(args), **extra)  # type: ignore[arg-type]
     pairs = load_pairs(args.photos, "train", min_side=cfg.final_crop)
-    res = train_autoencoder(cfg, pairs, args.out, device, dist, resume=not args.fresh, init=args.init)
+    res = train_autoencoder(cfg, pairs, args.out, device, dist, resume=not args.fresh, init=args.init,
+                            student=args.student)
     if dist.is_main:
         log.info("done: %s", res)
     return 0
