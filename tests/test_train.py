@@ -307,6 +307,43 @@ def test_autoencoder_blur_frac_feeds_bicubic_of_the_lr(photos: Path) -> None:
         AEConfig(blur_frac=1.5)
 
 
+def test_autoencoder_student_rows_decode_the_pipelines_latent(photos: Path, tmp_path: Path) -> None:
+    """student_frac rows decode exactly the latent OneStepPipeline hands its decoder, at whole tiles, against HR."""
+    from tadsr.checkpoint import save_safetensors
+    from tadsr.pipeline import OneStepPipeline, load_models
+    from tadsr.train.autoencoder import _StudentLatents, _student_rows
+    from tadsr.train.common import DistEnv
+
+    pairs = load_pairs(photos, "train")
+    base = train_autoencoder(AEConfig(preset="test-micro", steps=1, batch=1, crop=CROP, final_crop=CROP, amp=False),
+                             pairs, tmp_path / "base", DEV)  # fmt: skip
+    torch.manual_seed(3)
+    student = tmp_path / "student.safetensors"
+    save_safetensors(UNetModelSwin(MICRO.unet).state_dict(), student)
+    models = load_models(student=student, autoencoder=base.weights, preset="test-micro")
+    cfg = AEConfig(preset="test-micro", steps=2, batch=4, crop=CROP // 2, final_crop=CROP // 2, amp=False, lr=1e-2,
+                   part="decoder", blur_frac=0.25, student_frac=0.5)  # fmt: skip
+    hr, lq = _student_rows(pairs, cfg, DistEnv(), 5, CROP // 2, 2, CROP, DEV)
+    assert hr.shape == (2, 3, CROP, CROP) and lq.shape == (2, 3, LAT, LAT)  # rounded up to a whole tile
+    got = _StudentLatents(student, "test-micro", models.autoencoder, DEV)(lq, torch.Generator().manual_seed(1))
+    noise = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
+    pipe = OneStepPipeline(models)
+    with torch.no_grad():
+        want = pipe.denoise(pipe.encode(lq), noise, lq)
+    torch.testing.assert_close(got, want)
+    res = train_autoencoder(cfg, pairs, tmp_path / "dec", DEV, init=base.weights, student=student)
+    assert {"psnr_student", "l1_student", "psnr_rgb"} <= set(res.metrics)
+    before, after = load_state_dict(base.weights), load_state_dict(res.weights)
+    assert torch.equal(before["quantize.embedding.weight"], after["quantize.embedding.weight"])
+    assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+    with pytest.raises(ConfigError, match="--student"):
+        train_autoencoder(cfg, pairs, tmp_path / "no_student", DEV, init=base.weights)
+    with pytest.raises(ConfigError, match="part='decoder'"):
+        AEConfig(student_frac=0.5)
+    with pytest.raises(ConfigError, match="student_frac"):
+        AEConfig(part="decoder", blur_frac=0.5, student_frac=0.75)
+
+
 def test_teacher_smoke_resume_equals_straight_run(photos: Path, tmp_path: Path) -> None:
     pairs = load_pairs(photos, "train")
     torch.manual_seed(0)
