@@ -22,12 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tadsr.checkpoint import load_state_dict
+from tadsr.cli.common import named_path
 from tadsr.config import get_preset
 from tadsr.metrics import psnr_y_8bit
-from tadsr.models.unet_swin import UNetModelSwin
-from tadsr.models.vqgan import VQModelTorch
-from tadsr.pipeline import Models, OneStepPipeline, TeacherPipeline
+from tadsr.pipeline import OneStepPipeline, TeacherPipeline, load_models, make_noise
 from tadsr.train.data import load_pairs, to_unit
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "tadsr" / "weights"
@@ -36,7 +34,8 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "tadsr" / "weights"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="photo set (its val split) or plain image folder")
-    ap.add_argument("--net", action="append", required=True, help="NAME=denoiser .safetensors (teacher or student)")
+    ap.add_argument("--net", action="append", required=True, type=named_path,
+                    help="NAME=denoiser checkpoint (teacher or student; bundled or official format)")
     ap.add_argument("--steps", type=int, default=1, help="1 (one step from the prior) or the schedule's step count")
     ap.add_argument("--autoencoder", type=Path, default=WEIGHTS / "bundled_autoencoder.safetensors")
     ap.add_argument("--preset", default="bundled")
@@ -49,18 +48,11 @@ def main() -> int:
     p = get_preset(args.preset)
     if args.steps not in (1, p.schedule.steps):
         raise SystemExit(f"--steps must be 1 or {p.schedule.steps} (the {args.preset} schedule)")
-    ae = VQModelTorch(p.vq)
-    ae.load_state_dict(load_state_dict(args.autoencoder), strict=True)
-    ae.eval().requires_grad_(False)
-    pipes = {}
-    for item in args.net:
-        name, sep, path = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--net wants NAME=PATH, got {item!r}")
-        net = UNetModelSwin(p.unet)
-        net.load_state_dict(load_state_dict(Path(path)), strict=True)
-        models = Models(p, net.eval().requires_grad_(False), ae, net)
+    pipes: dict[str, OneStepPipeline | TeacherPipeline] = {}
+    for name, path in args.net:
+        models = load_models(student=path, teacher=path, autoencoder=args.autoencoder, preset=p)
         pipes[name] = OneStepPipeline(models) if args.steps == 1 else TeacherPipeline(models, args.steps)
+    first = next(iter(pipes.values()))  # every pipeline holds the same autoencoder: encode each LR once
     pairs = load_pairs(args.data, "val")
     n_img = min(len(pairs), args.max_images)
     scores: dict[tuple[int, int, str], list[float]] = {}
@@ -68,10 +60,15 @@ def main() -> int:
         for i in range(n_img):
             for k in range(4):
                 hr = to_unit(np.rot90(pairs.hr[i], k).transpose(2, 0, 1)[None])
-                lq = to_unit(np.rot90(pairs.lr[i], k).transpose(2, 0, 1)[None])
+                lr_p, hw = first.prepare(to_unit(np.rot90(pairs.lr[i], k).transpose(2, 0, 1)[None]))
+                z_y = first.encode(lr_p)
                 for seed in range(args.seeds):
                     for name, pipe in pipes.items():
-                        sr = pipe(lq, seed=seed).clamp(-1, 1)
+                        if isinstance(pipe, OneStepPipeline):
+                            z = pipe.denoise(z_y, make_noise(tuple(z_y.shape), seed), lr_p)
+                        else:
+                            z = pipe.sample(z_y, make_noise((args.steps, *z_y.shape), seed), lr_p)
+                        sr = pipe.decode(z, hw, lr_p)
                         scores.setdefault((i, k, name), []).append(psnr_y_8bit(sr.numpy(), hr.numpy()))
     print(f"# {args.steps}-step PSNR-Y per image and rotation ({args.data}, {args.seeds} noise seeds)\n")
     print("| image | rotation | " + " | ".join(f"{n}: mean (spread)" for n in pipes) + " |")

@@ -25,26 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tadsr.checkpoint import load_state_dict
+from tadsr.cli.common import named_path
 from tadsr.config import get_preset
 from tadsr.metrics import psnr_y_8bit
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
+from tadsr.pipeline import load_models
 from tadsr.schedule import Schedule, make_schedule
 from tadsr.train.common import chunks
 from tadsr.train.data import LatentPool, build_latent_pool, load_pairs
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "tadsr" / "weights"
-
-
-def _named(items: list[str], flag: str) -> dict[str, Path]:
-    out = {}
-    for it in items:
-        name, sep, path = it.partition("=")
-        if not sep:
-            raise SystemExit(f"{flag} wants NAME=PATH, got {it!r}")
-        out[name] = Path(path)
-    return out
 
 
 def _x0_pred(net: UNetModelSwin, sched: Schedule, pool: LatentPool, x_t: torch.Tensor, t: int) -> torch.Tensor:
@@ -66,8 +57,10 @@ def _after_latent(ae: VQModelTorch, pred: torch.Tensor, z0: torch.Tensor) -> tup
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", action="append", required=True, help="NAME=DIR (photo set or image folder)")
-    ap.add_argument("--teacher", action="append", required=True, help="NAME=teacher .safetensors")
+    ap.add_argument("--set", action="append", required=True, type=named_path,
+                    help="NAME=DIR (photo set or image folder)")
+    ap.add_argument("--teacher", action="append", required=True, type=named_path,
+                    help="NAME=teacher checkpoint (bundled or official format)")
     ap.add_argument("--autoencoder", type=Path, default=WEIGHTS / "bundled_autoencoder.safetensors")
     ap.add_argument("--preset", default="bundled")
     ap.add_argument("--crops", type=int, default=32, help="random 256² crops per set")
@@ -81,15 +74,11 @@ def main() -> int:
     p = get_preset(args.preset)
     sched = make_schedule(p.schedule)
     T = sched.num_steps
-    ae = VQModelTorch(p.vq)
-    ae.load_state_dict(load_state_dict(args.autoencoder), strict=True)
-    ae.eval().requires_grad_(False)
-    teachers = {}
-    for name, path in _named(args.teacher, "--teacher").items():
-        net = UNetModelSwin(p.unet)
-        net.load_state_dict(load_state_dict(path), strict=True)
-        teachers[name] = net.eval().requires_grad_(False)
-    sets = _named(args.set, "--set")
+    teachers: dict[str, UNetModelSwin] = {}
+    for name, path in args.teacher:
+        models = load_models(student=path, teacher=path, autoencoder=args.autoencoder, preset=p)
+        ae, teachers[name] = models.autoencoder, models.teacher
+    sets = dict(args.set)
     mse: dict[tuple[str, str], list[float]] = {}
     after: dict[tuple[str, str, int], tuple[float, float, float]] = {}
     with torch.inference_mode():

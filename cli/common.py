@@ -79,3 +79,11 @@ def load_models_from_args(args: argparse.Namespace):  # noqa: ANN201 - returns t
         init=args.init,
         light_autoencoder=light_choice(args),
     )
+
+
+def named_path(text: str) -> tuple[str, Path]:
+    """argparse type of a ``NAME=PATH`` option (e.g. ``--net shipped=tadsr/weights/bundled_teacher.safetensors``)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"want NAME=PATH, got {text!r}")
+    return name, Path(path)

@@ -340,16 +340,25 @@ class TeacherPipeline(_Base):
         if noises is not None and noises.dim() == 4 and b == 1:
             noises = noises[:, None]
         noises = self._noise(noises, seed, shape)
+        return self.decode(self.sample(self.encode(lr_p), noises, lr_p), hw, lr_p)
+
+    def sample(self, z_y: torch.Tensor, noises: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        """The sampler on a given ``z_y`` (B, C, H, W): ``noises`` (T, B, C, H, W) -> final latent ``z``.
+
+        What ``__call__`` runs between ``encode`` and ``decode``, as :meth:`OneStepPipeline.denoise` is for
+        the student: callers that compare networks on the same LR encode it once.
+        """
         net = self.models.teacher
         assert net is not None
-        z = self.schedule.prior_sample(self.encode(lr_p), noises[0])
+        T, b = self.schedule.num_steps, z_y.shape[0]
+        z = self.schedule.prior_sample(z_y, noises[0])
         for t in range(T - 1, -1, -1):
             tt = torch.full((b,), t, dtype=torch.int64, device=z.device)
-            x0 = net(self.schedule.scale_input(z, t), tt, lr_p)
+            x0 = net(self.schedule.scale_input(z, t), tt, lq)
             z = self.schedule.posterior_mean(z, x0, t)
             if t > 0:
                 z = z + self.schedule.posterior_std(t) * noises[T - t]
-        return self.decode(z, hw, lr_p)
+        return z
 
 
 class DoNothingPipeline(_Base):
