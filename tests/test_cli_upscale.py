@@ -70,3 +70,15 @@ def test_upscale_bad_inputs(tmp_path: Path) -> None:
     assert main(["-q", "upscale", str(d), str(tmp_path / "mo"), "--preset", "tiny", "--init", "random",
                  "--tile", "64"]) == 1
     assert (tmp_path / "mo" / "good.png").exists() and not (tmp_path / "mo" / "bad.png").exists()
+
+
+def test_named_path_parses_name_equals_path() -> None:
+    """The ``NAME=PATH`` argparse type of the benchmark scripts (``--net``, ``--teacher``, ``--set``)."""
+    import argparse
+
+    from tadsr.cli.common import named_path
+
+    assert named_path("s36=train/candidates/a=b.safetensors") == ("s36", Path("train/candidates/a=b.safetensors"))
+    for bad in ("train/x.safetensors", "=x", "name="):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=PATH"):
+            named_path(bad)

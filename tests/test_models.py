@@ -179,6 +179,22 @@ def test_teacher_needs_teacher_and_known_steps(tiny_models) -> None:
     assert np.isfinite(tadsr.TeacherPipeline(m, steps=4)(torch.zeros(1, 3, 64, 64), seed=0).numpy()).all()
 
 
+def test_teacher_sample_is_the_call_between_encode_and_decode(tiny_models) -> None:
+    """``TeacherPipeline.sample`` on a given z_y is what ``__call__`` runs (benchmarks encode once, then sample)."""
+    from tadsr.pipeline import make_noise
+
+    m = tadsr.Models(preset=tiny_models.preset, student=tiny_models.student, autoencoder=tiny_models.autoencoder,
+                     teacher=tiny_models.student)  # fmt: skip
+    pipe = tadsr.TeacherPipeline(m, steps=4)
+    lr = torch.rand(2, 3, 37, 50, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    lr_p, hw = pipe.prepare(lr)
+    with torch.no_grad():
+        z_y = pipe.encode(lr_p)
+        z = pipe.sample(z_y, make_noise((4, *z_y.shape), 5), lr_p)
+    assert z.shape == z_y.shape
+    torch.testing.assert_close(pipe.decode(z, hw, lr_p), pipe(lr, seed=5), rtol=0, atol=0)
+
+
 def test_eager_codebook_search_runs_in_cache_sized_blocks_with_the_same_codes(monkeypatch) -> None:
     """``VectorQuantizer.forward`` (every eager decode) searches ``search_rows`` pixels at a time: the codes are those
     of one whole distance table (each pixel's distances are computed alone)."""
