@@ -1,6 +1,6 @@
 """Colour fix and sanity metrics of the bundled model on held-out photos (issue #17, deliverables 2-3).
 
-Methods, each without and with a colour fix (``wavelet``, ``adain``; :mod:`tadsr.color_fix`):
+Methods, each without and with a colour fix (``wavelet``, ``adain``, ``luma``; :mod:`tadsr.color_fix`):
 bicubic x4 (MATLAB), the do-nothing path ``decode(encode(bicubic(LR)))`` (:class:`tadsr.pipeline.DoNothingPipeline`),
 the one-step student and the 15-step teacher. Metrics per crop (outputs rounded to 8 bit): PSNR-Y against HR
 (4-px border), LR consistency (MATLAB bicubic x1/4 of the SR vs the LR, RGB PSNR, :func:`tadsr.metrics.lr_consistency`),
@@ -45,7 +45,7 @@ from tadsr.metrics import color_error, crop_border, lr_consistency, psnr, rgb_to
 from tadsr.models.ops import bicubic_x4_reference
 from tadsr.pipeline import DoNothingPipeline, OneStepPipeline, TeacherPipeline, make_noise
 
-FIXES = ("none", "wavelet", "adain")
+FIXES = ("none", "wavelet", "adain", "luma")
 log = logging.getLogger("color_fix_eval")
 
 
@@ -133,7 +133,7 @@ def table(per: dict[str, list[dict[str, float]]], with_hr: bool) -> tuple[list[s
 
 def save_grid(outs: dict[str, np.ndarray], hr: np.ndarray, path: Path, rows: int = 6) -> list[int]:
     """Rows: the 3 most textured and the 3 most saturated crops; columns: bicubic, do-nothing, student x fixes, HR."""
-    cols = ["bicubic", "do-nothing none", "student none", "student wavelet", "student adain", "teacher-15 none", "HR"]
+    cols = ["bicubic", "do-nothing none", "student none", "student wavelet", "student luma", "teacher-15 none", "HR"]
     cols = [c for c in cols if c == "HR" or c in outs]
     f = hr.astype(np.float64) / 255.0
     texture = [float(rgb_to_y(h).std()) for h in f]

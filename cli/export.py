@@ -60,7 +60,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     out.add_argument("--parity-seed", type=int, default=0, metavar="S",
                      help="seed of parity's seeded case and of the real patches it draws (default: 0)")  # fmt: skip
     out.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
-    out.add_argument("--color-fix", choices=["none", "wavelet", "adain"], default="none",
+    out.add_argument("--color-fix", choices=["none", "wavelet", "adain", "luma"], default="none",
                      help="colour fix at the end of the fused pipeline graph, recorded in the manifest "
                           "(default: none = upstream parity)")  # fmt: skip
     out.add_argument("--no-progress", dest="progress", action="store_false", default=None,

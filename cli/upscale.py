@@ -34,7 +34,7 @@ def add_upscale_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--low-memory", action="store_true",
                    help="ONNX Runtime without its memory arena and weight pre-packing: lower peak RSS, slower")  # fmt: skip
     p.add_argument("--steps", type=int, help="run the multi-step teacher with this many steps (15: v1, 4: v3)")
-    p.add_argument("--color-fix", choices=["none", "wavelet", "adain"],
+    p.add_argument("--color-fix", choices=["none", "wavelet", "adain", "luma"],
                    help="colour correction towards the bicubic LR (default: none; an --artifact carries its own, "
                         "set by tadsr export --color-fix)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")

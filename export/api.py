@@ -239,8 +239,8 @@ def export_model(
         progress: passed to the backend exporters (progress bars where they have loops).
         n_real: number of real LR patches used by parity (besides one seeded case).
         backend_options: per-format keyword options for the exporter, e.g. ``{"onnx": {"opset": 20}}``.
-        color_fix: colour fix at the end of the fused ``pipeline`` graph (``"none"``, ``"wavelet"``, ``"adain"``;
-            :mod:`tadsr.color_fix`), recorded in the manifest's ``graph.constants.color_fix``; parity then
+        color_fix: colour fix at the end of the fused ``pipeline`` graph (``"none"``, ``"wavelet"``, ``"adain"``,
+            ``"luma"``; :mod:`tadsr.color_fix`), recorded in the manifest's ``graph.constants.color_fix``; parity then
             compares against the reference pipeline with the same fix. Components are never changed.
         parity_seed: seed of parity's seeded case and of the real patches drawn from the calibration set.
 

@@ -16,7 +16,7 @@ decoder    x0 (1,C,t,t)                                sr (1,3,st,st) [-1,1]
 pipeline   lr (1,3,t,t) [-1,1], noise (1,C,t,t) N(0,1)  sr (1,3,st,st) [-1,1]
 =========  ==========================================  ====================
 
-The fused ``pipeline`` graph can end with a colour fix (``make_graphs(..., color_fix="wavelet"|"adain")``,
+The fused ``pipeline`` graph can end with a colour fix (``make_graphs(..., color_fix="wavelet"|"adain"|"luma")``,
 :mod:`tadsr.color_fix`) towards the bicubic x4 of its LR tile; the choice is recorded in the graph spec's
 ``constants["color_fix"]`` (and so in every artifact manifest). The default ``"none"`` builds the graph exactly
 as before (upstream parity).
@@ -257,8 +257,8 @@ def make_graphs(
     """Build the requested graphs (eval mode, no grad) with their specs.
 
     The graphs share the (deep-copied, timestep-folded) student and the autoencoder's modules, so building
-    all four costs one copy of the weights. ``color_fix`` (``"none"``, ``"wavelet"``, ``"adain"``) applies to
-    the fused ``pipeline`` graph only.
+    all four costs one copy of the weights. ``color_fix`` (``"none"``, ``"wavelet"``, ``"adain"``, ``"luma"``)
+    applies to the fused ``pipeline`` graph only.
     """
     check_color_fix(color_fix)
     for n in names:

@@ -292,7 +292,7 @@ class OneStepPipeline(_Base):
 
     ``lr`` (B, 3, h, w) in [-1, 1]; ``noise`` (B, 3, H, W) standard normal for the padded size
     (H, W = h, w rounded up to multiples of 64); returns (B, 3, 4h, 4w) in [-1, 1]. ``color_fix``:
-    ``"none"`` (default, upstream behaviour), ``"wavelet"`` or ``"adain"`` (:mod:`tadsr.color_fix`).
+    ``"none"`` (default, upstream behaviour), ``"wavelet"``, ``"adain"`` or ``"luma"`` (:mod:`tadsr.color_fix`).
     """
 
     def __init__(self, models: Models, *, decode_chunk: int | None = 4096, color_fix: str = "none") -> None:

@@ -3,7 +3,8 @@
 Known answers on synthetic images: a +0.05 shift of the red channel gives an LR consistency of exactly
 10 log10(3 / 0.05²) dB; two neutral greys at L* 48 and 52 differ by exactly ΔE00 = 4 (S_L = 1 at L̄ = 50);
 a wavelet colour fix undoes a constant colour offset exactly and keeps a Nyquist checkerboard; AdaIN undoes a
-per-channel affine map exactly.
+per-channel affine map exactly; the luma fix gives exactly the reference's BT.601 chroma and keeps a luma checkerboard
+of the SR while dropping its colour.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tadsr.color_fix import color_fix, wavelet_split
+from tadsr.color_fix import LUMA_WEIGHTS, color_fix, wavelet_split
 from tadsr.errors import ConfigError, InputError
 from tadsr.imresize import imresize
 from tadsr.metrics import color_error, lr_consistency, sanity_failures
@@ -88,6 +89,23 @@ def test_wavelet_fix_replaces_low_band_and_keeps_texture() -> None:
     torch.testing.assert_close(fixed[inner], (ref + checker)[inner], atol=1e-5, rtol=0)
 
 
+def test_luma_fix_keeps_the_srs_luma_detail_and_the_references_colour() -> None:
+    ref = torch.from_numpy(np.moveaxis(_smooth(128, 128, 4), -1, 0)[None]).float() * 2 - 1
+    checker = 0.1 * ((torch.arange(128)[:, None] + torch.arange(128)[None]) % 2 * 2 - 1).float()
+    tint = torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1) * torch.linspace(0, 1, 128).view(1, 1, 1, 128)
+    fixed = color_fix(ref + checker + tint, ref, "luma")  # luma detail + a colour ramp (chroma and low luma)
+    ycc = torch.tensor([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255
+    chroma = lambda x: torch.einsum("ij,bjhw->bihw", ycc[1:], x)  # noqa: E731
+    torch.testing.assert_close(chroma(fixed), chroma(ref), atol=1e-5, rtol=0)  # everywhere, edges included
+    inner = (..., slice(32, -32), slice(32, -32))
+    torch.testing.assert_close(fixed[inner], (ref + checker)[inner], atol=1e-5, rtol=0)
+    assert sum(LUMA_WEIGHTS) == pytest.approx(1.0) and torch.allclose(ycc[0] / ycc[0].sum(), torch.tensor(LUMA_WEIGHTS))
+    v = torch.tensor([LUMA_WEIGHTS[1], -LUMA_WEIGHTS[0], 0.0]).view(1, 3, 1, 1)  # zero luma: a chroma-only pattern
+    torch.testing.assert_close(color_fix(ref + checker * v, ref, "luma")[inner], ref[inner], atol=1e-5, rtol=0)
+    torch.testing.assert_close(color_fix(ref + checker * v, ref, "wavelet")[inner], (ref + checker * v)[inner],
+                               atol=1e-5, rtol=0)  # the wavelet fix keeps the SR's chroma detail  # fmt: skip
+
+
 def test_adain_fix_undoes_an_affine_colour_map() -> None:
     ref = torch.from_numpy(np.moveaxis(_smooth(32, 32, 3), -1, 0)[None]).float()
     sr = ref * torch.tensor([1.5, 0.7, 1.0]).view(1, 3, 1, 1) + torch.tensor([0.1, -0.2, 0.3]).view(1, 3, 1, 1)
@@ -130,7 +148,7 @@ def test_default_off_is_the_unfixed_path(tiny, monkeypatch: pytest.MonkeyPatch) 
         fixed.decode(fixed.encode(fixed.prepare(lr)[0]), (64, 64))
 
 
-@pytest.mark.parametrize("fix", ["wavelet", "adain"])
+@pytest.mark.parametrize("fix", ["wavelet", "adain", "luma"])
 def test_reference_and_graph_agree(tiny, fix: str) -> None:
     from tadsr.formats.graphs import make_graphs
 
@@ -155,26 +173,27 @@ def test_do_nothing_pipeline_is_decode_of_encoded_bicubic(tiny) -> None:
     torch.testing.assert_close(DoNothingPipeline(tiny)(lr), expect, atol=1e-6, rtol=0)
 
 
-def test_onnx_pipeline_with_colour_fix(tiny, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fix", ["wavelet", "luma"])
+def test_onnx_pipeline_with_colour_fix(tiny, tmp_path: Path, fix: str) -> None:
     """The fused graph with a fix exports to ONNX and runs there like the fixed reference; parity uses that reference."""
     import onnxruntime as ort
     from tadsr.formats.graphs import make_graphs
     from tadsr.formats.onnx.export import export_onnx
     from tadsr.parity.hops import make_cases
 
-    graph, spec = make_graphs(tiny, 64, ("pipeline",), color_fix="wavelet")["pipeline"]
-    assert spec.to_dict()["constants"]["color_fix"] == "wavelet"  # what export_model writes to manifest["graph"]
+    graph, spec = make_graphs(tiny, 64, ("pipeline",), color_fix=fix)["pipeline"]
+    assert spec.to_dict()["constants"]["color_fix"] == fix  # what export_model writes to manifest["graph"]
     export_onnx(graph, spec, tmp_path, simplify=False, optimize=False)
     lr, noise = _lr_and_noise(tiny)
     sess = ort.InferenceSession(str(tmp_path / "pipeline.onnx"), providers=["CPUExecutionProvider"])
     out = sess.run(["sr"], {"lr": lr.numpy(), "noise": noise.numpy()})[0]
-    ref = OneStepPipeline(tiny, color_fix="wavelet")(lr, noise=noise).numpy()
+    ref = OneStepPipeline(tiny, color_fix=fix)(lr, noise=noise).numpy()
     plain = OneStepPipeline(tiny)(lr, noise=noise).numpy()
     assert np.abs(out - ref).max() < 2e-3
     assert np.abs(out - plain).max() > 0.05
     cases, _ = make_cases(tiny, spec, n_real=1)
     for c in cases:
-        want = OneStepPipeline(tiny, color_fix="wavelet")(
+        want = OneStepPipeline(tiny, color_fix=fix)(
             torch.from_numpy(c.inputs["lr"]), noise=torch.from_numpy(c.inputs["noise"])
         ).numpy()
         np.testing.assert_allclose(c.reference["sr"], want, atol=1e-5)

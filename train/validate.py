@@ -38,6 +38,7 @@ from tadsr.train.common import chunks, setup_logging
 from tadsr.train.data import PhotoPairs, grid_crops, load_pairs, to_unit
 from tadsr.train.losses import ddim_teacher_sample
 
+from tadsr.color_fix import COLOR_FIXES
 from tadsr.config import get_preset
 from tadsr.imresize import imresize
 from tadsr.metrics import color_error, crop_border, lr_consistency, psnr, rgb_to_y, sanity_failures, ssim
@@ -62,7 +63,7 @@ class ValResult:
     ``mean[method] = {"psnr": .., "ssim": .., "psnr_rgb": .., "lr_cons": .., "lr_cons_worst": .., "de00": ..}``;
     ``per_photo[photo][method]`` likewise (without ``lr_cons_worst``); ``per_crop[method][metric]`` lists one
     value per crop, in the order of ``labels`` (``"photo@y,x"``); ``sanity[method]`` the reasons the method
-    fails the sanity checks (empty: passes).
+    fails the sanity checks (empty: passes); ``color_fix`` the colour fix the pipelines ran with.
     """
 
     n_crops: int
@@ -73,6 +74,7 @@ class ValResult:
     labels: list[str] = field(default_factory=list)
     seconds: float = 0.0
     sanity: dict[str, list[str]] = field(default_factory=dict)
+    color_fix: str = "none"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -104,19 +106,20 @@ def _score(sr: np.ndarray, hr: np.ndarray, lr: np.ndarray) -> tuple[float, float
 
 @torch.no_grad()
 def _run_methods(models: Models, hr: np.ndarray, lr: np.ndarray, device: torch.device, seed: int, batch: int,
-                 methods: tuple[str, ...] = METHODS) -> dict[str, np.ndarray]:  # fmt: skip
-    """Method outputs as uint8 (N, H, W, 3)."""
+                 methods: tuple[str, ...] = METHODS, color_fix: str = "none") -> dict[str, np.ndarray]:  # fmt: skip
+    """Method outputs as uint8 (N, H, W, 3); ``color_fix`` applies to every pipeline (not bicubic, not the
+    autoencoder's reconstruction of HR, which has no LR)."""
     outs: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     if "bicubic" in methods:
         outs["bicubic"] = [_bicubic(lr)]
-    one = OneStepPipeline(models)
-    nothing = DoNothingPipeline(models)
+    one = OneStepPipeline(models, color_fix=color_fix)
+    nothing = DoNothingPipeline(models, color_fix=color_fix)
     have_teacher = models.teacher is not None
     if have_teacher:
         steps = models.preset.schedule.steps
-        tp = TeacherPipeline(models, steps)
+        tp = TeacherPipeline(models, steps, color_fix=color_fix)
         tmodels = Models(models.preset, models.teacher, models.autoencoder, models.teacher)  # type: ignore[arg-type]
-        t1 = OneStepPipeline(tmodels)
+        t1 = OneStepPipeline(tmodels, color_fix=color_fix)
         sched = make_schedule(models.preset.schedule)
     ae = models.autoencoder
     for k, sl in enumerate(chunks(len(lr), batch)):
@@ -138,13 +141,14 @@ def _run_methods(models: Models, hr: np.ndarray, lr: np.ndarray, device: torch.d
             lr_p, hw = tp.prepare(y)
             zy = tp.encode(lr_p)
             z = ddim_teacher_sample(models.teacher, sched, sched.prior_sample(zy, noise), zy, lr_p)
-            outs["teacher_15_ddim"].append(_to_uint8(tp.decode(z, hw)))
+            outs["teacher_15_ddim"].append(_to_uint8(tp.decode(z, hw, lr_p)))
     return {m: np.concatenate(v) for m, v in outs.items() if v}
 
 
 def validate(
     models: Models, pairs: PhotoPairs, device: torch.device, *, crop: int = 256, max_per_image: int = 8,
     max_crops: int | None = None, seed: int = 0, batch: int = 8, methods: tuple[str, ...] = METHODS,
+    color_fix: str = "none",
 ) -> tuple[ValResult, dict[str, np.ndarray], np.ndarray]:  # fmt: skip
     """Score the methods (default: all of :data:`METHODS`) on the val crops.
 
@@ -159,7 +163,7 @@ def validate(
     for m in (models.student, models.autoencoder, models.teacher):
         if m is not None:
             m.to(device).eval()
-    outs = _run_methods(models, hr, lr, device, seed, batch, methods)
+    outs = _run_methods(models, hr, lr, device, seed, batch, methods, color_fix)
     hr_nhwc = hr.transpose(0, 2, 3, 1)
     lr_nhwc = lr.transpose(0, 2, 3, 1)
     photos = [lab.split("@")[0] for lab in labels]
@@ -176,7 +180,8 @@ def validate(
             sel = np.array([q == p for q in photos])
             per_photo[p][m] = {k: float(scores[sel, j].mean()) for j, k in enumerate(keys)}
     sanity = {m: _sanity(m, per_crop, mean) for m in outs}
-    res = ValResult(len(hr), crop, mean, per_photo, per_crop, labels, time.perf_counter() - t0, sanity)
+    res = ValResult(len(hr), crop, mean, per_photo, per_crop, labels, time.perf_counter() - t0, sanity,
+                    color_fix)  # fmt: skip
     log.info("validation: %d crops in %.0f s", res.n_crops, res.seconds)
     for m in outs:
         log.info("  %-16s PSNR Y %.2f dB  SSIM Y %.4f  PSNR RGB %.2f dB  LR cons %.2f (worst %.2f) dB  dE00 %.2f%s", m,
@@ -194,7 +199,8 @@ def _sanity(m: str, per_crop: dict[str, dict[str, list[float]]], mean: dict[str,
 def format_sanity(val: ValResult, names: dict[str, str] | None = None) -> str:
     """Markdown table of the sanity metrics; a failing method is a ``❌ FAIL`` row with its reasons."""
     names = names or {}
-    head = f"| method | PSNR Y (dB), {val.n_crops} crops | LR consistency mean / worst (dB) | ΔE00 (low-pass) | sanity |"
+    fix = f", colour fix {val.color_fix}" if val.color_fix != "none" else ""
+    head = f"| method | PSNR Y (dB), {val.n_crops} crops{fix} | LR consistency mean / worst (dB) | ΔE00 (low-pass) | sanity |"
     lines = [head, "|---|---|---|---|---|"]
     for m, d in val.mean.items():
         fails = val.sanity.get(m, [])
@@ -269,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--color-fix", default="none", choices=COLOR_FIXES,
+                    help="colour fix of every pipeline (do-nothing, student, teacher); default none")  # fmt: skip
     args = ap.parse_args(argv)
     setup_logging()
     torch.set_num_threads(args.threads)
@@ -278,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     models = load_bundle(args.weights, args.preset, device)
     pairs = load_pairs(args.photos, "val")
     res, outs, hr = validate(models, pairs, device, max_crops=args.max_crops, crop=4 * models.preset.pad_multiple,
-                             batch=args.batch, methods=tuple(args.methods))  # fmt: skip
+                             batch=args.batch, methods=tuple(args.methods), color_fix=args.color_fix)  # fmt: skip
     if args.json:
         args.json.write_text(res.to_json())
     if args.grid:
