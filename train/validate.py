@@ -200,7 +200,8 @@ def format_sanity(val: ValResult, names: dict[str, str] | None = None) -> str:
     """Markdown table of the sanity metrics; a failing method is a ``❌ FAIL`` row with its reasons."""
     names = names or {}
     fix = f", colour fix {val.color_fix}" if val.color_fix != "none" else ""
-    head = f"| method | PSNR Y (dB), {val.n_crops} crops{fix} | LR consistency mean / worst (dB) | ΔE00 (low-pass) | sanity |"
+    head = (f"| method | PSNR Y (dB), {val.n_crops} crops{fix} | LR consistency mean / worst (dB) | ΔE00 (low-pass) "
+            "| sanity |")  # fmt: skip
     lines = [head, "|---|---|---|---|---|"]
     for m, d in val.mean.items():
         fails = val.sanity.get(m, [])
