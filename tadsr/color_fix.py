@@ -11,11 +11,11 @@ image already pins down. A colour fix takes those low frequencies back from the 
   image equal the reference's (adaptive instance normalisation).
 * ``luma``: the reference with its luma detail replaced by the SR's: ``ref + Y(high(sr)) - Y(high(ref))`` on every
   channel, where ``Y`` is BT.601 luma (weights :data:`LUMA_WEIGHTS`) and ``high`` the wavelet split's
-  high-frequency part. The SR keeps only what a super-resolver adds, luma detail; chroma and low-frequency luma
-  come from the reference. Written as the classic "super-resolve Y, interpolate CbCr" split: adding ``d`` to all
-  three channels changes luma by ``d`` and leaves BT.601 Cb and Cr unchanged, so the output's chroma is exactly
-  the reference's. It fits latent models whose autoencoder loses colour (the bundled one reconstructs Cb / Cr
-  14 dB below bicubic, ``benchmarks/ae_colour_split.py``).
+  high-frequency part over :data:`LUMA_LEVELS` levels. The SR keeps only what a super-resolver adds, fine luma
+  detail; chroma and low-frequency luma come from the reference (the classic "super-resolve Y, interpolate
+  CbCr" split). Adding ``d`` to all three channels changes luma by ``d`` and leaves BT.601 Cb and Cr unchanged, so
+  the output's chroma is exactly the reference's. It fits latent models whose autoencoder loses colour (the
+  bundled one reconstructs Cb / Cr 14 dB below bicubic, ``benchmarks/ae_colour_split.py``).
 * ``none``: no change (the default everywhere: upstream parity).
 
 Written from the published description (Wang et al., "Exploiting Diffusion Prior for Real-World Image
@@ -33,12 +33,16 @@ from torch import nn
 from tadsr.errors import ConfigError
 
 __all__ = [
-    "COLOR_FIXES", "LUMA_WEIGHTS", "WAVELET_LEVELS", "ColorFix", "check_color_fix", "color_fix", "wavelet_split",
+    "COLOR_FIXES", "LUMA_LEVELS", "LUMA_WEIGHTS", "WAVELET_LEVELS", "ColorFix", "check_color_fix", "color_fix",
+    "wavelet_split",
 ]  # fmt: skip
 
 COLOR_FIXES = ("none", "wavelet", "adain", "luma")
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # BT.601 (MATLAB rgb2ycbcr's 65.481, 128.553, 24.966 over their sum 219)
 WAVELET_LEVELS = 5
+# levels of the ``luma`` fix: its detail band reaches 1 + 2 + 4 = 7 HR px, about what a x4 LR cannot hold; chosen on
+# train crops (benchmarks/luma_levels.py: PSNR-Y 30.68 / SSIM-Y 0.840 at 3 levels, 30.17 / 0.838 at 5)
+LUMA_LEVELS = 3
 ADAIN_EPS = 1e-5
 
 
@@ -80,7 +84,7 @@ def _adain(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def _luma_detail(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W): the high-frequency part of the BT.601 luma (a 1x1 convolution, then the split)."""
     w = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return wavelet_split(F.conv2d(x, w))[0]
+    return wavelet_split(F.conv2d(x, w), LUMA_LEVELS)[0]
 
 
 def color_fix(sr: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor:
