@@ -419,7 +419,7 @@ def test_validation_table_and_grid(photos: Path, tmp_path: Path) -> None:
     from tadsr.pipeline import Models
     from tadsr.train.build_bundled import format_validation
     from tadsr.train.data import load_pairs as load
-    from tadsr.train.validate import METHODS, save_grid, validate
+    from tadsr.train.validate import METHODS, format_sanity, save_grid, validate
 
     torch.manual_seed(0)
     teacher = _teacher()
@@ -437,6 +437,14 @@ def test_validation_table_and_grid(photos: Path, tmp_path: Path) -> None:
     assert table.count("❌ FAIL") == sum(bool(v) for v in res.sanity.values()) > 0
     grid = save_grid(outs, hr, res, tmp_path / "grid.png", rows=1)
     assert Image.open(grid).size == (4 * CROP + 3 * 4, 18 + CROP)
+    # --color-fix: every pipeline runs with the fix, bicubic does not; the table says which fix it shows
+    fixed, f_outs, _ = validate(models, load(photos, "val"), DEV, crop=CROP, max_crops=2, batch=2,
+                                methods=("bicubic", "student_1", "teacher_15_ddim"), color_fix="luma")  # fmt: skip
+    assert fixed.color_fix == "luma" and res.color_fix == "none" and "colour fix luma" in format_sanity(fixed)
+    np.testing.assert_array_equal(f_outs["bicubic"], outs["bicubic"])
+    for m in ("student_1", "teacher_15_ddim"):
+        assert np.abs(f_outs[m].astype(int) - outs[m].astype(int)).max() > 20
+        assert fixed.mean[m]["lr_cons"] > res.mean[m]["lr_cons"] + 3
 
 
 # -- hardware options and multi-session training ------------------------------------------------------------------
