@@ -35,7 +35,7 @@ from tadsr.errors import ConfigError
 from tadsr.models.ops import bicubic_x4_reference
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
-from tadsr.schedule import make_schedule
+from tadsr.pipeline import Models, OneStepPipeline
 from tadsr.train.common import (
     DistEnv,
     RunningMean,
@@ -254,25 +254,20 @@ def _rec_losses(cfg: AEConfig, x_rec: torch.Tensor, x: torch.Tensor) -> tuple[to
 
 
 class _StudentLatents:
-    """The one-step student's x0 for LR crops, as the pipeline computes it (frozen network, no gradient)."""
+    """The one-step student's x0 for LR crops, through :meth:`OneStepPipeline.denoise` (frozen, no gradient)."""
 
     def __init__(self, path: Path, preset: str, model: VQModelTorch, device: torch.device) -> None:
         p = get_preset(preset)
-        self.net = UNetModelSwin(p.unet)
-        self.net.load_state_dict(load_state_dict(path), strict=True)
-        self.net = self.net.to(device).eval().requires_grad_(False)
-        self.schedule = make_schedule(p.schedule)
-        self.model = model
+        net = UNetModelSwin(p.unet)
+        net.load_state_dict(load_state_dict(path), strict=True)
+        self.pipe = OneStepPipeline(Models(p, net.to(device).eval().requires_grad_(False), model))
 
     @torch.no_grad()
     def __call__(self, lq: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """LR (n, 3, h, w) -> x0 (n, C, h, w), in the decoder's latent units (divided by the scale factor)."""
-        z_y = self.model.encode(bicubic_x4_reference(lq)).float()
+        """LR tiles (n, 3, h, w) -> x0 (n, C, h, w), in the decoder's latent units (divided by the scale factor)."""
+        z_y = self.pipe.encode(lq).float()
         noise = torch.randn(z_y.shape, generator=gen, device=z_y.device)
-        t_last = self.schedule.num_steps - 1
-        t = torch.full((lq.shape[0],), t_last, dtype=torch.int64, device=lq.device)
-        x_t = self.schedule.prior_sample(z_y, noise)
-        return self.net(self.schedule.scale_input(x_t, t_last), t, lq).float() / self.schedule.cfg.scale_factor
+        return self.pipe.denoise(z_y, noise, lq).float() / self.pipe.schedule.cfg.scale_factor
 
 
 def train_autoencoder(
