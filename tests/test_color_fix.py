@@ -226,3 +226,16 @@ def test_upscale_cli_colour_fix(
     rc = main(["-q", "upscale", str(tmp_path / "in.png"), str(tmp_path / "x.png"), "--artifact", str(tmp_path),
                "--color-fix", "wavelet"])  # fmt: skip
     assert rc == 2 and "drop --color-fix" in caplog.text
+
+
+def test_cli_colour_fix_choices_are_the_librarys() -> None:
+    """``tadsr upscale`` / ``tadsr export`` list the choices literally (the CLI imports no torch): keep them in step."""
+    import argparse
+
+    from tadsr.cli import build_parser
+    from tadsr.color_fix import COLOR_FIXES
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for verb in ("upscale", "export"):
+        opt = next(a for a in sub.choices[verb]._actions if "--color-fix" in a.option_strings)
+        assert list(opt.choices) == list(COLOR_FIXES), verb
