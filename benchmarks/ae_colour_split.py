@@ -21,21 +21,16 @@ import numpy as np
 import torch
 
 from tadsr.cli.common import named_path
-from tadsr.metrics import color_error, crop_border, psnr
+from tadsr.metrics import color_error, crop_border, psnr, rgb_to_ycbcr
 from tadsr.pipeline import load_models
 from tadsr.train.common import chunks
 from tadsr.train.data import load_pairs, to_unit
 from tadsr.train.validate import _bicubic, _to_uint8, grid_crops
 
-# BT.601 studio-swing YCbCr of RGB in [0, 1] (rows: Y, Cb, Cr), as MATLAB rgb2ycbcr
-_YCC = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255.0
-_OFF = np.array([16.0, 128.0, 128.0]) / 255.0
-
-
 def scores(sr: np.ndarray, hr: np.ndarray) -> list[float]:
     """[PSNR Y, PSNR Cb, PSNR Cr, PSNR RGB, ΔE00] of two uint8 HWC images (4-px border cropped)."""
     a, b = sr.astype(np.float64) / 255.0, hr.astype(np.float64) / 255.0
-    ya, yb = crop_border(a @ _YCC.T + _OFF, 4), crop_border(b @ _YCC.T + _OFF, 4)
+    ya, yb = crop_border(rgb_to_ycbcr(a), 4), crop_border(rgb_to_ycbcr(b), 4)
     per = [min(psnr(ya[..., c], yb[..., c], 1.0), 100.0) for c in range(3)]
     return [*per, min(psnr(crop_border(a, 4), crop_border(b, 4), 1.0), 100.0), color_error(a, b)]
 

@@ -18,20 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tadsr.color_fix import LUMA_WEIGHTS, wavelet_split
+from tadsr.color_fix import luma_fix
 from tadsr.models.ops import bicubic_x4_reference
 from tadsr.pipeline import OneStepPipeline, make_noise
 from tadsr.train.common import chunks
 from tadsr.train.data import grid_crops, load_pairs, to_unit
 from tadsr.train.validate import _score, _to_uint8, load_bundle
-
-
-def luma_fix(sr: torch.Tensor, ref: torch.Tensor, levels: int) -> torch.Tensor:
-    """The ``luma`` fix with ``levels`` wavelet levels (the library's formula; the library uses ``LUMA_LEVELS``)."""
-    w = torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
-    return ref + (wavelet_split(F.conv2d(sr, w), levels)[0] - wavelet_split(F.conv2d(ref, w), levels)[0])
 
 
 def main() -> int:

@@ -34,7 +34,7 @@ from tadsr.errors import ConfigError
 
 __all__ = [
     "COLOR_FIXES", "LUMA_LEVELS", "LUMA_WEIGHTS", "WAVELET_LEVELS", "ColorFix", "check_color_fix", "color_fix",
-    "wavelet_split",
+    "luma_fix", "wavelet_split",
 ]  # fmt: skip
 
 COLOR_FIXES = ("none", "wavelet", "adain", "luma")
@@ -81,10 +81,17 @@ def _adain(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (x - mu_x) * (std_r / std_x) + mu_r
 
 
-def _luma_detail(x: torch.Tensor) -> torch.Tensor:
+def _luma_detail(x: torch.Tensor, levels: int) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W): the high-frequency part of the BT.601 luma (a 1x1 convolution, then the split)."""
     w = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return wavelet_split(F.conv2d(x, w), LUMA_LEVELS)[0]
+    return wavelet_split(F.conv2d(x, w), levels)[0]
+
+
+def luma_fix(sr: torch.Tensor, ref: torch.Tensor, levels: int = LUMA_LEVELS) -> torch.Tensor:
+    """The ``luma`` fix, ``ref + Y(high(sr)) - Y(high(ref))``, with ``levels`` wavelet levels (shapes already equal).
+
+    :func:`color_fix` uses :data:`LUMA_LEVELS`; other counts are for sweeps (``benchmarks/luma_levels.py``)."""
+    return ref + (_luma_detail(sr, levels) - _luma_detail(ref, levels))
 
 
 def color_fix(sr: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor:
@@ -102,7 +109,7 @@ def color_fix(sr: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor:
     if method == "adain":
         return _adain(sr, ref)
     if method == "luma":
-        return ref + (_luma_detail(sr) - _luma_detail(ref))
+        return luma_fix(sr, ref)
     high, _ = wavelet_split(sr)
     _, low = wavelet_split(ref)
     return high + low

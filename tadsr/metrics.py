@@ -39,7 +39,10 @@ __all__ = [
     "lr_consistency",
     "psnr",
     "psnr_y_8bit",
+    "YCBCR_BT601",
+    "YCBCR_OFFSET",
     "rgb_to_y",
+    "rgb_to_ycbcr",
     "sanity_failures",
     "ssim",
 ]  # fmt: skip
@@ -137,15 +140,32 @@ def error_stats(out: np.ndarray, ref: np.ndarray, data_range: float | None = Non
     )
 
 
+# ITU-R BT.601 studio-swing YCbCr of RGB in [0, 1] (rows Y, Cb, Cr, on the 0-255 scale), as MATLAB ``rgb2ycbcr``
+YCBCR_BT601 = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]])
+YCBCR_OFFSET = np.array([16.0, 128.0, 128.0])
+
+
+def rgb_to_ycbcr(img: np.ndarray) -> np.ndarray:
+    """BT.601 YCbCr (:data:`YCBCR_BT601`) of an RGB image in [0, 1], HWC or CHW (3 first), as MATLAB ``rgb2ycbcr``.
+
+    Returns HWC float64 in [0, 1]: Y in [16/255, 235/255], Cb and Cr in [16/255, 240/255].
+    """
+    img = _f64(img)
+    if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
+        img = np.moveaxis(img, 0, -1)
+    return (img @ YCBCR_BT601.T + YCBCR_OFFSET) / 255.0
+
+
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
-    """ITU-R BT.601 luma of an RGB image in [0, 1], HWC or CHW (3 first), as in BasicSR / MATLAB ``rgb2ycbcr``.
+    """ITU-R BT.601 luma of an RGB image in [0, 1], HWC or CHW (3 first), as in BasicSR / MATLAB ``rgb2ycbcr``:
+    the first channel of :func:`rgb_to_ycbcr`.
 
     Returns Y in [16/255, 235/255].
     """
     img = _f64(img)
     if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
         img = np.moveaxis(img, 0, -1)
-    return (img @ np.array([65.481, 128.553, 24.966]) + 16.0) / 255.0
+    return (img @ YCBCR_BT601[0] + YCBCR_OFFSET[0]) / 255.0
 
 
 def psnr_y_8bit(sr: np.ndarray, hr: np.ndarray, border: int = 4) -> float:

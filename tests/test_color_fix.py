@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tadsr.color_fix import LUMA_WEIGHTS, color_fix, wavelet_split
+from tadsr.color_fix import LUMA_LEVELS, LUMA_WEIGHTS, color_fix, luma_fix, wavelet_split
 from tadsr.errors import ConfigError, InputError
 from tadsr.imresize import imresize
-from tadsr.metrics import color_error, lr_consistency, sanity_failures
+from tadsr.metrics import YCBCR_BT601, color_error, lr_consistency, rgb_to_y, rgb_to_ycbcr, sanity_failures
 from tadsr.pipeline import DoNothingPipeline, OneStepPipeline, make_noise
 
 
@@ -51,6 +51,17 @@ def test_lr_consistency_known_answer() -> None:
     assert lr_consistency(np.moveaxis(shifted, -1, 0), np.moveaxis(lr, -1, 0)) == pytest.approx(30.7918, abs=1e-3)
     with pytest.raises(ValueError, match="not 4x"):
         lr_consistency(hr, lr[:-1])
+
+
+def test_ycbcr_known_answers() -> None:
+    # MATLAB rgb2ycbcr on 8-bit white, black, red, green, blue (0-255 scale)
+    rgb = np.array([[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+    want = np.array([[235, 128, 128], [16, 128, 128], [81.481, 90.203, 240], [144.553, 53.797, 34.214],
+                     [40.966, 240, 109.786]])  # fmt: skip
+    np.testing.assert_allclose(rgb_to_ycbcr(rgb)[0] * 255, want, atol=1e-9)
+    chw = np.random.default_rng(0).random((3, 5, 7))
+    np.testing.assert_allclose(rgb_to_ycbcr(chw)[..., 0], rgb_to_y(chw), atol=1e-12)  # CHW in, HWC out
+    assert rgb_to_ycbcr(chw).shape == (5, 7, 3)
 
 
 def test_color_error_known_answer_and_texture_blindness() -> None:
@@ -94,7 +105,9 @@ def test_luma_fix_keeps_the_srs_luma_detail_and_the_references_colour() -> None:
     checker = 0.1 * ((torch.arange(128)[:, None] + torch.arange(128)[None]) % 2 * 2 - 1).float()
     tint = torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1) * torch.linspace(0, 1, 128).view(1, 1, 1, 128)
     fixed = color_fix(ref + checker + tint, ref, "luma")  # luma detail + a colour ramp (chroma and low luma)
-    ycc = torch.tensor([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255
+    torch.testing.assert_close(luma_fix(ref + checker + tint, ref, LUMA_LEVELS), fixed, atol=0, rtol=0)
+    assert not torch.allclose(luma_fix(ref + checker + tint, ref, LUMA_LEVELS + 3), fixed, atol=1e-3)  # levels used
+    ycc = torch.from_numpy(YCBCR_BT601).float() / 255
     chroma = lambda x: torch.einsum("ij,bjhw->bihw", ycc[1:], x)  # noqa: E731
     torch.testing.assert_close(chroma(fixed), chroma(ref), atol=1e-5, rtol=0)  # everywhere, edges included
     inner = (..., slice(32, -32), slice(32, -32))
