@@ -22,7 +22,7 @@ import torch
 
 from tadsr.cli.common import named_path
 from tadsr.metrics import color_error, crop_border, psnr, rgb_to_ycbcr
-from tadsr.pipeline import load_models
+from tadsr.pipeline import load_autoencoder
 from tadsr.train.common import chunks
 from tadsr.train.data import load_pairs, to_unit
 from tadsr.train.validate import _bicubic, _to_uint8, grid_crops
@@ -53,7 +53,7 @@ def main() -> int:
     rows = {"bicubic x4": [scores(s, h) for s, h in zip(_bicubic(lr), hr_nhwc)]}
     with torch.inference_mode():
         for name, path in args.autoencoder:
-            ae = load_models(autoencoder=path, preset=args.preset).autoencoder
+            ae = load_autoencoder(path, args.preset)
             for label, raw in (("codebook", False), ("no lookup", True)):
                 outs = [_to_uint8(ae.decode(ae.encode(to_unit(hr[s])), force_not_quantize=raw).clamp(-1, 1))
                         for s in chunks(len(hr), 8)]  # fmt: skip

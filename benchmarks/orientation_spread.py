@@ -16,6 +16,7 @@ rotations far above the spread across seeds says the result depends on where the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from tadsr.cli.common import named_path
 from tadsr.config import get_preset
 from tadsr.metrics import psnr_y_8bit
-from tadsr.pipeline import OneStepPipeline, TeacherPipeline, load_models, make_noise
+from tadsr.pipeline import OneStepPipeline, TeacherPipeline, load_denoiser, load_models, make_noise
 from tadsr.train.data import load_pairs, to_unit
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "tadsr" / "weights"
@@ -49,8 +50,10 @@ def main() -> int:
     if args.steps not in (1, p.schedule.steps):
         raise SystemExit(f"--steps must be 1 or {p.schedule.steps} (the {args.preset} schedule)")
     pipes: dict[str, OneStepPipeline | TeacherPipeline] = {}
+    shared = load_models(autoencoder=args.autoencoder, preset=p, student=args.net[0][1])  # one autoencoder for all
     for name, path in args.net:
-        models = load_models(student=path, teacher=path, autoencoder=args.autoencoder, preset=p)
+        net = shared.student if path == args.net[0][1] else load_denoiser(path, p)
+        models = dataclasses.replace(shared, student=net, teacher=net)
         pipes[name] = OneStepPipeline(models) if args.steps == 1 else TeacherPipeline(models, args.steps)
     first = next(iter(pipes.values()))  # every pipeline holds the same autoencoder: encode each LR once
     pairs = load_pairs(args.data, "val")

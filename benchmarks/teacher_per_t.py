@@ -30,7 +30,7 @@ from tadsr.config import get_preset
 from tadsr.metrics import psnr_y_8bit
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
-from tadsr.pipeline import load_models
+from tadsr.pipeline import load_autoencoder, load_denoiser
 from tadsr.schedule import Schedule, make_schedule
 from tadsr.train.common import chunks
 from tadsr.train.data import LatentPool, build_latent_pool, load_pairs
@@ -74,10 +74,8 @@ def main() -> int:
     p = get_preset(args.preset)
     sched = make_schedule(p.schedule)
     T = sched.num_steps
-    teachers: dict[str, UNetModelSwin] = {}
-    for name, path in args.teacher:
-        models = load_models(student=path, teacher=path, autoencoder=args.autoencoder, preset=p)
-        ae, teachers[name] = models.autoencoder, models.teacher
+    ae = load_autoencoder(args.autoencoder, p)
+    teachers: dict[str, UNetModelSwin] = {name: load_denoiser(path, p) for name, path in args.teacher}
     sets = dict(args.set)
     mse: dict[tuple[str, str], list[float]] = {}
     after: dict[tuple[str, str, int], tuple[float, float, float]] = {}

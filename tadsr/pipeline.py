@@ -27,7 +27,7 @@ from tadsr.models.vqgan import VQModelTorch
 from tadsr.schedule import Schedule, make_schedule
 
 __all__ = [
-    "Models", "load_models", "OneStepPipeline", "TeacherPipeline", "DoNothingPipeline", "make_noise",
+    "Models", "load_models", "load_denoiser", "load_autoencoder", "OneStepPipeline", "TeacherPipeline", "DoNothingPipeline", "make_noise",
     "bundled_weight_path",
 ]  # fmt: skip
 
@@ -180,6 +180,35 @@ def load_models(
         if m is not None:
             m.to(device).eval().requires_grad_(False)
     return models
+
+
+def load_denoiser(
+    ckpt: CkptLike, preset: str | Preset = "official-x4", *, device: str | torch.device = "cpu"
+) -> UNetModelSwin:
+    """One denoiser (student or teacher) from a checkpoint, in eval mode without gradients.
+
+    For comparing several denoisers over one loaded autoencoder without loading it again:
+    ``dataclasses.replace(models, student=net, teacher=net)``.
+
+    Raises:
+        CheckpointError: unreadable or mismatched checkpoint (keys listed).
+    """
+    p = get_preset(preset)
+    net, _ = _build(UNetModelSwin(p.unet), ckpt, p, "denoiser", "denoiser", None, True)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def load_autoencoder(
+    ckpt: CkptLike, preset: str | Preset = "official-x4", *, device: str | torch.device = "cpu"
+) -> VQModelTorch:
+    """One VQ-f4 autoencoder from a checkpoint, in eval mode without gradients (no denoiser is built).
+
+    Raises:
+        CheckpointError: unreadable or mismatched checkpoint (keys listed).
+    """
+    p = get_preset(preset)
+    net, _ = _build(VQModelTorch(p.vq), ckpt, p, "autoencoder", "autoencoder", None, True)
+    return net.to(device).eval().requires_grad_(False)
 
 
 def _build_light(

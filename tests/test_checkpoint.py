@@ -17,7 +17,7 @@ from tadsr.checkpoint import load_into, save_safetensors
 from tadsr.errors import CheckpointError, ConfigError
 from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
-from tadsr.pipeline import infer_preset
+from tadsr.pipeline import infer_preset, load_autoencoder, load_denoiser
 
 pytestmark = pytest.mark.checkpoint
 
@@ -102,6 +102,19 @@ def test_unexpected_keys_listed(tmp_path: Path, tiny_sd) -> None:
     torch.save(sd, tmp_path / "u.pth")
     with pytest.raises(CheckpointError, match=r"unexpected 1 keys: extra\.weight"):
         tadsr.load_models(student=tmp_path / "u.pth", preset="tiny", init="random")
+
+
+def test_load_one_network(tmp_path: Path, tiny_sd) -> None:
+    save_safetensors(tiny_sd["student"], tmp_path / "s.safetensors")
+    torch.save(tiny_sd["autoencoder"], tmp_path / "ae.pth")
+    net, ae = load_denoiser(tmp_path / "s.safetensors", "tiny"), load_autoencoder(tmp_path / "ae.pth", "tiny")
+    assert isinstance(net, UNetModelSwin) and _same(net, tiny_sd["student"]) and not net.training
+    assert isinstance(ae, VQModelTorch) and _same(ae, tiny_sd["autoencoder"]) and not ae.training
+    assert not any(p.requires_grad for p in [*net.parameters(), *ae.parameters()])
+    with pytest.raises(CheckpointError, match="autoencoder .*checkpoint given as the denoiser"):
+        load_denoiser(tmp_path / "ae.pth", "tiny")
+    with pytest.raises(CheckpointError, match="denoiser .*checkpoint given as the autoencoder"):
+        load_autoencoder(tmp_path / "s.safetensors", "tiny")
 
 
 def test_swapped_student_and_autoencoder(tmp_path: Path, tiny_sd) -> None:
