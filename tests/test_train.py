@@ -27,6 +27,7 @@ from tadsr.train.data import LatentPool, build_latent_pool, degrade_x4, load_pai
 from tadsr.train.disc import TimeAwareDiscriminator, teacher_features
 from tadsr.train.distill import DistillConfig, Distiller, train_distill
 from tadsr.train.losses import (
+    chroma_loss,
     ddim_teacher_sample,
     generator_adv_loss,
     hinge_d_loss,
@@ -279,14 +280,40 @@ def test_autoencoder_cli_refits_the_decoder_of_init(photos: Path, tmp_path: Path
                              pairs, tmp_path / "base", DEV)  # fmt: skip
     args = ["--photos", str(photos), "--out", str(tmp_path / "cli"), "--preset", "test-micro", "--steps", "2",
             "--batch", "2", "--crop", str(CROP), "--threads", "1", "--lr", "1e-2", "--part", "decoder",
-            "--blur-frac", "0.5", "--init", str(base.weights)]  # fmt: skip
+            "--blur-frac", "0.5", "--init", str(base.weights), "--chroma-weight", "3"]  # fmt: skip
     assert ae_main(args) == 0
     state = json.loads((tmp_path / "cli/state.json").read_text())
     assert state["config"]["part"] == "decoder" and state["config"]["blur_frac"] == 0.5
+    assert state["config"]["chroma_weight"] == 3.0
     assert state["config"]["crop"] == state["config"]["final_crop"] == CROP
     before, after = load_state_dict(base.weights), load_state_dict(tmp_path / "cli/final.safetensors")
     assert torch.equal(before["quantize.embedding.weight"], after["quantize.embedding.weight"])
     assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+
+
+def test_chroma_loss_sees_block_colour_only() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    grey = torch.rand(2, 1, 16, 16, generator=g).expand(2, 3, 16, 16) * 0.2  # equal R, G, B: luma only
+    assert chroma_loss(x + grey, x).item() == pytest.approx(0.0, abs=1e-7)
+    checker = ((torch.arange(16)[:, None] + torch.arange(16)[None]) % 2 * 2 - 1).float()
+    blue = torch.tensor([0.0, 0.0, 0.1]).view(1, 3, 1, 1)
+    assert chroma_loss(x + blue * checker, x).item() == pytest.approx(0.0, abs=1e-7)  # averages out in each block
+    # a uniform +0.1 on B (in [-1, 1]) moves Cb by 112 * 0.05 / 255 and Cr by 18.214 * 0.05 / 255 (0-1 scale)
+    want = (112.0 + 18.214) * 0.05 / 255 / 2
+    assert chroma_loss(x + blue, x).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_autoencoder_chroma_weight_adds_the_chroma_term() -> None:
+    import tadsr.train.autoencoder as ae_mod
+
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    rec = x + torch.tensor([0.0, 0.0, 0.1]).view(1, 3, 1, 1)
+    base = AEConfig(preset="test-micro", ssim_weight=0.0, fft_weight=0.0)
+    with_c = AEConfig(preset="test-micro", ssim_weight=0.0, fft_weight=0.0, chroma_weight=2.0)
+    l0 = ae_mod._rec_loss(base, *ae_mod._rec_losses(base, rec, x))
+    l2 = ae_mod._rec_loss(with_c, *ae_mod._rec_losses(with_c, rec, x))
+    assert (l2 - l0).item() == pytest.approx(2.0 * chroma_loss(rec, x).item(), rel=1e-5) and l2 > l0
 
 
 def test_autoencoder_blur_frac_feeds_bicubic_of_the_lr(photos: Path) -> None:

@@ -1,6 +1,7 @@
 """Stage 1: train the VQ-f4 autoencoder (``VQModelTorch``) on HR photo crops.
 
-Loss = L1 + ``ssim_weight``·(1 − SSIM) + ``fft_weight``·|ΔFFT| + ‖sg(z) − e‖² + β‖z − sg(e)‖² (β = 0.25),
+Loss = L1 + ``ssim_weight``·(1 − SSIM) + ``fft_weight``·|ΔFFT| + ``chroma_weight``·|ΔCbCr of 4-px blocks|
++ ‖sg(z) − e‖² + β‖z − sg(e)‖² (β = 0.25),
 straight-through quantisation. No perceptual network and no GAN. Dead codes (unused for ``restart_every``
 steps) are restarted on random encoder outputs of the current batch (their Adam moments reset), up to
 ``restart_until`` of training. Reported: reconstruction PSNR of the batch and codebook usage/perplexity.
@@ -50,7 +51,7 @@ from tadsr.train.common import (
     warmup_cosine,
 )
 from tadsr.train.data import PhotoPairs, load_pairs, sample_crops, to_unit
-from tadsr.train.losses import fft_loss, ssim_loss
+from tadsr.train.losses import chroma_loss, fft_loss, ssim_loss
 
 __all__ = ["AEConfig", "AEResult", "train_autoencoder", "standardize_latent_", "main"]
 
@@ -75,6 +76,7 @@ class AEConfig:
     weight_decay: float = 0.0
     ssim_weight: float = 0.2
     fft_weight: float = 0.05
+    chroma_weight: float = 0.0  # weight of losses.chroma_loss (0: the shipped autoencoder's recipe)
     beta: float = 0.25
     restart_every: int = 50
     restart_until: float = 0.8
@@ -247,10 +249,16 @@ def _student_rows(
 
 
 def _rec_losses(cfg: AEConfig, x_rec: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(L1, 1 - SSIM, |dFFT|) of a reconstruction."""
+    """(L1, 1 - SSIM, |dFFT|, |dCbCr|) of a reconstruction."""
     l_ssim = ssim_loss(x_rec, x) if cfg.ssim_weight else x.new_zeros(())
     l_fft = fft_loss(x_rec, x) if cfg.fft_weight else x.new_zeros(())
-    return (x_rec - x).abs().mean(), l_ssim, l_fft
+    l_chroma = chroma_loss(x_rec, x) if cfg.chroma_weight else x.new_zeros(())
+    return (x_rec - x).abs().mean(), l_ssim, l_fft, l_chroma
+
+
+def _rec_loss(cfg: AEConfig, l1: torch.Tensor, l_ssim: torch.Tensor, l_fft: torch.Tensor, l_chroma: torch.Tensor):
+    """The weighted sum of :func:`_rec_losses`."""
+    return l1 + cfg.ssim_weight * l_ssim + cfg.fft_weight * l_fft + cfg.chroma_weight * l_chroma
 
 
 class _StudentLatents:
@@ -344,17 +352,18 @@ def train_autoencoder(
             gr["lr"] = cfg.lr * warmup_cosine(step, prog, cfg.warmup)
         x = to_memory_format(_batch(pairs, cfg, dist, step, crop, device, n=cfg.batch - n_stu), cfg.channels_last)
         x_rec, z, e, idx = step_mod(x)
-        l1, l_ssim, l_fft = _rec_losses(cfg, x_rec, x)
-        loss = l1 + cfg.ssim_weight * l_ssim + cfg.fft_weight * l_fft
+        l1, l_ssim, l_fft, l_chroma = _rec_losses(cfg, x_rec, x)
+        loss = _rec_loss(cfg, l1, l_ssim, l_fft, l_chroma)
         extra: dict[str, torch.Tensor] = {}
         if stu is not None:  # the student's rows: its latent of the LR tile, decoded and scored against HR
             hr_s, lq = _student_rows(pairs, cfg, dist, step, crop, n_stu, tile, device)
             gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, dist.rank, step, stream=4))
             hr_s = to_memory_format(hr_s, cfg.channels_last)
             s_rec, _, _, s_idx = step_mod(hr_s, stu(lq, gen))
-            s_l1, s_ssim, s_fft = _rec_losses(cfg, s_rec, hr_s)
+            s_losses = _rec_losses(cfg, s_rec, hr_s)
+            s_l1 = s_losses[0]
             w = n_stu / cfg.batch
-            loss = (1 - w) * loss + w * (s_l1 + cfg.ssim_weight * s_ssim + cfg.fft_weight * s_fft)
+            loss = (1 - w) * loss + w * _rec_loss(cfg, *s_losses)
             idx = torch.cat([idx.flatten(), s_idx.flatten()])
             extra = {"l1_student": s_l1, "psnr_student": _psnr(s_rec.detach(), hr_s)}
         l_cb = F.mse_loss(e, z.detach())
@@ -373,7 +382,7 @@ def train_autoencoder(
         usage += counts
         p = counts / counts.sum()
         perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
-        meter.add({"loss": loss, "l1": l1, "ssim": 1 - l_ssim, "fft": l_fft, "codebook": l_cb,
+        meter.add({"loss": loss, "l1": l1, "ssim": 1 - l_ssim, "fft": l_fft, "chroma": l_chroma, "codebook": l_cb,
                    "psnr_rgb": _psnr(x_rec.detach(), x), "perplexity": perplexity} | extra)  # fmt: skip
         if step % cfg.restart_every == 0:
             used = float((usage > 0).float().mean())
@@ -474,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                         "frozen (latents unchanged, so the teacher and student stay valid)")  # fmt: skip
     p.add_argument("--blur-frac", type=float, default=0.0,
                    help="fraction of each batch given as the bicubic x4 of its LR crop instead of the HR crop")
+    p.add_argument("--chroma-weight", type=float, default=0.0,
+                   help="weight of the loss on the Cb / Cr of 4-px blocks (train/losses.chroma_loss; default 0)")
     p.add_argument("--crop", type=int, help="HR crop size for the whole run (default: 128, then 256 at the end)")
     p.add_argument("--student", type=Path, help="one-step student weights whose latents --student-frac decodes")
     p.add_argument("--student-frac", type=float, default=0.0,
@@ -483,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     torch.set_num_threads(args.threads)
     dist, device = init_distributed(args.device)
-    extra: dict[str, object] = {"part": args.part, "blur_frac": args.blur_frac, "student_frac": args.student_frac}
+    extra: dict[str, object] = {"part": args.part, "blur_frac": args.blur_frac, "student_frac": args.student_frac,
+                                "chroma_weight": args.chroma_weight}  # fmt: skip
     if args.crop is not None:
         extra |= {"crop": args.crop, "final_crop": args.crop}
     cfg = AEConfig(**overrides(args), **extra)  # type: ignore[arg-type]
