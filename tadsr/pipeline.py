@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -371,11 +371,18 @@ class TeacherPipeline(_Base):
         noises = self._noise(noises, seed, shape)
         return self.decode(self.sample(self.encode(lr_p), noises, lr_p), hw, lr_p)
 
-    def sample(self, z_y: torch.Tensor, noises: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    def sample(
+        self,
+        z_y: torch.Tensor,
+        noises: torch.Tensor,
+        lq: torch.Tensor,
+        on_x0: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
         """The sampler on a given ``z_y`` (B, C, H, W): ``noises`` (T, B, C, H, W) -> final latent ``z``.
 
         What ``__call__`` runs between ``encode`` and ``decode``, as :meth:`OneStepPipeline.denoise` is for
-        the student: callers that compare networks on the same LR encode it once.
+        the student: callers that compare networks on the same LR encode it once. ``on_x0(t, x0)``, if given, sees
+        the teacher's x0 prediction at every step (diagnostics: ``benchmarks/teacher_per_t.py --chain``).
         """
         net = self.models.teacher
         assert net is not None
@@ -384,6 +391,8 @@ class TeacherPipeline(_Base):
         for t in range(T - 1, -1, -1):
             tt = torch.full((b,), t, dtype=torch.int64, device=z.device)
             x0 = net(self.schedule.scale_input(z, t), tt, lq)
+            if on_x0 is not None:
+                on_x0(t, x0)
             z = self.schedule.posterior_mean(z, x0, t)
             if t > 0:
                 z = z + self.schedule.posterior_std(t) * noises[T - t]

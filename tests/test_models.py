@@ -191,8 +191,13 @@ def test_teacher_sample_is_the_call_between_encode_and_decode(tiny_models) -> No
     with torch.no_grad():
         z_y = pipe.encode(lr_p)
         z = pipe.sample(z_y, make_noise((4, *z_y.shape), 5), lr_p)
+        seen: list[tuple[int, torch.Tensor]] = []
+        z2 = pipe.sample(z_y, make_noise((4, *z_y.shape), 5), lr_p, on_x0=lambda t, x0: seen.append((t, x0)))
     assert z.shape == z_y.shape
     torch.testing.assert_close(pipe.decode(z, hw, lr_p), pipe(lr, seed=5), rtol=0, atol=0)
+    torch.testing.assert_close(z2, z, rtol=0, atol=0)  # the callback only looks
+    assert [t for t, _ in seen] == [3, 2, 1, 0] and all(x0.shape == z_y.shape for _, x0 in seen)
+    torch.testing.assert_close(seen[-1][1], z, rtol=0, atol=0)  # no noise after t = 0: the last x0 is the output
 
 
 def test_eager_codebook_search_runs_in_cache_sized_blocks_with_the_same_codes(monkeypatch) -> None:
