@@ -41,11 +41,13 @@ def main() -> int:
     ap.add_argument("--autoencoder", action="append", required=True, type=named_path, help="NAME=VQ-f4 checkpoint")
     ap.add_argument("--preset", default="bundled")
     ap.add_argument("--max-crops", type=int, default=32)
+    ap.add_argument("--crop", type=int, default=256,
+                    help="HR crop side (the decoder's GroupNorm sees the whole tile, so its size matters)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    hr, lr, _ = grid_crops(load_pairs(args.photos, "val"), 256, 8)
+    hr, lr, _ = grid_crops(load_pairs(args.photos, "val"), args.crop, 8)
     if len(hr) > args.max_crops:
         keep = np.linspace(0, len(hr) - 1, args.max_crops).round().astype(int)
         hr, lr = hr[keep], lr[keep]
@@ -58,7 +60,7 @@ def main() -> int:
                 outs = [_to_uint8(ae.decode(ae.encode(to_unit(hr[s])), force_not_quantize=raw).clamp(-1, 1))
                         for s in chunks(len(hr), 8)]  # fmt: skip
                 rows[f"{name}, {label}"] = [scores(s, h) for s, h in zip(np.concatenate(outs), hr_nhwc)]
-    print(f"# Colour of the autoencoder's reconstruction ({len(hr)} held-out 256² crops of {args.photos})\n")
+    print(f"# Colour of the autoencoder's reconstruction ({len(hr)} held-out {args.crop}² crops of {args.photos})\n")
     print("| reconstruction | PSNR Y | PSNR Cb | PSNR Cr | PSNR RGB | ΔE00 (low-pass) |")
     print("|---|---|---|---|---|---|")
     for name, v in rows.items():
