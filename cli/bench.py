@@ -55,6 +55,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--max-images", type=int, help="use at most N images")
     d.add_argument("--hr-crop", type=int, help="centre-crop HR images to at most N px per side (faster)")
     d.add_argument("--teacher-steps", type=int, default=15, help="teacher steps, 0 for none (default: %(default)s)")
+    d.add_argument("--color-fix", choices=["none", "wavelet", "adain", "luma"], default="none",
+                   help="also the student and the do-nothing baseline with this colour fix (artifacts exported with "
+                        "a fix get those rows anyway, as their reference and floor; default: %(default)s)")  # fmt: skip
     d.add_argument(
         "--coreml-sim",
         action="store_true",
@@ -113,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         coreml_sim=args.coreml_sim,
         max_images=args.max_images,
         hr_crop=args.hr_crop,
+        color_fix=args.color_fix,
     )
 
 

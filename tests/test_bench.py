@@ -331,3 +331,35 @@ def test_fidelity_passes_count_as_warm_up(data_dir, tiny_models, tmp_path, monke
                           max_images=2, hr_crop=64)  # fmt: skip
         run_bench(cfg, models=tiny_models)
         assert seen and set(seen) == {want}, (data, seen)
+
+
+def test_colour_fix_rows_are_the_reference_and_floor_of_fixed_artifacts(data_dir, tiny_models, tmp_path):
+    """An artifact exported with ``--color-fix luma`` is compared with ``torch-student [luma]`` and must beat the
+    do-nothing path with the same fix; both rows appear even though the bench was not asked for a fix."""
+    from tadsr.export.api import export_model
+    from tadsr.metrics import sanity_failures
+
+    export_model(tiny_models, graphs=("pipeline",), tile=64, out_dir=tmp_path / "a", n_real=1, color_fix="luma",
+                 backend_options={"onnx": {"optimize": False}})  # fmt: skip
+    cfg = BenchConfig(out_dir=tmp_path / "r", data=data_dir, artifacts=(tmp_path / "a",), preset="tiny",
+                      init="random", teacher_steps=0, threads=1, repeats=1, warmup=0, memory="off", grid_crop=64,
+                      max_images=1)  # fmt: skip
+    result = run_bench(cfg, models=tiny_models)
+    report = result.report
+    systems = {s["name"]: s for s in report["systems"]}
+    assert set(systems) == {"bicubic", "torch-student", "torch-student [luma]", "onnx-fp32-fused"}
+    art, fixed, plain = systems["onnx-fp32-fused"], systems["torch-student [luma]"], systems["torch-student"]
+    assert art["color_fix"] == fixed["color_fix"] == "luma" and plain["color_fix"] == "none"
+    assert art["fidelity"]["mean"]["parity_psnr"] > 60  # the same computation as its reference
+    assert fixed["fidelity"]["mean"]["psnr_y"] != plain["fidelity"]["mean"]["psnr_y"]
+    assert set(report["baselines"]) == {"do_nothing", "do_nothing [luma]"}
+    floors = {k: b["mean"]["psnr_y"] for k, b in report["baselines"].items()}
+    assert floors["do_nothing"] != floors["do_nothing [luma]"]
+    for s, floor in ((art, floors["do_nothing [luma]"]), (fixed, floors["do_nothing [luma]"]),
+                     (plain, floors["do_nothing"])):  # fmt: skip
+        f = s["fidelity"]
+        expect = sanity_failures([p["lr_cons"] for p in f["images"]], f["mean"]["psnr_y"], floor)
+        assert f["sanity"]["reasons"] == expect, s["name"]
+    assert "| *do-nothing baseline [luma]* |" in result.files["markdown"].read_text()
+    with pytest.raises(ConfigError, match="wavelet"):
+        BenchConfig(out_dir=tmp_path, color_fix="histogram")

@@ -242,13 +242,13 @@ def test_upscale_cli_colour_fix(
 
 
 def test_cli_colour_fix_choices_are_the_librarys() -> None:
-    """``tadsr upscale`` / ``tadsr export`` list the choices literally (the CLI imports no torch): keep them in step."""
+    """``tadsr upscale`` / ``export`` / ``bench`` list the choices literally (the CLI imports no torch): keep them in step."""
     import argparse
 
     from tadsr.cli import build_parser
     from tadsr.color_fix import COLOR_FIXES
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for verb in ("upscale", "export"):
+    for verb in ("upscale", "export", "bench"):
         opt = next(a for a in sub.choices[verb]._actions if "--color-fix" in a.option_strings)
         assert list(opt.choices) == list(COLOR_FIXES), verb

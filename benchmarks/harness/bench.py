@@ -25,7 +25,12 @@ Per system:
   ``decode(encode(bicubic(LR)))`` through the reference autoencoder (``report["baselines"]["do_nothing"]``, run
   through the same tiler; not a system). ``fidelity["sanity"]`` of each system lists why it FAILS
   (:func:`tadsr.metrics.sanity_failures`: LR consistency mean < 35 dB or worst < 30 dB; a model whose PSNR-Y
-  does not beat the do-nothing path); the Markdown shows those systems as red ``❌ FAIL`` rows;
+  does not beat the do-nothing path with its own colour fix); the Markdown shows those systems as red ``❌ FAIL``
+  rows;
+* **colour fix** (``color_fix``, :mod:`tadsr.color_fix`): ``torch-student [FIX]`` and the baseline
+  ``report["baselines"]["do_nothing [FIX]"]`` beside the unfixed ones, for ``cfg.color_fix`` and for every fix an
+  artifact was exported with (``graph.constants.color_fix``): such an artifact is compared with the student of
+  the same fix (its parity) and must beat the do-nothing path of the same fix;
 * **peak RSS**: ``memory="subprocess"`` runs each system once more in a fresh process (load, two passes over one
   tile) that measures itself: its peak while running (Linux ``VmHWM`` reset after loading) and over its whole life
   (imports and loading included); ``"inprocess"`` resets ``VmHWM`` before loading a system in this process and
@@ -64,6 +69,7 @@ from tadsr.bench.systems import (
     InProcessMemory,
     System,
     TorchSystem,
+    artifact_color_fix,
     find_artifact_sets,
     measure_latency,
     probe_memory,
@@ -71,7 +77,7 @@ from tadsr.bench.systems import (
     timing_stats,
 )
 from tadsr.memory import lifetime_peak
-from tadsr.bench.verdicts import compute_ratios, do_nothing_baseline, judge_sanity
+from tadsr.bench.verdicts import baseline_key, compute_ratios, do_nothing_baseline, judge_sanity
 from tadsr.errors import ConfigError, InputError, TadsrError
 from tadsr.provenance import uses_light_autoencoder
 from tadsr.runtime.imageio import from_model
@@ -119,6 +125,7 @@ def _probe_spec(system: System, cfg: BenchConfig, preset: Any) -> dict[str, Any]
             "kind": "torch",
             "steps": system.steps,
             "light": system.light,
+            "color_fix": system.color_fix,
             "model": {**cfg.model_source(), "preset": preset.to_dict()},
         }
     return None
@@ -179,6 +186,12 @@ def _manifest_facts(s: ArtifactSet) -> dict[str, Any]:
     return facts
 
 
+def _fixes(cfg: BenchConfig, sets: Sequence[ArtifactSet]) -> list[str]:
+    """The colour fixes measured besides none: ``cfg.color_fix`` and those of the artifacts, in that order."""
+    found = [cfg.color_fix, *(artifact_color_fix(s) for s in sets)]
+    return [f for f in dict.fromkeys(found) if f != "none"]
+
+
 def _nbytes(*nets: Any) -> int:
     return sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
 
@@ -200,6 +213,10 @@ def _systems(cfg: BenchConfig, models: Any, sets: Sequence[ArtifactSet]) -> list
                             size_bytes=_nbytes(models.student, models.autoencoder),
                             size_kind="fp32 parameters (student + autoencoder)")  # fmt: skip
     out.append((TorchSystem(full, None), student))
+    for fix in _fixes(cfg, sets):  # the reference of artifacts exported with a colour fix, and the fix measured
+        system = TorchSystem(full, None, fix)
+        note = f"PyTorch reference one-step student (eager), colour fix {fix} (tadsr.color_fix)"
+        out.append((system, dataclasses.replace(student, name=system.name, note=note, color_fix=fix)))
     if light is not None:
         rec = _torch_record("torch-student-light", "PyTorch one-step student with the light autoencoder (eager)",
                             threads=threads, size_bytes=_nbytes(models.student, light),
@@ -227,6 +244,7 @@ def _systems(cfg: BenchConfig, models: Any, sets: Sequence[ArtifactSet]) -> list
         fmt = get_format(s.format)
         system = ArtifactSystem(s, None, opts)
         name = system.name  # "[light]" marks sets made with the light autoencoder
+        rec["color_fix"] = system.color_fix
         if fmt.needs_macos and sys.platform != "darwin":
             out.append((None, SystemResult(name=name, **rec, status="needs macOS", note=note)))
             if cfg.coreml_sim and fmt.simulator:
@@ -430,8 +448,9 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
     crops["HR"] = [im.hr[y : y + h, x : x + w] for im in images for y, x, h, w in [_crop_box(im.hr, cfg.grid_crop)]]
     results = [r for _, r in plan]
     full = dataclasses.replace(models, light_autoencoder=None)  # the do-nothing path through VQ-f4
-    baselines = {"do_nothing": do_nothing_baseline(full, images, tile, cfg)} if images else {}
-    judge_sanity(results, baselines.get("do_nothing"))
+    fixes = ["none", *_fixes(cfg, sets)]
+    baselines = {baseline_key(f): do_nothing_baseline(full, images, tile, cfg, f) for f in fixes} if images else {}
+    judge_sanity(results, baselines)
     machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     report = {
         "schema": REPORT_SCHEMA,
@@ -460,7 +479,7 @@ def _run_bench(cfg: BenchConfig, *, models: Any = None, progress: bool = False) 
             "latency_input": f"{tile_source}, {tile}x{tile} LR -> {tile * models.preset.scale}px, batch 1",
             "latency_passes": "fidelity passes (same tile size; they count as warm-up passes), then the rest of warmup untimed, then repeats timed; stages from the same passes",
             "metrics": f"8-bit output vs HR, {models.preset.scale}px border crop; Y = BT.601 (BasicSR); SSIM 11x11 "
-            "Gaussian; parity = float output vs torch-student, PSNR over [-1, 1]",
+            "Gaussian; parity = float output vs torch-student (of the same colour fix), PSNR over [-1, 1]",
             "data": data_info,
         },
         "systems": [r.to_dict() for r in results],

@@ -39,6 +39,9 @@ class BenchConfig:
         coreml_sim: also run Core ML artifacts through the numpy simulator (labelled; not a latency).
         max_images: use at most this many images; hr_crop: centre-crop HR images to at most this side.
         grid_crop: side (HR pixels) of the crops in the image grid.
+        color_fix: also the student and the do-nothing baseline with this colour fix (:mod:`tadsr.color_fix`),
+            as ``torch-student [FIX]`` and ``do_nothing [FIX]``; artifacts exported with a fix get these rows too, as
+            their reference and their floor, whatever this says.
     """
 
     out_dir: Path
@@ -63,6 +66,7 @@ class BenchConfig:
     max_images: int | None = None
     hr_crop: int | None = None
     grid_crop: int = 128
+    color_fix: str = "none"
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
@@ -77,6 +81,9 @@ class BenchConfig:
             raise ConfigError("max_images must be >= 1")
         if self.hr_crop is not None and self.hr_crop < 16:
             raise ConfigError("hr_crop must be >= 16 HR pixels")
+        from tadsr.color_fix import check_color_fix
+
+        check_color_fix(self.color_fix)
 
     def model_source(self) -> dict[str, Any]:
         return {
@@ -106,6 +113,7 @@ class SystemResult:
     format: str
     precision: str
     layout: str  # floor | reference | fused | components
+    color_fix: str = "none"  # the colour fix of its output (tadsr.color_fix): torch rows and fused artifacts
     status: str = "ok"  # ok | needs macOS | unavailable | skipped
     note: str = ""
     simulator: bool = False

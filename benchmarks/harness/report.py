@@ -141,18 +141,18 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_num(f.get('ssim_y'), '.4f')} | {_num(f.get('psnr_rgb'))} | {_num(f.get('ssim_rgb'), '.4f')} | "
             f"{_num(f.get('parity_psnr'), '.1f')} | {_lr_cons(f)} | {_num(f.get('de00'))} | {_verdict(s)} |"
         )
-    dn = (report.get("baselines") or {}).get("do_nothing")
-    if dn:
-        f = dn["mean"]
+    for dn in (report.get("baselines") or {}).values():
+        f, fix = dn["mean"], dn.get("color_fix", "none")
+        label = "*do-nothing baseline*" if fix == "none" else f"*do-nothing baseline [{fix}]*"
         lines.append(
-            f"| *do-nothing baseline* | decode(encode(bicubic)) | fp32 | - | - | - | - | {_num(f.get('psnr_y'))} | "
+            f"| {label} | decode(encode(bicubic)) | fp32 | - | - | - | - | {_num(f.get('psnr_y'))} | "
             f"{_num(f.get('ssim_y'), '.4f')} | {_num(f.get('psnr_rgb'))} | {_num(f.get('ssim_rgb'), '.4f')} | - | "
             f"{_lr_cons(f)} | {_num(f.get('de00'))} | floor |"
         )
     fails = [s for s in report["systems"] if ((s["fidelity"] or {}).get("sanity") or {}).get("fail")]
     if fails:
         lines += ["", "**Sanity failures** (LR consistency mean >= 35 dB and worst >= 30 dB; models must beat the "
-                  "do-nothing path):", ""]  # fmt: skip
+                  "do-nothing path with the same colour fix):", ""]  # fmt: skip
         lines += [f"- ❌ FAIL {s['name']}: " + "; ".join(s["fidelity"]["sanity"]["reasons"]) for s in fails]
     lines += [
         "",

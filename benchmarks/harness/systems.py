@@ -47,6 +47,8 @@ __all__ = [
     "Bicubic",
     "TorchSystem",
     "ArtifactSystem",
+    "artifact_color_fix",
+    "fixed_name",
     "runner_options",
     "timing_stats",
     "measure_latency",
@@ -153,26 +155,34 @@ class Bicubic(System):
         return self.run_tiles(lr, lr[:, :1])  # deterministic and local: the whole image at once
 
 
+def fixed_name(name: str, color_fix: str) -> str:
+    """A system's or baseline's name with its colour fix: ``torch-student [luma]`` (unchanged for ``none``)."""
+    return name if color_fix == "none" else f"{name} [{color_fix}]"
+
+
 class TorchSystem(System):
-    """The PyTorch reference student, or the teacher with ``steps`` steps."""
+    """The PyTorch reference student, or the teacher with ``steps`` steps; ``color_fix`` as the pipelines'."""
 
     stages = STAGES
 
-    def __init__(self, models: Any, steps: int | None) -> None:
+    def __init__(self, models: Any, steps: int | None, color_fix: str = "none") -> None:
         super().__init__()
-        self.models, self.steps = models, steps
+        self.models, self.steps, self.color_fix = models, steps, color_fix
         self.light = models.light_autoencoder is not None
         self.name = "torch-student" if steps is None else f"torch-teacher-T{steps}"
         if self.light:
             self.name += "-light"
             self.reference = "torch-student-light"
+        self.name, self.reference = fixed_name(self.name, color_fix), fixed_name(self.reference, color_fix)
         self.scale = models.preset.scale
         self.channels = models.preset.vq.embed_dim
 
     def load(self) -> None:
         from tadsr.pipeline import OneStepPipeline, TeacherPipeline
 
-        pipe = OneStepPipeline(self.models) if self.steps is None else TeacherPipeline(self.models, self.steps)
+        fix = self.color_fix
+        pipe = (OneStepPipeline(self.models, color_fix=fix) if self.steps is None
+                else TeacherPipeline(self.models, self.steps, color_fix=fix))  # fmt: skip
         pipe.encode = self.clock.wrap("encoder", pipe.encode)  # type: ignore[method-assign]
         pipe.decode = self.clock.wrap("decoder", pipe.decode)  # type: ignore[method-assign]
         if self.steps is None:
@@ -212,16 +222,16 @@ class DoNothingSystem(System):
     stages = ("encoder", "decoder")
     name = "do-nothing"
 
-    def __init__(self, models: Any) -> None:
+    def __init__(self, models: Any, color_fix: str = "none") -> None:
         super().__init__()
-        self.models = models
+        self.models, self.color_fix = models, color_fix
         self.scale = models.preset.scale
         self.channels = models.preset.vq.embed_dim
 
     def load(self) -> None:
         from tadsr.pipeline import DoNothingPipeline
 
-        pipe = DoNothingPipeline(self.models)
+        pipe = DoNothingPipeline(self.models, color_fix=self.color_fix)
         pipe.encode = self.clock.wrap("encoder", pipe.encode)  # type: ignore[method-assign]
         pipe.decode = self.clock.wrap("decoder", pipe.decode)  # type: ignore[method-assign]
         self.pipe = pipe
@@ -239,6 +249,13 @@ class DoNothingSystem(System):
         self.pipe = None
 
 
+def artifact_color_fix(aset: ArtifactSet) -> str:
+    """The colour fix an artifact set's output carries (``tadsr export --color-fix``; fused pipelines only)."""
+    fixes = {str(((m.get("graph") or {}).get("constants") or {}).get("color_fix", "none"))
+             for m in aset.manifests.values()}  # fmt: skip
+    return next(iter(fixes - {"none"}), "none")
+
+
 class ArtifactSystem(System):
     """An artifact set through :class:`tadsr.runtime.pipeline.MobileSRPipeline` (host-side prior sample)."""
 
@@ -249,6 +266,8 @@ class ArtifactSystem(System):
         if any(uses_light_autoencoder(m) for m in aset.manifests.values()):  # same folder names as the full ones
             self.name = aset.name + " [light]" + self.name[len(aset.name) :]
             self.reference = "torch-student-light"
+        self.color_fix = artifact_color_fix(aset)
+        self.reference = fixed_name(self.reference, self.color_fix)  # compared with the reference of the same fix
         self.stages = STAGES if aset.layout == "components" else ()
 
     def load(self) -> None:
@@ -379,7 +398,7 @@ def _probe_child(spec: dict[str, Any]) -> dict[str, Any]:
             models.teacher = None  # load_models loads both networks; keep only what this system runs
         else:
             models.student = None  # type: ignore[assignment]
-        system = TorchSystem(models, spec["steps"])
+        system = TorchSystem(models, spec["steps"], spec.get("color_fix", "none"))
         del models
     system.load()
     gc.collect()

@@ -12,15 +12,18 @@ import numpy as np
 
 from tadsr.bench.config import BenchConfig, BenchImage, SystemResult
 from tadsr.bench.data import output_fidelity
-from tadsr.bench.systems import DoNothingSystem
+from tadsr.bench.systems import DoNothingSystem, fixed_name
 from tadsr.metrics import sanity_failures
 
 logger = logging.getLogger(__name__)
 
 
-def do_nothing_baseline(models: Any, images: Sequence[BenchImage], tile: int, cfg: BenchConfig) -> dict[str, Any]:
-    """Fidelity of ``decode(encode(bicubic(LR)))`` through the reference autoencoder, same tiler and tiles."""
-    system = DoNothingSystem(models)
+def do_nothing_baseline(
+    models: Any, images: Sequence[BenchImage], tile: int, cfg: BenchConfig, color_fix: str = "none"
+) -> dict[str, Any]:
+    """Fidelity of ``decode(encode(bicubic(LR)))`` through the reference autoencoder, same tiler and tiles, with
+    ``color_fix`` on its output (the floor of the systems with that fix)."""
+    system = DoNothingSystem(models, color_fix)
     system.load()
     per_image = []
     for im in images:
@@ -30,17 +33,26 @@ def do_nothing_baseline(models: Any, images: Sequence[BenchImage], tile: int, cf
     keys = [k for k in per_image[0] if k != "image"]
     mean = {k: round(float(np.mean([p[k] for p in per_image])), 4) for k in keys}
     mean["lr_cons_worst"] = round(float(min(p["lr_cons"] for p in per_image)), 4)
-    logger.info("do-nothing baseline: PSNR-Y %.2f dB, LR consistency %.2f dB", mean["psnr_y"], mean["lr_cons"])
-    return {"note": "decode(encode(bicubic x4(LR))) through the reference autoencoder, no denoiser",
-            "mean": mean, "images": per_image}  # fmt: skip
+    name = fixed_name("do-nothing baseline", color_fix)
+    logger.info("%s: PSNR-Y %.2f dB, LR consistency %.2f dB", name, mean["psnr_y"], mean["lr_cons"])
+    fix = "" if color_fix == "none" else f", colour fix {color_fix}"
+    return {"note": f"decode(encode(bicubic x4(LR))) through the reference autoencoder, no denoiser{fix}",
+            "color_fix": color_fix, "mean": mean, "images": per_image}  # fmt: skip
 
 
-def judge_sanity(results: Sequence[SystemResult], do_nothing: Mapping[str, Any] | None) -> None:
-    """``fidelity["sanity"] = {"fail": bool, "reasons": [...]}`` for every system with fidelity numbers."""
-    dn = do_nothing["mean"]["psnr_y"] if do_nothing else None
+def baseline_key(color_fix: str) -> str:
+    """Where ``report["baselines"]`` keeps the do-nothing floor of systems with ``color_fix``."""
+    return fixed_name("do_nothing", color_fix)
+
+
+def judge_sanity(results: Sequence[SystemResult], baselines: Mapping[str, Mapping[str, Any]]) -> None:
+    """``fidelity["sanity"] = {"fail": bool, "reasons": [...]}`` for every system with fidelity numbers; a model
+    must beat the do-nothing baseline with its own colour fix (``baselines[baseline_key(fix)]``)."""
     for r in results:
         if not r.fidelity or "images" not in r.fidelity:
             continue
+        do_nothing = baselines.get(baseline_key(r.color_fix))
+        dn = do_nothing["mean"]["psnr_y"] if do_nothing else None
         lr_cons = [p["lr_cons"] for p in r.fidelity["images"] if "lr_cons" in p]
         is_model = r.kind != "bicubic"
         reasons = sanity_failures(lr_cons, r.fidelity["mean"]["psnr_y"] if is_model else None, dn if is_model else None)
