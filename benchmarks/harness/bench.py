@@ -216,7 +216,8 @@ def _systems(cfg: BenchConfig, models: Any, sets: Sequence[ArtifactSet]) -> list
     for fix in _fixes(cfg, sets):  # the reference of artifacts exported with a colour fix, and the fix measured
         system = TorchSystem(full, None, fix)
         note = f"PyTorch reference one-step student (eager), colour fix {fix} (tadsr.color_fix)"
-        out.append((system, dataclasses.replace(student, name=system.name, note=note, color_fix=fix)))
+        out.append((system, _torch_record(system.name, note, threads=threads, size_bytes=student.size_bytes,
+                                          size_kind=student.size_kind, color_fix=fix)))  # fmt: skip
     if light is not None:
         rec = _torch_record("torch-student-light", "PyTorch one-step student with the light autoencoder (eager)",
                             threads=threads, size_bytes=_nbytes(models.student, light),
