@@ -142,7 +142,7 @@ def main() -> int:
     print("|---|" + "---|" * len(heads))
     for t in range(T):
         print(f"| {t} | " + " | ".join(f"{r[t]:.4f}" for r in rows) + " |")
-    print("| mean | " + " | ".join(f"{np.mean(r[:T]):.4f}" for r in rows) + " |")
+    print("| mean | " + " | ".join(f"{np.mean(r):.4f}" for r in rows) + " |")
     if split:
         print(f"\n## The chains' final latent ({args.chain} noise seeds) against z0\n")
         print("| set | teacher | MSE, one chain | MSE, mean over seeds | variance across seeds | one-step x0 MSE |")
