@@ -20,6 +20,12 @@ reads them instead of calibrating and writes the same file; any other model, fee
 calibrates. Every ONNX INT8 folder records its ranges and key (``calibration_ranges.json``)::
 
     python -m tadsr.quantize.shipped --ranges out/int8   # writes tadsr/weights/onnx_calibration_ranges.json
+    python -m tadsr.quantize.shipped --update --ranges out/int8  # adds this CPU's keys, keeps the others
+
+A key holds the bytes of the pre-processed model and of the captured feeds, which come out of float kernels that
+can differ between CPUs: the tables regenerated on an Intel Xeon (session 35) missed three of the four keys on
+an AMD EPYC, whose ranges of the same graphs differ from them by about 1e-6. After retraining, regenerate on one
+machine, then ``--update`` from a main job on each other CPU family.
 """
 
 from __future__ import annotations
@@ -166,6 +172,18 @@ def lookup_ranges(key: str, path: Path | None = None) -> dict[str, Any] | None:
     return None if found is None else dict(found["ort_cache"])
 
 
+def _load_ranges(path: Path) -> dict[str, Any]:
+    """The range tables a shipped ranges file holds, by key ({} when there is none or it is unreadable)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        logger.warning("ignoring the unreadable shipped calibration ranges %s (%s)", path, e)
+        return {}
+    return dict(data.get("ranges", {})) if data.get("schema") == SCHEMA else {}
+
+
 def write_ranges(items: Mapping[str, Any], path: Path | None = None) -> Path:
     path = RANGES_PATH if path is None else Path(path)
     doc = {"schema": SCHEMA, "doc": "ONNX Runtime calibration ranges of the bundled model's main job, by key "
@@ -185,7 +203,7 @@ def merged(items: list[dict[str, Any]], old: list[dict[str, Any]]) -> list[dict[
     return sorted(kept + items, key=lambda it: (it["conditions"]["graph"], it["conditions"]["backend"]))
 
 
-USAGE = "usage: python -m tadsr.quantize.shipped [--ranges | --update] INT8_DIR [OUT_JSON]"
+USAGE = "usage: python -m tadsr.quantize.shipped [--update] [--ranges] INT8_DIR [OUT_JSON]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         if len(args) not in (2, 3):
             print("usage: python -m tadsr.quantize.shipped --ranges INT8_DIR [OUT_JSON]", file=sys.stderr)
             return 2
+        out = Path(args[2]) if len(args) == 3 else RANGES_PATH
         ranges = collect_ranges(Path(args[1]))
-        print(f"wrote {len(ranges)} range tables to {write_ranges(ranges, Path(args[2]) if len(args) == 3 else None)}")
+        # --update keeps the tables of other keys: the same model's on another CPU (its float kernels give other
+        # bits for the folded constants, the captures and the ranges, so other keys) stays served
+        kept = {k: v for k, v in _load_ranges(out).items() if k not in ranges} if update else {}
+        print(f"wrote {len(ranges)} range tables ({len(kept)} kept) to {write_ranges({**kept, **ranges}, out)}")
         return 0
     if len(args) not in (1, 2):
         print(USAGE, file=sys.stderr)

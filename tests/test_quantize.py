@@ -1469,6 +1469,31 @@ def test_onnx_calibration_ranges_shipped_for_the_same_model_and_feeds_give_the_s
         assert any(calibrations), other
 
 
+def test_shipped_ranges_update_keeps_the_other_keys(tmp_path):
+    """``--ranges`` writes the INT8 folder's tables alone; ``--update --ranges`` adds them to what the file holds
+    (another CPU's keys stay) and replaces a table of the same key."""
+    import tadsr.quantize.shipped as shipped
+    from tadsr.formats.onnx.ptq import RANGES_NAME
+
+    def int8_dir(name: str, tables: dict[str, str]) -> Path:
+        for key, graph in tables.items():
+            folder = tmp_path / name / f"{graph}-onnx-int8-t64"
+            folder.mkdir(parents=True)
+            (folder / RANGES_NAME).write_text(json.dumps({"key": key, "ort_cache": {"data": f"{graph}@{name}"}}))
+        return tmp_path / name
+
+    store = tmp_path / "ranges.json"
+    held = lambda: {k: v["ort_cache"]["data"] for k, v in json.loads(store.read_text())["ranges"].items()}  # noqa: E731
+    assert shipped.main(["--ranges", str(int8_dir("intel", {"k1": "encoder", "k2": "denoiser"})), str(store)]) == 0
+    assert held() == {"k1": "encoder@intel", "k2": "denoiser@intel"}
+    amd = int8_dir("amd", {"k1": "encoder", "k3": "denoiser"})
+    assert shipped.main(["--update", "--ranges", str(amd), str(store)]) == 0
+    assert held() == {"k1": "encoder@amd", "k2": "denoiser@intel", "k3": "denoiser@amd"}
+    assert shipped.lookup_ranges("k2", store) == {"data": "denoiser@intel"}
+    assert shipped.main(["--ranges", str(amd), str(store)]) == 0
+    assert held() == {"k1": "encoder@amd", "k3": "denoiser@amd"}
+
+
 @pytest.mark.parametrize("graph", ["encoder", "pipeline"])
 def test_onnx_calibration_computes_the_ranges_quantize_static_computes(tiny_onnx_artifacts, tmp_path, graph):
     """OnnxPTQ calibrates with ORT's calibrator alone (not a whole quantize_static call, which also built an INT8
