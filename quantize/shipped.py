@@ -162,13 +162,7 @@ def collect_ranges(int8_dir: Path) -> dict[str, Any]:
 
 def lookup_ranges(key: str, path: Path | None = None) -> dict[str, Any] | None:
     """The ORT calibration cache shipped for ``key`` (None: none)."""
-    path = RANGES_PATH if path is None else Path(path)
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError) as e:
-        logger.warning("ignoring the unreadable shipped calibration ranges %s (%s)", path, e)
-        return None
-    found = dict(data.get("ranges", {})).get(key) if data.get("schema") == SCHEMA else None
+    found = _load_ranges(RANGES_PATH if path is None else Path(path)).get(key)
     return None if found is None else dict(found["ort_cache"])
 
 
@@ -220,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = args[1:] if update else args
     if args and args[0] == "--ranges":  # the ONNX calibration ranges only (e.g. from the quick path's folder)
         if len(args) not in (2, 3):
-            print("usage: python -m tadsr.quantize.shipped --ranges INT8_DIR [OUT_JSON]", file=sys.stderr)
+            print("usage: python -m tadsr.quantize.shipped [--update] --ranges INT8_DIR [OUT_JSON]", file=sys.stderr)
             return 2
         out = Path(args[2]) if len(args) == 3 else RANGES_PATH
         ranges = collect_ranges(Path(args[1]))

@@ -1492,6 +1492,10 @@ def test_shipped_ranges_update_keeps_the_other_keys(tmp_path):
     assert shipped.lookup_ranges("k2", store) == {"data": "denoiser@intel"}
     assert shipped.main(["--ranges", str(amd), str(store)]) == 0
     assert held() == {"k1": "encoder@amd", "k3": "denoiser@amd"}
+    store.write_text("{not json")  # unreadable: nothing is served, and --update starts it again
+    assert shipped.lookup_ranges("k1", store) is None
+    assert shipped.main(["--update", "--ranges", str(amd), str(store)]) == 0
+    assert held() == {"k1": "encoder@amd", "k3": "denoiser@amd"}
 
 
 @pytest.mark.parametrize("graph", ["encoder", "pipeline"])
