@@ -114,15 +114,20 @@ def _out_of_reach(entry: BackendRecipe) -> bool:
     return not _met(entry) and entry.target_psnr is not None and any(t.get("added") == "all" for t in entry.search)
 
 
-def _load(path: Path) -> list[dict[str, Any]]:
+def _read(path: Path, what: str) -> dict[str, Any]:
+    """A shipped JSON file of this schema ({} when there is none, it is unreadable or of another schema)."""
     if not path.is_file():
-        return []
+        return {}
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        logger.warning("ignoring the unreadable shipped recipes %s (%s)", path, e)
-        return []
-    return list(data.get("recipes", [])) if data.get("schema") == SCHEMA else []
+        logger.warning("ignoring the unreadable shipped %s %s (%s)", what, path, e)
+        return {}
+    return data if data.get("schema") == SCHEMA else {}
+
+
+def _load(path: Path) -> list[dict[str, Any]]:
+    return list(_read(path, "recipes").get("recipes", []))
 
 
 def lookup(cond: Mapping[str, Any], path: Path | None = None) -> BackendRecipe | None:
@@ -168,14 +173,7 @@ def lookup_ranges(key: str, path: Path | None = None) -> dict[str, Any] | None:
 
 def _load_ranges(path: Path) -> dict[str, Any]:
     """The range tables a shipped ranges file holds, by key ({} when there is none or it is unreadable)."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        logger.warning("ignoring the unreadable shipped calibration ranges %s (%s)", path, e)
-        return {}
-    return dict(data.get("ranges", {})) if data.get("schema") == SCHEMA else {}
+    return dict(_read(path, "calibration ranges").get("ranges", {}))
 
 
 def write_ranges(items: Mapping[str, Any], path: Path | None = None) -> Path:
