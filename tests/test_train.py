@@ -474,6 +474,29 @@ def test_validation_table_and_grid(photos: Path, tmp_path: Path) -> None:
         assert fixed.mean[m]["lr_cons"] > res.mean[m]["lr_cons"] + 3
 
 
+def test_validate_cli_judges_at_a_chosen_tile(photos: Path, tmp_path: Path) -> None:
+    """``--crop`` runs the val crops as tiles of that side (upscale's default is 512 for bundled, the main job's
+    256) and names the side in the table; a side the networks cannot take as one tile is refused up front."""
+    from tadsr.checkpoint import save_safetensors
+    from tadsr.train.validate import main as validate_main
+
+    w = tmp_path / "w"
+    w.mkdir()
+    torch.manual_seed(0)
+    save_safetensors(_teacher(1).state_dict(), w / "test-micro_student.safetensors")
+    save_safetensors(VQModelTorch(MICRO.vq).state_dict(), w / "test-micro_autoencoder.safetensors")
+    args = ["--photos", str(photos), "--weights", str(w), "--preset", "test-micro", "--threads", "1",
+            "--methods", "bicubic", "student_1"]  # fmt: skip
+    assert validate_main([*args, "--crop", str(2 * CROP), "--md", str(tmp_path / "t.md"),
+                          "--json", str(tmp_path / "t.json")]) == 0  # fmt: skip
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert res["crop"] == 2 * CROP and res["n_crops"] == 1  # the 128x132 val photo holds one 128-px crop
+    assert f"1 crops of {2 * CROP}²" in (tmp_path / "t.md").read_text()
+    for bad in (CROP + 4, 0):
+        with pytest.raises(SystemExit):
+            validate_main([*args, "--crop", str(bad)])
+
+
 # -- hardware options and multi-session training ------------------------------------------------------------------
 def test_teacher_paused_run_resumes_to_the_straight_run(tmp_path: Path) -> None:
     pool = _pool(3)

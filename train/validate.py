@@ -200,8 +200,8 @@ def format_sanity(val: ValResult, names: dict[str, str] | None = None) -> str:
     """Markdown table of the sanity metrics; a failing method is a ``❌ FAIL`` row with its reasons."""
     names = names or {}
     fix = f", colour fix {val.color_fix}" if val.color_fix != "none" else ""
-    head = (f"| method | PSNR Y (dB), {val.n_crops} crops{fix} | LR consistency mean / worst (dB) | ΔE00 (low-pass) "
-            "| sanity |")  # fmt: skip
+    head = (f"| method | PSNR Y (dB), {val.n_crops} crops of {val.crop}²{fix} | LR consistency mean / worst (dB) "
+            "| ΔE00 (low-pass) | sanity |")  # fmt: skip
     lines = [head, "|---|---|---|---|---|"]
     for m, d in val.mean.items():
         fails = val.sanity.get(m, [])
@@ -275,10 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", type=Path, help="write the sanity table (Markdown) here")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--crop", type=int, metavar="PX",
+                    help="HR side of each val crop, run as one tile (default: 4 x the preset's pad multiple, 256 for "
+                         "bundled: the main job's tile; 512 is the tile of upscale's default --tile 128)")  # fmt: skip
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     ap.add_argument("--color-fix", default="none", choices=COLOR_FIXES,
                     help="colour fix of every pipeline (do-nothing, student, teacher); default none")  # fmt: skip
     args = ap.parse_args(argv)
+    unit = 4 * get_preset(args.preset).pad_multiple
+    crop = unit if args.crop is None else args.crop
+    if crop <= 0 or crop % unit:
+        ap.error(f"--crop {crop}: must be a positive multiple of {unit} (4 x the {args.preset} preset's pad multiple), "
+                 "so that each LR crop is one tile the networks take without padding")  # fmt: skip
     setup_logging()
     torch.set_num_threads(args.threads)
     from tadsr.train.common import resolve_device
@@ -286,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     models = load_bundle(args.weights, args.preset, device)
     pairs = load_pairs(args.photos, "val")
-    res, outs, hr = validate(models, pairs, device, max_crops=args.max_crops, crop=4 * models.preset.pad_multiple,
+    res, outs, hr = validate(models, pairs, device, max_crops=args.max_crops, crop=crop,
                              batch=args.batch, methods=tuple(args.methods), color_fix=args.color_fix)  # fmt: skip
     if args.json:
         args.json.write_text(res.to_json())
