@@ -38,18 +38,28 @@ def add_upscale_parser(sub: argparse._SubParsersAction) -> None:
                    help="colour correction towards the bicubic LR (default: none; an --artifact carries its own, "
                         "set by tadsr export --color-fix)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    p.add_argument("--tile", type=int, default=128, help="LR tile side, a multiple of 64 (default: %(default)s)")
+    p.add_argument("--tile", type=int,
+                   help="LR tile side, a multiple of 64 (default: the preset's, 64 for bundled, the tile its "
+                        "networks were trained on; 128 otherwise, upstream's 512-px chop; an --artifact runs its own "
+                        "tile)")  # fmt: skip
     p.add_argument("--overlap", type=int, default=16, help="LR overlap between tiles in pixels (default: %(default)s)")
     p.set_defaults(func=_run_upscale)
 
 
-def _reference_runner(args: argparse.Namespace) -> tuple[Callable, Callable[[int], tuple[int, ...]], int]:
+def _reference_runner(args: argparse.Namespace) -> tuple[Callable, Callable[[int], tuple[int, ...]], int, int]:
+    """``(run_tiles, noise_shape, scale, tile)`` of the PyTorch reference; ``tile`` is ``--tile`` or the preset's."""
     import numpy as np
     import torch
 
+    from tadsr.config import upscale_tile
+    from tadsr.errors import InputError
     from tadsr.pipeline import OneStepPipeline, TeacherPipeline
 
     models = load_models_from_args(args)
+    tile = args.tile or upscale_tile(models.preset.name)
+    if args.overlap >= tile:
+        raise InputError(f"--overlap must be in [0, tile), got {args.overlap} with tile {tile}")
+    log.info("reference pipeline, preset %s, LR tile %d", models.preset.name, tile)
     c = models.preset.vq.embed_dim
     fix = args.color_fix or "none"
     if args.steps is not None:
@@ -61,22 +71,22 @@ def _reference_runner(args: argparse.Namespace) -> tuple[Callable, Callable[[int
             noises = torch.from_numpy(noise).reshape(b, steps, c, t, t).transpose(0, 1)
             return pipe_t(torch.from_numpy(lr), noises=noises.contiguous()).numpy()
 
-        return run, lambda t: (steps * c, t, t), models.preset.scale
+        return run, lambda t: (steps * c, t, t), models.preset.scale, tile
 
     pipe = OneStepPipeline(models, color_fix=fix)
 
     def run1(lr: np.ndarray, noise: np.ndarray) -> np.ndarray:
         return pipe(torch.from_numpy(lr), noise=torch.from_numpy(noise)).numpy()
 
-    return run1, lambda t: (c, t, t), models.preset.scale
+    return run1, lambda t: (c, t, t), models.preset.scale, tile
 
 
 def _run_upscale(args: argparse.Namespace) -> int:
     from tadsr.errors import InputError
 
-    if args.tile <= 0 or args.tile % 64:
+    if args.tile is not None and (args.tile <= 0 or args.tile % 64):
         raise InputError(f"--tile must be a positive multiple of 64, got {args.tile}")
-    if not 0 <= args.overlap < args.tile:
+    if args.overlap < 0 or (args.tile is not None and args.overlap >= args.tile):
         raise InputError(f"--overlap must be in [0, tile), got {args.overlap}")
     from tadsr.runtime.imageio import list_images
 
@@ -130,8 +140,9 @@ def _upscale_files(args: argparse.Namespace, files: list[Path], folder_mode: boo
         log.info("running %s", mobile.description)
         run, scale, fixed_tile = mobile.run_tiles, mobile.scale, mobile.tile
         noise_shape = lambda t: tuple(mobile.noise_shape)  # noqa: E731
+        max_tile = fixed_tile
     else:
-        run, noise_shape, scale = _reference_runner(args)
+        run, noise_shape, scale, max_tile = _reference_runner(args)
     written = failures = 0
     progress = sys.stderr.isatty()
     for path in tqdm(files, desc="images", disable=not progress or len(files) < 2):
@@ -140,7 +151,7 @@ def _upscale_files(args: argparse.Namespace, files: list[Path], folder_mode: boo
         try:
             img = read_image(path)
             # the reference takes any multiple of 64: never pad a small image up to a larger tile
-            tile = fixed_tile or min(args.tile, -(-max(img.rgb.shape[:2]) // 64) * 64)
+            tile = fixed_tile or min(max_tile, -(-max(img.rgb.shape[:2]) // 64) * 64)
             sr = upscale_tiled(
                 to_model(img.rgb), run, tile=tile, scale=scale, overlap=min(args.overlap, tile - 1), seed=args.seed,
                 noise_shape_fn=noise_shape, progress=progress,

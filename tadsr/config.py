@@ -214,6 +214,20 @@ def _tuplify(obj: Any, *names: str) -> None:
         object.__setattr__(obj, n, tuple(int(x) for x in v))
 
 
+
+#: LR tile ``tadsr upscale`` runs a preset at when ``--tile`` is not given. The bundled networks normalise with
+#: GroupNorm over the whole tile and were trained on 64-px LR tiles (256-px HR crops); at 128 their one-step output
+#: loses 2.1 dB PSNR-Y on held-out 512-px crops (benchmarks/results/tile_choice_s41.md). Other presets keep
+#: upstream's 512-px HR chop (128 LR).
+UPSCALE_TILES: dict[str, int] = {"bundled": 64}
+DEFAULT_UPSCALE_TILE = 128
+
+
+def upscale_tile(preset: str) -> int:
+    """Default LR tile of ``tadsr upscale`` for ``preset`` (see :data:`UPSCALE_TILES`)."""
+    return UPSCALE_TILES.get(preset, DEFAULT_UPSCALE_TILE)
+
+
 PRESETS: dict[str, Preset] = {
     "official-x4": Preset(name="official-x4"),
     "tiny": Preset(

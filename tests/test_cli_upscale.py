@@ -56,6 +56,28 @@ def test_upscale_teacher_file(inputs: Path, tmp_path: Path) -> None:
     assert rc == 0 and Image.open(out).size == (132, 84)
 
 
+def test_upscale_default_tile_is_the_presets(inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --tile, upscale runs the preset's tile (bundled: 64, the tile its GroupNorm networks were trained
+    on); --tile still wins."""
+    import tadsr.runtime.tiling as tiling
+    from tadsr import config
+
+    assert config.upscale_tile("bundled") == 64 and config.upscale_tile("official-x4") == 128
+    real, tiles = tiling.upscale_tiled, []
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        tiles.append(k["tile"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(tiling, "upscale_tiled", spy)
+    args = ["-q", "upscale", str(inputs / "odd.png"), str(tmp_path / "o.png"), "--preset", "tiny", "--init", "random"]
+    assert main(args) == 0 and tiles == [128]  # 97 x 61 LR: one 128 tile
+    monkeypatch.setitem(config.UPSCALE_TILES, "tiny", 64)
+    assert main(args) == 0 and tiles[-1] == 64
+    assert main([*args, "--tile", "128"]) == 0 and tiles[-1] == 128
+    assert main([*args, "--overlap", "64"]) == 2  # overlap must stay below the preset's tile
+
+
 def test_upscale_bad_inputs(tmp_path: Path) -> None:
     (tmp_path / "note.png").write_text("not an image")
     assert main(["-q", "upscale", str(tmp_path / "note.png"), str(tmp_path / "o.png"), "--preset", "tiny",
