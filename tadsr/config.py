@@ -214,7 +214,6 @@ def _tuplify(obj: Any, *names: str) -> None:
         object.__setattr__(obj, n, tuple(int(x) for x in v))
 
 
-
 #: LR tile ``tadsr upscale`` runs a preset at when ``--tile`` is not given. The bundled networks normalise with
 #: GroupNorm over the whole tile and were trained on 64-px LR tiles (256-px HR crops); at 128 their one-step output
 #: loses 2.1 dB PSNR-Y on held-out 512-px crops (benchmarks/results/tile_choice_s41.md). Other presets keep
