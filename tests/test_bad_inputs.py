@@ -147,9 +147,10 @@ def _files(root: Path) -> set[str]:
     }
 
 
-def _pointwise_runner(args: Any) -> tuple[Callable, Callable[[int], tuple[int, ...]], int]:
-    """A stand-in for the reference model: each LR pixel -> its own 4x4 block (cheap, deterministic)."""
-    return (lambda lr, noise: lr.repeat(4, axis=2).repeat(4, axis=3)), (lambda t: (3, t, t)), 4
+def _pointwise_runner(args: Any) -> tuple[Callable, Callable[[int], tuple[int, ...]], int, int]:
+    """A stand-in for the reference model: each LR pixel -> its own 4x4 block (cheap, deterministic); its tile is
+    ``--tile`` or 128."""
+    return (lambda lr, noise: lr.repeat(4, axis=2).repeat(4, axis=3)), (lambda t: (3, t, t)), 4, args.tile or 128
 
 
 @dataclass
