@@ -276,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, metavar="PX",
-                    help="HR side of each val crop, run as one tile (default: 4 x the preset's pad multiple, 256 for "
-                         "bundled: the tile the networks were trained on and every verb runs; 512: one LR tile of 128)")  # fmt: skip
+                    help="HR side of each val crop, run as one tile (default: 4 x the preset's pad multiple, 256 "
+                         "for bundled: the tile the networks were trained on and every verb runs; 512: one LR tile "
+                         "of 128)")  # fmt: skip
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     ap.add_argument("--color-fix", default="none", choices=COLOR_FIXES,
                     help="colour fix of every pipeline (do-nothing, student, teacher); default none")  # fmt: skip
