@@ -47,10 +47,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    hr, lr, _ = grid_crops(load_pairs(args.photos, "val"), args.crop, 8)
-    if len(hr) > args.max_crops:
-        keep = np.linspace(0, len(hr) - 1, args.max_crops).round().astype(int)
-        hr, lr = hr[keep], lr[keep]
+    hr, lr, _ = grid_crops(load_pairs(args.photos, "val"), args.crop, 8, max_crops=args.max_crops)
     hr_nhwc = hr.transpose(0, 2, 3, 1)
     rows = {"bicubic x4": [scores(s, h) for s, h in zip(_bicubic(lr), hr_nhwc)]}
     with torch.inference_mode():

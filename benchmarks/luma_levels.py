@@ -41,9 +41,8 @@ def main() -> int:
     t0 = time.perf_counter()
     models = load_bundle(args.weights, args.preset, torch.device("cpu"))
     side = 4 * models.preset.pad_multiple
-    hr, lr, _ = grid_crops(load_pairs(args.photos, "train", min_side=side), side, args.per_image)
-    keep = np.linspace(0, len(hr) - 1, min(args.crops, len(hr))).round().astype(int)
-    hr, lr = hr[keep], lr[keep]
+    hr, lr, _ = grid_crops(load_pairs(args.photos, "train", min_side=side), side, args.per_image,
+                           max_crops=args.crops)  # fmt: skip
     pipe = OneStepPipeline(models)
     srs, refs = [], []
     with torch.inference_mode():

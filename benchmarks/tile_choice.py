@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(t <= 0 or t % 64 or t * 4 > args.crop for t in args.tiles):
         ap.error(f"--tiles {args.tiles}: each must be a positive multiple of 64 and at most --crop / 4")
     torch.set_num_threads(args.threads)
-    hr, lr, _ = grid_crops(load_pairs(args.photos, "val"), args.crop, 8)
-    if len(hr) > args.max_crops:
-        keep = np.linspace(0, len(hr) - 1, args.max_crops).round().astype(int)
-        hr, lr = hr[keep], lr[keep]
+    hr, lr, _ = grid_crops(load_pairs(args.photos, "val"), args.crop, 8, max_crops=args.max_crops)
     hr_nhwc = hr.transpose(0, 2, 3, 1)
     models = load_bundle(args.weights, args.preset, torch.device("cpu"))
     c, scale = models.preset.vq.embed_dim, models.preset.scale
@@ -74,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for tile in args.tiles:
             for name, pipe in (("do-nothing", nothing), ("student, 1 step", student)):
-                t0, scores = time.perf_counter(), []
+                t0, scores, run = time.perf_counter(), [], runner(pipe)
                 for k in range(len(lr)):
-                    out = upscale_tiled(to_unit(lr[k : k + 1]).numpy(), runner(pipe), tile=tile, scale=scale,
+                    out = upscale_tiled(to_unit(lr[k : k + 1]).numpy(), run, tile=tile, scale=scale,
                                         overlap=args.overlap, seed=args.seed + k, latent_channels=c,
                                         pad_multiple=models.preset.pad_multiple)  # fmt: skip
                     scores.append(_score(_to_uint8(torch.from_numpy(out))[0], hr_nhwc[k], lr[k].transpose(1, 2, 0)))

@@ -474,6 +474,20 @@ def test_validation_table_and_grid(photos: Path, tmp_path: Path) -> None:
         assert fixed.mean[m]["lr_cons"] > res.mean[m]["lr_cons"] + 3
 
 
+def test_grid_crops_max_crops_spreads_evenly(photos: Path) -> None:
+    from tadsr.train.data import grid_crops
+    from tadsr.train.data import load_pairs as load
+
+    pairs = load(photos, "val")
+    hr, lr, labels = grid_crops(pairs, CROP)
+    assert len(labels) == 4  # the 128x132 val photo: a 2x2 grid of 64-px crops
+    some_hr, some_lr, some = grid_crops(pairs, CROP, max_crops=2)
+    assert some == [labels[0], labels[3]]  # first and last, as np.linspace(0, n - 1, 2) picks
+    np.testing.assert_array_equal(some_hr, hr[[0, 3]])
+    np.testing.assert_array_equal(some_lr, lr[[0, 3]])
+    assert grid_crops(pairs, CROP, max_crops=9)[2] == labels  # fewer crops than the cap: all of them
+
+
 def test_validate_cli_judges_at_a_chosen_tile(photos: Path, tmp_path: Path) -> None:
     """``--crop`` runs the val crops as tiles of that side (upscale's default is 512 for bundled, the main job's
     256) and names the side in the table; a side the networks cannot take as one tile is refused up front."""

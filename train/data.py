@@ -233,8 +233,11 @@ def sample_crops(
     return hr_out, lr_out
 
 
-def grid_crops(pairs: PhotoPairs, hr_size: int, max_per_image: int = 8) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Deterministic non-overlapping aligned crops (a centred grid, at most ``max_per_image`` per photo).
+def grid_crops(
+    pairs: PhotoPairs, hr_size: int, max_per_image: int = 8, *, max_crops: int | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Deterministic non-overlapping aligned crops (a centred grid, at most ``max_per_image`` per photo; at most
+    ``max_crops`` in all, spread evenly over the list).
 
     Returns:
         ``(hr, lr, labels)``: uint8 (n, 3, S, S), uint8 (n, 3, S/4, S/4) and ``"name@y,x"`` labels.
@@ -255,6 +258,9 @@ def grid_crops(pairs: PhotoPairs, hr_size: int, max_per_image: int = 8) -> tuple
             labels.append(f"{name}@{SCALE * y},{SCALE * x}")
     if not hrs:
         raise InputError(f"no photo is large enough for {hr_size}x{hr_size} validation crops")
+    if max_crops is not None and len(hrs) > max_crops:
+        keep = np.linspace(0, len(hrs) - 1, max_crops).round().astype(int)
+        hrs, lrs, labels = [hrs[i] for i in keep], [lrs[i] for i in keep], [labels[i] for i in keep]
     return np.stack(hrs), np.stack(lrs), labels
 
 

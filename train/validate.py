@@ -156,10 +156,7 @@ def validate(
         The result, the method outputs (uint8 NHWC) and the HR crops (uint8 NHWC).
     """
     t0 = time.perf_counter()
-    hr, lr, labels = grid_crops(pairs, crop, max_per_image)
-    if max_crops is not None and len(hr) > max_crops:
-        keep = np.linspace(0, len(hr) - 1, max_crops).round().astype(int)
-        hr, lr, labels = hr[keep], lr[keep], [labels[i] for i in keep]
+    hr, lr, labels = grid_crops(pairs, crop, max_per_image, max_crops=max_crops)
     for m in (models.student, models.autoencoder, models.teacher):
         if m is not None:
             m.to(device).eval()
