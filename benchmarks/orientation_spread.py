@@ -7,10 +7,12 @@ the teacher's pipeline). Scored by PSNR-Y against the rotated HR image. Printed 
 rotation the mean over seeds and its spread (max - min), then the per-network mean over all rotations and seeds
 and over rotation 0 with seed 0 alone (what a single run on the images as stored measures). A swing across
 rotations far above the spread across seeds says the result depends on where the content sits, not on the noise.
+``--do-nothing`` adds the do-nothing path ``decode(encode(bicubic x4(LR)))`` as a column (no noise: spread 0), so
+that a model's margin over it is read over the same rotations.
 
     python benchmarks/orientation_spread.py --data tadsr/data/bench --steps 1 \\
         --net shipped=tadsr/weights/bundled_teacher.safetensors \\
-        --net s36=train/candidates/bundled_teacher_s36.safetensors --seeds 3
+        --net s36=train/candidates/bundled_teacher_s36.safetensors --seeds 3 [--do-nothing]
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from tadsr.train.data import load_pairs, to_unit
 WEIGHTS = Path(__file__).resolve().parents[1] / "tadsr" / "weights"
 
 
-def main() -> int:
+DO_NOTHING = "do-nothing"
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="photo set (its val split) or plain image folder")
     ap.add_argument("--net", action="append", required=True, type=named_path,
@@ -43,12 +48,15 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3, help="noise seeds per image and rotation")
     ap.add_argument("--max-images", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--do-nothing", action="store_true", help="add the do-nothing path decode(encode(bicubic))")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     p = get_preset(args.preset)
     if args.steps not in (1, p.schedule.steps):
         raise SystemExit(f"--steps must be 1 or {p.schedule.steps} (the {args.preset} schedule)")
+    if args.do_nothing and DO_NOTHING in {name for name, _ in args.net}:
+        raise SystemExit(f"--net name {DO_NOTHING!r} is the --do-nothing column's")
     pipes: dict[str, OneStepPipeline | TeacherPipeline] = {}
     shared = load_models(autoencoder=args.autoencoder, preset=p, student=args.net[0][1])  # one autoencoder for all
     for name, path in args.net:
@@ -65,6 +73,8 @@ def main() -> int:
                 hr = to_unit(np.rot90(pairs.hr[i], k).transpose(2, 0, 1)[None])
                 lr_p, hw = first.prepare(to_unit(np.rot90(pairs.lr[i], k).transpose(2, 0, 1)[None]))
                 z_y = first.encode(lr_p)
+                if args.do_nothing:
+                    scores[(i, k, DO_NOTHING)] = [psnr_y_8bit(first.decode(z_y, hw, lr_p).numpy(), hr.numpy())]
                 for seed in range(args.seeds):
                     for name, pipe in pipes.items():
                         if isinstance(pipe, OneStepPipeline):
@@ -73,18 +83,19 @@ def main() -> int:
                             z = pipe.sample(z_y, make_noise((args.steps, *z_y.shape), seed), lr_p)
                         sr = pipe.decode(z, hw, lr_p)
                         scores.setdefault((i, k, name), []).append(psnr_y_8bit(sr.numpy(), hr.numpy()))
+    columns = [*pipes, *([DO_NOTHING] if args.do_nothing else [])]
     print(f"# {args.steps}-step PSNR-Y per image and rotation ({args.data}, {args.seeds} noise seeds)\n")
-    print("| image | rotation | " + " | ".join(f"{n}: mean (spread)" for n in pipes) + " |")
-    print("|---|---|" + "---|" * len(pipes))
+    print("| image | rotation | " + " | ".join(f"{n}: mean (spread)" for n in columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for i in range(n_img):
         for k in range(4):
-            cells = [scores[(i, k, n)] for n in pipes]
+            cells = [scores[(i, k, n)] for n in columns]
             row = " | ".join(f"{np.mean(c):.2f} ({np.ptp(c):.2f})" for c in cells)
             print(f"| {pairs.names[i]} | {90 * k} | {row} |")
-    every = {n: np.mean([np.mean(v) for (_, _, m), v in scores.items() if m == n]) for n in pipes}
-    stored = {n: np.mean([scores[(i, 0, n)][0] for i in range(n_img)]) for n in pipes}
-    print("| **mean, all rotations and seeds** | | " + " | ".join(f"**{every[n]:.2f}**" for n in pipes) + " |")
-    print("| mean, rotation 0 and seed 0 | | " + " | ".join(f"{stored[n]:.2f}" for n in pipes) + " |")
+    every = {n: np.mean([np.mean(v) for (_, _, m), v in scores.items() if m == n]) for n in columns}
+    stored = {n: np.mean([scores[(i, 0, n)][0] for i in range(n_img)]) for n in columns}
+    print("| **mean, all rotations and seeds** | | " + " | ".join(f"**{every[n]:.2f}**" for n in columns) + " |")
+    print("| mean, rotation 0 and seed 0 | | " + " | ".join(f"{stored[n]:.2f}" for n in columns) + " |")
     print(f"\n{time.perf_counter() - t0:.0f} s, torch threads {args.threads}")
     return 0
 

@@ -23,7 +23,7 @@ from tadsr.models.unet_swin import UNetModelSwin
 from tadsr.models.vqgan import VQModelTorch
 from tadsr.schedule import make_schedule
 from tadsr.train.autoencoder import AEConfig, standardize_latent_, train_autoencoder
-from tadsr.train.data import LatentPool, build_latent_pool, degrade_x4, load_pairs, sample_crops
+from tadsr.train.data import LatentPool, build_latent_pool, degrade_x4, load_pairs, sample_crops, to_unit
 from tadsr.train.disc import TimeAwareDiscriminator, teacher_features
 from tadsr.train.distill import DistillConfig, Distiller, train_distill
 from tadsr.train.losses import (
@@ -627,17 +627,22 @@ def test_distill_init_from_existing_student(tmp_path: Path) -> None:
     assert float((ema[k] - shipped[k]).abs().max()) < float((ema[k] - _teacher().state_dict()[k]).abs().max())
 
 
-def test_gpu_train_run_dry_run(photos: Path, tmp_path: Path) -> None:
-    """benchmarks/gpu_train_run.py on the CPU: prepare the compact photo copy, a step per stage, sanity table."""
+def _bench_script(name: str):  # noqa: ANN202  (a module of benchmarks/, loaded from its file)
     import importlib.util
     import sys as _sys
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train_run.py"
-    spec = importlib.util.spec_from_file_location("gpu_train_run", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    _sys.modules["gpu_train_run"] = mod
+    _sys.modules[name] = mod
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_train_run_dry_run(photos: Path, tmp_path: Path) -> None:
+    """benchmarks/gpu_train_run.py on the CPU: prepare the compact photo copy, a step per stage, sanity table."""
+    mod = _bench_script("gpu_train_run")
     counts = mod.prepare(photos, tmp_path / "p", max_side=150, min_side=64)
     assert counts["train"] == 2 and counts["val"] == 1
     assert max(Image.open(f).size[0] for f in (tmp_path / "p/train").iterdir()) <= 150  # resized, split kept
@@ -655,3 +660,29 @@ def test_gpu_train_run_dry_run(photos: Path, tmp_path: Path) -> None:
     assert {"bicubic", "do_nothing", "student_1"} <= set(s["mean"]) and "lr_cons" in s["mean"]["student_1"]
     assert (tmp_path / "o/teacher/state.json").is_file() and (tmp_path / "o/bundled_student.safetensors").is_file()
     assert "LR consistency" in (tmp_path / "o/sanity.md").read_text()
+
+
+def test_orientation_spread_do_nothing_column(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/orientation_spread.py --do-nothing: a column per rotation equal to the do-nothing pipeline's
+    PSNR-Y on the rotated image, with no spread (it takes no noise), beside the network's seeds."""
+    from tadsr.checkpoint import save_safetensors
+    from tadsr.metrics import psnr_y_8bit
+    from tadsr.pipeline import DoNothingPipeline, load_models
+
+    torch.manual_seed(0)
+    save_safetensors(VQModelTorch(MICRO.vq).state_dict(), tmp_path / "ae.safetensors")
+    save_safetensors(_teacher().state_dict(), tmp_path / "s.safetensors")
+    mod = _bench_script("orientation_spread")
+    argv = ["--data", str(photos), "--net", f"s={tmp_path / 's.safetensors'}", "--steps", "1", "--seeds", "2",
+            "--autoencoder", str(tmp_path / "ae.safetensors"), "--preset", "test-micro", "--threads", "1"]
+    assert mod.main([*argv, "--do-nothing"]) == 0
+    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines() if r.startswith("| img0 |")]
+    assert len(rows) == 4 and all(r[3].strip().endswith("(0.00)") for r in rows)
+    pairs = load_pairs(photos, "val")
+    models = load_models(autoencoder=tmp_path / "ae.safetensors", student=tmp_path / "s.safetensors",
+                         preset="test-micro")  # fmt: skip
+    for k, row in enumerate(rows):
+        lr, hr = (to_unit(np.rot90(a[0], k).transpose(2, 0, 1)[None]) for a in (pairs.lr, pairs.hr))
+        assert float(row[3].split()[0]) == pytest.approx(psnr_y_8bit(DoNothingPipeline(models)(lr).numpy(), hr.numpy()),
+                                                         abs=0.006)  # fmt: skip
+    assert mod.main(argv) == 0 and "do-nothing" not in capsys.readouterr().out
