@@ -686,3 +686,35 @@ def test_orientation_spread_do_nothing_column(photos: Path, tmp_path: Path, caps
         assert float(row[3].split()[0]) == pytest.approx(psnr_y_8bit(DoNothingPipeline(models)(lr).numpy(), hr.numpy()),
                                                          abs=0.006)  # fmt: skip
     assert mod.main(argv) == 0 and "do-nothing" not in capsys.readouterr().out
+
+
+def test_seed_ensemble_columns(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/seed_ensemble.py: per image the single seeds, their mean, the decoded mean latent of the seeds and
+    the do-nothing path, each what the pipeline gives."""
+    from tadsr.checkpoint import save_safetensors
+    from tadsr.metrics import psnr_y_8bit
+    from tadsr.pipeline import DoNothingPipeline, OneStepPipeline, load_models, make_noise
+
+    torch.manual_seed(0)
+    ae, st = tmp_path / "ae.safetensors", tmp_path / "s.safetensors"
+    save_safetensors(VQModelTorch(MICRO.vq).state_dict(), ae)
+    save_safetensors(_teacher().state_dict(), st)
+    mod = _bench_script("seed_ensemble")
+    argv = ["--data", str(photos), "--student", str(st), "--autoencoder", str(ae), "--preset", "test-micro",
+            "--seeds", "2", "--show", "2", "--threads", "1"]
+    assert mod.main(argv) == 0
+    row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("| img0 |")).split("|")[2:-2]
+    s0, s1, mean, ens, dn = (float(c.strip(" *")) for c in row)
+    assert mean == pytest.approx((s0 + s1) / 2, abs=0.006)
+    pairs = load_pairs(photos, "val")
+    models = load_models(autoencoder=ae, student=st, preset="test-micro")
+    lr, hr = (to_unit(a[0].transpose(2, 0, 1)[None]) for a in (pairs.lr, pairs.hr))
+    assert dn == pytest.approx(psnr_y_8bit(DoNothingPipeline(models)(lr).numpy(), hr.numpy()), abs=0.006)
+    pipe = OneStepPipeline(models)
+    lr_p, hw = pipe.prepare(lr)
+    with torch.no_grad():
+        z_y = pipe.encode(lr_p)
+        z = torch.stack([pipe.denoise(z_y, make_noise(tuple(z_y.shape), k), lr_p) for k in range(2)]).mean(0)
+        assert ens == pytest.approx(psnr_y_8bit(pipe.decode(z, hw, lr_p).numpy(), hr.numpy()), abs=0.006)
+    with pytest.raises(SystemExit, match="at least 2"):
+        mod.main([*argv[:-6], "--seeds", "1"])
