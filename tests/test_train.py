@@ -476,9 +476,8 @@ def test_validation_table_and_grid(photos: Path, tmp_path: Path) -> None:
 
 def test_grid_crops_max_crops_spreads_evenly(photos: Path) -> None:
     from tadsr.train.data import grid_crops
-    from tadsr.train.data import load_pairs as load
 
-    pairs = load(photos, "val")
+    pairs = load_pairs(photos, "val")
     hr, lr, labels = grid_crops(pairs, CROP)
     assert len(labels) == 4  # the 128x132 val photo: a 2x2 grid of 64-px crops
     some_hr, some_lr, some = grid_crops(pairs, CROP, max_crops=2)
@@ -627,6 +626,17 @@ def test_distill_init_from_existing_student(tmp_path: Path) -> None:
     assert float((ema[k] - shipped[k]).abs().max()) < float((ema[k] - _teacher().state_dict()[k]).abs().max())
 
 
+def _micro_checkpoints(folder: Path) -> tuple[Path, Path]:
+    """A seeded random test-micro autoencoder and denoiser saved in ``folder``: (autoencoder, denoiser) paths."""
+    from tadsr.checkpoint import save_safetensors
+
+    torch.manual_seed(0)
+    ae, net = folder / "ae.safetensors", folder / "net.safetensors"
+    save_safetensors(VQModelTorch(MICRO.vq).state_dict(), ae)
+    save_safetensors(_teacher().state_dict(), net)
+    return ae, net
+
+
 def _bench_script(name: str):  # noqa: ANN202  (a module of benchmarks/, loaded from its file)
     import importlib.util
     import sys as _sys
@@ -646,14 +656,9 @@ def test_gpu_train_run_dry_run(photos: Path, tmp_path: Path) -> None:
     counts = mod.prepare(photos, tmp_path / "p", max_side=150, min_side=64)
     assert counts["train"] == 2 and counts["val"] == 1
     assert max(Image.open(f).size[0] for f in (tmp_path / "p/train").iterdir()) <= 150  # resized, split kept
-    from tadsr.checkpoint import save_safetensors
-
-    torch.manual_seed(0)
-    save_safetensors(VQModelTorch(MICRO.vq).state_dict(), tmp_path / "ae.safetensors")
-    save_safetensors(_teacher().state_dict(), tmp_path / "t.safetensors")
+    ae, teacher = _micro_checkpoints(tmp_path)
     argv = ["--dry-run", "--dry-steps", "1", "--photos", str(tmp_path / "p"), "--out", str(tmp_path / "o"),
-            "--preset", "test-micro", "--autoencoder", str(tmp_path / "ae.safetensors"),
-            "--teacher", str(tmp_path / "t.safetensors")]
+            "--preset", "test-micro", "--autoencoder", str(ae), "--teacher", str(teacher)]
     assert mod.main(argv) == 0
     s = json.loads((tmp_path / "o/summary.json").read_text())
     assert s["teacher"]["steps"] == 1 and s["distill"]["steps"] == 1 and s["dry_run"]
@@ -665,22 +670,18 @@ def test_gpu_train_run_dry_run(photos: Path, tmp_path: Path) -> None:
 def test_orientation_spread_do_nothing_column(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """benchmarks/orientation_spread.py --do-nothing: a column per rotation equal to the do-nothing pipeline's
     PSNR-Y on the rotated image, with no spread (it takes no noise), beside the network's seeds."""
-    from tadsr.checkpoint import save_safetensors
     from tadsr.metrics import psnr_y_8bit
     from tadsr.pipeline import DoNothingPipeline, load_models
 
-    torch.manual_seed(0)
-    save_safetensors(VQModelTorch(MICRO.vq).state_dict(), tmp_path / "ae.safetensors")
-    save_safetensors(_teacher().state_dict(), tmp_path / "s.safetensors")
+    ae, st = _micro_checkpoints(tmp_path)
     mod = _bench_script("orientation_spread")
-    argv = ["--data", str(photos), "--net", f"s={tmp_path / 's.safetensors'}", "--steps", "1", "--seeds", "2",
-            "--autoencoder", str(tmp_path / "ae.safetensors"), "--preset", "test-micro", "--threads", "1"]
+    argv = ["--data", str(photos), "--net", f"s={st}", "--steps", "1", "--seeds", "2",
+            "--autoencoder", str(ae), "--preset", "test-micro", "--threads", "1"]
     assert mod.main([*argv, "--do-nothing"]) == 0
     rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines() if r.startswith("| img0 |")]
     assert len(rows) == 4 and all(r[3].strip().endswith("(0.00)") for r in rows)
     pairs = load_pairs(photos, "val")
-    models = load_models(autoencoder=tmp_path / "ae.safetensors", student=tmp_path / "s.safetensors",
-                         preset="test-micro")  # fmt: skip
+    models = load_models(autoencoder=ae, student=st, preset="test-micro")
     for k, row in enumerate(rows):
         lr, hr = (to_unit(np.rot90(a[0], k).transpose(2, 0, 1)[None]) for a in (pairs.lr, pairs.hr))
         assert float(row[3].split()[0]) == pytest.approx(psnr_y_8bit(DoNothingPipeline(models)(lr).numpy(), hr.numpy()),
@@ -691,14 +692,10 @@ def test_orientation_spread_do_nothing_column(photos: Path, tmp_path: Path, caps
 def test_seed_ensemble_columns(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """benchmarks/seed_ensemble.py: per image the single seeds, their mean, the decoded mean latent of the seeds and
     the do-nothing path, each what the pipeline gives."""
-    from tadsr.checkpoint import save_safetensors
     from tadsr.metrics import psnr_y_8bit
     from tadsr.pipeline import DoNothingPipeline, OneStepPipeline, load_models, make_noise
 
-    torch.manual_seed(0)
-    ae, st = tmp_path / "ae.safetensors", tmp_path / "s.safetensors"
-    save_safetensors(VQModelTorch(MICRO.vq).state_dict(), ae)
-    save_safetensors(_teacher().state_dict(), st)
+    ae, st = _micro_checkpoints(tmp_path)
     mod = _bench_script("seed_ensemble")
     argv = ["--data", str(photos), "--student", str(st), "--autoencoder", str(ae), "--preset", "test-micro",
             "--seeds", "2", "--show", "2", "--threads", "1"]
