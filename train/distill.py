@@ -64,9 +64,13 @@ from tadsr.train.losses import (
 )
 from tadsr.train.teacher import StageResult, pool_for, stage_parser
 
-__all__ = ["DistillConfig", "Distiller", "train_distill", "main"]
+__all__ = ["DistillConfig", "Distiller", "gt_regression", "train_distill", "main"]
 
 log = logging.getLogger(__name__)
+
+
+GT_LOSSES = ("mse", "log")
+GT_LOG_EPS = 1e-4  # MSE floor of the "log" weighting (stage-1 student on its pool: min 0.003, median 0.037, mean 0.062)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +86,7 @@ class DistillConfig:
     ema_rate: float = 0.999
     teacher_weight: float = 1.0  # regression to the teacher's T-step sample (the spec's L_reg)
     gt_weight: float = 0.0  # regression to the GT latent z0 (not in the spec; train/DECISIONS.md)
+    gt_loss: str = "mse"  # "log": each crop's GT MSE weighted by the batch mean over its own (gt_regression)
     hsd_weight: float = 1.0
     gan_weight: float = 0.02
     hsd_t_max: int = 3  # t_h ~ U{0, 1, 2}
@@ -103,10 +108,28 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.hsd_noise not in ("gaussian", "uniform") or self.disc_noise not in ("gaussian", "uniform"):
             raise ValueError("hsd_noise and disc_noise must be 'gaussian' or 'uniform'")
+        if self.gt_loss not in GT_LOSSES:
+            raise ValueError(f"gt_loss must be one of {GT_LOSSES}, got {self.gt_loss!r}")
         weights = (self.teacher_weight, self.gt_weight, self.hsd_weight, self.gan_weight)
         if min(weights) < 0 or max(weights) == 0:
             raise ValueError(f"loss weights must be >= 0 and not all 0, got teacher {self.teacher_weight}, "
                              f"gt {self.gt_weight}, hsd {self.hsd_weight}, gan {self.gan_weight}")  # fmt: skip
+
+
+def gt_regression(x: torch.Tensor, z0: torch.Tensor, kind: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-crop loss of the regression to the GT latent, and the per-crop MSE (for logging).
+
+    ``mse``: the MSE itself. ``log``: ``mean(mse) * log(mse + eps)`` with the batch mean held constant, whose
+    gradient is each crop's MSE gradient times ``mean(mse) / (mse + eps)``: the gradient of the mean log-MSE
+    (the mean latent PSNR, up to a constant) at the plain MSE's scale. Under ``mse`` a smooth crop, whose
+    error is small, hardly counts and its bias stays; under ``log`` halving any crop's error is worth the same.
+    """
+    mse = (x - z0).square().flatten(1).mean(1)
+    if kind == "mse":
+        return mse, mse
+    if kind == "log":
+        return mse.detach().mean() * torch.log(mse + GT_LOG_EPS), mse
+    raise ValueError(f"gt loss must be one of {GT_LOSSES}, got {kind!r}")
 
 
 def _noise(kind: str, like: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -214,9 +237,9 @@ class Distiller:
                 l_hsd = hsd_loss(x_s, hsd.grad)
                 loss = loss + cfg.hsd_weight * l_hsd
                 logs.update(mse_hsd=l_hsd.mean().detach(), hsd_grad_rms=hsd.grad.square().mean().sqrt())
-        l_gt = (x_s - z0).square().flatten(1).mean(1)
+        gt_term, l_gt = gt_regression(x_s, z0, cfg.gt_loss)
         if cfg.gt_weight > 0:
-            loss = loss + cfg.gt_weight * l_gt
+            loss = loss + cfg.gt_weight * gt_term
         if feat_f is not None:
             l_adv = generator_adv_loss(self.disc(feat_f, t_d))
             loss = loss + cfg.gan_weight * l_adv
@@ -304,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hsd-noise", choices=("gaussian", "uniform"))
     p.add_argument("--disc-noise", choices=("gaussian", "uniform"))
     p.add_argument("--hsd-double-scaling", action="store_true", help="upstream's s_t² teacher input in HSD")
+    p.add_argument("--gt-loss", choices=GT_LOSSES,
+                   help="GT regression: mse (default) or log (each crop weighted by the batch mean MSE over its own: "
+                        "smooth crops count as much as textured ones)")
     for name, help_ in (("teacher", "regression to the teacher's T-step sample (default 1)"),
                         ("gt", "regression to the GT latent (default 0, not in the spec)"),
                         ("hsd", "high-frequency score distillation (default 1)"),
@@ -320,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         extra["disc_noise"] = args.disc_noise
     if args.hsd_double_scaling:
         extra["hsd_double_scaling"] = True
+    if args.gt_loss:
+        extra["gt_loss"] = args.gt_loss
     for name in ("teacher", "gt", "hsd", "gan"):
         if getattr(args, f"{name}_weight") is not None:
             extra[f"{name}_weight"] = getattr(args, f"{name}_weight")
