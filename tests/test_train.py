@@ -26,8 +26,10 @@ from tadsr.schedule import make_schedule
 from tadsr.train.autoencoder import AEConfig, standardize_latent_, train_autoencoder
 from tadsr.train.data import LatentPool, build_latent_pool, degrade_x4, load_pairs, sample_crops, to_unit
 from tadsr.train.disc import TimeAwareDiscriminator, teacher_features
-from tadsr.train.distill import GT_LOG_EPS, DistillConfig, Distiller, gt_regression, train_distill
+from tadsr.train.distill import DistillConfig, Distiller, train_distill
 from tadsr.train.losses import (
+    LOG_MSE_EPS,
+    latent_regression,
     chroma_loss,
     ddim_teacher_sample,
     generator_adv_loss,
@@ -610,22 +612,33 @@ def test_distill_gt_only_skips_the_teacher_and_regresses_to_the_gt_latent() -> N
         DistillConfig(gt_weight=-1.0)
 
 
-def test_gt_log_loss_weights_each_crop_by_the_batch_mean_error_over_its_own() -> None:
-    z0 = torch.stack([torch.full((3, 4, 4), v) for v in (0.05, 0.3, 1.0)])  # a smooth crop's small error ... a large one
+def test_log_latent_loss_weights_each_crop_by_the_batch_mean_error_over_its_own(tmp_path: Path) -> None:
+    z0 = torch.stack([torch.full((3, 4, 4), v) for v in (0.05, 0.3, 1.0)])  # a smooth crop's small error, a large one
     x = torch.zeros_like(z0, requires_grad=True)
-    plain, mse = gt_regression(x, z0, "mse")
-    weighted, mse_log = gt_regression(x, z0, "log")
+    plain, mse = latent_regression(x, z0, "mse")
+    weighted, mse_log = latent_regression(x, z0, "log")
     torch.testing.assert_close(mse_log, mse)  # the logged MSE is the same either way
     g_plain, g_log = (torch.autograd.grad(v.sum(), x)[0] for v in (plain, weighted))
     ratio = (g_log / g_plain).flatten(1).mean(1)
-    torch.testing.assert_close(ratio, mse.mean().detach() / (mse.detach() + GT_LOG_EPS))
+    torch.testing.assert_close(ratio, mse.mean().detach() / (mse.detach() + LOG_MSE_EPS))
     assert ratio[0] > 100 * ratio[2] and ratio.mean() > 1  # the smooth crop's error now counts, at the MSE's scale
+    # the student's GT regression (--gt-loss log)
     d = _distiller(teacher_weight=0.0, hsd_weight=0.0, gan_weight=0.0, gt_weight=1.0, gt_loss="log")
     out = d.step(*_pool(2).batch(torch.tensor([0, 1])), torch.Generator().manual_seed(0))
-    m = float(out["mse_to_gt"])  # the step's loss is the log one: mean(mse) * mean(log mse) <= mean(mse) * log(mean mse)
-    assert m < 2 and float(out["loss"]) <= m * math.log(m + GT_LOG_EPS) + 1e-6
+    m = float(out["mse_to_gt"])  # the log loss: mean(mse) * mean(log mse) <= mean(mse) * log(mean mse) (Jensen)
+    assert m < 2 and float(out["loss"]) <= m * math.log(m + LOG_MSE_EPS) + 1e-6
+    # the teacher's regression (--loss log): another update, the same logged MSE before it
+    pool = _pool(3)
+    cfg = TeacherConfig(preset="test-micro", steps=1, batch=3, warmup=1, amp=False, log_every=1)
+    runs = {k: train_teacher(TeacherConfig(**{**cfg.__dict__, "loss": k}), pool, tmp_path / k, DEV)
+            for k in ("mse", "log")}
+    a, b = (load_state_dict(tmp_path / k / "model.safetensors") for k in ("mse", "log"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert runs["mse"].metrics["mse"] == pytest.approx(runs["log"].metrics["mse"])
     with pytest.raises(ValueError, match="gt_loss"):
         DistillConfig(gt_loss="l1")
+    with pytest.raises(ValueError, match="loss must be"):
+        TeacherConfig(loss="l1")
 
 
 def test_distill_init_from_existing_student(tmp_path: Path) -> None:

@@ -55,22 +55,20 @@ from tadsr.train.common import (
 from tadsr.train.data import LatentPool
 from tadsr.train.disc import TimeAwareDiscriminator, teacher_features
 from tadsr.train.losses import (
+    LATENT_LOSSES,
     ddim_teacher_sample,
     generator_adv_loss,
     hinge_d_loss,
     hsd_gradient,
     hsd_loss,
+    latent_regression,
     perturb,
 )
 from tadsr.train.teacher import StageResult, pool_for, stage_parser
 
-__all__ = ["DistillConfig", "Distiller", "gt_regression", "train_distill", "main"]
+__all__ = ["DistillConfig", "Distiller", "train_distill", "main"]
 
 log = logging.getLogger(__name__)
-
-
-GT_LOSSES = ("mse", "log")
-GT_LOG_EPS = 1e-4  # MSE floor of the "log" weighting (stage-1 student on its pool: min 0.003, median 0.037, mean 0.062)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +84,7 @@ class DistillConfig:
     ema_rate: float = 0.999
     teacher_weight: float = 1.0  # regression to the teacher's T-step sample (the spec's L_reg)
     gt_weight: float = 0.0  # regression to the GT latent z0 (not in the spec; train/DECISIONS.md)
-    gt_loss: str = "mse"  # "log": each crop's GT MSE weighted by the batch mean over its own (gt_regression)
+    gt_loss: str = "mse"  # "log": each crop's GT MSE weighted by the batch mean over its own (latent_regression)
     hsd_weight: float = 1.0
     gan_weight: float = 0.02
     hsd_t_max: int = 3  # t_h ~ U{0, 1, 2}
@@ -108,28 +106,12 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.hsd_noise not in ("gaussian", "uniform") or self.disc_noise not in ("gaussian", "uniform"):
             raise ValueError("hsd_noise and disc_noise must be 'gaussian' or 'uniform'")
-        if self.gt_loss not in GT_LOSSES:
-            raise ValueError(f"gt_loss must be one of {GT_LOSSES}, got {self.gt_loss!r}")
+        if self.gt_loss not in LATENT_LOSSES:
+            raise ValueError(f"gt_loss must be one of {LATENT_LOSSES}, got {self.gt_loss!r}")
         weights = (self.teacher_weight, self.gt_weight, self.hsd_weight, self.gan_weight)
         if min(weights) < 0 or max(weights) == 0:
             raise ValueError(f"loss weights must be >= 0 and not all 0, got teacher {self.teacher_weight}, "
                              f"gt {self.gt_weight}, hsd {self.hsd_weight}, gan {self.gan_weight}")  # fmt: skip
-
-
-def gt_regression(x: torch.Tensor, z0: torch.Tensor, kind: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-crop loss of the regression to the GT latent, and the per-crop MSE (for logging).
-
-    ``mse``: the MSE itself. ``log``: ``mean(mse) * log(mse + eps)`` with the batch mean held constant, whose
-    gradient is each crop's MSE gradient times ``mean(mse) / (mse + eps)``: the gradient of the mean log-MSE
-    (the mean latent PSNR, up to a constant) at the plain MSE's scale. Under ``mse`` a smooth crop, whose
-    error is small, hardly counts and its bias stays; under ``log`` halving any crop's error is worth the same.
-    """
-    mse = (x - z0).square().flatten(1).mean(1)
-    if kind == "mse":
-        return mse, mse
-    if kind == "log":
-        return mse.detach().mean() * torch.log(mse + GT_LOG_EPS), mse
-    raise ValueError(f"gt loss must be one of {GT_LOSSES}, got {kind!r}")
 
 
 def _noise(kind: str, like: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -237,7 +219,7 @@ class Distiller:
                 l_hsd = hsd_loss(x_s, hsd.grad)
                 loss = loss + cfg.hsd_weight * l_hsd
                 logs.update(mse_hsd=l_hsd.mean().detach(), hsd_grad_rms=hsd.grad.square().mean().sqrt())
-        gt_term, l_gt = gt_regression(x_s, z0, cfg.gt_loss)
+        gt_term, l_gt = latent_regression(x_s, z0, cfg.gt_loss)
         if cfg.gt_weight > 0:
             loss = loss + cfg.gt_weight * gt_term
         if feat_f is not None:
@@ -327,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hsd-noise", choices=("gaussian", "uniform"))
     p.add_argument("--disc-noise", choices=("gaussian", "uniform"))
     p.add_argument("--hsd-double-scaling", action="store_true", help="upstream's s_t² teacher input in HSD")
-    p.add_argument("--gt-loss", choices=GT_LOSSES,
+    p.add_argument("--gt-loss", choices=LATENT_LOSSES,
                    help="GT regression: mse (default) or log (each crop weighted by the batch mean MSE over its own: "
                         "smooth crops count as much as textured ones)")
     for name, help_ in (("teacher", "regression to the teacher's T-step sample (default 1)"),

@@ -16,6 +16,8 @@ from tadsr.metrics import YCBCR_BT601
 from tadsr.schedule import Schedule
 
 __all__ = [
+    "LATENT_LOSSES",
+    "latent_regression",
     "ssim_loss",
     "fft_loss",
     "chroma_loss",
@@ -32,6 +34,27 @@ __all__ = [
 
 # (x_t scaled for the network, t (B,), lq) -> x0 prediction
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# -- regression in the latent space (teacher and student) ----------------------------------------------------------
+LATENT_LOSSES = ("mse", "log")
+LOG_MSE_EPS = 1e-4  # MSE floor of "log" (the stage-1 student on its pool: min 0.003, median 0.037, mean 0.062)
+
+
+def latent_regression(x: torch.Tensor, z0: torch.Tensor, kind: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-crop loss of a regression to the GT latent, and the per-crop MSE (for logging).
+
+    ``mse``: the MSE itself. ``log``: ``mean(mse) * log(mse + eps)`` with the batch mean held constant, whose
+    gradient is each crop's MSE gradient times ``mean(mse) / (mse + eps)``: the gradient of the mean log-MSE
+    (the mean latent PSNR, up to a constant) at the plain MSE's scale. Under ``mse`` a smooth crop, whose
+    error is small, hardly counts and its bias stays; under ``log`` halving any crop's error is worth the same.
+    """
+    mse = (x - z0).square().flatten(1).mean(1)
+    if kind == "mse":
+        return mse, mse
+    if kind == "log":
+        return mse.detach().mean() * torch.log(mse + LOG_MSE_EPS), mse
+    raise ValueError(f"latent loss must be one of {LATENT_LOSSES}, got {kind!r}")
 
 
 # -- autoencoder --------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from tadsr.train.common import (
     warmup_cosine,
 )
 from tadsr.train.data import LatentPool, PhotoPairs, build_latent_pool, load_pairs
+from tadsr.train.losses import LATENT_LOSSES, latent_regression
 
 __all__ = ["TeacherConfig", "StageResult", "train_teacher", "load_autoencoder", "main"]
 
@@ -74,6 +75,11 @@ class TeacherConfig:
     log_every: int = 100
     save_every: int = 1000
     time_limit_s: float | None = None
+    loss: str = "mse"  # "log": each crop's MSE weighted by the batch mean over its own (latent_regression)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LATENT_LOSSES:
+            raise ValueError(f"loss must be one of {LATENT_LOSSES}, got {self.loss!r}")
 
 
 @dataclass(frozen=True)
@@ -145,8 +151,8 @@ def train_teacher(
         cl = cfg.channels_last
         with autocast(device, cfg.amp, cfg.cpu_amp):
             pred = model(to_memory_format(sched.scale_input_batch(x_t, t), cl), t, to_memory_format(lq, cl))
-        per = (pred.float() - z0).square().flatten(1).mean(1)
-        loss = per.mean()
+        term, per = latent_regression(pred.float(), z0, cfg.loss)
+        loss = term.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip or float("inf"))
@@ -154,7 +160,7 @@ def train_teacher(
         ema.update(net)
         step += 1
         hi = (t >= T // 2).float()
-        meter.add({"mse": loss, "grad_norm": gnorm,
+        meter.add({"mse": per.detach().mean(), "grad_norm": gnorm,
                    "mse_t_lo": (per * (1 - hi)).sum() / (1 - hi).sum().clamp_min(1),
                    "mse_t_hi": (per * hi).sum() / hi.sum().clamp_min(1)})  # fmt: skip
         prog = planner.progress(step)
@@ -244,11 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m tadsr.train.teacher --photos DIR --autoencoder AE.safetensors --out DIR [--device cuda]``."""
     from tadsr.train.autoencoder import overrides
 
-    args = stage_parser("python -m tadsr.train.teacher", __doc__).parse_args(argv)
+    p = stage_parser("python -m tadsr.train.teacher", __doc__)
+    p.add_argument("--loss", choices=LATENT_LOSSES,
+                   help="regression to the GT latent: mse (default) or log (each crop weighted by the batch mean MSE "
+                        "over its own: smooth crops count as much as textured ones)")
+    args = p.parse_args(argv)
     setup_logging(args.verbose)
     torch.set_num_threads(args.threads)
     dist, device = init_distributed(args.device)
-    extra = {"pool_size": args.pool_size} if args.pool_size else {}
+    extra: dict[str, object] = {"pool_size": args.pool_size} if args.pool_size else {}
+    if args.loss:
+        extra["loss"] = args.loss
     cfg = TeacherConfig(**overrides(args), **extra)  # type: ignore[arg-type]
     pool = pool_for(args.photos, args.autoencoder, cfg.preset, cfg.pool_size, cfg.seed, cfg.crop, device, dist,
                     cache=args.out)
