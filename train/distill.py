@@ -55,7 +55,9 @@ from tadsr.train.common import (
 from tadsr.train.data import LatentPool
 from tadsr.train.disc import TimeAwareDiscriminator, teacher_features
 from tadsr.train.losses import (
+    LATENT_LOSS_HELP,
     LATENT_LOSSES,
+    check_latent_loss,
     ddim_teacher_sample,
     generator_adv_loss,
     hinge_d_loss,
@@ -106,8 +108,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.hsd_noise not in ("gaussian", "uniform") or self.disc_noise not in ("gaussian", "uniform"):
             raise ValueError("hsd_noise and disc_noise must be 'gaussian' or 'uniform'")
-        if self.gt_loss not in LATENT_LOSSES:
-            raise ValueError(f"gt_loss must be one of {LATENT_LOSSES}, got {self.gt_loss!r}")
+        check_latent_loss("gt_loss", self.gt_loss)
         weights = (self.teacher_weight, self.gt_weight, self.hsd_weight, self.gan_weight)
         if min(weights) < 0 or max(weights) == 0:
             raise ValueError(f"loss weights must be >= 0 and not all 0, got teacher {self.teacher_weight}, "
@@ -309,9 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hsd-noise", choices=("gaussian", "uniform"))
     p.add_argument("--disc-noise", choices=("gaussian", "uniform"))
     p.add_argument("--hsd-double-scaling", action="store_true", help="upstream's s_t² teacher input in HSD")
-    p.add_argument("--gt-loss", choices=LATENT_LOSSES,
-                   help="GT regression: mse (default) or log (each crop weighted by the batch mean MSE over its own: "
-                        "smooth crops count as much as textured ones)")
+    p.add_argument("--gt-loss", choices=LATENT_LOSSES, help=f"the student's {LATENT_LOSS_HELP}")
     for name, help_ in (("teacher", "regression to the teacher's T-step sample (default 1)"),
                         ("gt", "regression to the GT latent (default 0, not in the spec)"),
                         ("hsd", "high-frequency score distillation (default 1)"),

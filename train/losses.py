@@ -17,6 +17,7 @@ from tadsr.schedule import Schedule
 
 __all__ = [
     "LATENT_LOSSES",
+    "check_latent_loss",
     "latent_regression",
     "ssim_loss",
     "fft_loss",
@@ -39,6 +40,14 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # -- regression in the latent space (teacher and student) ----------------------------------------------------------
 LATENT_LOSSES = ("mse", "log")
 LOG_MSE_EPS = 1e-4  # MSE floor of "log" (the stage-1 student on its pool: min 0.003, median 0.037, mean 0.062)
+LATENT_LOSS_HELP = ("regression to the GT latent: mse (default) or log (each crop weighted by the batch mean MSE over "
+                    "its own: smooth crops count as much as textured ones)")
+
+
+def check_latent_loss(name: str, kind: str) -> None:
+    """Raise ValueError unless ``kind`` is one of :data:`LATENT_LOSSES` (``name``: the setting, for the message)."""
+    if kind not in LATENT_LOSSES:
+        raise ValueError(f"{name} must be one of {LATENT_LOSSES}, got {kind!r}")
 
 
 def latent_regression(x: torch.Tensor, z0: torch.Tensor, kind: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +61,8 @@ def latent_regression(x: torch.Tensor, z0: torch.Tensor, kind: str = "mse") -> t
     mse = (x - z0).square().flatten(1).mean(1)
     if kind == "mse":
         return mse, mse
-    if kind == "log":
-        return mse.detach().mean() * torch.log(mse + LOG_MSE_EPS), mse
-    raise ValueError(f"latent loss must be one of {LATENT_LOSSES}, got {kind!r}")
+    check_latent_loss("latent loss", kind)
+    return mse.detach().mean() * torch.log(mse + LOG_MSE_EPS), mse
 
 
 # -- autoencoder --------------------------------------------------------------------------------------------

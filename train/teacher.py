@@ -46,7 +46,7 @@ from tadsr.train.common import (
     warmup_cosine,
 )
 from tadsr.train.data import LatentPool, PhotoPairs, build_latent_pool, load_pairs
-from tadsr.train.losses import LATENT_LOSSES, latent_regression
+from tadsr.train.losses import LATENT_LOSS_HELP, LATENT_LOSSES, check_latent_loss, latent_regression
 
 __all__ = ["TeacherConfig", "StageResult", "train_teacher", "load_autoencoder", "main"]
 
@@ -78,8 +78,7 @@ class TeacherConfig:
     loss: str = "mse"  # "log": each crop's MSE weighted by the batch mean over its own (latent_regression)
 
     def __post_init__(self) -> None:
-        if self.loss not in LATENT_LOSSES:
-            raise ValueError(f"loss must be one of {LATENT_LOSSES}, got {self.loss!r}")
+        check_latent_loss("loss", self.loss)
 
 
 @dataclass(frozen=True)
@@ -251,9 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     from tadsr.train.autoencoder import overrides
 
     p = stage_parser("python -m tadsr.train.teacher", __doc__)
-    p.add_argument("--loss", choices=LATENT_LOSSES,
-                   help="regression to the GT latent: mse (default) or log (each crop weighted by the batch mean MSE "
-                        "over its own: smooth crops count as much as textured ones)")
+    p.add_argument("--loss", choices=LATENT_LOSSES, help=f"the teacher's {LATENT_LOSS_HELP}")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     torch.set_num_threads(args.threads)
